@@ -1,0 +1,187 @@
+"""Text generation with a fixed-size KV cache.
+
+The prompt batch is left-padded to a bucketed length and run once (prefill);
+then one jitted step per token reads and writes the cache in place. The
+step's shapes depend only on (batch, cache length), so it is compiled once
+per generation call (and reused across calls with the same bucket), never
+per token or per prompt length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowrax.models.base import CausalLM
+
+PROMPT_BUCKET = 32
+CACHE_BUCKET = 64
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen: greedy when temperature is 0."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1.0 = no nucleus filter
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_next(logits: jnp.ndarray, key, sampling: SamplingConfig) -> jnp.ndarray:
+    """Next token ids [b] from logits [b, vocab]."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    neg = jnp.finfo(jnp.float32).min
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if sampling.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+        drop_sorted = jnp.cumsum(probs, axis=-1) - probs > sampling.top_p
+        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+        logits = jnp.where(drop, neg, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(model: CausalLM, sampling: SamplingConfig):
+    """(prefill, step) jitted for this model and sampling rule, built once and reused."""
+    key = (id(model), sampling)
+    if key not in _COMPILED:
+
+        def prefill(params, input_ids, attention_mask, cache, rng):
+            logits, cache, position, key_valid = model.prefill(params, input_ids, attention_mask, cache)
+            return sample_next(logits, rng, sampling), cache, position, key_valid
+
+        def step(params, token, position, key_valid, cache, cache_index, rng):
+            logits, cache = model.decode_step(params, token, position, key_valid, cache, cache_index)
+            return sample_next(logits, rng, sampling), cache
+
+        _COMPILED[key] = (model, jax.jit(prefill, donate_argnums=(3,)), jax.jit(step, donate_argnums=(4,)))
+    return _COMPILED[key][1:]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def generate_ids(
+    model: CausalLM,
+    params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_token_ids: Sequence[int] = (),
+    pad_token_id: int = 0,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Continue each token-id prompt; returns the new ids of each (stopping after an EOS id)."""
+    if not model.is_causal_lm:
+        raise ValueError(f"generation needs a causal LM; {model.model_type} is an encoder")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    batch = len(prompts)
+    prompt_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
+    cache_len = _round_up(prompt_len + max_new_tokens, CACHE_BUCKET)
+    ids = np.full((batch, prompt_len), pad_token_id, np.int32)
+    mask = np.zeros((batch, prompt_len), np.int32)
+    for row, p in enumerate(prompts):  # left padding: every prompt ends at the same slot
+        ids[row, prompt_len - len(p):] = p
+        mask[row, prompt_len - len(p):] = 1
+    dtype = jax.tree.leaves(params)[0].dtype
+    prefill, step = _compiled(model, sampling)
+    rng = jax.random.key(seed)
+    rng, sub = jax.random.split(rng)
+    cache = model.init_cache(batch, cache_len, dtype)
+    token, cache, position, key_valid = prefill(params, jnp.asarray(ids), jnp.asarray(mask), cache, sub)
+    eos = np.asarray(list(eos_token_ids), np.int32)
+    out = np.zeros((batch, max_new_tokens), np.int32)
+    done = np.zeros(batch, bool)
+    for i in range(max_new_tokens):
+        out[:, i] = np.asarray(token)
+        done |= np.isin(out[:, i], eos)
+        if done.all() or i == max_new_tokens - 1:
+            break
+        rng, sub = jax.random.split(rng)
+        token, cache = step(params, token, position + i, key_valid, cache, jnp.int32(prompt_len + i), sub)
+    results = []
+    for row in out[:, : i + 1].tolist():
+        cut = next((j + 1 for j, t in enumerate(row) if t in set(eos.tolist())), len(row))
+        results.append(row[:cut])
+    return results
+
+
+def eos_ids(tokenizer, model: CausalLM) -> list[int]:
+    """EOS ids from the tokenizer and the model config (which may list several)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    cfg_eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(cfg_eos, int):
+        ids.add(cfg_eos)
+    elif isinstance(cfg_eos, (list, tuple)):
+        ids.update(int(i) for i in cfg_eos)
+    return sorted(ids)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool | None) -> list[int]:
+    """Token ids of a prompt, wrapped in the chat template when asked (None: when the tokenizer has one)."""
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    if use_chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat=True but this tokenizer has no chat template")
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def generate(
+    model: CausalLM,
+    params,
+    tokenizer,
+    prompts: str | Sequence[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool | None = None,
+) -> list[str]:
+    """Generate a continuation for each prompt (a string or a list); returns the decoded new text.
+
+    Greedy when temperature is 0, else sampling with optional top-k / top-p.
+    chat=None applies the tokenizer's chat template when it has one.
+    """
+    single = isinstance(prompts, str)
+    texts = [prompts] if single else list(prompts)
+    encoded = [encode_prompt(tokenizer, t, chat) for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    new_ids = generate_ids(
+        model, params, encoded, max_new_tokens, SamplingConfig(temperature, top_k, top_p),
+        eos_ids(tokenizer, model), pad, seed,
+    )
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]

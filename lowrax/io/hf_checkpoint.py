@@ -1,0 +1,157 @@
+"""Load and save lowrax parameter trees as HF model directories.
+
+Loading walks the family's tensor table: each tensor is looked up by its HF
+key (or the bare-model key without the task prefix, or the legacy
+`gamma`/`beta` names), shape-checked, laid out for Flax and cast, one at a
+time. Saving writes `config.json` and `model.safetensors` into a temporary
+directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import jax
+import numpy as np
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from lowrax.errors import CheckpointError
+from lowrax.io import tables
+from lowrax.models.base import Model
+
+log = logging.getLogger(__name__)
+
+# Buffers some checkpoints carry that are not parameters.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq", "embeddings.position_ids", ".attn.bias", ".attn.masked_bias")
+
+
+def candidate_keys(hf_key: str, bare_prefix: str | None) -> list[str]:
+    """Names a tensor may have: as the task model saves it, without the task prefix, and legacy names."""
+    keys = [hf_key]
+    if bare_prefix and hf_key.startswith(bare_prefix):
+        keys.append(hf_key[len(bare_prefix):])
+    legacy = {".weight": ".gamma", ".bias": ".beta"}
+    for key in list(keys):
+        for new, old in legacy.items():
+            if ".LayerNorm" in key and key.endswith(new):
+                keys.append(key[: -len(new)] + old)
+    return keys
+
+
+def load_tensors(
+    model: Model,
+    lookup: Callable[[str], tuple[tuple[int, ...], Callable[[], np.ndarray]] | None],
+    available: Iterable[str],
+    dtype,
+    source: str,
+    progress: bool = True,
+) -> dict:
+    """Build the parameter tree from a checkpoint, one tensor at a time.
+
+    `lookup(hf_key)` returns (shape, read) for a key present in the checkpoint
+    or None. Every missing or misshapen tensor is reported in one error.
+    """
+    specs = model.tensors()
+    missing, misshapen, used = [], [], set()
+    resolved = []
+    for t in specs:
+        for key in candidate_keys(t.hf_key, model.bare_prefix):
+            found = lookup(key)
+            if found is not None:
+                shape, read = found
+                used.add(key)
+                if tuple(shape) != t.hf_shape:
+                    misshapen.append(f"{key}: expected shape {t.hf_shape}, found {tuple(shape)}")
+                resolved.append((t, read))
+                break
+        else:
+            if not t.optional:
+                missing.append(t.hf_key)
+    if missing or misshapen:
+        lines = [f"missing tensor {k}" for k in missing] + [f"misshapen tensor {m}" for m in misshapen]
+        shown = "\n  ".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
+        raise CheckpointError(f"{source} does not fit a {model.model_type} model with this config.json:\n  {shown}")
+    unused = [k for k in available if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
+    if unused:
+        log.warning("%s: %d tensors not used by %s, e.g. %s", source, len(unused), model.model_type, unused[:5])
+
+    tree: dict = {}
+    for t, read in tqdm(resolved, desc=f"loading {Path(source).name}", unit="tensor", disable=not progress, leave=False):
+        array = t.from_hf(read())
+        if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
+            array = array.astype(dtype)
+        tables.set_path(tree, t.path, jax.device_put(array))
+    return tree
+
+
+def load_hf_directory(model: Model, directory: Path, dtype, progress: bool = True) -> dict:
+    """The parameter tree of an HF model directory (safetensors, single or sharded)."""
+    from lowrax.io.safetensors_dir import SafetensorsDir
+
+    files = SafetensorsDir(directory)
+
+    def lookup(key):
+        if key not in files:
+            return None
+        return files.shape(key), lambda: files.get(key)
+
+    return load_tensors(model, lookup, files.keys(), dtype, str(directory), progress)
+
+
+def tree_to_hf_tensors(params: dict, model: Model) -> dict[str, np.ndarray]:
+    """HF-keyed numpy arrays for every tensor of the tree, in HF layout."""
+    out = {}
+    for t in model.tensors():
+        try:
+            leaf = tables.get_path(params, t.path)
+        except KeyError:
+            if t.optional:
+                continue
+            raise CheckpointError(f"params have no {'/'.join(t.path)} (HF key {t.hf_key})") from None
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+            raise CheckpointError(
+                f"params leaf {'/'.join(t.path)} is a {type(leaf).__name__}, not an array; "
+                "merge adapters into plain weights (lowrax.merge) before saving a full model"
+            )
+        array = np.asarray(jax.device_get(leaf))
+        if array.shape != t.shape:
+            raise CheckpointError(f"params leaf {'/'.join(t.path)} has shape {array.shape}, expected {t.shape}")
+        out[t.hf_key] = t.to_hf(array)
+    return out
+
+
+def save_hf_directory(params: dict, model: Model, out_dir: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write `config.json` + `model.safetensors` (+ tokenizer files) that transformers loads.
+
+    Written to a temporary sibling directory and renamed into place, so a crash
+    never leaves a half-written model behind.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+    tensors = tree_to_hf_tensors(params, model)
+    dtypes = {str(a.dtype) for a in tensors.values()}
+    config = dict(model.config.hf)
+    config.pop("quantization_config", None)
+    config["dtype"] = "bfloat16" if "bfloat16" in dtypes else ("float16" if "float16" in dtypes else "float32")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir

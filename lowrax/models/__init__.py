@@ -1,0 +1,43 @@
+"""Model families, keyed by the HF `model_type` in `config.json`."""
+
+from __future__ import annotations
+
+from lowrax.errors import UnsupportedModelError
+from lowrax.models.base import CausalLM, Model
+from lowrax.models.bert import BertConfig, BertModel, EncoderOutput
+from lowrax.models.gpt2 import GPT2Config, GPT2Model
+from lowrax.models.llama import LlamaConfig, LlamaModel
+
+# model_type -> (config class, model class)
+FAMILIES: dict[str, tuple[type, type]] = {
+    "llama": (LlamaConfig, LlamaModel),
+    "mistral": (LlamaConfig, LlamaModel),
+    "qwen2": (LlamaConfig, LlamaModel),
+    "gpt2": (GPT2Config, GPT2Model),
+    "bert": (BertConfig, BertModel),
+    "roberta": (BertConfig, BertModel),
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def model_from_hf_config(hf: dict, **config_overrides) -> Model:
+    """Build the model object for an HF `config.json` dict.
+
+    `config_overrides` go to the family's `from_hf` (e.g. `num_labels` for encoders).
+    """
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"unsupported model_type {model_type!r}; lowrax supports: {', '.join(supported_model_types())}"
+        )
+    config_cls, model_cls = FAMILIES[model_type]
+    return model_cls(config_cls.from_hf(hf, **config_overrides))
+
+
+__all__ = [
+    "FAMILIES", "Model", "CausalLM", "LlamaModel", "LlamaConfig", "GPT2Model", "GPT2Config",
+    "BertModel", "BertConfig", "EncoderOutput", "model_from_hf_config", "supported_model_types",
+]

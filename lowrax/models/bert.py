@@ -1,0 +1,177 @@
+"""BERT-style encoders: BERT, MiniLM (a BERT) and RoBERTa.
+
+Post-LayerNorm blocks with bidirectional attention; outputs the last hidden
+states, the pooled [CLS] vector (when the checkpoint has a pooler) and, for
+sequence-classification checkpoints, the classifier logits. The tree is
+rooted at `bert`/`roberta` as in HF's task models, so a bare `BertModel`
+checkpoint (keys without the prefix) and a `BertForSequenceClassification`
+one load into the same structure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field as dc_field
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+from lowrax.io.tables import TRANSPOSE, TensorSpec
+from lowrax.models import layers
+from lowrax.models.base import Model
+from lowrax.models.config_utils import field
+from lowrax.ops import embed, linear
+
+
+class EncoderOutput(NamedTuple):
+    """last_hidden_state [b, t, hidden]; pooler_output [b, hidden] or None; logits [b, labels] or None."""
+
+    last_hidden_state: jnp.ndarray
+    pooler_output: jnp.ndarray | None
+    logits: jnp.ndarray | None
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """Architecture hyper-parameters, read from an HF `config.json`."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    max_positions: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    hidden_act: str
+    pad_token_id: int
+    num_labels: int | None
+    hf: dict = dc_field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def root(self) -> str:
+        """Name of the encoder's subtree and key prefix: `bert` or `roberta`."""
+        return "roberta" if self.model_type in ("roberta", "xlm-roberta") else "bert"
+
+    @classmethod
+    def from_hf(cls, hf: dict, num_labels: int | None = None) -> "BertConfig":
+        archs = hf.get("architectures") or []
+        if num_labels is None and any(a.endswith("ForSequenceClassification") for a in archs):
+            num_labels = len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
+        return cls(
+            model_type=hf.get("model_type", "bert"),
+            vocab_size=field(hf, "vocab_size"),
+            hidden_size=field(hf, "hidden_size"),
+            intermediate_size=field(hf, "intermediate_size"),
+            num_layers=field(hf, "num_hidden_layers"),
+            num_heads=field(hf, "num_attention_heads"),
+            max_positions=field(hf, "max_position_embeddings"),
+            type_vocab_size=field(hf, "type_vocab_size", default=2),
+            layer_norm_eps=float(field(hf, "layer_norm_eps", default=1e-12)),
+            hidden_act=field(hf, "hidden_act", default="gelu"),
+            pad_token_id=int(field(hf, "pad_token_id", default=0)),
+            num_labels=num_labels,
+            hf=dict(hf),
+        )
+
+
+def _tensors(root: str, roberta_head: bool) -> tuple[TensorSpec, ...]:
+    H = lambda c: (c.hidden_size,)  # noqa: E731
+    HH = lambda c: (c.hidden_size, c.hidden_size)  # noqa: E731
+    E, L, K = f"{root}/embeddings", f"{root}/encoder/layer/{{i}}", f"{root}.encoder.layer.{{i}}"
+
+    def dense(path, key, shape, bias_shape, **kw):
+        return (TensorSpec(f"{path}/kernel", f"{key}.weight", shape, TRANSPOSE, **kw),
+                TensorSpec(f"{path}/bias", f"{key}.bias", bias_shape, **kw))
+
+    def norm(path, key):
+        return (TensorSpec(f"{path}/scale", f"{key}.weight", H), TensorSpec(f"{path}/bias", f"{key}.bias", H))
+
+    has_head = lambda c: c.num_labels is not None  # noqa: E731
+    labels = lambda c: (c.num_labels,)  # noqa: E731
+    head = (
+        dense("classifier/dense", "classifier.dense", HH, H, when=has_head)
+        + dense("classifier/out_proj", "classifier.out_proj", lambda c: (c.hidden_size, c.num_labels), labels, when=has_head)
+        if roberta_head else
+        dense("classifier", "classifier", lambda c: (c.hidden_size, c.num_labels), labels, when=has_head)
+    )
+    return (
+        TensorSpec(f"{E}/word_embeddings/embedding", f"{root}.embeddings.word_embeddings.weight", lambda c: (c.vocab_size, c.hidden_size)),
+        TensorSpec(f"{E}/position_embeddings/embedding", f"{root}.embeddings.position_embeddings.weight", lambda c: (c.max_positions, c.hidden_size)),
+        TensorSpec(f"{E}/token_type_embeddings/embedding", f"{root}.embeddings.token_type_embeddings.weight", lambda c: (c.type_vocab_size, c.hidden_size)),
+        *norm(f"{E}/LayerNorm", f"{root}.embeddings.LayerNorm"),
+        *dense(f"{L}/attention/self/query", f"{K}.attention.self.query", HH, H),
+        *dense(f"{L}/attention/self/key", f"{K}.attention.self.key", HH, H),
+        *dense(f"{L}/attention/self/value", f"{K}.attention.self.value", HH, H),
+        *dense(f"{L}/attention/output/dense", f"{K}.attention.output.dense", HH, H),
+        *norm(f"{L}/attention/output/LayerNorm", f"{K}.attention.output.LayerNorm"),
+        *dense(f"{L}/intermediate/dense", f"{K}.intermediate.dense", lambda c: (c.hidden_size, c.intermediate_size), lambda c: (c.intermediate_size,)),
+        *dense(f"{L}/output/dense", f"{K}.output.dense", lambda c: (c.intermediate_size, c.hidden_size), H),
+        *norm(f"{L}/output/LayerNorm", f"{K}.output.LayerNorm"),
+        # Task checkpoints of RoBERTa drop the pooler; load it whenever it is there.
+        *dense(f"{root}/pooler/dense", f"{root}.pooler.dense", HH, H, optional=True),
+        *head,
+    )
+
+
+@dataclass(frozen=True)
+class BertModel(Model):
+    """A BERT-style encoder; `apply` returns an `EncoderOutput`."""
+
+    config: BertConfig
+
+    @property
+    def tensor_table(self):
+        return _tensors(self.config.root, roberta_head=self.config.root == "roberta")
+
+    @property
+    def bare_prefix(self):
+        return self.config.root + "."
+
+    def _positions(self, attention_mask):
+        c = self.config
+        t = attention_mask.shape[1]
+        if c.root == "roberta":
+            # RoBERTa counts positions from padding_idx + 1 and gives padding padding_idx.
+            mask = attention_mask.astype(jnp.int32)
+            return jnp.cumsum(mask, axis=1) * mask + c.pad_token_id
+        return jnp.broadcast_to(jnp.arange(t)[None, :], attention_mask.shape)
+
+    def apply(self, params, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> EncoderOutput:
+        """Encode input_ids [b, t]; attention_mask [b, t] is 1 for tokens, 0 for padding."""
+        c = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
+        if position_ids is None:
+            position_ids = self._positions(attention_mask)
+        root = params[c.root]
+        e = root["embeddings"]
+        x = embed(input_ids, e["word_embeddings"]) + embed(token_type_ids, e["token_type_embeddings"])
+        x = layers.layer_norm(x + embed(position_ids, e["position_embeddings"]), e["LayerNorm"], c.layer_norm_eps)
+        b, t = input_ids.shape
+        mask = jnp.broadcast_to(attention_mask.astype(bool)[:, None, :], (b, t, t))
+        head_dim = c.hidden_size // c.num_heads
+        act = layers.activation(c.hidden_act)
+        for i in range(c.num_layers):
+            p = root["encoder"]["layer"][str(i)]
+            a = p["attention"]
+            q, k, v = (linear(x, a["self"][n]).reshape(b, t, c.num_heads, head_dim) for n in ("query", "key", "value"))
+            attn = linear(layers.attention(q, k, v, mask, head_dim**-0.5), a["output"]["dense"])
+            x = layers.layer_norm(x + attn, a["output"]["LayerNorm"], c.layer_norm_eps)
+            h = linear(act(linear(x, p["intermediate"]["dense"])), p["output"]["dense"])
+            x = layers.layer_norm(x + h, p["output"]["LayerNorm"], c.layer_norm_eps)
+        pooled = jnp.tanh(linear(x[:, 0], root["pooler"]["dense"])) if "pooler" in root else None
+        return EncoderOutput(x, pooled, self._classify(params, x, pooled))
+
+    def _classify(self, params, hidden, pooled):
+        if "classifier" not in params:
+            return None
+        head = params["classifier"]
+        if self.config.root == "roberta":
+            return linear(jnp.tanh(linear(hidden[:, 0], head["dense"])), head["out_proj"])
+        if pooled is None:
+            raise ValueError("a BERT classifier needs the pooler (bert/pooler/dense), which these params lack")
+        return linear(pooled, head)
+

@@ -1,0 +1,132 @@
+"""GPT-2: learned absolute positions, pre-LayerNorm blocks, fused q/k/v projection.
+
+HF stores GPT-2's projections as `Conv1D` weights that are already (in, out),
+so unlike Llama they are copied, not transposed, into Flax kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field as dc_field
+from typing import Any
+
+from lowrax.io.tables import TensorSpec
+from lowrax.models import layers
+from lowrax.models.base import CausalLM
+from lowrax.models.config_utils import field
+from lowrax.ops import attend_to_embedding, embed, linear
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    """Architecture hyper-parameters, read from an HF `config.json`."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    max_positions: int
+    layer_norm_eps: float
+    hidden_act: str
+    scale_attn_weights: bool
+    scale_attn_by_inverse_layer_idx: bool
+    bos_token_id: Any = None
+    eos_token_id: Any = None
+    pad_token_id: Any = None
+    hf: dict = dc_field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "GPT2Config":
+        hidden = field(hf, "n_embd", "hidden_size")
+        return cls(
+            model_type=hf.get("model_type", "gpt2"),
+            vocab_size=field(hf, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=field(hf, "n_inner", default=4 * hidden),
+            num_layers=field(hf, "n_layer", "num_hidden_layers"),
+            num_heads=field(hf, "n_head", "num_attention_heads"),
+            max_positions=field(hf, "n_positions", "max_position_embeddings"),
+            layer_norm_eps=float(field(hf, "layer_norm_epsilon", default=1e-5)),
+            hidden_act=field(hf, "activation_function", default="gelu_new"),
+            scale_attn_weights=bool(hf.get("scale_attn_weights", True)),
+            scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            hf=dict(hf),
+        )
+
+
+_L = "transformer/h/{i}"
+_K = "transformer.h.{i}"
+_H = lambda c: (c.hidden_size,)  # noqa: E731 - a norm or bias sized like the residual stream
+
+TENSORS = (
+    TensorSpec("transformer/wte/embedding", "transformer.wte.weight", lambda c: (c.vocab_size, c.hidden_size)),
+    TensorSpec("transformer/wpe/embedding", "transformer.wpe.weight", lambda c: (c.max_positions, c.hidden_size)),
+    TensorSpec(f"{_L}/ln_1/scale", f"{_K}.ln_1.weight", _H),
+    TensorSpec(f"{_L}/ln_1/bias", f"{_K}.ln_1.bias", _H),
+    # Conv1D weights are stored (in, out): copied as they are.
+    TensorSpec(f"{_L}/attn/c_attn/kernel", f"{_K}.attn.c_attn.weight", lambda c: (c.hidden_size, 3 * c.hidden_size)),
+    TensorSpec(f"{_L}/attn/c_attn/bias", f"{_K}.attn.c_attn.bias", lambda c: (3 * c.hidden_size,)),
+    TensorSpec(f"{_L}/attn/c_proj/kernel", f"{_K}.attn.c_proj.weight", lambda c: (c.hidden_size, c.hidden_size)),
+    TensorSpec(f"{_L}/attn/c_proj/bias", f"{_K}.attn.c_proj.bias", _H),
+    TensorSpec(f"{_L}/ln_2/scale", f"{_K}.ln_2.weight", _H),
+    TensorSpec(f"{_L}/ln_2/bias", f"{_K}.ln_2.bias", _H),
+    TensorSpec(f"{_L}/mlp/c_fc/kernel", f"{_K}.mlp.c_fc.weight", lambda c: (c.hidden_size, c.intermediate_size)),
+    TensorSpec(f"{_L}/mlp/c_fc/bias", f"{_K}.mlp.c_fc.bias", lambda c: (c.intermediate_size,)),
+    TensorSpec(f"{_L}/mlp/c_proj/kernel", f"{_K}.mlp.c_proj.weight", lambda c: (c.intermediate_size, c.hidden_size)),
+    TensorSpec(f"{_L}/mlp/c_proj/bias", f"{_K}.mlp.c_proj.bias", _H),
+    TensorSpec("transformer/ln_f/scale", "transformer.ln_f.weight", _H),
+    TensorSpec("transformer/ln_f/bias", "transformer.ln_f.bias", _H),
+)
+
+
+@dataclass(frozen=True)
+class GPT2Model(CausalLM):
+    """GPT-2 causal LM with the output projection tied to `wte`."""
+
+    config: GPT2Config
+    tensor_table = TENSORS
+    bare_prefix = "transformer."
+
+    def _attention(self, i, p, x, mask, kv_cache, cache_index):
+        c = self.config
+        b, t, _ = x.shape
+        q, k, v = (part.reshape(b, t, c.num_heads, c.head_dim) for part in
+                   linear(x, p["c_attn"]).reshape(b, t, 3, c.hidden_size).transpose(2, 0, 1, 3))
+        k, v, new_cache = self.update_cache(kv_cache, k, v, cache_index)
+        scale = c.head_dim**-0.5 if c.scale_attn_weights else 1.0
+        if c.scale_attn_by_inverse_layer_idx:
+            scale /= i + 1
+        return linear(layers.attention(q, k, v, mask, scale), p["c_proj"]), new_cache
+
+    def hidden_states(self, params, input_ids, positions, key_valid, cache=None, cache_index=None):
+        """Final-LayerNorm hidden states [b, t, hidden] and the updated KV cache."""
+        c = self.config
+        tp = params["transformer"]
+        x = embed(input_ids, tp["wte"]) + embed(positions, tp["wpe"])
+        mask = layers.causal_mask(self.query_slots(input_ids, cache_index), key_valid)
+        act = layers.activation(c.hidden_act)
+        new_cache = [] if cache is not None else None
+        for i in range(c.num_layers):
+            p = tp["h"][str(i)]
+            kv = cache[i] if cache is not None else None
+            attn, kv = self._attention(i, p["attn"], layers.layer_norm(x, p["ln_1"], c.layer_norm_eps), mask, kv, cache_index)
+            x = x + attn
+            h = layers.layer_norm(x, p["ln_2"], c.layer_norm_eps)
+            x = x + linear(act(linear(h, p["mlp"]["c_fc"])), p["mlp"]["c_proj"])
+            if new_cache is not None:
+                new_cache.append(kv)
+        return layers.layer_norm(x, tp["ln_f"], c.layer_norm_eps), new_cache
+
+    def logits_from_hidden(self, params, hidden):
+        return attend_to_embedding(hidden, params["transformer"]["wte"])
+
+    def kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
+        return (batch, length, self.config.num_heads, self.config.head_dim)

@@ -1,0 +1,148 @@
+"""Layers shared by the model families: norms, rotary embeddings, attention, masks.
+
+Everything here is a pure function of arrays. Shapes use b=batch, t=query
+length, s=key length, h=query heads, k=key/value heads, d=head dim.
+Softmax and normalisation statistics are computed in float32 whatever the
+compute dtype, as the reference implementations do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str):
+    """The activation function HF calls `name` (`hidden_act`)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
+
+
+def rms_norm(x: jnp.ndarray, params: dict, eps: float) -> jnp.ndarray:
+    """Llama RMSNorm: x / rms(x) * scale, statistics in float32, result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return params["scale"].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def layer_norm(x: jnp.ndarray, params: dict, eps: float) -> jnp.ndarray:
+    """LayerNorm over the last axis with scale and bias, statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    y = y * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+# --- rotary position embeddings -------------------------------------------------------
+
+
+def rope_inverse_frequencies(rotary_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
+    """Inverse frequencies [rotary_dim // 2] in float32, with HF's `rope_type` scalings.
+
+    Supports the default, `linear` and `llama3` rope types (the ones Llama,
+    Mistral and Qwen2 checkpoints use).
+    """
+    exponent = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(rotary_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    if rope_type == "llama3":
+        factor = scaling["factor"]
+        low_freq_factor = scaling["low_freq_factor"]
+        high_freq_factor = scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        low_freq_wavelen = old_context / low_freq_factor
+        high_freq_wavelen = old_context / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
+
+
+def rope_cos_sin(positions: jnp.ndarray, inv_freq: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos and sin tables [b, t, rotary_dim] for integer positions [b, t] (float32)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """Rotate x [b, t, heads, d] by HF's half-split convention (`rotate_half`)."""
+    rotary_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = (x_rot.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+    return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
+
+
+# --- attention -------------------------------------------------------------------------
+
+
+def causal_mask(
+    query_slots: jnp.ndarray,
+    key_valid: jnp.ndarray,
+    sliding_window: int | None = None,
+) -> jnp.ndarray:
+    """Boolean mask [b, t, s]: key slot j is visible from query slot i.
+
+    query_slots [b, t] are the queries' slot indices in the key sequence (an
+    arange without a cache, `cache_index + arange` with one); key_valid [b, s]
+    is False for padding. With a sliding window only the last `window` slots
+    are visible.
+    """
+    key_slots = jnp.arange(key_valid.shape[1])[None, None, :]
+    q = query_slots[:, :, None]
+    mask = (key_slots <= q) & key_valid[:, None, :]
+    if sliding_window is not None:
+        mask = mask & (q - key_slots < sliding_window)
+    return mask
+
+
+def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray, scale: float) -> jnp.ndarray:
+    """Grouped-query scaled dot-product attention.
+
+    q [b, t, h, d], k and v [b, s, k, d] with h a multiple of k, mask [b, t, s]
+    boolean. Returns [b, t, h * d]. Masked scores get the most negative finite
+    value rather than -inf, so an all-masked row (a padding query) stays finite.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h * v.shape[-1])
+
+
+def positions_from_mask(attention_mask: jnp.ndarray) -> jnp.ndarray:
+    """Position ids [b, t] counting only real tokens, so left padding does not shift positions."""
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)

@@ -1,0 +1,177 @@
+"""Llama-family decoder: Llama 2/3, Mistral and Qwen2-style models.
+
+RMSNorm, rotary embeddings (default, linear and llama3 scaling), grouped-query
+attention with optional q/k/v bias (Qwen2) and sliding window (Mistral),
+SwiGLU MLP, tied or untied output embeddings. Parameters are a nested dict
+with HF-shaped names (`model/layers/0/self_attn/q_proj/kernel`), kernels laid
+out (in, out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field as dc_field
+from typing import Any
+
+from lowrax.io.tables import TRANSPOSE, TensorSpec
+from lowrax.models import layers
+from lowrax.models.base import CausalLM
+from lowrax.models.config_utils import field, rope_settings
+from lowrax.ops import attend_to_embedding, embed, linear
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture hyper-parameters, read from an HF `config.json`."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    hidden_act: str
+    sliding_window: int | None
+    max_position_embeddings: int
+    bos_token_id: Any = None
+    eos_token_id: Any = None
+    pad_token_id: Any = None
+    hf: dict = dc_field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        model_type = hf.get("model_type", "llama")
+        hidden = field(hf, "hidden_size")
+        heads = field(hf, "num_attention_heads")
+        kv_heads = field(hf, "num_key_value_heads", default=heads)
+        if heads % kv_heads:
+            raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+        theta, scaling = rope_settings(hf)
+        attention_bias = bool(hf.get("attention_bias", False))
+        qwen2 = model_type == "qwen2"
+        if qwen2 and hf.get("use_sliding_window"):
+            raise ValueError("Qwen2 with use_sliding_window=true is not supported yet")
+        window = hf.get("sliding_window") if model_type == "mistral" else None
+        return cls(
+            model_type=model_type,
+            vocab_size=field(hf, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=field(hf, "intermediate_size"),
+            num_layers=field(hf, "num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=field(hf, "head_dim", default=hidden // heads),
+            rms_norm_eps=float(field(hf, "rms_norm_eps", default=1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            # Qwen2 always has q/k/v bias and never an output bias.
+            qkv_bias=True if qwen2 else attention_bias,
+            o_bias=False if qwen2 else attention_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            hidden_act=hf.get("hidden_act", "silu"),
+            sliding_window=window,
+            max_position_embeddings=field(hf, "max_position_embeddings", default=4096),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            hf=dict(hf),
+        )
+
+
+def _q_out(c: LlamaConfig) -> int:
+    return c.num_heads * c.head_dim
+
+
+def _kv_out(c: LlamaConfig) -> int:
+    return c.num_kv_heads * c.head_dim
+
+
+_L = "model/layers/{i}"
+_K = "model.layers.{i}"
+
+TENSORS = (
+    TensorSpec("model/embed_tokens/embedding", "model.embed_tokens.weight", lambda c: (c.vocab_size, c.hidden_size)),
+    TensorSpec(f"{_L}/input_layernorm/scale", f"{_K}.input_layernorm.weight", lambda c: (c.hidden_size,)),
+    TensorSpec(f"{_L}/self_attn/q_proj/kernel", f"{_K}.self_attn.q_proj.weight", lambda c: (c.hidden_size, _q_out(c)), TRANSPOSE),
+    TensorSpec(f"{_L}/self_attn/q_proj/bias", f"{_K}.self_attn.q_proj.bias", lambda c: (_q_out(c),), when=lambda c: c.qkv_bias),
+    TensorSpec(f"{_L}/self_attn/k_proj/kernel", f"{_K}.self_attn.k_proj.weight", lambda c: (c.hidden_size, _kv_out(c)), TRANSPOSE),
+    TensorSpec(f"{_L}/self_attn/k_proj/bias", f"{_K}.self_attn.k_proj.bias", lambda c: (_kv_out(c),), when=lambda c: c.qkv_bias),
+    TensorSpec(f"{_L}/self_attn/v_proj/kernel", f"{_K}.self_attn.v_proj.weight", lambda c: (c.hidden_size, _kv_out(c)), TRANSPOSE),
+    TensorSpec(f"{_L}/self_attn/v_proj/bias", f"{_K}.self_attn.v_proj.bias", lambda c: (_kv_out(c),), when=lambda c: c.qkv_bias),
+    TensorSpec(f"{_L}/self_attn/o_proj/kernel", f"{_K}.self_attn.o_proj.weight", lambda c: (_q_out(c), c.hidden_size), TRANSPOSE),
+    TensorSpec(f"{_L}/self_attn/o_proj/bias", f"{_K}.self_attn.o_proj.bias", lambda c: (c.hidden_size,), when=lambda c: c.o_bias),
+    TensorSpec(f"{_L}/post_attention_layernorm/scale", f"{_K}.post_attention_layernorm.weight", lambda c: (c.hidden_size,)),
+    TensorSpec(f"{_L}/mlp/gate_proj/kernel", f"{_K}.mlp.gate_proj.weight", lambda c: (c.hidden_size, c.intermediate_size), TRANSPOSE),
+    TensorSpec(f"{_L}/mlp/gate_proj/bias", f"{_K}.mlp.gate_proj.bias", lambda c: (c.intermediate_size,), when=lambda c: c.mlp_bias),
+    TensorSpec(f"{_L}/mlp/up_proj/kernel", f"{_K}.mlp.up_proj.weight", lambda c: (c.hidden_size, c.intermediate_size), TRANSPOSE),
+    TensorSpec(f"{_L}/mlp/up_proj/bias", f"{_K}.mlp.up_proj.bias", lambda c: (c.intermediate_size,), when=lambda c: c.mlp_bias),
+    TensorSpec(f"{_L}/mlp/down_proj/kernel", f"{_K}.mlp.down_proj.weight", lambda c: (c.intermediate_size, c.hidden_size), TRANSPOSE),
+    TensorSpec(f"{_L}/mlp/down_proj/bias", f"{_K}.mlp.down_proj.bias", lambda c: (c.hidden_size,), when=lambda c: c.mlp_bias),
+    TensorSpec("model/norm/scale", "model.norm.weight", lambda c: (c.hidden_size,)),
+    TensorSpec("lm_head/kernel", "lm_head.weight", lambda c: (c.hidden_size, c.vocab_size), TRANSPOSE,
+               when=lambda c: not c.tie_word_embeddings),
+)
+
+
+@dataclass(frozen=True)
+class LlamaModel(CausalLM):
+    """A Llama-family causal LM; `apply(params, input_ids, attention_mask)` gives logits."""
+
+    config: LlamaConfig
+    tensor_table = TENSORS
+    bare_prefix = None
+
+    @property
+    def inv_freq(self):
+        return layers.rope_inverse_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
+
+    def _attention(self, p, x, cos, sin, mask, kv_cache, cache_index):
+        c = self.config
+        b, t, _ = x.shape
+        q = linear(x, p["q_proj"]).reshape(b, t, c.num_heads, c.head_dim)
+        k = linear(x, p["k_proj"]).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = linear(x, p["v_proj"]).reshape(b, t, c.num_kv_heads, c.head_dim)
+        q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        k, v, new_cache = self.update_cache(kv_cache, k, v, cache_index)
+        out = layers.attention(q, k, v, mask, c.head_dim**-0.5)
+        return linear(out, p["o_proj"]), new_cache
+
+    def _mlp(self, p, x):
+        act = layers.activation(self.config.hidden_act)
+        return linear(act(linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
+
+    def hidden_states(self, params, input_ids, positions, key_valid, cache=None, cache_index=None):
+        """Final-norm hidden states [b, t, hidden] and the updated KV cache (None without one)."""
+        c = self.config
+        x = embed(input_ids, params["model"]["embed_tokens"])
+        cos, sin = layers.rope_cos_sin(positions, self.inv_freq)
+        mask = layers.causal_mask(self.query_slots(input_ids, cache_index), key_valid, c.sliding_window)
+        new_cache = [] if cache is not None else None
+        for i in range(c.num_layers):
+            p = params["model"]["layers"][str(i)]
+            h = layers.rms_norm(x, p["input_layernorm"], c.rms_norm_eps)
+            kv = cache[i] if cache is not None else None
+            attn, kv = self._attention(p["self_attn"], h, cos, sin, mask, kv, cache_index)
+            x = x + attn
+            x = x + self._mlp(p["mlp"], layers.rms_norm(x, p["post_attention_layernorm"], c.rms_norm_eps))
+            if new_cache is not None:
+                new_cache.append(kv)
+        return layers.rms_norm(x, params["model"]["norm"], c.rms_norm_eps), new_cache
+
+    def logits_from_hidden(self, params, hidden):
+        if self.config.tie_word_embeddings:
+            return attend_to_embedding(hidden, params["model"]["embed_tokens"])
+        return linear(hidden, params["lm_head"])
+
+    def kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
+        return (batch, length, self.config.num_kv_heads, self.config.head_dim)
+

