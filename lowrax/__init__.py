@@ -1,0 +1,25 @@
+"""lowrax: low-rank fine-tuning of pretrained Hugging Face transformers in pure JAX.
+
+The public API (see README.md):
+
+    model, params = lowrax.load_pretrained(path)        # HF dir, .gguf file, or None = embedded SmolLM2
+    logits = model.apply(params, input_ids, attention_mask)
+    tokenizer = lowrax.load_tokenizer(path)
+    texts = lowrax.generate(model, params, tokenizer, prompts, max_new_tokens=64)
+    lowrax.save_pretrained(params, model, out_dir)      # HF safetensors that transformers loads
+"""
+
+from lowrax.errors import CheckpointError, LowraxError, NotAModelError, UnsupportedModelError
+from lowrax.generate import SamplingConfig, generate, generate_ids
+from lowrax.models import EncoderOutput, supported_model_types
+from lowrax.ops import linear, register_linear
+from lowrax.pretrained import embedded_minilm_path, embedded_model_path, load_pretrained, load_tokenizer, save_pretrained
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load_pretrained", "load_tokenizer", "save_pretrained", "generate", "generate_ids", "SamplingConfig",
+    "EncoderOutput", "supported_model_types", "embedded_model_path", "embedded_minilm_path",
+    "linear", "register_linear",
+    "LowraxError", "NotAModelError", "UnsupportedModelError", "CheckpointError",
+]
