@@ -1,0 +1,90 @@
+"""The `lowrax` command line: thin wrappers over the library.
+
+    lowrax generate [--model PATH] "prompt" ["prompt" ...]
+    lowrax convert --model PATH OUT_DIR        (e.g. the embedded GGUF -> HF safetensors)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _dtype(name: str):
+    import jax.numpy as jnp
+
+    return getattr(jnp, _DTYPES[name])
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="parameter and compute dtype")
+
+
+def cmd_generate(args) -> int:
+    import lowrax
+
+    model, params = lowrax.load_pretrained(args.model, dtype=_dtype(args.dtype))
+    tokenizer = lowrax.load_tokenizer(args.model)
+    chat = {"auto": None, "on": True, "off": False}[args.chat]
+    start = time.perf_counter()
+    texts = lowrax.generate(model, params, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=chat)
+    elapsed = time.perf_counter() - start
+    for prompt, text in zip(args.prompts, texts):
+        print(f">>> {prompt}\n{text}\n")
+    print(f"[{len(texts)} prompt(s), {elapsed:.1f}s including compilation]", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import lowrax
+
+    model, params = lowrax.load_pretrained(args.model, dtype=_dtype(args.dtype))
+    tokenizer = lowrax.load_tokenizer(args.model)
+    out = lowrax.save_pretrained(params, model, args.out_dir, tokenizer=tokenizer, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowrax", description="Low-rank fine-tuning of HF transformers in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text with a causal LM")
+    _add_model_args(g)
+    g.add_argument("prompts", nargs="+", help="one or more prompts")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", choices=["auto", "on", "off"], default="auto",
+                   help="wrap prompts in the tokenizer's chat template (auto: when it has one)")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="write a model (HF directory or GGUF) as an HF safetensors directory")
+    _add_model_args(c)
+    c.add_argument("out_dir")
+    c.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    c.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from lowrax.errors import LowraxError
+
+    try:
+        return args.func(args)
+    except (LowraxError, FileExistsError) as e:
+        print(f"lowrax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

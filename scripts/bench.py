@@ -1,0 +1,119 @@
+"""Benchmarks, printed as JSON: lowrax next to transformers-torch, measured in the same run.
+
+    python scripts/bench.py [--model PATH] [--batch 4] [--seq 128] [--new-tokens 64] [--out bench.json]
+
+Reports for the model (default: the embedded SmolLM2-135M-Instruct, float32):
+  forward tokens/s (batch x seq, logits for every position), and
+  greedy generation tokens/s (KV cache, batch 1 and `--batch`), compile time excluded
+  and reported separately. The torch side needs `pip install -e .[test]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import lowrax  # noqa: E402
+from lowrax.generate import SamplingConfig  # noqa: E402
+
+
+def best_of(fn, repeats: int) -> float:
+    """Fastest wall time of `repeats` calls (fn must block until done)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_lowrax(model, params, ids, prompt, new_tokens, batch, repeats):
+    apply = jax.jit(model.apply)
+    x = jnp.asarray(ids)
+    start = time.perf_counter()
+    apply(params, x).block_until_ready()
+    compile_s = time.perf_counter() - start
+    fwd = best_of(lambda: apply(params, x).block_until_ready(), repeats)
+    out = {"forward_tokens_per_s": ids.size / fwd, "forward_compile_s": compile_s}
+    for b in (1, batch):
+        prompts = [prompt] * b
+        run = lambda: lowrax.generate_ids(model, params, prompts, new_tokens, SamplingConfig(), eos_token_ids=())  # noqa: E731
+        start = time.perf_counter()
+        run()
+        first = time.perf_counter() - start
+        t = best_of(run, repeats)
+        out[f"generate_b{b}_tokens_per_s"] = b * new_tokens / t
+        out[f"generate_b{b}_first_call_s"] = first
+    return out
+
+
+def bench_torch(path, ids, prompt, new_tokens, batch, repeats):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lowrax.pretrained import resolve_model_path
+
+    source = resolve_model_path(path)
+    kwargs = {"gguf_file": source.name} if source.suffix == ".gguf" else {}
+    hf = AutoModelForCausalLM.from_pretrained(str(source.parent if kwargs else source), dtype=torch.float32, **kwargs).eval()
+    x = torch.tensor(ids)
+    with torch.no_grad():
+        hf(x)
+        fwd = best_of(lambda: hf(x), repeats)
+        out = {"forward_tokens_per_s": ids.size / fwd, "threads": torch.get_num_threads()}
+        for b in (1, batch):
+            p = torch.tensor([prompt] * b)
+            run = lambda: hf.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=new_tokens,  # noqa: E731
+                                      min_new_tokens=new_tokens, do_sample=False)
+            run()
+            out[f"generate_b{b}_tokens_per_s"] = b * new_tokens / best_of(run, repeats)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-torch", action="store_true", help="skip the transformers-torch side")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args()
+
+    model, params = lowrax.load_pretrained(args.model, progress=False)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(10, model.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
+    prompt = rng.integers(10, model.config.vocab_size, 24).tolist()
+    result = {
+        "model": str(args.model or "embedded SmolLM2-135M-Instruct"),
+        "dtype": "float32",
+        "batch": args.batch, "seq": args.seq, "new_tokens": args.new_tokens,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax_backend": jax.default_backend(),
+                    "jax": jax.__version__},
+        "lowrax": bench_lowrax(model, params, ids, prompt, args.new_tokens, args.batch, args.repeats),
+    }
+    if not args.no_torch:
+        result["torch"] = bench_torch(args.model, ids, prompt, args.new_tokens, args.batch, args.repeats)
+        result["ratio_lowrax_over_torch"] = {
+            k: result["lowrax"][k] / result["torch"][k] for k in result["torch"] if k.endswith("tokens_per_s")
+        }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
