@@ -7,12 +7,22 @@ The public API (see README.md):
     tokenizer = lowrax.load_tokenizer(path)
     texts = lowrax.generate(model, params, tokenizer, prompts, max_new_tokens=64)
     lowrax.save_pretrained(params, model, out_dir)      # HF safetensors that transformers loads
+
+    params = lowrax.lora.wrap(params, lowrax.LoraConfig(r=8, target_modules="all-linear"), key)
+    trainable, frozen = lowrax.split(params)
+    merged = lowrax.merge(params)
+    lowrax.save_peft(params, out_dir, model)            # PEFT's adapter format
 """
 
 from lowrax.errors import CheckpointError, LowraxError, NotAModelError, UnsupportedModelError
 from lowrax.generate import SamplingConfig, generate, generate_ids
 from lowrax.models import EncoderOutput, supported_model_types
+from lowrax import lora
+from lowrax.lora import LoraConfig
+from lowrax.nodes import FullyTrained, LoraKernel
 from lowrax.ops import linear, register_linear
+from lowrax.peft_format import load_peft, save_peft
+from lowrax.tree import combine, count_params, labels, merge, split, unmerge
 from lowrax.pretrained import embedded_minilm_path, embedded_model_path, load_pretrained, load_tokenizer, save_pretrained
 
 __version__ = "0.1.0"
@@ -21,5 +31,7 @@ __all__ = [
     "load_pretrained", "load_tokenizer", "save_pretrained", "generate", "generate_ids", "SamplingConfig",
     "EncoderOutput", "supported_model_types", "embedded_model_path", "embedded_minilm_path",
     "linear", "register_linear",
+    "lora", "LoraConfig", "LoraKernel", "FullyTrained", "split", "combine", "merge", "unmerge", "labels",
+    "count_params", "save_peft", "load_peft",
     "LowraxError", "NotAModelError", "UnsupportedModelError", "CheckpointError",
 ]

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -24,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lowrax.errors import CheckpointError
 from lowrax.io import tables
+from lowrax.io.atomic import write_directory
 from lowrax.models.base import Model
 
 log = logging.getLogger(__name__)
@@ -133,25 +131,16 @@ def save_hf_directory(params: dict, model: Model, out_dir: str | Path, tokenizer
     Written to a temporary sibling directory and renamed into place, so a crash
     never leaves a half-written model behind.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
     tensors = tree_to_hf_tensors(params, model)
     dtypes = {str(a.dtype) for a in tensors.values()}
     config = dict(model.config.hf)
     config.pop("quantization_config", None)
     config["dtype"] = "bfloat16" if "bfloat16" in dtypes else ("float16" if "float16" in dtypes else "float32")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+
+    def fill(staging: Path) -> None:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+
+    return write_directory(out_dir, fill, overwrite)

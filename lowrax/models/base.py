@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from lowrax.io import tables
 from lowrax.models.layers import positions_from_mask
+from lowrax.nodes import unwrap_fully_trained
 
 
 class Model:
@@ -56,6 +57,7 @@ class CausalLM(Model):
         position ids default to counting real tokens only, so a left-padded
         sequence gets the same positions as unpadded.
         """
+        params = unwrap_fully_trained(params)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if position_ids is None:
@@ -98,6 +100,7 @@ class CausalLM(Model):
         The key-validity mask covers the whole cache: prompt padding is invalid,
         every later slot valid once written (causality hides unwritten ones).
         """
+        params = unwrap_fully_trained(params)
         b, t = input_ids.shape
         length = cache[0][0].shape[1]
         positions = positions_from_mask(attention_mask)
@@ -110,6 +113,7 @@ class CausalLM(Model):
 
     def decode_step(self, params, token, position, key_valid, cache, cache_index):
         """One token per sequence: token [b], position [b] -> (logits [b, vocab], cache)."""
+        params = unwrap_fully_trained(params)
         hidden, cache = self.hidden_states(
             params, token[:, None], position[:, None], key_valid, cache, cache_index
         )
