@@ -1,0 +1,103 @@
+"""One pure training step: `train_step(state, frozen, batch) -> (state, metrics)`.
+
+Gradients are taken with respect to the trainable half only, so no gradient
+(and no optimizer state) ever exists for a frozen weight. Gradient
+accumulation and rematerialisation are options of this one step. Mixed
+precision comes from the tree itself: load the base in bfloat16 and wrap with
+float32 adapters; the projections compute in the activations' dtype while
+gradients and optimizer state stay in the adapters' float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from lowrax.tree import combine, with_dropout_keys
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training (the frozen half is passed separately)."""
+
+    step: jnp.ndarray
+    trainable: Any
+    opt_state: Any
+    rng: jnp.ndarray
+
+
+def init_state(trainable: Any, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                      opt_state=optimizer.init(trainable), rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def causal_lm_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(sum of token losses, number of loss tokens). batch: input_ids, attention_mask, loss_mask [b, t].
+
+    loss_mask[b, i] = 1 when token i is a target (a response token, not prompt or padding);
+    token i is predicted from the logits at position i - 1.
+    """
+    logits = model.apply(params, batch["input_ids"], batch["attention_mask"])
+    targets = batch["input_ids"][:, 1:]
+    weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    token_loss = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(token_loss * weights), jnp.sum(weights)
+
+
+def classification_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(sum of example losses, number of examples). batch: input_ids, attention_mask, labels [b]."""
+    logits = model.apply(params, batch["input_ids"], batch["attention_mask"]).logits
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    loss = -jnp.take_along_axis(log_probs, batch["labels"][:, None], axis=-1)[:, 0]
+    return jnp.sum(loss), jnp.asarray(loss.shape[0], jnp.float32)
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
+                    remat: bool = False, loss_fn=None):
+    """Build `train_step(state, frozen, batch) -> (state, metrics)`; jit it at the call site.
+
+    With grad_accum_steps = k, every batch array has a leading axis of k micro-batches
+    and gradients are summed over them (one optimizer update). `remat` recomputes
+    activations in the backward pass (jax.checkpoint) to save memory.
+    """
+    if loss_fn is None:
+        loss_fn = causal_lm_loss if model.is_causal_lm else classification_loss
+
+    def summed_loss(trainable, frozen, batch, rng):
+        params = with_dropout_keys(combine(trainable, frozen), rng)
+        return loss_fn(model, params, batch)
+
+    if remat:
+        summed_loss = jax.checkpoint(summed_loss)
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+    def train_step(state: TrainState, frozen: Any, batch: dict):
+        rng = jax.random.wrap_key_data(state.rng)
+        rng, step_rng = jax.random.split(rng)
+        if grad_accum_steps == 1:
+            (loss_sum, count), grads = grad_fn(state.trainable, frozen, batch, step_rng)
+        else:
+            def micro(carry, xs):
+                micro_batch, i = xs
+                (l, n), g = grad_fn(state.trainable, frozen, micro_batch, jax.random.fold_in(step_rng, i))
+                acc_l, acc_n, acc_g = carry
+                return (acc_l + l, acc_n + n, jax.tree.map(jnp.add, acc_g, g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+            (loss_sum, count, grads), _ = jax.lax.scan(
+                micro, (jnp.zeros(()), jnp.zeros(()), zeros), (batch, jnp.arange(grad_accum_steps)))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        new_state = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state,
+                               rng=jax.random.key_data(rng))
+        metrics = {"loss": loss_sum / count, "tokens": count, "grad_norm": optax.tree_utils.tree_l2_norm(grads)}
+        return new_state, metrics
+
+    return train_step
