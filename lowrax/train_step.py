@@ -97,7 +97,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
         trainable = optax.apply_updates(state.trainable, updates)
         new_state = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state,
                                rng=jax.random.key_data(rng))
-        metrics = {"loss": loss_sum / count, "tokens": count, "grad_norm": optax.tree_utils.tree_l2_norm(grads)}
+        metrics = {"loss": loss_sum / count, "tokens": count, "grad_norm": optax.tree_utils.tree_norm(grads)}
         return new_state, metrics
 
     return train_step

@@ -1,6 +1,7 @@
 """Benchmarks, printed as JSON: lowrax next to transformers-torch, measured in the same run.
 
     python scripts/bench.py [--model PATH] [--batch 4] [--seq 128] [--new-tokens 64] [--out bench.json]
+    python scripts/bench.py --lora [--vs-peft] [--rank 16] ...   (the LoRA train step: scripts/bench_lora.py)
 
 Reports for the model (default: the embedded SmolLM2-135M-Instruct, float32):
   forward tokens/s (batch x seq, logits for every position), and
@@ -81,6 +82,12 @@ def bench_torch(path, ids, prompt, new_tokens, batch, repeats):
 
 
 def main() -> None:
+    if "--lora" in sys.argv:
+        sys.argv.remove("--lora")
+        sys.path.insert(0, os.path.dirname(__file__))
+        import bench_lora
+
+        return bench_lora.main()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--batch", type=int, default=4)
