@@ -12,7 +12,6 @@ Reports for the model (default: the embedded SmolLM2-135M-Instruct, float32):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,19 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_common import best_of, emit, load_torch_causal_lm  # noqa: E402
 
 import lowrax  # noqa: E402
 from lowrax.generate import SamplingConfig  # noqa: E402
-
-
-def best_of(fn, repeats: int) -> float:
-    """Fastest wall time of `repeats` calls (fn must block until done)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def bench_lowrax(model, params, ids, prompt, new_tokens, batch, repeats):
@@ -60,13 +52,8 @@ def bench_lowrax(model, params, ids, prompt, new_tokens, batch, repeats):
 
 def bench_torch(path, ids, prompt, new_tokens, batch, repeats):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from lowrax.pretrained import resolve_model_path
-
-    source = resolve_model_path(path)
-    kwargs = {"gguf_file": source.name} if source.suffix == ".gguf" else {}
-    hf = AutoModelForCausalLM.from_pretrained(str(source.parent if kwargs else source), dtype=torch.float32, **kwargs).eval()
+    hf = load_torch_causal_lm(path).eval()
     x = torch.tensor(ids)
     with torch.no_grad():
         hf(x)
@@ -84,7 +71,6 @@ def bench_torch(path, ids, prompt, new_tokens, batch, repeats):
 def main() -> None:
     if "--lora" in sys.argv:
         sys.argv.remove("--lora")
-        sys.path.insert(0, os.path.dirname(__file__))
         import bench_lora
 
         return bench_lora.main()
@@ -115,11 +101,7 @@ def main() -> None:
         result["ratio_lowrax_over_torch"] = {
             k: result["lowrax"][k] / result["torch"][k] for k in result["torch"] if k.endswith("tokens_per_s")
         }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

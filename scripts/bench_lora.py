@@ -11,7 +11,6 @@ step in transformers + PEFT (torch) and the ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,6 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_common import emit, load_torch_causal_lm, timed  # noqa: E402
 
 import lowrax  # noqa: E402
 from lowrax.optim import OptimizerConfig, make_optimizer  # noqa: E402
@@ -32,14 +34,8 @@ def matmul_ceiling(n: int = 2048, repeats: int = 3) -> float:
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
-    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
+    best = min(timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
     return 2 * n**3 / best
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def bench_lowrax(model, params, ids, rank, steps):
@@ -70,13 +66,8 @@ def bench_lowrax(model, params, ids, rank, steps):
 def bench_peft(path, ids, rank, steps):
     import peft
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from lowrax.pretrained import resolve_model_path
-
-    source = resolve_model_path(path)
-    kwargs = {"gguf_file": source.name} if source.suffix == ".gguf" else {}
-    hf = AutoModelForCausalLM.from_pretrained(str(source.parent if kwargs else source), dtype=torch.float32, **kwargs)
+    hf = load_torch_causal_lm(path)
     model = peft.get_peft_model(hf, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -90,7 +81,7 @@ def bench_peft(path, ids, rank, steps):
         optimizer.zero_grad(set_to_none=True)
 
     one_step()
-    t = float(np.median([_timed(one_step) for _ in range(steps)]))
+    t = float(np.median([timed(one_step) for _ in range(steps)]))
     return {"tokens_per_s": ids.size / t, "step_s": t, "threads": torch.get_num_threads()}
 
 
@@ -114,11 +105,7 @@ def main() -> None:
     if args.vs_peft:
         result["peft"] = bench_peft(args.model, ids, args.rank, args.steps)
         result["tokens_per_s_ratio_lowrax_over_peft"] = result["lowrax"]["tokens_per_s"] / result["peft"]["tokens_per_s"]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

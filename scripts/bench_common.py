@@ -1,0 +1,45 @@
+"""Helpers shared by the benchmark scripts: timing, the torch reference model, JSON output."""
+
+from __future__ import annotations
+
+import json
+import time
+
+
+def best_of(fn, repeats: int) -> float:
+    """Fastest wall time of `repeats` calls (fn must block until done)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def timed(fn) -> float:
+    """Wall time of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def load_torch_causal_lm(path):
+    """The transformers (torch, float32) model for the same checkpoint lowrax loads from `path`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lowrax.pretrained import resolve_model_path
+
+    source = resolve_model_path(path)
+    if source.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+
+
+def emit(result: dict, out: str | None) -> None:
+    """Print the result as JSON and, when asked, write it to `out`."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
