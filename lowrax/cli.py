@@ -1,5 +1,6 @@
 """The `lowrax` command line: thin wrappers over the library.
 
+    lowrax train [CONFIG.yaml] [section.key=value ...]   (default: configs/default.yaml)
     lowrax generate [--model PATH] "prompt" ["prompt" ...]
     lowrax convert --model PATH OUT_DIR        (e.g. the embedded GGUF -> HF safetensors)
 """
@@ -41,6 +42,30 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _default_config() -> str | None:
+    from pathlib import Path
+
+    for candidate in (Path.cwd() / "configs" / "default.yaml", Path(__file__).resolve().parent.parent / "configs" / "default.yaml"):
+        if candidate.exists():
+            return str(candidate)
+    return None
+
+
+def cmd_train(args) -> int:
+    from lowrax.config import load_config
+    from lowrax.trainer import run_training
+
+    items = list(args.items)
+    config_path = items.pop(0) if items and "=" not in items[0] else _default_config()
+    cfg = load_config(config_path, items)
+    print(f"config: {config_path or 'built-in defaults'}; output: {cfg.train.output_dir}", file=sys.stderr)
+    summary = run_training(cfg)
+    if summary.get("metric"):
+        print(f"{summary['metric']}: {summary.get('metric_before', float('nan')):.3f} before -> "
+              f"{summary['metric_after']:.3f} after training")
+    return 0
+
+
 def cmd_convert(args) -> int:
     import lowrax
 
@@ -54,6 +79,11 @@ def cmd_convert(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrax", description="Low-rank fine-tuning of HF transformers in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="LoRA fine-tune (default: SmolLM2 on the embedded date task)")
+    t.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [section.key=value]",
+                   help="a YAML preset (default configs/default.yaml) followed by overrides such as lora.r=8")
+    t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="generate text with a causal LM")
     _add_model_args(g)

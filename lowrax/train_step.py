@@ -41,9 +41,12 @@ def causal_lm_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
     loss_mask[b, i] = 1 when token i is a target (a response token, not prompt or padding);
     token i is predicted from the logits at position i - 1.
     """
-    logits = model.apply(params, batch["input_ids"], batch["attention_mask"])
+    segments = batch.get("segment_ids")
+    logits = model.apply(params, batch["input_ids"], batch["attention_mask"], segment_ids=segments)
     targets = batch["input_ids"][:, 1:]
     weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    if segments is not None:  # never predict a packed example's first token from the previous example
+        weights = weights * (segments[:, 1:] == segments[:, :-1])
     log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     token_loss = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(token_loss * weights), jnp.sum(weights)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrax.io import tables
-from lowrax.models.layers import positions_from_mask
+from lowrax.models.layers import positions_from_mask, segment_positions, segment_visibility
 from lowrax.nodes import unwrap_fully_trained
 
 
@@ -50,20 +50,33 @@ class CausalLM(Model):
 
     is_causal_lm: ClassVar[bool] = True
 
-    def apply(self, params, input_ids, attention_mask=None, position_ids=None):
+    def apply(self, params, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
         """Logits [b, t, vocab] for input_ids [b, t].
 
         attention_mask [b, t] (1 = token, 0 = padding) may pad on either side;
         position ids default to counting real tokens only, so a left-padded
-        sequence gets the same positions as unpadded.
+        sequence gets the same positions as unpadded. segment_ids [b, t] (1, 2, ...
+        per packed example, 0 for padding) keep packed examples from attending to
+        each other and restart their positions.
         """
+        hidden = self.final_hidden(params, input_ids, attention_mask, position_ids, segment_ids)
+        return self.logits_from_hidden(unwrap_fully_trained(params), hidden)
+
+    def final_hidden(self, params, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+        """Final-norm hidden states [b, t, hidden] (what `apply` projects to logits)."""
         params = unwrap_fully_trained(params)
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask)
-        hidden, _ = self.hidden_states(params, input_ids, position_ids, attention_mask.astype(bool))
-        return self.logits_from_hidden(params, hidden)
+        if segment_ids is not None:
+            key_valid = segment_visibility(segment_ids)
+            if position_ids is None:
+                position_ids = segment_positions(segment_ids)
+        else:
+            if attention_mask is None:
+                attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+            key_valid = attention_mask.astype(bool)
+            if position_ids is None:
+                position_ids = positions_from_mask(attention_mask)
+        hidden, _ = self.hidden_states(params, input_ids, position_ids, key_valid)
+        return hidden
 
     # --- generation with a fixed-size KV cache -------------------------------------
 

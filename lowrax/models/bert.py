@@ -177,3 +177,20 @@ class BertModel(Model):
             raise ValueError("a BERT classifier needs the pooler (bert/pooler/dense), which these params lack")
         return linear(pooled, head)
 
+
+
+def add_classification_head(model: BertModel, params: dict, num_labels: int, key) -> tuple[BertModel, dict]:
+    """A fresh sequence-classification head (normal(0.02) kernels, zero biases) on an encoder without one."""
+    import dataclasses
+
+    import jax
+
+    from lowrax.io import tables
+
+    headed = BertModel(dataclasses.replace(model.config, num_labels=num_labels))
+    out = dict(params)
+    for i, t in enumerate(x for x in headed.tensors() if x.path[0] == "classifier"):
+        value = (0.02 * jax.random.normal(jax.random.fold_in(key, i), t.shape) if t.path[-1] == "kernel"
+                 else jnp.zeros(t.shape))
+        tables.set_path(out, t.path, value.astype(jax.tree.leaves(params)[0].dtype))
+    return headed, out

@@ -114,12 +114,12 @@ def causal_mask(
 
     query_slots [b, t] are the queries' slot indices in the key sequence (an
     arange without a cache, `cache_index + arange` with one); key_valid [b, s]
-    is False for padding. With a sliding window only the last `window` slots
-    are visible.
+    is False for padding, or [b, t, s] for per-query validity (packed
+    sequences). With a sliding window only the last `window` slots are visible.
     """
-    key_slots = jnp.arange(key_valid.shape[1])[None, None, :]
+    key_slots = jnp.arange(key_valid.shape[-1])[None, None, :]
     q = query_slots[:, :, None]
-    mask = (key_slots <= q) & key_valid[:, None, :]
+    mask = (key_slots <= q) & (key_valid if key_valid.ndim == 3 else key_valid[:, None, :])
     if sliding_window is not None:
         mask = mask & (q - key_slots < sliding_window)
     return mask
@@ -140,6 +140,21 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h * v.shape[-1])
+
+
+def segment_visibility(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """[b, t, t] True where query and key belong to the same packed example (segment 0 is padding)."""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return same & (segment_ids[:, None, :] > 0)
+
+
+def segment_positions(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """Position ids [b, t] that restart at 0 at the start of every packed example."""
+    t = segment_ids.shape[1]
+    index = jnp.broadcast_to(jnp.arange(t)[None, :], segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return index - start_index
 
 
 def positions_from_mask(attention_mask: jnp.ndarray) -> jnp.ndarray:

@@ -1,0 +1,51 @@
+"""Training checkpoints with orbax: trainable params, optimizer state, step, RNG and data position.
+
+Only the trainable half is saved (the frozen base is reloaded from the
+pretrained checkpoint), so an adapter checkpoint is small. Orbax writes each
+step into a temporary directory and renames it when complete, so a crash never
+leaves a half-written checkpoint that would be resumed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+
+# orbax logs every save at WARNING through absl; keep the training progress bar readable.
+absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+def directory_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+class Checkpoints:
+    """Numbered checkpoints in `directory`, keeping the newest `max_to_keep`."""
+
+    def __init__(self, directory: str | Path, max_to_keep: int = 2):
+        self.directory = Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict) -> int:
+        """Save and wait; returns the checkpoint's size in bytes."""
+        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                           force=True)
+        self._manager.wait_until_finished()
+        return directory_size(self.directory / str(step))
+
+    def restore(self, step: int, template: Any) -> tuple[Any, dict]:
+        """(state shaped like `template`, meta dict) of checkpoint `step`."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                      meta=ocp.args.JsonRestore()))
+        return restored.state, restored.meta
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,230 @@
+"""Training data: local files through `datasets`, tokenized with loss masks, batched deterministically.
+
+Formats (`data.format`, detected from the columns when "auto"):
+  prompt_response  loss on the response (and EOS) only; optional chat template on the prompt
+  messages         chat messages rendered with the tokenizer's template; loss on assistant turns
+  text             loss on every token
+  classification   text + integer label, for encoders with a classification head
+
+Batches are a pure function of (seed, examples consumed), so a resumed run sees
+exactly the batches an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lowrax.config import DataSection
+from lowrax.errors import LowraxError
+
+FORMATS = ("prompt_response", "messages", "text", "classification")
+_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".text": "text"}
+
+
+def _load_dataset(source: str):
+    import datasets
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            return {name: list(split) for name, split in loaded.items()}
+        return {"train": list(loaded)}
+    if not path.exists():
+        raise LowraxError(f"data source {path} does not exist; expected 'default', a .json/.jsonl/.csv/.txt file "
+                          "or a directory written by Dataset.save_to_disk")
+    builder = _LOADERS.get(path.suffix.lower())
+    if builder is None:
+        raise LowraxError(f"data source {path} has an unsupported extension {path.suffix!r}; "
+                          f"expected one of {', '.join(sorted(_LOADERS))} or a save_to_disk directory")
+    return {"train": list(datasets.load_dataset(builder, data_files=str(path), split="train"))}
+
+
+def load_records(cfg: DataSection) -> tuple[list[dict], list[dict]]:
+    """(train, eval) lists of records from the configured source."""
+    if cfg.source == "default":
+        from lowrax.default_task import make_splits
+
+        return make_splits(cfg.default_train_examples, cfg.default_eval_examples, cfg.shuffle_seed)
+    splits = _load_dataset(cfg.source)
+    train = splits.get("train") or next(iter(splits.values()))
+    evaluation = splits.get("validation") or splits.get("test")
+    if cfg.eval_source:
+        evaluation = _load_dataset(cfg.eval_source)["train"]
+    if evaluation is None:
+        order = np.random.default_rng(cfg.shuffle_seed).permutation(len(train))
+        n_eval = int(round(len(train) * cfg.eval_fraction))
+        evaluation = [train[i] for i in order[:n_eval]]
+        train = [train[i] for i in order[n_eval:]]
+    if not train:
+        raise LowraxError(f"data source {cfg.source} has no training records")
+    return train, evaluation
+
+
+def detect_format(record: dict, cfg: DataSection, task: str) -> str:
+    """The record format: cfg.format, or inferred from the fields present; checks required fields."""
+    needed = {
+        "prompt_response": [cfg.prompt_field, cfg.response_field],
+        "messages": [cfg.messages_field],
+        "text": [cfg.text_field],
+        "classification": [cfg.text_field, cfg.label_field],
+    }
+    fmt = cfg.format
+    if fmt == "auto":
+        candidates = ["classification"] if task == "classification" else ["messages", "prompt_response", "text"]
+        fmt = next((f for f in candidates if all(k in record for k in needed[f])), None)
+        if fmt is None:
+            wanted = " or ".join("+".join(needed[f]) for f in candidates)
+            raise LowraxError(f"data records need the fields {wanted}; found fields: {', '.join(sorted(record))}")
+    if fmt not in FORMATS:
+        raise LowraxError(f"data.format must be auto or one of {FORMATS}, got {fmt!r}")
+    missing = [k for k in needed[fmt] if k not in record]
+    if missing:
+        raise LowraxError(f"data format {fmt!r} needs the fields {', '.join(needed[fmt])}; missing {', '.join(missing)} "
+                          f"(found: {', '.join(sorted(record))})")
+    return fmt
+
+
+def _chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def prompt_ids(tokenizer, record: dict, cfg: DataSection) -> list[int]:
+    """Token ids of a prompt_response record's prompt (what generation starts from)."""
+    prompt = record[cfg.prompt_field]
+    if cfg.chat_template:
+        return _chat_ids(tokenizer, [{"role": "user", "content": prompt}], True)
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def encode_causal(tokenizer, record: dict, fmt: str, cfg: DataSection) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask) for one record; loss_mask marks the tokens the model is trained to produce."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if fmt == "prompt_response":
+        p = prompt_ids(tokenizer, record, cfg)
+        r = list(tokenizer(record[cfg.response_field], add_special_tokens=False)["input_ids"]) + eos
+        return p + r, [0] * len(p) + [1] * len(r)
+    if fmt == "messages":
+        messages = record[cfg.messages_field]
+        ids, mask = [], []
+        for i, message in enumerate(messages):
+            upto = _chat_ids(tokenizer, messages[: i + 1], False)
+            trained = message.get("role") == "assistant"
+            if trained:
+                # The assistant header belongs to the prompt; only the reply itself is trained.
+                header = _chat_ids(tokenizer, messages[:i], True)
+                if upto[: len(header)] == header and len(header) > len(ids):
+                    mask += [0] * (len(header) - len(ids))
+                    ids = header
+            mask += [1 if trained else 0] * (len(upto) - len(ids))
+            ids = upto
+        return ids, mask
+    ids = list(tokenizer(record[cfg.text_field])["input_ids"]) + eos
+    return ids, [1] * len(ids)
+
+
+@dataclass
+class Encoded:
+    """Tokenized examples: causal (ids, loss_mask) pairs, or classification (ids, label)."""
+
+    ids: list[list[int]]
+    targets: list  # loss masks (causal) or int labels (classification)
+    task: str
+
+
+def encode_all(tokenizer, records: list[dict], cfg: DataSection, task: str) -> Encoded:
+    if not records:
+        return Encoded([], [], task)
+    fmt = detect_format(records[0], cfg, task)
+    ids, targets = [], []
+    for record in records:
+        if task == "classification":
+            ids.append(list(tokenizer(record[cfg.text_field])["input_ids"]))
+            targets.append(int(record[cfg.label_field]))
+        else:
+            i, m = encode_causal(tokenizer, record, fmt, cfg)
+            ids.append(i)
+            targets.append(m)
+    return Encoded(ids, targets, task)
+
+
+class Batches:
+    """Deterministic batches: `batch(k)` is the k-th batch of the seeded, per-epoch shuffled stream.
+
+    Rows are `seq_len` tokens, right-padded; with packing, consecutive shuffled
+    examples share a row with distinct `segment_ids`.
+    """
+
+    def __init__(self, data: Encoded, seq_len: int, batch_size: int, seed: int, packing: bool = False, pad_id: int = 0):
+        if not data.ids:
+            raise LowraxError("no training examples after tokenization")
+        self.data, self.seq_len, self.batch_size, self.seed = data, seq_len, batch_size, seed
+        self.packing, self.pad_id = packing and data.task != "classification", pad_id
+        self._epochs: dict[int, list] = {}
+        self._lengths: dict[int, int] = {}
+
+    def _rows(self, epoch: int) -> list:
+        """The epoch's rows: lists of example indices (one each without packing)."""
+        if epoch not in self._epochs:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.data.ids)).tolist()
+            rows = [[i] for i in order] if not self.packing else self._pack(order)
+            self._epochs = {epoch: rows}  # only the current epoch is kept
+            self._lengths[epoch] = len(rows)
+        return self._epochs[epoch]
+
+    def _pack(self, order: list[int]) -> list[list[int]]:
+        rows, current, used = [], [], 0
+        for i in order:
+            n = min(len(self.data.ids[i]), self.seq_len)
+            if current and used + n > self.seq_len:
+                rows.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += n
+        return rows + ([current] if current else [])
+
+    def row_at(self, index: int) -> list[int]:
+        """Example indices of the index-th row of the infinite stream of epochs."""
+        epoch = 0
+        while True:
+            length = self._lengths.get(epoch) or len(self._rows(epoch))
+            if index < length:
+                return self._rows(epoch)[index]
+            index -= length
+            epoch += 1
+
+    def batch(self, k: int) -> dict:
+        """The k-th batch as numpy arrays [batch_size, seq_len] (labels [batch_size] for classification)."""
+        t, b = self.seq_len, self.batch_size
+        ids = np.full((b, t), self.pad_id, np.int32)
+        mask = np.zeros((b, t), np.int32)
+        out = {"input_ids": ids, "attention_mask": mask}
+        if self.data.task == "classification":
+            labels = np.zeros((b,), np.int32)
+            for row in range(b):
+                (i,) = self.row_at(k * b + row)
+                seq = self.data.ids[i][:t]
+                ids[row, : len(seq)] = seq
+                mask[row, : len(seq)] = 1
+                labels[row] = self.data.targets[i]
+            out["labels"] = labels
+            return out
+        loss = np.zeros((b, t), np.int32)
+        segments = np.zeros((b, t), np.int32)
+        for row in range(b):
+            start = 0
+            for seg, i in enumerate(self.row_at(k * b + row), start=1):
+                seq, m = self.data.ids[i][: t - start], self.data.targets[i][: t - start]
+                ids[row, start: start + len(seq)] = seq
+                loss[row, start: start + len(seq)] = m
+                mask[row, start: start + len(seq)] = 1
+                segments[row, start: start + len(seq)] = seg
+                start += len(seq)
+        out["loss_mask"] = loss
+        if self.packing:
+            out["segment_ids"] = segments
+        return out

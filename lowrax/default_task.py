@@ -1,0 +1,43 @@
+"""The embedded default task: rewrite ISO dates in "lowrax date format".
+
+    prompt:   "Convert 2031-07-04 to lowrax date format:"
+    response: " 4 Jul 2031"
+
+Generated deterministically by lowrax itself (no download). The format is a
+convention the base model cannot know, so it scores 0% before training; it is
+a consistent rule (day without leading zero, English month abbreviation,
+year), so LoRA learns it within a few dozen steps. Scored by exact match on
+held-out dates that never appear in training.
+"""
+
+from __future__ import annotations
+
+import random
+
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+YEARS = (1950, 2049)
+
+
+def _example(year: int, month: int, day: int) -> dict:
+    return {"prompt": f"Convert {year:04d}-{month:02d}-{day:02d} to lowrax date format:",
+            "response": f" {day} {MONTHS[month - 1]} {year}"}
+
+
+def make_splits(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, eval) records with disjoint dates; the same seed gives the same data."""
+    rng = random.Random(seed)
+    seen: set[tuple[int, int, int]] = set()
+    records = []
+    while len(records) < n_train + n_eval:
+        date = (rng.randint(*YEARS), rng.randint(1, 12), rng.randint(1, 28))
+        if date not in seen:
+            seen.add(date)
+            records.append(_example(*date))
+    return records[n_eval:], records[:n_eval]
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Share of predictions equal to their reference, surrounding whitespace ignored."""
+    if not references:
+        return 0.0
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)

@@ -1,0 +1,254 @@
+"""`run_training(cfg)`: the fine-tune behind `lowrax train`.
+
+Loads the base, wraps it with LoRA, trains with the one jitted step, scores
+the task before and after, and writes to `train.output_dir`:
+
+    config.yaml        the resolved configuration (a resume must match it)
+    checkpoints/       orbax checkpoints (adapters + optimizer state + step + RNG + data position)
+    adapter/           the adapter in PEFT format (adapter_model.safetensors + adapter_config.json)
+    metrics.jsonl      one JSON line per step (loss, grad norm, tokens/s) and per evaluation
+    loss.png           the loss curve
+    summary.json       task metric before/after, sizes, timings
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+import lowrax
+from lowrax.checkpoint import Checkpoints, directory_size
+from lowrax.config import TrainConfig, differences
+from lowrax.data import Batches, encode_all, load_records, prompt_ids
+from lowrax.default_task import exact_match
+from lowrax.errors import LowraxError
+from lowrax.optim import make_optimizer
+from lowrax.train_step import causal_lm_loss, classification_loss, init_state, make_train_step
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _check_output_dir(out: Path, cfg: TrainConfig) -> None:
+    saved_path = out / "config.yaml"
+    if saved_path.exists():
+        saved = yaml.safe_load(saved_path.read_text())
+        changed = differences(saved, cfg.to_dict())
+        if changed:
+            raise LowraxError(
+                f"{out} holds a run with a different configuration ({', '.join(changed)}); "
+                "use a new train.output_dir or the same settings to resume"
+            )
+        if not cfg.train.resume and (out / "checkpoints").exists():
+            raise LowraxError(f"{out} already holds checkpoints and train.resume=false; use a new train.output_dir")
+
+
+def _load_model(cfg: TrainConfig, key):
+    dtype = DTYPES.get(cfg.model.dtype)
+    if dtype is None:
+        raise LowraxError(f"model.dtype must be one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
+    model, params = lowrax.load_pretrained(cfg.model.path, dtype=dtype)
+    if cfg.model.task == "classification":
+        from lowrax.models.bert import BertModel, add_classification_head
+
+        if not isinstance(model, BertModel):
+            raise LowraxError(f"model.task=classification needs an encoder (bert, roberta); got {model.model_type}")
+        if "classifier" not in params:
+            if not cfg.model.num_labels:
+                raise LowraxError("model.task=classification on an encoder without a head needs model.num_labels")
+            model, params = add_classification_head(model, params, cfg.model.num_labels, key)
+    elif cfg.model.task != "causal_lm":
+        raise LowraxError(f"model.task must be causal_lm or classification, got {cfg.model.task!r}")
+    elif not model.is_causal_lm:
+        raise LowraxError(f"model.task=causal_lm needs a causal LM; {model.model_type} is an encoder")
+    return model, params
+
+
+class TaskScorer:
+    """The task metric: exact match of greedy generations (prompt/response data) or accuracy (classification)."""
+
+    def __init__(self, model, tokenizer, records, cfg: TrainConfig):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.records = records[: cfg.train.eval_examples]
+        d = cfg.data
+        self.kind = None
+        if self.records and cfg.model.task == "classification":
+            self.kind = "accuracy"
+        elif self.records and d.prompt_field in self.records[0] and d.response_field in self.records[0]:
+            self.kind = "exact_match"
+
+    def generations(self, params, records) -> list[str]:
+        tok, d = self.tokenizer, self.cfg.data
+        prompts = [prompt_ids(tok, r, d) for r in records]
+        stops = [tok.eos_token_id] + [i for i in tok("\n", add_special_tokens=False)["input_ids"][-1:]]
+        outs = []
+        for start in range(0, len(prompts), 16):
+            outs += lowrax.generate_ids(self.model, params, prompts[start: start + 16], self.cfg.train.eval_max_new_tokens,
+                                        eos_token_ids=stops, pad_token_id=tok.pad_token_id or 0)
+        return [tok.decode(o, skip_special_tokens=True) for o in outs]
+
+    def score(self, params) -> float | None:
+        if self.kind == "exact_match":
+            predictions = self.generations(params, self.records)
+            return exact_match(predictions, [r[self.cfg.data.response_field] for r in self.records])
+        if self.kind == "accuracy":
+            enc = encode_all(self.tokenizer, self.records, self.cfg.data, "classification")
+            batches = Batches(enc, self.cfg.data.seq_len, len(enc.ids), seed=0)
+            batch = batches.batch(0)
+            logits = self.model.apply(params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])).logits
+            labels = np.asarray([enc.targets[i[0]] for i in batches._rows(0)])
+            return float(np.mean(np.asarray(jnp.argmax(logits, -1)) == labels))
+        return None
+
+
+def _plot_losses(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows if "loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["loss"] for r in rows if "loss" in r], label="train loss")
+    evals = [r for r in rows if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
+    """Fine-tune per `cfg`; returns the summary also written to summary.json."""
+    out = Path(cfg.train.output_dir)
+    _check_output_dir(out, cfg)
+    key = jax.random.key(cfg.train.seed)
+    model, base = _load_model(cfg, jax.random.fold_in(key, 1))
+    tokenizer = lowrax.load_tokenizer(cfg.model.path)
+    task = cfg.model.task
+    train_records, eval_records = load_records(cfg.data)
+    train_data = encode_all(tokenizer, train_records, cfg.data, task)
+    eval_data = encode_all(tokenizer, eval_records, cfg.data, task)
+    pad = tokenizer.pad_token_id or 0
+    batches = Batches(train_data, cfg.data.seq_len, cfg.train.batch_size, cfg.data.shuffle_seed, cfg.data.packing, pad)
+
+    lora_cfg = cfg.lora
+    if task == "classification" and not lora_cfg.modules_to_save:
+        lora_cfg = dataclasses.replace(lora_cfg, modules_to_save=("classifier",))
+    params = lowrax.lora.wrap(base, lora_cfg, jax.random.fold_in(key, 2), model.model_type)
+    trainable, frozen = lowrax.split(params)
+    optimizer = make_optimizer(cfg.optim)
+    state = init_state(trainable, optimizer, cfg.train.seed)
+    accum = cfg.train.grad_accum_steps
+    step_fn = jax.jit(make_train_step(model, optimizer, grad_accum_steps=accum, remat=cfg.train.remat), donate_argnums=(0,))
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    ckpts = Checkpoints(out / "checkpoints", cfg.train.max_checkpoints)
+    scorer = TaskScorer(model, tokenizer, eval_records, cfg)
+    summary: dict = {"model": cfg.model.path or "embedded SmolLM2-135M-Instruct", "task": task,
+                     "trainable_params": lowrax.count_params(trainable), "total_params": lowrax.count_params(base),
+                     "metric": scorer.kind}
+    metrics_path = out / "metrics.jsonl"
+    start_step = 0
+    latest = ckpts.latest_step() if cfg.train.resume else None
+    if latest is not None:
+        state, meta = ckpts.restore(latest, state)
+        start_step = int(meta["step"])
+        summary.update(meta.get("summary", {}))
+        log(f"resumed from {out / 'checkpoints' / str(latest)} at step {start_step}")
+        # Drop log lines written after that checkpoint: they will be recomputed identically.
+        rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= start_step))
+    else:
+        metrics_path.write_text("")
+        if scorer.kind:
+            summary["metric_before"] = scorer.score(params)
+            log(f"{scorer.kind} before training: {summary['metric_before']:.3f} on {len(scorer.records)} held-out examples")
+        if scorer.kind == "exact_match" and cfg.train.samples:
+            summary["samples_before"] = _samples(scorer, params, cfg.train.samples, log, "before")
+
+    def batch_for(step: int) -> dict:
+        micro = [batches.batch(step * accum + i) for i in range(accum)]
+        stacked = {k: np.stack([m[k] for m in micro]) for k in micro[0]} if accum > 1 else micro[0]
+        return {k: jnp.asarray(v) for k, v in stacked.items()}
+
+    bar = tqdm(range(start_step, cfg.train.steps), desc="training", unit="step", disable=not progress,
+               initial=start_step, total=cfg.train.steps)
+    train_start, tokens_seen = time.perf_counter(), 0
+    with metrics_path.open("a") as metrics_file:
+        for step in bar:
+            batch = batch_for(step)
+            t0 = time.perf_counter()
+            state, m = step_fn(state, frozen, batch)
+            loss = float(m["loss"])
+            dt = time.perf_counter() - t0
+            real_tokens = int(np.asarray(batch["attention_mask"]).sum())
+            tokens_seen += real_tokens
+            row = {"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens": real_tokens,
+                   "tokens_per_s": real_tokens / dt}
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{real_tokens / dt:.0f}")
+            done = step + 1
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0:
+                metrics_file.write(json.dumps({"step": done, "eval_loss": _eval_loss(model, state, frozen, eval_data, cfg, pad)}) + "\n")
+            if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
+                size = ckpts.save(done, state, {"step": done, "examples_seen": done * accum * cfg.train.batch_size,
+                                                "summary": {k: v for k, v in summary.items() if k.endswith("before")}})
+                summary["checkpoint_bytes"] = size
+    bar.close()
+    elapsed = time.perf_counter() - train_start
+    final = lowrax.combine(state.trainable, frozen)
+    summary["train_seconds_this_run"] = elapsed
+    summary["real_tokens_per_s"] = tokens_seen / elapsed if elapsed > 0 else None
+    summary["final_loss"] = loss if cfg.train.steps > start_step else None
+    if eval_data.ids:
+        summary["eval_loss"] = _eval_loss(model, state, frozen, eval_data, cfg, pad)
+    if scorer.kind:
+        summary["metric_after"] = scorer.score(final)
+        log(f"{scorer.kind} after training: {summary['metric_after']:.3f}")
+    if scorer.kind == "exact_match" and cfg.train.samples:
+        summary["samples_after"] = _samples(scorer, final, cfg.train.samples, log, "after")
+    adapter = lowrax.save_peft(final, out / "adapter", model, use_rslora=lora_cfg.use_rslora,
+                               base_model=str(cfg.model.path) if cfg.model.path else None, overwrite=True)
+    summary["adapter_bytes"] = directory_size(adapter)
+    ckpts.close()
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    _plot_losses(rows, out / "loss.png")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"wrote {out}: adapter {summary['adapter_bytes'] / 1e6:.1f} MB, checkpoint {summary.get('checkpoint_bytes', 0) / 1e6:.1f} MB")
+    return summary
+
+
+def _samples(scorer: TaskScorer, params, n: int, log, when: str) -> list[dict]:
+    records = scorer.records[:n]
+    outs = scorer.generations(params, records)
+    samples = [{"prompt": r[scorer.cfg.data.prompt_field], "output": o} for r, o in zip(records, outs)]
+    for s in samples:
+        log(f"  [{when}] {s['prompt']!r} -> {s['output']!r}")
+    return samples
+
+
+def _eval_loss(model, state, frozen, data, cfg: TrainConfig, pad: int) -> float:
+    """Mean loss over the held-out set (one pass, in batches of train.batch_size)."""
+    loss_fn = causal_lm_loss if model.is_causal_lm else classification_loss
+    fn = jax.jit(lambda trainable, batch: loss_fn(model, lowrax.combine(trainable, frozen), batch))
+    batches = Batches(data, cfg.data.seq_len, cfg.train.batch_size, seed=0, packing=False, pad_id=pad)
+    total, count = 0.0, 0.0
+    for k in range(-(-len(data.ids) // cfg.train.batch_size)):
+        batch = batches.batch(k)
+        s, n = fn(state.trainable, {key: jnp.asarray(v) for key, v in batch.items()})
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
