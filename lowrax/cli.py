@@ -3,6 +3,9 @@
     lowrax train [CONFIG.yaml] [section.key=value ...]   (default: configs/default.yaml)
     lowrax generate [--model PATH] "prompt" ["prompt" ...]
     lowrax convert --model PATH OUT_DIR        (e.g. the embedded GGUF -> HF safetensors)
+    lowrax export-peft RUN_DIR OUT_DIR         (a run's adapter in PEFT format)
+    lowrax import-peft ADAPTER_DIR RUN_DIR [--model PATH] [section.key=value ...]
+    lowrax merge RUN_DIR OUT_DIR               (base + adapters merged, HF safetensors)
 """
 
 from __future__ import annotations
@@ -76,6 +79,27 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_export_peft(args) -> int:
+    from lowrax.runs import export_peft
+
+    print(f"wrote {export_peft(args.run_dir, args.out_dir, overwrite=args.overwrite)}")
+    return 0
+
+
+def cmd_import_peft(args) -> int:
+    from lowrax.runs import import_peft
+
+    print(f"wrote {import_peft(args.adapter_dir, args.run_dir, args.model, args.overrides)}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from lowrax.runs import merge_run
+
+    print(f"wrote {merge_run(args.run_dir, args.out_dir, overwrite=args.overwrite)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrax", description="Low-rank fine-tuning of HF transformers in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out_dir")
     c.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     c.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser("export-peft", help="write a training run's adapter in PEFT format")
+    e.add_argument("run_dir", help="a `lowrax train` output directory (config.yaml + checkpoints/)")
+    e.add_argument("out_dir")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export_peft)
+
+    i = sub.add_parser("import-peft", help="turn a PEFT adapter into a lowrax run directory (orbax checkpoint)")
+    i.add_argument("adapter_dir", help="directory with adapter_config.json + adapter_model.safetensors")
+    i.add_argument("run_dir", help="new run directory to create")
+    i.add_argument("--model", default=None, help="base model the adapter belongs to (default: embedded SmolLM2)")
+    i.add_argument("overrides", nargs="*", metavar="section.key=value", help="settings for continuing training")
+    i.set_defaults(func=cmd_import_peft)
+
+    m = sub.add_parser("merge", help="merge a run's adapters into the base and write HF safetensors")
+    m.add_argument("run_dir")
+    m.add_argument("out_dir")
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(func=cmd_merge)
     return parser
 
 

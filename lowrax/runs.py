@@ -1,0 +1,113 @@
+"""Working with finished (or interrupted) training runs: restore, export to PEFT, import from PEFT, merge.
+
+A run directory is what `lowrax train` writes: `config.yaml` plus orbax
+`checkpoints/`. The base model is reloaded from `model.path`, wrapped exactly as
+in training, and the checkpointed adapters are restored into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import yaml
+
+import lowrax
+from lowrax.checkpoint import Checkpoints
+from lowrax.config import TrainConfig, from_dict
+from lowrax.errors import LowraxError
+from lowrax.lora import LoraConfig
+from lowrax.optim import make_optimizer
+from lowrax.train_step import init_state
+
+
+def read_run_config(run_dir: Path) -> TrainConfig:
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise LowraxError(f"{run_dir} is not a lowrax run directory: it has no config.yaml (expected the train.output_dir of `lowrax train`)")
+    return from_dict(yaml.safe_load(path.read_text()))
+
+
+def wrapped_model(cfg: TrainConfig):
+    """(model, base params, wrapped params) built as `run_training` builds them (adapter values are placeholders)."""
+    from lowrax.trainer import _load_model
+
+    key = jax.random.key(cfg.train.seed)
+    model, base = _load_model(cfg, jax.random.fold_in(key, 1))
+    lora_cfg = cfg.lora
+    if cfg.model.task == "classification" and not lora_cfg.modules_to_save:
+        lora_cfg = dataclasses.replace(lora_cfg, modules_to_save=("classifier",))
+    return model, base, lowrax.lora.wrap(base, lora_cfg, jax.random.fold_in(key, 2), model.model_type)
+
+
+def restore_run(run_dir: str | Path, step: int | None = None):
+    """(cfg, model, params with the trained adapters) from a run directory's latest (or given) checkpoint."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    model, _, params = wrapped_model(cfg)
+    trainable, frozen = lowrax.split(params)
+    ckpts = Checkpoints(run_dir / "checkpoints")
+    step = ckpts.latest_step() if step is None else step
+    if step is None:
+        raise LowraxError(f"{run_dir / 'checkpoints'} holds no checkpoint yet")
+    state, _ = ckpts.restore(step, init_state(trainable, make_optimizer(cfg.optim), cfg.train.seed))
+    ckpts.close()
+    return cfg, model, lowrax.combine(state.trainable, frozen)
+
+
+def export_peft(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a run's adapter in PEFT format."""
+    cfg, model, params = restore_run(run_dir)
+    return lowrax.save_peft(params, out_dir, model, use_rslora=cfg.lora.use_rslora,
+                            base_model=cfg.model.path, overwrite=overwrite)
+
+
+def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a run's base with its adapters merged in, as HF safetensors that transformers loads."""
+    cfg, model, params = restore_run(run_dir)
+    return lowrax.save_pretrained(lowrax.merge(params), model, out_dir, tokenizer=lowrax.load_tokenizer(cfg.model.path),
+                                  overwrite=overwrite)
+
+
+def lora_config_from_peft(adapter_dir: Path) -> LoraConfig:
+    """The LoraConfig that wraps the same modules with the same ranks as a PEFT adapter."""
+    peft_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    targets = peft_cfg.get("target_modules")
+    return LoraConfig(r=int(peft_cfg["r"]), alpha=float(peft_cfg.get("lora_alpha", 8)),
+                      dropout=float(peft_cfg.get("lora_dropout", 0.0)),
+                      target_modules=targets if isinstance(targets, str) else tuple(targets),
+                      use_rslora=bool(peft_cfg.get("use_rslora", False)),
+                      rank_pattern=dict(peft_cfg.get("rank_pattern") or {}),
+                      alpha_pattern=dict(peft_cfg.get("alpha_pattern") or {}),
+                      layers_to_transform=peft_cfg.get("layers_to_transform"),
+                      modules_to_save=tuple(peft_cfg.get("modules_to_save") or ()))
+
+
+def import_peft(adapter_dir: str | Path, out_dir: str | Path, model_path: str | None = None,
+                overrides: list[str] = ()) -> Path:
+    """Turn a PEFT adapter into a lowrax run directory (config.yaml + checkpoint at step 0) that
+    `lowrax train` continues from and `lowrax export-peft` / `lowrax merge` read."""
+    from lowrax.config import apply_overrides
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if (out_dir / "config.yaml").exists() or (out_dir / "checkpoints").exists():
+        raise FileExistsError(f"{out_dir} already holds a run; choose a new directory")
+    lora_cfg = lora_config_from_peft(adapter_dir)
+    values = apply_overrides({"model": {"path": model_path}, "lora": dataclasses.asdict(lora_cfg),
+                              "train": {"output_dir": str(out_dir)}}, list(overrides))
+    cfg = from_dict(values)
+    model, base, wrapped = wrapped_model(cfg)
+    params = lowrax.load_peft(base, adapter_dir, model)
+    trainable, _ = lowrax.split(params)
+    if jax.tree.structure(trainable) != jax.tree.structure(lowrax.split(wrapped)[0]):
+        raise LowraxError(f"{adapter_dir}: its tensors adapt other modules than its adapter_config.json selects; "
+                          "lowrax cannot continue training it as a run")
+    state = init_state(trainable, make_optimizer(cfg.optim), cfg.train.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpts = Checkpoints(out_dir / "checkpoints")
+    ckpts.save(0, state, {"step": 0, "examples_seen": 0, "imported_from": str(adapter_dir)})
+    ckpts.close()
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return out_dir

@@ -1,0 +1,144 @@
+"""`run_training` end to end on a tiny llama with SmolLM2's tokenizer: outputs, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import lowrax
+from lowrax.config import load_config
+from lowrax.errors import LowraxError
+from lowrax.trainer import run_training
+
+VOCAB = 49152
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random llama sharing SmolLM2's vocabulary, with that tokenizer saved beside it."""
+    from lowrax.models import model_from_hf_config
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 128, "tie_word_embeddings": True, "eos_token_id": 2}
+    model = model_from_hf_config(config)
+    rng = np.random.default_rng(0)
+    tensors = {t.hf_key: (0.05 * rng.normal(size=t.hf_shape)).astype(np.float32) for t in model.tensors()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config))
+    lowrax.load_tokenizer(None).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    rows = [{"prompt": f"Repeat {w}:", "response": f" {w} {w}"} for w in ["cat", "dog", "sun", "sea", "red", "blue"] * 8]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def overrides(tiny_dir, data_file, out, steps, **extra):
+    items = {"model.path": str(tiny_dir), "data.source": str(data_file), "data.seq_len": 16, "data.eval_fraction": 0.25,
+             "lora.r": 2, "lora.target_modules": "all-linear", "lora.dropout": 0.1, "optim.learning_rate": 0.01,
+             "optim.total_steps": 6, "train.steps": steps, "train.batch_size": 4, "train.save_every": 2,
+             "train.output_dir": str(out), "train.eval_examples": 4, "train.samples": 1, "train.eval_max_new_tokens": 4}
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_run_writes_outputs_and_resume_reproduces_losses(tiny_dir, data_file, tmp_path):
+    full = tmp_path / "full"
+    summary = run_training(load_config(None, overrides(tiny_dir, data_file, full, 6)), progress=False, log=lambda *_: None)
+    assert {p.name for p in full.iterdir()} >= {"adapter", "checkpoints", "config.yaml", "metrics.jsonl", "loss.png", "summary.json"}
+    assert summary["metric"] == "exact_match" and "metric_before" in summary and "metric_after" in summary
+    assert summary["adapter_bytes"] > 0 and summary["checkpoint_bytes"] > 0
+
+    # Interrupted after 4 steps (the last checkpoint), then resumed to 6: the same losses.
+    part = tmp_path / "part"
+    run_training(load_config(None, overrides(tiny_dir, data_file, part, 4)), progress=False, log=lambda *_: None)
+    run_training(load_config(None, overrides(tiny_dir, data_file, part, 6)), progress=False, log=lambda *_: None)
+    assert len(losses(part)) == 6
+    assert np.allclose(losses(part), losses(full), rtol=0, atol=1e-6)
+
+    # The exported adapter loads back onto the base and reproduces the trained model.
+    model, base = lowrax.load_pretrained(tiny_dir, progress=False)
+    loaded = lowrax.load_peft(base, full / "adapter", model)
+    assert lowrax.count_params(lowrax.split(loaded)[0]) == summary["trainable_params"]
+
+
+def test_resume_into_a_different_configuration_is_refused(tiny_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    run_training(load_config(None, overrides(tiny_dir, data_file, out, 2)), progress=False, log=lambda *_: None)
+    with pytest.raises(LowraxError, match=r"different configuration \(lora\.r\)"):
+        run_training(load_config(None, overrides(tiny_dir, data_file, out, 4, **{"lora.r": 4})), progress=False)
+
+
+def test_unknown_config_key_names_the_closest():
+    with pytest.raises(LowraxError, match=r"unknown config key 'train.stpes'; did you mean 'train.steps'"):
+        load_config(None, ["train.stpes=3"])
+    with pytest.raises(LowraxError, match=r"unknown config key 'lora.lora_alpha'; did you mean 'lora.alpha'"):
+        load_config(None, ["lora.lora_alpha=3"])
+
+
+def test_dataset_missing_fields_is_named(tiny_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
+    with pytest.raises(LowraxError, match=r"need the fields messages or prompt\+response or text; found fields: answer, question"):
+        run_training(load_config(None, [f"model.path={tiny_dir}", f"data.source={bad}", f"train.output_dir={tmp_path / 'o'}"]),
+                     progress=False)
+
+
+def test_classification_run_on_minilm(tmp_path):
+    data = tmp_path / "sentiment.csv"
+    rows = ["text,label"] + [f"{w} movie,{lab}" for w, lab in [("great", 1), ("awful", 0), ("lovely", 1), ("boring", 0)] * 6]
+    data.write_text("\n".join(rows) + "\n")
+    cfg = load_config(None, [f"model.path={lowrax.embedded_minilm_path()}", "model.task=classification", "model.num_labels=2",
+                             f"data.source={data}", "data.seq_len=8", "data.eval_fraction=0.25", "lora.r=4",
+                             "optim.learning_rate=0.01", "train.steps=4", "train.batch_size=8",
+                             f"train.output_dir={tmp_path / 'out'}"])
+    summary = run_training(cfg, progress=False, log=lambda *_: None)
+    assert summary["metric"] == "accuracy" and 0.0 <= summary["metric_after"] <= 1.0
+    model, base = lowrax.load_pretrained(lowrax.embedded_minilm_path(), num_labels=None, progress=False)
+    from lowrax.models.bert import add_classification_head
+    import jax
+
+    model, base = add_classification_head(model, base, 2, jax.random.key(0))
+    loaded = lowrax.load_peft(base, tmp_path / "out" / "adapter", model)
+    assert "classifier" in lowrax.split(loaded)[0]
+
+
+def test_cli_export_import_merge(tiny_dir, data_file, tmp_path):
+    from lowrax.cli import main
+    from lowrax.runs import restore_run
+
+    run = tmp_path / "run"
+    assert main(["train", *overrides(tiny_dir, data_file, run, 2, **{"lora.dropout": 0.0})]) == 0
+    assert main(["export-peft", str(run), str(tmp_path / "peft")]) == 0
+    assert main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "imported"), "--model", str(tiny_dir)]) == 0
+    assert main(["export-peft", str(tmp_path / "imported"), str(tmp_path / "peft2")]) == 0
+    assert (tmp_path / "peft" / "adapter_model.safetensors").read_bytes() == (tmp_path / "peft2" / "adapter_model.safetensors").read_bytes()
+    assert main(["merge", str(run), str(tmp_path / "merged")]) == 0
+
+    _, model, params = restore_run(run)
+    ids = np.array([[1, 50, 300, 7000, 12]])
+    adapted = np.asarray(model.apply(params, ids))
+    _, merged = lowrax.load_pretrained(tmp_path / "merged", progress=False)
+    assert np.abs(np.asarray(model.apply(merged, ids)) - adapted).max() <= 1e-5
+    torch = pytest.importorskip("torch", reason="the transformers check needs torch (pip install -e .[test])")
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    assert np.abs(ref - adapted).max() <= 1e-4
+    # a second merge into the same place is refused rather than clobbering it
+    assert main(["merge", str(run), str(tmp_path / "merged")]) == 2
