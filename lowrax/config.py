@@ -41,6 +41,7 @@ class DataSection:
     chat_template: bool = False  # prompt_response: wrap the prompt in the tokenizer's chat template
     seq_len: int = 64  # tokens per row (longer examples are truncated)
     packing: bool = False  # pack several examples per row (attention never crosses examples)
+    loss_positions: int = 0  # compute logits only at this many loss positions per row (0: at every position)
     eval_fraction: float = 0.05  # share of the data held out for evaluation (when eval_source is not set)
     eval_source: str | None = None  # a separate evaluation file or directory
     shuffle_seed: int = 0  # seed of the per-epoch shuffles

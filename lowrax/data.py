@@ -159,10 +159,12 @@ class Batches:
     examples share a row with distinct `segment_ids`.
     """
 
-    def __init__(self, data: Encoded, seq_len: int, batch_size: int, seed: int, packing: bool = False, pad_id: int = 0):
+    def __init__(self, data: Encoded, seq_len: int, batch_size: int, seed: int, packing: bool = False, pad_id: int = 0,
+                 loss_positions: int = 0):
         if not data.ids:
             raise LowraxError("no training examples after tokenization")
         self.data, self.seq_len, self.batch_size, self.seed = data, seq_len, batch_size, seed
+        self.loss_positions = loss_positions
         self.packing, self.pad_id = packing and data.task != "classification", pad_id
         self._epochs: dict[int, list] = {}
         self._lengths: dict[int, int] = {}
@@ -227,4 +229,24 @@ class Batches:
         out["loss_mask"] = loss
         if self.packing:
             out["segment_ids"] = segments
+        if self.loss_positions:
+            out.update(self._gather_loss_positions(ids, loss, segments if self.packing else None, k))
         return out
+
+    def _gather_loss_positions(self, ids, loss, segments, k: int) -> dict:
+        """[b, K] positions whose next token carries loss, with those targets and 0/1 weights."""
+        b, width = ids.shape[0], self.loss_positions
+        positions = np.zeros((b, width), np.int32)
+        targets = np.zeros((b, width), np.int32)
+        weights = np.zeros((b, width), np.int32)
+        for row in range(b):
+            hits = np.nonzero(loss[row, 1:])[0]
+            if segments is not None:
+                hits = hits[segments[row, hits + 1] == segments[row, hits]]
+            if len(hits) > width:
+                raise LowraxError(f"batch {k} row {row} has {len(hits)} loss tokens but data.loss_positions is {width}; "
+                                  "raise data.loss_positions (or set it to 0 to score every position)")
+            positions[row, : len(hits)] = hits
+            targets[row, : len(hits)] = ids[row, hits + 1]
+            weights[row, : len(hits)] = 1
+        return {"loss_positions": positions, "loss_targets": targets, "loss_weights": weights}

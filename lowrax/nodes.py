@@ -55,6 +55,7 @@ class FullyTrained:
 
 @register_linear(LoraKernel)
 def _lora_linear(x: jnp.ndarray, k: LoraKernel) -> jnp.ndarray:
+    """x [n, in] (ops.matmul flattens leading axes) -> [n, out]."""
     from lowrax.ops import matmul
 
     y = matmul(x, k.base)
@@ -62,8 +63,9 @@ def _lora_linear(x: jnp.ndarray, k: LoraKernel) -> jnp.ndarray:
     if k.dropout > 0.0 and k.dropout_key is not None:
         keep = jax.random.bernoulli(k.dropout_key, 1.0 - k.dropout, x.shape)
         h = jnp.where(keep, x / (1.0 - k.dropout), 0).astype(x.dtype)
-    low_rank = jnp.matmul(jnp.matmul(h, k.a.astype(x.dtype)), k.b.astype(x.dtype))
-    return y + (k.scale * low_rank).astype(y.dtype)
+    # The scale is folded into B's [r, out] copy rather than applied to the [n, out] product.
+    low_rank = jnp.matmul(jnp.matmul(h, k.a.astype(x.dtype)), (k.scale * k.b).astype(x.dtype))
+    return y + low_rank.astype(y.dtype)
 
 
 def is_node(x: Any) -> bool:

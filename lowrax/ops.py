@@ -28,11 +28,17 @@ def register_linear(node_type: type) -> Callable[[LinearImpl], LinearImpl]:
 
 
 def matmul(x: jnp.ndarray, kernel: Any) -> jnp.ndarray:
-    """`x @ kernel` for a kernel leaf of any registered type; x is [..., in], result [..., out]."""
+    """`x @ kernel` for a kernel leaf of any registered type; x is [..., in], result [..., out].
+
+    Leading axes are flattened so every projection is one 2-D matmul: XLA's CPU
+    backend handles the backward pass of a rank-3 `x @ A` (contracting over batch
+    and time at once) several times slower than the same 2-D product.
+    """
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
     impl = _LINEAR_IMPLS.get(type(kernel))
-    if impl is not None:
-        return impl(x, kernel)
-    return jnp.matmul(x, kernel.astype(x.dtype))
+    y = impl(flat, kernel) if impl is not None else jnp.matmul(flat, kernel.astype(x.dtype))
+    return y.reshape(*lead, y.shape[-1])
 
 
 def linear(x: jnp.ndarray, layer: dict) -> jnp.ndarray:
@@ -51,4 +57,5 @@ def embed(ids: jnp.ndarray, table: dict) -> jnp.ndarray:
 
 def attend_to_embedding(x: jnp.ndarray, table: dict) -> jnp.ndarray:
     """Tied output projection: x [..., dim] times the embedding table transposed -> [..., vocab]."""
-    return jnp.matmul(x, table["embedding"].astype(x.dtype).T)
+    flat = jnp.matmul(x.reshape(-1, x.shape[-1]), table["embedding"].astype(x.dtype).T)
+    return flat.reshape(*x.shape[:-1], flat.shape[-1])

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from lowrax.nodes import unwrap_fully_trained
 from lowrax.tree import combine, with_dropout_keys
 
 
@@ -36,19 +37,29 @@ def init_state(trainable: Any, optimizer: optax.GradientTransformation, seed: in
 
 
 def causal_lm_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(sum of token losses, number of loss tokens). batch: input_ids, attention_mask, loss_mask [b, t].
+    """(sum of token losses, number of loss tokens) for a causal-LM batch.
 
-    loss_mask[b, i] = 1 when token i is a target (a response token, not prompt or padding);
-    token i is predicted from the logits at position i - 1.
+    batch: input_ids, attention_mask, loss_mask [b, t]; loss_mask[b, i] = 1 when token i is
+    a target (a response token, not prompt or padding), predicted from position i - 1.
+    Optional segment_ids [b, t] for packed rows. With loss_positions / loss_targets /
+    loss_weights [b, K] (see `Batches(loss_positions=K)`), logits are computed only at
+    those K positions per row instead of all t: the vocabulary projection is the
+    largest single matmul of a small model.
     """
     segments = batch.get("segment_ids")
-    logits = model.apply(params, batch["input_ids"], batch["attention_mask"], segment_ids=segments)
-    targets = batch["input_ids"][:, 1:]
-    weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    if segments is not None:  # never predict a packed example's first token from the previous example
-        weights = weights * (segments[:, 1:] == segments[:, :-1])
-    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    token_loss = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    hidden = model.final_hidden(params, batch["input_ids"], batch["attention_mask"], segment_ids=segments)
+    if "loss_positions" in batch:
+        hidden = jnp.take_along_axis(hidden, batch["loss_positions"][..., None], axis=1)
+        targets, weights = batch["loss_targets"], batch["loss_weights"].astype(jnp.float32)
+    else:
+        hidden = hidden[:, :-1]
+        targets = batch["input_ids"][:, 1:]
+        weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+        if segments is not None:  # never predict a packed example's first token from the previous example
+            weights = weights * (segments[:, 1:] == segments[:, :-1])
+    logits = model.logits_from_hidden(unwrap_fully_trained(params), hidden).astype(jnp.float32)
+    # log p(target) = logit[target] - logsumexp(logits), without materialising every log-probability.
+    token_loss = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(token_loss * weights), jnp.sum(weights)
 
 

@@ -141,7 +141,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     train_data = encode_all(tokenizer, train_records, cfg.data, task)
     eval_data = encode_all(tokenizer, eval_records, cfg.data, task)
     pad = tokenizer.pad_token_id or 0
-    batches = Batches(train_data, cfg.data.seq_len, cfg.train.batch_size, cfg.data.shuffle_seed, cfg.data.packing, pad)
+    batches = Batches(train_data, cfg.data.seq_len, cfg.train.batch_size, cfg.data.shuffle_seed, cfg.data.packing, pad,
+                      cfg.data.loss_positions if task == "causal_lm" else 0)
 
     lora_cfg = cfg.lora
     if task == "classification" and not lora_cfg.modules_to_save:

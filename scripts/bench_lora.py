@@ -1,6 +1,7 @@
 """LoRA training-step benchmark, printed as JSON, lowrax next to HF PEFT in the same run.
 
     python scripts/bench_lora.py [--model PATH] [--batch 4] [--seq 128] [--rank 16] [--steps 5] [--vs-peft]
+    python scripts/bench_lora.py --default-task [--vs-peft]     (real tokens/s on the embedded date task)
 
 On a uniform batch (every token trained), LoRA on all linear layers, float32,
 AdamW: tokens/s, compiled FLOPs per step, achieved FLOP/s as a share of a
@@ -38,32 +39,63 @@ def matmul_ceiling(n: int = 2048, repeats: int = 3) -> float:
     return 2 * n**3 / best
 
 
-def bench_lowrax(model, params, ids, rank, steps):
+def default_task_batches(tokenizer, batch_size: int, steps: int, seq_len: int = 32, loss_positions: int = 12):
+    """The embedded task's first `steps` batches: lowrax's (fixed 32-token rows, logits only at
+    response positions) and the same examples as a PEFT user batches them (padded to the
+    batch's longest, labels -100 on prompt and padding)."""
+    from lowrax.config import DataSection
+    from lowrax.data import Batches, encode_all
+    from lowrax.default_task import make_splits
+
+    records, _ = make_splits(batch_size * steps, 0, seed=0)
+    data = encode_all(tokenizer, records, DataSection(), "causal_lm")
+    ours = Batches(data, seq_len, batch_size, seed=0, pad_id=tokenizer.pad_token_id, loss_positions=loss_positions)
+    lowrax_batches = [ours.batch(k) for k in range(steps)]
+    torch_batches = []
+    for k in range(steps):
+        rows = [ours.row_at(k * batch_size + i)[0] for i in range(batch_size)]
+        width = max(len(data.ids[i]) for i in rows)
+        ids = np.full((batch_size, width), tokenizer.pad_token_id, np.int64)
+        labels = np.full((batch_size, width), -100, np.int64)
+        mask = np.zeros((batch_size, width), np.int64)
+        for r, i in enumerate(rows):
+            n = len(data.ids[i])
+            ids[r, :n] = data.ids[i]
+            mask[r, :n] = 1
+            labels[r, :n] = np.where(np.asarray(data.targets[i]) == 1, data.ids[i], -100)
+        torch_batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return lowrax_batches, torch_batches
+
+
+def bench_lowrax(model, params, ids, rank, steps, batches=None):
     wrapped = lowrax.lora.wrap(params, lowrax.LoraConfig(r=rank, alpha=2 * rank, target_modules="all-linear"),
                                jax.random.key(0), model.model_type)
     trainable, frozen = lowrax.split(wrapped)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-4, total_steps=1000))
     state = init_state(trainable, optimizer)
-    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones(ids.shape, jnp.int32),
-             "loss_mask": jnp.ones(ids.shape, jnp.int32)}
+    if batches is None:
+        batches = [{"input_ids": ids, "attention_mask": np.ones(ids.shape, np.int32),
+                    "loss_mask": np.ones(ids.shape, np.int32)}] * (steps + 1)
+    batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in batches]
     step = jax.jit(make_train_step(model, optimizer), donate_argnums=(0,))
-    compiled = step.lower(state, frozen, batch).compile()
+    compiled = step.lower(state, frozen, batches[0]).compile()
     cost = compiled.cost_analysis()
     flops = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
-    state, m = step(state, frozen, batch)
+    state, m = step(state, frozen, batches[0])
     m["loss"].block_until_ready()
-    times = []
-    for _ in range(steps):
+    times, tokens = [], 0
+    for batch in batches[1:]:
         start = time.perf_counter()
         state, m = step(state, frozen, batch)
         m["loss"].block_until_ready()
         times.append(time.perf_counter() - start)
+        tokens += int(np.asarray(batch["attention_mask"]).sum())
     t = float(np.median(times))
-    return {"tokens_per_s": ids.size / t, "step_s": t, "flops_per_step": flops, "achieved_flops_per_s": flops / t,
-            "trainable_params": lowrax.count_params(trainable)}
+    return {"tokens_per_s": tokens / sum(times), "step_s": t, "flops_per_step": flops,
+            "achieved_flops_per_s": flops / t, "trainable_params": lowrax.count_params(trainable)}
 
 
-def bench_peft(path, ids, rank, steps):
+def bench_peft(path, ids, rank, steps, batches=None):
     import peft
     import torch
 
@@ -71,18 +103,21 @@ def bench_peft(path, ids, rank, steps):
     model = peft.get_peft_model(hf, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    x = torch.tensor(ids, dtype=torch.long)
+    if batches is None:
+        batches = [{"input_ids": ids, "attention_mask": np.ones(ids.shape), "labels": ids}] * (steps + 1)
+    batches = [{k: torch.tensor(v, dtype=torch.long) for k, v in b.items()} for b in batches]
 
-    def one_step():
-        loss = model(input_ids=x, labels=x).loss
+    def one_step(batch):
+        loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    one_step()
-    t = float(np.median([timed(one_step) for _ in range(steps)]))
-    return {"tokens_per_s": ids.size / t, "step_s": t, "threads": torch.get_num_threads()}
+    one_step(batches[0])
+    times = [timed(lambda: one_step(b)) for b in batches[1:]]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches[1:])
+    return {"tokens_per_s": tokens / sum(times), "step_s": float(np.median(times)), "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -93,6 +128,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--vs-peft", action="store_true")
+    ap.add_argument("--default-task", action="store_true",
+                    help="the embedded date task (batch 16, real tokens/s) instead of a uniform batch")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model, params = lowrax.load_pretrained(args.model, progress=False)
@@ -100,10 +137,14 @@ def main() -> None:
     result = {"model": str(args.model or "embedded SmolLM2-135M-Instruct"), "dtype": "float32", "batch": args.batch,
               "seq": args.seq, "rank": args.rank, "backend": jax.default_backend(),
               "matmul_ceiling_flops_per_s": matmul_ceiling()}
-    result["lowrax"] = bench_lowrax(model, params, ids, args.rank, args.steps)
+    ours = theirs = None
+    if args.default_task:
+        ours, theirs = default_task_batches(lowrax.load_tokenizer(args.model), 16, args.steps + 1)
+        result.update(batch=16, seq="default task: lowrax 32-token rows, logits at <= 12 positions; PEFT padded to batch max")
+    result["lowrax"] = bench_lowrax(model, params, ids, args.rank, args.steps, ours)
     result["lowrax"]["share_of_matmul_ceiling"] = result["lowrax"]["achieved_flops_per_s"] / result["matmul_ceiling_flops_per_s"]
     if args.vs_peft:
-        result["peft"] = bench_peft(args.model, ids, args.rank, args.steps)
+        result["peft"] = bench_peft(args.model, ids, args.rank, args.steps, theirs)
         result["tokens_per_s_ratio_lowrax_over_peft"] = result["lowrax"]["tokens_per_s"] / result["peft"]["tokens_per_s"]
     emit(result, args.out)
 

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import lowrax
+from lowrax.errors import LowraxError
 from lowrax.models import model_from_hf_config
 from lowrax.optim import OptimizerConfig, make_optimizer
 from lowrax.train_step import init_state, make_train_step
@@ -126,3 +127,30 @@ def test_lora_step_flops_at_most_three_quarters_of_full_finetuning():
     lora_flops = compiled_flops(model, *lowrax.split(wrapped), batch)
     full_flops = compiled_flops(model, *lowrax.split(jax.tree.map(FullyTrained, params)), batch)
     assert lora_flops <= 0.75 * full_flops, (lora_flops, full_flops)
+
+
+def test_loss_at_gathered_positions_equals_full_logits(tiny):
+    """Scoring only the loss positions (packed rows included) gives the same loss and gradients."""
+    from lowrax.data import Batches, Encoded
+    from lowrax.train_step import causal_lm_loss
+
+    model, params = tiny
+    rng = np.random.default_rng(1)
+    ids = [rng.integers(1, 128, n).tolist() for n in (5, 7, 4, 6, 3, 8)]
+    masks = [[0] * (len(x) // 2) + [1] * (len(x) - len(x) // 2) for x in ids]
+    data = Encoded(ids, masks, "causal_lm")
+    full = Batches(data, 16, 2, seed=0, packing=True).batch(0)
+    gathered = Batches(data, 16, 2, seed=0, packing=True, loss_positions=12).batch(0)
+    wrapped = lowrax.lora.wrap(params, lowrax.LoraConfig(r=2, target_modules="all-linear", init="random"), jax.random.key(0))
+    trainable, frozen = lowrax.split(wrapped)
+
+    def loss(t, batch):
+        s, n = causal_lm_loss(model, lowrax.combine(t, frozen), {k: jnp.asarray(v) for k, v in batch.items()})
+        return s / n
+
+    (l1, g1), (l2, g2) = (jax.value_and_grad(loss)(trainable, b) for b in (full, gathered))
+    assert abs(float(l1) - float(l2)) <= 1e-6
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-6
+    with pytest.raises(LowraxError, match="raise data.loss_positions"):
+        Batches(data, 16, 2, seed=0, packing=True, loss_positions=2).batch(0)
