@@ -120,6 +120,41 @@ def bench_peft(path, ids, rank, steps, batches=None):
     return {"tokens_per_s": tokens / sum(times), "step_s": float(np.median(times)), "threads": torch.get_num_threads()}
 
 
+def run_side(side: str, args) -> dict:
+    """One side's measurements, taken in this (fresh) process so its peak memory is its own."""
+    import resource
+
+    model, params = lowrax.load_pretrained(args.model, progress=False)
+    ids = np.random.default_rng(0).integers(10, model.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
+    ours = theirs = None
+    if args.default_task:
+        ours, theirs = default_task_batches(lowrax.load_tokenizer(args.model), 16, args.steps + 1)
+    if side == "lowrax":
+        out = bench_lowrax(model, params, ids, args.rank, args.steps, ours)
+    else:
+        del model, params  # the torch side loads its own copy
+        out = bench_peft(args.model, ids, args.rank, args.steps, theirs)
+    # ru_maxrss is in KiB on Linux: the whole process, model loading included.
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def _child(side, args, queue):
+    queue.put(run_side(side, args))
+
+
+def in_subprocess(side: str, args) -> dict:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(side, args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -132,20 +167,18 @@ def main() -> None:
                     help="the embedded date task (batch 16, real tokens/s) instead of a uniform batch")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    model, params = lowrax.load_pretrained(args.model, progress=False)
-    ids = np.random.default_rng(0).integers(10, model.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
-    result = {"model": str(args.model or "embedded SmolLM2-135M-Instruct"), "dtype": "float32", "batch": args.batch,
-              "seq": args.seq, "rank": args.rank, "backend": jax.default_backend(),
-              "matmul_ceiling_flops_per_s": matmul_ceiling()}
-    ours = theirs = None
+    result = {"model": str(args.model or "embedded SmolLM2-135M-Instruct"), "dtype": "float32", "rank": args.rank,
+              "batch": args.batch, "seq": args.seq, "backend": jax.default_backend(),
+              "matmul_ceiling_flops_per_s": matmul_ceiling(),
+              "note": "each side runs in its own process; peak_rss_bytes is that process's peak resident memory"}
     if args.default_task:
-        ours, theirs = default_task_batches(lowrax.load_tokenizer(args.model), 16, args.steps + 1)
         result.update(batch=16, seq="default task: lowrax 32-token rows, logits at <= 12 positions; PEFT padded to batch max")
-    result["lowrax"] = bench_lowrax(model, params, ids, args.rank, args.steps, ours)
+    result["lowrax"] = in_subprocess("lowrax", args)
     result["lowrax"]["share_of_matmul_ceiling"] = result["lowrax"]["achieved_flops_per_s"] / result["matmul_ceiling_flops_per_s"]
     if args.vs_peft:
-        result["peft"] = bench_peft(args.model, ids, args.rank, args.steps, theirs)
+        result["peft"] = in_subprocess("peft", args)
         result["tokens_per_s_ratio_lowrax_over_peft"] = result["lowrax"]["tokens_per_s"] / result["peft"]["tokens_per_s"]
+        result["peak_memory_ratio_lowrax_over_peft"] = result["lowrax"]["peak_rss_bytes"] / result["peft"]["peak_rss_bytes"]
     emit(result, args.out)
 
 
