@@ -12,8 +12,11 @@ The public API (see README.md):
     trainable, frozen = lowrax.split(params)
     merged = lowrax.merge(params)
     lowrax.save_peft(params, out_dir, model)            # PEFT's adapter format
+
+    summary = lowrax.run_training(lowrax.load_config("configs/default.yaml", ["lora.r=8"]))
 """
 
+from lowrax.config import TrainConfig, load_config
 from lowrax.errors import CheckpointError, LowraxError, NotAModelError, UnsupportedModelError
 from lowrax.generate import SamplingConfig, generate, generate_ids
 from lowrax.models import EncoderOutput, supported_model_types
@@ -22,7 +25,16 @@ from lowrax.lora import LoraConfig
 from lowrax.nodes import FullyTrained, LoraKernel
 from lowrax.ops import linear, register_linear
 from lowrax.peft_format import load_peft, save_peft
+from lowrax.optim import OptimizerConfig, make_optimizer
+from lowrax.train_step import TrainState, init_state, make_train_step
 from lowrax.tree import combine, count_params, labels, merge, split, unmerge
+
+
+def run_training(cfg, progress: bool = True):
+    """Run a fine-tune described by a TrainConfig (see lowrax.trainer.run_training)."""
+    from lowrax.trainer import run_training as _run
+
+    return _run(cfg, progress=progress)
 from lowrax.pretrained import embedded_minilm_path, embedded_model_path, load_pretrained, load_tokenizer, save_pretrained
 
 __version__ = "0.1.0"
@@ -33,5 +45,7 @@ __all__ = [
     "linear", "register_linear",
     "lora", "LoraConfig", "LoraKernel", "FullyTrained", "split", "combine", "merge", "unmerge", "labels",
     "count_params", "save_peft", "load_peft",
+    "OptimizerConfig", "make_optimizer", "TrainState", "init_state", "make_train_step",
+    "TrainConfig", "load_config", "run_training",
     "LowraxError", "NotAModelError", "UnsupportedModelError", "CheckpointError",
 ]
