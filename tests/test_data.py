@@ -62,3 +62,28 @@ def test_packed_examples_do_not_see_each_other(tiny_llama_dir):  # noqa: F811
         cols = np.where(batch["segment_ids"][0] == seg)[0]
         alone = model.apply(params, jnp.asarray(batch["input_ids"][:, cols]))
         assert np.abs(np.asarray(packed)[:, cols] - np.asarray(alone)).max() <= 1e-5
+
+
+def test_save_to_disk_directory_with_its_own_eval_split(tmp_path):
+    import datasets
+
+    from lowrax.data import load_records
+
+    splits = datasets.DatasetDict({
+        "train": datasets.Dataset.from_list([{"prompt": f"q{i}", "response": f"a{i}"} for i in range(10)]),
+        "validation": datasets.Dataset.from_list([{"prompt": "qv", "response": "av"}]),
+    })
+    splits.save_to_disk(str(tmp_path / "ds"))
+    train, held_out = load_records(DataSection(source=str(tmp_path / "ds")))
+    assert len(train) == 10 and held_out == [{"prompt": "qv", "response": "av"}]
+
+
+def test_unsupported_data_source_is_explained(tmp_path):
+    from lowrax.data import load_records
+    from lowrax.errors import LowraxError
+
+    (tmp_path / "data.parquetx").write_text("x")
+    with pytest.raises(LowraxError, match=r"unsupported extension '.parquetx'; expected one of .csv, .json, .jsonl"):
+        load_records(DataSection(source=str(tmp_path / "data.parquetx")))
+    with pytest.raises(LowraxError, match="does not exist"):
+        load_records(DataSection(source=str(tmp_path / "missing.jsonl")))

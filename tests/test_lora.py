@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import lowrax
+import lowrax.tree
 from lowrax.errors import CheckpointError, LowraxError
 from tests.test_bad_input import tiny_llama_dir  # noqa: F401 - fixture
 
@@ -103,3 +104,15 @@ def test_peft_adapter_that_does_not_fit(tiny, tmp_path):
         lowrax.load_peft(other_model_params, tmp_path / "ad")
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["target_modules"] == ["q_proj"] and config["peft_type"] == "LORA"
+
+
+def test_dropout_applies_only_with_a_step_key(tiny):
+    model, params = tiny
+    cfg = lowrax.LoraConfig(r=4, target_modules="all-linear", init="random", dropout=0.5)
+    wrapped = lowrax.lora.wrap(params, cfg, KEY)
+    no_dropout = lowrax.lora.wrap(params, lowrax.LoraConfig(r=4, target_modules="all-linear", init="random"), KEY)
+    assert np.array_equal(model.apply(wrapped, IDS), model.apply(no_dropout, IDS))  # eval: no key, no dropout
+    a = model.apply(lowrax.tree.with_dropout_keys(wrapped, jax.random.key(5)), IDS)
+    b = model.apply(lowrax.tree.with_dropout_keys(wrapped, jax.random.key(5)), IDS)
+    c = model.apply(lowrax.tree.with_dropout_keys(wrapped, jax.random.key(6)), IDS)
+    assert np.array_equal(a, b) and np.abs(a - c).max() > 1e-4 and np.abs(a - model.apply(wrapped, IDS)).max() > 1e-4

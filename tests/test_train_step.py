@@ -154,3 +154,14 @@ def test_loss_at_gathered_positions_equals_full_logits(tiny):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-6
     with pytest.raises(LowraxError, match="raise data.loss_positions"):
         Batches(data, 16, 2, seed=0, packing=True, loss_positions=2).batch(0)
+
+
+def test_schedules_warm_up_and_decay():
+    from lowrax.optim import learning_rate_schedule
+
+    for kind, end in (("cosine", 0.0), ("linear", 0.0), ("constant", 1.0)):
+        lr = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, schedule=kind, warmup_steps=10, total_steps=110))
+        assert float(lr(0)) == 0.0 and abs(float(lr(5)) - 0.5) < 1e-6 and abs(float(lr(10)) - 1.0) < 1e-6
+        assert abs(float(lr(110)) - end) < 1e-6
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        OptimizerConfig(schedule="step")
