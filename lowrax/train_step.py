@@ -64,11 +64,13 @@ def causal_lm_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 
 def classification_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(sum of example losses, number of examples). batch: input_ids, attention_mask, labels [b]."""
+    """(sum of example losses, number of examples). batch: input_ids, attention_mask, labels [b],
+    optionally example_weights [b] (0 drops an example, e.g. filler rows of a last batch)."""
     logits = model.apply(params, batch["input_ids"], batch["attention_mask"]).logits
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     loss = -jnp.take_along_axis(log_probs, batch["labels"][:, None], axis=-1)[:, 0]
-    return jnp.sum(loss), jnp.asarray(loss.shape[0], jnp.float32)
+    weights = batch.get("example_weights", jnp.ones_like(loss)).astype(jnp.float32)
+    return jnp.sum(loss * weights), jnp.sum(weights)
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,

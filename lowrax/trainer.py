@@ -243,13 +243,19 @@ def _samples(scorer: TaskScorer, params, n: int, log, when: str) -> list[dict]:
 
 
 def _eval_loss(model, state, frozen, data, cfg: TrainConfig, pad: int) -> float:
-    """Mean loss over the held-out set (one pass, in batches of train.batch_size)."""
+    """Mean loss over the held-out set: one pass in batches of train.batch_size, each example counted once."""
     loss_fn = causal_lm_loss if model.is_causal_lm else classification_loss
     fn = jax.jit(lambda trainable, batch: loss_fn(model, lowrax.combine(trainable, frozen), batch))
     batches = Batches(data, cfg.data.seq_len, cfg.train.batch_size, seed=0, packing=False, pad_id=pad)
     total, count = 0.0, 0.0
-    for k in range(-(-len(data.ids) // cfg.train.batch_size)):
+    size = cfg.train.batch_size
+    for k in range(-(-len(data.ids) // size)):
         batch = batches.batch(k)
+        filler = np.arange(k * size, (k + 1) * size) >= len(data.ids)  # rows that wrapped into a second epoch
+        if model.is_causal_lm:
+            batch["loss_mask"][filler] = 0
+        else:
+            batch["example_weights"] = (~filler).astype(np.float32)
         s, n = fn(state.trainable, {key: jnp.asarray(v) for key, v in batch.items()})
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
