@@ -1,0 +1,1 @@
+"""Quantized base weights (NF4, as bitsandbytes stores them)."""

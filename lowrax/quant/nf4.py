@@ -1,0 +1,146 @@
+"""NF4 4-bit quantization, bit-compatible with bitsandbytes' `quantize_4bit(quant_type="nf4")`.
+
+Layout (what bitsandbytes stores, and what its 4-bit safetensors hold):
+  packed   uint8 [ceil(n / 2)]  two codes per byte, even element in the high nibble
+  absmax   float32 [blocks]     per-block max |x| (blocks of `blocksize` over the flattened tensor)
+with double quantization (`compress_statistics`):
+  absmax   uint8 [blocks]       (absmax - offset) in the signed 8-bit dynamic code, blocks of 256
+  nested_absmax float32 [ceil(blocks / 256)], offset float32 []
+
+Both directions are jnp code: jit-able, shardable, usable on host numpy arrays too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from lowrax.errors import LowraxError
+from lowrax.ops import register_linear
+from lowrax.quant.codes import DYNAMIC_MAP, NF4_LEVELS
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256
+
+
+@struct.dataclass
+class NF4Tensor:
+    """A frozen weight stored in NF4; `dequantize(t)` gives it back in `dtype` and `shape`."""
+
+    packed: jnp.ndarray
+    absmax: jnp.ndarray
+    nested_absmax: Any = None
+    offset: Any = None
+    shape: tuple = struct.field(pytree_node=False, default=())
+    dtype: str = struct.field(pytree_node=False, default="float32")
+    blocksize: int = struct.field(pytree_node=False, default=64)
+
+    @property
+    def double_quantized(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def nbytes(self) -> int:
+        """Bytes of the stored statistics and codes."""
+        return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+                   for x in (self.packed, self.absmax, self.nested_absmax, self.offset) if x is not None)
+
+
+def _blockwise_absmax(flat: jnp.ndarray, blocksize: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(scaled values in [-1, 1], absmax per block), with bitsandbytes' float32 arithmetic:
+    full blocks multiply by the reciprocal of their absmax, a partial last block divides."""
+    n = flat.shape[0]
+    full = n - n % blocksize
+    blocks = flat[:full].reshape(-1, blocksize)
+    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    scaled = jnp.clip(blocks * (1.0 / jnp.maximum(absmax, 1e-38))[:, None], -1, 1).reshape(-1)
+    if full < n:
+        rest = flat[full:]
+        am = jnp.maximum(jnp.max(jnp.abs(rest)), 1e-38)
+        absmax = jnp.concatenate([absmax, am[None]])
+        scaled = jnp.concatenate([scaled, jnp.clip(rest / am, -1, 1)])
+    return scaled, absmax
+
+
+def _nearest(scaled: jnp.ndarray, levels: np.ndarray) -> jnp.ndarray:
+    """Index of the nearest level; a value exactly between two levels takes the lower one."""
+    midpoints = jnp.asarray((levels[:-1] + levels[1:]) / np.float32(2.0))
+    return jnp.searchsorted(midpoints, scaled, side="left").astype(jnp.uint8)
+
+
+def quantize_blockwise_8bit(x: jnp.ndarray, blocksize: int = NESTED_BLOCKSIZE) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Blockwise 8-bit quantization with the dynamic map: (uint8 codes [n], float32 absmax [blocks]).
+
+    Nearest level, as bitsandbytes' reference (non-native) backend and its CUDA kernel
+    compute it. Its native CPU kernel uses an approximate binary search that, for
+    about 0.1% of values, returns the level next to the nearest one; those codes differ.
+    """
+    scaled, absmax = _blockwise_absmax(x.astype(jnp.float32), blocksize)
+    return _nearest(scaled, DYNAMIC_MAP), absmax
+
+
+def check_blocksize(blocksize: int) -> None:
+    if blocksize not in BLOCKSIZES:
+        raise LowraxError(f"NF4 blocksize must be a power of two from 32 to 4096 ({BLOCKSIZES}), got {blocksize}")
+
+
+def quantize(x, blocksize: int = 64, double_quant: bool = True, offset=None) -> NF4Tensor:
+    """NF4-quantize a float array (float32, bfloat16 or float16) as bitsandbytes does.
+
+    The packed codes and float32 absmax are bit-identical to bitsandbytes'. With double
+    quantization two things can differ from bitsandbytes on the CPU: the offset is the
+    float32 mean of the absmax, which torch sums in its own order (one ulp apart about half
+    the time; pass `offset` to use a given one), and the 8-bit codes of the statistics
+    (see `quantize_blockwise_8bit`).
+    """
+    check_blocksize(blocksize)
+    dtype = jnp.dtype(x.dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise LowraxError(f"NF4 quantizes floating-point weights; got dtype {dtype}")
+    flat = jnp.asarray(x).reshape(-1).astype(jnp.float32)
+    scaled, absmax = _blockwise_absmax(flat, blocksize)
+    if scaled.shape[0] % 2:
+        scaled = jnp.concatenate([scaled, jnp.zeros((1,), jnp.float32)])
+    codes = _nearest(scaled, NF4_LEVELS)
+    packed = (codes[0::2] << 4) | codes[1::2]
+    if not double_quant:
+        return NF4Tensor(packed, absmax, shape=tuple(x.shape), dtype=dtype.name, blocksize=blocksize)
+    offset = jnp.mean(absmax) if offset is None else jnp.asarray(offset, jnp.float32)
+    qabsmax, nested = quantize_blockwise_8bit(absmax - offset)
+    return NF4Tensor(packed, qabsmax, nested, offset, shape=tuple(x.shape), dtype=dtype.name, blocksize=blocksize)
+
+
+def block_absmax(t: NF4Tensor) -> jnp.ndarray:
+    """The float32 per-block absmax (undoing double quantization as bitsandbytes does)."""
+    if not t.double_quantized:
+        return t.absmax
+    n = t.absmax.shape[0]
+    nested = jnp.repeat(t.nested_absmax, NESTED_BLOCKSIZE)[:n]
+    return jnp.asarray(DYNAMIC_MAP)[t.absmax.astype(jnp.int32)] * nested + t.offset
+
+
+def dequantize(t: NF4Tensor, dtype=None) -> jnp.ndarray:
+    """The weight back in `dtype` (default: the dtype it was quantized from) and its shape."""
+    n = t.size
+    codes = jnp.stack([t.packed >> 4, t.packed & 0xF], axis=-1).reshape(-1)[:n].astype(jnp.int32)
+    values = jnp.asarray(NF4_LEVELS)[codes]
+    scale = jnp.repeat(block_absmax(t), t.blocksize)[:n]
+    out = (values * scale).reshape(t.shape)
+    return out.astype(dtype or t.dtype)
+
+
+@register_linear(NF4Tensor)
+def _nf4_linear(x: jnp.ndarray, t: NF4Tensor) -> jnp.ndarray:
+    """Dequantize to the activations' dtype inside the step, then one matmul."""
+    return jnp.matmul(x, jax.lax.stop_gradient(dequantize(t, x.dtype)))
