@@ -110,7 +110,9 @@ def load_tokenizer(path: str | Path | None = None):
 
     source = resolve_model_path(path)
     if source.suffix == ".gguf":
-        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+        from lowrax.io.gguf_tokenizer import load_gguf_tokenizer
+
+        tokenizer = load_gguf_tokenizer(source)
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

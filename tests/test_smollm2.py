@@ -81,3 +81,17 @@ def test_generate_text_and_chat_template(smollm2):
     sampled = lowrax.generate(model, params, tokenizer, "Name a color.", max_new_tokens=8,
                               temperature=0.7, top_k=20, top_p=0.9, seed=1)
     assert isinstance(sampled, list) and len(sampled) == 1
+
+
+def test_gguf_tokenizer_equals_transformers_gguf_tokenizer():
+    """lowrax builds the GGUF tokenizer without torch; it must equal transformers' own."""
+    ours = lowrax.load_tokenizer(None)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(lowrax.embedded_model_path().parent), gguf_file=EMBEDDED_FILE)
+    texts = ["Hello, world!", "  leading spaces and\nnewlines\t tabs", "Ünïcödé 東京 🙂", "Convert 2031-07-04 to lowrax date format:"]
+    for text in texts:
+        assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+        assert ours.decode(ours(text)["input_ids"]) == theirs.decode(theirs(text)["input_ids"])
+    messages = [{"role": "user", "content": "Hi there"}]
+    assert ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+        theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (theirs.bos_token, theirs.eos_token, theirs.pad_token)

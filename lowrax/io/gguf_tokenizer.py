@@ -1,0 +1,51 @@
+"""The tokenizer a GGUF file describes, built without torch.
+
+transformers' own `AutoTokenizer.from_pretrained(..., gguf_file=...)` reads the
+metadata through a module that needs torch; lowrax reads it with the `gguf`
+package and hands it to transformers' GGUF tokenizer converter (the same
+vocabulary, merges, pre-tokenizer and special tokens), so the runtime needs no
+torch. The result is a transformers fast tokenizer with the file's chat template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lowrax.errors import CheckpointError
+
+_SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+            "pad_token": "padding_token_id"}
+
+
+def _converter():
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    except ImportError:  # transformers 4.x keeps them in integrations.ggml
+        from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    return GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+
+def load_gguf_tokenizer(path: str | Path):
+    """A transformers fast tokenizer from a GGUF file's `tokenizer.*` metadata."""
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+
+    mapping, convert = _converter()
+    reader = gguf.GGUFReader(str(path))
+    meta = {}
+    for name, field in reader.fields.items():
+        if name.startswith("tokenizer.") or name == "general.architecture":
+            meta[name] = field.contents()
+    if "tokenizer.ggml.tokens" not in meta:
+        raise CheckpointError(f"{path} carries no tokenizer (no tokenizer.ggml.tokens metadata)")
+    tokenizer_dict = {name: meta[f"tokenizer.{key}"] for key, name in mapping["tokenizer"].items() if f"tokenizer.{key}" in meta}
+    config = {name: meta[f"tokenizer.{key}"] for key, name in mapping["tokenizer_config"].items() if f"tokenizer.{key}" in meta}
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)  # llama.cpp adds BOS to sentencepiece vocabularies
+    tokens = tokenizer_dict["tokens"]
+    for name, key in _SPECIAL.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        if token_id is not None:
+            config[name] = tokens[int(token_id)]
+    backend, extra = convert(meta["general.architecture"], tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
