@@ -27,6 +27,9 @@ class ModelSection:
     dtype: str = "float32"  # dtype of the frozen base: float32 | bfloat16 (adapters stay float32)
     task: str = "causal_lm"  # causal_lm | classification (encoders with a classification head)
     num_labels: int | None = None  # classification: size of the head (a fresh head is trained in full)
+    quantize: str | None = None  # "nf4": QLoRA, the frozen linear weights stored in 4-bit NF4
+    quant_blocksize: int = 64  # NF4 block size (a power of two from 32 to 4096)
+    double_quant: bool = True  # NF4 double quantization of the block statistics
 
 
 @dataclass(frozen=True)

@@ -105,8 +105,11 @@ def _pattern_value(name: str, patterns: dict, default):
 
 def linear_modules(params: Any) -> dict[str, tuple[str, ...]]:
     """Dotted module name -> tree path of every linear kernel (2-D leaf named `kernel`)."""
+    from lowrax.quant.nf4 import NF4Tensor
+
     out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, (LoraKernel, FullyTrained)))[0]:
+    leaf_types = (LoraKernel, FullyTrained, NF4Tensor)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, leaf_types))[0]:
         keys = tuple(str(p.key) for p in path)
         if keys[-1] == "kernel" and getattr(leaf, "ndim", len(getattr(leaf, "shape", ()))) == 2:
             out[".".join(keys[:-1])] = keys

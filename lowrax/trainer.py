@@ -68,6 +68,10 @@ def _load_model(cfg: TrainConfig, key):
         raise LowraxError(f"model.task must be causal_lm or classification, got {cfg.model.task!r}")
     elif not model.is_causal_lm:
         raise LowraxError(f"model.task=causal_lm needs a causal LM; {model.model_type} is an encoder")
+    if cfg.model.quantize is not None:
+        from lowrax.quant.tree import QuantConfig, quantize
+
+        params = quantize(params, QuantConfig(cfg.model.quantize, cfg.model.quant_blocksize, cfg.model.double_quant))
     return model, params
 
 

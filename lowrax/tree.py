@@ -2,7 +2,7 @@
 
     trainable, frozen = split(params)     # same structure; each half has None where the other has a leaf
     params = combine(trainable, frozen)
-    merged = merge(params)                # plain arrays again: base + scale * A @ B
+    merged = merge(params)                # plain arrays again: base + scale * A @ B (NF4 bases dequantized)
     params = unmerge(merged, params)      # adapters back, base recovered as merged - scale * A @ B
 
 All of them are jit-able and keep sharding (they only restructure or add arrays).
@@ -57,12 +57,23 @@ def merge(params: Any) -> Any:
 
     def merge_node(x):
         if isinstance(x, LoraKernel):
-            return (x.base.astype(jnp.float32) + x.delta()).astype(x.base.dtype)
+            base = _dense(x.base)
+            return (base.astype(jnp.float32) + x.delta()).astype(base.dtype)
         if isinstance(x, FullyTrained):
             return x.value
         return x
 
-    return jax.tree.map(merge_node, params, is_leaf=_is_node)
+    from lowrax.quant.nf4 import NF4Tensor
+
+    return jax.tree.map(lambda x: _dense(x) if isinstance(x, NF4Tensor) else merge_node(x), params,
+                        is_leaf=lambda x: _is_node(x) or isinstance(x, NF4Tensor))
+
+
+def _dense(base):
+    """A kernel as a plain array: NF4 bases are dequantized (to the dtype they were quantized from)."""
+    from lowrax.quant.nf4 import NF4Tensor, dequantize
+
+    return dequantize(base) if isinstance(base, NF4Tensor) else base
 
 
 def unmerge(merged: Any, adapted: Any) -> Any:

@@ -113,6 +113,10 @@ def tree_to_hf_tensors(params: dict, model: Model) -> dict[str, np.ndarray]:
             if t.optional:
                 continue
             raise CheckpointError(f"params have no {'/'.join(t.path)} (HF key {t.hf_key})") from None
+        from lowrax.quant.nf4 import NF4Tensor, dequantize
+
+        if isinstance(leaf, NF4Tensor):  # plain HF safetensors hold dequantized weights
+            leaf = dequantize(leaf)
         if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
             raise CheckpointError(
                 f"params leaf {'/'.join(t.path)} is a {type(leaf).__name__}, not an array; "
