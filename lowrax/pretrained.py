@@ -93,11 +93,16 @@ def load_pretrained(
     return model, load_hf_directory(model, source, dtype, progress)
 
 
-def save_pretrained(params: dict, model: Model, out_dir: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
-    """Write params as an HF model directory (config.json + model.safetensors) that transformers loads."""
+def save_pretrained(params: dict, model: Model, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
+                    keep_nf4: bool = False) -> Path:
+    """Write params as an HF model directory (config.json + model.safetensors) that transformers loads.
+
+    NF4 weights are dequantized, or with keep_nf4=True saved in bitsandbytes' 4-bit layout
+    (with `quantization_config` in config.json, as transformers + bitsandbytes write it).
+    """
     from lowrax.io.hf_checkpoint import save_hf_directory
 
-    return save_hf_directory(params, model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+    return save_hf_directory(params, model, out_dir, tokenizer=tokenizer, overwrite=overwrite, keep_nf4=keep_nf4)
 
 
 def load_tokenizer(path: str | Path | None = None):

@@ -71,7 +71,7 @@ def _load_model(cfg: TrainConfig, key):
     if cfg.model.quantize is not None:
         from lowrax.quant.tree import QuantConfig, quantize
 
-        params = quantize(params, QuantConfig(cfg.model.quantize, cfg.model.quant_blocksize, cfg.model.double_quant))
+        params = quantize(params, QuantConfig(cfg.model.quantize, cfg.model.quant_blocksize, cfg.model.double_quant), model)
     return model, params
 
 

@@ -113,3 +113,13 @@ def test_linear_dequantizes_inside_the_step():
     err = np.abs(np.asarray(nf4.dequantize(t)) - np.asarray(w))
     # at most half the widest NF4 gap (1 - 0.7230) of the block absmax; typically far less
     assert err.max() <= 0.5 * (1 - 0.7230) * np.abs(np.asarray(w)).max() + 1e-6 and err.mean() < 0.1
+
+
+def test_transposed_storage_matches_the_torch_layout():
+    """A Flax kernel (in, out) quantized with transpose=True holds bitsandbytes' bytes for the (out, in) weight."""
+    w = torch.tensor(np.random.default_rng(3).normal(size=(48, 80)).astype(np.float32))  # torch (out, in)
+    packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+    t = nf4.quantize(jnp.asarray(w.numpy().T), 64, double_quant=False, transpose=True)
+    assert t.shape == (80, 48) and t.stored_shape == (48, 80)
+    assert np.array_equal(np.asarray(t.packed), packed.numpy().reshape(-1))
+    assert np.array_equal(np.asarray(nf4.dequantize(t)), reference_dequantize(packed, state).reshape(48, 80).T)

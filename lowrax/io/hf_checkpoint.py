@@ -81,8 +81,14 @@ def load_tensors(
         log.warning("%s: %d tensors not used by %s, e.g. %s", source, len(unused), model.model_type, unused[:5])
 
     tree: dict = {}
+    from lowrax.quant.nf4 import NF4Tensor
+
     for t, read in tqdm(resolved, desc=f"loading {Path(source).name}", unit="tensor", disable=not progress, leave=False):
-        array = t.from_hf(read())
+        value = read()
+        if isinstance(value, NF4Tensor):  # a bitsandbytes 4-bit weight, kept quantized
+            tables.set_path(tree, t.path, jax.device_put(value))
+            continue
+        array = t.from_hf(value)
         if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
             array = array.astype(dtype)
         tables.set_path(tree, t.path, jax.device_put(array))
@@ -93,18 +99,40 @@ def load_hf_directory(model: Model, directory: Path, dtype, progress: bool = Tru
     """The parameter tree of an HF model directory (safetensors, single or sharded)."""
     from lowrax.io.safetensors_dir import SafetensorsDir
 
+    from lowrax.io.tables import TRANSPOSE
+    from lowrax.quant import bnb_format
+
     files = SafetensorsDir(directory)
+    layouts = {t.hf_key: t.layout for t in model.tensors()}
+    layouts.update({k[len(model.bare_prefix):]: v for k, v in layouts.items() if model.bare_prefix and k.startswith(model.bare_prefix)})
+    statistics = set()
 
     def lookup(key):
         if key not in files:
             return None
+        if bnb_format.is_quantized(key, files.__contains__):
+            state = bnb_format.read_state(files.get(key + bnb_format.STATE_SUFFIX))
+            statistics.update(k for k in files.keys() if k.startswith(key + "."))
+            transposed = layouts.get(key) == TRANSPOSE
+            shape = tuple(state["shape"])
+            return shape, lambda: bnb_format.nf4_from_tensors(key, files.get, files.__contains__, transposed)
         return files.shape(key), lambda: files.get(key)
 
-    return load_tensors(model, lookup, files.keys(), dtype, str(directory), progress)
+    for key in files.keys():  # resolve 4-bit weights first so their statistics are not reported unused
+        if key.endswith(bnb_format.STATE_SUFFIX):
+            lookup(key[: -len(bnb_format.STATE_SUFFIX)])
+    return load_tensors(model, lookup, [k for k in files.keys() if k not in statistics], dtype, str(directory), progress)
 
 
-def tree_to_hf_tensors(params: dict, model: Model) -> dict[str, np.ndarray]:
-    """HF-keyed numpy arrays for every tensor of the tree, in HF layout."""
+def tree_to_hf_tensors(params: dict, model: Model, keep_nf4: bool = False) -> dict[str, np.ndarray]:
+    """HF-keyed numpy arrays for every tensor of the tree, in HF layout.
+
+    NF4 weights are dequantized, or with keep_nf4 written in bitsandbytes' 4-bit layout.
+    """
+    from lowrax.io.tables import TRANSPOSE
+    from lowrax.quant import bnb_format
+    from lowrax.quant.nf4 import NF4Tensor, dequantize
+
     out = {}
     for t in model.tensors():
         try:
@@ -113,8 +141,11 @@ def tree_to_hf_tensors(params: dict, model: Model) -> dict[str, np.ndarray]:
             if t.optional:
                 continue
             raise CheckpointError(f"params have no {'/'.join(t.path)} (HF key {t.hf_key})") from None
-        from lowrax.quant.nf4 import NF4Tensor, dequantize
-
+        if isinstance(leaf, NF4Tensor) and keep_nf4:
+            if leaf.transposed != (t.layout == TRANSPOSE):
+                raise CheckpointError(f"{'/'.join(t.path)} is stored in NF4 in a layout other than its HF weight's")
+            out.update(bnb_format.nf4_to_tensors(t.hf_key, leaf))
+            continue
         if isinstance(leaf, NF4Tensor):  # plain HF safetensors hold dequantized weights
             leaf = dequantize(leaf)
         if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
@@ -129,16 +160,21 @@ def tree_to_hf_tensors(params: dict, model: Model) -> dict[str, np.ndarray]:
     return out
 
 
-def save_hf_directory(params: dict, model: Model, out_dir: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+def save_hf_directory(params: dict, model: Model, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
+                      keep_nf4: bool = False) -> Path:
     """Write `config.json` + `model.safetensors` (+ tokenizer files) that transformers loads.
 
     Written to a temporary sibling directory and renamed into place, so a crash
     never leaves a half-written model behind.
     """
-    tensors = tree_to_hf_tensors(params, model)
-    dtypes = {str(a.dtype) for a in tensors.values()}
+    tensors = tree_to_hf_tensors(params, model, keep_nf4)
+    dtypes = {str(a.dtype) for k, a in tensors.items() if a.dtype.kind == "f" and not k.endswith((".absmax", "_map"))}
     config = dict(model.config.hf)
     config.pop("quantization_config", None)
+    from lowrax.quant.bnb_format import STATE_SUFFIX, quantization_config
+
+    if any(k.endswith(STATE_SUFFIX) for k in tensors):
+        config["quantization_config"] = quantization_config(any(k.endswith(".nested_absmax") for k in tensors))
     config["dtype"] = "bfloat16" if "bfloat16" in dtypes else ("float16" if "float16" in dtypes else "float32")
 
     def fill(staging: Path) -> None:

@@ -29,15 +29,28 @@ NESTED_BLOCKSIZE = 256
 
 @struct.dataclass
 class NF4Tensor:
-    """A frozen weight stored in NF4; `dequantize(t)` gives it back in `dtype` and `shape`."""
+    """A frozen weight stored in NF4; `dequantize(t)` gives it back in `dtype` and `shape`.
+
+    `transposed`: the codes hold the torch `nn.Linear` layout (out, in) of a Flax kernel
+    whose `shape` is (in, out), so the bytes are exactly those bitsandbytes stores for
+    the HF weight. `nested_code`: the 8-bit map of the statistics, when a checkpoint
+    supplied its own (otherwise the standard dynamic map).
+    """
 
     packed: jnp.ndarray
     absmax: jnp.ndarray
     nested_absmax: Any = None
     offset: Any = None
+    nested_code: Any = None
     shape: tuple = struct.field(pytree_node=False, default=())
     dtype: str = struct.field(pytree_node=False, default="float32")
     blocksize: int = struct.field(pytree_node=False, default=64)
+    transposed: bool = struct.field(pytree_node=False, default=False)
+
+    @property
+    def stored_shape(self) -> tuple:
+        """Shape of the quantized data (the HF weight's shape)."""
+        return tuple(reversed(self.shape)) if self.transposed else tuple(self.shape)
 
     @property
     def double_quantized(self) -> bool:
@@ -95,30 +108,34 @@ def check_blocksize(blocksize: int) -> None:
         raise LowraxError(f"NF4 blocksize must be a power of two from 32 to 4096 ({BLOCKSIZES}), got {blocksize}")
 
 
-def quantize(x, blocksize: int = 64, double_quant: bool = True, offset=None) -> NF4Tensor:
+def quantize(x, blocksize: int = 64, double_quant: bool = True, offset=None, transpose: bool = False) -> NF4Tensor:
     """NF4-quantize a float array (float32, bfloat16 or float16) as bitsandbytes does.
 
     The packed codes and float32 absmax are bit-identical to bitsandbytes'. With double
     quantization two things can differ from bitsandbytes on the CPU: the offset is the
     float32 mean of the absmax, which torch sums in its own order (one ulp apart about half
     the time; pass `offset` to use a given one), and the 8-bit codes of the statistics
-    (see `quantize_blockwise_8bit`).
+    (see `quantize_blockwise_8bit`). transpose=True quantizes x.T (a Flax kernel stored
+    in torch's (out, in) layout) while `shape` stays x's.
     """
     check_blocksize(blocksize)
     dtype = jnp.dtype(x.dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise LowraxError(f"NF4 quantizes floating-point weights; got dtype {dtype}")
-    flat = jnp.asarray(x).reshape(-1).astype(jnp.float32)
+    logical_shape = tuple(x.shape)
+    data = jnp.asarray(x).T if transpose else jnp.asarray(x)
+    flat = data.reshape(-1).astype(jnp.float32)
     scaled, absmax = _blockwise_absmax(flat, blocksize)
     if scaled.shape[0] % 2:
         scaled = jnp.concatenate([scaled, jnp.zeros((1,), jnp.float32)])
     codes = _nearest(scaled, NF4_LEVELS)
     packed = (codes[0::2] << 4) | codes[1::2]
+    meta = dict(shape=logical_shape, dtype=dtype.name, blocksize=blocksize, transposed=transpose)
     if not double_quant:
-        return NF4Tensor(packed, absmax, shape=tuple(x.shape), dtype=dtype.name, blocksize=blocksize)
+        return NF4Tensor(packed, absmax, **meta)
     offset = jnp.mean(absmax) if offset is None else jnp.asarray(offset, jnp.float32)
     qabsmax, nested = quantize_blockwise_8bit(absmax - offset)
-    return NF4Tensor(packed, qabsmax, nested, offset, shape=tuple(x.shape), dtype=dtype.name, blocksize=blocksize)
+    return NF4Tensor(packed, qabsmax, nested, offset, **meta)
 
 
 def block_absmax(t: NF4Tensor) -> jnp.ndarray:
@@ -127,7 +144,8 @@ def block_absmax(t: NF4Tensor) -> jnp.ndarray:
         return t.absmax
     n = t.absmax.shape[0]
     nested = jnp.repeat(t.nested_absmax, NESTED_BLOCKSIZE)[:n]
-    return jnp.asarray(DYNAMIC_MAP)[t.absmax.astype(jnp.int32)] * nested + t.offset
+    code = jnp.asarray(DYNAMIC_MAP) if t.nested_code is None else t.nested_code
+    return code[t.absmax.astype(jnp.int32)] * nested + t.offset
 
 
 def dequantize(t: NF4Tensor, dtype=None) -> jnp.ndarray:
@@ -136,8 +154,8 @@ def dequantize(t: NF4Tensor, dtype=None) -> jnp.ndarray:
     codes = jnp.stack([t.packed >> 4, t.packed & 0xF], axis=-1).reshape(-1)[:n].astype(jnp.int32)
     values = jnp.asarray(NF4_LEVELS)[codes]
     scale = jnp.repeat(block_absmax(t), t.blocksize)[:n]
-    out = (values * scale).reshape(t.shape)
-    return out.astype(dtype or t.dtype)
+    out = (values * scale).reshape(t.stored_shape)
+    return (out.T if t.transposed else out).astype(dtype or t.dtype)
 
 
 @register_linear(NF4Tensor)
