@@ -163,7 +163,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     ckpts = Checkpoints(out / "checkpoints", cfg.train.max_checkpoints)
     scorer = TaskScorer(model, tokenizer, eval_records, cfg)
     summary: dict = {"model": cfg.model.path or "embedded SmolLM2-135M-Instruct", "task": task,
-                     "trainable_params": lowrax.count_params(trainable), "total_params": lowrax.count_params(base),
+                     "trainable_params": lowrax.count_params(trainable), "total_params": lowrax.count_params(model.param_shapes()),
                      "metric": scorer.kind}
     metrics_path = out / "metrics.jsonl"
     start_step = 0
