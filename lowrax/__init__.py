@@ -28,7 +28,7 @@ from lowrax.peft_format import load_peft, save_peft
 from lowrax.optim import OptimizerConfig, make_optimizer
 from lowrax.train_step import TrainState, init_state, make_train_step
 from lowrax.quant.nf4 import NF4Tensor
-from lowrax.quant.tree import QuantConfig, quantize
+from lowrax.quant.tree import QuantConfig, merge_requantized, quantize
 from lowrax.tree import combine, count_params, labels, merge, split, unmerge
 
 
@@ -48,6 +48,6 @@ __all__ = [
     "lora", "LoraConfig", "LoraKernel", "FullyTrained", "split", "combine", "merge", "unmerge", "labels",
     "count_params", "save_peft", "load_peft",
     "OptimizerConfig", "make_optimizer", "TrainState", "init_state", "make_train_step",
-    "TrainConfig", "load_config", "run_training", "QuantConfig", "quantize", "NF4Tensor",
+    "TrainConfig", "load_config", "run_training", "QuantConfig", "quantize", "NF4Tensor", "merge_requantized",
     "LowraxError", "NotAModelError", "UnsupportedModelError", "CheckpointError",
 ]

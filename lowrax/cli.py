@@ -96,7 +96,7 @@ def cmd_import_peft(args) -> int:
 def cmd_merge(args) -> int:
     from lowrax.runs import merge_run
 
-    print(f"wrote {merge_run(args.run_dir, args.out_dir, overwrite=args.overwrite)}")
+    print(f"wrote {merge_run(args.run_dir, args.out_dir, overwrite=args.overwrite, requantize=args.requantize)}")
     return 0
 
 
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("run_dir")
     m.add_argument("out_dir")
     m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--requantize", action="store_true",
+                   help="QLoRA runs: save 4-bit NF4 weights again (reports the rounding error it adds)")
     m.set_defaults(func=cmd_merge)
     return parser
 

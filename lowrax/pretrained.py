@@ -72,6 +72,7 @@ def load_pretrained(
     dtype=jnp.float32,
     *,
     num_labels: int | None = None,
+    quantize=None,
     progress: bool = True,
 ) -> tuple[Model, dict]:
     """Load a pretrained model: returns `(model, params)`.
@@ -80,17 +81,19 @@ def load_pretrained(
     dtype: dtype of the floating-point parameters (e.g. jnp.float32, jnp.bfloat16).
     num_labels: for encoder families, the size of a sequence-classification head
         expected in the checkpoint (default: from config.json's architectures).
+    quantize: a `lowrax.QuantConfig` to store linear kernels in NF4, quantized one tensor
+        at a time as they are read (QLoRA without ever holding the full-precision model).
     """
     source = resolve_model_path(path)
     if source.suffix == ".gguf":
         from lowrax.io.gguf_checkpoint import load_gguf
 
-        return load_gguf(source, dtype, progress)
+        return load_gguf(source, dtype, progress, quant=quantize)
     from lowrax.io.hf_checkpoint import load_hf_directory
 
     overrides = {"num_labels": num_labels} if num_labels is not None else {}
     model = model_from_hf_config(read_hf_config(source), **overrides)
-    return model, load_hf_directory(model, source, dtype, progress)
+    return model, load_hf_directory(model, source, dtype, progress, quant=quantize)
 
 
 def save_pretrained(params: dict, model: Model, out_dir: str | Path, tokenizer=None, overwrite: bool = False,

@@ -64,11 +64,27 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
                             base_model=cfg.model.path, overwrite=overwrite)
 
 
-def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a run's base with its adapters merged in, as HF safetensors that transformers loads."""
+def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, requantize: bool = False,
+              log=print) -> Path:
+    """Write a run's base with its adapters merged in, as HF safetensors that transformers loads.
+
+    requantize (QLoRA runs): merge into the NF4 bases and save 4-bit weights again, logging
+    the rounding error that adds; otherwise NF4 bases are dequantized and saved in full precision.
+    """
     cfg, model, params = restore_run(run_dir)
-    return lowrax.save_pretrained(lowrax.merge(params), model, out_dir, tokenizer=lowrax.load_tokenizer(cfg.model.path),
-                                  overwrite=overwrite)
+    if requantize:
+        if cfg.model.quantize is None:
+            raise LowraxError(f"{run_dir} is not a QLoRA run (model.quantize is not set); nothing to re-quantize")
+        merged, report = lowrax.merge_requantized(params)
+        log(f"re-quantizing the merged weights adds a relative error of up to {report['worst']['relative']:.2e} "
+            "(per-module figures in merge_report.json)")
+    else:
+        merged, report = lowrax.merge(params), None
+    out = lowrax.save_pretrained(merged, model, out_dir, tokenizer=lowrax.load_tokenizer(cfg.model.path),
+                                 overwrite=overwrite, keep_nf4=requantize)
+    if report is not None:
+        (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return out
 
 
 def lora_config_from_peft(adapter_dir: Path) -> LoraConfig:

@@ -54,7 +54,12 @@ def _load_model(cfg: TrainConfig, key):
     dtype = DTYPES.get(cfg.model.dtype)
     if dtype is None:
         raise LowraxError(f"model.dtype must be one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
-    model, params = lowrax.load_pretrained(cfg.model.path, dtype=dtype)
+    quant = None
+    if cfg.model.quantize is not None:
+        from lowrax.quant.tree import QuantConfig
+
+        quant = QuantConfig(cfg.model.quantize, cfg.model.quant_blocksize, cfg.model.double_quant)
+    model, params = lowrax.load_pretrained(cfg.model.path, dtype=dtype, quantize=quant)
     if cfg.model.task == "classification":
         from lowrax.models.bert import BertModel, add_classification_head
 
@@ -68,10 +73,6 @@ def _load_model(cfg: TrainConfig, key):
         raise LowraxError(f"model.task must be causal_lm or classification, got {cfg.model.task!r}")
     elif not model.is_causal_lm:
         raise LowraxError(f"model.task=causal_lm needs a causal LM; {model.model_type} is an encoder")
-    if cfg.model.quantize is not None:
-        from lowrax.quant.tree import QuantConfig, quantize
-
-        params = quantize(params, QuantConfig(cfg.model.quantize, cfg.model.quant_blocksize, cfg.model.double_quant), model)
     return model, params
 
 

@@ -12,6 +12,7 @@ from lowrax.errors import LowraxError
 from lowrax.optim import OptimizerConfig, make_optimizer
 from lowrax.quant.nf4 import NF4Tensor, dequantize
 from lowrax.train_step import init_state, make_train_step
+from tests.test_bad_input import tiny_llama_dir  # noqa: F401 - fixture
 from tests.test_train_step import make_batch, tiny  # noqa: F401 - fixture
 
 
@@ -50,3 +51,28 @@ def test_qlora_trains_and_merges(tiny):  # noqa: F811
     assert isinstance(base, NF4Tensor)
     err = np.abs(np.asarray(dequantize(base)) - np.asarray(params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]))
     assert 0 < err.mean() < 0.05  # a 4-bit base, close to the original
+
+
+def test_quantize_on_load_equals_quantizing_after(tiny_llama_dir):  # noqa: F811
+    model, params = lowrax.load_pretrained(tiny_llama_dir, progress=False)
+    after = lowrax.quantize(params, lowrax.QuantConfig(blocksize=32), model)
+    _, on_load = lowrax.load_pretrained(tiny_llama_dir, quantize=lowrax.QuantConfig(blocksize=32), progress=False)
+    assert jax.tree.structure(after) == jax.tree.structure(on_load)
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(on_load)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    k = on_load["model"]["layers"]["0"]["self_attn"]["k_proj"]["kernel"]
+    assert isinstance(k, NF4Tensor) and k.shape == (16, 8) and k.transposed
+
+
+def test_merge_requantized_reports_the_added_error(tiny):  # noqa: F811
+    model, params = tiny
+    q = lowrax.quantize(params, lowrax.QuantConfig(), model)
+    wrapped = lowrax.lora.wrap(q, lowrax.LoraConfig(r=4, target_modules=("q_proj", "v_proj"), init="random"), jax.random.key(0))
+    merged, report = lowrax.merge_requantized(wrapped)
+    kernel = merged["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+    assert isinstance(kernel, NF4Tensor) and kernel.transposed
+    assert set(report) == {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"} | {"worst"}
+    exact = lowrax.merge(wrapped)["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+    error = np.abs(np.asarray(dequantize(kernel)) - np.asarray(exact))
+    entry = report["model.layers.0.self_attn.q_proj"]
+    assert abs(entry["max_abs"] - error.max()) <= 1e-6 and 0 < entry["relative"] < 0.2

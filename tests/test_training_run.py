@@ -142,3 +142,17 @@ def test_cli_export_import_merge(tiny_dir, data_file, tmp_path):
     assert np.abs(ref - adapted).max() <= 1e-4
     # a second merge into the same place is refused rather than clobbering it
     assert main(["merge", str(run), str(tmp_path / "merged")]) == 2
+
+
+def test_qlora_run_merges_with_requantization(tiny_dir, data_file, tmp_path):
+    from lowrax.cli import main
+
+    run = tmp_path / "qrun"
+    assert main(["train", *overrides(tiny_dir, data_file, run, 2, **{"model.quantize": "nf4", "model.quant_blocksize": 32})]) == 0
+    assert main(["merge", "--requantize", str(run), str(tmp_path / "merged4")]) == 0
+    report = json.loads((tmp_path / "merged4" / "merge_report.json").read_text())
+    assert 0 <= report["worst"]["relative"] < 0.2
+    config = json.loads((tmp_path / "merged4" / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    model, params = lowrax.load_pretrained(tmp_path / "merged4", progress=False)
+    assert type(params["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]).__name__ == "NF4Tensor"

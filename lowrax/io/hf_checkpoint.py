@@ -50,11 +50,14 @@ def load_tensors(
     dtype,
     source: str,
     progress: bool = True,
+    quant=None,
 ) -> dict:
     """Build the parameter tree from a checkpoint, one tensor at a time.
 
     `lookup(hf_key)` returns (shape, read) for a key present in the checkpoint
-    or None. Every missing or misshapen tensor is reported in one error.
+    or None. Every missing or misshapen tensor is reported in one error. With
+    `quant` (a QuantConfig) linear kernels are quantized to NF4 as they are read,
+    so the full-precision model is never in memory at once.
     """
     specs = model.tensors()
     missing, misshapen, used = [], [], set()
@@ -88,6 +91,9 @@ def load_tensors(
         if isinstance(value, NF4Tensor):  # a bitsandbytes 4-bit weight, kept quantized
             tables.set_path(tree, t.path, jax.device_put(value))
             continue
+        if quant is not None and _quantizable(t, quant):
+            tables.set_path(tree, t.path, _quantize_hf(t, value.astype(dtype), quant))
+            continue
         array = t.from_hf(value)
         if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
             array = array.astype(dtype)
@@ -95,7 +101,23 @@ def load_tensors(
     return tree
 
 
-def load_hf_directory(model: Model, directory: Path, dtype, progress: bool = True) -> dict:
+def _quantizable(t: tables.Tensor, quant) -> bool:
+    """A 2-D linear kernel outside the QuantConfig's skip_modules."""
+    return t.path[-1] == "kernel" and len(t.shape) == 2 and not any(
+        skip in name for name in t.path for skip in quant.skip_modules)
+
+
+def _quantize_hf(t: tables.Tensor, hf_array: np.ndarray, quant):
+    """NF4 of a weight in its HF layout (bitsandbytes' bytes), presented as the Flax kernel."""
+    from lowrax.quant import nf4
+
+    q = nf4.quantize(jax.numpy.asarray(hf_array), quant.blocksize, quant.double_quant)
+    if t.layout == tables.TRANSPOSE:
+        q = q.replace(shape=t.shape, transposed=True)
+    return q
+
+
+def load_hf_directory(model: Model, directory: Path, dtype, progress: bool = True, quant=None) -> dict:
     """The parameter tree of an HF model directory (safetensors, single or sharded)."""
     from lowrax.io.safetensors_dir import SafetensorsDir
 
@@ -121,7 +143,8 @@ def load_hf_directory(model: Model, directory: Path, dtype, progress: bool = Tru
     for key in files.keys():  # resolve 4-bit weights first so their statistics are not reported unused
         if key.endswith(bnb_format.STATE_SUFFIX):
             lookup(key[: -len(bnb_format.STATE_SUFFIX)])
-    return load_tensors(model, lookup, [k for k in files.keys() if k not in statistics], dtype, str(directory), progress)
+    return load_tensors(model, lookup, [k for k in files.keys() if k not in statistics], dtype, str(directory), progress,
+                        quant)
 
 
 def tree_to_hf_tensors(params: dict, model: Model, keep_nf4: bool = False) -> dict[str, np.ndarray]:
