@@ -108,7 +108,8 @@ def generate_ids(
     for row, p in enumerate(prompts):  # left padding: every prompt ends at the same slot
         ids[row, prompt_len - len(p):] = p
         mask[row, prompt_len - len(p):] = 1
-    dtype = jax.tree.leaves(params)[0].dtype
+    # The activations' dtype: the first floating leaf (NF4 weights hold uint8 codes).
+    dtype = next(x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
     prefill, step = _compiled(model, sampling)
     rng = jax.random.key(seed)
     rng, sub = jax.random.split(rng)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrax.errors import LowraxError
+from lowrax.io.tables import get_path, set_path
 from lowrax.nodes import FullyTrained, LoraKernel
 
 # PEFT's default targets per model_type (peft.utils.constants).
@@ -96,11 +97,17 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _pattern_value(name: str, patterns: dict, default):
-    for pattern, value in patterns.items():
+def pattern_value(name: str, patterns: dict | None, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first regex matching the end of the module name."""
+    for pattern, value in (patterns or {}).items():
         if re.fullmatch(rf"(.*\.)?(?:{pattern})", name):
             return value
     return default
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """The factor on A @ B: alpha / r, or rank-stabilised alpha / sqrt(r)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def linear_modules(params: Any) -> dict[str, tuple[str, ...]]:
@@ -160,31 +167,24 @@ def wrap(params: Any, cfg: LoraConfig, key, model_type: str | None = None, adapt
     modules = linear_modules(params)
     out = jax.tree.map(lambda x: x, params)  # a fresh copy of the dict structure
 
-    def node_at(path):
-        node = out
-        for k in path[:-1]:
-            node = node[k]
-        return node
-
     for i, name in enumerate(targets):
         path = modules[name]
-        holder = node_at(path)
-        base = holder[path[-1]]
+        base = get_path(out, path)
         if isinstance(base, LoraKernel):
             raise LowraxError(f"{name} is already LoRA-wrapped; merge it first")
         d_in, d_out = base.shape
-        r = int(_pattern_value(name, cfg.rank_pattern, cfg.r))
+        r = int(pattern_value(name, cfg.rank_pattern, cfg.r))
         if not 1 <= r <= min(d_in, d_out):
             raise LowraxError(f"LoRA rank r={r} for {name} must be in 1..{min(d_in, d_out)} (min of its in={d_in}, out={d_out})")
-        alpha = float(_pattern_value(name, cfg.alpha_pattern, cfg.alpha))
-        scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+        alpha = float(pattern_value(name, cfg.alpha_pattern, cfg.alpha))
+        scale = lora_scale(alpha, r, cfg.use_rslora)
         ka, kb = jax.random.split(jax.random.fold_in(key, i))
         a = _init_a(ka, (d_in, r), cfg.init, r).astype(adapter_dtype)
         if cfg.init == "random":
             b = (jax.random.normal(kb, (r, d_out), jnp.float32) * 0.02).astype(adapter_dtype)
         else:
             b = jnp.zeros((r, d_out), adapter_dtype)
-        holder[path[-1]] = LoraKernel(base=base, a=a, b=b, scale=scale, dropout=cfg.dropout)
+        set_path(out, path, LoraKernel(base=base, a=a, b=b, scale=scale, dropout=cfg.dropout))
 
     for module in cfg.modules_to_save:
         if module not in out:

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.io import tables
 from lowrax.io.atomic import write_directory
-from lowrax.lora import linear_modules
+from lowrax.lora import linear_modules, lora_scale, pattern_value
 from lowrax.nodes import FullyTrained, LoraKernel
 
 PREFIX = "base_model.model."
@@ -113,15 +113,6 @@ def save_peft(params: Any, out_dir: str | Path, model=None, *, use_rslora: bool 
     return write_directory(out_dir, fill, overwrite)
 
 
-def _pattern(name: str, patterns: dict, default):
-    import re
-
-    for pattern, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?(?:{pattern})", name):
-            return value
-    return default
-
-
 def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jnp.float32) -> Any:
     """Wrap plain `params` with the LoRA adapter PEFT saved in `adapter_dir`."""
     adapter_dir = Path(adapter_dir)
@@ -144,10 +135,7 @@ def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jn
         if b_key not in tensors:
             raise CheckpointError(f"adapter has {PREFIX}{a_key} but no {PREFIX}{b_key}")
         path = modules[name]
-        holder = out
-        for k in path[:-1]:
-            holder = holder[k]
-        base = holder[path[-1]]
+        base = tables.get_path(out, path)
         d_in, d_out = base.shape
         a_t, b_t = tensors[a_key], tensors[b_key]
         r = a_t.shape[0]
@@ -156,10 +144,10 @@ def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jn
                 f"adapter tensors for {name} do not fit the model: {PREFIX}{a_key} is {a_t.shape} and "
                 f"{PREFIX}{b_key} is {b_t.shape}, expected (r, {d_in}) and ({d_out}, r)"
             )
-        alpha = float(_pattern(name, config.get("alpha_pattern"), config.get("lora_alpha", 8)))
-        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        holder[path[-1]] = LoraKernel(base=base, a=jnp.asarray(a_t.T, adapter_dtype), b=jnp.asarray(b_t.T, adapter_dtype),
-                                      scale=scale, dropout=float(config.get("lora_dropout", 0.0)))
+        alpha = float(pattern_value(name, config.get("alpha_pattern"), config.get("lora_alpha", 8)))
+        tables.set_path(out, path, LoraKernel(base=base, a=jnp.asarray(a_t.T, adapter_dtype), b=jnp.asarray(b_t.T, adapter_dtype),
+                                              scale=lora_scale(alpha, r, use_rslora),
+                                              dropout=float(config.get("lora_dropout", 0.0))))
     rest = [k for k in tensors if ".lora_A." not in k and ".lora_B." not in k]
     if rest:
         if model is None:

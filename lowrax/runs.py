@@ -21,6 +21,7 @@ from lowrax.errors import LowraxError
 from lowrax.lora import LoraConfig
 from lowrax.optim import make_optimizer
 from lowrax.train_step import init_state
+from lowrax.trainer import build_model
 
 
 def read_run_config(run_dir: Path) -> TrainConfig:
@@ -30,23 +31,11 @@ def read_run_config(run_dir: Path) -> TrainConfig:
     return from_dict(yaml.safe_load(path.read_text()))
 
 
-def wrapped_model(cfg: TrainConfig):
-    """(model, base params, wrapped params) built as `run_training` builds them (adapter values are placeholders)."""
-    from lowrax.trainer import _load_model
-
-    key = jax.random.key(cfg.train.seed)
-    model, base = _load_model(cfg, jax.random.fold_in(key, 1))
-    lora_cfg = cfg.lora
-    if cfg.model.task == "classification" and not lora_cfg.modules_to_save:
-        lora_cfg = dataclasses.replace(lora_cfg, modules_to_save=("classifier",))
-    return model, base, lowrax.lora.wrap(base, lora_cfg, jax.random.fold_in(key, 2), model.model_type)
-
-
 def restore_run(run_dir: str | Path, step: int | None = None):
     """(cfg, model, params with the trained adapters) from a run directory's latest (or given) checkpoint."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    model, _, params = wrapped_model(cfg)
+    model, _, params = build_model(cfg)
     trainable, frozen = lowrax.split(params)
     ckpts = Checkpoints(run_dir / "checkpoints")
     step = ckpts.latest_step() if step is None else step
@@ -114,7 +103,7 @@ def import_peft(adapter_dir: str | Path, out_dir: str | Path, model_path: str | 
     values = apply_overrides({"model": {"path": model_path}, "lora": dataclasses.asdict(lora_cfg),
                               "train": {"output_dir": str(out_dir)}}, list(overrides))
     cfg = from_dict(values)
-    model, base, wrapped = wrapped_model(cfg)
+    model, base, wrapped = build_model(cfg)
     params = lowrax.load_peft(base, adapter_dir, model)
     trainable, _ = lowrax.split(params)
     if jax.tree.structure(trainable) != jax.tree.structure(lowrax.split(wrapped)[0]):

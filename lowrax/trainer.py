@@ -50,6 +50,20 @@ def _check_output_dir(out: Path, cfg: TrainConfig) -> None:
             raise LowraxError(f"{out} already holds checkpoints and train.resume=false; use a new train.output_dir")
 
 
+def build_model(cfg: TrainConfig):
+    """(model, base params, LoRA-wrapped params) as a run with this config trains them.
+
+    The adapter initialisation depends only on `train.seed`, so a run directory's
+    checkpoint always restores into the same structure (`lowrax.runs`).
+    """
+    key = jax.random.key(cfg.train.seed)
+    model, base = _load_model(cfg, jax.random.fold_in(key, 1))
+    lora_cfg = cfg.lora
+    if cfg.model.task == "classification" and not lora_cfg.modules_to_save:
+        lora_cfg = dataclasses.replace(lora_cfg, modules_to_save=("classifier",))
+    return model, base, lowrax.lora.wrap(base, lora_cfg, jax.random.fold_in(key, 2), model.model_type)
+
+
 def _load_model(cfg: TrainConfig, key):
     dtype = DTYPES.get(cfg.model.dtype)
     if dtype is None:
@@ -138,8 +152,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     """Fine-tune per `cfg`; returns the summary also written to summary.json."""
     out = Path(cfg.train.output_dir)
     _check_output_dir(out, cfg)
-    key = jax.random.key(cfg.train.seed)
-    model, base = _load_model(cfg, jax.random.fold_in(key, 1))
+    model, base, params = build_model(cfg)
     tokenizer = lowrax.load_tokenizer(cfg.model.path)
     task = cfg.model.task
     train_records, eval_records = load_records(cfg.data)
@@ -149,10 +162,6 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     batches = Batches(train_data, cfg.data.seq_len, cfg.train.batch_size, cfg.data.shuffle_seed, cfg.data.packing, pad,
                       cfg.data.loss_positions if task == "causal_lm" else 0)
 
-    lora_cfg = cfg.lora
-    if task == "classification" and not lora_cfg.modules_to_save:
-        lora_cfg = dataclasses.replace(lora_cfg, modules_to_save=("classifier",))
-    params = lowrax.lora.wrap(base, lora_cfg, jax.random.fold_in(key, 2), model.model_type)
     trainable, frozen = lowrax.split(params)
     optimizer = make_optimizer(cfg.optim)
     state = init_state(trainable, optimizer, cfg.train.seed)
@@ -185,22 +194,24 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         if scorer.kind == "exact_match" and cfg.train.samples:
             summary["samples_before"] = _samples(scorer, params, cfg.train.samples, log, "before")
 
-    def batch_for(step: int) -> dict:
+    def batch_for(step: int) -> tuple[dict, int]:
+        """The step's batch on the device, and its count of real (non-padding) tokens."""
         micro = [batches.batch(step * accum + i) for i in range(accum)]
         stacked = {k: np.stack([m[k] for m in micro]) for k in micro[0]} if accum > 1 else micro[0]
-        return {k: jnp.asarray(v) for k, v in stacked.items()}
+        return {k: jnp.asarray(v) for k, v in stacked.items()}, int(stacked["attention_mask"].sum())
+
+    evaluate = EvalLoss(model, eval_data, cfg, pad)
 
     bar = tqdm(range(start_step, cfg.train.steps), desc="training", unit="step", disable=not progress,
                initial=start_step, total=cfg.train.steps)
     train_start, tokens_seen = time.perf_counter(), 0
     with metrics_path.open("a") as metrics_file:
         for step in bar:
-            batch = batch_for(step)
+            batch, real_tokens = batch_for(step)
             t0 = time.perf_counter()
             state, m = step_fn(state, frozen, batch)
-            loss = float(m["loss"])
+            loss = float(m["loss"])  # waits for the step: the progress bar and metrics.jsonl show every loss
             dt = time.perf_counter() - t0
-            real_tokens = int(np.asarray(batch["attention_mask"]).sum())
             tokens_seen += real_tokens
             row = {"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens": real_tokens,
                    "tokens_per_s": real_tokens / dt}
@@ -209,7 +220,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{real_tokens / dt:.0f}")
             done = step + 1
             if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-                metrics_file.write(json.dumps({"step": done, "eval_loss": _eval_loss(model, state, frozen, eval_data, cfg, pad)}) + "\n")
+                metrics_file.write(json.dumps({"step": done, "eval_loss": evaluate(state.trainable, frozen)}) + "\n")
             if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
                 size = ckpts.save(done, state, {"step": done, "examples_seen": done * accum * cfg.train.batch_size,
                                                 "summary": {k: v for k, v in summary.items() if k.endswith("before")}})
@@ -221,13 +232,13 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     summary["real_tokens_per_s"] = tokens_seen / elapsed if elapsed > 0 else None
     summary["final_loss"] = loss if cfg.train.steps > start_step else None
     if eval_data.ids:
-        summary["eval_loss"] = _eval_loss(model, state, frozen, eval_data, cfg, pad)
+        summary["eval_loss"] = evaluate(state.trainable, frozen)
     if scorer.kind:
         summary["metric_after"] = scorer.score(final)
         log(f"{scorer.kind} after training: {summary['metric_after']:.3f}")
     if scorer.kind == "exact_match" and cfg.train.samples:
         summary["samples_after"] = _samples(scorer, final, cfg.train.samples, log, "after")
-    adapter = lowrax.save_peft(final, out / "adapter", model, use_rslora=lora_cfg.use_rslora,
+    adapter = lowrax.save_peft(final, out / "adapter", model, use_rslora=cfg.lora.use_rslora,
                                base_model=str(cfg.model.path) if cfg.model.path else None, overwrite=True)
     summary["adapter_bytes"] = directory_size(adapter)
     ckpts.close()
@@ -247,20 +258,31 @@ def _samples(scorer: TaskScorer, params, n: int, log, when: str) -> list[dict]:
     return samples
 
 
-def _eval_loss(model, state, frozen, data, cfg: TrainConfig, pad: int) -> float:
-    """Mean loss over the held-out set: one pass in batches of train.batch_size, each example counted once."""
-    loss_fn = causal_lm_loss if model.is_causal_lm else classification_loss
-    fn = jax.jit(lambda trainable, batch: loss_fn(model, lowrax.combine(trainable, frozen), batch))
-    batches = Batches(data, cfg.data.seq_len, cfg.train.batch_size, seed=0, packing=False, pad_id=pad)
-    total, count = 0.0, 0.0
-    size = cfg.train.batch_size
-    for k in range(-(-len(data.ids) // size)):
-        batch = batches.batch(k)
-        filler = np.arange(k * size, (k + 1) * size) >= len(data.ids)  # rows that wrapped into a second epoch
-        if model.is_causal_lm:
-            batch["loss_mask"][filler] = 0
-        else:
-            batch["example_weights"] = (~filler).astype(np.float32)
-        s, n = fn(state.trainable, {key: jnp.asarray(v) for key, v in batch.items()})
-        total, count = total + float(s), count + float(n)
-    return total / max(count, 1.0)
+class EvalLoss:
+    """Mean loss over the held-out set, each example counted once; compiled once per run.
+
+    The batches are built once; the frozen half is an argument of the jitted function
+    (a closure would bake the whole base model into the program as constants).
+    """
+
+    def __init__(self, model, data, cfg: TrainConfig, pad: int):
+        loss_fn = causal_lm_loss if model.is_causal_lm else classification_loss
+        self._fn = jax.jit(lambda trainable, frozen, batch: loss_fn(model, lowrax.combine(trainable, frozen), batch))
+        size = cfg.train.batch_size
+        batches = Batches(data, cfg.data.seq_len, size, seed=0, packing=False, pad_id=pad) if data.ids else None
+        self._batches = []
+        for k in range(-(-len(data.ids) // size)):
+            batch = batches.batch(k)
+            filler = np.arange(k * size, (k + 1) * size) >= len(data.ids)  # rows that wrapped into a second epoch
+            if model.is_causal_lm:
+                batch["loss_mask"][filler] = 0
+            else:
+                batch["example_weights"] = (~filler).astype(np.float32)
+            self._batches.append(batch)
+
+    def __call__(self, trainable, frozen) -> float:
+        total, count = 0.0, 0.0
+        for batch in self._batches:
+            s, n = self._fn(trainable, frozen, batch)
+            total, count = total + float(s), count + float(n)
+        return total / max(count, 1.0)

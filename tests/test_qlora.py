@@ -76,3 +76,12 @@ def test_merge_requantized_reports_the_added_error(tiny):  # noqa: F811
     error = np.abs(np.asarray(dequantize(kernel)) - np.asarray(exact))
     entry = report["model.layers.0.self_attn.q_proj"]
     assert abs(entry["max_abs"] - error.max()) <= 1e-6 and 0 < entry["relative"] < 0.2
+
+
+def test_generation_with_nf4_weights_uses_the_float_dtype(tiny):  # noqa: F811
+    """With the output head quantized too, the tree's first leaf holds uint8 codes: the KV cache must still be float."""
+    model, params = tiny
+    q = lowrax.quantize(params, lowrax.QuantConfig(blocksize=32, skip_modules=()), model)
+    assert jax.tree.leaves(q)[0].dtype == jnp.uint8  # lm_head's packed codes
+    plain = lowrax.generate_ids(model, lowrax.merge(q), [[1, 2, 3]], max_new_tokens=4)
+    assert lowrax.generate_ids(model, q, [[1, 2, 3]], max_new_tokens=4) == plain

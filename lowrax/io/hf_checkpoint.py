@@ -83,21 +83,17 @@ def load_tensors(
     if unused:
         log.warning("%s: %d tensors not used by %s, e.g. %s", source, len(unused), model.model_type, unused[:5])
 
-    tree: dict = {}
-    from lowrax.quant.nf4 import NF4Tensor
+    from lowrax.quant import nf4
 
+    tree: dict = {}
     for t, read in tqdm(resolved, desc=f"loading {Path(source).name}", unit="tensor", disable=not progress, leave=False):
-        value = read()
-        if isinstance(value, NF4Tensor):  # a bitsandbytes 4-bit weight, kept quantized
-            tables.set_path(tree, t.path, jax.device_put(value))
-            continue
-        if quant is not None and _quantizable(t, quant):
-            tables.set_path(tree, t.path, _quantize_hf(t, value.astype(dtype), quant))
-            continue
-        array = t.from_hf(value)
-        if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
-            array = array.astype(dtype)
-        tables.set_path(tree, t.path, jax.device_put(array))
+        value = read()  # in the HF layout: an array, or an NF4Tensor from a 4-bit checkpoint
+        if quant is not None and not isinstance(value, nf4.NF4Tensor) and _quantizable(t, quant):
+            value = nf4.quantize(jax.numpy.asarray(value.astype(dtype)), quant.blocksize, quant.double_quant)
+        value = t.from_hf(value)
+        if not isinstance(value, nf4.NF4Tensor) and (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
+            value = value.astype(dtype)
+        tables.set_path(tree, t.path, jax.device_put(value))
     return tree
 
 
@@ -107,44 +103,27 @@ def _quantizable(t: tables.Tensor, quant) -> bool:
         skip in name for name in t.path for skip in quant.skip_modules)
 
 
-def _quantize_hf(t: tables.Tensor, hf_array: np.ndarray, quant):
-    """NF4 of a weight in its HF layout (bitsandbytes' bytes), presented as the Flax kernel."""
-    from lowrax.quant import nf4
-
-    q = nf4.quantize(jax.numpy.asarray(hf_array), quant.blocksize, quant.double_quant)
-    if t.layout == tables.TRANSPOSE:
-        q = q.replace(shape=t.shape, transposed=True)
-    return q
-
-
 def load_hf_directory(model: Model, directory: Path, dtype, progress: bool = True, quant=None) -> dict:
-    """The parameter tree of an HF model directory (safetensors, single or sharded)."""
-    from lowrax.io.safetensors_dir import SafetensorsDir
+    """The parameter tree of an HF model directory (safetensors, single or sharded).
 
-    from lowrax.io.tables import TRANSPOSE
+    Weights saved 4-bit by transformers + bitsandbytes stay NF4 (their statistics are
+    read with them, so they are not reported as unused tensors).
+    """
+    from lowrax.io.safetensors_dir import SafetensorsDir
     from lowrax.quant import bnb_format
 
     files = SafetensorsDir(directory)
-    layouts = {t.hf_key: t.layout for t in model.tensors()}
-    layouts.update({k[len(model.bare_prefix):]: v for k, v in layouts.items() if model.bare_prefix and k.startswith(model.bare_prefix)})
-    statistics = set()
 
     def lookup(key):
         if key not in files:
             return None
         if bnb_format.is_quantized(key, files.__contains__):
-            state = bnb_format.read_state(files.get(key + bnb_format.STATE_SUFFIX))
-            statistics.update(k for k in files.keys() if k.startswith(key + "."))
-            transposed = layouts.get(key) == TRANSPOSE
-            shape = tuple(state["shape"])
-            return shape, lambda: bnb_format.nf4_from_tensors(key, files.get, files.__contains__, transposed)
+            shape = tuple(bnb_format.read_state(files.get(key + bnb_format.STATE_SUFFIX))["shape"])
+            return shape, lambda: bnb_format.nf4_from_tensors(key, files.get, files.__contains__)
         return files.shape(key), lambda: files.get(key)
 
-    for key in files.keys():  # resolve 4-bit weights first so their statistics are not reported unused
-        if key.endswith(bnb_format.STATE_SUFFIX):
-            lookup(key[: -len(bnb_format.STATE_SUFFIX)])
-    return load_tensors(model, lookup, [k for k in files.keys() if k not in statistics], dtype, str(directory), progress,
-                        quant)
+    tensors = [k for k in files.keys() if not k.endswith(bnb_format.STATISTIC_SUFFIXES)]
+    return load_tensors(model, lookup, tensors, dtype, str(directory), progress, quant)
 
 
 def tree_to_hf_tensors(params: dict, model: Model, keep_nf4: bool = False) -> dict[str, np.ndarray]:

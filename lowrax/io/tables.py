@@ -45,8 +45,16 @@ class Tensor:
         """The shape the tensor has in the HF checkpoint."""
         return tuple(reversed(self.shape)) if self.layout == TRANSPOSE else self.shape
 
-    def from_hf(self, array: np.ndarray) -> np.ndarray:
-        """HF layout -> tree layout (shape already checked)."""
+    def from_hf(self, array):
+        """HF layout -> tree layout (shape already checked).
+
+        An NF4 weight keeps its bytes in the HF layout (as bitsandbytes stores them) and
+        is marked transposed, so it dequantizes to the Flax kernel.
+        """
+        from lowrax.quant.nf4 import NF4Tensor
+
+        if isinstance(array, NF4Tensor):
+            return array.replace(shape=self.shape, transposed=True) if self.layout == TRANSPOSE else array
         return np.ascontiguousarray(array.T) if self.layout == TRANSPOSE else array
 
     def to_hf(self, array: np.ndarray) -> np.ndarray:

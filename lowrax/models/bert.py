@@ -192,5 +192,5 @@ def add_classification_head(model: BertModel, params: dict, num_labels: int, key
     for i, t in enumerate(x for x in headed.tensors() if x.path[0] == "classifier"):
         value = (0.02 * jax.random.normal(jax.random.fold_in(key, i), t.shape) if t.path[-1] == "kernel"
                  else jnp.zeros(t.shape))
-        tables.set_path(out, t.path, value.astype(jax.tree.leaves(params)[0].dtype))
+        tables.set_path(out, t.path, value.astype(params[model.config.root]["embeddings"]["word_embeddings"]["embedding"].dtype))
     return headed, out

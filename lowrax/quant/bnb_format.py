@@ -22,6 +22,8 @@ from lowrax.quant import nf4
 from lowrax.quant.codes import DYNAMIC_MAP, NF4_LEVELS
 
 STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
+# Tensors stored beside a 4-bit weight (not parameters of their own).
+STATISTIC_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", STATE_SUFFIX)
 
 
 def is_quantized(key: str, has: Callable[[str], bool]) -> bool:
@@ -32,8 +34,11 @@ def read_state(raw: np.ndarray) -> dict:
     return json.loads(bytes(np.asarray(raw, np.uint8)).decode())
 
 
-def nf4_from_tensors(key: str, get: Callable[[str], np.ndarray], has: Callable[[str], bool], transposed: bool) -> nf4.NF4Tensor:
-    """Rebuild the NF4Tensor bitsandbytes saved under `key` (a missing statistic is named)."""
+def nf4_from_tensors(key: str, get: Callable[[str], np.ndarray], has: Callable[[str], bool]) -> nf4.NF4Tensor:
+    """Rebuild the NF4Tensor bitsandbytes saved under `key`, in the HF layout (a missing statistic is named).
+
+    `tables.Tensor.from_hf` turns it into the Flax kernel's view, as it does for arrays.
+    """
     state = read_state(get(key + STATE_SUFFIX))
     if state.get("quant_type") != "nf4":
         raise CheckpointError(f"{key}: quant_type {state.get('quant_type')!r} is not supported (supported: nf4)")
@@ -44,15 +49,12 @@ def nf4_from_tensors(key: str, get: Callable[[str], np.ndarray], has: Callable[[
         raise CheckpointError(f"4-bit weight {key} is missing its statistics: {', '.join(missing)}")
     if not np.array_equal(get(key + ".quant_map").astype(np.float32), NF4_LEVELS):
         raise CheckpointError(f"{key}.quant_map is not the NF4 code book")
-    stored = tuple(state["shape"])
-    shape = tuple(reversed(stored)) if transposed else stored
     return nf4.NF4Tensor(
         packed=jnp.asarray(get(key).reshape(-1)), absmax=jnp.asarray(get(key + ".absmax")),
         nested_absmax=jnp.asarray(get(key + ".nested_absmax")) if double else None,
         offset=jnp.asarray(np.float32(state["nested_offset"])) if double else None,
         nested_code=jnp.asarray(get(key + ".nested_quant_map").astype(np.float32)) if double else None,
-        shape=shape, dtype=str(state["dtype"]).replace("torch.", ""), blocksize=int(state["blocksize"]),
-        transposed=transposed)
+        shape=tuple(state["shape"]), dtype=str(state["dtype"]).replace("torch.", ""), blocksize=int(state["blocksize"]))
 
 
 def nf4_to_tensors(key: str, t: nf4.NF4Tensor) -> dict[str, np.ndarray]:
