@@ -11,7 +11,6 @@ Reports for the model (default: the embedded SmolLM2-135M-Instruct, float32):
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -24,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_common import best_of, emit, load_torch_causal_lm  # noqa: E402
+from bench_common import base_parser, best_of, emit, load_torch_causal_lm  # noqa: E402
 
 import lowrax  # noqa: E402
 from lowrax.generate import SamplingConfig  # noqa: E402
@@ -74,14 +73,10 @@ def main() -> None:
         import bench_lora
 
         return bench_lora.main()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=128)
+    ap = base_parser(__doc__)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers-torch side")
-    ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
 
     model, params = lowrax.load_pretrained(args.model, progress=False)

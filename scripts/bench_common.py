@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
+
+
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark shares: model, batch shape, JSON output."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    return ap
 
 
 def best_of(fn, repeats: int) -> float:

@@ -11,7 +11,6 @@ step in transformers + PEFT (torch) and the ratio.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_common import emit, load_torch_causal_lm, timed  # noqa: E402
+from bench_common import base_parser, emit, load_torch_causal_lm, timed  # noqa: E402
 
 import lowrax  # noqa: E402
 from lowrax.optim import OptimizerConfig, make_optimizer  # noqa: E402
@@ -67,6 +66,12 @@ def default_task_batches(tokenizer, batch_size: int, steps: int, seq_len: int = 
     return lowrax_batches, torch_batches
 
 
+def compiled_flops(jitted, *args) -> float:
+    """XLA's cost-analysis FLOPs of one call (compiles, does not run)."""
+    cost = jitted.lower(*args).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+
 def bench_lowrax(model, params, ids, rank, steps, batches=None):
     wrapped = lowrax.lora.wrap(params, lowrax.LoraConfig(r=rank, alpha=2 * rank, target_modules="all-linear"),
                                jax.random.key(0), model.model_type)
@@ -78,9 +83,12 @@ def bench_lowrax(model, params, ids, rank, steps, batches=None):
                     "loss_mask": np.ones(ids.shape, np.int32)}] * (steps + 1)
     batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in batches]
     step = jax.jit(make_train_step(model, optimizer), donate_argnums=(0,))
-    compiled = step.lower(state, frozen, batches[0]).compile()
-    cost = compiled.cost_analysis()
-    flops = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+    flops = compiled_flops(step, state, frozen, batches[0])
+    # The same step training every weight (compiled only, never run): what LoRA saves in FLOPs.
+    full_trainable, full_frozen = lowrax.split(jax.tree.map(lowrax.FullyTrained, params))
+    full_step = jax.jit(make_train_step(model, optimizer))
+    full_flops = compiled_flops(full_step, jax.eval_shape(lambda t: init_state(t, optimizer), full_trainable),
+                                full_frozen, batches[0])
     state, m = step(state, frozen, batches[0])
     m["loss"].block_until_ready()
     times, tokens = [], 0
@@ -92,6 +100,7 @@ def bench_lowrax(model, params, ids, rank, steps, batches=None):
         tokens += int(np.asarray(batch["attention_mask"]).sum())
     t = float(np.median(times))
     return {"tokens_per_s": tokens / sum(times), "step_s": t, "flops_per_step": flops,
+            "full_finetune_flops_per_step": full_flops, "lora_over_full_finetune_flops": flops / full_flops,
             "achieved_flops_per_s": flops / t, "trainable_params": lowrax.count_params(trainable)}
 
 
@@ -156,16 +165,12 @@ def in_subprocess(side: str, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=128)
+    ap = base_parser(__doc__)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--vs-peft", action="store_true")
     ap.add_argument("--default-task", action="store_true",
                     help="the embedded date task (batch 16, real tokens/s) instead of a uniform batch")
-    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     result = {"model": str(args.model or "embedded SmolLM2-135M-Instruct"), "dtype": "float32", "rank": args.rank,
               "batch": args.batch, "seq": args.seq, "backend": jax.default_backend(),
