@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from lowrax.nodes import unwrap_fully_trained
-from lowrax.tree import combine, with_dropout_keys
+from lowrax.nodes import resolve
+from lowrax.tree import after_update, combine, precondition_grads, with_dropout_keys
 
 
 @struct.dataclass
@@ -57,7 +57,7 @@ def causal_lm_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
         weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
         if segments is not None:  # never predict a packed example's first token from the previous example
             weights = weights * (segments[:, 1:] == segments[:, :-1])
-    logits = model.logits_from_hidden(unwrap_fully_trained(params), hidden).astype(jnp.float32)
+    logits = model.logits_from_hidden(resolve(params), hidden).astype(jnp.float32)
     # log p(target) = logit[target] - logsumexp(logits), without materialising every log-probability.
     token_loss = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(token_loss * weights), jnp.sum(weights)
@@ -109,8 +109,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
                 micro, (jnp.zeros(()), jnp.zeros(()), zeros), (batch, jnp.arange(grad_accum_steps)))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
+        grads = precondition_grads(grads, combine(state.trainable, frozen))  # LoRA-FA's projected B gradient
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
+        trainable = after_update(optax.apply_updates(state.trainable, updates), state.step + 1)  # Delta-LoRA's anchor
         new_state = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state,
                                rng=jax.random.key_data(rng))
         metrics = {"loss": loss_sum / count, "tokens": count, "grad_norm": optax.tree_utils.tree_norm(grads)}

@@ -2,10 +2,11 @@
 
     trainable, frozen = split(params)     # same structure; each half has None where the other has a leaf
     params = combine(trainable, frozen)
-    merged = merge(params)                # plain arrays again: base + scale * A @ B (NF4 bases dequantized)
-    params = unmerge(merged, params)      # adapters back, base recovered as merged - scale * A @ B
+    merged = merge(params)                # plain arrays again (NF4 bases dequantized)
+    params = unmerge(merged, params)      # adapters back over merged weights
 
 All of them are jit-able and keep sharding (they only restructure or add arrays).
+They work on every adapter node type through the interface in `lowrax.nodes`.
 """
 
 from __future__ import annotations
@@ -15,28 +16,37 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lowrax.nodes import FullyTrained, LoraKernel
+from lowrax.nodes import ANCHOR, FROZEN, FULL, LORA_A, LORA_B, VECTOR, FullyTrained, is_adapter, is_node, resolve
 
-FROZEN, LORA_A, LORA_B, FULL = "frozen", "lora_a", "lora_b", "full"
+__all__ = ["FROZEN", "LORA_A", "LORA_B", "VECTOR", "FULL", "ANCHOR", "labels", "split", "combine", "merge",
+           "unmerge", "with_dropout_keys", "count_params", "after_update", "precondition_grads"]
 
-
-def _is_node(x: Any) -> bool:
-    return isinstance(x, (LoraKernel, FullyTrained))
+# Top-level keys of arrays that adapters share across layers (VeRA's projections).
+SHARED_KEYS = ("vera_shared",)
 
 
 def labels(params: Any) -> Any:
-    """A tree of optax labels with the structure of `params`' array leaves:
-    `lora_a`, `lora_b`, `full` (trained in full) or `frozen`."""
+    """A tree of optax labels with the structure of `params`' array leaves: `lora_a`,
+    `lora_b`, `vector` (DoRA magnitudes, VeRA scalings), `anchor` (Delta-LoRA's
+    reference product: carried in the trainable half, never given an update),
+    `full` (trained in full) or `frozen`."""
 
     def label(x):
-        if isinstance(x, LoraKernel):
-            return LoraKernel(base=jax.tree.map(lambda _: FROZEN, x.base), a=LORA_A, b=LORA_B,
-                              dropout_key=None, scale=x.scale, dropout=x.dropout)
+        if is_adapter(x):
+            named = x.field_labels()
+            return x.replace(**{f: jax.tree.map(lambda _, lab=named.get(f, FROZEN): lab, getattr(x, f))
+                                for f in _array_fields(x)})
         if isinstance(x, FullyTrained):
             return FullyTrained(FULL)
         return FROZEN
 
-    return jax.tree.map(label, params, is_leaf=_is_node)
+    return jax.tree.map(label, params, is_leaf=is_node)
+
+
+def _array_fields(node) -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(node) if f.metadata.get("pytree_node", True)]
 
 
 def split(params: Any) -> tuple[Any, Any]:
@@ -52,23 +62,6 @@ def combine(trainable: Any, frozen: Any) -> Any:
     return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
 
 
-def merge(params: Any) -> Any:
-    """Plain-array params: every LoRA kernel becomes base + scale * A @ B (in the base's dtype)."""
-
-    def merge_node(x):
-        if isinstance(x, LoraKernel):
-            base = _dense(x.base)
-            return (base.astype(jnp.float32) + x.delta()).astype(base.dtype)
-        if isinstance(x, FullyTrained):
-            return x.value
-        return x
-
-    from lowrax.quant.nf4 import NF4Tensor
-
-    return jax.tree.map(lambda x: _dense(x) if isinstance(x, NF4Tensor) else merge_node(x), params,
-                        is_leaf=lambda x: _is_node(x) or isinstance(x, NF4Tensor))
-
-
 def _dense(base):
     """A kernel as a plain array: NF4 bases are dequantized (to the dtype they were quantized from)."""
     from lowrax.quant.nf4 import NF4Tensor, dequantize
@@ -76,32 +69,79 @@ def _dense(base):
     return dequantize(base) if isinstance(base, NF4Tensor) else base
 
 
-def unmerge(merged: Any, adapted: Any) -> Any:
-    """Put the adapters of `adapted` back over `merged` plain weights: base = merged - scale * A @ B."""
+def merge(params: Any) -> Any:
+    """Plain-array params: every adapter node becomes its merged kernel (in the base's dtype)."""
+    from lowrax.quant.nf4 import NF4Tensor
 
-    def unmerge_node(m, x):
-        if isinstance(x, LoraKernel):
-            base = (m.astype(jnp.float32) - x.delta()).astype(m.dtype)
-            return x.replace(base=base)
-        if isinstance(x, FullyTrained):
+    def merge_node(x):
+        if is_adapter(x):
+            base = _dense(x.base)
+            return x.merge_into(base.astype(jnp.float32)).astype(base.dtype)
+        return _dense(x) if isinstance(x, NF4Tensor) else x
+
+    bound = resolve(params)
+    out = jax.tree.map(merge_node, bound, is_leaf=lambda x: is_node(x) or isinstance(x, NF4Tensor))
+    return {k: v for k, v in out.items() if k not in SHARED_KEYS} if isinstance(out, dict) else out
+
+
+def unmerge(merged: Any, adapted: Any) -> Any:
+    """Put the adapters of `adapted` back over `merged` plain weights (the inverse of `merge`)."""
+    bound = resolve(adapted)
+
+    def unmerge_node(m, x, kept):
+        if is_adapter(x):
+            base = x.unmerge_from(m.astype(jnp.float32), _dense(x.base).astype(jnp.float32)).astype(m.dtype)
+            return kept.replace(base=base)
+        if isinstance(kept, FullyTrained):
             return FullyTrained(m)
         return m
 
-    return jax.tree.map(unmerge_node, merged, adapted, is_leaf=lambda x: not isinstance(x, dict))
+    # `kept` is the node as stored (shared arrays unbound); `bound` has them for the arithmetic.
+    body = {k: v for k, v in adapted.items() if k not in SHARED_KEYS} if isinstance(adapted, dict) else adapted
+    bound_body = {k: bound[k] for k in body} if isinstance(adapted, dict) else bound
+    out = jax.tree.map(unmerge_node, merged, bound_body, body, is_leaf=lambda x: not isinstance(x, dict))
+    if isinstance(adapted, dict):
+        out.update({k: adapted[k] for k in SHARED_KEYS if k in adapted})
+    return out
 
 
 def with_dropout_keys(params: Any, key) -> Any:
-    """Give every LoRA node with dropout its own key for this step (a pure function of `key`)."""
+    """Give every adapter node with dropout its own key for this step (a pure function of `key`)."""
     counter = iter(range(1 << 30))
 
     def attach(x):
-        if isinstance(x, LoraKernel) and x.dropout > 0.0:
+        if is_adapter(x) and getattr(x, "dropout", 0.0) > 0.0:
             return x.replace(dropout_key=jax.random.fold_in(key, next(counter)))
         return x
 
-    return jax.tree.map(attach, params, is_leaf=_is_node)
+    return jax.tree.map(attach, params, is_leaf=is_node)
+
+
+def precondition_grads(grads: Any, params: Any) -> Any:
+    """Let adapter nodes rewrite their own gradients before the optimizer sees them
+    (LoRA-FA's projected B gradient). grads: the trainable half's gradients; params: the
+    whole tree."""
+
+    def visit(g, p):
+        if g is not None and hasattr(p, "precondition_grad"):
+            return p.precondition_grad(g)
+        return g
+
+    return jax.tree.map(visit, grads, params, is_leaf=lambda x: x is None or is_node(x))
+
+
+def after_update(trainable: Any, step) -> Any:
+    """Let adapter nodes apply rules outside the gradient step (Delta-LoRA's anchor).
+    `step`: optimizer steps done, this update included."""
+    return jax.tree.map(lambda x: x.after_update(step) if hasattr(x, "after_update") else x, trainable, is_leaf=is_node)
 
 
 def count_params(tree: Any) -> int:
     """Number of scalars in the array leaves of a (possibly partial) tree."""
     return sum(int(x.size) for x in jax.tree.leaves(tree) if hasattr(x, "size"))
+
+
+def count_trained(trainable: Any) -> int:
+    """Scalars that receive updates: the trainable half less Delta-LoRA anchors."""
+    lab = labels(trainable)
+    return sum(int(x.size) for x, l in zip(jax.tree.leaves(trainable), jax.tree.leaves(lab)) if l != ANCHOR)

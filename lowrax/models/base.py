@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from lowrax.io import tables
 from lowrax.models.layers import positions_from_mask, segment_positions, segment_visibility
-from lowrax.nodes import unwrap_fully_trained
+from lowrax.nodes import resolve
 
 
 class Model:
@@ -60,11 +60,11 @@ class CausalLM(Model):
         each other and restart their positions.
         """
         hidden = self.final_hidden(params, input_ids, attention_mask, position_ids, segment_ids)
-        return self.logits_from_hidden(unwrap_fully_trained(params), hidden)
+        return self.logits_from_hidden(resolve(params), hidden)
 
     def final_hidden(self, params, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
         """Final-norm hidden states [b, t, hidden] (what `apply` projects to logits)."""
-        params = unwrap_fully_trained(params)
+        params = resolve(params)
         if segment_ids is not None:
             key_valid = segment_visibility(segment_ids)
             if position_ids is None:
@@ -113,7 +113,7 @@ class CausalLM(Model):
         The key-validity mask covers the whole cache: prompt padding is invalid,
         every later slot valid once written (causality hides unwritten ones).
         """
-        params = unwrap_fully_trained(params)
+        params = resolve(params)
         b, t = input_ids.shape
         length = cache[0][0].shape[1]
         positions = positions_from_mask(attention_mask)
@@ -126,7 +126,7 @@ class CausalLM(Model):
 
     def decode_step(self, params, token, position, key_valid, cache, cache_index):
         """One token per sequence: token [b], position [b] -> (logits [b, vocab], cache)."""
-        params = unwrap_fully_trained(params)
+        params = resolve(params)
         hidden, cache = self.hidden_states(
             params, token[:, None], position[:, None], key_valid, cache, cache_index
         )

@@ -19,7 +19,7 @@ from lowrax.io.tables import TRANSPOSE, TensorSpec
 from lowrax.models import layers
 from lowrax.models.base import Model
 from lowrax.models.config_utils import field
-from lowrax.nodes import unwrap_fully_trained
+from lowrax.nodes import resolve
 from lowrax.ops import embed, linear
 
 
@@ -141,7 +141,7 @@ class BertModel(Model):
     def apply(self, params, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> EncoderOutput:
         """Encode input_ids [b, t]; attention_mask [b, t] is 1 for tokens, 0 for padding."""
         c = self.config
-        params = unwrap_fully_trained(params)
+        params = resolve(params)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if token_type_ids is None:
