@@ -9,6 +9,7 @@ The public API (see README.md):
     lowrax.save_pretrained(params, model, out_dir)      # HF safetensors that transformers loads
 
     params = lowrax.lora.wrap(params, lowrax.LoraConfig(r=8, target_modules="all-linear"), key)
+    params = lowrax.lora.wrap(params, lowrax.LoraConfig(r=8, variant="dora"), key)   # or lora_fa, vera, delta_lora
     trainable, frozen = lowrax.split(params)
     merged = lowrax.merge(params)
     lowrax.save_peft(params, out_dir, model)            # PEFT's adapter format
@@ -23,6 +24,7 @@ from lowrax.models import EncoderOutput, supported_model_types
 from lowrax import lora
 from lowrax.lora import LoraConfig
 from lowrax.nodes import FullyTrained, LoraKernel
+from lowrax.variants import DeltaLoraKernel, DoraKernel, VeraKernel
 from lowrax.ops import linear, register_linear
 from lowrax.peft_format import load_peft, save_peft
 from lowrax.optim import OptimizerConfig, make_optimizer
@@ -45,7 +47,7 @@ __all__ = [
     "load_pretrained", "load_tokenizer", "save_pretrained", "generate", "generate_ids", "SamplingConfig",
     "EncoderOutput", "supported_model_types", "embedded_model_path", "embedded_minilm_path",
     "linear", "register_linear",
-    "lora", "LoraConfig", "LoraKernel", "FullyTrained", "split", "combine", "merge", "unmerge", "labels",
+    "lora", "LoraConfig", "LoraKernel", "DoraKernel", "VeraKernel", "DeltaLoraKernel", "FullyTrained", "split", "combine", "merge", "unmerge", "labels",
     "count_params", "save_peft", "load_peft",
     "OptimizerConfig", "make_optimizer", "TrainState", "init_state", "make_train_step",
     "TrainConfig", "load_config", "run_training", "QuantConfig", "quantize", "NF4Tensor", "merge_requantized",

@@ -16,13 +16,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lowrax.variants import vera
 from lowrax.nodes import ANCHOR, FROZEN, FULL, LORA_A, LORA_B, VECTOR, FullyTrained, is_adapter, is_node, resolve
 
 __all__ = ["FROZEN", "LORA_A", "LORA_B", "VECTOR", "FULL", "ANCHOR", "labels", "split", "combine", "merge",
            "unmerge", "with_dropout_keys", "count_params", "after_update", "precondition_grads"]
 
 # Top-level keys of arrays that adapters share across layers (VeRA's projections).
-SHARED_KEYS = ("vera_shared",)
+SHARED_KEYS = (vera.SHARED,)
 
 
 def labels(params: Any) -> Any:

@@ -37,7 +37,7 @@ def quantize(params: Any, cfg: QuantConfig = QuantConfig(), model=None) -> Any:
     or GPT-2's Conv1D (in, out) when `model` says so), so the bytes are bitsandbytes'.
     """
     from lowrax.io.tables import TRANSPOSE
-    from lowrax.nodes import LoraKernel
+    from lowrax.nodes import is_adapter, is_node
 
     copied = set() if model is None else {t.path for t in model.tensors() if t.layout != TRANSPOSE}
 
@@ -48,13 +48,13 @@ def quantize(params: Any, cfg: QuantConfig = QuantConfig(), model=None) -> Any:
         names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
         if any(skip in name for name in names for skip in cfg.skip_modules):
             return leaf
-        if isinstance(leaf, LoraKernel) and not isinstance(leaf.base, nf4.NF4Tensor):
+        if is_adapter(leaf) and not isinstance(leaf.base, nf4.NF4Tensor):
             return leaf.replace(base=q(names, leaf.base))
         if names and names[-1] == "kernel" and getattr(leaf, "ndim", 0) == 2 and not isinstance(leaf, nf4.NF4Tensor):
             return q(names, leaf)
         return leaf
 
-    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=lambda x: isinstance(x, (LoraKernel, nf4.NF4Tensor)))
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=lambda x: is_node(x) or isinstance(x, nf4.NF4Tensor))
 
 
 def merge_requantized(params: Any) -> tuple[Any, dict]:
@@ -67,15 +67,15 @@ def merge_requantized(params: Any) -> tuple[Any, dict]:
     """
     import jax.numpy as jnp
 
-    from lowrax.nodes import LoraKernel
+    from lowrax.nodes import is_adapter, is_node, resolve
 
     report: dict = {}
 
     def visit(path, leaf):
-        if not (isinstance(leaf, LoraKernel) and isinstance(leaf.base, nf4.NF4Tensor)):
+        if not (is_adapter(leaf) and isinstance(leaf.base, nf4.NF4Tensor)):
             return leaf
         base = leaf.base
-        exact = nf4.dequantize(base, jnp.float32) + leaf.delta()
+        exact = leaf.merge_into(nf4.dequantize(base, jnp.float32))
         again = nf4.quantize(exact.astype(base.dtype), base.blocksize, base.double_quantized, transpose=base.transposed)
         error = nf4.dequantize(again, jnp.float32) - exact
         name = ".".join(str(getattr(p, "key", "")) for p in path[:-1])
@@ -83,7 +83,10 @@ def merge_requantized(params: Any) -> tuple[Any, dict]:
                         "relative": float(jnp.linalg.norm(error) / jnp.maximum(jnp.linalg.norm(exact), 1e-30))}
         return again
 
-    merged = jax.tree_util.tree_map_with_path(visit, params, is_leaf=lambda x: isinstance(x, (LoraKernel, nf4.NF4Tensor)))
+    merged = jax.tree_util.tree_map_with_path(visit, resolve(params), is_leaf=lambda x: is_node(x) or isinstance(x, nf4.NF4Tensor))
+    from lowrax.tree import SHARED_KEYS
+
+    merged = {k: v for k, v in merged.items() if k not in SHARED_KEYS}
     if report:
         report["worst"] = {"relative": max(r["relative"] for r in report.values())}
     return merged, report
