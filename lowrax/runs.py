@@ -31,8 +31,9 @@ def read_run_config(run_dir: Path) -> TrainConfig:
     return from_dict(yaml.safe_load(path.read_text()))
 
 
-def restore_run(run_dir: str | Path, step: int | None = None):
-    """(cfg, model, params with the trained adapters) from a run directory's latest (or given) checkpoint."""
+def restore_run(run_dir: str | Path, step: int | None = None, with_initial: bool = False):
+    """(cfg, model, params with the trained adapters) from a run directory's latest (or given) checkpoint;
+    with_initial: also the adapters as initialised (PiSSA's export needs them)."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     model, _, params = build_model(cfg)
@@ -43,14 +44,15 @@ def restore_run(run_dir: str | Path, step: int | None = None):
         raise LowraxError(f"{run_dir / 'checkpoints'} holds no checkpoint yet")
     state, _ = ckpts.restore(step, init_state(trainable, make_optimizer(cfg.optim), cfg.train.seed))
     ckpts.close()
-    return cfg, model, lowrax.combine(state.trainable, frozen)
+    trained = lowrax.combine(state.trainable, frozen)
+    return (cfg, model, trained, params) if with_initial else (cfg, model, trained)
 
 
 def export_peft(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write a run's adapter in PEFT format."""
-    cfg, model, params = restore_run(run_dir)
+    cfg, model, params, initial = restore_run(run_dir, with_initial=True)
     return lowrax.save_peft(params, out_dir, model, use_rslora=cfg.lora.use_rslora,
-                            base_model=cfg.model.path, overwrite=overwrite)
+                            base_model=cfg.model.path, overwrite=overwrite, initial=initial)
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, requantize: bool = False,
@@ -77,12 +79,18 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
 
 
 def lora_config_from_peft(adapter_dir: Path) -> LoraConfig:
-    """The LoraConfig that wraps the same modules with the same ranks as a PEFT adapter."""
+    """The LoraConfig that wraps the same modules with the same ranks as a PEFT adapter
+    (LoRA, DoRA or VeRA)."""
     peft_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     targets = peft_cfg.get("target_modules")
-    return LoraConfig(r=int(peft_cfg["r"]), alpha=float(peft_cfg.get("lora_alpha", 8)),
+    targets = targets if isinstance(targets, str) else tuple(targets)
+    if peft_cfg.get("peft_type") == "VERA":
+        return LoraConfig(r=int(peft_cfg["r"]), variant="vera", dropout=float(peft_cfg.get("vera_dropout", 0.0)),
+                          target_modules=targets, layers_to_transform=peft_cfg.get("layers_to_transform"),
+                          modules_to_save=tuple(peft_cfg.get("modules_to_save") or ()))
+    return LoraConfig(variant="dora" if peft_cfg.get("use_dora") else "lora",r=int(peft_cfg["r"]), alpha=float(peft_cfg.get("lora_alpha", 8)),
                       dropout=float(peft_cfg.get("lora_dropout", 0.0)),
-                      target_modules=targets if isinstance(targets, str) else tuple(targets),
+                      target_modules=targets,
                       use_rslora=bool(peft_cfg.get("use_rslora", False)),
                       rank_pattern=dict(peft_cfg.get("rank_pattern") or {}),
                       alpha_pattern=dict(peft_cfg.get("alpha_pattern") or {}),

@@ -163,6 +163,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
                       cfg.data.loss_positions if task == "causal_lm" else 0)
 
     trainable, frozen = lowrax.split(params)
+    # The step donates the adapters' buffers; PiSSA's export needs them as initialised.
+    initial = lowrax.combine(jax.tree.map(jnp.copy, trainable), frozen) if cfg.lora.init == "pissa" else None
     optimizer = make_optimizer(cfg.optim)
     state = init_state(trainable, optimizer, cfg.train.seed)
     accum = cfg.train.grad_accum_steps
@@ -173,7 +175,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     ckpts = Checkpoints(out / "checkpoints", cfg.train.max_checkpoints)
     scorer = TaskScorer(model, tokenizer, eval_records, cfg)
     summary: dict = {"model": cfg.model.path or "embedded SmolLM2-135M-Instruct", "task": task,
-                     "trainable_params": lowrax.count_params(trainable), "total_params": lowrax.count_params(model.param_shapes()),
+                     "trainable_params": lowrax.tree.count_trained(trainable), "total_params": lowrax.count_params(model.param_shapes()),
                      "metric": scorer.kind}
     metrics_path = out / "metrics.jsonl"
     start_step = 0
@@ -239,7 +241,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     if scorer.kind == "exact_match" and cfg.train.samples:
         summary["samples_after"] = _samples(scorer, final, cfg.train.samples, log, "after")
     adapter = lowrax.save_peft(final, out / "adapter", model, use_rslora=cfg.lora.use_rslora,
-                               base_model=str(cfg.model.path) if cfg.model.path else None, overwrite=True)
+                               base_model=str(cfg.model.path) if cfg.model.path else None, overwrite=True,
+                               initial=initial)
     summary["adapter_bytes"] = directory_size(adapter)
     ckpts.close()
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]

@@ -156,3 +156,27 @@ def test_qlora_run_merges_with_requantization(tiny_dir, data_file, tmp_path):
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     model, params = lowrax.load_pretrained(tmp_path / "merged4", progress=False)
     assert type(params["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]).__name__ == "NF4Tensor"
+
+
+@pytest.mark.parametrize("variant", [{"lora.variant": "dora"}, {"lora.variant": "vera", "lora.r": 4, "optim.learning_rate": 0.1},
+                                     {"lora.variant": "delta_lora", "lora.dropout": 0.0, "lora.delta_start_step": 1},
+                                     {"lora.init": "pissa", "optim.loraplus_lr_ratio": 4}])
+def test_variant_runs_export_and_merge(tiny_dir, data_file, tmp_path, variant):
+    """`lowrax train lora.variant=...`: the run's PEFT adapter, its export and its merge all give the trained model."""
+    from lowrax.cli import main
+    from lowrax.runs import restore_run
+
+    run = tmp_path / "run"
+    assert main(["train", *overrides(tiny_dir, data_file, run, 3, **variant)]) == 0
+    assert main(["export-peft", str(run), str(tmp_path / "peft")]) == 0
+    assert (tmp_path / "peft" / "adapter_model.safetensors").read_bytes() == (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert main(["merge", str(run), str(tmp_path / "merged")]) == 0
+    _, model, trained = restore_run(run)
+    ids = np.array([[1, 50, 300, 7000, 12]])
+    adapted = np.asarray(model.apply(trained, ids))
+    _, base = lowrax.load_pretrained(tiny_dir, progress=False)
+    assert np.abs(adapted - np.asarray(model.apply(base, ids))).max() > 1e-4  # training changed the model
+    _, merged = lowrax.load_pretrained(tmp_path / "merged", progress=False)
+    assert np.abs(np.asarray(model.apply(merged, ids)) - adapted).max() <= 1e-5
+    from_peft = lowrax.load_peft(base, tmp_path / "peft", model)  # over the original base weights
+    assert np.abs(np.asarray(model.apply(from_peft, ids)) - adapted).max() <= 1e-5
