@@ -2,11 +2,15 @@
 
     python scripts/bench_lora.py [--model PATH] [--batch 4] [--seq 128] [--rank 16] [--steps 5] [--vs-peft]
     python scripts/bench_lora.py --default-task [--vs-peft]     (real tokens/s on the embedded date task)
+    python scripts/bench_lora.py --qlora                        (QLoRA next to LoRA with fp32 and bf16 bases)
 
 On a uniform batch (every token trained), LoRA on all linear layers, float32,
 AdamW: tokens/s, compiled FLOPs per step, achieved FLOP/s as a share of a
 same-run matmul ceiling (a large float32 matmul), and with --vs-peft the same
-step in transformers + PEFT (torch) and the ratio.
+step in transformers + PEFT (torch) and the ratio. With --qlora, the same step
+over NF4 base weights (double quantization, blocksize 64) next to LoRA over
+float32 and bfloat16 bases: bits per quantized weight, base-model bytes, step
+time and peak memory of each, and the QLoRA / LoRA step-time ratios.
 """
 
 from __future__ import annotations
@@ -72,7 +76,25 @@ def compiled_flops(jitted, *args) -> float:
     return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
 
 
-def bench_lowrax(model, params, ids, rank, steps, batches=None):
+# --qlora sides: (base dtype, NF4 base?)
+QLORA_SIDES = {"lora_fp32": ("float32", False), "lora_bf16": ("bfloat16", False),
+               "qlora_fp32_compute": ("float32", True), "qlora_bf16_compute": ("bfloat16", True)}
+
+
+def base_storage(params) -> dict:
+    """Bytes of the base model as stored, and bits per weight of its NF4 kernels."""
+    from lowrax.quant.nf4 import NF4Tensor
+
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, NF4Tensor))
+    quantized = [x for x in leaves if isinstance(x, NF4Tensor)]
+    out = {"base_bytes": sum(x.nbytes() if isinstance(x, NF4Tensor) else x.nbytes for x in leaves)}
+    if quantized:
+        out["nf4_bits_per_weight"] = 8 * sum(x.nbytes() for x in quantized) / sum(x.size for x in quantized)
+        out["nf4_share_of_params"] = sum(x.size for x in quantized) / sum(x.size for x in leaves)
+    return out
+
+
+def bench_lowrax(model, params, ids, rank, steps, batches=None, full_flops=True):
     wrapped = lowrax.lora.wrap(params, lowrax.LoraConfig(r=rank, alpha=2 * rank, target_modules="all-linear"),
                                jax.random.key(0), model.model_type)
     trainable, frozen = lowrax.split(wrapped)
@@ -84,11 +106,14 @@ def bench_lowrax(model, params, ids, rank, steps, batches=None):
     batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in batches]
     step = jax.jit(make_train_step(model, optimizer), donate_argnums=(0,))
     flops = compiled_flops(step, state, frozen, batches[0])
-    # The same step training every weight (compiled only, never run): what LoRA saves in FLOPs.
-    full_trainable, full_frozen = lowrax.split(jax.tree.map(lowrax.FullyTrained, params))
-    full_step = jax.jit(make_train_step(model, optimizer))
-    full_flops = compiled_flops(full_step, jax.eval_shape(lambda t: init_state(t, optimizer), full_trainable),
-                                full_frozen, batches[0])
+    extra = {}
+    if full_flops:
+        # The same step training every weight (compiled only, never run): what LoRA saves in FLOPs.
+        full_trainable, full_frozen = lowrax.split(jax.tree.map(lowrax.FullyTrained, params))
+        full_step = jax.jit(make_train_step(model, optimizer))
+        full = compiled_flops(full_step, jax.eval_shape(lambda t: init_state(t, optimizer), full_trainable),
+                              full_frozen, batches[0])
+        extra = {"full_finetune_flops_per_step": full, "lora_over_full_finetune_flops": flops / full}
     state, m = step(state, frozen, batches[0])
     m["loss"].block_until_ready()
     times, tokens = [], 0
@@ -99,8 +124,7 @@ def bench_lowrax(model, params, ids, rank, steps, batches=None):
         times.append(time.perf_counter() - start)
         tokens += int(np.asarray(batch["attention_mask"]).sum())
     t = float(np.median(times))
-    return {"tokens_per_s": tokens / sum(times), "step_s": t, "flops_per_step": flops,
-            "full_finetune_flops_per_step": full_flops, "lora_over_full_finetune_flops": flops / full_flops,
+    return {"tokens_per_s": tokens / sum(times), "step_s": t, "flops_per_step": flops, **extra,
             "achieved_flops_per_s": flops / t, "trainable_params": lowrax.count_params(trainable)}
 
 
@@ -133,6 +157,16 @@ def run_side(side: str, args) -> dict:
     """One side's measurements, taken in this (fresh) process so its peak memory is its own."""
     import resource
 
+    if side in QLORA_SIDES:
+        from lowrax.trainer import DTYPES
+
+        dtype, nf4 = QLORA_SIDES[side]
+        model, params = lowrax.load_pretrained(args.model, dtype=DTYPES[dtype], progress=False,
+                                               quantize=lowrax.QuantConfig() if nf4 else None)
+        ids = np.random.default_rng(0).integers(10, model.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
+        out = {**base_storage(params), **bench_lowrax(model, params, ids, args.rank, args.steps, full_flops=False)}
+        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return out
     model, params = lowrax.load_pretrained(args.model, progress=False)
     ids = np.random.default_rng(0).integers(10, model.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
     ours = theirs = None
@@ -171,7 +205,10 @@ def main() -> None:
     ap.add_argument("--vs-peft", action="store_true")
     ap.add_argument("--default-task", action="store_true",
                     help="the embedded date task (batch 16, real tokens/s) instead of a uniform batch")
+    ap.add_argument("--qlora", action="store_true", help="QLoRA next to LoRA over float32 and bfloat16 bases")
     args = ap.parse_args()
+    if args.qlora:
+        return emit(qlora_report(args), args.out)
     result = {"model": str(args.model or "embedded SmolLM2-135M-Instruct"), "dtype": "float32", "rank": args.rank,
               "batch": args.batch, "seq": args.seq, "backend": jax.default_backend(),
               "matmul_ceiling_flops_per_s": matmul_ceiling(),
@@ -185,6 +222,19 @@ def main() -> None:
         result["tokens_per_s_ratio_lowrax_over_peft"] = result["lowrax"]["tokens_per_s"] / result["peft"]["tokens_per_s"]
         result["peak_memory_ratio_lowrax_over_peft"] = result["lowrax"]["peak_rss_bytes"] / result["peft"]["peak_rss_bytes"]
     emit(result, args.out)
+
+
+def qlora_report(args) -> dict:
+    result = {"model": str(args.model or "embedded SmolLM2-135M-Instruct"), "rank": args.rank, "batch": args.batch,
+              "seq": args.seq, "backend": jax.default_backend(),
+              "note": "each side in its own process; NF4 with double quantization, blocksize 64; adapters float32"}
+    for side in QLORA_SIDES:
+        result[side] = in_subprocess(side, args)
+    for q in ("qlora_fp32_compute", "qlora_bf16_compute"):
+        for ref in ("lora_fp32", "lora_bf16"):
+            result[f"step_time_ratio_{q}_over_{ref}"] = result[q]["step_s"] / result[ref]["step_s"]
+    result["base_bytes_ratio_bf16_over_qlora"] = result["lora_bf16"]["base_bytes"] / result["qlora_bf16_compute"]["base_bytes"]
+    return result
 
 
 if __name__ == "__main__":

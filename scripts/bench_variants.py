@@ -1,0 +1,99 @@
+"""The LoRA family side by side on the embedded default task, printed as JSON and a Markdown table.
+
+    python scripts/bench.py --variants [--steps 30] [--only lora,dora] [--out variants.json]
+
+Every method runs `lowrax train` with configs/default.yaml and the same step budget
+(30 steps x 16 examples), each in its own process so that its peak resident
+memory (model loading included) is its own. Per method: trainable parameters,
+PEFT adapter size, median step time (the first, compiling step excluded), peak
+memory, and the task metric (exact match on the 64 held-out dates) before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_common import emit  # noqa: E402
+
+# method: overrides of configs/default.yaml (r=16, alpha=32, all linear layers, lr 1e-3).
+METHODS = {
+    "lora": [],
+    "qlora": ["model.quantize=nf4"],
+    "rslora": ["lora.use_rslora=true"],
+    "lora_fa": ["lora.variant=lora_fa"],
+    "lora+": ["optim.loraplus_lr_ratio=4"],
+    "dora": ["lora.variant=dora"],
+    "pissa": ["lora.init=pissa"],
+    "delta_lora": ["lora.variant=delta_lora", "lora.delta_start_step=10"],
+    # VeRA trains vectors only: the paper uses a large shared rank and a larger learning rate.
+    "vera": ["lora.variant=vera", "lora.r=128", "optim.learning_rate=1.0e-2"],
+}
+
+
+def run_child(overrides: list[str]) -> dict:
+    """Train in this process (the child) and report what the table needs."""
+    from lowrax.config import load_config
+    from lowrax.trainer import run_training
+
+    cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"), overrides + ["train.samples=0"])
+    summary = run_training(cfg, progress=False, log=lambda *_: None)
+    rows = [json.loads(line) for line in open(os.path.join(cfg.train.output_dir, "metrics.jsonl"))]
+    step_s = sorted(r["tokens"] / r["tokens_per_s"] for r in rows[1:] if "loss" in r)
+    return {"trainable_params": summary["trainable_params"], "adapter_bytes": summary["adapter_bytes"],
+            "median_step_s": step_s[len(step_s) // 2], "metric_before": summary.get("metric_before"),
+            "metric_after": summary.get("metric_after"), "final_loss": summary.get("final_loss"),
+            "eval_loss": summary.get("eval_loss"),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def table(results: dict) -> str:
+    lines = ["| method | trainable params | adapter file | step time | peak memory | exact match before -> after |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['trainable_params'] / 1e6:.2f} M | {r['adapter_bytes'] / 1e6:.1f} MB | "
+                     f"{r['median_step_s']:.2f} s | {r['peak_rss_bytes'] / 1e9:.2f} GB | "
+                     f"{r['metric_before']:.3f} -> {r['metric_after']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if "--child" in sys.argv:
+        overrides = json.loads(sys.argv[sys.argv.index("--child") + 1])
+        print(json.dumps(run_child(overrides)))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per method (the default run's 30)")
+    ap.add_argument("--only", default=None, help=f"comma-separated subset of {', '.join(METHODS)}")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args()
+    names = args.only.split(",") if args.only else list(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            overrides = METHODS[name] + [f"train.steps={args.steps}", f"train.output_dir={os.path.join(tmp, name)}"]
+            print(f"[bench --variants] {name}: lowrax train {' '.join(overrides)}", file=sys.stderr, flush=True)
+            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(overrides)], capture_output=True,
+                                  text=True, cwd=ROOT)
+            if proc.returncode != 0:
+                raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
+            results[name] = dict(json.loads(proc.stdout.strip().splitlines()[-1]), overrides=METHODS[name])
+    emit({"task": "embedded date task, configs/default.yaml", "steps": args.steps, "methods": results,
+          "table": table(results)}, args.out)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
