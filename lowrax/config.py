@@ -19,6 +19,8 @@ import yaml
 from lowrax.errors import LowraxError
 from lowrax.lora import LoraConfig
 from lowrax.optim import OptimizerConfig
+from lowrax.parallel import DistConfig
+from lowrax.sharding import MeshConfig
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class TrainConfig:
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    mesh: MeshConfig = field(default_factory=MeshConfig)  # device mesh: data x fsdp x tensor
+    dist: DistConfig = field(default_factory=DistConfig)  # several processes (hosts): jax.distributed
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,10 +87,12 @@ class TrainConfig:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 _SECTION_CLASSES = {"model": ModelSection, "lora": LoraConfig, "optim": OptimizerConfig, "data": DataSection,
-                    "train": TrainSection}
+                    "train": TrainSection, "mesh": MeshConfig, "dist": DistConfig}
 # Fields that may change when a run is resumed (they do not change what the steps compute).
 RESUMABLE = {"train.steps", "train.save_every", "train.max_checkpoints", "train.eval_every", "train.samples",
-             "train.eval_examples", "train.eval_max_new_tokens", "train.resume", "train.output_dir", "optim.total_steps"}
+             "train.eval_examples", "train.eval_max_new_tokens", "train.resume", "train.output_dir", "optim.total_steps",
+             "mesh.data", "mesh.fsdp", "mesh.tensor", "dist.coordinator_address", "dist.num_processes",
+             "dist.process_id", "dist.local_device_ids"}
 
 
 def _valid_keys() -> list[str]:
@@ -149,7 +155,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             raise LowraxError(f"config file {p} does not exist")
         values = yaml.safe_load(p.read_text()) or {}
         if not isinstance(values, dict):
-            raise LowraxError(f"{p} must hold a mapping of sections (model, lora, optim, data, train)")
+            raise LowraxError(f"{p} must hold a mapping of sections (model, lora, optim, data, train, mesh, dist)")
     return from_dict(apply_overrides(values, list(overrides)))
 
 

@@ -41,7 +41,7 @@ VARIANT_OPTIONS = {"d_initial": "vera", "delta_lambda": "delta_lora", "delta_sta
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """LoRA hyper-parameters, with PEFT's names and defaults."""
+    """LoRA and variant hyper-parameters, with PEFT's names and defaults."""
 
     r: int = 8  # rank of A [in, r] and B [r, out]
     alpha: float = 8.0  # scale = alpha / r (alpha / sqrt(r) with use_rslora)
@@ -51,7 +51,9 @@ class LoraConfig:
     target_modules: str | tuple[str, ...] | None = None
     exclude_modules: str | tuple[str, ...] | None = None  # same matching as target_modules
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
-    init: str = "kaiming"  # "kaiming" (PEFT default: Kaiming-uniform A, zero B), "gaussian", "random" (B nonzero too)
+    # "kaiming" (PEFT default: Kaiming-uniform A, zero B), "gaussian", "random" (B nonzero too, for tests),
+    # "pissa" (A, B = the top-r singular part of W; the base keeps the rest)
+    init: str = "kaiming"
     rank_pattern: dict = field(default_factory=dict)  # regex on module name -> rank
     alpha_pattern: dict = field(default_factory=dict)  # regex on module name -> alpha
     layers_to_transform: tuple[int, ...] | None = None  # only these layer indices

@@ -55,9 +55,31 @@ def dropped(x: jnp.ndarray, rate: float, key) -> jnp.ndarray:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+class LowRankFactors:
+    """What nodes with factors a [in, r], b [r, out] and a `scale` share; merging adds `delta()`."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.a.shape[0], self.b.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[1]
+
+    def delta(self) -> jnp.ndarray:
+        """scale * a @ b [in, out], in float32: what merging adds to the base."""
+        return self.scale * (self.a.astype(jnp.float32) @ self.b.astype(jnp.float32))
+
+    def merge_into(self, w: jnp.ndarray) -> jnp.ndarray:
+        return w + self.delta()
+
+    def unmerge_from(self, merged: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+        return merged - self.delta()
+
+
 @register_adapter
 @struct.dataclass
-class LoraKernel:
+class LoraKernel(LowRankFactors):
     """A LoRA-adapted kernel: `x @ base + scale * dropout(x) @ a @ b`.
 
     base [in, out] is frozen; a [in, r] and b [r, out] are trained (LoRA-FA:
@@ -78,26 +100,8 @@ class LoraKernel:
     fa_projected_grad: bool = struct.field(pytree_node=False, default=False)
     pissa_residual: bool = struct.field(pytree_node=False, default=False)
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.a.shape[0], self.b.shape[1])
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[1]
-
-    def delta(self) -> jnp.ndarray:
-        """scale * a @ b [in, out], in float32: what merging adds to the base."""
-        return self.scale * (self.a.astype(jnp.float32) @ self.b.astype(jnp.float32))
-
     def field_labels(self) -> dict:
         return {"a": LORA_A if self.train_a else FROZEN, "b": LORA_B}
-
-    def merge_into(self, w: jnp.ndarray) -> jnp.ndarray:
-        return w + self.delta()
-
-    def unmerge_from(self, merged: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-        return merged - self.delta()
 
     def precondition_grad(self, grad: "LoraKernel") -> "LoraKernel":
         """LoRA-FA's optimizer rule (PEFT's `create_lorafa_optimizer`): with A frozen, B's

@@ -159,7 +159,7 @@ def save_peft(params: Any, out_dir: str | Path, model=None, *, use_rslora: bool 
 
 
 def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jnp.float32) -> Any:
-    """Wrap plain `params` with the LoRA adapter PEFT saved in `adapter_dir`."""
+    """Wrap plain `params` with the adapter PEFT saved in `adapter_dir` (LoRA, DoRA or VeRA)."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / CONFIG).exists() or not (adapter_dir / WEIGHTS).exists():
         raise CheckpointError(f"{adapter_dir} is not a PEFT adapter: expected {CONFIG} and {WEIGHTS}")

@@ -73,6 +73,7 @@ def load_pretrained(
     *,
     num_labels: int | None = None,
     quantize=None,
+    mesh=None,
     progress: bool = True,
 ) -> tuple[Model, dict]:
     """Load a pretrained model: returns `(model, params)`.
@@ -83,17 +84,19 @@ def load_pretrained(
         expected in the checkpoint (default: from config.json's architectures).
     quantize: a `lowrax.QuantConfig` to store linear kernels in NF4, quantized one tensor
         at a time as they are read (QLoRA without ever holding the full-precision model).
+    mesh: a `jax.sharding.Mesh` (`lowrax.sharding.make_mesh`): each tensor is placed into
+        its shards by the sharding rules as it is read, so no device holds the whole model.
     """
     source = resolve_model_path(path)
     if source.suffix == ".gguf":
         from lowrax.io.gguf_checkpoint import load_gguf
 
-        return load_gguf(source, dtype, progress, quant=quantize)
+        return load_gguf(source, dtype, progress, quant=quantize, mesh=mesh)
     from lowrax.io.hf_checkpoint import load_hf_directory
 
     overrides = {"num_labels": num_labels} if num_labels is not None else {}
     model = model_from_hf_config(read_hf_config(source), **overrides)
-    return model, load_hf_directory(model, source, dtype, progress, quant=quantize)
+    return model, load_hf_directory(model, source, dtype, progress, quant=quantize, mesh=mesh)
 
 
 def save_pretrained(params: dict, model: Model, out_dir: str | Path, tokenizer=None, overwrite: bool = False,

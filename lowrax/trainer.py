@@ -31,7 +31,9 @@ from lowrax.data import Batches, encode_all, load_records, prompt_ids
 from lowrax.default_task import exact_match
 from lowrax.errors import LowraxError
 from lowrax.optim import make_optimizer
-from lowrax.train_step import causal_lm_loss, classification_loss, init_state, make_train_step
+from lowrax.parallel import global_batch, host_local, initialize_distributed, is_primary, sharded_train_step
+from lowrax.sharding import check_batch, make_mesh
+from lowrax.train_step import causal_lm_loss, classification_loss, init_state
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -50,21 +52,22 @@ def _check_output_dir(out: Path, cfg: TrainConfig) -> None:
             raise LowraxError(f"{out} already holds checkpoints and train.resume=false; use a new train.output_dir")
 
 
-def build_model(cfg: TrainConfig):
-    """(model, base params, LoRA-wrapped params) as a run with this config trains them.
+def build_model(cfg: TrainConfig, mesh=None):
+    """(model, base params, LoRA-wrapped params) as a run with this config trains them
+    (with `mesh`: the base loaded straight into its shards).
 
     The adapter initialisation depends only on `train.seed`, so a run directory's
     checkpoint always restores into the same structure (`lowrax.runs`).
     """
     key = jax.random.key(cfg.train.seed)
-    model, base = _load_model(cfg, jax.random.fold_in(key, 1))
+    model, base = _load_model(cfg, jax.random.fold_in(key, 1), mesh)
     lora_cfg = cfg.lora
     if cfg.model.task == "classification" and not lora_cfg.modules_to_save:
         lora_cfg = dataclasses.replace(lora_cfg, modules_to_save=("classifier",))
     return model, base, lowrax.lora.wrap(base, lora_cfg, jax.random.fold_in(key, 2), model.model_type)
 
 
-def _load_model(cfg: TrainConfig, key):
+def _load_model(cfg: TrainConfig, key, mesh=None):
     dtype = DTYPES.get(cfg.model.dtype)
     if dtype is None:
         raise LowraxError(f"model.dtype must be one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
@@ -73,7 +76,7 @@ def _load_model(cfg: TrainConfig, key):
         from lowrax.quant.tree import QuantConfig
 
         quant = QuantConfig(cfg.model.quantize, cfg.model.quant_blocksize, cfg.model.double_quant)
-    model, params = lowrax.load_pretrained(cfg.model.path, dtype=dtype, quantize=quant)
+    model, params = lowrax.load_pretrained(cfg.model.path, dtype=dtype, quantize=quant, mesh=mesh)
     if cfg.model.task == "classification":
         from lowrax.models.bert import BertModel, add_classification_head
 
@@ -149,10 +152,21 @@ def _plot_losses(rows: list[dict], path: Path) -> None:
 
 
 def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
-    """Fine-tune per `cfg`; returns the summary also written to summary.json."""
+    """Fine-tune per `cfg`; returns the summary also written to summary.json.
+
+    On a mesh of several devices, or in several processes (`dist`), the same code runs:
+    parameters are loaded into their shards and the one step is jitted with explicit
+    shardings. Process 0 writes the run's files; every process writes its checkpoint shards.
+    """
+    initialize_distributed(cfg.dist)  # before any other JAX call; a no-op for one process
+    primary = is_primary()
+    if not primary:
+        progress, log = False, (lambda *_: None)
     out = Path(cfg.train.output_dir)
     _check_output_dir(out, cfg)
-    model, base, params = build_model(cfg)
+    mesh = make_mesh(cfg.mesh)
+    check_batch(cfg.train.batch_size, mesh)
+    model, base, params = build_model(cfg, mesh)
     tokenizer = lowrax.load_tokenizer(cfg.model.path)
     task = cfg.model.task
     train_records, eval_records = load_records(cfg.data)
@@ -166,18 +180,19 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     # The step donates the adapters' buffers; PiSSA's export needs them as initialised.
     initial = lowrax.combine(jax.tree.map(jnp.copy, trainable), frozen) if cfg.lora.init == "pissa" else None
     optimizer = make_optimizer(cfg.optim)
-    state = init_state(trainable, optimizer, cfg.train.seed)
     accum = cfg.train.grad_accum_steps
-    step_fn = jax.jit(make_train_step(model, optimizer, grad_accum_steps=accum, remat=cfg.train.remat), donate_argnums=(0,))
+    step_fn, state, frozen = sharded_train_step(model, optimizer, mesh, init_state(trainable, optimizer, cfg.train.seed),
+                                                frozen, grad_accum_steps=accum, remat=cfg.train.remat)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     ckpts = Checkpoints(out / "checkpoints", cfg.train.max_checkpoints)
     scorer = TaskScorer(model, tokenizer, eval_records, cfg)
     summary: dict = {"model": cfg.model.path or "embedded SmolLM2-135M-Instruct", "task": task,
                      "trainable_params": lowrax.tree.count_trained(trainable), "total_params": lowrax.count_params(model.param_shapes()),
-                     "metric": scorer.kind}
-    metrics_path = out / "metrics.jsonl"
+                     "metric": scorer.kind, "mesh": dict(mesh.shape), "processes": jax.process_count()}
+    metrics = MetricsLog(out / "metrics.jsonl", primary)
     start_step = 0
     latest = ckpts.latest_step() if cfg.train.resume else None
     if latest is not None:
@@ -185,71 +200,94 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         start_step = int(meta["step"])
         summary.update(meta.get("summary", {}))
         log(f"resumed from {out / 'checkpoints' / str(latest)} at step {start_step}")
-        # Drop log lines written after that checkpoint: they will be recomputed identically.
-        rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= start_step))
+        metrics.truncate(start_step)  # later lines will be recomputed identically
     else:
-        metrics_path.write_text("")
-        if scorer.kind:
-            summary["metric_before"] = scorer.score(params)
-            log(f"{scorer.kind} before training: {summary['metric_before']:.3f} on {len(scorer.records)} held-out examples")
-        if scorer.kind == "exact_match" and cfg.train.samples:
-            summary["samples_before"] = _samples(scorer, params, cfg.train.samples, log, "before")
+        metrics.truncate(0)
+        summary.update(_score(scorer, host_local(params), cfg, log, "before", primary))
 
     def batch_for(step: int) -> tuple[dict, int]:
-        """The step's batch on the device, and its count of real (non-padding) tokens."""
+        """The step's batch on the mesh, and its count of real (non-padding) tokens."""
         micro = [batches.batch(step * accum + i) for i in range(accum)]
         stacked = {k: np.stack([m[k] for m in micro]) for k in micro[0]} if accum > 1 else micro[0]
-        return {k: jnp.asarray(v) for k, v in stacked.items()}, int(stacked["attention_mask"].sum())
+        return global_batch(mesh, stacked, accum > 1), int(stacked["attention_mask"].sum())
 
-    evaluate = EvalLoss(model, eval_data, cfg, pad)
+    evaluate = EvalLoss(model, eval_data, cfg, pad, mesh)
 
     bar = tqdm(range(start_step, cfg.train.steps), desc="training", unit="step", disable=not progress,
                initial=start_step, total=cfg.train.steps)
     train_start, tokens_seen = time.perf_counter(), 0
-    with metrics_path.open("a") as metrics_file:
-        for step in bar:
-            batch, real_tokens = batch_for(step)
-            t0 = time.perf_counter()
-            state, m = step_fn(state, frozen, batch)
-            loss = float(m["loss"])  # waits for the step: the progress bar and metrics.jsonl show every loss
-            dt = time.perf_counter() - t0
-            tokens_seen += real_tokens
-            row = {"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens": real_tokens,
-                   "tokens_per_s": real_tokens / dt}
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{real_tokens / dt:.0f}")
-            done = step + 1
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-                metrics_file.write(json.dumps({"step": done, "eval_loss": evaluate(state.trainable, frozen)}) + "\n")
-            if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
-                size = ckpts.save(done, state, {"step": done, "examples_seen": done * accum * cfg.train.batch_size,
-                                                "summary": {k: v for k, v in summary.items() if k.endswith("before")}})
-                summary["checkpoint_bytes"] = size
+    for step in bar:
+        batch, real_tokens = batch_for(step)
+        t0 = time.perf_counter()
+        state, m = step_fn(state, frozen, batch)
+        loss = float(m["loss"])  # waits for the step: the progress bar and metrics.jsonl show every loss
+        dt = time.perf_counter() - t0
+        tokens_seen += real_tokens
+        metrics.write({"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens": real_tokens,
+                       "tokens_per_s": real_tokens / dt})
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{real_tokens / dt:.0f}")
+        done = step + 1
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0:
+            metrics.write({"step": done, "eval_loss": evaluate(state.trainable, frozen)})
+        if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
+            size = ckpts.save(done, state, {"step": done, "examples_seen": done * accum * cfg.train.batch_size,
+                                            "summary": {k: v for k, v in summary.items() if k.endswith("before")}})
+            summary["checkpoint_bytes"] = size
     bar.close()
     elapsed = time.perf_counter() - train_start
-    final = lowrax.combine(state.trainable, frozen)
     summary["train_seconds_this_run"] = elapsed
     summary["real_tokens_per_s"] = tokens_seen / elapsed if elapsed > 0 else None
     summary["final_loss"] = loss if cfg.train.steps > start_step else None
     if eval_data.ids:
         summary["eval_loss"] = evaluate(state.trainable, frozen)
-    if scorer.kind:
-        summary["metric_after"] = scorer.score(final)
-        log(f"{scorer.kind} after training: {summary['metric_after']:.3f}")
-    if scorer.kind == "exact_match" and cfg.train.samples:
-        summary["samples_after"] = _samples(scorer, final, cfg.train.samples, log, "after")
+    final = host_local(lowrax.combine(state.trainable, frozen))  # every process takes part in gathering
+    initial = host_local(initial) if initial is not None else None
+    ckpts.close()
+    if not primary:
+        return summary
+    summary.update(_score(scorer, final, cfg, log, "after", primary))
     adapter = lowrax.save_peft(final, out / "adapter", model, use_rslora=cfg.lora.use_rslora,
                                base_model=str(cfg.model.path) if cfg.model.path else None, overwrite=True,
                                initial=initial)
     summary["adapter_bytes"] = directory_size(adapter)
-    ckpts.close()
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    _plot_losses(rows, out / "loss.png")
+    _plot_losses(metrics.rows(), out / "loss.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"wrote {out}: adapter {summary['adapter_bytes'] / 1e6:.1f} MB, checkpoint {summary.get('checkpoint_bytes', 0) / 1e6:.1f} MB")
     return summary
+
+
+def _score(scorer: TaskScorer, params, cfg: TrainConfig, log, when: str, primary: bool) -> dict:
+    """The task metric and sample generations `before` or `after` training (process 0 only:
+    it works on a host-local copy, so the others need not take part)."""
+    out: dict = {}
+    if not primary:
+        return out
+    if scorer.kind:
+        out[f"metric_{when}"] = scorer.score(params)
+        log(f"{scorer.kind} {when} training: {out[f'metric_{when}']:.3f} on {len(scorer.records)} held-out examples")
+    if scorer.kind == "exact_match" and cfg.train.samples:
+        out[f"samples_{when}"] = _samples(scorer, params, cfg.train.samples, log, when)
+    return out
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON line per step or evaluation, written by process 0 only."""
+
+    def __init__(self, path: Path, primary: bool):
+        self.path, self.primary = path, primary
+
+    def rows(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+
+    def truncate(self, step: int) -> None:
+        """Keep the lines up to `step` (0: none)."""
+        if self.primary:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows() if 0 < r.get("step", 0) <= step))
+
+    def write(self, row: dict) -> None:
+        if self.primary:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 def _samples(scorer: TaskScorer, params, n: int, log, when: str) -> list[dict]:
@@ -268,7 +306,7 @@ class EvalLoss:
     (a closure would bake the whole base model into the program as constants).
     """
 
-    def __init__(self, model, data, cfg: TrainConfig, pad: int):
+    def __init__(self, model, data, cfg: TrainConfig, pad: int, mesh=None):
         loss_fn = causal_lm_loss if model.is_causal_lm else classification_loss
         self._fn = jax.jit(lambda trainable, frozen, batch: loss_fn(model, lowrax.combine(trainable, frozen), batch))
         size = cfg.train.batch_size
@@ -281,7 +319,7 @@ class EvalLoss:
                 batch["loss_mask"][filler] = 0
             else:
                 batch["example_weights"] = (~filler).astype(np.float32)
-            self._batches.append(batch)
+            self._batches.append(batch if mesh is None else global_batch(mesh, batch))
 
     def __call__(self, trainable, frozen) -> float:
         total, count = 0.0, 0.0

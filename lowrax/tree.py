@@ -11,6 +11,7 @@ They work on every adapter node type through the interface in `lowrax.nodes`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -45,8 +46,6 @@ def labels(params: Any) -> Any:
 
 
 def _array_fields(node) -> list[str]:
-    import dataclasses
-
     return [f.name for f in dataclasses.fields(node) if f.metadata.get("pytree_node", True)]
 
 

@@ -3,6 +3,7 @@
     python scripts/bench_lora.py [--model PATH] [--batch 4] [--seq 128] [--rank 16] [--steps 5] [--vs-peft]
     python scripts/bench_lora.py --default-task [--vs-peft]     (real tokens/s on the embedded date task)
     python scripts/bench_lora.py --qlora                        (QLoRA next to LoRA with fp32 and bf16 bases)
+    python scripts/bench_lora.py --method dora --mesh 1,1,1     (another variant; the mesh as data,fsdp,tensor)
 
 On a uniform batch (every token trained), LoRA on all linear layers, float32,
 AdamW: tokens/s, compiled FLOPs per step, achieved FLOP/s as a share of a
@@ -94,17 +95,21 @@ def base_storage(params) -> dict:
     return out
 
 
-def bench_lowrax(model, params, ids, rank, steps, batches=None, full_flops=True):
-    wrapped = lowrax.lora.wrap(params, lowrax.LoraConfig(r=rank, alpha=2 * rank, target_modules="all-linear"),
-                               jax.random.key(0), model.model_type)
+def bench_lowrax(model, params, ids, rank, steps, batches=None, full_flops=True, method="lora", mesh=None):
+    """The method's train step on `mesh` (default: every device on the data axis)."""
+    from lowrax.parallel import global_batch, sharded_train_step
+    from lowrax.sharding import MeshConfig, make_mesh
+
+    mesh = mesh or make_mesh(MeshConfig())
+    cfg = lowrax.LoraConfig(r=rank, alpha=2 * rank, target_modules="all-linear", variant=method)
+    wrapped = lowrax.lora.wrap(params, cfg, jax.random.key(0), model.model_type)
     trainable, frozen = lowrax.split(wrapped)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-4, total_steps=1000))
-    state = init_state(trainable, optimizer)
+    step, state, frozen = sharded_train_step(model, optimizer, mesh, init_state(trainable, optimizer), frozen)
     if batches is None:
         batches = [{"input_ids": ids, "attention_mask": np.ones(ids.shape, np.int32),
                     "loss_mask": np.ones(ids.shape, np.int32)}] * (steps + 1)
-    batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in batches]
-    step = jax.jit(make_train_step(model, optimizer), donate_argnums=(0,))
+    batches = [global_batch(mesh, b) for b in batches]
     flops = compiled_flops(step, state, frozen, batches[0])
     extra = {}
     if full_flops:
@@ -128,12 +133,17 @@ def bench_lowrax(model, params, ids, rank, steps, batches=None, full_flops=True)
             "achieved_flops_per_s": flops / t, "trainable_params": lowrax.count_params(trainable)}
 
 
-def bench_peft(path, ids, rank, steps, batches=None):
+PEFT_METHODS = ("lora", "dora", "vera")
+
+
+def bench_peft(path, ids, rank, steps, batches=None, method="lora"):
     import peft
     import torch
 
     hf = load_torch_causal_lm(path)
-    model = peft.get_peft_model(hf, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+    config = (peft.VeraConfig(r=rank, target_modules="all-linear") if method == "vera" else
+              peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", use_dora=method == "dora"))
+    model = peft.get_peft_model(hf, config)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     if batches is None:
@@ -173,10 +183,14 @@ def run_side(side: str, args) -> dict:
     if args.default_task:
         ours, theirs = default_task_batches(lowrax.load_tokenizer(args.model), 16, args.steps + 1)
     if side == "lowrax":
-        out = bench_lowrax(model, params, ids, args.rank, args.steps, ours)
+        from lowrax.sharding import MeshConfig, make_mesh
+
+        mesh = make_mesh(MeshConfig(*args.mesh))
+        out = bench_lowrax(model, params, ids, args.rank, args.steps, ours, method=args.method, mesh=mesh)
+        out["mesh"] = dict(mesh.shape)
     else:
         del model, params  # the torch side loads its own copy
-        out = bench_peft(args.model, ids, args.rank, args.steps, theirs)
+        out = bench_peft(args.model, ids, args.rank, args.steps, theirs, method=args.method)
     # ru_maxrss is in KiB on Linux: the whole process, model loading included.
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
@@ -206,10 +220,15 @@ def main() -> None:
     ap.add_argument("--default-task", action="store_true",
                     help="the embedded date task (batch 16, real tokens/s) instead of a uniform batch")
     ap.add_argument("--qlora", action="store_true", help="QLoRA next to LoRA over float32 and bfloat16 bases")
+    ap.add_argument("--method", default="lora", choices=lowrax.lora.VARIANTS, help="the LoRA variant to time")
+    ap.add_argument("--mesh", default="-1,1,1", type=lambda v: tuple(int(x) for x in v.split(",")),
+                    help="data,fsdp,tensor sizes of the device mesh (default: every device on data)")
     args = ap.parse_args()
+    if args.vs_peft and args.method not in PEFT_METHODS:
+        ap.error(f"--vs-peft compares {', '.join(PEFT_METHODS)}; PEFT has no {args.method!r} adapter to time")
     if args.qlora:
         return emit(qlora_report(args), args.out)
-    result = {"model": str(args.model or "embedded SmolLM2-135M-Instruct"), "dtype": "float32", "rank": args.rank,
+    result = {"model": str(args.model or "embedded SmolLM2-135M-Instruct"), "method": args.method, "dtype": "float32", "rank": args.rank,
               "batch": args.batch, "seq": args.seq, "backend": jax.default_backend(),
               "matmul_ceiling_flops_per_s": matmul_ceiling(),
               "note": "each side runs in its own process; peak_rss_bytes is that process's peak resident memory"}

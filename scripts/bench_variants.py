@@ -80,19 +80,24 @@ def main() -> None:
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    results = {}
+    results, failed = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             overrides = METHODS[name] + [f"train.steps={args.steps}", f"train.output_dir={os.path.join(tmp, name)}"]
             print(f"[bench --variants] {name}: lowrax train {' '.join(overrides)}", file=sys.stderr, flush=True)
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(overrides)], capture_output=True,
                                   text=True, cwd=ROOT)
-            if proc.returncode != 0:
-                raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
+            if proc.returncode != 0:  # report it and go on: one method's failure must not lose the others'
+                failed[name] = proc.stderr[-4000:]
+                print(f"[bench --variants] {name} FAILED:\n{failed[name]}", file=sys.stderr, flush=True)
+                continue
             results[name] = dict(json.loads(proc.stdout.strip().splitlines()[-1]), overrides=METHODS[name])
+            print(f"[bench --variants] {name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
     emit({"task": "embedded date task, configs/default.yaml", "steps": args.steps, "methods": results,
-          "table": table(results)}, args.out)
+          "failed": failed, "table": table(results)}, args.out)
     print(table(results))
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

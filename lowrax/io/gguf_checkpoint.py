@@ -100,7 +100,7 @@ def hf_config_from_gguf(meta: dict, tensor_names: set[str], vocab_size: int) -> 
     return config
 
 
-def load_gguf(path: Path, dtype, progress: bool = True, model_factory=None, quant=None):
+def load_gguf(path: Path, dtype, progress: bool = True, model_factory=None, quant=None, mesh=None):
     """(model, params) from a llama GGUF file, dequantizing tensor by tensor."""
     import gguf
 
@@ -136,7 +136,7 @@ def load_gguf(path: Path, dtype, progress: bool = True, model_factory=None, quan
 
     known = {gguf_name(t.hf_key) for t in model.tensors()}
     unused_names = [n for n in tensors if n not in known and not n.startswith("rope_freqs")]
-    params = load_tensors(model, lookup, [], dtype, str(path), progress, quant)
+    params = load_tensors(model, lookup, [], dtype, str(path), progress, quant, mesh)
     if unused_names:
         import logging
 

@@ -51,13 +51,15 @@ def load_tensors(
     source: str,
     progress: bool = True,
     quant=None,
+    mesh=None,
 ) -> dict:
     """Build the parameter tree from a checkpoint, one tensor at a time.
 
     `lookup(hf_key)` returns (shape, read) for a key present in the checkpoint
     or None. Every missing or misshapen tensor is reported in one error. With
     `quant` (a QuantConfig) linear kernels are quantized to NF4 as they are read,
-    so the full-precision model is never in memory at once.
+    so the full-precision model is never in memory at once. With `mesh` each tensor goes
+    straight into its shards (`lowrax.sharding` rules).
     """
     specs = model.tensors()
     missing, misshapen, used = [], [], set()
@@ -93,8 +95,17 @@ def load_tensors(
         value = t.from_hf(value)
         if not isinstance(value, nf4.NF4Tensor) and (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
             value = value.astype(dtype)
-        tables.set_path(tree, t.path, jax.device_put(value))
+        tables.set_path(tree, t.path, jax.device_put(value, None if mesh is None else _sharding_of(model, mesh, t.path, value)))
     return tree
+
+
+def _sharding_of(model, mesh, path: tuple[str, ...], value):
+    """The sharding the rules give one parameter (an array or an NF4Tensor) at `path`."""
+    from lowrax.sharding import param_shardings
+
+    single: dict = {}
+    tables.set_path(single, path, value)
+    return tables.get_path(param_shardings(single, model, mesh), path)
 
 
 def _quantizable(t: tables.Tensor, quant) -> bool:
@@ -103,7 +114,7 @@ def _quantizable(t: tables.Tensor, quant) -> bool:
         skip in name for name in t.path for skip in quant.skip_modules)
 
 
-def load_hf_directory(model: Model, directory: Path, dtype, progress: bool = True, quant=None) -> dict:
+def load_hf_directory(model: Model, directory: Path, dtype, progress: bool = True, quant=None, mesh=None) -> dict:
     """The parameter tree of an HF model directory (safetensors, single or sharded).
 
     Weights saved 4-bit by transformers + bitsandbytes stay NF4 (their statistics are
@@ -123,7 +134,7 @@ def load_hf_directory(model: Model, directory: Path, dtype, progress: bool = Tru
         return files.shape(key), lambda: files.get(key)
 
     tensors = [k for k in files.keys() if not k.endswith(bnb_format.STATISTIC_SUFFIXES)]
-    return load_tensors(model, lookup, tensors, dtype, str(directory), progress, quant)
+    return load_tensors(model, lookup, tensors, dtype, str(directory), progress, quant, mesh)
 
 
 def tree_to_hf_tensors(params: dict, model: Model, keep_nf4: bool = False) -> dict[str, np.ndarray]:

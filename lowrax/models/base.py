@@ -27,6 +27,8 @@ class Model:
     # (e.g. "bert." for BertModel saved without a head); None when keys never omit one.
     bare_prefix: ClassVar[str | None] = None
     is_causal_lm: ClassVar[bool] = False
+    # Module path suffix -> logical axis names of its kernel (bias: the last one); see lowrax.sharding.
+    logical_axes: ClassVar[dict] = {}
 
     @property
     def model_type(self) -> str:

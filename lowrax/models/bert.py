@@ -120,6 +120,12 @@ class BertModel(Model):
     """A BERT-style encoder; `apply` returns an `EncoderOutput`."""
 
     config: BertConfig
+    logical_axes = {"word_embeddings": ("vocab", "embed"), "position_embeddings": ("positions", "embed"),
+                    "token_type_embeddings": (None, "embed"), "query": ("embed", "heads"), "key": ("embed", "heads"),
+                    "value": ("embed", "heads"), "attention/output/dense": ("heads", "embed"),
+                    "intermediate/dense": ("embed", "mlp"), "output/dense": ("mlp", "embed"),
+                    "pooler/dense": ("embed", None), "classifier": ("embed", "classes"),
+                    "classifier/dense": ("embed", None), "classifier/out_proj": ("embed", "classes")}
 
     @property
     def tensor_table(self):

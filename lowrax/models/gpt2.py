@@ -93,6 +93,8 @@ class GPT2Model(CausalLM):
 
     config: GPT2Config
     tensor_table = TENSORS
+    logical_axes = {"wte": ("vocab", "embed"), "wpe": ("positions", "embed"), "c_attn": ("embed", "heads"),
+                    "attn/c_proj": ("heads", "embed"), "c_fc": ("embed", "mlp"), "mlp/c_proj": ("mlp", "embed")}
     bare_prefix = "transformer."
 
     def _attention(self, i, p, x, mask, kv_cache, cache_index):

@@ -128,6 +128,9 @@ class LlamaModel(CausalLM):
 
     config: LlamaConfig
     tensor_table = TENSORS
+    logical_axes = {"embed_tokens": ("vocab", "embed"), "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"),
+                    "v_proj": ("embed", "kv_heads"), "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"),
+                    "up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed"), "lm_head": ("embed", "vocab")}
     bare_prefix = None
 
     @property

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lowrax.nodes import ANCHOR, LORA_A, LORA_B, low_rank, register_adapter
+from lowrax.nodes import ANCHOR, LORA_A, LORA_B, LowRankFactors, low_rank, register_adapter
 from lowrax.ops import matmul, register_linear
 
 DEFAULT_LAMBDA = 0.5
@@ -35,7 +35,7 @@ DEFAULT_START_STEP = 0
 
 @register_adapter
 @struct.dataclass
-class DeltaLoraKernel:
+class DeltaLoraKernel(LowRankFactors):
     """base [in, out]: W_0, frozen; a [in, r], b [r, out] trained; anchor_a, anchor_b:
     the product's value at step K (labelled `anchor`: carried with the trainable half,
     never updated by the optimizer)."""
@@ -49,14 +49,6 @@ class DeltaLoraKernel:
     delta_lambda: float = struct.field(pytree_node=False, default=DEFAULT_LAMBDA)
     start_step: int = struct.field(pytree_node=False, default=DEFAULT_START_STEP)
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.a.shape[0], self.b.shape[1])
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[1]
-
     def field_labels(self) -> dict:
         return {"a": LORA_A, "b": LORA_B, "anchor_a": ANCHOR, "anchor_b": ANCHOR}
 
@@ -67,13 +59,7 @@ class DeltaLoraKernel:
 
     def delta(self) -> jnp.ndarray:
         """What merging adds to W_0: the base's shift plus the adapter, float32 [in, out]."""
-        return self.base_shift() + self.scale * (self.a.astype(jnp.float32) @ self.b.astype(jnp.float32))
-
-    def merge_into(self, w: jnp.ndarray) -> jnp.ndarray:
-        return w + self.delta()
-
-    def unmerge_from(self, merged: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-        return merged - self.delta()
+        return self.base_shift() + LowRankFactors.delta(self)
 
     def after_update(self, step) -> "DeltaLoraKernel":
         """After optimizer step number `step` (1-based): before K steps are done the anchor

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lowrax.nodes import LORA_A, LORA_B, VECTOR, dropped, low_rank, register_adapter
+from lowrax.nodes import LORA_A, LORA_B, VECTOR, LowRankFactors, dropped, low_rank, register_adapter
 from lowrax.ops import matmul, register_linear
 
 
@@ -36,7 +36,7 @@ def column_norms(w: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray, scale: float) -
 
 @register_adapter
 @struct.dataclass
-class DoraKernel:
+class DoraKernel(LowRankFactors):
     """A DoRA-adapted kernel: base [in, out] frozen; a [in, r], b [r, out] and the
     magnitude [out] trained. PEFT stores the magnitude as `lora_magnitude_vector`."""
 
@@ -47,17 +47,6 @@ class DoraKernel:
     dropout_key: Any = None
     scale: float = struct.field(pytree_node=False, default=1.0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.a.shape[0], self.b.shape[1])
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[1]
-
-    def delta(self) -> jnp.ndarray:
-        return self.scale * (self.a.astype(jnp.float32) @ self.b.astype(jnp.float32))
 
     def field_labels(self) -> dict:
         return {"a": LORA_A, "b": LORA_B, "magnitude": VECTOR}

@@ -1,0 +1,195 @@
+"""Sharded training on 8 virtual CPU devices equals the single-device run; shardings follow the rules.
+
+Run by tests/test_sharding.py in a child pytest whose XLA_FLAGS give it 8 CPU devices
+(the rest of the suite keeps one device); by hand:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest tests/sharding_cases.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from safetensors.numpy import save_file
+
+import lowrax
+from lowrax.errors import LowraxError
+from lowrax.models import model_from_hf_config
+from lowrax.optim import OptimizerConfig, make_optimizer
+from lowrax.parallel import global_batch, sharded_train_step
+from lowrax.sharding import MeshConfig, make_mesh, param_shardings, state_shardings
+from lowrax.config import load_config
+from lowrax.trainer import run_training
+from lowrax.train_step import init_state
+from tests.test_training_run import data_file, overrides, tiny_dir as tiny_run_dir  # noqa: F401 - fixtures
+
+if jax.device_count() < 8:
+    raise RuntimeError("tests/sharding_cases.py needs 8 devices: run it with "
+                       "XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_sharding.py does)")
+
+CONFIG = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
+MESHES = {"data8": MeshConfig(data=8), "fsdp4-data2": MeshConfig(data=2, fsdp=4),
+          "tensor2-fsdp2-data2": MeshConfig(data=2, fsdp=2, tensor=2)}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random tiny llama as an HF directory (safetensors), so loading into shards is exercised."""
+    model = model_from_hf_config(CONFIG)
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("shard-llama")
+    save_file({t.hf_key: (0.2 * rng.normal(size=t.hf_shape)).astype(np.float32) for t in model.tensors()},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(CONFIG))
+    return path
+
+
+def batches(steps, b=8, t=16):
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(steps):
+        mask = np.ones((b, t), np.int32)
+        mask[:, : t // 4] = 0
+        out.append({"input_ids": rng.integers(0, 128, (b, t)).astype(np.int32),
+                    "attention_mask": np.ones((b, t), np.int32), "loss_mask": mask})
+    return out
+
+
+def run(tiny_dir, mesh, method, steps=3):
+    """Losses and final trainable arrays of `steps` LoRA (or QLoRA) steps on `mesh`."""
+    quant = lowrax.QuantConfig(blocksize=64) if method == "qlora" else None
+    model, base = lowrax.load_pretrained(tiny_dir, quantize=quant, mesh=mesh, progress=False)
+    wrapped = lowrax.lora.wrap(base, lowrax.LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random"),
+                               jax.random.key(1))
+    trainable, frozen = lowrax.split(wrapped)
+    # lr 1e-3: Adam normalises each update, so a rounding-level gradient difference on an
+    # element whose gradient is near zero moves it by up to ~lr; keep that below the tolerance.
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=10))
+    step, state, frozen = sharded_train_step(model, optimizer, mesh, init_state(trainable, optimizer), frozen)
+    losses = []
+    for batch in batches(steps):
+        state, metrics = step(state, frozen, global_batch(mesh, batch))
+        losses.append(float(metrics["loss"]))
+    return model, base, state, frozen, losses, optimizer
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_sharded_steps_equal_single_device_and_follow_the_rules(tiny_dir, mesh_name, method):
+    single = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    _, _, ref_state, _, ref_losses, _ = run(tiny_dir, single, method)
+    mesh = make_mesh(MESHES[mesh_name])
+    model, base, state, frozen, losses, optimizer = run(tiny_dir, mesh, method)
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-5)
+    assert losses[-1] < losses[0]
+    for ours, ref in zip(jax.tree.leaves(state.trainable), jax.tree.leaves(ref_state.trainable)):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
+    # Every leaf carries the sharding the rules give it: parameters, adapters, NF4 blocks, optimizer state.
+    for tree in (state.trainable, frozen, base):
+        expected = param_shardings(tree, model, mesh)
+        for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(expected)):
+            assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (leaf.shape, leaf.sharding, sharding)
+    expected = state_shardings(jax.eval_shape(lambda s: s, state), param_shardings(state.trainable, model, mesh),
+                               optimizer, mesh)
+    for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (leaf.shape, leaf.sharding, sharding)
+    # ... and Adam's moments are split exactly like the parameter they belong to.
+    import optax
+
+    for moment in ("mu", "nu"):
+        moments, params = jax.tree.leaves(optax.tree_utils.tree_get(state.opt_state, moment)), jax.tree.leaves(state.trainable)
+        assert len(moments) == len(params)
+        for m, p in zip(moments, params):
+            assert m.shape == p.shape and m.sharding.is_equivalent_to(p.sharding, p.ndim)
+    q_a = state.trainable["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].a
+    assert q_a.sharding.spec == (P("fsdp", None) if mesh.shape["fsdp"] > 1 else P(None, None))
+
+
+def test_rules_give_megatron_and_fsdp_splits(tiny_dir):
+    mesh = make_mesh(MESHES["tensor2-fsdp2-data2"])
+    model, params = lowrax.load_pretrained(tiny_dir, mesh=mesh, progress=False)
+    layer = params["model"]["layers"]["0"]
+    assert layer["self_attn"]["q_proj"]["kernel"].sharding.spec == P("fsdp", "tensor")  # column parallel
+    assert layer["self_attn"]["o_proj"]["kernel"].sharding.spec == P("tensor", "fsdp")  # row parallel
+    assert layer["mlp"]["down_proj"]["kernel"].sharding.spec == P("tensor", "fsdp")
+    assert params["model"]["embed_tokens"]["embedding"].sharding.spec == P("tensor", "fsdp")
+    assert layer["input_layernorm"]["scale"].sharding.is_fully_replicated
+    wrapped = lowrax.lora.wrap(params, lowrax.LoraConfig(r=4, target_modules=("q_proj",), variant="dora"), jax.random.key(0))
+    node = param_shardings(wrapped, model, mesh)["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+    assert node.a.spec == P("fsdp", None) and node.b.spec == P(None, "tensor") and node.magnitude.spec == P("tensor")
+    quantized = lowrax.load_pretrained(tiny_dir, mesh=mesh, quantize=lowrax.QuantConfig(), progress=False)[1]
+    q = quantized["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+    assert q.packed.sharding.spec == P("fsdp") and q.absmax.sharding.spec == P("fsdp")
+    assert q.packed.addressable_shards[0].data.shape == (64 * 64 // 2 // 2,)  # each device holds its half of the codes
+
+
+def test_mesh_that_does_not_fit_the_devices_names_both_numbers():
+    with pytest.raises(LowraxError, match=r"mesh data=3 x fsdp=1 x tensor=1 needs 3 devices, but 8 are available"):
+        make_mesh(MeshConfig(data=3))
+    with pytest.raises(LowraxError, match=r"fsdp=3 x tensor=1 = 3 devices does not divide the 8 devices"):
+        make_mesh(MeshConfig(fsdp=3))
+
+
+def test_axis_that_does_not_divide_a_dimension_names_both_numbers(tiny_dir):
+    model, params = lowrax.load_pretrained(tiny_dir, progress=False)
+    mesh = make_mesh(MeshConfig(data=1, tensor=8))
+    bad = dict(params, lm_head={"kernel": jnp.zeros((64, 100))})
+    with pytest.raises(LowraxError, match=r"lm_head/kernel: dimension 100 \(logical axis 'vocab'\) is not divisible by "
+                                          r"mesh axis tensor of size 8"):
+        param_shardings(bad, model, mesh)
+    with pytest.raises(LowraxError, match=r"batch size 6 is not divisible by mesh data x fsdp = 8"):
+        global_batch(make_mesh(MeshConfig(data=8)), batches(1, b=6)[0])
+
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_two_processes_match_one_process_and_checkpoint_restores(tiny_run_dir, data_file, tmp_path):  # noqa: F811
+    tiny_dir = tiny_run_dir
+    settings = {"lora.dropout": 0.0, "train.batch_size": 8, "mesh.fsdp": 2, "train.eval_examples": 0}
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    address = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_COORDINATOR_ADDRESS=address,
+               JAX_NUM_PROCESSES="2", JAX_PLATFORMS="cpu", PYTHONPATH=str(WORKER.parent.parent))
+    args = json.dumps(overrides(tiny_dir, data_file, multi, 4, **settings))
+    procs = [subprocess.Popen([sys.executable, str(WORKER), args], env=dict(env, JAX_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr[-3000:]
+    reports = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+    assert [(r["processes"], r["devices"], r["local_devices"]) for r in reports] == [(2, 8, 4)] * 2
+
+    # The same run in this one process, on its 8 devices with the same mesh.
+    run_training(load_config(None, overrides(tiny_dir, data_file, single, 4, **settings)), progress=False,
+                 log=lambda *_: None)
+    np.testing.assert_allclose(losses(multi), losses(single), atol=1e-5)
+    assert len(losses(multi)) == 4
+
+    from lowrax.runs import restore_run
+
+    _, model, from_multi = restore_run(multi)
+    _, _, from_single = restore_run(single)
+    ids = np.array([[1, 50, 300, 7000, 12]])
+    np.testing.assert_allclose(np.asarray(model.apply(from_multi, ids)), np.asarray(model.apply(from_single, ids)), atol=1e-5)
