@@ -153,8 +153,8 @@ def param_shardings(params: Any, model, mesh: Mesh, rules: dict = RULES) -> Any:
         keys = tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
         if leaf is None:
             return None
-        if isinstance(leaf, FullyTrained):
-            return FullyTrained(plain(keys, leaf.value))
+        if isinstance(leaf, FullyTrained):  # its value is None in the frozen half
+            return FullyTrained(None if leaf.value is None else plain(keys, leaf.value))
         if isinstance(leaf, NF4Tensor):
             return nf4(keys, leaf)
         if is_adapter(leaf):
