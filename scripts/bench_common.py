@@ -54,3 +54,43 @@ def emit(result: dict, out: str | None) -> None:
     if out:
         with open(out, "w") as f:
             f.write(text + "\n")
+
+
+# Llama-architecture configs for timing without a checkpoint (random weights).
+RANDOM_LLAMA = {
+    # Llama-3.2-1B's shape: 1.24 B parameters with tied embeddings.
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, max_position_embeddings=4096),
+    # A few MB, to check the benchmark itself on a CPU.
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=512),
+}
+
+# Dense bf16 tensor-core peaks (FLOP/s) by jax device_kind prefix, from the vendors' data sheets.
+PEAK_BF16_FLOPS = {"NVIDIA H100": 989.4e12, "NVIDIA H200": 989.4e12, "NVIDIA A100": 312e12}
+
+
+def device_peak_flops() -> float | None:
+    """The accelerator's dense bf16 peak, for MFU; None on a CPU or an unknown device."""
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if kind.startswith(k)), None)
+
+
+def random_llama(preset: str, dtype, mesh):
+    """(model, params) of a random Llama of the preset's shape, created already sharded on `mesh`."""
+    import jax
+
+    from lowrax.models import model_from_hf_config
+    from lowrax.sharding import param_shardings
+
+    model = model_from_hf_config(dict(RANDOM_LLAMA[preset], model_type="llama"))
+    shapes = model.param_shapes()
+    leaves, treedef = jax.tree.flatten(shapes)
+
+    def init(key):
+        keys = jax.random.split(key, len(leaves))
+        return treedef.unflatten([(0.02 * jax.random.normal(k, s.shape)).astype(dtype) for k, s in zip(keys, leaves)])
+
+    return model, jax.jit(init, out_shardings=param_shardings(shapes, model, mesh))(jax.random.key(0))

@@ -27,7 +27,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_common import base_parser, emit, load_torch_causal_lm, timed  # noqa: E402
+from bench_common import (RANDOM_LLAMA, base_parser, device_peak_flops, emit, load_torch_causal_lm,  # noqa: E402
+                          random_llama, timed)
 
 import lowrax  # noqa: E402
 from lowrax.optim import OptimizerConfig, make_optimizer  # noqa: E402
@@ -136,11 +137,18 @@ def bench_lowrax(model, params, ids, rank, steps, batches=None, full_flops=True,
 PEFT_METHODS = ("lora", "dora", "vera")
 
 
-def bench_peft(path, ids, rank, steps, batches=None, method="lora"):
+def bench_peft(path, ids, rank, steps, batches=None, method="lora", random_preset=None, dtype="float32"):
     import peft
     import torch
+    import transformers
 
-    hf = load_torch_causal_lm(path)
+    torch_dtype = getattr(torch, dtype)
+    if random_preset:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**RANDOM_LLAMA[random_preset])).to(torch_dtype)
+    else:
+        hf = load_torch_causal_lm(path).to(torch_dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = hf.to(device)
     config = (peft.VeraConfig(r=rank, target_modules="all-linear") if method == "vera" else
               peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", use_dora=method == "dora"))
     model = peft.get_peft_model(hf, config)
@@ -148,7 +156,7 @@ def bench_peft(path, ids, rank, steps, batches=None, method="lora"):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     if batches is None:
         batches = [{"input_ids": ids, "attention_mask": np.ones(ids.shape), "labels": ids}] * (steps + 1)
-    batches = [{k: torch.tensor(v, dtype=torch.long) for k, v in b.items()} for b in batches]
+    batches = [{k: torch.tensor(v, dtype=torch.long, device=device) for k, v in b.items()} for b in batches]
 
     def one_step(batch):
         loss = model(**batch).loss
@@ -156,6 +164,8 @@ def bench_peft(path, ids, rank, steps, batches=None, method="lora"):
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     one_step(batches[0])
     times = [timed(lambda: one_step(b)) for b in batches[1:]]
@@ -177,20 +187,25 @@ def run_side(side: str, args) -> dict:
         out = {**base_storage(params), **bench_lowrax(model, params, ids, args.rank, args.steps, full_flops=False)}
         out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return out
-    model, params = lowrax.load_pretrained(args.model, progress=False)
+    from lowrax.sharding import MeshConfig, make_mesh
+    from lowrax.trainer import DTYPES
+
+    mesh = make_mesh(MeshConfig(*args.mesh))
+    if args.random_llama:
+        model, params = random_llama(args.random_llama, DTYPES[args.dtype], mesh)
+    else:
+        model, params = lowrax.load_pretrained(args.model, dtype=DTYPES[args.dtype], mesh=mesh, progress=False)
     ids = np.random.default_rng(0).integers(10, model.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
     ours = theirs = None
     if args.default_task:
         ours, theirs = default_task_batches(lowrax.load_tokenizer(args.model), 16, args.steps + 1)
     if side == "lowrax":
-        from lowrax.sharding import MeshConfig, make_mesh
-
-        mesh = make_mesh(MeshConfig(*args.mesh))
         out = bench_lowrax(model, params, ids, args.rank, args.steps, ours, method=args.method, mesh=mesh)
         out["mesh"] = dict(mesh.shape)
     else:
         del model, params  # the torch side loads its own copy
-        out = bench_peft(args.model, ids, args.rank, args.steps, theirs, method=args.method)
+        out = bench_peft(args.model, ids, args.rank, args.steps, theirs, method=args.method,
+                         random_preset=args.random_llama, dtype=args.dtype)
     # ru_maxrss is in KiB on Linux: the whole process, model loading included.
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
@@ -223,12 +238,16 @@ def main() -> None:
     ap.add_argument("--method", default="lora", choices=lowrax.lora.VARIANTS, help="the LoRA variant to time")
     ap.add_argument("--mesh", default="-1,1,1", type=lambda v: tuple(int(x) for x in v.split(",")),
                     help="data,fsdp,tensor sizes of the device mesh (default: every device on data)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="base weights and compute")
+    ap.add_argument("--random-llama", default=None, choices=sorted(RANDOM_LLAMA),
+                    help="a random-weight Llama of this shape instead of --model (e.g. 1b for MFU on a GPU)")
     args = ap.parse_args()
     if args.vs_peft and args.method not in PEFT_METHODS:
         ap.error(f"--vs-peft compares {', '.join(PEFT_METHODS)}; PEFT has no {args.method!r} adapter to time")
     if args.qlora:
         return emit(qlora_report(args), args.out)
-    result = {"model": str(args.model or "embedded SmolLM2-135M-Instruct"), "method": args.method, "dtype": "float32", "rank": args.rank,
+    model_name = f"random Llama ({args.random_llama})" if args.random_llama else str(args.model or "embedded SmolLM2-135M-Instruct")
+    result = {"model": model_name, "method": args.method, "dtype": args.dtype, "rank": args.rank,
               "batch": args.batch, "seq": args.seq, "backend": jax.default_backend(),
               "matmul_ceiling_flops_per_s": matmul_ceiling(),
               "note": "each side runs in its own process; peak_rss_bytes is that process's peak resident memory"}
@@ -236,6 +255,11 @@ def main() -> None:
         result.update(batch=16, seq="default task: lowrax 32-token rows, logits at <= 12 positions; PEFT padded to batch max")
     result["lowrax"] = in_subprocess("lowrax", args)
     result["lowrax"]["share_of_matmul_ceiling"] = result["lowrax"]["achieved_flops_per_s"] / result["matmul_ceiling_flops_per_s"]
+    peak = device_peak_flops()
+    if peak:  # on a known accelerator: model FLOPs utilisation against its dense bf16 peak
+        # (XLA's cost analysis counts the FLOPs of one device's program, so this is per device)
+        result["device_peak_bf16_flops_per_s"] = peak
+        result["lowrax"]["mfu"] = result["lowrax"]["achieved_flops_per_s"] / peak
     if args.vs_peft:
         result["peft"] = in_subprocess("peft", args)
         result["tokens_per_s_ratio_lowrax_over_peft"] = result["lowrax"]["tokens_per_s"] / result["peft"]["tokens_per_s"]

@@ -36,7 +36,7 @@ METHODS = {
     "pissa": ["lora.init=pissa"],
     "delta_lora": ["lora.variant=delta_lora", "lora.delta_start_step=10"],
     # VeRA trains vectors only: the paper uses a large shared rank and a larger learning rate.
-    "vera": ["lora.variant=vera", "lora.r=128", "optim.learning_rate=1.0e-2"],
+    "vera": ["lora.variant=vera", "lora.r=256", "optim.learning_rate=5.0e-2"],
 }
 
 
@@ -57,11 +57,11 @@ def run_child(overrides: list[str]) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| method | trainable params | adapter file | step time | peak memory | exact match before -> after |",
-             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| method | trainable params | adapter file | step time | peak memory | eval loss | exact match before -> after |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['trainable_params'] / 1e6:.2f} M | {r['adapter_bytes'] / 1e6:.1f} MB | "
-                     f"{r['median_step_s']:.2f} s | {r['peak_rss_bytes'] / 1e9:.2f} GB | "
+                     f"{r['median_step_s']:.2f} s | {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['eval_loss']:.4f} | "
                      f"{r['metric_before']:.3f} -> {r['metric_after']:.3f} |")
     return "\n".join(lines)
 

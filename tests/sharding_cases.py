@@ -165,27 +165,34 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def test_two_processes_match_one_process_and_checkpoint_restores(tiny_run_dir, data_file, tmp_path):  # noqa: F811
-    tiny_dir = tiny_run_dir
-    settings = {"lora.dropout": 0.0, "train.batch_size": 8, "mesh.fsdp": 2, "train.eval_examples": 0}
-    multi, single = tmp_path / "multi", tmp_path / "single"
-    address = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_COORDINATOR_ADDRESS=address,
-               JAX_NUM_PROCESSES="2", JAX_PLATFORMS="cpu", PYTHONPATH=str(WORKER.parent.parent))
-    args = json.dumps(overrides(tiny_dir, data_file, multi, 4, **settings))
+def run_two_processes(config_overrides: list[str]) -> list[dict]:
+    """`lowrax train` in two local processes of 4 CPU devices each, joined by jax.distributed."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(WORKER.parent.parent))
+    args = json.dumps(config_overrides)
     procs = [subprocess.Popen([sys.executable, str(WORKER), args], env=dict(env, JAX_PROCESS_ID=str(i)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=400) for p in procs]
     for p, (stdout, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr[-3000:]
-    reports = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
-    assert [(r["processes"], r["devices"], r["local_devices"]) for r in reports] == [(2, 8, 4)] * 2
+    return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
 
-    # The same run in this one process, on its 8 devices with the same mesh.
-    run_training(load_config(None, overrides(tiny_dir, data_file, single, 4, **settings)), progress=False,
+
+def test_two_processes_match_one_process_and_checkpoint_restores(tiny_run_dir, data_file, tmp_path):  # noqa: F811
+    tiny_dir = tiny_run_dir
+    settings = {"lora.dropout": 0.0, "train.batch_size": 8, "mesh.fsdp": 2, "train.eval_examples": 0}
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    reports = run_two_processes(overrides(tiny_dir, data_file, multi, 4, **settings))
+    assert [(r["processes"], r["devices"], r["local_devices"]) for r in reports] == [(2, 8, 4)] * 2
+    # Resumed by two processes from the checkpoint they wrote together, two more steps.
+    run_two_processes(overrides(tiny_dir, data_file, multi, 6, **settings))
+
+    # The same run in this one process, on its 8 devices with the same mesh, uninterrupted.
+    run_training(load_config(None, overrides(tiny_dir, data_file, single, 6, **settings)), progress=False,
                  log=lambda *_: None)
+    assert len(losses(multi)) == 6
     np.testing.assert_allclose(losses(multi), losses(single), atol=1e-5)
-    assert len(losses(multi)) == 4
 
     from lowrax.runs import restore_run
 
@@ -193,3 +200,12 @@ def test_two_processes_match_one_process_and_checkpoint_restores(tiny_run_dir, d
     _, _, from_single = restore_run(single)
     ids = np.array([[1, 50, 300, 7000, 12]])
     np.testing.assert_allclose(np.asarray(model.apply(from_multi, ids)), np.asarray(model.apply(from_single, ids)), atol=1e-5)
+
+
+def test_generation_from_sharded_parameters_equals_unsharded(tiny_dir):
+    mesh = make_mesh(MESHES["tensor2-fsdp2-data2"])
+    model, sharded = lowrax.load_pretrained(tiny_dir, mesh=mesh, progress=False)
+    _, plain = lowrax.load_pretrained(tiny_dir, progress=False)
+    prompts = [[5, 9, 2, 7], [3, 1]]
+    assert (lowrax.generate_ids(model, sharded, prompts, 6, eos_token_ids=(), pad_token_id=0)
+            == lowrax.generate_ids(model, plain, prompts, 6, eos_token_ids=(), pad_token_id=0))

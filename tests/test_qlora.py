@@ -85,3 +85,28 @@ def test_generation_with_nf4_weights_uses_the_float_dtype(tiny):  # noqa: F811
     assert jax.tree.leaves(q)[0].dtype == jnp.uint8  # lm_head's packed codes
     plain = lowrax.generate_ids(model, lowrax.merge(q), [[1, 2, 3]], max_new_tokens=4)
     assert lowrax.generate_ids(model, q, [[1, 2, 3]], max_new_tokens=4) == plain
+
+
+def test_nf4_matmul_gradient_equals_the_dense_one_and_keeps_one_weight_alive():
+    """The custom VJP (dequantize again in the backward pass) gives the dense gradient, and XLA
+    holds one dequantized weight at a time rather than all of them."""
+    import jax
+    import jax.numpy as jnp
+
+    from lowrax.ops import matmul
+    from lowrax.quant import nf4
+
+    weights = [nf4.quantize(jax.random.normal(jax.random.key(i), (256, 256)) * 0.05, 64, double) for i, double in
+               enumerate([True, False] * 4)]
+    x = jax.random.normal(jax.random.key(9), (8, 256))
+
+    def chain(x, ws, dense):
+        for w in ws:
+            x = jnp.tanh(x @ nf4.dequantize(w) if dense else matmul(x, w))
+        return jnp.sum(x * x)
+
+    np.testing.assert_allclose(jax.grad(chain)(x, weights, False), jax.grad(chain)(x, weights, True), rtol=1e-5, atol=1e-6)
+    one_weight = 256 * 256 * 4
+    for fn in (lambda x: chain(x, weights, False), jax.grad(lambda x: chain(x, weights, False))):
+        temp = jax.jit(fn).lower(x).compile().memory_analysis().temp_size_in_bytes
+        assert temp < 3 * one_weight, temp  # all eight dequantized weights would be 8x

@@ -160,5 +160,41 @@ def dequantize(t: NF4Tensor, dtype=None) -> jnp.ndarray:
 
 @register_linear(NF4Tensor)
 def _nf4_linear(x: jnp.ndarray, t: NF4Tensor) -> jnp.ndarray:
-    """Dequantize to the activations' dtype inside the step, then one matmul."""
-    return jnp.matmul(x, jax.lax.stop_gradient(dequantize(t, x.dtype)))
+    """x [n, in] @ the dequantized weight, dequantizing to x's dtype inside the step."""
+    return nf4_matmul(x, t)
+
+
+def _dequantize_after(t: NF4Tensor, anchor: jnp.ndarray, dtype) -> jnp.ndarray:
+    """Dequantize t, made to depend on `anchor` (a scalar of the activations flowing through
+    this layer). Without the dependency XLA schedules every layer's dequantization, which
+    needs only the parameters, at the start of the program and keeps all the full-precision
+    weights alive at once; with it, one layer's weight exists at a time."""
+    tie = (anchor * 0).astype(jnp.float32)  # x * 0 is not folded away for floats
+    absmax = t.absmax + tie.astype(t.absmax.dtype) if not t.double_quantized else t.absmax
+    offset = t.offset + tie if t.double_quantized else t.offset
+    return dequantize(t.replace(absmax=absmax, offset=offset), dtype)
+
+
+@jax.custom_vjp
+def nf4_matmul(x: jnp.ndarray, t: NF4Tensor) -> jnp.ndarray:
+    """x @ dequantize(t); the weight is frozen, so only x gets a gradient. The backward pass
+    dequantizes again (tied to the incoming gradient) instead of keeping the forward's copy:
+    that is where QLoRA saves memory, for a second dequantization per step."""
+    return jnp.matmul(x, _dequantize_after(t, x[0, 0], x.dtype))
+
+
+def _nf4_matmul_fwd(x, t):
+    return nf4_matmul(x, t), t  # the residual is the 4-bit weight, not its dequantized copy
+
+
+def _nf4_matmul_bwd(t, g):
+    # In the backward pass the data dependency alone does not stop XLA from hoisting the
+    # dequantizations (measured on the CPU backend); the barrier does.
+    g, t = jax.lax.optimization_barrier((g, t))
+    w = _dequantize_after(t, g[0, 0], g.dtype)
+    no_grad = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.floating)
+                           else jnp.zeros_like(a), t)
+    return jnp.matmul(g, w.T), no_grad
+
+
+nf4_matmul.defvjp(_nf4_matmul_fwd, _nf4_matmul_bwd)

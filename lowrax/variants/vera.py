@@ -107,9 +107,8 @@ def wrap_targets(out: dict, bases: dict[str, Any], set_node, r: int, d_initial: 
     `random_b`: nonzero lambda_b (for tests that need the adapter to change the output)."""
     max_in = max(w.shape[0] for w in bases.values())
     max_out = max(w.shape[1] for w in bases.values())
-    for name, w in bases.items():
-        if not 1 <= r <= min(w.shape):
-            raise LowraxError(f"VeRA rank r={r} for {name} must be in 1..{min(w.shape)} (min of its in={w.shape[0]}, out={w.shape[1]})")
+    # Unlike LoRA's, VeRA's rank may exceed a layer's width: it is the shared projections'
+    # inner dimension (the paper uses r=256 on 4096-wide layers, PEFT checks nothing more).
     out[SHARED] = shared_projections(jax.random.fold_in(key, 0), max_in, max_out, r, adapter_dtype)
     for i, (name, w) in enumerate(bases.items()):
         lambda_b = jnp.zeros((w.shape[1],), adapter_dtype)
