@@ -74,8 +74,19 @@ def default_task_batches(tokenizer, batch_size: int, steps: int, seq_len: int = 
 
 def compiled_flops(jitted, *args) -> float:
     """XLA's cost-analysis FLOPs of one call (compiles, does not run)."""
-    cost = jitted.lower(*args).compile().cost_analysis()
-    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+    return compiled_costs(jitted, *args)[0]
+
+
+def compiled_costs(jitted, *args) -> tuple[float, int]:
+    """(FLOPs, bytes the step's program holds: arguments + outputs + temporaries) of one call.
+
+    The byte count is the step's own memory, apart from loading and compilation, which
+    dominate a small model's whole-process peak."""
+    compiled = jitted.lower(*args).compile()
+    cost = compiled.cost_analysis()
+    mem = compiled.memory_analysis()
+    held = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"], int(held)
 
 
 # --qlora sides: (base dtype, NF4 base?)
@@ -111,7 +122,7 @@ def bench_lowrax(model, params, ids, rank, steps, batches=None, full_flops=True,
         batches = [{"input_ids": ids, "attention_mask": np.ones(ids.shape, np.int32),
                     "loss_mask": np.ones(ids.shape, np.int32)}] * (steps + 1)
     batches = [global_batch(mesh, b) for b in batches]
-    flops = compiled_flops(step, state, frozen, batches[0])
+    flops, step_bytes = compiled_costs(step, state, frozen, batches[0])
     extra = {}
     if full_flops:
         # The same step training every weight (compiled only, never run): what LoRA saves in FLOPs.
@@ -130,7 +141,8 @@ def bench_lowrax(model, params, ids, rank, steps, batches=None, full_flops=True,
         times.append(time.perf_counter() - start)
         tokens += int(np.asarray(batch["attention_mask"]).sum())
     t = float(np.median(times))
-    return {"tokens_per_s": tokens / sum(times), "step_s": t, "flops_per_step": flops, **extra,
+    return {"tokens_per_s": tokens / sum(times), "step_s": t, "flops_per_step": flops, "step_program_bytes": step_bytes,
+            **extra,
             "achieved_flops_per_s": flops / t, "trainable_params": lowrax.count_params(trainable)}
 
 
