@@ -14,6 +14,7 @@ The public API (see README.md):
     merged = lowrax.merge(params)
     lowrax.save_peft(params, out_dir, model)            # PEFT's adapter format
 
+    mesh = lowrax.make_mesh(lowrax.MeshConfig(fsdp=4))   # sharded: load_pretrained(path, mesh=mesh), sharded_train_step
     summary = lowrax.run_training(lowrax.load_config("configs/default.yaml", ["lora.r=8"]))
 """
 
@@ -32,6 +33,8 @@ from lowrax.train_step import TrainState, init_state, make_train_step
 from lowrax.quant.nf4 import NF4Tensor
 from lowrax.quant.tree import QuantConfig, merge_requantized, quantize
 from lowrax.tree import combine, count_params, labels, merge, split, unmerge
+from lowrax.sharding import MeshConfig, make_mesh, param_shardings
+from lowrax.parallel import DistConfig, global_batch, sharded_train_step
 
 
 def run_training(cfg, progress: bool = True):
@@ -51,5 +54,6 @@ __all__ = [
     "count_params", "save_peft", "load_peft",
     "OptimizerConfig", "make_optimizer", "TrainState", "init_state", "make_train_step",
     "TrainConfig", "load_config", "run_training", "QuantConfig", "quantize", "NF4Tensor", "merge_requantized",
+    "MeshConfig", "make_mesh", "param_shardings", "DistConfig", "global_batch", "sharded_train_step",
     "LowraxError", "NotAModelError", "UnsupportedModelError", "CheckpointError",
 ]

@@ -229,7 +229,7 @@ def wrap(params: Any, cfg: LoraConfig, key, model_type: str | None = None, adapt
 
 def _lora_family_node(name: str, base, cfg: LoraConfig, key, adapter_dtype):
     """One adapter node with low-rank factors A, B (every variant but VeRA)."""
-    from lowrax.tree import _dense
+    from lowrax.tree import dense_kernel
 
     d_in, d_out = base.shape
     r = int(pattern_value(name, cfg.rank_pattern, cfg.r))
@@ -238,7 +238,7 @@ def _lora_family_node(name: str, base, cfg: LoraConfig, key, adapter_dtype):
     alpha = float(pattern_value(name, cfg.alpha_pattern, cfg.alpha))
     scale = lora_scale(alpha, r, cfg.use_rslora)
     if cfg.init == "pissa":
-        a, b, residual = pissa.pissa_init(_dense(base), r, scale, adapter_dtype)
+        a, b, residual = pissa.pissa_init(dense_kernel(base), r, scale, adapter_dtype)
         base = _requantized_like(base, residual)
     else:
         ka, kb = jax.random.split(key)
@@ -248,7 +248,7 @@ def _lora_family_node(name: str, base, cfg: LoraConfig, key, adapter_dtype):
         else:
             b = jnp.zeros((r, d_out), adapter_dtype)
     if cfg.variant == "dora":
-        magnitude = dora.initial_magnitude(_dense(base), a, b, scale).astype(adapter_dtype)
+        magnitude = dora.initial_magnitude(dense_kernel(base), a, b, scale).astype(adapter_dtype)
         return dora.DoraKernel(base=base, a=a, b=b, magnitude=magnitude, scale=scale, dropout=cfg.dropout)
     if cfg.variant == "delta_lora":
         return delta_lora.DeltaLoraKernel(

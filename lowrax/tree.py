@@ -62,7 +62,7 @@ def combine(trainable: Any, frozen: Any) -> Any:
     return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
 
 
-def _dense(base):
+def dense_kernel(base):
     """A kernel as a plain array: NF4 bases are dequantized (to the dtype they were quantized from)."""
     from lowrax.quant.nf4 import NF4Tensor, dequantize
 
@@ -75,9 +75,9 @@ def merge(params: Any) -> Any:
 
     def merge_node(x):
         if is_adapter(x):
-            base = _dense(x.base)
+            base = dense_kernel(x.base)
             return x.merge_into(base.astype(jnp.float32)).astype(base.dtype)
-        return _dense(x) if isinstance(x, NF4Tensor) else x
+        return dense_kernel(x) if isinstance(x, NF4Tensor) else x
 
     bound = resolve(params)
     out = jax.tree.map(merge_node, bound, is_leaf=lambda x: is_node(x) or isinstance(x, NF4Tensor))
@@ -90,7 +90,7 @@ def unmerge(merged: Any, adapted: Any) -> Any:
 
     def unmerge_node(m, x, kept):
         if is_adapter(x):
-            base = x.unmerge_from(m.astype(jnp.float32), _dense(x.base).astype(jnp.float32)).astype(m.dtype)
+            base = x.unmerge_from(m.astype(jnp.float32), dense_kernel(x.base).astype(jnp.float32)).astype(m.dtype)
             return kept.replace(base=base)
         if isinstance(kept, FullyTrained):
             return FullyTrained(m)

@@ -68,9 +68,9 @@ def initial_magnitude(w: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray, scale: flo
 @register_linear(DoraKernel)
 def _dora_linear(x: jnp.ndarray, k: DoraKernel) -> jnp.ndarray:
     """x [n, in] -> [n, out], as PEFT computes it (dropout included)."""
-    from lowrax.tree import _dense
+    from lowrax.tree import dense_kernel
 
-    norms = jax.lax.stop_gradient(column_norms(_dense(k.base), k.a, k.b, k.scale))
+    norms = jax.lax.stop_gradient(column_norms(dense_kernel(k.base), k.a, k.b, k.scale))
     mag_scale = (k.magnitude.astype(jnp.float32) / norms).astype(x.dtype)
     y = matmul(x, k.base)
     h = dropped(x, k.dropout, k.dropout_key)
