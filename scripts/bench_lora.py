@@ -182,7 +182,20 @@ def bench_peft(path, ids, rank, steps, batches=None, method="lora", random_prese
     one_step(batches[0])
     times = [timed(lambda: one_step(b)) for b in batches[1:]]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[1:])
-    return {"tokens_per_s": tokens / sum(times), "step_s": float(np.median(times)), "threads": torch.get_num_threads()}
+    return {"tokens_per_s": tokens / sum(times), "step_s": float(np.median(times)), "threads": torch.get_num_threads(),
+            "matmul_ceiling_flops_per_s": torch_matmul_ceiling(device)}
+
+
+def torch_matmul_ceiling(device: str, n: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of torch's n x n float32 matmul: the same ceiling as `matmul_ceiling`, on torch's kernels."""
+    import torch
+
+    a = torch.ones((n, n), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a @ a
+    sync()
+    best = min(timed(lambda: (a @ a, sync())) for _ in range(repeats))
+    return 2 * n**3 / best
 
 
 def run_side(side: str, args) -> dict:
@@ -276,6 +289,8 @@ def main() -> None:
         result["peft"] = in_subprocess("peft", args)
         result["tokens_per_s_ratio_lowrax_over_peft"] = result["lowrax"]["tokens_per_s"] / result["peft"]["tokens_per_s"]
         result["peak_memory_ratio_lowrax_over_peft"] = result["lowrax"]["peak_rss_bytes"] / result["peft"]["peak_rss_bytes"]
+        # How fast each framework's own matmul kernel is here: the ceiling each side works under.
+        result["matmul_ceiling_ratio_xla_over_torch"] = result["matmul_ceiling_flops_per_s"] / result["peft"]["matmul_ceiling_flops_per_s"]
     emit(result, args.out)
 
 
