@@ -164,7 +164,7 @@ def _nf4_linear(x: jnp.ndarray, t: NF4Tensor) -> jnp.ndarray:
     return nf4_matmul(x, t)
 
 
-def _dequantize_after(t: NF4Tensor, anchor: jnp.ndarray, dtype) -> jnp.ndarray:
+def dequantize_after(t: NF4Tensor, anchor: jnp.ndarray, dtype) -> jnp.ndarray:
     """Dequantize t, made to depend on `anchor` (a scalar of the activations flowing through
     this layer). Without the dependency XLA schedules every layer's dequantization, which
     needs only the parameters, at the start of the program and keeps all the full-precision
@@ -180,7 +180,7 @@ def nf4_matmul(x: jnp.ndarray, t: NF4Tensor) -> jnp.ndarray:
     """x @ dequantize(t); the weight is frozen, so only x gets a gradient. The backward pass
     dequantizes again (tied to the incoming gradient) instead of keeping the forward's copy:
     that is where QLoRA saves memory, for a second dequantization per step."""
-    return jnp.matmul(x, _dequantize_after(t, x[0, 0], x.dtype))
+    return jnp.matmul(x, dequantize_after(t, x[0, 0], x.dtype))
 
 
 def _nf4_matmul_fwd(x, t):
@@ -191,7 +191,7 @@ def _nf4_matmul_bwd(t, g):
     # In the backward pass the data dependency alone does not stop XLA from hoisting the
     # dequantizations (measured on the CPU backend); the barrier does.
     g, t = jax.lax.optimization_barrier((g, t))
-    w = _dequantize_after(t, g[0, 0], g.dtype)
+    w = dequantize_after(t, g[0, 0], g.dtype)
     no_grad = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.floating)
                            else jnp.zeros_like(a), t)
     return jnp.matmul(g, w.T), no_grad

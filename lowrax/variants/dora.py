@@ -68,9 +68,12 @@ def initial_magnitude(w: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray, scale: flo
 @register_linear(DoraKernel)
 def _dora_linear(x: jnp.ndarray, k: DoraKernel) -> jnp.ndarray:
     """x [n, in] -> [n, out], as PEFT computes it (dropout included)."""
-    from lowrax.tree import dense_kernel
+    from lowrax.quant.nf4 import NF4Tensor, dequantize_after
 
-    norms = jax.lax.stop_gradient(column_norms(dense_kernel(k.base), k.a, k.b, k.scale))
+    # An NF4 base is dequantized for the norms tied to this layer's input, as its matmul is
+    # (see nf4.dequantize_after): otherwise XLA hoists every layer's copy to the start.
+    w = dequantize_after(k.base, x[0, 0], jnp.float32) if isinstance(k.base, NF4Tensor) else k.base
+    norms = jax.lax.stop_gradient(column_norms(w, k.a, k.b, k.scale))
     mag_scale = (k.magnitude.astype(jnp.float32) / norms).astype(x.dtype)
     y = matmul(x, k.base)
     h = dropped(x, k.dropout, k.dropout_key)
