@@ -248,7 +248,8 @@ def _lora_family_node(name: str, base, cfg: LoraConfig, key, adapter_dtype):
         else:
             b = jnp.zeros((r, d_out), adapter_dtype)
     if cfg.variant == "dora":
-        magnitude = dora.initial_magnitude(dense_kernel(base), a, b, scale).astype(adapter_dtype)
+        # m starts at ||W + s A B||_c, so the DoRA kernel equals W + s A B at init.
+        magnitude = dora.column_norms(dense_kernel(base), a, b, scale).astype(adapter_dtype)
         return dora.DoraKernel(base=base, a=a, b=b, magnitude=magnitude, scale=scale, dropout=cfg.dropout)
     if cfg.variant == "delta_lora":
         return delta_lora.DeltaLoraKernel(

@@ -98,5 +98,9 @@ def host_local(tree: Any) -> Any:
         return tree
     from jax.experimental import multihost_utils
 
-    return jax.tree.map(lambda x: np.asarray(x) if x is None or x.is_fully_addressable else
-                        multihost_utils.process_allgather(x, tiled=True), tree, is_leaf=lambda x: x is None)
+    def local(x):
+        if x is None:  # a position the other half of a split tree holds
+            return None
+        return np.asarray(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(local, tree, is_leaf=lambda x: x is None)

@@ -178,7 +178,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
 
     trainable, frozen = lowrax.split(params)
     # The step donates the adapters' buffers; PiSSA's export needs them as initialised.
-    initial = lowrax.combine(jax.tree.map(jnp.copy, trainable), frozen) if cfg.lora.init == "pissa" else None
+    initial_trainable = jax.tree.map(jnp.copy, trainable) if cfg.lora.init == "pissa" else None
     optimizer = make_optimizer(cfg.optim)
     accum = cfg.train.grad_accum_steps
     step_fn, state, frozen = sharded_train_step(model, optimizer, mesh, init_state(trainable, optimizer, cfg.train.seed),
@@ -203,7 +203,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         metrics.truncate(start_step)  # later lines will be recomputed identically
     else:
         metrics.truncate(0)
-        summary.update(_score(scorer, host_local(params), cfg, log, "before", primary))
+        if scorer.kind:  # every process takes part in the gather; process 0 scores
+            summary.update(_score(scorer, host_local(params), cfg, log, "before", primary))
 
     def batch_for(step: int) -> tuple[dict, int]:
         """The step's batch on the mesh, and its count of real (non-padding) tokens."""
@@ -240,8 +241,10 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     summary["final_loss"] = loss if cfg.train.steps > start_step else None
     if eval_data.ids:
         summary["eval_loss"] = evaluate(state.trainable, frozen)
-    final = host_local(lowrax.combine(state.trainable, frozen))  # every process takes part in gathering
-    initial = host_local(initial) if initial is not None else None
+    # Gathered once, by every process, for scoring and the adapter file (a no-op in one process).
+    trained, frozen_local, initial_trainable = host_local((state.trainable, frozen, initial_trainable))
+    final = lowrax.combine(trained, frozen_local)
+    initial = lowrax.combine(initial_trainable, frozen_local) if initial_trainable is not None else None
     ckpts.close()
     if not primary:
         return summary

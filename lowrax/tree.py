@@ -62,11 +62,22 @@ def combine(trainable: Any, frozen: Any) -> Any:
     return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
 
 
-def dense_kernel(base):
-    """A kernel as a plain array: NF4 bases are dequantized (to the dtype they were quantized from)."""
-    from lowrax.quant.nf4 import NF4Tensor, dequantize
+def dense_kernel(base, tie_to=None):
+    """A kernel as a plain array: NF4 bases are dequantized (to the dtype they were quantized from).
 
-    return dequantize(base) if isinstance(base, NF4Tensor) else base
+    tie_to: inside a step, a scalar of the layer's activations; the dequantization is made
+    to depend on it so XLA keeps one layer's weight alive at a time (`nf4.dequantize_after`).
+    """
+    from lowrax.quant.nf4 import NF4Tensor, dequantize, dequantize_after
+
+    if not isinstance(base, NF4Tensor):
+        return base
+    return dequantize(base) if tie_to is None else dequantize_after(base, tie_to, base.dtype)
+
+
+def without_shared(tree: Any) -> Any:
+    """The tree less the top-level arrays adapters share across layers (`SHARED_KEYS`)."""
+    return {k: v for k, v in tree.items() if k not in SHARED_KEYS} if isinstance(tree, dict) else tree
 
 
 def merge(params: Any) -> Any:
@@ -79,9 +90,7 @@ def merge(params: Any) -> Any:
             return x.merge_into(base.astype(jnp.float32)).astype(base.dtype)
         return dense_kernel(x) if isinstance(x, NF4Tensor) else x
 
-    bound = resolve(params)
-    out = jax.tree.map(merge_node, bound, is_leaf=lambda x: is_node(x) or isinstance(x, NF4Tensor))
-    return {k: v for k, v in out.items() if k not in SHARED_KEYS} if isinstance(out, dict) else out
+    return without_shared(jax.tree.map(merge_node, resolve(params), is_leaf=lambda x: is_node(x) or isinstance(x, NF4Tensor)))
 
 
 def unmerge(merged: Any, adapted: Any) -> Any:
@@ -97,9 +106,8 @@ def unmerge(merged: Any, adapted: Any) -> Any:
         return m
 
     # `kept` is the node as stored (shared arrays unbound); `bound` has them for the arithmetic.
-    body = {k: v for k, v in adapted.items() if k not in SHARED_KEYS} if isinstance(adapted, dict) else adapted
-    bound_body = {k: bound[k] for k in body} if isinstance(adapted, dict) else bound
-    out = jax.tree.map(unmerge_node, merged, bound_body, body, is_leaf=lambda x: not isinstance(x, dict))
+    out = jax.tree.map(unmerge_node, merged, without_shared(bound), without_shared(adapted),
+                       is_leaf=lambda x: not isinstance(x, dict))
     if isinstance(adapted, dict):
         out.update({k: adapted[k] for k in SHARED_KEYS if k in adapted})
     return out

@@ -181,7 +181,7 @@ def run_two_processes(config_overrides: list[str]) -> list[dict]:
 
 def test_two_processes_match_one_process_and_checkpoint_restores(tiny_run_dir, data_file, tmp_path):  # noqa: F811
     tiny_dir = tiny_run_dir
-    settings = {"lora.dropout": 0.0, "train.batch_size": 8, "mesh.fsdp": 2, "train.eval_examples": 0}
+    settings = {"lora.dropout": 0.0, "train.batch_size": 8, "mesh.fsdp": 2, "train.eval_examples": 2}
     multi, single = tmp_path / "multi", tmp_path / "single"
     reports = run_two_processes(overrides(tiny_dir, data_file, multi, 4, **settings))
     assert [(r["processes"], r["devices"], r["local_devices"]) for r in reports] == [(2, 8, 4)] * 2
@@ -193,6 +193,15 @@ def test_two_processes_match_one_process_and_checkpoint_restores(tiny_run_dir, d
                  log=lambda *_: None)
     assert len(losses(multi)) == 6
     np.testing.assert_allclose(losses(multi), losses(single), atol=1e-5)
+    # Process 0 scored and saved from the gathered weights: same metric and adapter as one process.
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (multi, single)]
+    assert summaries[0]["metric_after"] == summaries[1]["metric_after"] and summaries[0]["processes"] == 2
+    from safetensors.numpy import load_file
+
+    ours, ref = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (multi, single))
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        np.testing.assert_allclose(ours[key], ref[key], atol=1e-5)
 
     from lowrax.runs import restore_run
 

@@ -83,10 +83,10 @@ def merge_requantized(params: Any) -> tuple[Any, dict]:
                         "relative": float(jnp.linalg.norm(error) / jnp.maximum(jnp.linalg.norm(exact), 1e-30))}
         return again
 
-    merged = jax.tree_util.tree_map_with_path(visit, resolve(params), is_leaf=lambda x: is_node(x) or isinstance(x, nf4.NF4Tensor))
-    from lowrax.tree import SHARED_KEYS
+    from lowrax.tree import without_shared
 
-    merged = {k: v for k, v in merged.items() if k not in SHARED_KEYS}
+    merged = without_shared(jax.tree_util.tree_map_with_path(visit, resolve(params),
+                                                             is_leaf=lambda x: is_node(x) or isinstance(x, nf4.NF4Tensor)))
     if report:
         report["worst"] = {"relative": max(r["relative"] for r in report.values())}
     return merged, report

@@ -60,20 +60,14 @@ class DoraKernel(LowRankFactors):
         return merged * (norms / self.magnitude.astype(jnp.float32))[None, :] - self.delta()
 
 
-def initial_magnitude(w: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray, scale: float) -> jnp.ndarray:
-    """The magnitude that makes the DoRA kernel equal its base at init: ||w + s a b||_c."""
-    return column_norms(w, a, b, scale)
-
-
 @register_linear(DoraKernel)
 def _dora_linear(x: jnp.ndarray, k: DoraKernel) -> jnp.ndarray:
     """x [n, in] -> [n, out], as PEFT computes it (dropout included)."""
-    from lowrax.quant.nf4 import NF4Tensor, dequantize_after
+    from lowrax.tree import dense_kernel
 
-    # An NF4 base is dequantized for the norms tied to this layer's input, as its matmul is
-    # (see nf4.dequantize_after): otherwise XLA hoists every layer's copy to the start.
-    w = dequantize_after(k.base, x[0, 0], jnp.float32) if isinstance(k.base, NF4Tensor) else k.base
-    norms = jax.lax.stop_gradient(column_norms(w, k.a, k.b, k.scale))
+    # An NF4 base is dequantized for the norms tied to this layer's input, as its matmul is:
+    # otherwise XLA hoists every layer's copy to the start of the program.
+    norms = jax.lax.stop_gradient(column_norms(dense_kernel(k.base, tie_to=x[0, 0]), k.a, k.b, k.scale))
     mag_scale = (k.magnitude.astype(jnp.float32) / norms).astype(x.dtype)
     y = matmul(x, k.base)
     h = dropped(x, k.dropout, k.dropout_key)
