@@ -57,9 +57,9 @@ def test_logits_match_transformers(smollm2):
                  position_ids=torch.tensor(positions)).logits.numpy()
     valid = mask.astype(bool)
     # SmolLM2's residual stream carries activations up to ~2e4, so float32 rounding alone
-    # moves logits (|logit| <= ~30) by ~1e-4: transformers' own sdpa and eager kernels differ
-    # by 5e-5 here, and lowrax measures 1.4e-4. Weights are bit-identical (test above).
-    assert np.abs(ours[valid] - ref[valid]).max() <= 2e-4
+    # moves logits by ~5e-5 (transformers' own sdpa and eager kernels differ that much).
+    # Without ops.dense_matmul's blocked sums, XLA:CPU's down projection made this 1.4e-4.
+    assert np.abs(ours[valid] - ref[valid]).max() <= 1e-4
     assert (ours[valid].argmax(-1) == ref[valid].argmax(-1)).all()
 
 
