@@ -59,7 +59,7 @@ class TrainSection:
     steps: int = 30  # optimizer steps
     batch_size: int = 16  # examples (or packed rows) per micro-batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step
-    remat: bool = False  # recompute activations in the backward pass to save memory
+    remat: bool = False  # keep only each layer's input; the backward pass recomputes the rest (less memory, ~1 more forward)
     seed: int = 0  # adapter init and dropout
     output_dir: str = "runs/default"  # checkpoints, PEFT adapter, metrics.jsonl, loss curve
     save_every: int = 10  # steps between checkpoints (0: only at the end)

@@ -78,9 +78,11 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
     """Build `train_step(state, frozen, batch) -> (state, metrics)`; jit it at the call site.
 
     With grad_accum_steps = k, every batch array has a leading axis of k micro-batches
-    and gradients are summed over them (one optimizer update). `remat` recomputes
-    activations in the backward pass (jax.checkpoint) to save memory.
+    and gradients are summed over them (one optimizer update). `remat` keeps only
+    each layer's input for the backward pass, which recomputes the rest layer by layer
+    (see `models.base.recomputed_in_backward`): less memory for about one more forward.
     """
+    model = model.with_remat(remat)
     if loss_fn is None:
         loss_fn = causal_lm_loss if model.is_causal_lm else classification_loss
 
@@ -88,8 +90,6 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
         params = with_dropout_keys(combine(trainable, frozen), rng)
         return loss_fn(model, params, batch)
 
-    if remat:
-        summed_loss = jax.checkpoint(summed_loss)
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
     def train_step(state: TrainState, frozen: Any, batch: dict):

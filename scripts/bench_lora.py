@@ -4,6 +4,7 @@
     python scripts/bench_lora.py --default-task [--vs-peft]     (real tokens/s on the embedded date task)
     python scripts/bench_lora.py --qlora                        (QLoRA next to LoRA with fp32 and bf16 bases)
     python scripts/bench_lora.py --method dora --mesh 1,1,1     (another variant; the mesh as data,fsdp,tensor)
+    python scripts/bench_lora.py --remat --vs-peft              (both sides recompute each layer in the backward)
 
 On a uniform batch (every token trained), LoRA on all linear layers, float32,
 AdamW: tokens/s, compiled FLOPs per step, achieved FLOP/s as a share of a
@@ -74,15 +75,13 @@ def default_task_batches(tokenizer, batch_size: int, steps: int, seq_len: int = 
 
 def compiled_flops(jitted, *args) -> float:
     """XLA's cost-analysis FLOPs of one call (compiles, does not run)."""
-    return compiled_costs(jitted, *args)[0]
+    return program_costs(jitted.lower(*args).compile())[0]
 
 
-def compiled_costs(jitted, *args) -> tuple[float, int]:
-    """(FLOPs, bytes the step's program holds: arguments + outputs + temporaries) of one call.
+def program_costs(compiled) -> tuple[float, int]:
+    """(FLOPs, bytes the step's program holds: arguments + outputs + temporaries) of a compiled step.
 
-    The byte count is the step's own memory, apart from loading and compilation, which
-    dominate a small model's whole-process peak."""
-    compiled = jitted.lower(*args).compile()
+    The byte count is the step's own memory, apart from loading and compilation."""
     cost = compiled.cost_analysis()
     mem = compiled.memory_analysis()
     held = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
@@ -107,7 +106,7 @@ def base_storage(params) -> dict:
     return out
 
 
-def bench_lowrax(model, params, ids, rank, steps, batches=None, full_flops=True, method="lora", mesh=None):
+def bench_lowrax(model, params, ids, rank, steps, batches=None, full_flops=True, method="lora", mesh=None, remat=False):
     """The method's train step on `mesh` (default: every device on the data axis)."""
     from lowrax.parallel import global_batch, sharded_train_step
     from lowrax.sharding import MeshConfig, make_mesh
@@ -117,39 +116,50 @@ def bench_lowrax(model, params, ids, rank, steps, batches=None, full_flops=True,
     wrapped = lowrax.lora.wrap(params, cfg, jax.random.key(0), model.model_type)
     trainable, frozen = lowrax.split(wrapped)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-4, total_steps=1000))
-    step, state, frozen = sharded_train_step(model, optimizer, mesh, init_state(trainable, optimizer), frozen)
+    step, state, frozen = sharded_train_step(model, optimizer, mesh, init_state(trainable, optimizer), frozen,
+                                             remat=remat)
     if batches is None:
         batches = [{"input_ids": ids, "attention_mask": np.ones(ids.shape, np.int32),
                     "loss_mask": np.ones(ids.shape, np.int32)}] * (steps + 1)
     batches = [global_batch(mesh, b) for b in batches]
-    flops, step_bytes = compiled_costs(step, state, frozen, batches[0])
-    extra = {}
-    if full_flops:
-        # The same step training every weight (compiled only, never run): what LoRA saves in FLOPs.
-        full_trainable, full_frozen = lowrax.split(jax.tree.map(lowrax.FullyTrained, params))
-        full_step = jax.jit(make_train_step(model, optimizer))
-        full = compiled_flops(full_step, jax.eval_shape(lambda t: init_state(t, optimizer), full_trainable),
-                              full_frozen, batches[0])
-        extra = {"full_finetune_flops_per_step": full, "lora_over_full_finetune_flops": flops / full}
-    state, m = step(state, frozen, batches[0])
+    # One compilation serves the cost analysis and the timed steps, so the process's peak
+    # memory holds what a training process holds: the loaded model, one compile, the steps.
+    compiled = step.lower(state, frozen, batches[0]).compile()
+    flops, step_bytes = program_costs(compiled)
+    state, m = compiled(state, frozen, batches[0])
     m["loss"].block_until_ready()
     times, tokens = [], 0
     for batch in batches[1:]:
         start = time.perf_counter()
-        state, m = step(state, frozen, batch)
+        state, m = compiled(state, frozen, batch)
         m["loss"].block_until_ready()
         times.append(time.perf_counter() - start)
         tokens += int(np.asarray(batch["attention_mask"]).sum())
+    out = {"peak_rss_bytes": peak_rss_bytes()}
+    if full_flops:
+        # The same step training every weight (compiled only, never run, and after the peak
+        # memory is read): what LoRA saves in FLOPs.
+        full_trainable, full_frozen = lowrax.split(jax.tree.map(lowrax.FullyTrained, params))
+        full_step = jax.jit(make_train_step(model, optimizer))
+        full = compiled_flops(full_step, jax.eval_shape(lambda t: init_state(t, optimizer), full_trainable),
+                              full_frozen, batches[0])
+        out.update(full_finetune_flops_per_step=full, lora_over_full_finetune_flops=flops / full)
     t = float(np.median(times))
     return {"tokens_per_s": tokens / sum(times), "step_s": t, "flops_per_step": flops, "step_program_bytes": step_bytes,
-            **extra,
-            "achieved_flops_per_s": flops / t, "trainable_params": lowrax.count_params(trainable)}
+            **out, "achieved_flops_per_s": flops / t, "trainable_params": lowrax.count_params(trainable)}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (ru_maxrss is in KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 PEFT_METHODS = ("lora", "dora", "vera")
 
 
-def bench_peft(path, ids, rank, steps, batches=None, method="lora", random_preset=None, dtype="float32"):
+def bench_peft(path, ids, rank, steps, batches=None, method="lora", random_preset=None, dtype="float32", remat=False):
     import peft
     import torch
     import transformers
@@ -163,6 +173,8 @@ def bench_peft(path, ids, rank, steps, batches=None, method="lora", random_prese
     hf = hf.to(device)
     config = (peft.VeraConfig(r=rank, target_modules="all-linear") if method == "vera" else
               peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", use_dora=method == "dora"))
+    if remat:  # transformers' per-layer recomputation, the counterpart of lowrax's remat
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = peft.get_peft_model(hf, config)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -200,8 +212,6 @@ def torch_matmul_ceiling(device: str, n: int = 2048, repeats: int = 3) -> float:
 
 def run_side(side: str, args) -> dict:
     """One side's measurements, taken in this (fresh) process so its peak memory is its own."""
-    import resource
-
     if side in QLORA_SIDES:
         from lowrax.trainer import DTYPES
 
@@ -209,9 +219,7 @@ def run_side(side: str, args) -> dict:
         model, params = lowrax.load_pretrained(args.model, dtype=DTYPES[dtype], progress=False,
                                                quantize=lowrax.QuantConfig() if nf4 else None)
         ids = np.random.default_rng(0).integers(10, model.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
-        out = {**base_storage(params), **bench_lowrax(model, params, ids, args.rank, args.steps, full_flops=False)}
-        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return out
+        return {**base_storage(params), **bench_lowrax(model, params, ids, args.rank, args.steps, full_flops=False)}
     from lowrax.sharding import MeshConfig, make_mesh
     from lowrax.trainer import DTYPES
 
@@ -225,14 +233,14 @@ def run_side(side: str, args) -> dict:
     if args.default_task:
         ours, theirs = default_task_batches(lowrax.load_tokenizer(args.model), 16, args.steps + 1)
     if side == "lowrax":
-        out = bench_lowrax(model, params, ids, args.rank, args.steps, ours, method=args.method, mesh=mesh)
+        out = bench_lowrax(model, params, ids, args.rank, args.steps, ours, method=args.method, mesh=mesh,
+                           remat=args.remat)
         out["mesh"] = dict(mesh.shape)
     else:
         del model, params  # the torch side loads its own copy
         out = bench_peft(args.model, ids, args.rank, args.steps, theirs, method=args.method,
-                         random_preset=args.random_llama, dtype=args.dtype)
-    # ru_maxrss is in KiB on Linux: the whole process, model loading included.
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                         random_preset=args.random_llama, dtype=args.dtype, remat=args.remat)
+    out.setdefault("peak_rss_bytes", peak_rss_bytes())  # the whole process, model loading included
     return out
 
 
@@ -264,6 +272,8 @@ def main() -> None:
     ap.add_argument("--mesh", default="-1,1,1", type=lambda v: tuple(int(x) for x in v.split(",")),
                     help="data,fsdp,tensor sizes of the device mesh (default: every device on data)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="base weights and compute")
+    ap.add_argument("--remat", action="store_true",
+                    help="recompute each layer in the backward pass (PEFT side: gradient checkpointing)")
     ap.add_argument("--random-llama", default=None, choices=sorted(RANDOM_LLAMA),
                     help="a random-weight Llama of this shape instead of --model (e.g. 1b for MFU on a GPU)")
     args = ap.parse_args()
@@ -272,7 +282,7 @@ def main() -> None:
     if args.qlora:
         return emit(qlora_report(args), args.out)
     model_name = f"random Llama ({args.random_llama})" if args.random_llama else str(args.model or "embedded SmolLM2-135M-Instruct")
-    result = {"model": model_name, "method": args.method, "dtype": args.dtype, "rank": args.rank,
+    result = {"model": model_name, "method": args.method, "dtype": args.dtype, "rank": args.rank, "remat": args.remat,
               "batch": args.batch, "seq": args.seq, "backend": jax.default_backend(),
               "matmul_ceiling_flops_per_s": matmul_ceiling(),
               "note": "each side runs in its own process; peak_rss_bytes is that process's peak resident memory"}

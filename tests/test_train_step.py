@@ -97,6 +97,70 @@ def test_remat_gives_the_same_step(tiny):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-6
 
 
+@pytest.mark.parametrize("variant", ["qlora", "dora", "vera"])
+def test_remat_gives_the_same_step_for_variants(tiny, variant):
+    """Remat's recomputation goes through the variants' own VJPs (NF4 dequantization, DoRA norms)."""
+    model, params = tiny
+    cfg = lowrax.LoraConfig(r=4, target_modules="all-linear", variant="lora" if variant == "qlora" else variant)
+    if variant == "qlora":
+        params = lowrax.quantize(params, lowrax.QuantConfig(blocksize=32), model)
+    s1, frozen, step1 = setup(model, params, cfg)
+    s2, _, step2 = setup(model, params, cfg, remat=True)
+    for _ in range(2):
+        s1, m1 = step1(s1, frozen, make_batch())
+        s2, m2 = step2(s2, frozen, make_batch())
+    assert abs(float(m1["loss"]) - float(m2["loss"])) <= 1e-5
+    for a, b in zip(jax.tree.leaves(s1.trainable), jax.tree.leaves(s2.trainable)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5
+
+
+def _step_temp_bytes(model, params, remat) -> int:
+    state, frozen, step = setup(model, params, remat=remat)
+    return step.lower(state, frozen, make_batch(b=4, t=64)).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_remat_keeps_less_for_the_backward_pass():
+    config = {**CONFIG, "num_hidden_layers": 6, "hidden_size": 128, "intermediate_size": 512}
+    model = model_from_hf_config(config)
+    params = jax.tree.map(lambda s: 0.02 * jnp.ones(s.shape, s.dtype), model.param_shapes())
+    plain, remat = _step_temp_bytes(model, params, False), _step_temp_bytes(model, params, True)
+    # Each layer keeps one [b, t, hidden] input instead of all its activations.
+    assert remat < 0.5 * plain, (plain, remat)
+
+
+GPT2 = {"model_type": "gpt2", "vocab_size": 128, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64}
+BERT = {"model_type": "bert", "vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 128, "max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("hf_config", [GPT2, BERT], ids=["gpt2", "bert"])
+def test_remat_gradients_equal_for_every_family(hf_config):
+    model = model_from_hf_config(hf_config)
+    shapes = model.param_shapes()
+    leaves, treedef = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    params = jax.tree.unflatten(treedef, [0.2 * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves)])
+    wrapped = lowrax.lora.wrap(params, lowrax.LoraConfig(r=4, target_modules="all-linear", init="gaussian"),
+                               jax.random.key(1), model.model_type)
+    trainable, frozen = lowrax.split(wrapped)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 12)), jnp.int32)
+
+    def loss(m):
+        def f(t):
+            out = m.apply(lowrax.combine(t, frozen), ids)
+            out = out if isinstance(out, jnp.ndarray) else out.last_hidden_state
+            return jnp.sum(jnp.sin(out))
+        return jax.jit(jax.grad(f))(trainable)
+
+    for a, b in zip(jax.tree.leaves(loss(model)), jax.tree.leaves(loss(model.with_remat(True)))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_remat_must_be_a_bool():
+    with pytest.raises(LowraxError, match="remat must be true or false, got 'layers'"):
+        model_from_hf_config(CONFIG).with_remat("layers")
+
+
 def test_bf16_base_with_float32_adapters(tiny):
     model, params = tiny
     base16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)

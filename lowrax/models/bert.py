@@ -120,6 +120,7 @@ class BertModel(Model):
     """A BERT-style encoder; `apply` returns an `EncoderOutput`."""
 
     config: BertConfig
+    remat: bool = False  # see Model.with_remat
     logical_axes = {"word_embeddings": ("vocab", "embed"), "position_embeddings": ("positions", "embed"),
                     "token_type_embeddings": (None, "embed"), "query": ("embed", "heads"), "key": ("embed", "heads"),
                     "value": ("embed", "heads"), "attention/output/dense": ("heads", "embed"),
@@ -144,6 +145,17 @@ class BertModel(Model):
             return jnp.cumsum(mask, axis=1) * mask + c.pad_token_id
         return jnp.broadcast_to(jnp.arange(t)[None, :], attention_mask.shape)
 
+    def _layer(self, p, x, mask):
+        c = self.config
+        b, t, _ = x.shape
+        head_dim = c.hidden_size // c.num_heads
+        a = p["attention"]
+        q, k, v = (linear(x, a["self"][n]).reshape(b, t, c.num_heads, head_dim) for n in ("query", "key", "value"))
+        attn = linear(layers.attention(q, k, v, mask, head_dim**-0.5), a["output"]["dense"])
+        x = layers.layer_norm(x + attn, a["output"]["LayerNorm"], c.layer_norm_eps)
+        h = linear(layers.activation(c.hidden_act)(linear(x, p["intermediate"]["dense"])), p["output"]["dense"])
+        return layers.layer_norm(x + h, p["output"]["LayerNorm"], c.layer_norm_eps)
+
     def apply(self, params, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> EncoderOutput:
         """Encode input_ids [b, t]; attention_mask [b, t] is 1 for tokens, 0 for padding."""
         c = self.config
@@ -160,16 +172,9 @@ class BertModel(Model):
         x = layers.layer_norm(x + embed(position_ids, e["position_embeddings"]), e["LayerNorm"], c.layer_norm_eps)
         b, t = input_ids.shape
         mask = jnp.broadcast_to(attention_mask.astype(bool)[:, None, :], (b, t, t))
-        head_dim = c.hidden_size // c.num_heads
-        act = layers.activation(c.hidden_act)
+        layer = self.layer(self._layer)
         for i in range(c.num_layers):
-            p = root["encoder"]["layer"][str(i)]
-            a = p["attention"]
-            q, k, v = (linear(x, a["self"][n]).reshape(b, t, c.num_heads, head_dim) for n in ("query", "key", "value"))
-            attn = linear(layers.attention(q, k, v, mask, head_dim**-0.5), a["output"]["dense"])
-            x = layers.layer_norm(x + attn, a["output"]["LayerNorm"], c.layer_norm_eps)
-            h = linear(act(linear(x, p["intermediate"]["dense"])), p["output"]["dense"])
-            x = layers.layer_norm(x + h, p["output"]["LayerNorm"], c.layer_norm_eps)
+            x = layer(root["encoder"]["layer"][str(i)], x, mask)
         pooled = jnp.tanh(linear(x[:, 0], root["pooler"]["dense"])) if "pooler" in root else None
         return EncoderOutput(x, pooled, self._classify(params, x, pooled))
 

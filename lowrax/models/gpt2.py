@@ -6,6 +6,8 @@ so unlike Llama they are copied, not transposed, into Flax kernels.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field as dc_field
 from typing import Any
 
@@ -92,6 +94,7 @@ class GPT2Model(CausalLM):
     """GPT-2 causal LM with the output projection tied to `wte`."""
 
     config: GPT2Config
+    remat: bool = False  # see Model.with_remat
     tensor_table = TENSORS
     logical_axes = {"wte": ("vocab", "embed"), "wpe": ("positions", "embed"), "c_attn": ("embed", "heads"),
                     "attn/c_proj": ("heads", "embed"), "c_fc": ("embed", "mlp"), "mlp/c_proj": ("mlp", "embed")}
@@ -108,21 +111,23 @@ class GPT2Model(CausalLM):
             scale /= i + 1
         return linear(layers.attention(q, k, v, mask, scale), p["c_proj"]), new_cache
 
+    def _layer(self, i, p, x, mask, kv, cache_index):
+        c = self.config
+        attn, kv = self._attention(i, p["attn"], layers.layer_norm(x, p["ln_1"], c.layer_norm_eps), mask, kv, cache_index)
+        x = x + attn
+        h = layers.layer_norm(x, p["ln_2"], c.layer_norm_eps)
+        return x + linear(layers.activation(c.hidden_act)(linear(h, p["mlp"]["c_fc"])), p["mlp"]["c_proj"]), kv
+
     def hidden_states(self, params, input_ids, positions, key_valid, cache=None, cache_index=None):
         """Final-LayerNorm hidden states [b, t, hidden] and the updated KV cache."""
         c = self.config
         tp = params["transformer"]
         x = embed(input_ids, tp["wte"]) + embed(positions, tp["wpe"])
         mask = layers.causal_mask(self.query_slots(input_ids, cache_index), key_valid)
-        act = layers.activation(c.hidden_act)
         new_cache = [] if cache is not None else None
         for i in range(c.num_layers):
-            p = tp["h"][str(i)]
             kv = cache[i] if cache is not None else None
-            attn, kv = self._attention(i, p["attn"], layers.layer_norm(x, p["ln_1"], c.layer_norm_eps), mask, kv, cache_index)
-            x = x + attn
-            h = layers.layer_norm(x, p["ln_2"], c.layer_norm_eps)
-            x = x + linear(act(linear(h, p["mlp"]["c_fc"])), p["mlp"]["c_proj"])
+            x, kv = self.layer(functools.partial(self._layer, i))(tp["h"][str(i)], x, mask, kv, cache_index)
             if new_cache is not None:
                 new_cache.append(kv)
         return layers.layer_norm(x, tp["ln_f"], c.layer_norm_eps), new_cache

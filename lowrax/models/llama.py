@@ -127,6 +127,7 @@ class LlamaModel(CausalLM):
     """A Llama-family causal LM; `apply(params, input_ids, attention_mask)` gives logits."""
 
     config: LlamaConfig
+    remat: bool = False  # see Model.with_remat
     tensor_table = TENSORS
     logical_axes = {"embed_tokens": ("vocab", "embed"), "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"),
                     "v_proj": ("embed", "kv_heads"), "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"),
@@ -152,20 +153,24 @@ class LlamaModel(CausalLM):
         act = layers.activation(self.config.hidden_act)
         return linear(act(linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
 
+    def _layer(self, p, x, cos, sin, mask, kv, cache_index):
+        c = self.config
+        attn, kv = self._attention(p["self_attn"], layers.rms_norm(x, p["input_layernorm"], c.rms_norm_eps),
+                                   cos, sin, mask, kv, cache_index)
+        x = x + attn
+        return x + self._mlp(p["mlp"], layers.rms_norm(x, p["post_attention_layernorm"], c.rms_norm_eps)), kv
+
     def hidden_states(self, params, input_ids, positions, key_valid, cache=None, cache_index=None):
         """Final-norm hidden states [b, t, hidden] and the updated KV cache (None without one)."""
         c = self.config
         x = embed(input_ids, params["model"]["embed_tokens"])
         cos, sin = layers.rope_cos_sin(positions, self.inv_freq)
         mask = layers.causal_mask(self.query_slots(input_ids, cache_index), key_valid, c.sliding_window)
+        layer = self.layer(self._layer)
         new_cache = [] if cache is not None else None
         for i in range(c.num_layers):
-            p = params["model"]["layers"][str(i)]
-            h = layers.rms_norm(x, p["input_layernorm"], c.rms_norm_eps)
             kv = cache[i] if cache is not None else None
-            attn, kv = self._attention(p["self_attn"], h, cos, sin, mask, kv, cache_index)
-            x = x + attn
-            x = x + self._mlp(p["mlp"], layers.rms_norm(x, p["post_attention_layernorm"], c.rms_norm_eps))
+            x, kv = layer(params["model"]["layers"][str(i)], x, cos, sin, mask, kv, cache_index)
             if new_cache is not None:
                 new_cache.append(kv)
         return layers.rms_norm(x, params["model"]["norm"], c.rms_norm_eps), new_cache
