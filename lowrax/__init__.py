@@ -16,6 +16,7 @@ The public API (see README.md):
 
     mesh = lowrax.make_mesh(lowrax.MeshConfig(fsdp=4))   # sharded: load_pretrained(path, mesh=mesh), sharded_train_step
     summary = lowrax.run_training(lowrax.load_config("configs/default.yaml", ["lora.r=8"]))
+    lowrax.reuse_freed_host_memory()                     # CPU training: reuse each step's freed memory
 """
 
 from lowrax.config import TrainConfig, load_config
@@ -35,6 +36,7 @@ from lowrax.quant.tree import QuantConfig, merge_requantized, quantize
 from lowrax.tree import combine, count_params, labels, merge, split, unmerge
 from lowrax.sharding import MeshConfig, make_mesh, param_shardings
 from lowrax.parallel import DistConfig, global_batch, sharded_train_step
+from lowrax.host_memory import reuse_freed_host_memory
 
 
 def run_training(cfg, progress: bool = True):
@@ -55,5 +57,6 @@ __all__ = [
     "OptimizerConfig", "make_optimizer", "TrainState", "init_state", "make_train_step",
     "TrainConfig", "load_config", "run_training", "QuantConfig", "quantize", "NF4Tensor", "merge_requantized",
     "MeshConfig", "make_mesh", "param_shardings", "DistConfig", "global_batch", "sharded_train_step",
+    "reuse_freed_host_memory",
     "LowraxError", "NotAModelError", "UnsupportedModelError", "CheckpointError",
 ]

@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from lowrax.errors import LowraxError
+    from lowrax.host_memory import reuse_freed_host_memory
+
+    reuse_freed_host_memory()  # before the first JAX computation; see lowrax/host_memory.py
 
     try:
         return args.func(args)

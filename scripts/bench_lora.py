@@ -212,6 +212,14 @@ def torch_matmul_ceiling(device: str, n: int = 2048, repeats: int = 3) -> float:
 
 def run_side(side: str, args) -> dict:
     """One side's measurements, taken in this (fresh) process so its peak memory is its own."""
+    # As `lowrax train` does (LOWRAX_SYSTEM_MALLOC=1 turns it off); the PEFT side only on request.
+    reused = lowrax.reuse_freed_host_memory() if side != "peft" or args.peft_reuse_memory else False
+    out = run_measurements(side, args)
+    out["host_memory_reused"] = reused
+    return out
+
+
+def run_measurements(side: str, args) -> dict:
     if side in QLORA_SIDES:
         from lowrax.trainer import DTYPES
 
@@ -272,6 +280,8 @@ def main() -> None:
     ap.add_argument("--mesh", default="-1,1,1", type=lambda v: tuple(int(x) for x in v.split(",")),
                     help="data,fsdp,tensor sizes of the device mesh (default: every device on data)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="base weights and compute")
+    ap.add_argument("--peft-reuse-memory", action="store_true",
+                    help="give the PEFT process lowrax's malloc settings too (lowrax.reuse_freed_host_memory)")
     ap.add_argument("--remat", action="store_true",
                     help="recompute each layer in the backward pass (PEFT side: gradient checkpointing)")
     ap.add_argument("--random-llama", default=None, choices=sorted(RANDOM_LLAMA),

@@ -86,10 +86,13 @@ def test_gradient_accumulation_equals_one_big_batch(tiny):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-6
 
 
-def test_remat_gives_the_same_step(tiny):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_remat_gives_the_same_step(tiny, dropout):
+    """The recomputation draws the same dropout masks as the forward pass."""
     model, params = tiny
-    s1, frozen, step1 = setup(model, params)
-    s2, _, step2 = setup(model, params, remat=True)
+    cfg = lowrax.LoraConfig(r=4, target_modules="all-linear", dropout=dropout)
+    s1, frozen, step1 = setup(model, params, cfg)
+    s2, _, step2 = setup(model, params, cfg, remat=True)
     batch = make_batch()
     s1, _ = step1(s1, frozen, batch)
     s2, _ = step2(s2, frozen, batch)

@@ -1,0 +1,45 @@
+"""reuse_freed_host_memory: a freed large block is reused without page-faulting it back in."""
+
+import subprocess
+import sys
+
+import pytest
+
+PROBE = r"""
+import ctypes, resource, sys
+import lowrax
+applied = lowrax.reuse_freed_host_memory() if sys.argv[1] == "on" else False
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.memset.argtypes, libc.free.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t], [ctypes.c_void_p]
+size = 256 << 20
+for round in range(2):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    libc.memset(block, 1, size)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    libc.free(block)
+print(applied, faults)
+"""
+
+
+def _second_round_faults(mode: str, env=None) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env)
+    applied, faults = out.stdout.split()
+    return applied, int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_freed_memory_is_reused_without_page_faults():
+    pages = (256 << 20) // 4096
+    applied, faults = _second_round_faults("on")
+    assert applied == "True" and faults < pages // 10, faults
+    _, untouched = _second_round_faults("off")
+    assert untouched > pages // 2, untouched  # glibc's default: munmap on free, fault back in
+
+
+def test_opt_out_leaves_malloc_alone():
+    import os
+
+    applied, _ = _second_round_faults("on", env={**os.environ, "LOWRAX_SYSTEM_MALLOC": "1"})
+    assert applied == "False"
