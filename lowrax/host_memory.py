@@ -4,8 +4,9 @@ XLA's CPU runtime mallocs each execution's temporaries (1.3 GB for a SmolLM2 LoR
 step at 4 x 128 tokens) and frees them at its end. glibc serves allocations that
 large from fresh `mmap`s in the worker threads' arenas and `munmap`s them on free,
 so every step page-faults its whole working set back in: on the 2-core CPU that
-was 330k page faults and 0.46 s of kernel time per 1.6 s step. With one arena,
-no mmap and no trimming, the freed block is reused by the next step.
+was 330k page faults and 0.69 s of kernel time per 1.7 s step
+(`LOWRAX_SYSTEM_MALLOC=1 python scripts/bench.py --lora`). With one arena, no mmap
+and no trimming, the freed block is reused by the next step.
 """
 
 from __future__ import annotations

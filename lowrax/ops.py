@@ -39,8 +39,11 @@ ACCUMULATION_BLOCK = 768
 
 
 def dense_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    """x [n, k] @ w [k, m], the contraction summed in blocks of at most ACCUMULATION_BLOCK on CPU."""
-    if x.shape[-1] <= ACCUMULATION_BLOCK or jax.default_backend() != "cpu":
+    """x [n, k] @ w [k, m], a float32 contraction summed in blocks of at most ACCUMULATION_BLOCK on CPU.
+
+    Only float32: a bfloat16 product accumulates in float32 inside the dot and rounds
+    once, where blocks would round each partial sum to bfloat16 as well."""
+    if x.shape[-1] <= ACCUMULATION_BLOCK or x.dtype != jnp.float32 or jax.default_backend() != "cpu":
         return jnp.matmul(x, w)
     return _blocked_matmul(x, w)
 

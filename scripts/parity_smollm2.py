@@ -5,7 +5,8 @@
 Prints JSON: max |logit difference| over the real tokens of a small padded batch for
 lowrax vs transformers (sdpa and eager attention), sdpa vs eager, and each float32
 run vs transformers run in float64 (`model.double()`; its RMSNorm still upcasts to
-float32 internally, so this is a better reference, not an exact one). Needs the test extra.
+float32 internally, so this is a better reference, not an exact one), and the same for
+lowrax with XLA's plain dot (no blocked accumulation, see lowrax/ops.py). Needs the test extra.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lowrax
+from lowrax import ops
 from lowrax.pretrained import EMBEDDED_FILE
 
 PROMPTS = ["The capital of France is", "Hello, my name is Ada and I"]
@@ -31,6 +33,13 @@ def main() -> None:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     valid = mask.astype(bool)
     ours = np.asarray(jax.jit(model.apply)(params, jnp.asarray(ids), jnp.asarray(mask)))
+    # The same forward with XLA's plain dot everywhere (no blocked accumulation, see lowrax.ops).
+    blocked = ops.ACCUMULATION_BLOCK
+    ops.ACCUMULATION_BLOCK = 1 << 30
+    try:
+        unblocked = np.asarray(jax.jit(model.apply)(params, jnp.asarray(ids), jnp.asarray(mask)))
+    finally:
+        ops.ACCUMULATION_BLOCK = blocked
 
     def reference(attn: str, double: bool = False) -> np.ndarray:
         hf = AutoModelForCausalLM.from_pretrained(str(lowrax.embedded_model_path().parent), gguf_file=EMBEDDED_FILE,
@@ -54,6 +63,8 @@ def main() -> None:
         "transformers_sdpa_vs_eager": gap(sdpa, eager),
         "transformers_fp32_vs_fp64": gap(eager, f64),
         "lowrax_fp32_vs_transformers_fp64": gap(ours, f64),
+        "lowrax_plain_xla_dot_vs_transformers_sdpa": gap(unblocked, sdpa),
+        "lowrax_plain_xla_dot_fp32_vs_transformers_fp64": gap(unblocked, f64),
     }, indent=2))
 
 

@@ -45,3 +45,9 @@ def test_blocked_matmul_gradients_equal_the_plain_ones(k):
     plain = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, w)
     for a, b in zip(ours, plain):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_stays_one_dot():
+    x, w = _operands(2 * ops.ACCUMULATION_BLOCK)
+    x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    assert jax.jit(ops.dense_matmul).lower(x, w).as_text().count("dot_general") == 1
