@@ -8,8 +8,9 @@ The public API (see README.md):
     texts = lowrax.generate(model, params, tokenizer, prompts, max_new_tokens=64)
     lowrax.save_pretrained(params, model, out_dir)      # HF safetensors that transformers loads
 
-    params = lowrax.lora.wrap(params, lowrax.LoraConfig(r=8, target_modules="all-linear"), key)
-    params = lowrax.lora.wrap(params, lowrax.LoraConfig(r=8, variant="dora"), key)   # or lora_fa, vera, delta_lora
+    params = lowrax.wrap(params, lowrax.LoraConfig(r=8, target_modules="all-linear"), key)
+    params = lowrax.wrap(params, lowrax.LoraConfig(r=8, variant="dora"), key)   # or lora_fa, vera, delta_lora
+    params = lowrax.wrap(params, lowrax.IA3Config(), key, model.model_type)   # any registered method
     trainable, frozen = lowrax.split(params)
     merged = lowrax.merge(params)
     lowrax.save_peft(params, out_dir, model)            # PEFT's adapter format
@@ -19,32 +20,29 @@ The public API (see README.md):
     lowrax.reuse_freed_host_memory()                     # CPU training: reuse each step's freed memory
 """
 
-from lowrax.config import TrainConfig, load_config
+import lowrax.adapters.catalog  # noqa: F401  registers the built-in adapter methods
+from lowrax.adapters import lora
+from lowrax.adapters.ia3 import IA3Config, IA3Kernel
+from lowrax.adapters.lora import DeltaLoraKernel, DoraKernel, LoraConfig, LoraKernel, VeraKernel
+from lowrax.adapters.node import AdapterNode, FullyTrained
+from lowrax.adapters.registry import method_names
+from lowrax.adapters.tree import combine, count_params, labels, merge, split, unmerge
+from lowrax.adapters.wrap import wrap
+from lowrax.dist.parallel import DistConfig, global_batch, sharded_train_step
+from lowrax.dist.sharding import MeshConfig, make_mesh, param_shardings
 from lowrax.errors import CheckpointError, LowraxError, NotAModelError, UnsupportedModelError
-from lowrax.generate import SamplingConfig, generate, generate_ids
+from lowrax.io.pretrained import embedded_minilm_path, embedded_model_path, load_pretrained, load_tokenizer, save_pretrained
 from lowrax.models import EncoderOutput, supported_model_types
-from lowrax import lora
-from lowrax.lora import LoraConfig
-from lowrax.nodes import FullyTrained, LoraKernel
-from lowrax.variants import DeltaLoraKernel, DoraKernel, VeraKernel
-from lowrax.ops import linear, register_linear
-from lowrax.peft_format import load_peft, save_peft
-from lowrax.optim import OptimizerConfig, make_optimizer
-from lowrax.train_step import TrainState, init_state, make_train_step
+from lowrax.models.generate import SamplingConfig, generate, generate_ids
+from lowrax.models.linear import linear, register_linear
+from lowrax.peft.format import load_peft, save_peft
 from lowrax.quant.nf4 import NF4Tensor
 from lowrax.quant.tree import QuantConfig, merge_requantized, quantize
-from lowrax.tree import combine, count_params, labels, merge, split, unmerge
-from lowrax.sharding import MeshConfig, make_mesh, param_shardings
-from lowrax.parallel import DistConfig, global_batch, sharded_train_step
-from lowrax.host_memory import reuse_freed_host_memory
-
-
-def run_training(cfg, progress: bool = True):
-    """Run a fine-tune described by a TrainConfig (see lowrax.trainer.run_training)."""
-    from lowrax.trainer import run_training as _run
-
-    return _run(cfg, progress=progress)
-from lowrax.pretrained import embedded_minilm_path, embedded_model_path, load_pretrained, load_tokenizer, save_pretrained
+from lowrax.train.config import TrainConfig, load_config
+from lowrax.train.host_memory import reuse_freed_host_memory
+from lowrax.train.optim import OptimizerConfig, make_optimizer
+from lowrax.train.step import TrainState, init_state, make_train_step
+from lowrax.train.trainer import run_training
 
 __version__ = "0.1.0"
 
@@ -52,6 +50,7 @@ __all__ = [
     "load_pretrained", "load_tokenizer", "save_pretrained", "generate", "generate_ids", "SamplingConfig",
     "EncoderOutput", "supported_model_types", "embedded_model_path", "embedded_minilm_path",
     "linear", "register_linear",
+    "wrap", "method_names", "AdapterNode", "IA3Config", "IA3Kernel",
     "lora", "LoraConfig", "LoraKernel", "DoraKernel", "VeraKernel", "DeltaLoraKernel", "FullyTrained", "split", "combine", "merge", "unmerge", "labels",
     "count_params", "save_peft", "load_peft",
     "OptimizerConfig", "make_optimizer", "TrainState", "init_state", "make_train_step",

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_common import base_parser, best_of, emit, load_torch_causal_lm  # noqa: E402
 
 import lowrax  # noqa: E402
-from lowrax.generate import SamplingConfig  # noqa: E402
+from lowrax.models.generate import SamplingConfig  # noqa: E402
 
 
 def bench_lowrax(model, params, ids, prompt, new_tokens, batch, repeats):

@@ -39,7 +39,7 @@ def load_torch_causal_lm(path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lowrax.pretrained import resolve_model_path
+    from lowrax.io.pretrained import resolve_model_path
 
     source = resolve_model_path(path)
     if source.suffix == ".gguf":
@@ -83,7 +83,7 @@ def random_llama(preset: str, dtype, mesh):
     import jax
 
     from lowrax.models import model_from_hf_config
-    from lowrax.sharding import param_shardings
+    from lowrax.dist.sharding import param_shardings
 
     model = model_from_hf_config(dict(RANDOM_LLAMA[preset], model_type="llama"))
     shapes = model.param_shapes()

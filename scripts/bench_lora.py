@@ -33,8 +33,8 @@ from bench_common import (RANDOM_LLAMA, base_parser, device_peak_flops, emit, lo
                           random_llama, timed)
 
 import lowrax  # noqa: E402
-from lowrax.optim import OptimizerConfig, make_optimizer  # noqa: E402
-from lowrax.train_step import init_state, make_train_step  # noqa: E402
+from lowrax.train.optim import OptimizerConfig, make_optimizer  # noqa: E402
+from lowrax.train.step import init_state, make_train_step  # noqa: E402
 
 
 def matmul_ceiling(n: int = 2048, repeats: int = 3) -> float:
@@ -50,9 +50,9 @@ def default_task_batches(tokenizer, batch_size: int, steps: int, seq_len: int = 
     """The embedded task's first `steps` batches: lowrax's (fixed 32-token rows, logits only at
     response positions) and the same examples as a PEFT user batches them (padded to the
     batch's longest, labels -100 on prompt and padding)."""
-    from lowrax.config import DataSection
-    from lowrax.data import Batches, encode_all
-    from lowrax.default_task import make_splits
+    from lowrax.train.config import DataSection
+    from lowrax.train.data import Batches, encode_all
+    from lowrax.train.default_task import make_splits
 
     records, _ = make_splits(batch_size * steps, 0, seed=0)
     data = encode_all(tokenizer, records, DataSection(), "causal_lm")
@@ -109,8 +109,8 @@ def base_storage(params) -> dict:
 
 def bench_lowrax(model, params, ids, rank, steps, batches=None, full_flops=True, method="lora", mesh=None, remat=False):
     """The method's train step on `mesh` (default: every device on the data axis)."""
-    from lowrax.parallel import global_batch, sharded_train_step
-    from lowrax.sharding import MeshConfig, make_mesh
+    from lowrax.dist.parallel import global_batch, sharded_train_step
+    from lowrax.dist.sharding import MeshConfig, make_mesh
 
     mesh = mesh or make_mesh(MeshConfig())
     cfg = lowrax.LoraConfig(r=rank, alpha=2 * rank, target_modules="all-linear", variant=method)
@@ -225,15 +225,15 @@ def run_side(side: str, args) -> dict:
 
 def run_measurements(side: str, args) -> dict:
     if side in QLORA_SIDES:
-        from lowrax.trainer import DTYPES
+        from lowrax.train.trainer import DTYPES
 
         dtype, nf4 = QLORA_SIDES[side]
         model, params = lowrax.load_pretrained(args.model, dtype=DTYPES[dtype], progress=False,
                                                quantize=lowrax.QuantConfig() if nf4 else None)
         ids = np.random.default_rng(0).integers(10, model.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
         return {**base_storage(params), **bench_lowrax(model, params, ids, args.rank, args.steps, full_flops=False)}
-    from lowrax.sharding import MeshConfig, make_mesh
-    from lowrax.trainer import DTYPES
+    from lowrax.dist.sharding import MeshConfig, make_mesh
+    from lowrax.train.trainer import DTYPES
 
     mesh = make_mesh(MeshConfig(*args.mesh))
     if args.random_llama:

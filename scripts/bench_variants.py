@@ -42,8 +42,8 @@ METHODS = {
 
 def run_child(overrides: list[str]) -> dict:
     """Train in this process (the child) and report what the table needs."""
-    from lowrax.config import load_config
-    from lowrax.trainer import run_training
+    from lowrax.train.config import load_config
+    from lowrax.train.trainer import run_training
 
     cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"), overrides + ["train.samples=0"])
     summary = run_training(cfg, progress=False, log=lambda *_: None)

@@ -10,8 +10,8 @@ devices XLA_FLAGS gives this process.
 import json
 import sys
 
-from lowrax.config import load_config
-from lowrax.trainer import run_training
+from lowrax.train.config import load_config
+from lowrax.train.trainer import run_training
 
 if __name__ == "__main__":
     overrides = json.loads(sys.argv[1])

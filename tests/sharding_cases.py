@@ -25,12 +25,12 @@ from safetensors.numpy import save_file
 import lowrax
 from lowrax.errors import LowraxError
 from lowrax.models import model_from_hf_config
-from lowrax.optim import OptimizerConfig, make_optimizer
-from lowrax.parallel import global_batch, sharded_train_step
-from lowrax.sharding import MeshConfig, make_mesh, param_shardings, state_shardings
-from lowrax.config import load_config
-from lowrax.trainer import run_training
-from lowrax.train_step import init_state
+from lowrax.train.optim import OptimizerConfig, make_optimizer
+from lowrax.dist.parallel import global_batch, sharded_train_step
+from lowrax.dist.sharding import MeshConfig, make_mesh, param_shardings, state_shardings
+from lowrax.train.config import load_config
+from lowrax.train.trainer import run_training
+from lowrax.train.step import init_state
 from tests.test_training_run import data_file, overrides, tiny_dir as tiny_run_dir  # noqa: F401 - fixtures
 
 if jax.device_count() < 8:
@@ -203,7 +203,7 @@ def test_two_processes_match_one_process_and_checkpoint_restores(tiny_run_dir, d
     for key in ref:
         np.testing.assert_allclose(ours[key], ref[key], atol=1e-5)
 
-    from lowrax.runs import restore_run
+    from lowrax.train.runs import restore_run
 
     _, model, from_multi = restore_run(multi)
     _, _, from_single = restore_run(single)

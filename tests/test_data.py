@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import lowrax
-from lowrax.config import DataSection
-from lowrax.data import Batches, Encoded, encode_all
-from lowrax.default_task import make_splits
+from lowrax.train.config import DataSection
+from lowrax.train.data import Batches, Encoded, encode_all
+from lowrax.train.default_task import make_splits
 from tests.test_bad_input import tiny_llama_dir  # noqa: F401 - fixture
 
 
@@ -67,7 +67,7 @@ def test_packed_examples_do_not_see_each_other(tiny_llama_dir):  # noqa: F811
 def test_save_to_disk_directory_with_its_own_eval_split(tmp_path):
     import datasets
 
-    from lowrax.data import load_records
+    from lowrax.train.data import load_records
 
     splits = datasets.DatasetDict({
         "train": datasets.Dataset.from_list([{"prompt": f"q{i}", "response": f"a{i}"} for i in range(10)]),
@@ -79,7 +79,7 @@ def test_save_to_disk_directory_with_its_own_eval_split(tmp_path):
 
 
 def test_unsupported_data_source_is_explained(tmp_path):
-    from lowrax.data import load_records
+    from lowrax.train.data import load_records
     from lowrax.errors import LowraxError
 
     (tmp_path / "data.parquetx").write_text("x")

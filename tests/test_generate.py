@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import lowrax
-from lowrax.generate import SamplingConfig, _compiled, sample_next
+from lowrax.models.generate import SamplingConfig, _compiled, sample_next
 from tests.test_bad_input import tiny_llama_dir  # noqa: F401 - fixture
 
 

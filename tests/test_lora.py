@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import lowrax
-import lowrax.tree
+import lowrax.adapters.tree
 from lowrax.errors import CheckpointError, LowraxError
 from tests.test_bad_input import tiny_llama_dir  # noqa: F401 - fixture
 
@@ -90,7 +90,7 @@ def test_rank_out_of_range_is_named(tiny):
 
 
 def test_unknown_config_key_names_closest():
-    with pytest.raises(LowraxError, match="unknown LoRA config key 'lora_alpha'.*did you mean 'alpha'"):
+    with pytest.raises(LowraxError, match="unknown LoraConfig key 'lora_alpha'.*did you mean 'alpha'"):
         lowrax.LoraConfig.from_dict({"r": 4, "lora_alpha": 8})
 
 
@@ -112,7 +112,7 @@ def test_dropout_applies_only_with_a_step_key(tiny):
     wrapped = lowrax.lora.wrap(params, cfg, KEY)
     no_dropout = lowrax.lora.wrap(params, lowrax.LoraConfig(r=4, target_modules="all-linear", init="random"), KEY)
     assert np.array_equal(model.apply(wrapped, IDS), model.apply(no_dropout, IDS))  # eval: no key, no dropout
-    a = model.apply(lowrax.tree.with_dropout_keys(wrapped, jax.random.key(5)), IDS)
-    b = model.apply(lowrax.tree.with_dropout_keys(wrapped, jax.random.key(5)), IDS)
-    c = model.apply(lowrax.tree.with_dropout_keys(wrapped, jax.random.key(6)), IDS)
+    a = model.apply(lowrax.adapters.tree.with_dropout_keys(wrapped, jax.random.key(5)), IDS)
+    b = model.apply(lowrax.adapters.tree.with_dropout_keys(wrapped, jax.random.key(5)), IDS)
+    c = model.apply(lowrax.adapters.tree.with_dropout_keys(wrapped, jax.random.key(6)), IDS)
     assert np.array_equal(a, b) and np.abs(a - c).max() > 1e-4 and np.abs(a - model.apply(wrapped, IDS)).max() > 1e-4

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowrax import ops
+from lowrax.models import linear as ops
 
 
 def _operands(k: int, rows: int = 24):

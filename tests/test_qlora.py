@@ -9,9 +9,9 @@ import pytest
 
 import lowrax
 from lowrax.errors import LowraxError
-from lowrax.optim import OptimizerConfig, make_optimizer
+from lowrax.train.optim import OptimizerConfig, make_optimizer
 from lowrax.quant.nf4 import NF4Tensor, dequantize
-from lowrax.train_step import init_state, make_train_step
+from lowrax.train.step import init_state, make_train_step
 from tests.test_bad_input import tiny_llama_dir  # noqa: F401 - fixture
 from tests.test_train_step import make_batch, tiny  # noqa: F401 - fixture
 
@@ -93,7 +93,7 @@ def test_nf4_matmul_gradient_equals_the_dense_one_and_keeps_one_weight_alive():
     import jax
     import jax.numpy as jnp
 
-    from lowrax.ops import matmul
+    from lowrax.models.linear import matmul
     from lowrax.quant import nf4
 
     weights = [nf4.quantize(jax.random.normal(jax.random.key(i), (256, 256)) * 0.05, 64, double) for i, double in

@@ -12,10 +12,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import lowrax  # noqa: E402
-from lowrax.generate import encode_prompt  # noqa: E402
+from lowrax.models.generate import encode_prompt  # noqa: E402
 from lowrax.io import tables  # noqa: E402
 from lowrax.io.gguf_checkpoint import unpermute_rows  # noqa: E402
-from lowrax.pretrained import EMBEDDED_FILE  # noqa: E402
+from lowrax.io.pretrained import EMBEDDED_FILE  # noqa: E402
 
 
 @pytest.fixture(scope="module")

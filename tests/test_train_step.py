@@ -11,9 +11,9 @@ import pytest
 import lowrax
 from lowrax.errors import LowraxError
 from lowrax.models import model_from_hf_config
-from lowrax.optim import OptimizerConfig, make_optimizer
-from lowrax.train_step import init_state, make_train_step
-from lowrax.nodes import FullyTrained
+from lowrax.train.optim import OptimizerConfig, make_optimizer
+from lowrax.train.step import init_state, make_train_step
+from lowrax.adapters.node import FullyTrained
 
 CONFIG = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
@@ -198,8 +198,8 @@ def test_lora_step_flops_at_most_three_quarters_of_full_finetuning():
 
 def test_loss_at_gathered_positions_equals_full_logits(tiny):
     """Scoring only the loss positions (packed rows included) gives the same loss and gradients."""
-    from lowrax.data import Batches, Encoded
-    from lowrax.train_step import causal_lm_loss
+    from lowrax.train.data import Batches, Encoded
+    from lowrax.train.step import causal_lm_loss
 
     model, params = tiny
     rng = np.random.default_rng(1)
@@ -224,7 +224,7 @@ def test_loss_at_gathered_positions_equals_full_logits(tiny):
 
 
 def test_schedules_warm_up_and_decay():
-    from lowrax.optim import learning_rate_schedule
+    from lowrax.train.optim import learning_rate_schedule
 
     for kind, end in (("cosine", 0.0), ("linear", 0.0), ("constant", 1.0)):
         lr = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, schedule=kind, warmup_steps=10, total_steps=110))

@@ -9,9 +9,9 @@ import pytest
 from safetensors.numpy import save_file
 
 import lowrax
-from lowrax.config import load_config
+from lowrax.train.config import load_config
 from lowrax.errors import LowraxError
-from lowrax.trainer import run_training
+from lowrax.train.trainer import run_training
 
 VOCAB = 49152
 
@@ -118,7 +118,7 @@ def test_classification_run_on_minilm(tmp_path):
 
 def test_cli_export_import_merge(tiny_dir, data_file, tmp_path):
     from lowrax.cli import main
-    from lowrax.runs import restore_run
+    from lowrax.train.runs import restore_run
 
     run = tmp_path / "run"
     assert main(["train", *overrides(tiny_dir, data_file, run, 2, **{"lora.dropout": 0.0})]) == 0
@@ -164,7 +164,7 @@ def test_qlora_run_merges_with_requantization(tiny_dir, data_file, tmp_path):
 def test_variant_runs_export_and_merge(tiny_dir, data_file, tmp_path, variant):
     """`lowrax train lora.variant=...`: the run's PEFT adapter, its export and its merge all give the trained model."""
     from lowrax.cli import main
-    from lowrax.runs import restore_run
+    from lowrax.train.runs import restore_run
 
     run = tmp_path / "run"
     assert main(["train", *overrides(tiny_dir, data_file, run, 3, **variant)]) == 0

@@ -9,9 +9,9 @@ import pytest
 
 import lowrax
 from lowrax.errors import LowraxError
-from lowrax.optim import OptimizerConfig, make_optimizer
-from lowrax.train_step import init_state, make_train_step
-from lowrax.variants import dora
+from lowrax.train.optim import OptimizerConfig, make_optimizer
+from lowrax.train.step import init_state, make_train_step
+from lowrax.adapters.lora import dora
 from tests.test_train_step import make_batch, tiny  # noqa: F401 - fixture
 
 Q = ("model", "layers", "0", "self_attn", "q_proj", "kernel")
@@ -61,7 +61,7 @@ def test_delta_lora_moves_the_base_by_exactly_the_change_of_the_product(tiny):  
     # No optimizer state and no update for W or the anchor: Adam moments exist for A and B only.
     moment_shapes = sorted({x.shape for x in jax.tree.leaves(state.opt_state) if getattr(x, "ndim", 0) == 2})
     assert moment_shapes == sorted({(64, 4), (4, 64), (4, 32), (128, 4), (4, 128)})
-    assert lowrax.tree.count_trained(state.trainable) < lowrax.count_params(state.trainable)
+    assert lowrax.adapters.tree.count_trained(state.trainable) < lowrax.count_params(state.trainable)
 
 
 def test_lora_fa_keeps_a_frozen_without_optimizer_state(tiny):  # noqa: F811
@@ -82,11 +82,11 @@ def test_lora_fa_projected_gradient_is_the_full_gradient_projected_on_a(tiny):  
     wrapped = lowrax.lora.wrap(params, lowrax.LoraConfig(r=4, alpha=8, target_modules=("q_proj",), variant="lora_fa",
                                                           fa_projected_grad=True), jax.random.key(1))
     batch = make_batch()
-    from lowrax.train_step import causal_lm_loss
+    from lowrax.train.step import causal_lm_loss
 
     trainable, frozen = lowrax.split(wrapped)
     grads = jax.grad(lambda t: causal_lm_loss(model, lowrax.combine(t, frozen), batch)[0])(trainable)
-    projected = node_at(lowrax.tree.precondition_grads(grads, wrapped))
+    projected = node_at(lowrax.adapters.tree.precondition_grads(grads, wrapped))
     full = jax.grad(lambda w: causal_lm_loss(model, _with_q(params, w), batch)[0])(node_at(params))
     a, s = f32(node_at(wrapped).a), node_at(wrapped).scale
     expected = a @ np.linalg.solve(a.T @ a, a.T @ f32(full))
@@ -214,7 +214,7 @@ def test_vera_adapter_whose_projections_do_not_fit(tiny, tmp_path):  # noqa: F81
     with pytest.raises(lowrax.CheckpointError, match=r"VeRA projections do not fit model\.layers\.0\.mlp\.down_proj: "
                                                      r"vera_A covers in=64.*needs in=128"):
         import json
-        from lowrax.peft_format import load_peft
+        from lowrax.peft.format import load_peft
 
         config = json.loads((tmp_path / "vera" / "adapter_config.json").read_text())
         from safetensors.numpy import load_file, save_file

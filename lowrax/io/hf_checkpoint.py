@@ -59,7 +59,7 @@ def load_tensors(
     or None. Every missing or misshapen tensor is reported in one error. With
     `quant` (a QuantConfig) linear kernels are quantized to NF4 as they are read,
     so the full-precision model is never in memory at once. With `mesh` each tensor goes
-    straight into its shards (`lowrax.sharding` rules).
+    straight into its shards (`lowrax.dist.sharding` rules).
     """
     specs = model.tensors()
     missing, misshapen, used = [], [], set()
@@ -101,7 +101,7 @@ def load_tensors(
 
 def _sharding_of(model, mesh, path: tuple[str, ...], value):
     """The sharding the rules give one parameter (an array or an NF4Tensor) at `path`."""
-    from lowrax.sharding import param_shardings
+    from lowrax.dist.sharding import param_shardings
 
     single: dict = {}
     tables.set_path(single, path, value)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from lowrax.errors import LowraxError
 from lowrax.io import tables
 from lowrax.models.layers import positions_from_mask, segment_positions, segment_visibility
-from lowrax.nodes import resolve
+from lowrax.adapters.node import resolve
 
 
 def recomputed_in_backward(layer_fn: Callable) -> Callable:
@@ -63,7 +63,7 @@ class Model:
     # (e.g. "bert." for BertModel saved without a head); None when keys never omit one.
     bare_prefix: ClassVar[str | None] = None
     is_causal_lm: ClassVar[bool] = False
-    # Module path suffix -> logical axis names of its kernel (bias: the last one); see lowrax.sharding.
+    # Module path suffix -> logical axis names of its kernel (bias: the last one); see lowrax.dist.sharding.
     logical_axes: ClassVar[dict] = {}
 
     @property

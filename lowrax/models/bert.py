@@ -19,8 +19,8 @@ from lowrax.io.tables import TRANSPOSE, TensorSpec
 from lowrax.models import layers
 from lowrax.models.base import Model
 from lowrax.models.config_utils import field
-from lowrax.nodes import resolve
-from lowrax.ops import embed, linear
+from lowrax.adapters.node import resolve
+from lowrax.models.linear import embed, linear
 
 
 class EncoderOutput(NamedTuple):

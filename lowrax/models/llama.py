@@ -16,7 +16,7 @@ from lowrax.io.tables import TRANSPOSE, TensorSpec
 from lowrax.models import layers
 from lowrax.models.base import CausalLM
 from lowrax.models.config_utils import field, rope_settings
-from lowrax.ops import attend_to_embedding, embed, linear
+from lowrax.models.linear import attend_to_embedding, embed, linear
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 from flax import struct
 
 from lowrax.errors import LowraxError
-from lowrax.ops import register_linear
+from lowrax.models.linear import register_linear
 from lowrax.quant.codes import DYNAMIC_MAP, NF4_LEVELS
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -7,7 +7,12 @@ from typing import Any
 
 import jax
 
+import jax.numpy as jnp
+
+from lowrax.adapters.node import is_adapter, is_node, resolve
+from lowrax.adapters.tree import without_shared
 from lowrax.errors import LowraxError
+from lowrax.io.tables import TRANSPOSE
 from lowrax.quant import nf4
 
 METHODS = ("nf4",)
@@ -36,9 +41,6 @@ def quantize(params: Any, cfg: QuantConfig = QuantConfig(), model=None) -> Any:
     Kernels are quantized in the layout their HF checkpoint stores (torch Linear (out, in),
     or GPT-2's Conv1D (in, out) when `model` says so), so the bytes are bitsandbytes'.
     """
-    from lowrax.io.tables import TRANSPOSE
-    from lowrax.nodes import is_adapter, is_node
-
     copied = set() if model is None else {t.path for t in model.tensors() if t.layout != TRANSPOSE}
 
     def q(names, kernel):
@@ -65,28 +67,29 @@ def merge_requantized(params: Any) -> tuple[Any, dict]:
     exact float32 merge: `mean_abs`, `max_abs` and `relative` (||error|| / ||merged||),
     plus the worst `relative` over all modules under "worst".
     """
-    import jax.numpy as jnp
-
-    from lowrax.nodes import is_adapter, is_node, resolve
-
     report: dict = {}
 
-    def visit(path, leaf):
-        if not (is_adapter(leaf) and isinstance(leaf.base, nf4.NF4Tensor)):
-            return leaf
-        base = leaf.base
-        exact = leaf.merge_into(nf4.dequantize(base, jnp.float32))
+    def adapted_nf4(x) -> bool:
+        return isinstance(x, dict) and is_adapter(x.get("kernel")) and isinstance(x["kernel"].base, nf4.NF4Tensor)
+
+    def visit(path, layer):
+        if not adapted_nf4(layer):
+            return layer
+        node = layer["kernel"]
+        base = node.base
+        exact = node.merge_into(nf4.dequantize(base, jnp.float32))
         again = nf4.quantize(exact.astype(base.dtype), base.blocksize, base.double_quantized, transpose=base.transposed)
         error = nf4.dequantize(again, jnp.float32) - exact
-        name = ".".join(str(getattr(p, "key", "")) for p in path[:-1])
+        name = ".".join(str(getattr(p, "key", "")) for p in path)
         report[name] = {"mean_abs": float(jnp.mean(jnp.abs(error))), "max_abs": float(jnp.max(jnp.abs(error))),
                         "relative": float(jnp.linalg.norm(error) / jnp.maximum(jnp.linalg.norm(exact), 1e-30))}
-        return again
+        out = dict(layer, kernel=again)
+        if layer.get("bias") is not None:  # methods that scale the output scale the bias too (IA3)
+            out["bias"] = node.merge_bias(layer["bias"].astype(jnp.float32)).astype(layer["bias"].dtype)
+        return out
 
-    from lowrax.tree import without_shared
-
-    merged = without_shared(jax.tree_util.tree_map_with_path(visit, resolve(params),
-                                                             is_leaf=lambda x: is_node(x) or isinstance(x, nf4.NF4Tensor)))
+    merged = without_shared(jax.tree_util.tree_map_with_path(
+        visit, resolve(params), is_leaf=lambda x: adapted_nf4(x) or is_node(x) or isinstance(x, nf4.NF4Tensor)))
     if report:
         report["worst"] = {"relative": max(r["relative"] for r in report.values())}
     return merged, report

@@ -8,7 +8,7 @@ layer trains only two vectors:
 A [max_in, r] and B [r, max_out] are sized for the largest adapted layer and
 sliced per layer (A[:in], B[:, :out]), as PEFT does. They are stored once, at
 `params["vera_shared"]`, and handed to the nodes inside the traced forward
-(`nodes.resolve`), so the tree, the checkpoint and the device hold one copy.
+(`adapters.node.resolve`), so the tree, the checkpoint and the device hold one copy.
 lambda_d [r] starts at `d_initial` (0.1), lambda_b [out] at 0: the adapted
 model equals the base at init.
 """
@@ -22,17 +22,16 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from lowrax.adapters.node import VECTOR, AdapterNode, dropped
 from lowrax.errors import LowraxError
-from lowrax.nodes import VECTOR, dropped, register_adapter
-from lowrax.ops import matmul, register_linear
+from lowrax.models.linear import matmul
 
 SHARED = "vera_shared"
 DEFAULT_D_INITIAL = 0.1
 
 
-@register_adapter
 @struct.dataclass
-class VeraKernel:
+class VeraKernel(AdapterNode):
     """base [in, out] frozen; lambda_d [r] and lambda_b [out] trained. `a`/`b` are None
     as stored and bound to slices of the shared projections by `bind_shared`."""
 
@@ -43,6 +42,7 @@ class VeraKernel:
     a: Any = None
     b: Any = None
     dropout: float = struct.field(pytree_node=False, default=0.0)
+    peft_type = "VERA"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -66,20 +66,18 @@ class VeraKernel:
         a = self.a.astype(jnp.float32) * self.lambda_d.astype(jnp.float32)[None, :]
         return a @ (self.b.astype(jnp.float32) * self.lambda_b.astype(jnp.float32)[None, :])
 
+    def apply(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.a is None:
+            raise LowraxError("VeRA kernel used without its shared projections; call the model with the whole tree")
+        y = matmul(x, self.base)
+        h = jnp.matmul(dropped(x, self.dropout, self.dropout_key), self.a.astype(x.dtype)) * self.lambda_d.astype(x.dtype)
+        return y + (jnp.matmul(h, self.b.astype(x.dtype)) * self.lambda_b.astype(x.dtype)).astype(y.dtype)
+
     def merge_into(self, w: jnp.ndarray) -> jnp.ndarray:
         return w + self.delta()
 
     def unmerge_from(self, merged: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
         return merged - self.delta()
-
-
-@register_linear(VeraKernel)
-def _vera_linear(x: jnp.ndarray, k: VeraKernel) -> jnp.ndarray:
-    if k.a is None:
-        raise LowraxError("VeRA kernel used without its shared projections; call the model with the whole tree")
-    y = matmul(x, k.base)
-    h = jnp.matmul(dropped(x, k.dropout, k.dropout_key), k.a.astype(x.dtype)) * k.lambda_d.astype(x.dtype)
-    return y + (jnp.matmul(h, k.b.astype(x.dtype)) * k.lambda_b.astype(x.dtype)).astype(y.dtype)
 
 
 def shared_projections(key, max_in: int, max_out: int, r: int, dtype=jnp.float32) -> dict:
@@ -101,18 +99,20 @@ def check_fits(shared: dict, name: str, d_in: int, d_out: int, r: int) -> None:
             f"but the layer needs in={d_in}, out={d_out}, r={r}")
 
 
-def wrap_targets(out: dict, bases: dict[str, Any], set_node, r: int, d_initial: float, dropout: float, key,
-                 adapter_dtype, random_b: bool = False) -> None:
-    """Adapt `bases` (module name -> frozen kernel) with VeRA, storing the shared pair in out[SHARED].
+def build_nodes(bases: dict[str, Any], r: int, d_initial: float, dropout: float, key, adapter_dtype,
+                random_b: bool = False) -> tuple[dict, dict]:
+    """VeRA nodes for `bases` (module name -> frozen kernel) and the shared pair {SHARED: ...}.
     `random_b`: nonzero lambda_b (for tests that need the adapter to change the output)."""
     max_in = max(w.shape[0] for w in bases.values())
     max_out = max(w.shape[1] for w in bases.values())
     # Unlike LoRA's, VeRA's rank may exceed a layer's width: it is the shared projections'
     # inner dimension (the paper uses r=256 on 4096-wide layers, PEFT checks nothing more).
-    out[SHARED] = shared_projections(jax.random.fold_in(key, 0), max_in, max_out, r, adapter_dtype)
+    shared = shared_projections(jax.random.fold_in(key, 0), max_in, max_out, r, adapter_dtype)
+    nodes = {}
     for i, (name, w) in enumerate(bases.items()):
         lambda_b = jnp.zeros((w.shape[1],), adapter_dtype)
         if random_b:
             lambda_b = (jax.random.normal(jax.random.fold_in(key, i + 1), (w.shape[1],)) * 0.5).astype(adapter_dtype)
-        set_node(name, VeraKernel(base=w, lambda_d=jnp.full((r,), d_initial, adapter_dtype), lambda_b=lambda_b,
-                                  dropout=dropout))
+        nodes[name] = VeraKernel(base=w, lambda_d=jnp.full((r,), d_initial, adapter_dtype), lambda_b=lambda_b,
+                                 dropout=dropout)
+    return nodes, {SHARED: shared}

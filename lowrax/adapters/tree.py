@@ -6,7 +6,7 @@
     params = unmerge(merged, params)      # adapters back over merged weights
 
 All of them are jit-able and keep sharding (they only restructure or add arrays).
-They work on every adapter node type through the interface in `lowrax.nodes`.
+They work on every adapter node type through the interface in `lowrax.adapters.node`.
 """
 
 from __future__ import annotations
@@ -17,15 +17,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lowrax.variants import vera
-from lowrax.nodes import ANCHOR, FROZEN, FULL, LORA_A, LORA_B, VECTOR, FullyTrained, is_adapter, is_node, resolve
+from lowrax.adapters.node import ANCHOR, FROZEN, FULL, LORA_A, LORA_B, VECTOR, FullyTrained, is_adapter, is_node, resolve
+from lowrax.adapters.registry import shared_keys
+from lowrax.quant.nf4 import NF4Tensor, dequantize, dequantize_after
 
 __all__ = ["FROZEN", "LORA_A", "LORA_B", "VECTOR", "FULL", "ANCHOR", "labels", "split", "combine", "merge",
            "unmerge", "with_dropout_keys", "count_params", "after_update", "precondition_grads"]
-
-# Top-level keys of arrays that adapters share across layers (VeRA's projections).
-SHARED_KEYS = (vera.SHARED,)
-
 
 def labels(params: Any) -> Any:
     """A tree of optax labels with the structure of `params`' array leaves: `lora_a`,
@@ -68,48 +65,62 @@ def dense_kernel(base, tie_to=None):
     tie_to: inside a step, a scalar of the layer's activations; the dequantization is made
     to depend on it so XLA keeps one layer's weight alive at a time (`nf4.dequantize_after`).
     """
-    from lowrax.quant.nf4 import NF4Tensor, dequantize, dequantize_after
-
     if not isinstance(base, NF4Tensor):
         return base
     return dequantize(base) if tie_to is None else dequantize_after(base, tie_to, base.dtype)
 
 
 def without_shared(tree: Any) -> Any:
-    """The tree less the top-level arrays adapters share across layers (`SHARED_KEYS`)."""
-    return {k: v for k, v in tree.items() if k not in SHARED_KEYS} if isinstance(tree, dict) else tree
+    """The tree less the top-level arrays adapters share across layers (the methods' `shared_keys`)."""
+    return {k: v for k, v in tree.items() if k not in shared_keys()} if isinstance(tree, dict) else tree
+
+
+def _is_adapted_layer(x: Any) -> bool:
+    return isinstance(x, dict) and is_adapter(x.get("kernel"))
 
 
 def merge(params: Any) -> Any:
-    """Plain-array params: every adapter node becomes its merged kernel (in the base's dtype)."""
-    from lowrax.quant.nf4 import NF4Tensor
+    """Plain-array params: every adapter node becomes its merged kernel (in the base's dtype),
+    and the layer's bias what the method makes of it (IA3 scales some)."""
 
-    def merge_node(x):
-        if is_adapter(x):
-            base = dense_kernel(x.base)
-            return x.merge_into(base.astype(jnp.float32)).astype(base.dtype)
+    def merge_leaf(x):
         return dense_kernel(x) if isinstance(x, NF4Tensor) else x
 
-    return without_shared(jax.tree.map(merge_node, resolve(params), is_leaf=lambda x: is_node(x) or isinstance(x, NF4Tensor)))
+    def merge_layer(layer):
+        if not _is_adapted_layer(layer):
+            return jax.tree.map(merge_leaf, layer, is_leaf=lambda x: isinstance(x, NF4Tensor))
+        node = layer["kernel"]
+        base = dense_kernel(node.base)
+        out = dict(layer, kernel=node.merge_into(base.astype(jnp.float32)).astype(base.dtype))
+        if layer.get("bias") is not None:
+            out["bias"] = node.merge_bias(layer["bias"].astype(jnp.float32)).astype(layer["bias"].dtype)
+        return out
+
+    return without_shared(jax.tree.map(merge_layer, resolve(params),
+                                       is_leaf=lambda x: _is_adapted_layer(x) or isinstance(x, NF4Tensor)))
 
 
 def unmerge(merged: Any, adapted: Any) -> Any:
     """Put the adapters of `adapted` back over `merged` plain weights (the inverse of `merge`)."""
     bound = resolve(adapted)
 
-    def unmerge_node(m, x, kept):
-        if is_adapter(x):
-            base = x.unmerge_from(m.astype(jnp.float32), dense_kernel(x.base).astype(jnp.float32)).astype(m.dtype)
-            return kept.replace(base=base)
-        if isinstance(kept, FullyTrained):
-            return FullyTrained(m)
-        return m
+    def unmerge_layer(m, x, kept):
+        if _is_adapted_layer(x):
+            node = x["kernel"]
+            w = dense_kernel(node.base).astype(jnp.float32)
+            out = dict(kept, kernel=kept["kernel"].replace(
+                base=node.unmerge_from(m["kernel"].astype(jnp.float32), w).astype(m["kernel"].dtype)))
+            if m.get("bias") is not None:
+                out["bias"] = node.unmerge_bias(m["bias"].astype(jnp.float32)).astype(m["bias"].dtype)
+            return out
+        return jax.tree.map(lambda mm, kk: FullyTrained(mm) if isinstance(kk, FullyTrained) else mm, m, kept,
+                            is_leaf=lambda v: isinstance(v, FullyTrained))
 
     # `kept` is the node as stored (shared arrays unbound); `bound` has them for the arithmetic.
-    out = jax.tree.map(unmerge_node, merged, without_shared(bound), without_shared(adapted),
-                       is_leaf=lambda x: not isinstance(x, dict))
+    out = jax.tree.map(unmerge_layer, merged, without_shared(bound), without_shared(adapted),
+                       is_leaf=lambda x: not isinstance(x, dict) or "kernel" in x)
     if isinstance(adapted, dict):
-        out.update({k: adapted[k] for k in SHARED_KEYS if k in adapted})
+        out.update({k: adapted[k] for k in shared_keys() if k in adapted})
     return out
 
 

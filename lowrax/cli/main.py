@@ -55,8 +55,8 @@ def _default_config() -> str | None:
 
 
 def cmd_train(args) -> int:
-    from lowrax.config import load_config
-    from lowrax.trainer import run_training
+    from lowrax.train.config import load_config
+    from lowrax.train.trainer import run_training
 
     items = list(args.items)
     config_path = items.pop(0) if items and "=" not in items[0] else _default_config()
@@ -80,21 +80,21 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export_peft(args) -> int:
-    from lowrax.runs import export_peft
+    from lowrax.train.runs import export_peft
 
     print(f"wrote {export_peft(args.run_dir, args.out_dir, overwrite=args.overwrite)}")
     return 0
 
 
 def cmd_import_peft(args) -> int:
-    from lowrax.runs import import_peft
+    from lowrax.train.runs import import_peft
 
     print(f"wrote {import_peft(args.adapter_dir, args.run_dir, args.model, args.overrides)}")
     return 0
 
 
 def cmd_merge(args) -> int:
-    from lowrax.runs import merge_run
+    from lowrax.train.runs import merge_run
 
     print(f"wrote {merge_run(args.run_dir, args.out_dir, overwrite=args.overwrite, requantize=args.requantize)}")
     return 0
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from lowrax.errors import LowraxError
-    from lowrax.host_memory import reuse_freed_host_memory
+    from lowrax.train.host_memory import reuse_freed_host_memory
 
     reuse_freed_host_memory()  # before the first JAX computation; see lowrax/host_memory.py
 

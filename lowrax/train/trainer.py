@@ -24,16 +24,20 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-import lowrax
-from lowrax.checkpoint import Checkpoints, directory_size
-from lowrax.config import TrainConfig, differences
-from lowrax.data import Batches, encode_all, load_records, prompt_ids
-from lowrax.default_task import exact_match
+from lowrax.adapters.tree import combine, count_params, count_trained, split
+from lowrax.adapters.wrap import adapter_nodes, wrap
+from lowrax.io.pretrained import load_pretrained, load_tokenizer
+from lowrax.models.generate import generate_ids
+from lowrax.peft.format import save_peft
+from lowrax.train.checkpoints import Checkpoints, directory_size
+from lowrax.train.config import TrainConfig, differences
+from lowrax.train.data import Batches, encode_all, load_records, prompt_ids
+from lowrax.train.default_task import exact_match
 from lowrax.errors import LowraxError
-from lowrax.optim import make_optimizer
-from lowrax.parallel import global_batch, host_local, initialize_distributed, is_primary, sharded_train_step
-from lowrax.sharding import check_batch, make_mesh
-from lowrax.train_step import causal_lm_loss, classification_loss, init_state
+from lowrax.train.optim import make_optimizer
+from lowrax.dist.parallel import global_batch, host_local, initialize_distributed, is_primary, sharded_train_step
+from lowrax.dist.sharding import check_batch, make_mesh
+from lowrax.train.step import causal_lm_loss, classification_loss, init_state
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -53,18 +57,18 @@ def _check_output_dir(out: Path, cfg: TrainConfig) -> None:
 
 
 def build_model(cfg: TrainConfig, mesh=None):
-    """(model, base params, LoRA-wrapped params) as a run with this config trains them
+    """(model, base params, adapter-wrapped params) as a run with this config trains them
     (with `mesh`: the base loaded straight into its shards).
 
     The adapter initialisation depends only on `train.seed`, so a run directory's
-    checkpoint always restores into the same structure (`lowrax.runs`).
+    checkpoint always restores into the same structure (`lowrax.train.runs`).
     """
     key = jax.random.key(cfg.train.seed)
     model, base = _load_model(cfg, jax.random.fold_in(key, 1), mesh)
-    lora_cfg = cfg.lora
-    if cfg.model.task == "classification" and not lora_cfg.modules_to_save:
-        lora_cfg = dataclasses.replace(lora_cfg, modules_to_save=("classifier",))
-    return model, base, lowrax.lora.wrap(base, lora_cfg, jax.random.fold_in(key, 2), model.model_type)
+    adapter_cfg = cfg.adapter
+    if cfg.model.task == "classification" and not adapter_cfg.modules_to_save:
+        adapter_cfg = dataclasses.replace(adapter_cfg, modules_to_save=("classifier",))
+    return model, base, wrap(base, adapter_cfg, jax.random.fold_in(key, 2), model.model_type)
 
 
 def _load_model(cfg: TrainConfig, key, mesh=None):
@@ -76,7 +80,7 @@ def _load_model(cfg: TrainConfig, key, mesh=None):
         from lowrax.quant.tree import QuantConfig
 
         quant = QuantConfig(cfg.model.quantize, cfg.model.quant_blocksize, cfg.model.double_quant)
-    model, params = lowrax.load_pretrained(cfg.model.path, dtype=dtype, quantize=quant, mesh=mesh)
+    model, params = load_pretrained(cfg.model.path, dtype=dtype, quantize=quant, mesh=mesh)
     if cfg.model.task == "classification":
         from lowrax.models.bert import BertModel, add_classification_head
 
@@ -112,7 +116,7 @@ class TaskScorer:
         stops = [tok.eos_token_id] + [i for i in tok("\n", add_special_tokens=False)["input_ids"][-1:]]
         outs = []
         for start in range(0, len(prompts), 16):
-            outs += lowrax.generate_ids(self.model, params, prompts[start: start + 16], self.cfg.train.eval_max_new_tokens,
+            outs += generate_ids(self.model, params, prompts[start: start + 16], self.cfg.train.eval_max_new_tokens,
                                         eos_token_ids=stops, pad_token_id=tok.pad_token_id or 0)
         return [tok.decode(o, skip_special_tokens=True) for o in outs]
 
@@ -167,7 +171,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg.train.batch_size, mesh)
     model, base, params = build_model(cfg, mesh)
-    tokenizer = lowrax.load_tokenizer(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path)
     task = cfg.model.task
     train_records, eval_records = load_records(cfg.data)
     train_data = encode_all(tokenizer, train_records, cfg.data, task)
@@ -176,9 +180,10 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     batches = Batches(train_data, cfg.data.seq_len, cfg.train.batch_size, cfg.data.shuffle_seed, cfg.data.packing, pad,
                       cfg.data.loss_positions if task == "causal_lm" else 0)
 
-    trainable, frozen = lowrax.split(params)
+    trainable, frozen = split(params)
     # The step donates the adapters' buffers; PiSSA's export needs them as initialised.
-    initial_trainable = jax.tree.map(jnp.copy, trainable) if cfg.lora.init == "pissa" else None
+    needs_initial = any(n.exports_from_initial for n in adapter_nodes(params).values())
+    initial_trainable = jax.tree.map(jnp.copy, trainable) if needs_initial else None
     optimizer = make_optimizer(cfg.optim)
     accum = cfg.train.grad_accum_steps
     step_fn, state, frozen = sharded_train_step(model, optimizer, mesh, init_state(trainable, optimizer, cfg.train.seed),
@@ -190,7 +195,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     ckpts = Checkpoints(out / "checkpoints", cfg.train.max_checkpoints)
     scorer = TaskScorer(model, tokenizer, eval_records, cfg)
     summary: dict = {"model": cfg.model.path or "embedded SmolLM2-135M-Instruct", "task": task,
-                     "trainable_params": lowrax.tree.count_trained(trainable), "total_params": lowrax.count_params(model.param_shapes()),
+                     "trainable_params": count_trained(trainable), "total_params": count_params(model.param_shapes()),
                      "metric": scorer.kind, "mesh": dict(mesh.shape), "processes": jax.process_count()}
     metrics = MetricsLog(out / "metrics.jsonl", primary)
     start_step = 0
@@ -243,13 +248,13 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         summary["eval_loss"] = evaluate(state.trainable, frozen)
     # Gathered once, by every process, for scoring and the adapter file (a no-op in one process).
     trained, frozen_local, initial_trainable = host_local((state.trainable, frozen, initial_trainable))
-    final = lowrax.combine(trained, frozen_local)
-    initial = lowrax.combine(initial_trainable, frozen_local) if initial_trainable is not None else None
+    final = combine(trained, frozen_local)
+    initial = combine(initial_trainable, frozen_local) if initial_trainable is not None else None
     ckpts.close()
     if not primary:
         return summary
     summary.update(_score(scorer, final, cfg, log, "after", primary))
-    adapter = lowrax.save_peft(final, out / "adapter", model, use_rslora=cfg.lora.use_rslora,
+    adapter = save_peft(final, out / "adapter", model,
                                base_model=str(cfg.model.path) if cfg.model.path else None, overwrite=True,
                                initial=initial)
     summary["adapter_bytes"] = directory_size(adapter)
@@ -311,7 +316,7 @@ class EvalLoss:
 
     def __init__(self, model, data, cfg: TrainConfig, pad: int, mesh=None):
         loss_fn = causal_lm_loss if model.is_causal_lm else classification_loss
-        self._fn = jax.jit(lambda trainable, frozen, batch: loss_fn(model, lowrax.combine(trainable, frozen), batch))
+        self._fn = jax.jit(lambda trainable, frozen, batch: loss_fn(model, combine(trainable, frozen), batch))
         size = cfg.train.batch_size
         batches = Batches(data, cfg.data.seq_len, size, seed=0, packing=False, pad_id=pad) if data.ids else None
         self._batches = []

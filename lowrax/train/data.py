@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowrax.config import DataSection
+from lowrax.train.config import DataSection
 from lowrax.errors import LowraxError
 
 FORMATS = ("prompt_response", "messages", "text", "classification")
@@ -46,7 +46,7 @@ def _load_dataset(source: str):
 def load_records(cfg: DataSection) -> tuple[list[dict], list[dict]]:
     """(train, eval) lists of records from the configured source."""
     if cfg.source == "default":
-        from lowrax.default_task import make_splits
+        from lowrax.train.default_task import make_splits
 
         return make_splits(cfg.default_train_examples, cfg.default_eval_examples, cfg.shuffle_seed)
     splits = _load_dataset(cfg.source)

@@ -26,14 +26,14 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lowrax.nodes import ANCHOR, LORA_A, LORA_B, LowRankFactors, low_rank, register_adapter
-from lowrax.ops import matmul, register_linear
+from lowrax.adapters.lora.kernel import LoraKernel, LowRankFactors, low_rank
+from lowrax.adapters.node import ANCHOR, LORA_A, LORA_B
+from lowrax.models.linear import matmul
 
 DEFAULT_LAMBDA = 0.5
 DEFAULT_START_STEP = 0
 
 
-@register_adapter
 @struct.dataclass
 class DeltaLoraKernel(LowRankFactors):
     """base [in, out]: W_0, frozen; a [in, r], b [r, out] trained; anchor_a, anchor_b:
@@ -48,6 +48,7 @@ class DeltaLoraKernel(LowRankFactors):
     scale: float = struct.field(pytree_node=False, default=1.0)
     delta_lambda: float = struct.field(pytree_node=False, default=DEFAULT_LAMBDA)
     start_step: int = struct.field(pytree_node=False, default=DEFAULT_START_STEP)
+    rslora: bool = struct.field(pytree_node=False, default=False)
 
     def field_labels(self) -> dict:
         return {"a": LORA_A, "b": LORA_B, "anchor_a": ANCHOR, "anchor_b": ANCHOR}
@@ -61,6 +62,12 @@ class DeltaLoraKernel(LowRankFactors):
         """What merging adds to W_0: the base's shift plus the adapter, float32 [in, out]."""
         return self.base_shift() + LowRankFactors.delta(self)
 
+    def apply(self, x: jnp.ndarray) -> jnp.ndarray:
+        y = matmul(x, self.base)
+        current = low_rank(x, self.a, self.b)
+        shift = self.delta_lambda * self.scale * (current - low_rank(x, self.anchor_a, self.anchor_b))
+        return y + (self.scale * current + jax.lax.stop_gradient(shift)).astype(y.dtype)
+
     def after_update(self, step) -> "DeltaLoraKernel":
         """After optimizer step number `step` (1-based): before K steps are done the anchor
         follows the adapter, so the base has not moved; afterwards it stays."""
@@ -69,18 +76,8 @@ class DeltaLoraKernel(LowRankFactors):
                             anchor_b=jnp.where(follow, self.b, self.anchor_b))
 
 
-@register_linear(DeltaLoraKernel)
-def _delta_lora_linear(x: jnp.ndarray, k: DeltaLoraKernel) -> jnp.ndarray:
-    y = matmul(x, k.base)
-    current = low_rank(x, k.a, k.b)
-    shift = k.delta_lambda * k.scale * (current - low_rank(x, k.anchor_a, k.anchor_b))
-    return y + (k.scale * current + jax.lax.stop_gradient(shift)).astype(y.dtype)
-
-
 def as_plain_lora(k: DeltaLoraKernel):
     """The same function as a rank-2r LoRA over W_0, which PEFT loads: W_0 + s [A, A_K] [(1+l) B; -l B_K]."""
-    from lowrax.nodes import LoraKernel
-
     a = jnp.concatenate([k.a, k.anchor_a], axis=1)
     b = jnp.concatenate([(1.0 + k.delta_lambda) * k.b, -k.delta_lambda * k.anchor_b], axis=0)
-    return LoraKernel(base=k.base, a=a, b=b, scale=k.scale)
+    return LoraKernel(base=k.base, a=a, b=b, scale=k.scale, rslora=k.rslora)

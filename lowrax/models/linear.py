@@ -2,9 +2,14 @@
 
 Model code never writes `x @ w` itself: it calls `linear(x, layer)` with the
 layer's parameter dict (`{"kernel": ..., "bias": ...}`). A plain array kernel
-is a dense matmul; adapter and quantized node types register their own
-implementation with `register_linear`, so LoRA computes
-`x @ W + s * ((x @ A) @ B)` without ever materialising `W + s * B @ A`.
+is a dense matmul. An adapter node (`lowrax.adapters.node.AdapterNode`) is
+asked for the layer's output through its `project(x, bias)` method, so LoRA
+computes `x @ W + s * ((x @ A) @ B)` without ever materialising
+`W + s * B @ A`, and IA3 can scale the bias with the output. Other kernel types
+(NF4 bases) register a plain product with `register_linear`.
+
+This module imports nothing from lowrax: the families, the quantized types and
+the adapters all build on it.
 """
 
 from __future__ import annotations
@@ -94,15 +99,27 @@ def matmul(x: jnp.ndarray, kernel: Any) -> jnp.ndarray:
     """
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
-    impl = _LINEAR_IMPLS.get(type(kernel))
-    y = impl(flat, kernel) if impl is not None else dense_matmul(flat, kernel.astype(x.dtype))
+    y = _flat_matmul(flat, kernel)
     return y.reshape(*lead, y.shape[-1])
+
+
+def _flat_matmul(x: jnp.ndarray, kernel: Any) -> jnp.ndarray:
+    impl = _LINEAR_IMPLS.get(type(kernel))
+    if impl is not None:
+        return impl(x, kernel)
+    if hasattr(kernel, "project"):  # an adapter node
+        return kernel.apply(x)
+    return dense_matmul(x, kernel.astype(x.dtype))
 
 
 def linear(x: jnp.ndarray, layer: dict) -> jnp.ndarray:
     """Apply a linear layer `{"kernel": [in, out] (or a node), "bias": [out]?}` to x [..., in]."""
-    y = matmul(x, layer["kernel"])
-    bias = layer.get("bias")
+    kernel, bias = layer["kernel"], layer.get("bias")
+    if hasattr(kernel, "project") and type(kernel) not in _LINEAR_IMPLS:  # an adapter node: it owns the layer's output
+        flat = x.reshape(-1, x.shape[-1])
+        y = kernel.project(flat, bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    y = matmul(x, kernel)
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y

@@ -1,6 +1,10 @@
 """Training configuration: frozen dataclasses, YAML presets, `key=value` overrides.
 
     cfg = load_config("configs/default.yaml", ["lora.r=8", "train.steps=100"])
+    cfg = load_config(None, ["method=ia3", "ia3.target_modules=[k_proj,v_proj,down_proj]"])
+
+`method` names a registered adapter method (`lowrax.method_names()`); its settings
+are the section of the same name (`lora:`, `ia3:`), parsed by the method's config class.
 
 Every field has a doc comment; an unknown key anywhere is an error naming the
 closest valid key.
@@ -16,11 +20,12 @@ from typing import Any
 
 import yaml
 
+from lowrax.adapters.lora.config import LoraConfig
+from lowrax.adapters.registry import method_for_config, method_named, method_names
 from lowrax.errors import LowraxError
-from lowrax.lora import LoraConfig
-from lowrax.optim import OptimizerConfig
-from lowrax.parallel import DistConfig
-from lowrax.sharding import MeshConfig
+from lowrax.train.optim import OptimizerConfig
+from lowrax.dist.parallel import DistConfig
+from lowrax.dist.sharding import MeshConfig
 
 
 @dataclass(frozen=True)
@@ -74,19 +79,40 @@ class TrainSection:
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    method: str = "lora"  # the adapter method (lowrax.method_names()); its settings are the section named after it
+    adapter: Any = field(default_factory=LoraConfig)  # the method's config: LoraConfig, IA3Config, ...
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     mesh: MeshConfig = field(default_factory=MeshConfig)  # device mesh: data x fsdp x tensor
     dist: DistConfig = field(default_factory=DistConfig)  # several processes (hosts): jax.distributed
 
+    def __post_init__(self):
+        expected = method_named(self.method).config
+        if type(self.adapter) is not expected:
+            raise LowraxError(f"method {self.method!r} takes a {expected.__name__}, got {type(self.adapter).__name__} "
+                              f"(a {method_for_config(self.adapter).name!r} config)")
+
+    @property
+    def lora(self) -> LoraConfig:
+        """The LoRA settings of a `method: lora` run (code written before `method` existed reads them here)."""
+        if not isinstance(self.adapter, LoraConfig):
+            raise LowraxError(f"this run's method is {self.method!r}, not lora; its settings are cfg.adapter")
+        return self.adapter
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Nested dicts as in the YAML files: the adapter's section is named after the method."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "adapter":
+                out[self.method] = dataclasses.asdict(value)
+            else:
+                out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return out
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-_SECTION_CLASSES = {"model": ModelSection, "lora": LoraConfig, "optim": OptimizerConfig, "data": DataSection,
+_SECTION_CLASSES = {"model": ModelSection, "optim": OptimizerConfig, "data": DataSection,
                     "train": TrainSection, "mesh": MeshConfig, "dist": DistConfig}
 # Fields that may change when a run is resumed (they do not change what the steps compute).
 RESUMABLE = {"train.steps", "train.save_every", "train.max_checkpoints", "train.eval_every", "train.samples",
@@ -95,35 +121,50 @@ RESUMABLE = {"train.steps", "train.save_every", "train.max_checkpoints", "train.
              "dist.process_id", "dist.local_device_ids"}
 
 
+def _section_classes() -> dict[str, type]:
+    """Every section a config may hold: the fixed ones and one per registered method."""
+    return {**_SECTION_CLASSES, **{name: method_named(name).config for name in method_names()}}
+
+
 def _valid_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s, cls in _SECTION_CLASSES.items() for f in dataclasses.fields(cls)]
+    return ["method"] + [f"{s}.{f.name}" for s, cls in _section_classes().items() for f in dataclasses.fields(cls)]
 
 
 def _unknown(key: str) -> LowraxError:
-    close = difflib.get_close_matches(key, _valid_keys() + list(_SECTION_CLASSES), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; sections: {', '.join(_SECTION_CLASSES)}"
+    close = difflib.get_close_matches(key, _valid_keys() + list(_section_classes()), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; sections: {', '.join(_section_classes())}"
     return LowraxError(f"unknown config key {key!r}{hint}")
 
 
 def from_dict(values: dict) -> TrainConfig:
     """A TrainConfig from nested dicts, rejecting unknown sections and keys."""
+    values = dict(values or {})
+    method = values.pop("method", "lora")
+    if not isinstance(method, str):
+        raise LowraxError(f"config key 'method' must be a method name ({', '.join(method_names())}), got {method!r}")
+    method_named(method)  # an unknown name is an error listing the registered ones
+    classes = _section_classes()
     sections = {}
-    for name, body in (values or {}).items():
-        if name not in _SECTION_CLASSES:
+    for name, body in values.items():
+        if name not in classes:
             raise _unknown(name)
+        if name in method_names() and name != method:
+            raise LowraxError(f"config section {name!r} configures method {name!r}, but method is {method!r}; "
+                              f"set method: {name} (or drop the section)")
         if not isinstance(body, dict):
             raise LowraxError(f"config section {name!r} must be a mapping, got {type(body).__name__}")
-        cls = _SECTION_CLASSES[name]
+        cls = classes[name]
         names = {f.name for f in dataclasses.fields(cls)}
         for key in body:
             if key not in names:
                 raise _unknown(f"{name}.{key}")
         try:
-            sections[name] = cls(**body)
+            sections["adapter" if name == method else name] = cls(**body)
         except TypeError as e:
             raise LowraxError(f"config section {name!r}: {e}") from e
-    cfg = TrainConfig(**sections)
-    if "total_steps" not in (values or {}).get("optim", {}):
+    sections.setdefault("adapter", method_named(method).config())
+    cfg = TrainConfig(method=method, **sections)
+    if "total_steps" not in values.get("optim", {}):
         # The schedule spans the run unless set explicitly.
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, total_steps=max(cfg.train.steps, cfg.optim.warmup_steps)))
     return cfg
@@ -131,16 +172,20 @@ def from_dict(values: dict) -> TrainConfig:
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
     """Apply `section.key=value` strings (values parsed as YAML) to nested dicts."""
-    out = {k: dict(v) for k, v in (values or {}).items()}
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in (values or {}).items()}
     for item in overrides:
         if "=" not in item:
             raise LowraxError(f"override {item!r} must look like section.key=value (e.g. lora.r=8)")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
+        if parts == ["method"]:
+            out["method"] = yaml.safe_load(raw)
+            continue
         if len(parts) != 2:
             raise LowraxError(f"override key {key!r} must be section.key (e.g. train.steps)")
         section, name = parts
-        if section not in _SECTION_CLASSES or name not in {f.name for f in dataclasses.fields(_SECTION_CLASSES[section])}:
+        classes = _section_classes()
+        if section not in classes or name not in {f.name for f in dataclasses.fields(classes[section])}:
             raise _unknown(key)
         out.setdefault(section, {})[name] = yaml.safe_load(raw)
     return out
@@ -155,17 +200,25 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             raise LowraxError(f"config file {p} does not exist")
         values = yaml.safe_load(p.read_text()) or {}
         if not isinstance(values, dict):
-            raise LowraxError(f"{p} must hold a mapping of sections (model, lora, optim, data, train, mesh, dist)")
+            raise LowraxError(f"{p} must hold a mapping of sections (model, method, lora, optim, data, train, mesh, dist)")
     return from_dict(apply_overrides(values, list(overrides)))
 
 
 def flatten(cfg_dict: dict) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, body in cfg_dict.items() for k, v in body.items()}
+    """{"section.key": value}; top-level plain values (`method`) keep their own name."""
+    out = {}
+    for s, body in cfg_dict.items():
+        if isinstance(body, dict):
+            out.update({f"{s}.{k}": v for k, v in body.items()})
+        else:
+            out[s] = body
+    return out
 
 
 def differences(saved: dict, current: dict) -> list[str]:
-    """Keys (other than RESUMABLE ones) whose values differ between two config dicts."""
-    a, b = flatten(saved), flatten(current)
+    """Keys (other than RESUMABLE ones) whose values differ between two config dicts
+    (a run saved before `method` existed was a LoRA run)."""
+    a, b = flatten({"method": "lora", **saved}), flatten({"method": "lora", **current})
     return sorted(k for k in set(a) | set(b) if k not in RESUMABLE and _norm(a.get(k)) != _norm(b.get(k)))
 
 

@@ -5,7 +5,7 @@
     state, metrics = step(state, frozen, global_batch(mesh, host_batch))
 
 The step is the same pure function as on one device (`make_train_step`), jitted
-with explicit in/out shardings from the rules in `lowrax.sharding` and with the
+with explicit in/out shardings from the rules in `lowrax.dist.sharding` and with the
 state donated. Several processes (hosts) run the same program after
 `initialize_distributed`; each builds the same host batch from the seeded data
 order and hands the devices only the rows they hold.
@@ -21,9 +21,9 @@ import jax
 import numpy as np
 
 from lowrax.errors import LowraxError
-from lowrax.sharding import (Mesh, batch_sharding, check_batch, param_shardings, replicated, shard,
+from lowrax.dist.sharding import (Mesh, batch_sharding, check_batch, param_shardings, replicated, shard,
                              state_shardings)
-from lowrax.train_step import make_train_step
+from lowrax.train.step import make_train_step
 
 
 @dataclass(frozen=True)

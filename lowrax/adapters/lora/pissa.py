@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from lowrax.nodes import LoraKernel
+from lowrax.adapters.lora.kernel import LoraKernel
 
 
 def pissa_init(w: jnp.ndarray, r: int, scale: float, adapter_dtype=jnp.float32):
@@ -34,4 +34,5 @@ def to_plain_lora(trained: LoraKernel, initial: LoraKernel, original_base) -> Lo
     """The trained PiSSA adapter as a rank-2r LoRA over the original (un-residualised) base."""
     a = jnp.concatenate([trained.a, initial.a.astype(trained.a.dtype)], axis=1)
     b = jnp.concatenate([trained.b, -initial.b.astype(trained.b.dtype)], axis=0)
-    return LoraKernel(base=original_base, a=a, b=b, scale=trained.scale, dropout=trained.dropout)
+    return LoraKernel(base=original_base, a=a, b=b, scale=trained.scale, dropout=trained.dropout,
+                      rslora=trained.rslora)

@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lowrax.nodes import LORA_A, LORA_B, VECTOR, LowRankFactors, dropped, low_rank, register_adapter
-from lowrax.ops import matmul, register_linear
+from lowrax.adapters.lora.kernel import LowRankFactors, low_rank
+from lowrax.adapters.node import LORA_A, LORA_B, VECTOR, dropped
+from lowrax.adapters.tree import dense_kernel
+from lowrax.models.linear import matmul
 
 
 def column_norms(w: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray, scale: float) -> jnp.ndarray:
@@ -34,7 +36,6 @@ def column_norms(w: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray, scale: float) -
     return jnp.sqrt(jnp.maximum(squared, 0.0))
 
 
-@register_adapter
 @struct.dataclass
 class DoraKernel(LowRankFactors):
     """A DoRA-adapted kernel: base [in, out] frozen; a [in, r], b [r, out] and the
@@ -47,6 +48,7 @@ class DoraKernel(LowRankFactors):
     dropout_key: Any = None
     scale: float = struct.field(pytree_node=False, default=1.0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
+    rslora: bool = struct.field(pytree_node=False, default=False)
 
     def field_labels(self) -> dict:
         return {"a": LORA_A, "b": LORA_B, "magnitude": VECTOR}
@@ -59,20 +61,16 @@ class DoraKernel(LowRankFactors):
         norms = column_norms(w, self.a, self.b, self.scale)
         return merged * (norms / self.magnitude.astype(jnp.float32))[None, :] - self.delta()
 
-
-@register_linear(DoraKernel)
-def _dora_linear(x: jnp.ndarray, k: DoraKernel) -> jnp.ndarray:
-    """x [n, in] -> [n, out], as PEFT computes it (dropout included)."""
-    from lowrax.tree import dense_kernel
-
-    # An NF4 base is dequantized for the norms tied to this layer's input, as its matmul is:
-    # otherwise XLA hoists every layer's copy to the start of the program.
-    norms = jax.lax.stop_gradient(column_norms(dense_kernel(k.base, tie_to=x[0, 0]), k.a, k.b, k.scale))
-    mag_scale = (k.magnitude.astype(jnp.float32) / norms).astype(x.dtype)
-    y = matmul(x, k.base)
-    h = dropped(x, k.dropout, k.dropout_key)
-    lora = low_rank(h, k.a, k.b, k.scale)
-    # Without dropout h is x and this is mag_scale * (x W + s x A B); with dropout PEFT
-    # rescales the base path of the dropped input, and so do we.
-    base_of_h = y if h is x else matmul(h, k.base)
-    return y + ((mag_scale - 1) * base_of_h + mag_scale * lora).astype(y.dtype)
+    def apply(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x [n, in] -> [n, out], as PEFT computes it (dropout included)."""
+        # An NF4 base is dequantized for the norms tied to this layer's input, as its matmul is:
+        # otherwise XLA hoists every layer's copy to the start of the program.
+        norms = jax.lax.stop_gradient(column_norms(dense_kernel(self.base, tie_to=x[0, 0]), self.a, self.b, self.scale))
+        mag_scale = (self.magnitude.astype(jnp.float32) / norms).astype(x.dtype)
+        y = matmul(x, self.base)
+        h = dropped(x, self.dropout, self.dropout_key)
+        lora = low_rank(h, self.a, self.b, self.scale)
+        # Without dropout h is x and this is mag_scale * (x W + s x A B); with dropout PEFT
+        # rescales the base path of the dropped input, and so do we.
+        base_of_h = y if h is x else matmul(h, self.base)
+        return y + ((mag_scale - 1) * base_of_h + mag_scale * lora).astype(y.dtype)

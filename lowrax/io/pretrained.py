@@ -84,7 +84,7 @@ def load_pretrained(
         expected in the checkpoint (default: from config.json's architectures).
     quantize: a `lowrax.QuantConfig` to store linear kernels in NF4, quantized one tensor
         at a time as they are read (QLoRA without ever holding the full-precision model).
-    mesh: a `jax.sharding.Mesh` (`lowrax.sharding.make_mesh`): each tensor is placed into
+    mesh: a `jax.sharding.Mesh` (`lowrax.dist.sharding.make_mesh`): each tensor is placed into
         its shards by the sharding rules as it is read, so no device holds the whole model.
     """
     source = resolve_model_path(path)

@@ -17,47 +17,35 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from lowrax.adapters.lora.config import LoraConfig
+from lowrax.adapters.lora.vera import DEFAULT_D_INITIAL, SHARED, VeraKernel, check_fits
+from lowrax.adapters.registry import PeftFormat, register_peft_format
+from lowrax.adapters.targets import targeting_from_peft
 from lowrax.errors import CheckpointError, LowraxError
-from lowrax.io import tables
-from lowrax.variants import VeraKernel
-from lowrax.variants.vera import DEFAULT_D_INITIAL, SHARED, check_fits
+from lowrax.peft.common import PREFIX, fan_in_fan_out, torch_layout
 
-PREFIX = "base_model.model."
 SHARED_A, SHARED_B = "base_model.vera_A", "base_model.vera_B"
 
 
-def vera_tensors_and_config(params: dict, nodes: dict[str, VeraKernel], model, modules_to_save: list[str],
-                            base_model: str | None) -> tuple[dict, dict]:
-    from lowrax.peft_format import target_spec
-
+def write(nodes: dict[str, VeraKernel], params: dict, *, model=None, **_unused) -> tuple[dict, dict]:
     shared = params[SHARED]
-    tensors = {SHARED_A: np.ascontiguousarray(np.asarray(shared["a"], np.float32).T),
-               SHARED_B: np.ascontiguousarray(np.asarray(shared["b"], np.float32).T)}
+    tensors = {SHARED_A: torch_layout(shared["a"]), SHARED_B: torch_layout(shared["b"])}
     for name, node in nodes.items():
         tensors[f"{PREFIX}{name}.vera_lambda_b"] = np.asarray(node.lambda_b, np.float32)
         tensors[f"{PREFIX}{name}.vera_lambda_d"] = np.asarray(node.lambda_d, np.float32)
-    ranks = {n.rank for n in nodes.values()}
-    config = {
-        "peft_type": "VERA",
-        "task_type": "CAUSAL_LM" if getattr(model, "is_causal_lm", True) else "SEQ_CLS",
-        "base_model_name_or_path": base_model,
-        "r": int(ranks.pop()),
-        "target_modules": target_spec(nodes, model),
+    return tensors, {
+        "r": int({n.rank for n in nodes.values()}.pop()),
         "projection_prng_key": 0,
         "save_projection": True,
         "vera_dropout": float(next(iter(nodes.values())).dropout),
         "d_initial": DEFAULT_D_INITIAL,
-        "fan_in_fan_out": getattr(model, "model_type", None) == "gpt2",
+        "fan_in_fan_out": fan_in_fan_out(model),
         "bias": "none",
-        "modules_to_save": modules_to_save or None,
         "init_weights": True,
-        "inference_mode": True,
     }
-    return tensors, config
 
 
-def load_vera(out: dict, tensors: dict, config: dict, modules: dict, adapter_dtype) -> None:
-    """Add the VeRA adapter in `tensors` (PEFT keys, model prefix removed) to the tree `out`."""
+def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict, dict, set]:
     if SHARED_A not in tensors or SHARED_B not in tensors:
         raise CheckpointError(
             f"VeRA adapter without {SHARED_A} / {SHARED_B}: it was saved with save_projection=false, and PEFT's "
@@ -67,11 +55,11 @@ def load_vera(out: dict, tensors: dict, config: dict, modules: dict, adapter_dty
     names = sorted({k.rsplit(".vera_lambda_", 1)[0] for k in tensors if ".vera_lambda_" in k})
     if not names:
         raise CheckpointError("VeRA adapter holds no vera_lambda_b / vera_lambda_d tensors")
+    nodes, used = {}, {SHARED_A, SHARED_B}
     for name in names:
-        if name not in modules:
+        if name not in bases:
             raise CheckpointError(f"adapter tensor {PREFIX}{name}.vera_lambda_b targets {name!r}, which is not a linear module of this model")
-        base = tables.get_path(out, modules[name])
-        d_in, d_out = base.shape
+        d_in, d_out = bases[name].shape
         try:
             check_fits(shared, name, d_in, d_out, r)
         except LowraxError as e:
@@ -84,5 +72,14 @@ def load_vera(out: dict, tensors: dict, config: dict, modules: dict, adapter_dty
             if tensors[key].shape != shape:
                 raise CheckpointError(f"adapter tensor {PREFIX}{key} has shape {tensors[key].shape}, expected {shape}")
             vectors[field] = jnp.asarray(tensors[key], adapter_dtype)
-        tables.set_path(out, modules[name], VeraKernel(base=base, dropout=float(config.get("vera_dropout", 0.0)), **vectors))
-    out[SHARED] = shared
+            used.add(key)
+        nodes[name] = VeraKernel(base=bases[name], dropout=float(config.get("vera_dropout", 0.0)), **vectors)
+    return nodes, {SHARED: shared}, used
+
+
+def to_config(config: dict) -> tuple[str, LoraConfig]:
+    return "lora", LoraConfig(r=int(config["r"]), variant="vera", dropout=float(config.get("vera_dropout", 0.0)),
+                              **targeting_from_peft(config))
+
+
+FORMAT = register_peft_format(PeftFormat(peft_type="VERA", write=write, read=read, to_config=to_config))

@@ -14,14 +14,17 @@ from pathlib import Path
 import jax
 import yaml
 
-import lowrax
-from lowrax.checkpoint import Checkpoints
-from lowrax.config import TrainConfig, from_dict
+from lowrax.adapters.registry import peft_format
+from lowrax.adapters.tree import combine, merge, split
 from lowrax.errors import LowraxError
-from lowrax.lora import LoraConfig
-from lowrax.optim import make_optimizer
-from lowrax.train_step import init_state
-from lowrax.trainer import build_model
+from lowrax.io.pretrained import load_tokenizer, save_pretrained
+from lowrax.peft.format import load_peft, read_adapter_dir, save_peft
+from lowrax.quant.tree import merge_requantized
+from lowrax.train.checkpoints import Checkpoints
+from lowrax.train.config import TrainConfig, apply_overrides, from_dict
+from lowrax.train.optim import make_optimizer
+from lowrax.train.step import init_state
+from lowrax.train.trainer import build_model
 
 
 def read_run_config(run_dir: Path) -> TrainConfig:
@@ -37,22 +40,21 @@ def restore_run(run_dir: str | Path, step: int | None = None, with_initial: bool
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     model, _, params = build_model(cfg)
-    trainable, frozen = lowrax.split(params)
+    trainable, frozen = split(params)
     ckpts = Checkpoints(run_dir / "checkpoints")
     step = ckpts.latest_step() if step is None else step
     if step is None:
         raise LowraxError(f"{run_dir / 'checkpoints'} holds no checkpoint yet")
     state, _ = ckpts.restore(step, init_state(trainable, make_optimizer(cfg.optim), cfg.train.seed))
     ckpts.close()
-    trained = lowrax.combine(state.trainable, frozen)
+    trained = combine(state.trainable, frozen)
     return (cfg, model, trained, params) if with_initial else (cfg, model, trained)
 
 
 def export_peft(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write a run's adapter in PEFT format."""
     cfg, model, params, initial = restore_run(run_dir, with_initial=True)
-    return lowrax.save_peft(params, out_dir, model, use_rslora=cfg.lora.use_rslora,
-                            base_model=cfg.model.path, overwrite=overwrite, initial=initial)
+    return save_peft(params, out_dir, model, base_model=cfg.model.path, overwrite=overwrite, initial=initial)
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, requantize: bool = False,
@@ -66,55 +68,34 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
     if requantize:
         if cfg.model.quantize is None:
             raise LowraxError(f"{run_dir} is not a QLoRA run (model.quantize is not set); nothing to re-quantize")
-        merged, report = lowrax.merge_requantized(params)
+        merged, report = merge_requantized(params)
         log(f"re-quantizing the merged weights adds a relative error of up to {report['worst']['relative']:.2e} "
             "(per-module figures in merge_report.json)")
     else:
-        merged, report = lowrax.merge(params), None
-    out = lowrax.save_pretrained(merged, model, out_dir, tokenizer=lowrax.load_tokenizer(cfg.model.path),
+        merged, report = merge(params), None
+    out = save_pretrained(merged, model, out_dir, tokenizer=load_tokenizer(cfg.model.path),
                                  overwrite=overwrite, keep_nf4=requantize)
     if report is not None:
         (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return out
 
 
-def lora_config_from_peft(adapter_dir: Path) -> LoraConfig:
-    """The LoraConfig that wraps the same modules with the same ranks as a PEFT adapter
-    (LoRA, DoRA or VeRA)."""
-    peft_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    targets = peft_cfg.get("target_modules")
-    targets = targets if isinstance(targets, str) else tuple(targets)
-    if peft_cfg.get("peft_type") == "VERA":
-        return LoraConfig(r=int(peft_cfg["r"]), variant="vera", dropout=float(peft_cfg.get("vera_dropout", 0.0)),
-                          target_modules=targets, layers_to_transform=peft_cfg.get("layers_to_transform"),
-                          modules_to_save=tuple(peft_cfg.get("modules_to_save") or ()))
-    return LoraConfig(variant="dora" if peft_cfg.get("use_dora") else "lora",r=int(peft_cfg["r"]), alpha=float(peft_cfg.get("lora_alpha", 8)),
-                      dropout=float(peft_cfg.get("lora_dropout", 0.0)),
-                      target_modules=targets,
-                      use_rslora=bool(peft_cfg.get("use_rslora", False)),
-                      rank_pattern=dict(peft_cfg.get("rank_pattern") or {}),
-                      alpha_pattern=dict(peft_cfg.get("alpha_pattern") or {}),
-                      layers_to_transform=peft_cfg.get("layers_to_transform"),
-                      modules_to_save=tuple(peft_cfg.get("modules_to_save") or ()))
-
-
 def import_peft(adapter_dir: str | Path, out_dir: str | Path, model_path: str | None = None,
                 overrides: list[str] = ()) -> Path:
     """Turn a PEFT adapter into a lowrax run directory (config.yaml + checkpoint at step 0) that
     `lowrax train` continues from and `lowrax export-peft` / `lowrax merge` read."""
-    from lowrax.config import apply_overrides
-
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if (out_dir / "config.yaml").exists() or (out_dir / "checkpoints").exists():
         raise FileExistsError(f"{out_dir} already holds a run; choose a new directory")
-    lora_cfg = lora_config_from_peft(adapter_dir)
-    values = apply_overrides({"model": {"path": model_path}, "lora": dataclasses.asdict(lora_cfg),
+    peft_config, _ = read_adapter_dir(adapter_dir)
+    method, adapter_cfg = peft_format(peft_config.get("peft_type"), where=f"{adapter_dir}: ").to_config(peft_config)
+    values = apply_overrides({"model": {"path": model_path}, "method": method, method: dataclasses.asdict(adapter_cfg),
                               "train": {"output_dir": str(out_dir)}}, list(overrides))
     cfg = from_dict(values)
     model, base, wrapped = build_model(cfg)
-    params = lowrax.load_peft(base, adapter_dir, model)
-    trainable, _ = lowrax.split(params)
-    if jax.tree.structure(trainable) != jax.tree.structure(lowrax.split(wrapped)[0]):
+    params = load_peft(base, adapter_dir, model)
+    trainable, _ = split(params)
+    if jax.tree.structure(trainable) != jax.tree.structure(split(wrapped)[0]):
         raise LowraxError(f"{adapter_dir}: its tensors adapt other modules than its adapter_config.json selects; "
                           "lowrax cannot continue training it as a run")
     state = init_state(trainable, make_optimizer(cfg.optim), cfg.train.seed)

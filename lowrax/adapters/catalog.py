@@ -1,0 +1,7 @@
+"""Every built-in adapter method. Importing this module registers them (`lowrax` does it
+on import); a new method adds its module here."""
+
+import lowrax.adapters.ia3  # noqa: F401  IA3
+import lowrax.adapters.lora.method  # noqa: F401  LoRA, LoRA-FA, DoRA, VeRA, Delta-LoRA, rsLoRA, PiSSA
+import lowrax.adapters.lora.peft_lora  # noqa: F401  PEFT's LORA format (LoRA, DoRA; PiSSA/Delta-LoRA converted)
+import lowrax.adapters.lora.vera_peft  # noqa: F401  PEFT's VERA format

@@ -1,0 +1,116 @@
+"""What an adapter node is: the interface every adapter method's node types implement.
+
+An adapter is a leaf of the parameter tree: wrapping replaces a kernel array by
+a node (a `flax.struct.dataclass`) that holds the frozen `base` and the
+adapter's own arrays. The tree's names never change, so a pristine checkpoint
+can always be loaded and the adapters combined back in. Generic code (the tree
+functions, the train step, the optimizer, sharding, PEFT I/O) sees a node only
+through `AdapterNode`'s methods below; it never names a node type.
+
+Subclassing `AdapterNode` registers the type (`is_adapter`). Model code reaches
+a node through `models.linear.linear(x, layer)`, which calls `node.project(x,
+bias)` on the layer's flattened input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+# Optax labels of array leaves (see `adapters.tree.labels`): the optimizer groups by them.
+FROZEN, LORA_A, LORA_B, VECTOR, FULL, ANCHOR = "frozen", "lora_a", "lora_b", "vector", "full", "anchor"
+
+ADAPTER_TYPES: list[type] = []
+
+
+class AdapterNode:
+    """Base class of adapter node types. A node has a `base` field (the frozen kernel
+    [in, out], a plain array or an NF4 node) and its own array fields.
+
+    Required of a subclass:
+        field_labels()             {field name: optax label} of its trained fields (the rest are FROZEN)
+        apply(x)                   x [n, in] -> [n, out]: the adapted `x @ kernel`, without the bias
+        merge_into(w)              the merged float32 kernel, given the dense float32 base w
+        unmerge_from(m, w)         the float32 base that merges to m (w: the node's own dense base)
+        peft_type                  class attribute: the PEFT format that writes it ("LORA", "IA3", ...)
+
+    Optional, with defaults here:
+        project(x, bias)           the layer's output (methods that scale the bias too override it)
+        merge_bias / unmerge_bias  what merging does to the layer's bias
+        dropout, dropout_key       a node with `dropout > 0` is given a fresh key each training step
+        precondition_grad(g)       rewrite the node's own gradient before the optimizer (LoRA-FA)
+        after_update(step)         a rule applied after each optimizer step (Delta-LoRA)
+        bind_shared(params)        fetch arrays shared across layers from the whole tree (VeRA)
+        exports_from_initial       True when PEFT export needs the adapter as initialised (PiSSA)
+    """
+
+    peft_type: str = ""
+    exports_from_initial: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        ADAPTER_TYPES.append(cls)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.base.shape)
+
+    def field_labels(self) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} must declare field_labels()")
+
+    def apply(self, x: jnp.ndarray) -> jnp.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} must implement apply(x)")
+
+    def project(self, x: jnp.ndarray, bias: jnp.ndarray | None) -> jnp.ndarray:
+        y = self.apply(x)
+        return y if bias is None else y + bias.astype(y.dtype)
+
+    def merge_into(self, w: jnp.ndarray) -> jnp.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+    def unmerge_from(self, merged: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} cannot be unmerged")
+
+    def merge_bias(self, bias: jnp.ndarray) -> jnp.ndarray:
+        return bias
+
+    def unmerge_bias(self, merged_bias: jnp.ndarray) -> jnp.ndarray:
+        return merged_bias
+
+
+def is_adapter(x: Any) -> bool:
+    return isinstance(x, AdapterNode)
+
+
+@struct.dataclass
+class FullyTrained:
+    """A leaf trained in full (PEFT's `modules_to_save`, e.g. a classifier head)."""
+
+    value: jnp.ndarray
+
+
+def is_node(x: Any) -> bool:
+    """An adapter node or a fully-trained leaf: the units the tree functions treat whole."""
+    return is_adapter(x) or isinstance(x, FullyTrained)
+
+
+def dropped(x: jnp.ndarray, rate: float, key) -> jnp.ndarray:
+    """Inverted dropout of x when a key is attached (training) and rate > 0; x otherwise."""
+    if rate <= 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def resolve(params: Any) -> Any:
+    """The tree as model code reads it: `FullyTrained(value)` becomes its value, and nodes
+    that use arrays shared across layers (stored once at the top of the tree) are given
+    them. Runs inside the traced forward, so sharing costs no copy."""
+    params = jax.tree.map(lambda x: x.value if isinstance(x, FullyTrained) else x, params,
+                          is_leaf=lambda x: isinstance(x, FullyTrained))
+    if not isinstance(params, dict):
+        return params
+    return jax.tree.map(lambda x: x.bind_shared(params) if hasattr(x, "bind_shared") else x, params, is_leaf=is_node)

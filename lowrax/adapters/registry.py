@@ -1,0 +1,109 @@
+"""The registry of adapter methods and of PEFT's adapter formats.
+
+A method module registers itself when it is imported (`lowrax.adapters` imports
+them all):
+
+    register_method(AdapterMethod(name="ia3", config=IA3Config, build=build_ia3_nodes, ...))
+    register_peft_format(PeftFormat(peft_type="IA3", write=..., read=...))
+
+Shared code asks here and never names a method: `lowrax.wrap` finds the method
+by the type of its config, `lowrax train` by the `method:` key, the PEFT
+reader by `peft_type` and the writer by the nodes' `peft_type`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from lowrax.errors import LowraxError
+
+# build(bases: {module name: frozen kernel [in, out]}, cfg, key, adapter_dtype, model_type)
+#   -> ({module name: node}, {top-level key: arrays shared by the nodes})
+BuildNodes = Callable[[dict, Any, Any, Any, Any], tuple[dict, dict]]
+
+
+@dataclass(frozen=True)
+class AdapterMethod:
+    """One method as `lowrax.wrap` and `lowrax train` see it."""
+
+    name: str  # the `method:` key of lowrax train and the name of its config section
+    config: type  # its config dataclass (a `TargetConfig`), with PEFT's field names
+    build: BuildNodes  # the nodes that replace the targeted kernels, initialised from them and a key
+    default_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model_type -> PEFT's defaults
+    shared_keys: tuple[str, ...] = ()  # top-level tree keys holding arrays shared across layers
+    summary: str = ""  # one line for listings and errors
+
+
+@dataclass(frozen=True)
+class PeftFormat:
+    """One PEFT `peft_type`, both directions.
+
+    write(nodes: {module name: node}, params, **options) -> (tensors under PEFT's full
+        keys, the config fields of this type beyond `peft.common.common_config`'s);
+        options: `model`, `initial` (the tree as wrapped), `use_rslora`; a format ignores those it has no use for.
+    read(tensors (keys without the `base_model.model.` prefix), config,
+         bases: {module name: frozen kernel}, adapter_dtype)
+        -> ({module name: node}, {shared top-level arrays}, set of the tensor keys it used);
+        the keys left over are `modules_to_save` tensors.
+    to_config(config) -> (method name, method config) that wraps the same modules the same
+        way (`lowrax import-peft` turns an adapter into a run that trains on).
+    """
+
+    peft_type: str
+    write: Callable[..., tuple[dict, dict]]
+    read: Callable[..., tuple[dict, dict, set]]
+    to_config: Callable[[dict], tuple[str, Any]]
+
+
+_METHODS: dict[str, AdapterMethod] = {}
+_PEFT_FORMATS: dict[str, PeftFormat] = {}
+
+
+def register_method(method: AdapterMethod) -> AdapterMethod:
+    if method.name in _METHODS:
+        raise LowraxError(f"adapter method {method.name!r} is registered twice")
+    _METHODS[method.name] = method
+    return method
+
+
+def register_peft_format(fmt: PeftFormat) -> PeftFormat:
+    if fmt.peft_type in _PEFT_FORMATS:
+        raise LowraxError(f"PEFT format {fmt.peft_type!r} is registered twice")
+    _PEFT_FORMATS[fmt.peft_type] = fmt
+    return fmt
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def method_named(name: str) -> AdapterMethod:
+    """The method registered as `name`, or an error listing the ones that exist."""
+    if name not in _METHODS:
+        close = difflib.get_close_matches(str(name), list(_METHODS), n=1)
+        raise LowraxError(f"unknown adapter method {name!r}; methods: {', '.join(method_names())}"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
+    return _METHODS[name]
+
+
+def method_for_config(cfg: Any) -> AdapterMethod:
+    """The method whose config class `cfg` is an instance of."""
+    for method in _METHODS.values():
+        if type(cfg) is method.config:
+            return method
+    raise LowraxError(f"{type(cfg).__name__} is not an adapter method's config; expected one of "
+                      + ", ".join(m.config.__name__ for m in _METHODS.values()))
+
+
+def shared_keys() -> tuple[str, ...]:
+    """Top-level tree keys of arrays that some method shares across layers."""
+    return tuple(k for m in _METHODS.values() for k in m.shared_keys)
+
+
+def peft_format(peft_type: str, where: str = "") -> PeftFormat:
+    if peft_type not in _PEFT_FORMATS:
+        raise LowraxError(f"{where}adapter type {peft_type!r} is not supported; supported peft_type values: "
+                          + ", ".join(sorted(_PEFT_FORMATS)))
+    return _PEFT_FORMATS[peft_type]

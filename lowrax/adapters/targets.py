@@ -1,0 +1,133 @@
+"""Which modules a method adapts: the targeting fields every method's config shares, and
+PEFT's matching rules.
+
+Module names are the HF ones (`model.layers.0.self_attn.q_proj`), matched as
+PEFT matches them, so a config written for PEFT selects the same layers here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import jax
+
+from lowrax.adapters.node import is_node
+from lowrax.errors import LowraxError
+from lowrax.quant.nf4 import NF4Tensor
+
+# Output heads that "all-linear" leaves alone, as PEFT does.
+OUTPUT_HEADS = ("lm_head", "classifier", "score")
+
+
+def as_tuple(value):
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetConfig:
+    """The fields with which every method's config (a subclass) selects modules, with PEFT's names.
+
+    Keyword-only, so a subclass's own fields keep their positions."""
+
+    # Module names (suffix match), one regex (full match on the dotted name), "all-linear",
+    # or None for PEFT's default for the model type.
+    target_modules: str | tuple[str, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None  # same matching as target_modules
+    layers_to_transform: tuple[int, ...] | None = None  # only these layer indices
+    modules_to_save: tuple[str, ...] = ()  # modules trained in full, e.g. ("classifier",)
+
+    def __post_init__(self):
+        for name in ("target_modules", "exclude_modules"):
+            object.__setattr__(self, name, as_tuple(getattr(self, name)))
+        mts = self.modules_to_save
+        object.__setattr__(self, "modules_to_save", (mts,) if isinstance(mts, str) else tuple(mts or ()))
+        lt = self.layers_to_transform
+        if isinstance(lt, (list, int)):
+            object.__setattr__(self, "layers_to_transform", (lt,) if isinstance(lt, int) else tuple(lt))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TargetConfig":
+        """Build from a dict, rejecting unknown keys with the closest valid name."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+                raise LowraxError(f"unknown {cls.__name__} key {key!r}{hint}")
+        return cls(**values)
+
+
+def targeting_from_peft(peft_config: dict) -> dict:
+    """The `TargetConfig` fields of a PEFT `adapter_config.json`."""
+    targets = peft_config.get("target_modules")
+    return {"target_modules": targets if isinstance(targets, str) or targets is None else tuple(targets),
+            "exclude_modules": as_tuple(peft_config.get("exclude_modules")),
+            "layers_to_transform": peft_config.get("layers_to_transform"),
+            "modules_to_save": tuple(peft_config.get("modules_to_save") or ())}
+
+
+def module_matches(name: str, spec: str | Sequence[str] | None) -> bool:
+    """PEFT's rule: a string is a regex matched against the full dotted name; a list
+    matches a name equal to an entry or ending in `.entry`."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+_LAYER_INDEX = re.compile(r".*\.(?:layers|h|layer|blocks)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER_INDEX.match(name + ".")
+    return int(m.group(1)) if m else None
+
+
+def pattern_value(name: str, patterns: dict | None, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first regex matching the end of the module name."""
+    for pattern, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", name):
+            return value
+    return default
+
+
+def linear_modules(params: Any) -> dict[str, tuple[str, ...]]:
+    """Dotted module name -> tree path of every linear kernel (2-D leaf named `kernel`)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: is_node(x) or isinstance(x, NF4Tensor))[0]:
+        keys = tuple(str(p.key) for p in path)
+        if keys[-1] == "kernel" and getattr(leaf, "ndim", len(getattr(leaf, "shape", ()))) == 2:
+            out[".".join(keys[:-1])] = keys
+    return out
+
+
+def select_targets(params: Any, cfg: TargetConfig, model_type: str | None = None,
+                   default_targets: dict | None = None, method: str = "this method") -> list[str]:
+    """The dotted names of the modules `cfg` adapts, or a LowraxError listing the ones that exist."""
+    modules = linear_modules(params)
+    spec = cfg.target_modules
+    if spec is None:
+        if model_type not in (default_targets or {}):
+            raise LowraxError(f"{method} has no default target_modules for model_type {model_type!r}; set target_modules")
+        spec = default_targets[model_type]
+    if spec == "all-linear":
+        chosen = [n for n in modules if n.split(".")[0] not in OUTPUT_HEADS]
+    else:
+        chosen = [n for n in modules if module_matches(n, spec)]
+    chosen = [n for n in chosen if not module_matches(n, cfg.exclude_modules)]
+    if cfg.layers_to_transform is not None:
+        chosen = [n for n in chosen if layer_index(n) in cfg.layers_to_transform]
+    if not chosen:
+        short = sorted({n.split(".")[-1] for n in modules})
+        raise LowraxError(
+            f"target_modules {spec!r} matched no linear module; module names that exist: {', '.join(short)}"
+            + (" (after layers_to_transform/exclude_modules)" if cfg.layers_to_transform or cfg.exclude_modules else "")
+        )
+    return chosen

@@ -1,0 +1,58 @@
+"""`wrap(params, cfg, key)`: any registered method as a pure transform of the parameter tree.
+
+The method is found by the type of `cfg` (`LoraConfig`, `IA3Config`, ...). The
+targeted kernels become that method's nodes; `modules_to_save` leaves become
+`FullyTrained` nodes; arrays the method shares across layers go under their
+own top-level keys. The input tree is left untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lowrax.adapters.node import FullyTrained, is_adapter, is_node
+from lowrax.adapters.registry import method_for_config
+from lowrax.adapters.targets import linear_modules, select_targets
+from lowrax.errors import LowraxError
+from lowrax.io.tables import get_path, set_path
+
+
+def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp.float32) -> Any:
+    """Replace the kernels `cfg` targets by the adapter nodes of its method.
+
+    key: a `jax.random.key` for the adapter initialisation.
+    model_type: selects PEFT's default targets of the method when `cfg.target_modules` is None.
+    adapter_dtype: the dtype of the adapter's own arrays (float32 keeps optimizer state exact
+    over a bfloat16 base).
+    """
+    method = method_for_config(cfg)
+    targets = select_targets(params, cfg, model_type, method.default_targets, method.name)
+    modules = linear_modules(params)
+    out = jax.tree.map(lambda x: x, params, is_leaf=is_node)  # a fresh copy of the dict structure
+    bases = {}
+    for name in targets:
+        base = get_path(out, modules[name])
+        if is_adapter(base):
+            raise LowraxError(f"{name} is already adapted ({type(base).__name__}); merge it first")
+        bases[name] = base
+    nodes, shared = method.build(bases, cfg, key, adapter_dtype, model_type)
+    for name, node in nodes.items():
+        set_path(out, modules[name], node)
+    out.update(shared)
+    for module in cfg.modules_to_save:
+        if module not in out:
+            raise LowraxError(f"modules_to_save entry {module!r} is not a top-level module; existing: {', '.join(sorted(out))}")
+        out[module] = jax.tree.map(FullyTrained, out[module])
+    return out
+
+
+def adapter_nodes(params: Any) -> dict[str, Any]:
+    """Dotted module name -> adapter node for every adapted kernel."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)[0]:
+        if is_adapter(leaf):
+            out[".".join(str(p.key) for p in path[:-1])] = leaf
+    return out

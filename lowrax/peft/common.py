@@ -1,0 +1,49 @@
+"""What every PEFT adapter format shares: the key prefix, `target_modules`, the common config fields.
+
+Tensor keys are PEFT's (`base_model.model.<module>.<name>`), in torch layout:
+a Linear weight is (out, in), the transpose of lowrax's [in, out] kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+PREFIX = "base_model.model."
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+def target_spec(nodes: dict[str, Any], model) -> Any:
+    """PEFT's `target_modules` for exactly these modules: a suffix list when it selects
+    exactly them, else an exact regex of their names."""
+    suffixes = sorted({name.split(".")[-1] for name in nodes})
+    if model is not None:
+        existing = {".".join(t.path[:-1]) for t in model.tensors() if t.path[-1] == "kernel"}
+        if {n for n in existing if n.split(".")[-1] in suffixes} != set(nodes):
+            return "^(" + "|".join(sorted(map(lambda s: s.replace(".", r"\."), nodes))) + ")$"
+    return suffixes
+
+
+def fan_in_fan_out(model) -> bool:
+    """PEFT wants `fan_in_fan_out: true` on GPT-2, whose Conv1D layers store (in, out) weights."""
+    return getattr(model, "model_type", None) == "gpt2"
+
+
+def common_config(peft_type: str, nodes: dict[str, Any], model, modules_to_save: list[str],
+                  base_model: str | None) -> dict:
+    """The fields every `adapter_config.json` carries, whatever the method."""
+    return {
+        "peft_type": peft_type,
+        "task_type": "CAUSAL_LM" if getattr(model, "is_causal_lm", True) else "SEQ_CLS",
+        "base_model_name_or_path": base_model,
+        "target_modules": target_spec(nodes, model),
+        "modules_to_save": modules_to_save or None,
+        "inference_mode": True,
+    }
+
+
+def torch_layout(kernel_like) -> np.ndarray:
+    """A lowrax [in, out]-style matrix as the contiguous float32 torch (out, in) array."""
+    return np.ascontiguousarray(np.asarray(kernel_like, np.float32).T)

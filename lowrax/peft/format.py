@@ -1,0 +1,116 @@
+"""Exchange adapters with PEFT: `save_peft` and `load_peft` for every registered method.
+
+The method's part of the format (its tensors and config fields) is the
+`PeftFormat` registered for its `peft_type`; this module does what all share:
+finding the adapter nodes, `modules_to_save` tensors (stored under their HF
+key, `base_model.model.classifier.weight`), the common config fields, and the
+atomic write.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from lowrax.adapters.node import FullyTrained, is_node
+from lowrax.adapters.registry import peft_format
+from lowrax.adapters.targets import linear_modules
+from lowrax.adapters.wrap import adapter_nodes
+from lowrax.errors import CheckpointError, LowraxError
+from lowrax.io import tables
+from lowrax.io.atomic import write_directory
+from lowrax.peft.common import CONFIG, PREFIX, WEIGHTS, common_config
+
+
+def _fully_trained(params: Any, model) -> dict[str, np.ndarray]:
+    """HF key -> torch-layout array for every `FullyTrained` leaf (needs the model's tensor table)."""
+    out = {}
+    specs = {t.path: t for t in model.tensors()} if model is not None else {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, FullyTrained))[0]:
+        if isinstance(leaf, FullyTrained):
+            keys = tuple(str(p.key) for p in path)
+            if keys not in specs:
+                raise LowraxError(f"saving the fully-trained leaf {'/'.join(keys)} needs the model (save_peft(..., model=model))")
+            spec = specs[keys]
+            out[spec.hf_key] = spec.to_hf(np.asarray(jax.device_get(leaf.value), np.float32))
+    return out
+
+
+def save_peft(params: Any, out_dir: str | Path, model=None, *, base_model: str | None = None,
+              overwrite: bool = False, initial: Any = None, use_rslora: bool | None = None) -> Path:
+    """Write the adapters of `params` as a PEFT adapter directory (atomically).
+
+    One directory holds one method (one `peft_type`). `initial`: the tree right after
+    `wrap`, needed by adapters that PEFT stores converted (PiSSA). `use_rslora`: LoRA's
+    scaling in the config (None: as the nodes record it; other methods ignore it).
+    """
+    nodes = adapter_nodes(params)
+    if not nodes:
+        raise LowraxError("params have no adapters to save; wrap them with lowrax.wrap first")
+    peft_types = {n.peft_type for n in nodes.values()}
+    if len(peft_types) > 1:
+        kinds = sorted({type(n).__name__ for n in nodes.values()})
+        raise LowraxError(f"one PEFT adapter holds one method; these params mix {', '.join(kinds)}")
+    peft_type = peft_types.pop()
+    if initial is None and any(n.exports_from_initial for n in nodes.values()):
+        raise LowraxError(
+            f"this {peft_type} adapter is exported converted against its initial value (PiSSA: plain LoRA over the "
+            "original weights), which needs the adapter as initialised: "
+            "save_peft(params, out_dir, model, initial=params_right_after_wrap)")
+    full = _fully_trained(params, model)
+    modules_to_save = sorted({k.split(".")[0] for k in full})
+    tensors, fields = peft_format(peft_type).write(nodes, params, model=model, initial=initial,
+                                                         use_rslora=use_rslora)
+    config = common_config(peft_type, nodes, model, modules_to_save, base_model) | fields
+    tensors = tensors | {PREFIX + k: v for k, v in full.items()}
+
+    def fill(staging: Path) -> None:
+        save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
+        (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    return write_directory(out_dir, fill, overwrite)
+
+
+def read_adapter_dir(adapter_dir: str | Path) -> tuple[dict, dict]:
+    """(config, tensors with the `base_model.model.` prefix removed) of a PEFT adapter directory."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / CONFIG).exists() or not (adapter_dir / WEIGHTS).exists():
+        raise CheckpointError(f"{adapter_dir} is not a PEFT adapter: expected {CONFIG} and {WEIGHTS}")
+    config = json.loads((adapter_dir / CONFIG).read_text())
+    tensors = load_file(str(adapter_dir / WEIGHTS))
+    return config, {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in tensors.items()}
+
+
+def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jnp.float32) -> Any:
+    """Wrap plain `params` with the adapter PEFT saved in `adapter_dir` (any registered `peft_type`)."""
+    config, tensors = read_adapter_dir(adapter_dir)
+    fmt = peft_format(config.get("peft_type"), where=f"{adapter_dir}: ")
+    modules = linear_modules(params)
+    out = jax.tree.map(lambda x: x, params, is_leaf=is_node)
+    bases = {name: tables.get_path(out, path) for name, path in modules.items()}
+    try:
+        nodes, shared, used = fmt.read(tensors, config, bases, adapter_dtype)
+    except CheckpointError as e:
+        raise CheckpointError(f"{adapter_dir}: {e}") from None
+    for name, node in nodes.items():
+        tables.set_path(out, modules[name], node)
+    out.update(shared)
+    rest = [k for k in tensors if k not in used]
+    if rest:
+        if model is None:
+            raise LowraxError(f"{adapter_dir} holds fully-trained modules ({rest[0]}, ...); pass model= to load them")
+        by_key = {t.hf_key: t for t in model.tensors()}
+        for key in rest:
+            spec = by_key.get(key)
+            if spec is None:
+                raise CheckpointError(f"adapter tensor {PREFIX}{key} matches no parameter of this {model.model_type} model")
+            if tuple(tensors[key].shape) != spec.hf_shape:
+                raise CheckpointError(f"adapter tensor {PREFIX}{key} has shape {tensors[key].shape}, expected {spec.hf_shape}")
+            tables.set_path(out, spec.path, FullyTrained(jnp.asarray(spec.from_hf(tensors[key]))))
+    return out

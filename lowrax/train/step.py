@@ -1,0 +1,120 @@
+"""One pure training step: `train_step(state, frozen, batch) -> (state, metrics)`.
+
+Gradients are taken with respect to the trainable half only, so no gradient
+(and no optimizer state) ever exists for a frozen weight. Gradient
+accumulation and rematerialisation are options of this one step. Mixed
+precision comes from the tree itself: load the base in bfloat16 and wrap with
+float32 adapters; the projections compute in the activations' dtype while
+gradients and optimizer state stay in the adapters' float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from lowrax.adapters.node import resolve
+from lowrax.adapters.tree import after_update, combine, precondition_grads, with_dropout_keys
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training (the frozen half is passed separately)."""
+
+    step: jnp.ndarray
+    trainable: Any
+    opt_state: Any
+    rng: jnp.ndarray
+
+
+def init_state(trainable: Any, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                      opt_state=optimizer.init(trainable), rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def causal_lm_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(sum of token losses, number of loss tokens) for a causal-LM batch.
+
+    batch: input_ids, attention_mask, loss_mask [b, t]; loss_mask[b, i] = 1 when token i is
+    a target (a response token, not prompt or padding), predicted from position i - 1.
+    Optional segment_ids [b, t] for packed rows. With loss_positions / loss_targets /
+    loss_weights [b, K] (see `Batches(loss_positions=K)`), logits are computed only at
+    those K positions per row instead of all t: the vocabulary projection is the
+    largest single matmul of a small model.
+    """
+    segments = batch.get("segment_ids")
+    hidden = model.final_hidden(params, batch["input_ids"], batch["attention_mask"], segment_ids=segments)
+    if "loss_positions" in batch:
+        hidden = jnp.take_along_axis(hidden, batch["loss_positions"][..., None], axis=1)
+        targets, weights = batch["loss_targets"], batch["loss_weights"].astype(jnp.float32)
+    else:
+        hidden = hidden[:, :-1]
+        targets = batch["input_ids"][:, 1:]
+        weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+        if segments is not None:  # never predict a packed example's first token from the previous example
+            weights = weights * (segments[:, 1:] == segments[:, :-1])
+    logits = model.logits_from_hidden(resolve(params), hidden).astype(jnp.float32)
+    # log p(target) = logit[target] - logsumexp(logits), without materialising every log-probability.
+    token_loss = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(token_loss * weights), jnp.sum(weights)
+
+
+def classification_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(sum of example losses, number of examples). batch: input_ids, attention_mask, labels [b],
+    optionally example_weights [b] (0 drops an example, e.g. filler rows of a last batch)."""
+    logits = model.apply(params, batch["input_ids"], batch["attention_mask"]).logits
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    loss = -jnp.take_along_axis(log_probs, batch["labels"][:, None], axis=-1)[:, 0]
+    weights = batch.get("example_weights", jnp.ones_like(loss)).astype(jnp.float32)
+    return jnp.sum(loss * weights), jnp.sum(weights)
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
+                    remat: bool = False, loss_fn=None):
+    """Build `train_step(state, frozen, batch) -> (state, metrics)`; jit it at the call site.
+
+    With grad_accum_steps = k, every batch array has a leading axis of k micro-batches
+    and gradients are summed over them (one optimizer update). `remat` keeps only
+    each layer's input for the backward pass, which recomputes the rest layer by layer
+    (see `models.base.recomputed_in_backward`): less memory for about one more forward.
+    """
+    model = model.with_remat(remat)
+    if loss_fn is None:
+        loss_fn = causal_lm_loss if model.is_causal_lm else classification_loss
+
+    def summed_loss(trainable, frozen, batch, rng):
+        params = with_dropout_keys(combine(trainable, frozen), rng)
+        return loss_fn(model, params, batch)
+
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+    def train_step(state: TrainState, frozen: Any, batch: dict):
+        rng = jax.random.wrap_key_data(state.rng)
+        rng, step_rng = jax.random.split(rng)
+        if grad_accum_steps == 1:
+            (loss_sum, count), grads = grad_fn(state.trainable, frozen, batch, step_rng)
+        else:
+            def micro(carry, xs):
+                micro_batch, i = xs
+                (l, n), g = grad_fn(state.trainable, frozen, micro_batch, jax.random.fold_in(step_rng, i))
+                acc_l, acc_n, acc_g = carry
+                return (acc_l + l, acc_n + n, jax.tree.map(jnp.add, acc_g, g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+            (loss_sum, count, grads), _ = jax.lax.scan(
+                micro, (jnp.zeros(()), jnp.zeros(()), zeros), (batch, jnp.arange(grad_accum_steps)))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        grads = precondition_grads(grads, combine(state.trainable, frozen))  # LoRA-FA's projected B gradient
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = after_update(optax.apply_updates(state.trainable, updates), state.step + 1)  # Delta-LoRA's anchor
+        new_state = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state,
+                               rng=jax.random.key_data(rng))
+        metrics = {"loss": loss_sum / count, "tokens": count, "grad_norm": optax.tree_utils.tree_norm(grads)}
+        return new_state, metrics
+
+    return train_step
