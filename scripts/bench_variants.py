@@ -1,4 +1,4 @@
-"""The LoRA family side by side on the embedded default task, printed as JSON and a Markdown table.
+"""The adapter methods (the LoRA family and IA3) side by side on the embedded default task, printed as JSON and a Markdown table.
 
     python scripts/bench.py --variants [--steps 30] [--only lora,dora] [--out variants.json]
 
@@ -37,6 +37,8 @@ METHODS = {
     "delta_lora": ["lora.variant=delta_lora", "lora.delta_start_step=10"],
     # VeRA trains vectors only: the paper uses a large shared rank and a larger learning rate.
     "vera": ["lora.variant=vera", "lora.r=256", "optim.learning_rate=5.0e-2"],
+    # IA3 on PEFT's default targets (k_proj, v_proj, down_proj) trains vectors only, as VeRA: a larger rate.
+    "ia3": ["method=ia3", "optim.learning_rate=5.0e-2"],
 }
 
 

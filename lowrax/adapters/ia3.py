@@ -78,6 +78,9 @@ class IA3Kernel(AdapterNode):
     feedforward: bool = struct.field(pytree_node=False, default=False)
     peft_type = "IA3"
 
+    def field_axes(self) -> dict:
+        return {"vector": ("in",) if self.feedforward else ("out",)}
+
     def field_labels(self) -> dict:
         return {"vector": VECTOR}
 

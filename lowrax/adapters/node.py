@@ -32,6 +32,8 @@ class AdapterNode:
 
     Required of a subclass:
         field_labels()             {field name: optax label} of its trained fields (the rest are FROZEN)
+        field_axes()               {field name: logical axes} of its array fields other than `base`, in
+                                   the adapted kernel's terms "in", "out" and "lora_rank" (for sharding)
         apply(x)                   x [n, in] -> [n, out]: the adapted `x @ kernel`, without the bias
         merge_into(w)              the merged float32 kernel, given the dense float32 base w
         unmerge_from(m, w)         the float32 base that merges to m (w: the node's own dense base)
@@ -60,6 +62,9 @@ class AdapterNode:
 
     def field_labels(self) -> dict:
         raise NotImplementedError(f"{type(self).__name__} must declare field_labels()")
+
+    def field_axes(self) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} must declare field_axes()")
 
     def apply(self, x: jnp.ndarray) -> jnp.ndarray:
         raise NotImplementedError(f"{type(self).__name__} must implement apply(x)")

@@ -46,10 +46,6 @@ RULES: dict[str, Any] = {
     "classes": None,
 }
 
-# Logical axes of adapter-node fields, in terms of the adapted kernel's ("in", "out").
-FIELD_AXES = {"a": ("in", "lora_rank"), "anchor_a": ("in", "lora_rank"), "b": ("lora_rank", "out"),
-              "anchor_b": ("lora_rank", "out"), "magnitude": ("out",), "lambda_b": ("out",), "lambda_d": ("lora_rank",)}
-
 
 @dataclass(frozen=True)
 class MeshConfig:
@@ -165,9 +161,10 @@ def param_shardings(params: Any, model, mesh: Mesh, rules: dict = RULES) -> Any:
                 value = getattr(leaf, f.name)
                 if f.name == "base" or value is None or not f.metadata.get("pytree_node", True):
                     continue
-                if f.name not in FIELD_AXES:
-                    raise LowraxError(f"{type(leaf).__name__}.{f.name} has no logical axes; add it to sharding.FIELD_AXES")
-                fields[f.name] = plain(keys + (f.name,), value, tuple(named[a] for a in FIELD_AXES[f.name]))
+                field_axes = leaf.field_axes()
+                if f.name not in field_axes:
+                    raise LowraxError(f"{type(leaf).__name__}.{f.name} has no logical axes; declare them in its field_axes()")
+                fields[f.name] = plain(keys + (f.name,), value, tuple(named[a] for a in field_axes[f.name]))
             return leaf.replace(base=base(keys, leaf.base), **fields)
         return plain(keys, leaf)
 

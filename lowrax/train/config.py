@@ -171,8 +171,13 @@ def from_dict(values: dict) -> TrainConfig:
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """Apply `section.key=value` strings (values parsed as YAML) to nested dicts."""
+    """Apply `section.key=value` strings (values parsed as YAML) to nested dicts.
+
+    `method=NAME` switches the adapter method: the sections of other methods that came
+    with `values` (a preset written for LoRA) are dropped; one set by an override stays,
+    and is an error of `from_dict`."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in (values or {}).items()}
+    overridden = set()
     for item in overrides:
         if "=" not in item:
             raise LowraxError(f"override {item!r} must look like section.key=value (e.g. lora.r=8)")
@@ -180,6 +185,7 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         if parts == ["method"]:
             out["method"] = yaml.safe_load(raw)
+            overridden.add("method")
             continue
         if len(parts) != 2:
             raise LowraxError(f"override key {key!r} must be section.key (e.g. train.steps)")
@@ -188,6 +194,10 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
         if section not in classes or name not in {f.name for f in dataclasses.fields(classes[section])}:
             raise _unknown(key)
         out.setdefault(section, {})[name] = yaml.safe_load(raw)
+        overridden.add(section)
+    if "method" in overridden:
+        for stale in set(method_names()) - {out["method"]} - overridden:
+            out.pop(stale, None)
     return out
 
 

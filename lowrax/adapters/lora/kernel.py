@@ -40,6 +40,11 @@ class LowRankFactors(AdapterNode):
     def rank(self) -> int:
         return self.a.shape[1]
 
+    def field_axes(self) -> dict:
+        """Every factor-shaped field the family's nodes have (each node uses its own)."""
+        return {"a": ("in", "lora_rank"), "anchor_a": ("in", "lora_rank"), "b": ("lora_rank", "out"),
+                "anchor_b": ("lora_rank", "out"), "magnitude": ("out",)}
+
     def delta(self) -> jnp.ndarray:
         """scale * a @ b [in, out], in float32: what merging adds to the base."""
         return self.scale * (self.a.astype(jnp.float32) @ self.b.astype(jnp.float32))

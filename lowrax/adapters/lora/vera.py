@@ -59,6 +59,9 @@ class VeraKernel(AdapterNode):
         d_in, d_out = self.shape
         return self.replace(a=shared["a"][:d_in, : self.rank], b=shared["b"][: self.rank, :d_out])
 
+    def field_axes(self) -> dict:
+        return {"lambda_b": ("out",), "lambda_d": ("lora_rank",)}
+
     def field_labels(self) -> dict:
         return {"lambda_d": VECTOR, "lambda_b": VECTOR}
 
