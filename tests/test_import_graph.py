@@ -84,3 +84,12 @@ def test_shared_code_names_no_adapter_method():
     for name in shared:
         named = imports_of(name, modules[name], modules) & methods
         assert not named, f"{name} imports method modules {sorted(named)}"
+
+
+def test_names_the_01_readme_documented_still_import():
+    import lowrax.sharding
+    from lowrax.optim import OptimizerConfig, make_optimizer  # noqa: F401
+    from lowrax.train_step import init_state, make_train_step  # noqa: F401
+
+    assert lowrax.lora.wrap is lowrax.wrap and lowrax.sharding.RULES is lowrax.dist.sharding.RULES
+    assert make_train_step is lowrax.make_train_step and OptimizerConfig is lowrax.OptimizerConfig
