@@ -18,7 +18,7 @@ import lowrax  # noqa: E402
 from lowrax.errors import LowraxError  # noqa: E402
 from tests.conftest import hf_model_dir, random_batch  # noqa: E402
 from tests.test_peft_exchange import SMALL, lowrax_outputs, torch_outputs  # noqa: E402
-from tests.test_training_run import data_file, overrides, tiny_dir  # noqa: E402,F401  (fixtures)
+from tests.test_training_run import check_exports_and_merge, data_file, overrides, tiny_dir  # noqa: E402,F401  (fixtures)
 
 CASES = {
     # name: (builder, PEFT IA3Config kwargs beyond the model type's defaults)
@@ -133,7 +133,6 @@ def test_lowrax_train_with_ia3_exports_imports_and_merges(tiny_dir, data_file, t
 
     from lowrax.cli import main
     from lowrax.train.config import load_config
-    from lowrax.train.runs import restore_run
 
     run = tmp_path / "run"
     items = [i for i in overrides(tiny_dir, data_file, run, 3) if not i.startswith("lora.")]
@@ -142,20 +141,10 @@ def test_lowrax_train_with_ia3_exports_imports_and_merges(tiny_dir, data_file, t
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["method"] == "ia3" and saved["ia3"]["feedforward_modules"] is None and "lora" not in saved
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == "IA3"
-    assert main(["export-peft", str(run), str(tmp_path / "peft")]) == 0
-    assert (tmp_path / "peft" / "adapter_model.safetensors").read_bytes() == (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    check_exports_and_merge(run, tiny_dir, tmp_path)
     assert main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "imported"), "--model", str(tiny_dir)]) == 0
     assert main(["export-peft", str(tmp_path / "imported"), str(tmp_path / "peft2")]) == 0
     assert (tmp_path / "peft" / "adapter_model.safetensors").read_bytes() == (tmp_path / "peft2" / "adapter_model.safetensors").read_bytes()
-    assert main(["merge", str(run), str(tmp_path / "merged")]) == 0
-
-    _, model, trained = restore_run(run)
-    ids = np.array([[1, 50, 300, 7000, 12]])
-    adapted = np.asarray(model.apply(trained, ids))
-    _, base = lowrax.load_pretrained(tiny_dir, progress=False)
-    assert np.abs(adapted - np.asarray(model.apply(base, ids))).max() > 1e-4  # training changed the model
-    _, merged = lowrax.load_pretrained(tmp_path / "merged", progress=False)
-    assert np.abs(np.asarray(model.apply(merged, ids)) - adapted).max() <= 1e-5
 
     with pytest.raises(LowraxError, match="config section 'lora' configures method 'lora', but method is 'ia3'"):
         load_config(None, ["method=ia3", "lora.r=4"])

@@ -164,10 +164,19 @@ def test_qlora_run_merges_with_requantization(tiny_dir, data_file, tmp_path):
 def test_variant_runs_export_and_merge(tiny_dir, data_file, tmp_path, variant):
     """`lowrax train lora.variant=...`: the run's PEFT adapter, its export and its merge all give the trained model."""
     from lowrax.cli import main
-    from lowrax.train.runs import restore_run
 
     run = tmp_path / "run"
     assert main(["train", *overrides(tiny_dir, data_file, run, 3, **variant)]) == 0
+    check_exports_and_merge(run, tiny_dir, tmp_path)
+
+
+def check_exports_and_merge(run, tiny_dir, tmp_path):
+    """A finished run's PEFT adapter equals its `export-peft`, and the exported adapter (over the
+    original base weights) and `lowrax merge`'s model both give the trained model, which differs
+    from the base."""
+    from lowrax.cli import main
+    from lowrax.train.runs import restore_run
+
     assert main(["export-peft", str(run), str(tmp_path / "peft")]) == 0
     assert (tmp_path / "peft" / "adapter_model.safetensors").read_bytes() == (run / "adapter" / "adapter_model.safetensors").read_bytes()
     assert main(["merge", str(run), str(tmp_path / "merged")]) == 0
@@ -178,5 +187,5 @@ def test_variant_runs_export_and_merge(tiny_dir, data_file, tmp_path, variant):
     assert np.abs(adapted - np.asarray(model.apply(base, ids))).max() > 1e-4  # training changed the model
     _, merged = lowrax.load_pretrained(tmp_path / "merged", progress=False)
     assert np.abs(np.asarray(model.apply(merged, ids)) - adapted).max() <= 1e-5
-    from_peft = lowrax.load_peft(base, tmp_path / "peft", model)  # over the original base weights
+    from_peft = lowrax.load_peft(base, tmp_path / "peft", model)
     assert np.abs(np.asarray(model.apply(from_peft, ids)) - adapted).max() <= 1e-5

@@ -172,12 +172,11 @@ def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict,
     return nodes, {}, {f"{n}.ia3_l" for n in names}
 
 
-IA3 = register_method(AdapterMethod(name="ia3", config=IA3Config, build=build_nodes, default_targets=DEFAULT_TARGETS,
-                                    summary="IA3: learned vectors scaling a layer's input (feedforward) or output"))
 def to_config(config: dict) -> tuple[str, IA3Config]:
     ff = config.get("feedforward_modules")
     return "ia3", IA3Config(feedforward_modules=ff if isinstance(ff, str) or ff is None else tuple(ff),
                             **targeting_from_peft(config))
 
 
+register_method(AdapterMethod(name="ia3", config=IA3Config, build=build_nodes, default_targets=DEFAULT_TARGETS))
 register_peft_format(PeftFormat(peft_type="IA3", write=write, read=read, to_config=to_config))

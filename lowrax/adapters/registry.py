@@ -1,6 +1,6 @@
 """The registry of adapter methods and of PEFT's adapter formats.
 
-A method module registers itself when it is imported (`lowrax.adapters` imports
+A method module registers itself when it is imported (`lowrax.adapters.catalog` imports
 them all):
 
     register_method(AdapterMethod(name="ia3", config=IA3Config, build=build_ia3_nodes, ...))
@@ -33,7 +33,6 @@ class AdapterMethod:
     build: BuildNodes  # the nodes that replace the targeted kernels, initialised from them and a key
     default_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model_type -> PEFT's defaults
     shared_keys: tuple[str, ...] = ()  # top-level tree keys holding arrays shared across layers
-    summary: str = ""  # one line for listings and errors
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from lowrax.quant.nf4 import NF4Tensor, dequantize, dequantize_after
 __all__ = ["FROZEN", "LORA_A", "LORA_B", "VECTOR", "FULL", "ANCHOR", "labels", "split", "combine", "merge",
            "unmerge", "with_dropout_keys", "count_params", "after_update", "precondition_grads"]
 
+
 def labels(params: Any) -> Any:
     """A tree of optax labels with the structure of `params`' array leaves: `lora_a`,
     `lora_b`, `vector` (DoRA magnitudes, VeRA scalings), `anchor` (Delta-LoRA's

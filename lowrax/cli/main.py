@@ -104,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrax", description="Low-rank fine-tuning of HF transformers in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="LoRA fine-tune (default: SmolLM2 on the embedded date task)")
+    t = sub.add_parser("train", help="adapter fine-tune (default: LoRA on SmolLM2 and the embedded date task)")
     t.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [section.key=value]",
-                   help="a YAML preset (default configs/default.yaml) followed by overrides such as lora.r=8")
+                   help="a YAML preset (default configs/default.yaml) followed by overrides such as lora.r=8 "
+                        "or method=ia3")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="generate text with a causal LM")
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from lowrax.errors import LowraxError
     from lowrax.train.host_memory import reuse_freed_host_memory
 
-    reuse_freed_host_memory()  # before the first JAX computation; see lowrax/host_memory.py
+    reuse_freed_host_memory()  # before the first JAX computation; see lowrax/train/host_memory.py
 
     try:
         return args.func(args)

@@ -5,9 +5,9 @@
 
 Every parameter's dimensions carry logical names: a model family declares them
 per module (`LOGICAL_AXES` in its file: q_proj's kernel is ("embed", "heads"),
-down_proj's ("mlp", "embed"), ...); adapter arrays take theirs from the kernel
-they adapt (A is (in, "lora_rank"), B ("lora_rank", out), DoRA's magnitude and
-VeRA's lambda_b (out,)); NF4 codes and block statistics are ("nf4_blocks",).
+down_proj's ("mlp", "embed"), ...); an adapter node names its arrays' axes in
+terms of the kernel it adapts (`field_axes()`: A is ("in", "lora_rank"), IA3's
+vector ("out",) or ("in",)), which become that kernel's logical names; NF4 codes and block statistics are ("nf4_blocks",).
 `RULES` maps logical names to mesh axes: hidden dimensions over `fsdp`,
 heads / MLP / vocabulary dimensions over `tensor` (Megatron's column and row
 split), the batch over `data` x `fsdp`. Optimizer state follows its parameter

@@ -104,18 +104,16 @@ def matmul(x: jnp.ndarray, kernel: Any) -> jnp.ndarray:
 
 
 def _flat_matmul(x: jnp.ndarray, kernel: Any) -> jnp.ndarray:
-    impl = _LINEAR_IMPLS.get(type(kernel))
-    if impl is not None:
-        return impl(x, kernel)
     if hasattr(kernel, "project"):  # an adapter node
         return kernel.apply(x)
-    return dense_matmul(x, kernel.astype(x.dtype))
+    impl = _LINEAR_IMPLS.get(type(kernel))
+    return impl(x, kernel) if impl is not None else dense_matmul(x, kernel.astype(x.dtype))
 
 
 def linear(x: jnp.ndarray, layer: dict) -> jnp.ndarray:
     """Apply a linear layer `{"kernel": [in, out] (or a node), "bias": [out]?}` to x [..., in]."""
     kernel, bias = layer["kernel"], layer.get("bias")
-    if hasattr(kernel, "project") and type(kernel) not in _LINEAR_IMPLS:  # an adapter node: it owns the layer's output
+    if hasattr(kernel, "project"):  # an adapter node: it owns the layer's output, bias included
         flat = x.reshape(-1, x.shape[-1])
         y = kernel.project(flat, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -77,13 +77,18 @@ def save_peft(params: Any, out_dir: str | Path, model=None, *, base_model: str |
     return write_directory(out_dir, fill, overwrite)
 
 
-def read_adapter_dir(adapter_dir: str | Path) -> tuple[dict, dict]:
-    """(config, tensors with the `base_model.model.` prefix removed) of a PEFT adapter directory."""
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """The `adapter_config.json` of a PEFT adapter directory (checked to hold its weights too)."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / CONFIG).exists() or not (adapter_dir / WEIGHTS).exists():
         raise CheckpointError(f"{adapter_dir} is not a PEFT adapter: expected {CONFIG} and {WEIGHTS}")
-    config = json.loads((adapter_dir / CONFIG).read_text())
-    tensors = load_file(str(adapter_dir / WEIGHTS))
+    return json.loads((adapter_dir / CONFIG).read_text())
+
+
+def read_adapter_dir(adapter_dir: str | Path) -> tuple[dict, dict]:
+    """(config, tensors with the `base_model.model.` prefix removed) of a PEFT adapter directory."""
+    config = read_adapter_config(adapter_dir)
+    tensors = load_file(str(Path(adapter_dir) / WEIGHTS))
     return config, {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in tensors.items()}
 
 

@@ -18,7 +18,7 @@ from lowrax.adapters.registry import peft_format
 from lowrax.adapters.tree import combine, merge, split
 from lowrax.errors import LowraxError
 from lowrax.io.pretrained import load_tokenizer, save_pretrained
-from lowrax.peft.format import load_peft, read_adapter_dir, save_peft
+from lowrax.peft.format import load_peft, read_adapter_config, save_peft
 from lowrax.quant.tree import merge_requantized
 from lowrax.train.checkpoints import Checkpoints
 from lowrax.train.config import TrainConfig, apply_overrides, from_dict
@@ -87,7 +87,7 @@ def import_peft(adapter_dir: str | Path, out_dir: str | Path, model_path: str | 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if (out_dir / "config.yaml").exists() or (out_dir / "checkpoints").exists():
         raise FileExistsError(f"{out_dir} already holds a run; choose a new directory")
-    peft_config, _ = read_adapter_dir(adapter_dir)
+    peft_config = read_adapter_config(adapter_dir)
     method, adapter_cfg = peft_format(peft_config.get("peft_type"), where=f"{adapter_dir}: ").to_config(peft_config)
     values = apply_overrides({"model": {"path": model_path}, "method": method, method: dataclasses.asdict(adapter_cfg),
                               "train": {"output_dir": str(out_dir)}}, list(overrides))

@@ -33,10 +33,6 @@ class LowRankFactors(AdapterNode):
     peft_type = "LORA"
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return (self.a.shape[0], self.b.shape[1])
-
-    @property
     def rank(self) -> int:
         return self.a.shape[1]
 

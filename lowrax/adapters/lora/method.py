@@ -88,6 +88,5 @@ def _requantized_like(base, residual):
     return residual
 
 
-LORA = register_method(AdapterMethod(
-    name="lora", config=LoraConfig, build=build_nodes, default_targets=DEFAULT_TARGETS, shared_keys=(vera.SHARED,),
-    summary="LoRA and its variants (LoRA-FA, DoRA, VeRA, Delta-LoRA; rsLoRA scaling; PiSSA init)"))
+register_method(AdapterMethod(name="lora", config=LoraConfig, build=build_nodes, default_targets=DEFAULT_TARGETS,
+                              shared_keys=(vera.SHARED,)))

@@ -37,6 +37,9 @@ def _as_plain_lora(nodes: dict[str, Any], initial: Any) -> dict[str, Any]:
         if isinstance(node, delta_lora.DeltaLoraKernel):
             node = delta_lora.as_plain_lora(node)
         elif isinstance(node, LoraKernel) and node.pissa_residual:
+            if name not in initial_nodes:
+                raise LowraxError(f"the PiSSA adapter at {name} has no counterpart in `initial`; pass the tree right "
+                                  "after wrap (save_peft(..., initial=params_right_after_wrap))")
             node = pissa.to_plain_lora(node, initial_nodes[name], node.base)
         out[name] = node
     return out
@@ -122,4 +125,4 @@ def to_config(config: dict) -> tuple[str, LoraConfig]:
                               alpha_pattern=dict(config.get("alpha_pattern") or {}), **targeting_from_peft(config))
 
 
-FORMAT = register_peft_format(PeftFormat(peft_type="LORA", write=write, read=read, to_config=to_config))
+register_peft_format(PeftFormat(peft_type="LORA", write=write, read=read, to_config=to_config))

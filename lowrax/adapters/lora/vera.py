@@ -45,10 +45,6 @@ class VeraKernel(AdapterNode):
     peft_type = "VERA"
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return (self.base.shape[0], self.lambda_b.shape[0])
-
-    @property
     def rank(self) -> int:
         return self.lambda_d.shape[0]
 

@@ -82,4 +82,4 @@ def to_config(config: dict) -> tuple[str, LoraConfig]:
                               **targeting_from_peft(config))
 
 
-FORMAT = register_peft_format(PeftFormat(peft_type="VERA", write=write, read=read, to_config=to_config))
+register_peft_format(PeftFormat(peft_type="VERA", write=write, read=read, to_config=to_config))
