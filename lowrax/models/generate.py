@@ -10,12 +10,13 @@ per token or per prompt length.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrax.errors import LowraxError
 from lowrax.models.base import CausalLM
 
 PROMPT_BUCKET = 32
@@ -31,12 +32,12 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0 = no nucleus filter
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name, ok, expected, value in (("temperature", self.temperature >= 0, ">= 0 (0: greedy)", self.temperature),
+                                          ("top_k", self.top_k >= 0, ">= 0 (0 disables it)", self.top_k),
+                                          ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]", self.top_p)):
+            if not ok:
+                flag = "--" + name.replace("_", "-")
+                raise LowraxError(f"{name} must be {expected}, got {value}", cli=f"{flag} must be {expected}, got {value}")
 
 
 def sample_next(logits: jnp.ndarray, key, sampling: SamplingConfig) -> jnp.ndarray:
@@ -92,14 +93,19 @@ def generate_ids(
     eos_token_ids: Sequence[int] = (),
     pad_token_id: int = 0,
     seed: int = 0,
+    on_token: Callable[[np.ndarray], None] | None = None,
 ) -> list[list[int]]:
-    """Continue each token-id prompt; returns the new ids of each (stopping after an EOS id)."""
+    """Continue each token-id prompt; returns the new ids of each (stopping after an EOS id).
+
+    on_token: called with each step's new ids (one per prompt) as soon as they exist, for streaming.
+    """
     if not model.is_causal_lm:
-        raise ValueError(f"generation needs a causal LM; {model.model_type} is an encoder")
+        raise LowraxError(f"generation needs a causal LM; {model.model_type} is an encoder")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise LowraxError(f"max_new_tokens must be >= 1, got {max_new_tokens}",
+                          cli=f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise LowraxError("every prompt needs at least one token")
     batch = len(prompts)
     prompt_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
     cache_len = _round_up(prompt_len + max_new_tokens, CACHE_BUCKET)
@@ -120,6 +126,8 @@ def generate_ids(
     done = np.zeros(batch, bool)
     for i in range(max_new_tokens):
         out[:, i] = np.asarray(token)
+        if on_token is not None:
+            on_token(out[:, i].copy())
         done |= np.isin(out[:, i], eos)
         if done.all() or i == max_new_tokens - 1:
             break
@@ -150,7 +158,8 @@ def encode_prompt(tokenizer, prompt: str, chat: bool | None) -> list[int]:
     use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
     if use_chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat=True but this tokenizer has no chat template")
+            raise LowraxError("chat=True but this tokenizer has no chat template",
+                              cli="--chat on needs a chat template, and this tokenizer has none; use --chat off")
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
         )

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrax.errors import LowraxError
+
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
@@ -31,7 +33,7 @@ def activation(name: str):
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
+        raise LowraxError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
 
 
 def rms_norm(x: jnp.ndarray, params: dict, eps: float) -> jnp.ndarray:
@@ -81,7 +83,7 @@ def rope_inverse_frequencies(rotary_dim: int, theta: float, scaling: dict | None
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32)
-    raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
+    raise LowraxError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
 
 
 def rope_cos_sin(positions: jnp.ndarray, inv_freq: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:

@@ -17,6 +17,7 @@ from lowrax.models import layers
 from lowrax.models.base import CausalLM
 from lowrax.models.config_utils import field, rope_settings
 from lowrax.models.linear import attend_to_embedding, embed, linear
+from lowrax.errors import LowraxError
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,12 @@ class LlamaConfig:
         heads = field(hf, "num_attention_heads")
         kv_heads = field(hf, "num_key_value_heads", default=heads)
         if heads % kv_heads:
-            raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+            raise LowraxError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
         theta, scaling = rope_settings(hf)
         attention_bias = bool(hf.get("attention_bias", False))
         qwen2 = model_type == "qwen2"
         if qwen2 and hf.get("use_sliding_window"):
-            raise ValueError("Qwen2 with use_sliding_window=true is not supported yet")
+            raise LowraxError("Qwen2 with use_sliding_window=true is not supported yet")
         window = hf.get("sliding_window") if model_type == "mistral" else None
         return cls(
             model_type=model_type,

@@ -38,7 +38,11 @@ class Checkpoints:
         self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                            force=True)
         self._manager.wait_until_finished()
-        return directory_size(self.directory / str(step))
+        return self.size(step)
+
+    def size(self, step: int | None) -> int:
+        """Bytes on disk of checkpoint `step` (0 for None)."""
+        return 0 if step is None else directory_size(self.directory / str(step))
 
     def restore(self, step: int, template: Any) -> tuple[Any, dict]:
         """(state shaped like `template`, meta dict) of checkpoint `step`."""

@@ -201,16 +201,35 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return out
 
 
+def read_preset(path: str | Path | None) -> dict:
+    """A YAML preset's sections as plain dicts (None: none, i.e. all defaults)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.exists():
+        raise LowraxError(f"config file {p} does not exist")
+    values = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(values, dict):
+        raise LowraxError(f"{p} must hold a mapping of sections (model, method, lora, optim, data, train, mesh, dist)")
+    return values
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Read a YAML preset (None: all defaults) and apply `key=value` overrides."""
-    values: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise LowraxError(f"config file {p} does not exist")
-        values = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(values, dict):
-            raise LowraxError(f"{p} must hold a mapping of sections (model, method, lora, optim, data, train, mesh, dist)")
+    return from_dict(apply_overrides(read_preset(path), list(overrides)))
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """A run directory's own `config.yaml` with `overrides` on top (what `lowrax train` continues
+    when no preset is given). A schedule whose length followed `train.steps` follows a new
+    `train.steps` too, so extending a finished run trains its new steps on a live schedule."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise LowraxError(f"{run_dir} is not a lowrax run directory: it has no config.yaml")
+    values = yaml.safe_load(path.read_text()) or {}
+    optim, train = values.get("optim") or {}, values.get("train") or {}
+    if optim.get("total_steps") == max(train.get("steps", 0), optim.get("warmup_steps", 0)):
+        optim.pop("total_steps")
     return from_dict(apply_overrides(values, list(overrides)))
 
 

@@ -16,6 +16,7 @@ import jax
 import optax
 
 from lowrax.adapters.tree import ANCHOR, LORA_B, labels
+from lowrax.errors import LowraxError
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -39,13 +40,13 @@ class OptimizerConfig:
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise LowraxError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+            raise LowraxError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
-            raise ValueError(f"loraplus_lr_ratio must be > 0 (PEFT suggests 2 to 32), got {self.loraplus_lr_ratio}")
+            raise LowraxError(f"loraplus_lr_ratio must be > 0 (PEFT suggests 2 to 32), got {self.loraplus_lr_ratio}")
         if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be in 0..total_steps ({self.total_steps})")
+            raise LowraxError(f"warmup_steps ({self.warmup_steps}) must be in 0..total_steps ({self.total_steps})")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:

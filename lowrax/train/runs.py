@@ -14,17 +14,20 @@ from pathlib import Path
 import jax
 import yaml
 
-from lowrax.adapters.registry import peft_format
+from lowrax.adapters.registry import method_names, peft_format
 from lowrax.adapters.tree import combine, merge, split
 from lowrax.errors import LowraxError
-from lowrax.io.pretrained import load_tokenizer, save_pretrained
+from lowrax.io.atomic import write_text
+from lowrax.io.pretrained import base_model_name, base_model_path, load_pretrained, load_tokenizer, save_pretrained
+from lowrax.peft.common import CONFIG, WEIGHTS
 from lowrax.peft.format import load_peft, read_adapter_config, save_peft
 from lowrax.quant.tree import merge_requantized
 from lowrax.train.checkpoints import Checkpoints
-from lowrax.train.config import TrainConfig, apply_overrides, from_dict
+from lowrax.train.config import TrainConfig, apply_overrides, from_dict, read_preset
 from lowrax.train.optim import make_optimizer
 from lowrax.train.step import init_state
-from lowrax.train.trainer import build_model
+from lowrax.train.data import detect_format, load_records
+from lowrax.train.trainer import DTYPES, build_model
 
 
 def read_run_config(run_dir: Path) -> TrainConfig:
@@ -34,11 +37,16 @@ def read_run_config(run_dir: Path) -> TrainConfig:
     return from_dict(yaml.safe_load(path.read_text()))
 
 
-def restore_run(run_dir: str | Path, step: int | None = None, with_initial: bool = False):
+def restore_run(run_dir: str | Path, step: int | None = None, with_initial: bool = False,
+                model_path: str | None = None, dtype: str | None = None):
     """(cfg, model, params with the trained adapters) from a run directory's latest (or given) checkpoint;
-    with_initial: also the adapters as initialised (PiSSA's export needs them)."""
+    with_initial: also the adapters as initialised (PiSSA's export needs them).
+    model_path / dtype: another copy of the base, or another dtype for it, than the run's."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
+    if model_path is not None or dtype is not None:
+        model = dataclasses.replace(cfg.model, path=model_path or cfg.model.path, dtype=dtype or cfg.model.dtype)
+        cfg = dataclasses.replace(cfg, model=model)
     model, _, params = build_model(cfg)
     trainable, frozen = split(params)
     ckpts = Checkpoints(run_dir / "checkpoints")
@@ -51,10 +59,57 @@ def restore_run(run_dir: str | Path, step: int | None = None, with_initial: bool
     return (cfg, model, trained, params) if with_initial else (cfg, model, trained)
 
 
+@dataclasses.dataclass
+class Adapted:
+    """A base model with a trained adapter, ready to generate with."""
+
+    model: object
+    params: dict
+    tokenizer: object
+    chat: bool | None  # what prompts were wrapped in when it was trained (None: the tokenizer's default)
+    source: str  # what was loaded, in words
+
+
+def uses_chat_template(cfg: TrainConfig) -> bool:
+    """Whether a run's prompts were wrapped in the chat template (messages data always are)."""
+    fmt = cfg.data.format
+    if fmt == "auto" and cfg.data.source != "default":
+        try:
+            records, _ = load_records(cfg.data)
+            fmt = detect_format(records[0], cfg.data, cfg.model.task) if records else "auto"
+        except (LowraxError, OSError):
+            pass  # the data moved: fall back to the run's setting
+    return fmt == "messages" or (fmt in ("auto", "prompt_response") and cfg.data.chat_template)
+
+
+def load_adapted(path: str | Path, model_path: str | None = None, dtype: str | None = None) -> Adapted:
+    """A run directory (its newest checkpoint) or a PEFT adapter directory on its base model.
+
+    The base is the run's model or the one the adapter's config names, unless `model_path`
+    gives another copy. A PEFT directory inside a run (`RUN/adapter`) keeps the run's chat setting.
+    """
+    path = Path(path)
+    if (path / "config.yaml").exists():
+        cfg, model, params = restore_run(path, model_path=model_path, dtype=dtype)
+        return Adapted(model, params, load_tokenizer(cfg.model.path), uses_chat_template(cfg), f"run {path}")
+    if not (path / CONFIG).exists():
+        raise LowraxError(f"{path} is neither a lowrax run directory (config.yaml) nor a PEFT adapter directory "
+                          f"({CONFIG} + {WEIGHTS})")
+    peft_config = read_adapter_config(path)
+    if model_path is None:
+        model_path = base_model_path(peft_config.get("base_model_name_or_path"), where=f"{path}: ")
+    model, base = load_pretrained(model_path, dtype=DTYPES[dtype or "float32"])
+    params = load_peft(base, path, model)
+    run = path.parent
+    chat = uses_chat_template(read_run_config(run)) if (run / "config.yaml").exists() else None
+    return Adapted(model, params, load_tokenizer(model_path), chat, f"PEFT adapter {path}")
+
+
 def export_peft(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write a run's adapter in PEFT format."""
     cfg, model, params, initial = restore_run(run_dir, with_initial=True)
-    return save_peft(params, out_dir, model, base_model=cfg.model.path, overwrite=overwrite, initial=initial)
+    return save_peft(params, out_dir, model, base_model=base_model_name(cfg.model.path), overwrite=overwrite,
+                     initial=initial)
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, requantize: bool = False,
@@ -81,17 +136,28 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
 
 
 def import_peft(adapter_dir: str | Path, out_dir: str | Path, model_path: str | None = None,
-                overrides: list[str] = ()) -> Path:
+                overrides: list[str] = (), preset: str | Path | None = None) -> Path:
     """Turn a PEFT adapter into a lowrax run directory (config.yaml + checkpoint at step 0) that
-    `lowrax train` continues from and `lowrax export-peft` / `lowrax merge` read."""
+    `lowrax train train.output_dir=OUT_DIR` continues and `lowrax export-peft` / `lowrax merge` read.
+
+    The run's settings are the `preset` (a YAML file such as configs/default.yaml; None: the
+    dataclass defaults) with the adapter's method and settings, its base model (`model_path`, or
+    the one its config names) and `overrides` on top.
+    """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if (out_dir / "config.yaml").exists() or (out_dir / "checkpoints").exists():
-        raise FileExistsError(f"{out_dir} already holds a run; choose a new directory")
+        raise LowraxError(f"{out_dir} already holds a run; choose a new directory")
     peft_config = read_adapter_config(adapter_dir)
     method, adapter_cfg = peft_format(peft_config.get("peft_type"), where=f"{adapter_dir}: ").to_config(peft_config)
-    values = apply_overrides({"model": {"path": model_path}, "method": method, method: dataclasses.asdict(adapter_cfg),
-                              "train": {"output_dir": str(out_dir)}}, list(overrides))
-    cfg = from_dict(values)
+    if model_path is None:
+        model_path = base_model_path(peft_config.get("base_model_name_or_path"), where=f"{adapter_dir}: ")
+    values = read_preset(preset)
+    for name in method_names():
+        values.pop(name, None)  # the preset's adapter settings give way to the adapter's own
+    values.update(method=method, **{method: dataclasses.asdict(adapter_cfg)})
+    values["model"] = {**values.get("model", {}), "path": model_path}
+    values["train"] = {**values.get("train", {}), "output_dir": str(out_dir)}
+    cfg = from_dict(apply_overrides(values, list(overrides)))
     model, base, wrapped = build_model(cfg)
     params = load_peft(base, adapter_dir, model)
     trainable, _ = split(params)
@@ -103,5 +169,5 @@ def import_peft(adapter_dir: str | Path, out_dir: str | Path, model_path: str | 
     ckpts = Checkpoints(out_dir / "checkpoints")
     ckpts.save(0, state, {"step": 0, "examples_seen": 0, "imported_from": str(adapter_dir)})
     ckpts.close()
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return out_dir

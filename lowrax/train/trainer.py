@@ -26,13 +26,13 @@ from tqdm.auto import tqdm
 
 from lowrax.adapters.tree import combine, count_params, count_trained, split
 from lowrax.adapters.wrap import adapter_nodes, wrap
-from lowrax.io.pretrained import load_pretrained, load_tokenizer
-from lowrax.models.generate import generate_ids
+from lowrax.io.pretrained import base_model_name, load_pretrained, load_tokenizer
 from lowrax.peft.format import save_peft
+from lowrax.io.atomic import write_text
 from lowrax.train.checkpoints import Checkpoints, directory_size
 from lowrax.train.config import TrainConfig, differences
-from lowrax.train.data import Batches, encode_all, load_records, prompt_ids
-from lowrax.train.default_task import exact_match
+from lowrax.train.data import Batches, encode_all, load_records
+from lowrax.train.scoring import TaskScorer, score_run
 from lowrax.errors import LowraxError
 from lowrax.train.optim import make_optimizer
 from lowrax.dist.parallel import global_batch, host_local, initialize_distributed, is_primary, sharded_train_step
@@ -97,43 +97,6 @@ def _load_model(cfg: TrainConfig, key, mesh=None):
     return model, params
 
 
-class TaskScorer:
-    """The task metric: exact match of greedy generations (prompt/response data) or accuracy (classification)."""
-
-    def __init__(self, model, tokenizer, records, cfg: TrainConfig):
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.records = records[: cfg.train.eval_examples]
-        d = cfg.data
-        self.kind = None
-        if self.records and cfg.model.task == "classification":
-            self.kind = "accuracy"
-        elif self.records and d.prompt_field in self.records[0] and d.response_field in self.records[0]:
-            self.kind = "exact_match"
-
-    def generations(self, params, records) -> list[str]:
-        tok, d = self.tokenizer, self.cfg.data
-        prompts = [prompt_ids(tok, r, d) for r in records]
-        stops = [tok.eos_token_id] + [i for i in tok("\n", add_special_tokens=False)["input_ids"][-1:]]
-        outs = []
-        for start in range(0, len(prompts), 16):
-            outs += generate_ids(self.model, params, prompts[start: start + 16], self.cfg.train.eval_max_new_tokens,
-                                        eos_token_ids=stops, pad_token_id=tok.pad_token_id or 0)
-        return [tok.decode(o, skip_special_tokens=True) for o in outs]
-
-    def score(self, params) -> float | None:
-        if self.kind == "exact_match":
-            predictions = self.generations(params, self.records)
-            return exact_match(predictions, [r[self.cfg.data.response_field] for r in self.records])
-        if self.kind == "accuracy":
-            enc = encode_all(self.tokenizer, self.records, self.cfg.data, "classification")
-            batches = Batches(enc, self.cfg.data.seq_len, len(enc.ids), seed=0)
-            batch = batches.batch(0)
-            logits = self.model.apply(params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])).logits
-            labels = np.asarray([enc.targets[i[0]] for i in batches._rows(0)])
-            return float(np.mean(np.asarray(jnp.argmax(logits, -1)) == labels))
-        return None
-
-
 def _plot_losses(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -155,19 +118,49 @@ def _plot_losses(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
+def finished_run(out: Path, cfg: TrainConfig) -> dict | None:
+    """The summary of a run in `out` that has already trained to `train.steps` (None otherwise).
+
+    A finished run is left as it is: rerunning its command must not replace its record.
+    Its summary must exist and describe the newest checkpoint; a run whose last save
+    was not followed by a summary (a crash) is finished again instead.
+    """
+    summary_path, ckpt_dir = out / "summary.json", out / "checkpoints"
+    if not (cfg.train.resume and summary_path.exists() and ckpt_dir.exists()):
+        return None
+    ckpts = Checkpoints(ckpt_dir)
+    latest = ckpts.latest_step()
+    ckpts.close()
+    if latest is None or latest < cfg.train.steps:
+        return None
+    summary = json.loads(summary_path.read_text())
+    return summary if summary.get("steps", latest) == latest else None
+
+
+def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: float | None = None) -> dict:
     """Fine-tune per `cfg`; returns the summary also written to summary.json.
+
+    Into a directory with a checkpoint, training resumes from it (up to a larger
+    `train.steps` too); a run already at `train.steps` is reported and left intact.
+    `started`: when the command began (`time.perf_counter()`), for `command_wall_seconds`.
 
     On a mesh of several devices, or in several processes (`dist`), the same code runs:
     parameters are loaded into their shards and the one step is jitted with explicit
     shardings. Process 0 writes the run's files; every process writes its checkpoint shards.
     """
+    started = time.perf_counter() if started is None else started
     initialize_distributed(cfg.dist)  # before any other JAX call; a no-op for one process
     primary = is_primary()
     if not primary:
         progress, log = False, (lambda *_: None)
     out = Path(cfg.train.output_dir)
     _check_output_dir(out, cfg)
+    finished = finished_run(out, cfg)
+    if finished is not None:
+        log(f"{out} holds a finished run (step {finished.get('steps', cfg.train.steps)} of train.steps="
+            f"{cfg.train.steps}); its summary.json and adapter are kept. Raise train.steps to train further, "
+            "or use a new train.output_dir.")
+        return {**finished, "already_finished": True}
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg.train.batch_size, mesh)
     model, base, params = build_model(cfg, mesh)
@@ -191,25 +184,31 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
 
     if primary:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     ckpts = Checkpoints(out / "checkpoints", cfg.train.max_checkpoints)
-    scorer = TaskScorer(model, tokenizer, eval_records, cfg)
+    scorer = TaskScorer(model, tokenizer, eval_records, cfg, progress)
     summary: dict = {"model": cfg.model.path or "embedded SmolLM2-135M-Instruct", "task": task,
                      "trainable_params": count_trained(trainable), "total_params": count_params(model.param_shapes()),
                      "metric": scorer.kind, "mesh": dict(mesh.shape), "processes": jax.process_count()}
     metrics = MetricsLog(out / "metrics.jsonl", primary)
-    start_step = 0
+    start_step, before = 0, {}
+    progress_so_far = {"train_seconds": 0.0, "real_tokens": 0, "loss": None}
     latest = ckpts.latest_step() if cfg.train.resume else None
     if latest is not None:
         state, meta = ckpts.restore(latest, state)
         start_step = int(meta["step"])
-        summary.update(meta.get("summary", {}))
-        log(f"resumed from {out / 'checkpoints' / str(latest)} at step {start_step}")
+        before = meta.get("summary", {})
+        progress_so_far.update(meta.get("progress", {}))
+        origin = f" (imported from {meta['imported_from']})" if "imported_from" in meta else ""
+        log(f"resumed from {out / 'checkpoints' / str(latest)} at step {start_step}{origin}")
         metrics.truncate(start_step)  # later lines will be recomputed identically
     else:
         metrics.truncate(0)
-        if scorer.kind:  # every process takes part in the gather; process 0 scores
-            summary.update(_score(scorer, host_local(params), cfg, log, "before", primary))
+    if scorer.kind and start_step == 0 and not before:
+        # A fresh run, or an imported adapter: score what training starts from.
+        # Every process takes part in the gather; process 0 scores.
+        before = score_run(scorer, host_local(combine(state.trainable, frozen)), cfg, log, "before", primary)
+    summary.update(before)
 
     def batch_for(step: int) -> tuple[dict, int]:
         """The step's batch on the mesh, and its count of real (non-padding) tokens."""
@@ -221,7 +220,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
 
     bar = tqdm(range(start_step, cfg.train.steps), desc="training", unit="step", disable=not progress,
                initial=start_step, total=cfg.train.steps)
-    train_start, tokens_seen = time.perf_counter(), 0
+    train_start, tokens_seen, loss = time.perf_counter(), 0, progress_so_far["loss"]
     for step in bar:
         batch, real_tokens = batch_for(step)
         t0 = time.perf_counter()
@@ -236,14 +235,23 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         if cfg.train.eval_every and done % cfg.train.eval_every == 0:
             metrics.write({"step": done, "eval_loss": evaluate(state.trainable, frozen)})
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
-            size = ckpts.save(done, state, {"step": done, "examples_seen": done * accum * cfg.train.batch_size,
-                                            "summary": {k: v for k, v in summary.items() if k.endswith("before")}})
-            summary["checkpoint_bytes"] = size
+            # The run's record so far travels with the checkpoint, so a resumed run reports all of it.
+            so_far = {"train_seconds": progress_so_far["train_seconds"] + time.perf_counter() - train_start,
+                      "real_tokens": progress_so_far["real_tokens"] + tokens_seen, "loss": loss}
+            ckpts.save(done, state, {"step": done, "examples_seen": done * accum * cfg.train.batch_size,
+                                     "summary": before, "progress": so_far})
     bar.close()
     elapsed = time.perf_counter() - train_start
-    summary["train_seconds_this_run"] = elapsed
-    summary["real_tokens_per_s"] = tokens_seen / elapsed if elapsed > 0 else None
-    summary["final_loss"] = loss if cfg.train.steps > start_step else None
+    total_seconds = progress_so_far["train_seconds"] + elapsed
+    total_tokens = progress_so_far["real_tokens"] + tokens_seen
+    summary.update({
+        "steps": max(cfg.train.steps, start_step),
+        "train_seconds": total_seconds,  # every session of the run, resumed ones included
+        "train_seconds_this_run": elapsed,
+        "real_tokens_per_s": total_tokens / total_seconds if total_seconds > 0 else None,
+        "final_loss": loss,
+        "checkpoint_bytes": ckpts.size(ckpts.latest_step()),
+    })
     if eval_data.ids:
         summary["eval_loss"] = evaluate(state.trainable, frozen)
     # Gathered once, by every process, for scoring and the adapter file (a no-op in one process).
@@ -253,29 +261,15 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     ckpts.close()
     if not primary:
         return summary
-    summary.update(_score(scorer, final, cfg, log, "after", primary))
-    adapter = save_peft(final, out / "adapter", model,
-                               base_model=str(cfg.model.path) if cfg.model.path else None, overwrite=True,
-                               initial=initial)
+    summary.update(score_run(scorer, final, cfg, log, "after", primary))
+    adapter = save_peft(final, out / "adapter", model, base_model=base_model_name(cfg.model.path), overwrite=True,
+                        initial=initial)
     summary["adapter_bytes"] = directory_size(adapter)
     _plot_losses(metrics.rows(), out / "loss.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"wrote {out}: adapter {summary['adapter_bytes'] / 1e6:.1f} MB, checkpoint {summary.get('checkpoint_bytes', 0) / 1e6:.1f} MB")
+    summary["command_wall_seconds"] = time.perf_counter() - started  # load, score, train, score, save
+    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    log(f"wrote {out}: adapter {summary['adapter_bytes'] / 1e6:.1f} MB, checkpoint {summary['checkpoint_bytes'] / 1e6:.1f} MB")
     return summary
-
-
-def _score(scorer: TaskScorer, params, cfg: TrainConfig, log, when: str, primary: bool) -> dict:
-    """The task metric and sample generations `before` or `after` training (process 0 only:
-    it works on a host-local copy, so the others need not take part)."""
-    out: dict = {}
-    if not primary:
-        return out
-    if scorer.kind:
-        out[f"metric_{when}"] = scorer.score(params)
-        log(f"{scorer.kind} {when} training: {out[f'metric_{when}']:.3f} on {len(scorer.records)} held-out examples")
-    if scorer.kind == "exact_match" and cfg.train.samples:
-        out[f"samples_{when}"] = _samples(scorer, params, cfg.train.samples, log, when)
-    return out
 
 
 class MetricsLog:
@@ -296,15 +290,6 @@ class MetricsLog:
         if self.primary:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-
-
-def _samples(scorer: TaskScorer, params, n: int, log, when: str) -> list[dict]:
-    records = scorer.records[:n]
-    outs = scorer.generations(params, records)
-    samples = [{"prompt": r[scorer.cfg.data.prompt_field], "output": o} for r, o in zip(records, outs)]
-    for s in samples:
-        log(f"  [{when}] {s['prompt']!r} -> {s['output']!r}")
-    return samples
 
 
 class EvalLoss:

@@ -1,0 +1,82 @@
+"""The task metric a run reports before and after training.
+
+Exact match of greedy generations for prompt/response data, accuracy for
+classification. Scoring a causal LM generates for every held-out prompt (tens
+of seconds on a CPU), so it shows a progress bar.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from lowrax.models.generate import generate_ids
+from lowrax.train.config import TrainConfig
+from lowrax.train.data import Batches, encode_all, prompt_ids
+from lowrax.train.default_task import exact_match
+
+GENERATION_BATCH = 16
+
+
+class TaskScorer:
+    """The task metric: exact match of greedy generations (prompt/response data) or accuracy (classification)."""
+
+    def __init__(self, model, tokenizer, records, cfg: TrainConfig, progress: bool = True):
+        self.model, self.tokenizer, self.cfg, self.progress = model, tokenizer, cfg, progress
+        self.records = records[: cfg.train.eval_examples]
+        d = cfg.data
+        self.kind = None
+        if self.records and cfg.model.task == "classification":
+            self.kind = "accuracy"
+        elif self.records and d.prompt_field in self.records[0] and d.response_field in self.records[0]:
+            self.kind = "exact_match"
+
+    def generations(self, params, records, desc: str = "generating") -> list[str]:
+        tok, d = self.tokenizer, self.cfg.data
+        prompts = [prompt_ids(tok, r, d) for r in records]
+        stops = [tok.eos_token_id] + [i for i in tok("\n", add_special_tokens=False)["input_ids"][-1:]]
+        outs = []
+        with tqdm(total=len(prompts), desc=desc, unit="example", disable=not self.progress, leave=False) as bar:
+            for start in range(0, len(prompts), GENERATION_BATCH):
+                chunk = prompts[start: start + GENERATION_BATCH]
+                outs += generate_ids(self.model, params, chunk, self.cfg.train.eval_max_new_tokens,
+                                     eos_token_ids=stops, pad_token_id=tok.pad_token_id or 0)
+                bar.update(len(chunk))
+        return [tok.decode(o, skip_special_tokens=True) for o in outs]
+
+    def score(self, params, when: str = "") -> float | None:
+        if self.kind == "exact_match":
+            predictions = self.generations(params, self.records, f"scoring {when}".strip())
+            return exact_match(predictions, [r[self.cfg.data.response_field] for r in self.records])
+        if self.kind == "accuracy":
+            enc = encode_all(self.tokenizer, self.records, self.cfg.data, "classification")
+            batches = Batches(enc, self.cfg.data.seq_len, len(enc.ids), seed=0)
+            batch = batches.batch(0)
+            logits = self.model.apply(params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])).logits
+            labels = np.asarray([enc.targets[i[0]] for i in batches._rows(0)])
+            return float(np.mean(np.asarray(jnp.argmax(logits, -1)) == labels))
+        return None
+
+
+def score_run(scorer: TaskScorer, params, cfg: TrainConfig, log, when: str, primary: bool) -> dict:
+    """The task metric and sample generations `before` or `after` training (process 0 only:
+    it works on a host-local copy, so the others need not take part)."""
+    out: dict = {}
+    if not primary:
+        return out
+    if scorer.kind:
+        out[f"metric_{when}"] = scorer.score(params, f"{when} training")
+        log(f"{scorer.kind} {when} training: {out[f'metric_{when}']:.3f} on {len(scorer.records)} held-out examples")
+    if scorer.kind == "exact_match" and cfg.train.samples:
+        out[f"samples_{when}"] = _samples(scorer, params, cfg.train.samples, log, when)
+    return out
+
+
+def _samples(scorer: TaskScorer, params, n: int, log, when: str) -> list[dict]:
+    records = scorer.records[:n]
+    outs = scorer.generations(params, records, f"samples {when} training")
+    samples = [{"prompt": r[scorer.cfg.data.prompt_field], "output": o} for r, o in zip(records, outs)]
+    for s in samples:
+        log(f"  [{when}] {s['prompt']!r} -> {s['output']!r}")
+    return samples

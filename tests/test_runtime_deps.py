@@ -1,0 +1,45 @@
+"""lowrax runs with its declared dependencies alone: the README's Quick start, `lowrax generate`
+and `lowrax chat` in an environment without the test extra (no torch, peft, bitsandbytes, nor
+what they bring, such as jinja2), and without foreign noise on the way."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.runtime_env import REPO, restricted_site, run_restricted
+
+
+def readme_quick_start() -> str:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    return restricted_site(tmp_path_factory.mktemp("runtime-site"))
+
+
+def test_the_restricted_environment_hides_the_test_extra(site, tmp_path):
+    result = run_restricted(site, "import importlib.util as u; print([m for m in ('torch', 'peft', 'bitsandbytes', "
+                                  "'pytest') if u.find_spec(m)])", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_quick_start_and_cli_run_on_the_declared_dependencies(site, tmp_path):
+    quick_start = readme_quick_start()
+    assert "lowrax.generate(" in quick_start  # the chat-template path that needed jinja2
+    cli = (
+        "\nfrom lowrax.cli import main\n"
+        "assert main(['generate', '--max-new-tokens', '4', 'What is the capital of France?']) == 0\n"
+        "assert main(['chat', '--max-new-tokens', '4']) == 0\n"
+    )
+    result = run_restricted(site, quick_start + cli, tmp_path, stdin="Hello\n/exit\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(1, 5, 49152)" in result.stdout
+    assert (tmp_path / "smollm2-hf" / "model.safetensors").exists()
+    assert ">>> What is the capital of France?" in result.stdout
+    assert "PyTorch was not found" not in result.stderr  # transformers' advice is noise to lowrax's users
