@@ -72,18 +72,45 @@ def test_lowrax_dequantizes_double_quantized_bitsandbytes_output_exactly(shape, 
     assert np.array_equal(np.asarray(ours).astype(np.float32).reshape(-1), reference_dequantize(packed, state))
 
 
-def test_double_quantization_close_to_bitsandbytes():
-    """Same packed codes; the 8-bit statistics agree except for bitsandbytes' native-CPU search quirk."""
-    x, xj = pair((576, 1536), "float32", seed=2)
-    packed, state = F.quantize_4bit(x, blocksize=64, compress_statistics=True, quant_type="nf4")
-    ours = nf4.quantize(xj, 64, double_quant=True, offset=float(state.offset))
-    assert np.array_equal(np.asarray(ours.packed), packed.numpy().reshape(-1))
-    assert np.array_equal(np.asarray(ours.nested_absmax), state.state2.absmax.numpy())
-    agree = np.mean(np.asarray(ours.absmax) == state.absmax.numpy())
-    assert agree >= 0.995
-    # the reconstructed weights differ by at most one step of the 8-bit code
-    ref = F.dequantize_4bit(packed, state).numpy().reshape(-1)
-    assert np.abs(np.asarray(nf4.dequantize(ours)).reshape(-1) - ref).max() <= 0.02 * np.abs(ref).max()
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("shape,blocksize", [((96, 4096), 4096), ((96, 4096), 64), ((576, 1536), 64),
+                                             ((300, 129), 32), ((5,), 64)])
+def test_double_quantization_is_bit_identical_to_bitsandbytes(shape, blocksize, dtype):
+    """Packed codes, 8-bit statistics, nested absmax and offset all equal bitsandbytes' (CPU), and so
+    every dequantized value. (96, 4096) at blocksize 4096 once differed in 0.41% of its values: the
+    offset was summed in another order than torch's."""
+    for seed in range(3):
+        _, xj = pair(shape, dtype, seed=seed)
+        xj = (xj.astype(jnp.float32) * 0.02).astype(xj.dtype)  # weight-sized values
+        x = torch.tensor(np.asarray(xj.astype(jnp.float32))).to(DTYPES[dtype][0])
+        packed, state = F.quantize_4bit(x, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
+        ours = nf4.quantize(xj, blocksize, double_quant=True)
+        assert np.array_equal(np.asarray(ours.packed), packed.numpy().reshape(-1))
+        assert np.asarray(ours.offset) == state.offset.numpy()
+        assert np.array_equal(np.asarray(ours.nested_absmax), state.state2.absmax.numpy())
+        assert np.array_equal(np.asarray(ours.absmax), state.absmax.numpy())
+        ref = F.dequantize_4bit(packed, state).float().numpy().reshape(-1)
+        assert np.array_equal(np.asarray(nf4.dequantize(ours)).astype(np.float32).reshape(-1), ref)
+
+
+def test_statistics_follow_torch_and_bitsandbytes_cpu_arithmetic():
+    """torch's float32 mean order for every length up to a few thousand, and bitsandbytes' CPU
+    8-bit code table (not the nearest level) on values that straddle bin edges; jit gives the same bits."""
+    import jax
+
+    from lowrax.quant.statistics import quantize_blockwise_8bit, torch_float32_mean
+
+    rng = np.random.default_rng(0)
+    for n in list(range(1, 70)) + [96, 255, 256, 257, 1000, 4097, 13824, 32768]:
+        x = np.abs(rng.normal(size=n) * 3).astype(np.float32)
+        assert torch_float32_mean(x) == np.float32(torch.tensor(x).mean().item()), n
+    x = rng.normal(size=5000).astype(np.float32)
+    codes, absmax = quantize_blockwise_8bit(x, 256)
+    ref_codes, ref_state = F.quantize_blockwise(torch.tensor(x), code=torch.tensor(DYNAMIC_MAP), blocksize=256)
+    assert np.array_equal(codes, ref_codes.numpy()) and np.array_equal(absmax, ref_state.absmax.numpy())
+    jitted = jax.jit(lambda v: (torch_float32_mean(v), *quantize_blockwise_8bit(v, 256)))(jnp.asarray(x))
+    assert jitted[0] == torch_float32_mean(x)
+    assert np.array_equal(np.asarray(jitted[1]), codes) and np.array_equal(np.asarray(jitted[2]), absmax)
 
 
 def test_size_is_about_4_13_bits_per_parameter():

@@ -22,6 +22,7 @@ from flax import struct
 from lowrax.errors import LowraxError
 from lowrax.models.linear import register_linear
 from lowrax.quant.codes import DYNAMIC_MAP, NF4_LEVELS
+from lowrax.quant.statistics import quantize_blockwise_8bit, torch_float32_mean
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
@@ -92,17 +93,6 @@ def _nearest(scaled: jnp.ndarray, levels: np.ndarray) -> jnp.ndarray:
     return jnp.searchsorted(midpoints, scaled, side="left").astype(jnp.uint8)
 
 
-def quantize_blockwise_8bit(x: jnp.ndarray, blocksize: int = NESTED_BLOCKSIZE) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Blockwise 8-bit quantization with the dynamic map: (uint8 codes [n], float32 absmax [blocks]).
-
-    Nearest level, as bitsandbytes' reference (non-native) backend and its CUDA kernel
-    compute it. Its native CPU kernel uses an approximate binary search that, for
-    about 0.1% of values, returns the level next to the nearest one; those codes differ.
-    """
-    scaled, absmax = _blockwise_absmax(x.astype(jnp.float32), blocksize)
-    return _nearest(scaled, DYNAMIC_MAP), absmax
-
-
 def check_blocksize(blocksize: int) -> None:
     if blocksize not in BLOCKSIZES:
         raise LowraxError(f"NF4 blocksize must be a power of two from 32 to 4096 ({BLOCKSIZES}), got {blocksize}")
@@ -111,11 +101,10 @@ def check_blocksize(blocksize: int) -> None:
 def quantize(x, blocksize: int = 64, double_quant: bool = True, offset=None, transpose: bool = False) -> NF4Tensor:
     """NF4-quantize a float array (float32, bfloat16 or float16) as bitsandbytes does.
 
-    The packed codes and float32 absmax are bit-identical to bitsandbytes'. With double
-    quantization two things can differ from bitsandbytes on the CPU: the offset is the
-    float32 mean of the absmax, which torch sums in its own order (one ulp apart about half
-    the time; pass `offset` to use a given one), and the 8-bit codes of the statistics
-    (see `quantize_blockwise_8bit`). transpose=True quantizes x.T (a Flax kernel stored
+    The packed codes and float32 absmax are bit-identical to bitsandbytes'; so are the
+    double-quantized statistics of bitsandbytes on the CPU (`lowrax.quant.statistics`),
+    up to 32768 blocks, beyond which torch's sum order depends on its thread count (pass
+    `offset` to use a given one). transpose=True quantizes x.T (a Flax kernel stored
     in torch's (out, in) layout) while `shape` stays x's.
     """
     check_blocksize(blocksize)
@@ -133,9 +122,9 @@ def quantize(x, blocksize: int = 64, double_quant: bool = True, offset=None, tra
     meta = dict(shape=logical_shape, dtype=dtype.name, blocksize=blocksize, transposed=transpose)
     if not double_quant:
         return NF4Tensor(packed, absmax, **meta)
-    offset = jnp.mean(absmax) if offset is None else jnp.asarray(offset, jnp.float32)
-    qabsmax, nested = quantize_blockwise_8bit(absmax - offset)
-    return NF4Tensor(packed, qabsmax, nested, offset, **meta)
+    offset = jnp.asarray(torch_float32_mean(absmax) if offset is None else offset, jnp.float32)
+    qabsmax, nested = quantize_blockwise_8bit(absmax - offset, NESTED_BLOCKSIZE)
+    return NF4Tensor(packed, jnp.asarray(qabsmax), jnp.asarray(nested), offset, **meta)
 
 
 def block_absmax(t: NF4Tensor) -> jnp.ndarray:
