@@ -25,7 +25,7 @@ LOWRAX = [sys.executable, "-m", "lowrax.cli.main"]
 
 
 def step(name: str, command: list[str], cwd: Path, stdin: str | None = None) -> str:
-    print(f"== {name}: {' '.join(command[2:]) if command[:2] == LOWRAX[:2] else ' '.join(command)}", flush=True)
+    print(f"== {name}", flush=True)
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, input=stdin)
     if result.returncode != 0:
         sys.exit(f"check_first_hour: {name} failed (exit {result.returncode}):\n{result.stdout}\n{result.stderr}")

@@ -67,7 +67,8 @@ def score_run(scorer: TaskScorer, params, cfg: TrainConfig, log, when: str, prim
         return out
     if scorer.kind:
         out[f"metric_{when}"] = scorer.score(params, f"{when} training")
-        log(f"{scorer.kind} {when} training: {out[f'metric_{when}']:.3f} on {len(scorer.records)} held-out examples")
+        log(f"{scorer.kind} {when} training: {out[f'metric_{when}']:.3f} on {len(scorer.records)} held-out examples"
+            + (" (greedy output equal to the reference)" if scorer.kind == "exact_match" else ""))
     if scorer.kind == "exact_match" and cfg.train.samples:
         out[f"samples_{when}"] = _samples(scorer, params, cfg.train.samples, log, when)
     return out
@@ -77,6 +78,7 @@ def _samples(scorer: TaskScorer, params, n: int, log, when: str) -> list[dict]:
     records = scorer.records[:n]
     outs = scorer.generations(params, records, f"samples {when} training")
     samples = [{"prompt": r[scorer.cfg.data.prompt_field], "output": o} for r, o in zip(records, outs)]
+    log(f"held-out prompts and the model's greedy output {when} training:")
     for s in samples:
         log(f"  [{when}] {s['prompt']!r} -> {s['output']!r}")
     return samples

@@ -3,12 +3,12 @@
 Loads the base, wraps it with LoRA, trains with the one jitted step, scores
 the task before and after, and writes to `train.output_dir`:
 
-    config.yaml        the resolved configuration (a resume must match it)
+    config.yaml        the resolved configuration (a resume must match it, except RESUMABLE keys such as train.steps)
     checkpoints/       orbax checkpoints (adapters + optimizer state + step + RNG + data position)
     adapter/           the adapter in PEFT format (adapter_model.safetensors + adapter_config.json)
     metrics.jsonl      one JSON line per step (loss, grad norm, tokens/s) and per evaluation
     loss.png           the loss curve
-    summary.json       task metric before/after, sizes, timings
+    summary.json       task metric before/after, sizes, timings (of every session of the run, and of this command)
 """
 
 from __future__ import annotations
@@ -163,10 +163,10 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
         return {**finished, "already_finished": True}
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg.train.batch_size, mesh)
+    train_records, eval_records = load_records(cfg.data)  # a bad data source fails before the model loads
     model, base, params = build_model(cfg, mesh)
     tokenizer = load_tokenizer(cfg.model.path)
     task = cfg.model.task
-    train_records, eval_records = load_records(cfg.data)
     train_data = encode_all(tokenizer, train_records, cfg.data, task)
     eval_data = encode_all(tokenizer, eval_records, cfg.data, task)
     pad = tokenizer.pad_token_id or 0
@@ -220,7 +220,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
 
     bar = tqdm(range(start_step, cfg.train.steps), desc="training", unit="step", disable=not progress,
                initial=start_step, total=cfg.train.steps)
-    train_start, tokens_seen, loss = time.perf_counter(), 0, progress_so_far["loss"]
+    # Training time excludes checkpoint saves, so a checkpoint's record equals the final one.
+    train_start, saving, tokens_seen, loss = time.perf_counter(), 0.0, 0, progress_so_far["loss"]
     for step in bar:
         batch, real_tokens = batch_for(step)
         t0 = time.perf_counter()
@@ -236,12 +237,14 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
             metrics.write({"step": done, "eval_loss": evaluate(state.trainable, frozen)})
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
             # The run's record so far travels with the checkpoint, so a resumed run reports all of it.
-            so_far = {"train_seconds": progress_so_far["train_seconds"] + time.perf_counter() - train_start,
+            save_start = time.perf_counter()
+            so_far = {"train_seconds": progress_so_far["train_seconds"] + save_start - train_start - saving,
                       "real_tokens": progress_so_far["real_tokens"] + tokens_seen, "loss": loss}
             ckpts.save(done, state, {"step": done, "examples_seen": done * accum * cfg.train.batch_size,
                                      "summary": before, "progress": so_far})
+            saving += time.perf_counter() - save_start
     bar.close()
-    elapsed = time.perf_counter() - train_start
+    elapsed = time.perf_counter() - train_start - saving
     total_seconds = progress_so_far["train_seconds"] + elapsed
     total_tokens = progress_so_far["real_tokens"] + tokens_seen
     summary.update({
@@ -253,7 +256,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
         "checkpoint_bytes": ckpts.size(ckpts.latest_step()),
     })
     if eval_data.ids:
-        summary["eval_loss"] = evaluate(state.trainable, frozen)
+        summary["eval_loss"] = evaluate(state.trainable, frozen, progress=progress)
     # Gathered once, by every process, for scoring and the adapter file (a no-op in one process).
     trained, frozen_local, initial_trainable = host_local((state.trainable, frozen, initial_trainable))
     final = combine(trained, frozen_local)
@@ -314,9 +317,9 @@ class EvalLoss:
                 batch["example_weights"] = (~filler).astype(np.float32)
             self._batches.append(batch if mesh is None else global_batch(mesh, batch))
 
-    def __call__(self, trainable, frozen) -> float:
+    def __call__(self, trainable, frozen, progress: bool = False) -> float:
         total, count = 0.0, 0.0
-        for batch in self._batches:
+        for batch in tqdm(self._batches, desc="eval loss", unit="batch", disable=not progress, leave=False):
             s, n = self._fn(trainable, frozen, batch)
             total, count = total + float(s), count + float(n)
         return total / max(count, 1.0)
