@@ -17,7 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 import lowrax  # noqa: E402
 from lowrax.errors import LowraxError  # noqa: E402
 from tests.conftest import hf_model_dir, random_batch  # noqa: E402
-from tests.test_peft_exchange import SMALL, lowrax_outputs, torch_outputs  # noqa: E402
+from tests.test_peft_exchange import SMALL, check_merge_round_trip, lowrax_outputs, torch_outputs  # noqa: E402
 from tests.test_training_run import check_exports_and_merge, data_file, overrides, tiny_dir  # noqa: E402,F401  (fixtures)
 
 CASES = {
@@ -85,13 +85,7 @@ def test_peft_ia3_adapter_loads_in_lowrax(case, tmp_path):
 def test_ia3_merge_equals_factored_and_unmerges(case):
     _, _, model, params, _ = case
     wrapped = random_ia3(model, params, key=4)
-    ids, mask = batch_for(model, seed=2)
-    merged = lowrax.merge(wrapped)
-    np.testing.assert_allclose(lowrax_outputs(model, merged, ids, mask), lowrax_outputs(model, wrapped, ids, mask),
-                               atol=2e-5, rtol=1e-5)
-    back = lowrax.unmerge(merged, wrapped)
-    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(wrapped)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
+    check_merge_round_trip(model, wrapped, *batch_for(model, seed=2))
 
 
 def test_ia3_scales_input_of_feedforward_and_output_and_bias_elsewhere():

@@ -46,6 +46,16 @@ def lowrax_outputs(model, params, ids, mask):
     return np.asarray(out if model.is_causal_lm else out.logits)
 
 
+def check_merge_round_trip(model, wrapped, ids, mask):
+    """Merging gives the adapted model's outputs; unmerging gives back the adapted tree."""
+    merged = lowrax.merge(wrapped)
+    np.testing.assert_allclose(lowrax_outputs(model, merged, ids, mask), lowrax_outputs(model, wrapped, ids, mask),
+                               atol=2e-5, rtol=1e-5)
+    back = lowrax.unmerge(merged, wrapped)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(wrapped)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
+
+
 def torch_outputs(hf_model, ids, mask, causal):
     """Logits of the torch model; causal LMs get lowrax's padding-aware position ids."""
     kwargs = {}

@@ -5,3 +5,5 @@ import lowrax.adapters.ia3  # noqa: F401  IA3
 import lowrax.adapters.lora.method  # noqa: F401  LoRA, LoRA-FA, DoRA, VeRA, Delta-LoRA, rsLoRA, PiSSA
 import lowrax.adapters.lora.peft_lora  # noqa: F401  PEFT's LORA format (LoRA, DoRA; PiSSA/Delta-LoRA converted)
 import lowrax.adapters.lora.vera_peft  # noqa: F401  PEFT's VERA format
+import lowrax.adapters.lycoris.loha  # noqa: F401  LoHa and PEFT's LOHA format
+import lowrax.adapters.lycoris.lokr  # noqa: F401  LoKr and PEFT's LOKR format

@@ -1,0 +1,167 @@
+"""What LoHa and LoKr share (PEFT's `LycorisConfig` / `LycorisLayer`): a dense weight delta
+built from small factors, added to the frozen kernel.
+
+    y = x @ base + x @ delta        delta [in, out] = method's product of its factors * alpha / r
+
+Training-time randomness, as PEFT: `rank_dropout` zeroes whole output columns of
+delta (rescaled to keep its mean where the method does), `module_dropout` skips the
+whole delta for a step. Both need a key (`adapters.tree.with_dropout_keys` gives one
+each step); without one (evaluation) the delta is used whole.
+
+Merging adds delta to the kernel; unmerging subtracts it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+
+from lowrax.adapters.node import AdapterNode
+from lowrax.adapters.targets import TargetConfig, pattern_value
+from lowrax.errors import CheckpointError, LowraxError
+from lowrax.models.linear import matmul
+from lowrax.peft.common import PREFIX, torch_layout
+
+# PEFT copies LoRA's default targets for both methods (peft.utils.constants).
+DEFAULT_TARGETS = {
+    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
+    "gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value"),
+}
+
+
+@dataclass(frozen=True)
+class LycorisConfig(TargetConfig):
+    """The hyper-parameters LoHa and LoKr share, with PEFT's names and defaults."""
+
+    r: int = 8  # rank of the factors
+    alpha: float = 8.0  # delta is scaled by alpha / r
+    rank_dropout: float = 0.0  # training: probability of zeroing an output column of delta
+    module_dropout: float = 0.0  # training: probability of skipping the adapter for a step
+    rank_pattern: dict = field(default_factory=dict)  # regex on module name -> rank
+    alpha_pattern: dict = field(default_factory=dict)  # regex on module name -> alpha
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = type(self).__name__
+        if not isinstance(self.r, int) or self.r < 1:
+            raise LowraxError(f"{name}.r must be a positive integer, got {self.r!r}")
+        for option in ("rank_dropout", "module_dropout"):
+            if not 0.0 <= getattr(self, option) < 1.0:
+                raise LowraxError(f"{name}.{option} must be in [0, 1), got {getattr(self, option)}")
+
+
+def kaiming_uniform(key, shape: tuple[int, ...], torch_fan_in: int, dtype=jnp.float32) -> jnp.ndarray:
+    """PEFT's `kaiming_uniform_(a=sqrt(5))`: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in of the torch tensor."""
+    bound = 1.0 / math.sqrt(torch_fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+class LycorisKernel(AdapterNode):
+    """Base of the LyCORIS node types. Subclasses define `delta()` (float32 [in, out], scale
+    included), may define `delta_output(x)` (x @ delta without forming it), and carry the static
+    fields `rank`, `alpha`, `rank_dropout`, `module_dropout`, `rescale_rank_dropout` and a
+    `dropout_key` field."""
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> jnp.ndarray:
+        raise NotImplementedError
+
+    def delta_output(self, x: jnp.ndarray) -> jnp.ndarray:
+        return x @ self.delta().astype(x.dtype)
+
+    @property
+    def dropout(self) -> float:
+        """Nonzero when training needs a key each step (`with_dropout_keys` looks at it)."""
+        return max(self.rank_dropout, self.module_dropout)
+
+    def _dropped(self, d: jnp.ndarray) -> jnp.ndarray:
+        """Rank dropout (whole output columns of delta) and module dropout, when a key is attached."""
+        if self.dropout_key is None:
+            return d
+        rank_key, module_key = jax.random.split(self.dropout_key)
+        if self.rank_dropout > 0:
+            keep = (jax.random.uniform(rank_key, (d.shape[-1],)) > self.rank_dropout).astype(jnp.float32)
+            if self.rescale_rank_dropout:
+                keep = keep / jnp.maximum(keep.mean(), 1e-12)  # PEFT divides by the kept share
+            d = d * keep.astype(d.dtype)
+        if self.module_dropout > 0:
+            d = jnp.where(jax.random.uniform(module_key) > self.module_dropout, d, jnp.zeros_like(d))
+        return d
+
+    def apply(self, x: jnp.ndarray) -> jnp.ndarray:
+        y = matmul(x, self.base)
+        return y + self._dropped(self.delta_output(x)).astype(y.dtype)
+
+    def merge_into(self, w: jnp.ndarray) -> jnp.ndarray:
+        return w + self.delta()
+
+    def unmerge_from(self, merged: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+        return merged - self.delta()
+
+
+def check_shape(name: str, key: str, tensor, expected: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(expected):
+        raise CheckpointError(f"adapter tensor base_model.model.{name}.{key} has shape {tuple(tensor.shape)}, "
+                              f"expected {tuple(expected)} for this module")
+
+
+def refuse_conv1d(model, method: str) -> None:
+    """PEFT implements LoHa and LoKr for nn.Linear and convolutions, not GPT-2's Conv1D."""
+    if getattr(model, "model_type", None) == "gpt2":
+        raise LowraxError(f"PEFT's {method} does not support GPT-2 (its Conv1D layers are neither nn.Linear nor a "
+                          f"convolution), so a {method} adapter on GPT-2 cannot be written in PEFT's format; "
+                          "it trains and merges in lowrax")
+
+
+def peft_tensors(nodes: dict, fields: dict[str, str], method: str, model) -> dict:
+    """The PEFT file's tensors: each node's factors (ours -> PEFT's name) in torch layout; a
+    factor a node does not carry (None) is not written."""
+    refuse_conv1d(model, method)
+    return {f"{PREFIX}{name}.{theirs}": torch_layout(getattr(node, ours))
+            for name, node in nodes.items() for ours, theirs in fields.items() if getattr(node, ours) is not None}
+
+
+def rank_alpha_fields(nodes: dict) -> dict:
+    """PEFT's r / alpha (the most common) and rank_pattern / alpha_pattern (the modules that differ)."""
+    def most_common(values):
+        values = list(values)
+        return max(sorted(set(values)), key=values.count)
+
+    r = most_common(n.rank for n in nodes.values())
+    alpha = most_common(n.alpha for n in nodes.values())
+    return {"r": r, "alpha": alpha,
+            "rank_pattern": {name: n.rank for name, n in nodes.items() if n.rank != r},
+            "alpha_pattern": {name: n.alpha for name, n in nodes.items() if n.alpha != alpha},
+            "rank_dropout": max(n.rank_dropout for n in nodes.values()),
+            "module_dropout": max(n.module_dropout for n in nodes.values())}
+
+
+def modules_to_build(bases: dict, cfg: LycorisConfig, method: str):
+    """Yield (index, name, base, rank, alpha) for each targeted module, its rank and alpha from
+    cfg's patterns; the index seeds the module's own key."""
+    for i, (name, base) in enumerate(bases.items()):
+        r = int(pattern_value(name, cfg.rank_pattern, cfg.r))
+        if r < 1:
+            raise LowraxError(f"{method} rank for {name} must be a positive integer, got {r}")
+        yield i, name, base, r, float(pattern_value(name, cfg.alpha_pattern, cfg.alpha))
+
+
+def rank_and_alpha(name: str, config: dict) -> tuple[int, float]:
+    """A module's rank and alpha from a PEFT LyCORIS config (its patterns, else r / alpha)."""
+    r = int(pattern_value(name, config.get("rank_pattern"), config.get("r", 8)))
+    return r, float(pattern_value(name, config.get("alpha_pattern"), config.get("alpha", 8)))
+
+
+def lycoris_settings(config: dict) -> dict:
+    """The LycorisConfig fields of a PEFT config."""
+    return {"r": int(config.get("r", 8)), "alpha": float(config.get("alpha", 8)),
+            "rank_dropout": float(config.get("rank_dropout") or 0.0),
+            "module_dropout": float(config.get("module_dropout") or 0.0),
+            "rank_pattern": dict(config.get("rank_pattern") or {}),
+            "alpha_pattern": dict(config.get("alpha_pattern") or {})}
