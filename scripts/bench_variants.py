@@ -1,4 +1,4 @@
-"""The adapter methods (the LoRA family and IA3) side by side on the embedded default task, printed as JSON and a Markdown table.
+"""The adapter methods (the LoRA family, IA3, LoHa, LoKr) side by side on the embedded default task, printed as JSON and a Markdown table.
 
     python scripts/bench.py --variants [--steps 30] [--only lora,dora] [--out variants.json]
 
@@ -39,6 +39,10 @@ METHODS = {
     "vera": ["lora.variant=vera", "lora.r=256", "optim.learning_rate=5.0e-2"],
     # IA3 on PEFT's default targets (k_proj, v_proj, down_proj) trains vectors only, as VeRA: a larger rate.
     "ia3": ["method=ia3", "optim.learning_rate=5.0e-2"],
+    # LoHa at r=8 has LoRA r=16's parameter count (two rank-8 pairs); delta rank up to 64.
+    "loha": ["method=loha", "loha.target_modules=all-linear", "loha.r=8", "loha.alpha=16"],
+    # LoKr with PEFT's defaults (left full, right rank-r) at the preset's r and alpha.
+    "lokr": ["method=lokr", "lokr.target_modules=all-linear", "lokr.r=16", "lokr.alpha=32"],
 }
 
 

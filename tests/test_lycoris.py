@@ -58,32 +58,30 @@ def random_adapter(model, params, method, targets, key=1):
     return lowrax.wrap(params, cfg, jax.random.key(key), model.model_type)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_lowrax_adapter_loads_in_peft(case, method, tmp_path):
-    path, _, model, params, targets, _ = case
-    wrapped = random_adapter(model, params, method, targets)
+def check_lowrax_adapter_loads_in_peft(case, wrapped, peft_config_name, tmp_path):
+    """lowrax writes the adapter; PEFT loads it (as `peft_config_name`) and gives the same logits,
+    which differ visibly from the base model's."""
+    path, _, model, params, _, _ = case
     lowrax.save_peft(wrapped, tmp_path / "adapter", model)
     auto = transformers.AutoModelForCausalLM if model.is_causal_lm else transformers.AutoModelForSequenceClassification
     peft_model = peft.PeftModel.from_pretrained(auto.from_pretrained(path, dtype=torch.float32), tmp_path / "adapter").eval()
-    assert type(peft_model.peft_config["default"]).__name__ == METHODS[method][1]
+    assert type(peft_model.peft_config["default"]).__name__ == peft_config_name
     ids, mask = batch_for(model)
     assert max_difference(model, wrapped, peft_model, ids, mask) <= 1e-4
     assert np.abs(lowrax_outputs(model, wrapped, ids, mask) - lowrax_outputs(model, params, ids, mask)).max() > 1e-3
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_peft_adapter_loads_in_lowrax(case, method, tmp_path):
-    _, hf, model, params, targets, task = case
-    _, peft_cls, settings = METHODS[method]
+def check_peft_adapter_loads_in_lowrax(case, peft_cfg, node_type, tmp_path):
+    """PEFT makes and saves a random adapter; lowrax loads it as `node_type` nodes with the same
+    logits and writes it back tensor for tensor."""
+    _, hf, model, params, _, _ = case
     torch.manual_seed(3)
-    peft_cfg = getattr(peft, peft_cls)(target_modules=list(targets), init_weights=False, **settings, **task)
     peft_model = peft.get_peft_model(hf, peft_cfg).eval()
     peft_model.save_pretrained(tmp_path / "adapter")
     wrapped = lowrax.load_peft(params, tmp_path / "adapter", model)
     kinds = {type(n) for n in jax.tree.leaves(wrapped, is_leaf=lambda x: isinstance(x, lowrax.AdapterNode))}
-    assert (LoHaKernel if method.startswith("loha") else LoKrKernel) in kinds
+    assert node_type in kinds
     assert max_difference(model, wrapped, peft_model, *batch_for(model, seed=1)) <= 1e-4
-    # and back: the import re-exports to the same tensors
     lowrax.save_peft(wrapped, tmp_path / "again", model)
     from safetensors.numpy import load_file
 
@@ -92,6 +90,19 @@ def test_peft_adapter_loads_in_lowrax(case, method, tmp_path):
     for k in theirs:
         np.testing.assert_array_equal(theirs[k], ours[k])
     peft_model.unload()  # restore the shared module-scoped torch model
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_lowrax_adapter_loads_in_peft(case, method, tmp_path):
+    wrapped = random_adapter(case[2], case[3], method, case[4])
+    check_lowrax_adapter_loads_in_peft(case, wrapped, METHODS[method][1], tmp_path)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_peft_adapter_loads_in_lowrax(case, method, tmp_path):
+    _, peft_cls, settings = METHODS[method]
+    peft_cfg = getattr(peft, peft_cls)(target_modules=list(case[4]), init_weights=False, **settings, **case[5])
+    check_peft_adapter_loads_in_lowrax(case, peft_cfg, LoHaKernel if method.startswith("loha") else LoKrKernel, tmp_path)
 
 
 @pytest.mark.parametrize("method", ["loha", "lokr-both"])
@@ -159,10 +170,11 @@ def test_nf4_bases_carry_loha_and_lokr(case):
 def test_gpt2_is_refused_for_peft_export_as_peft_refuses_it(tmp_path_factory, tmp_path):
     builder = lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4))  # noqa: E731
     path, hf = hf_model_dir(tmp_path_factory, "lycoris-gpt2", builder)
-    with pytest.raises((TypeError, ValueError), match="Conv1D"):
-        peft.get_peft_model(hf, peft.LoHaConfig(target_modules=["c_attn"]))
+    for peft_cfg in (peft.LoHaConfig(target_modules=["c_attn"]), peft.OFTConfig(target_modules=["c_attn"])):
+        with pytest.raises((TypeError, ValueError), match="Conv1D"):
+            peft.get_peft_model(hf, peft_cfg)
     model, params = lowrax.load_pretrained(path, progress=False)
-    for cfg in (LoHaConfig(r=2), LoKrConfig(r=2)):
+    for cfg in (LoHaConfig(r=2), LoKrConfig(r=2), lowrax.OFTConfig(oft_block_size=16)):
         wrapped = lowrax.wrap(params, cfg, jax.random.key(0), model.model_type)
         with pytest.raises(LowraxError, match="does not support GPT-2"):
             lowrax.save_peft(wrapped, tmp_path / "x", model)

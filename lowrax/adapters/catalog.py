@@ -7,3 +7,4 @@ import lowrax.adapters.lora.peft_lora  # noqa: F401  PEFT's LORA format (LoRA, D
 import lowrax.adapters.lora.vera_peft  # noqa: F401  PEFT's VERA format
 import lowrax.adapters.lycoris.loha  # noqa: F401  LoHa and PEFT's LOHA format
 import lowrax.adapters.lycoris.lokr  # noqa: F401  LoKr and PEFT's LOKR format
+import lowrax.adapters.oft  # noqa: F401  OFT and PEFT's OFT format

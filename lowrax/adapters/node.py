@@ -23,6 +23,7 @@ from flax import struct
 # Optax labels of array leaves (see `adapters.tree.labels`): the optimizer groups by them.
 FROZEN, LORA_A, LORA_B, VECTOR, FULL, ANCHOR = "frozen", "lora_a", "lora_b", "vector", "full", "anchor"
 FACTOR = "factor"  # a factor of another method's weight delta (LoHa, LoKr): the base learning rate
+ROTATION = "rotation"  # the parameters of a learned rotation (OFT): the base learning rate
 
 ADAPTER_TYPES: list[type] = []
 

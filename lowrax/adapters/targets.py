@@ -19,6 +19,13 @@ from lowrax.adapters.node import is_node
 from lowrax.errors import LowraxError
 from lowrax.quant.nf4 import NF4Tensor
 
+# PEFT's default LoRA targets per model_type (peft.utils.constants); PEFT copies them for
+# LoHa, LoKr and OFT.
+LORA_DEFAULT_TARGETS = {
+    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
+    "gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value"),
+}
+
 # Output heads that "all-linear" leaves alone, as PEFT does.
 OUTPUT_HEADS = ("lm_head", "classifier", "score")
 

@@ -16,17 +16,10 @@ from lowrax.adapters.lora import delta_lora, dora, pissa, vera
 from lowrax.adapters.lora.config import LoraConfig
 from lowrax.adapters.lora.kernel import LoraKernel, lora_scale
 from lowrax.adapters.registry import AdapterMethod, register_method
-from lowrax.adapters.targets import pattern_value
+from lowrax.adapters.targets import LORA_DEFAULT_TARGETS, pattern_value
 from lowrax.adapters.tree import dense_kernel
 from lowrax.errors import LowraxError
 from lowrax.quant.nf4 import NF4Tensor, quantize
-
-# PEFT's default targets per model_type (peft.utils.constants).
-DEFAULT_TARGETS = {
-    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
-    "gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value"),
-}
-
 
 def build_nodes(bases: dict[str, Any], cfg: LoraConfig, key, adapter_dtype, model_type=None) -> tuple[dict, dict]:
     """The LoRA-family node of every targeted kernel (and VeRA's shared projections)."""
@@ -88,5 +81,5 @@ def _requantized_like(base, residual):
     return residual
 
 
-register_method(AdapterMethod(name="lora", config=LoraConfig, build=build_nodes, default_targets=DEFAULT_TARGETS,
+register_method(AdapterMethod(name="lora", config=LoraConfig, build=build_nodes, default_targets=LORA_DEFAULT_TARGETS,
                               shared_keys=(vera.SHARED,)))

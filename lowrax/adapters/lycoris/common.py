@@ -25,13 +25,6 @@ from lowrax.errors import CheckpointError, LowraxError
 from lowrax.models.linear import matmul
 from lowrax.peft.common import PREFIX, torch_layout
 
-# PEFT copies LoRA's default targets for both methods (peft.utils.constants).
-DEFAULT_TARGETS = {
-    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
-    "gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value"),
-}
-
-
 @dataclass(frozen=True)
 class LycorisConfig(TargetConfig):
     """The hyper-parameters LoHa and LoKr share, with PEFT's names and defaults."""

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lowrax.adapters.lycoris.common import (DEFAULT_TARGETS, LycorisConfig, LycorisKernel, check_shape,
+from lowrax.adapters.lycoris.common import (LycorisConfig, LycorisKernel, check_shape,
                                             kaiming_uniform, lycoris_settings, modules_to_build, peft_tensors,
                                             rank_alpha_fields, rank_and_alpha)
 from lowrax.adapters.node import FACTOR
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
-from lowrax.adapters.targets import targeting_from_peft
+from lowrax.adapters.targets import LORA_DEFAULT_TARGETS, targeting_from_peft
 from lowrax.errors import CheckpointError
 from lowrax.peft.common import PREFIX
 
@@ -120,5 +120,5 @@ def to_config(config: dict) -> tuple[str, LoHaConfig]:
     return "loha", LoHaConfig(**lycoris_settings(config), **targeting_from_peft(config))
 
 
-register_method(AdapterMethod(name="loha", config=LoHaConfig, build=build_nodes, default_targets=DEFAULT_TARGETS))
+register_method(AdapterMethod(name="loha", config=LoHaConfig, build=build_nodes, default_targets=LORA_DEFAULT_TARGETS))
 register_peft_format(PeftFormat(peft_type="LOHA", write=write, read=read, to_config=to_config))
