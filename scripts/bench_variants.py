@@ -1,4 +1,4 @@
-"""The adapter methods (the LoRA family, IA3, LoHa, LoKr) side by side on the embedded default task, printed as JSON and a Markdown table.
+"""The adapter methods (the LoRA family, IA3, LoHa, LoKr, OFT, LN tuning) side by side on the embedded default task, printed as JSON and a Markdown table.
 
     python scripts/bench.py --variants [--steps 30] [--only lora,dora] [--out variants.json]
 
@@ -43,6 +43,10 @@ METHODS = {
     "loha": ["method=loha", "loha.target_modules=all-linear", "loha.r=8", "loha.alpha=16"],
     # LoKr with PEFT's defaults (left full, right rank-r) at the preset's r and alpha.
     "lokr": ["method=lokr", "lokr.target_modules=all-linear", "lokr.r=16", "lokr.alpha=32"],
+    # OFT with PEFT's default block size on every linear layer.
+    "oft": ["method=oft", "oft.target_modules=all-linear", "oft.oft_block_size=32"],
+    # LN tuning on PEFT's default norms trains 35 K scalars: a larger rate, as for IA3 and VeRA.
+    "ln_tuning": ["method=ln_tuning", "optim.learning_rate=1.0e-2"],
 }
 
 

@@ -71,12 +71,16 @@ def check_lowrax_adapter_loads_in_peft(case, wrapped, peft_config_name, tmp_path
     assert np.abs(lowrax_outputs(model, wrapped, ids, mask) - lowrax_outputs(model, params, ids, mask)).max() > 1e-3
 
 
-def check_peft_adapter_loads_in_lowrax(case, peft_cfg, node_type, tmp_path):
-    """PEFT makes and saves a random adapter; lowrax loads it as `node_type` nodes with the same
-    logits and writes it back tensor for tensor."""
-    _, hf, model, params, _, _ = case
+def peft_model_for(case, peft_cfg):
+    """PEFT's model of the case's torch model with a (seeded) random adapter."""
     torch.manual_seed(3)
-    peft_model = peft.get_peft_model(hf, peft_cfg).eval()
+    return peft.get_peft_model(case[1], peft_cfg).eval()
+
+
+def check_peft_adapter_loads_in_lowrax(case, peft_model, node_type, tmp_path):
+    """PEFT saves its adapter; lowrax loads it as `node_type` nodes with the same logits and
+    writes it back tensor for tensor. Unloads `peft_model` (the torch model is shared)."""
+    _, _, model, params, _, _ = case
     peft_model.save_pretrained(tmp_path / "adapter")
     wrapped = lowrax.load_peft(params, tmp_path / "adapter", model)
     kinds = {type(n) for n in jax.tree.leaves(wrapped, is_leaf=lambda x: isinstance(x, lowrax.AdapterNode))}
@@ -102,7 +106,7 @@ def test_lowrax_adapter_loads_in_peft(case, method, tmp_path):
 def test_peft_adapter_loads_in_lowrax(case, method, tmp_path):
     _, peft_cls, settings = METHODS[method]
     peft_cfg = getattr(peft, peft_cls)(target_modules=list(case[4]), init_weights=False, **settings, **case[5])
-    check_peft_adapter_loads_in_lowrax(case, peft_cfg, LoHaKernel if method.startswith("loha") else LoKrKernel, tmp_path)
+    check_peft_adapter_loads_in_lowrax(case, peft_model_for(case, peft_cfg), LoHaKernel if method.startswith("loha") else LoKrKernel, tmp_path)
 
 
 @pytest.mark.parametrize("method", ["loha", "lokr-both"])

@@ -19,7 +19,8 @@ import lowrax  # noqa: E402
 from lowrax.adapters.oft import OFTConfig, OFTKernel, cayley, nearest_divisor, project_coft  # noqa: E402
 from lowrax.errors import LowraxError  # noqa: E402
 from tests.test_ia3 import batch_for  # noqa: E402
-from tests.test_lycoris import case, check_lowrax_adapter_loads_in_peft, check_peft_adapter_loads_in_lowrax  # noqa: E402,F401
+from tests.test_lycoris import (case, check_lowrax_adapter_loads_in_peft, check_peft_adapter_loads_in_lowrax,  # noqa: E402,F401
+                                peft_model_for)
 from tests.test_peft_exchange import check_merge_round_trip, lowrax_outputs  # noqa: E402
 from tests.test_training_run import check_exports_and_merge, data_file, overrides, tiny_dir  # noqa: E402,F401
 
@@ -55,7 +56,7 @@ def test_lowrax_oft_loads_in_peft(case, setting, tmp_path):  # noqa: F811
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_peft_oft_loads_in_lowrax(case, setting, tmp_path):  # noqa: F811
     peft_cfg = peft.OFTConfig(target_modules=list(case[4]), init_weights=False, **SETTINGS[setting], **case[5])
-    check_peft_adapter_loads_in_lowrax(case, peft_cfg, OFTKernel, tmp_path)
+    check_peft_adapter_loads_in_lowrax(case, peft_model_for(case, peft_cfg), OFTKernel, tmp_path)
 
 
 def test_cayley_and_coft_projection_equal_peft_s():

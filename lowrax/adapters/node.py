@@ -49,10 +49,14 @@ class AdapterNode:
         after_update(step)         a rule applied after each optimizer step (Delta-LoRA)
         bind_shared(params)        fetch arrays shared across layers from the whole tree (VeRA)
         exports_from_initial       True when PEFT export needs the adapter as initialised (PiSSA)
+        stands_for_array           True for a node in place of a plain array other than a kernel
+                                   (LN tuning): model code reads its `value`, which is also what
+                                   merging leaves; `linear` never sees it
     """
 
     peft_type: str = ""
     exports_from_initial: bool = False
+    stands_for_array: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -113,11 +117,12 @@ def dropped(x: jnp.ndarray, rate: float, key) -> jnp.ndarray:
 
 
 def resolve(params: Any) -> Any:
-    """The tree as model code reads it: `FullyTrained(value)` becomes its value, and nodes
-    that use arrays shared across layers (stored once at the top of the tree) are given
-    them. Runs inside the traced forward, so sharing costs no copy."""
-    params = jax.tree.map(lambda x: x.value if isinstance(x, FullyTrained) else x, params,
-                          is_leaf=lambda x: isinstance(x, FullyTrained))
+    """The tree as model code reads it: `FullyTrained(value)` and nodes that stand for an
+    array become their value, and nodes that use arrays shared across layers (stored once
+    at the top of the tree) are given them. Runs inside the traced forward, so sharing
+    costs no copy."""
+    params = jax.tree.map(lambda x: x.value if isinstance(x, FullyTrained) or getattr(x, "stands_for_array", False) else x,
+                          params, is_leaf=is_node)
     if not isinstance(params, dict):
         return params
     return jax.tree.map(lambda x: x.bind_shared(params) if hasattr(x, "bind_shared") else x, params, is_leaf=is_node)

@@ -33,6 +33,9 @@ class AdapterMethod:
     build: BuildNodes  # the nodes that replace the targeted kernels, initialised from them and a key
     default_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model_type -> PEFT's defaults
     shared_keys: tuple[str, ...] = ()  # top-level tree keys holding arrays shared across layers
+    # the modules it can adapt: params -> {dotted module name: tree path}; None: the linear kernels
+    modules: Callable[[Any], dict] | None = None
+    module_kind: str = "linear"  # how errors name those modules
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class PeftFormat:
         keys, the config fields of this type beyond `peft.common.common_config`'s);
         options: `model`, `initial` (the tree as wrapped), `use_rslora`; a format ignores those it has no use for.
     read(tensors (keys without the `base_model.model.` prefix), config,
-         bases: {module name: frozen kernel}, adapter_dtype)
+         bases: {module name: frozen kernel (or what `modules` finds)}, adapter_dtype)
         -> ({module name: node}, {shared top-level arrays}, set of the tensor keys it used);
         the keys left over are `modules_to_save` tensors.
     to_config(config) -> (method name, method config) that wraps the same modules the same
@@ -54,6 +57,7 @@ class PeftFormat:
     write: Callable[..., tuple[dict, dict]]
     read: Callable[..., tuple[dict, dict, set]]
     to_config: Callable[[dict], tuple[str, Any]]
+    modules: Callable[[Any], dict] | None = None  # what `read`'s bases are; None: the linear kernels
 
 
 _METHODS: dict[str, AdapterMethod] = {}

@@ -115,10 +115,22 @@ def linear_modules(params: Any) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def norm_modules(params: Any) -> dict[str, tuple[str, ...]]:
+    """Dotted module name -> tree path of every normalisation layer (a dict with a 1-D `scale`)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: is_node(x) or isinstance(x, NF4Tensor))[0]:
+        keys = tuple(str(p.key) for p in path)
+        if keys[-1] == "scale" and len(getattr(leaf, "shape", ())) == 1:
+            out[".".join(keys[:-1])] = keys[:-1]
+    return out
+
+
 def select_targets(params: Any, cfg: TargetConfig, model_type: str | None = None,
-                   default_targets: dict | None = None, method: str = "this method") -> list[str]:
-    """The dotted names of the modules `cfg` adapts, or a LowraxError listing the ones that exist."""
-    modules = linear_modules(params)
+                   default_targets: dict | None = None, method: str = "this method",
+                   modules: dict | None = None, kind: str = "linear") -> list[str]:
+    """The dotted names of the modules `cfg` adapts, or a LowraxError listing the ones that exist.
+    modules: the candidates ({name: path}; default the linear kernels); kind names them in errors."""
+    modules = linear_modules(params) if modules is None else modules
     spec = cfg.target_modules
     if spec is None:
         if model_type not in (default_targets or {}):
@@ -134,7 +146,7 @@ def select_targets(params: Any, cfg: TargetConfig, model_type: str | None = None
     if not chosen:
         short = sorted({n.split(".")[-1] for n in modules})
         raise LowraxError(
-            f"target_modules {spec!r} matched no linear module; module names that exist: {', '.join(short)}"
+            f"target_modules {spec!r} matched no {kind} module; module names that exist: {', '.join(short)}"
             + (" (after layers_to_transform/exclude_modules)" if cfg.layers_to_transform or cfg.exclude_modules else "")
         )
     return chosen

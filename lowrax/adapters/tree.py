@@ -114,8 +114,12 @@ def unmerge(merged: Any, adapted: Any) -> Any:
             if m.get("bias") is not None:
                 out["bias"] = node.unmerge_bias(m["bias"].astype(jnp.float32)).astype(m["bias"].dtype)
             return out
-        return jax.tree.map(lambda mm, kk: FullyTrained(mm) if isinstance(kk, FullyTrained) else mm, m, kept,
-                            is_leaf=lambda v: isinstance(v, FullyTrained))
+        def restore(mm, kk):
+            if isinstance(kk, FullyTrained):
+                return FullyTrained(mm)
+            return kk.replace(value=mm) if getattr(kk, "stands_for_array", False) else mm
+
+        return jax.tree.map(restore, m, kept, is_leaf=lambda v: isinstance(v, FullyTrained))
 
     # `kept` is the node as stored (shared arrays unbound); `bound` has them for the arithmetic.
     out = jax.tree.map(unmerge_layer, merged, without_shared(bound), without_shared(adapted),

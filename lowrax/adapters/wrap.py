@@ -29,8 +29,8 @@ def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp
     over a bfloat16 base).
     """
     method = method_for_config(cfg)
-    targets = select_targets(params, cfg, model_type, method.default_targets, method.name)
-    modules = linear_modules(params)
+    modules = (method.modules or linear_modules)(params)
+    targets = select_targets(params, cfg, model_type, method.default_targets, method.name, modules, method.module_kind)
     out = jax.tree.map(lambda x: x, params, is_leaf=is_node)  # a fresh copy of the dict structure
     bases = {}
     for name in targets:
@@ -50,9 +50,11 @@ def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp
 
 
 def adapter_nodes(params: Any) -> dict[str, Any]:
-    """Dotted module name -> adapter node for every adapted kernel."""
+    """Dotted module name -> adapter node for every adapted kernel; a node in place of another
+    array (LN tuning's norm weights) is named by its full path (`...input_layernorm.scale`)."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)[0]:
         if is_adapter(leaf):
-            out[".".join(str(p.key) for p in path[:-1])] = leaf
+            keys = [str(p.key) for p in path]
+            out[".".join(keys[:-1] if keys[-1] == "kernel" else keys)] = leaf
     return out

@@ -15,12 +15,14 @@ WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 
 
-def target_spec(nodes: dict[str, Any], model) -> Any:
+def target_spec(nodes: dict[str, Any], model, existing: set[str] | None = None) -> Any:
     """PEFT's `target_modules` for exactly these modules: a suffix list when it selects
-    exactly them, else an exact regex of their names."""
+    exactly them among the `existing` candidates (default: the model's linear modules),
+    else an exact regex of their names."""
     suffixes = sorted({name.split(".")[-1] for name in nodes})
-    if model is not None:
+    if existing is None and model is not None:
         existing = {".".join(t.path[:-1]) for t in model.tensors() if t.path[-1] == "kernel"}
+    if existing is not None:
         if {n for n in existing if n.split(".")[-1] in suffixes} != set(nodes):
             return "^(" + "|".join(sorted(map(lambda s: s.replace(".", r"\."), nodes))) + ")$"
     return suffixes

@@ -96,7 +96,7 @@ def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jn
     """Wrap plain `params` with the adapter PEFT saved in `adapter_dir` (any registered `peft_type`)."""
     config, tensors = read_adapter_dir(adapter_dir)
     fmt = peft_format(config.get("peft_type"), where=f"{adapter_dir}: ")
-    modules = linear_modules(params)
+    modules = (fmt.modules or linear_modules)(params)
     out = jax.tree.map(lambda x: x, params, is_leaf=is_node)
     bases = {name: tables.get_path(out, path) for name, path in modules.items()}
     try:

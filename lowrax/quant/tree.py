@@ -50,7 +50,7 @@ def quantize(params: Any, cfg: QuantConfig = QuantConfig(), model=None) -> Any:
         names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
         if any(skip in name for name in names for skip in cfg.skip_modules):
             return leaf
-        if is_adapter(leaf) and not isinstance(leaf.base, nf4.NF4Tensor):
+        if is_adapter(leaf) and names[-1] == "kernel" and not isinstance(leaf.base, nf4.NF4Tensor):
             return leaf.replace(base=q(names, leaf.base))
         if names and names[-1] == "kernel" and getattr(leaf, "ndim", 0) == 2 and not isinstance(leaf, nf4.NF4Tensor):
             return q(names, leaf)
