@@ -28,6 +28,8 @@ from lowrax.adapters.lycoris import LoHaConfig, LoHaKernel, LoKrConfig, LoKrKern
 from lowrax.adapters.lora import DeltaLoraKernel, DoraKernel, LoraConfig, LoraKernel, VeraKernel
 from lowrax.adapters.node import AdapterNode, FullyTrained
 from lowrax.adapters.oft import OFTConfig, OFTKernel
+from lowrax.adapters.prompt import (PrefixEncoder, PrefixTuningConfig, PromptEncoder, PromptEncoderConfig, PromptTable,
+                                    PromptTuningConfig)
 from lowrax.adapters.registry import method_names
 from lowrax.adapters.tree import combine, count_params, labels, merge, split, unmerge
 from lowrax.adapters.wrap import wrap
@@ -53,7 +55,8 @@ __all__ = [
     "load_pretrained", "load_tokenizer", "save_pretrained", "generate", "generate_ids", "SamplingConfig",
     "EncoderOutput", "supported_model_types", "embedded_model_path", "embedded_minilm_path",
     "linear", "register_linear",
-    "wrap", "method_names", "AdapterNode", "IA3Config", "IA3Kernel", "LoHaConfig", "LoHaKernel", "LoKrConfig", "LoKrKernel", "OFTConfig", "OFTKernel", "LNTuningConfig", "TunedNorm",
+    "wrap", "method_names", "AdapterNode", "IA3Config", "IA3Kernel", "LoHaConfig", "LoHaKernel", "LoKrConfig", "LoKrKernel", "OFTConfig", "OFTKernel", "LNTuningConfig", "TunedNorm", "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig",
+    "PromptTable", "PromptEncoder", "PrefixEncoder",
     "lora", "LoraConfig", "LoraKernel", "DoraKernel", "VeraKernel", "DeltaLoraKernel", "FullyTrained", "split", "combine", "merge", "unmerge", "labels",
     "count_params", "save_peft", "load_peft",
     "OptimizerConfig", "make_optimizer", "TrainState", "init_state", "make_train_step",

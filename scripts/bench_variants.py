@@ -1,4 +1,4 @@
-"""The adapter methods (the LoRA family, IA3, LoHa, LoKr, OFT, LN tuning) side by side on the embedded default task, printed as JSON and a Markdown table.
+"""The adapter methods (the LoRA family, IA3, LoHa, LoKr, OFT, LN tuning, prompt learning) side by side on the embedded default task, printed as JSON and a Markdown table.
 
     python scripts/bench.py --variants [--steps 30] [--only lora,dora] [--out variants.json]
 
@@ -47,6 +47,12 @@ METHODS = {
     "oft": ["method=oft", "oft.target_modules=all-linear", "oft.oft_block_size=32"],
     # LN tuning on PEFT's default norms trains 35 K scalars: a larger rate, as for IA3 and VeRA.
     "ln_tuning": ["method=ln_tuning", "optim.learning_rate=1.0e-2"],
+    # Prompt tuning from a task description (PEFT's TEXT init), 20 virtual tokens.
+    "prompt_tuning": ["method=prompt_tuning", "prompt_tuning.num_virtual_tokens=20", "prompt_tuning.prompt_tuning_init=TEXT",
+                      "prompt_tuning.prompt_tuning_init_text=Write the date in the lowrax date format",
+                      "optim.learning_rate=3.0e-2"],
+    "p_tuning": ["method=p_tuning", "p_tuning.num_virtual_tokens=20", "optim.learning_rate=1.0e-2"],
+    "prefix_tuning": ["method=prefix_tuning", "prefix_tuning.num_virtual_tokens=10", "optim.learning_rate=1.0e-2"],
 }
 
 

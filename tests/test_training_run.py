@@ -170,22 +170,25 @@ def test_variant_runs_export_and_merge(tiny_dir, data_file, tmp_path, variant):
     check_exports_and_merge(run, tiny_dir, tmp_path)
 
 
-def check_exports_and_merge(run, tiny_dir, tmp_path):
+def check_exports_and_merge(run, tiny_dir, tmp_path, merges=True):
     """A finished run's PEFT adapter equals its `export-peft`, and the exported adapter (over the
     original base weights) and `lowrax merge`'s model both give the trained model, which differs
-    from the base."""
+    from the base. merges=False: the method cannot merge, and `lowrax merge` says so."""
     from lowrax.cli import main
     from lowrax.train.runs import restore_run
 
     assert main(["export-peft", str(run), str(tmp_path / "peft")]) == 0
     assert (tmp_path / "peft" / "adapter_model.safetensors").read_bytes() == (run / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert main(["merge", str(run), str(tmp_path / "merged")]) == 0
+    assert (main(["merge", str(run), str(tmp_path / "merged")]) == 0) == merges
     _, model, trained = restore_run(run)
     ids = np.array([[1, 50, 300, 7000, 12]])
     adapted = np.asarray(model.apply(trained, ids))
     _, base = lowrax.load_pretrained(tiny_dir, progress=False)
     assert np.abs(adapted - np.asarray(model.apply(base, ids))).max() > 1e-4  # training changed the model
-    _, merged = lowrax.load_pretrained(tmp_path / "merged", progress=False)
-    assert np.abs(np.asarray(model.apply(merged, ids)) - adapted).max() <= 1e-5
+    if merges:
+        _, merged = lowrax.load_pretrained(tmp_path / "merged", progress=False)
+        assert np.abs(np.asarray(model.apply(merged, ids)) - adapted).max() <= 1e-5
+    else:
+        assert not (tmp_path / "merged").exists()
     from_peft = lowrax.load_peft(base, tmp_path / "peft", model)
     assert np.abs(np.asarray(model.apply(from_peft, ids)) - adapted).max() <= 1e-5

@@ -24,6 +24,7 @@ from flax import struct
 FROZEN, LORA_A, LORA_B, VECTOR, FULL, ANCHOR = "frozen", "lora_a", "lora_b", "vector", "full", "anchor"
 FACTOR = "factor"  # a factor of another method's weight delta (LoHa, LoKr): the base learning rate
 ROTATION = "rotation"  # the parameters of a learned rotation (OFT): the base learning rate
+PROMPT = "prompt"  # a prompt-learning adapter's table and encoder: the base learning rate
 
 ADAPTER_TYPES: list[type] = []
 
@@ -49,6 +50,7 @@ class AdapterNode:
         after_update(step)         a rule applied after each optimizer step (Delta-LoRA)
         bind_shared(params)        fetch arrays shared across layers from the whole tree (VeRA)
         exports_from_initial       True when PEFT export needs the adapter as initialised (PiSSA)
+        mergeable                  False for adapters that live in the input, not the weights
         stands_for_array           True for a node in place of a plain array other than a kernel
                                    (LN tuning): model code reads its `value`, which is also what
                                    merging leaves; `linear` never sees it
@@ -57,6 +59,7 @@ class AdapterNode:
     peft_type: str = ""
     exports_from_initial: bool = False
     stands_for_array: bool = False
+    mergeable: bool = True  # False: the adapter is not in the weights (prompt learning); merge refuses
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -90,6 +93,18 @@ class AdapterNode:
 
     def unmerge_bias(self, merged_bias: jnp.ndarray) -> jnp.ndarray:
         return merged_bias
+
+
+# The top-level tree key of a prompt-learning adapter (PEFT's attribute name): a node with
+# `num_virtual_tokens`, `prompt_embeddings()` ([v, hidden] to put before the input's word
+# embeddings, or None) and `prefix_key_values()` (per layer (k, v) [v, kv_heads, head_dim] to
+# put before the attention's keys and values, or None). `models.base.CausalLM` reads it.
+VIRTUAL_TOKENS_KEY = "prompt_encoder"
+
+
+def virtual_tokens(params: Any):
+    """The prompt-learning node of a (resolved) tree, or None."""
+    return params.get(VIRTUAL_TOKENS_KEY) if isinstance(params, dict) else None
 
 
 def is_adapter(x: Any) -> bool:

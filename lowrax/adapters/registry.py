@@ -30,12 +30,15 @@ class AdapterMethod:
 
     name: str  # the `method:` key of lowrax train and the name of its config section
     config: type  # its config dataclass (a `TargetConfig`), with PEFT's field names
-    build: BuildNodes  # the nodes that replace the targeted kernels, initialised from them and a key
+    build: BuildNodes | None  # the nodes that replace the targeted kernels, initialised from them and a key
     default_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model_type -> PEFT's defaults
     shared_keys: tuple[str, ...] = ()  # top-level tree keys holding arrays shared across layers
     # the modules it can adapt: params -> {dotted module name: tree path}; None: the linear kernels
     modules: Callable[[Any], dict] | None = None
     module_kind: str = "linear"  # how errors name those modules
+    # instead of `build`: (params, cfg, key, adapter_dtype, model) -> the node that goes under the
+    # tree's `prompt_encoder` key (prompt-learning methods: virtual tokens, not module adapters)
+    build_virtual: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -60,14 +60,18 @@ class TargetConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TargetConfig":
-        """Build from a dict, rejecting unknown keys with the closest valid name."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
-                raise LowraxError(f"unknown {cls.__name__} key {key!r}{hint}")
-        return cls(**values)
+        return config_from_dict(cls, values)
+
+
+def config_from_dict(cls, values: dict):
+    """A method config from a dict, rejecting unknown keys with the closest valid name."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+            raise LowraxError(f"unknown {cls.__name__} key {key!r}{hint}")
+    return cls(**values)
 
 
 def targeting_from_peft(peft_config: dict) -> dict:

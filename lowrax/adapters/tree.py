@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from lowrax.adapters.node import ANCHOR, FROZEN, FULL, LORA_A, LORA_B, VECTOR, FullyTrained, is_adapter, is_node, resolve
 from lowrax.adapters.registry import shared_keys
+from lowrax.errors import LowraxError
 from lowrax.quant.nf4 import NF4Tensor, dequantize, dequantize_after
 
 __all__ = ["FROZEN", "LORA_A", "LORA_B", "VECTOR", "FULL", "ANCHOR", "labels", "split", "combine", "merge",
@@ -80,9 +81,17 @@ def _is_adapted_layer(x: Any) -> bool:
     return isinstance(x, dict) and is_adapter(x.get("kernel"))
 
 
+def _refuse_unmergeable(params: Any) -> None:
+    for leaf in jax.tree.leaves(params, is_leaf=is_node):
+        if is_adapter(leaf) and not leaf.mergeable:
+            raise LowraxError(f"{leaf.peft_type} adapters add virtual tokens to the input rather than change weights, "
+                              "so they cannot be merged: use the run or adapter as it is (lowrax generate --adapter)")
+
+
 def merge(params: Any) -> Any:
     """Plain-array params: every adapter node becomes its merged kernel (in the base's dtype),
     and the layer's bias what the method makes of it (IA3 scales some)."""
+    _refuse_unmergeable(params)
 
     def merge_leaf(x):
         return dense_kernel(x) if isinstance(x, NF4Tensor) else x
@@ -103,6 +112,7 @@ def merge(params: Any) -> Any:
 
 def unmerge(merged: Any, adapted: Any) -> Any:
     """Put the adapters of `adapted` back over `merged` plain weights (the inverse of `merge`)."""
+    _refuse_unmergeable(adapted)
     bound = resolve(adapted)
 
     def unmerge_layer(m, x, kept):

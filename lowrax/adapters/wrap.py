@@ -13,22 +13,28 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lowrax.adapters.node import FullyTrained, is_adapter, is_node
+from lowrax.adapters.node import VIRTUAL_TOKENS_KEY, FullyTrained, is_adapter, is_node
 from lowrax.adapters.registry import method_for_config
 from lowrax.adapters.targets import linear_modules, select_targets
 from lowrax.errors import LowraxError
 from lowrax.io.tables import get_path, set_path
 
 
-def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp.float32) -> Any:
+def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp.float32, *, model=None) -> Any:
     """Replace the kernels `cfg` targets by the adapter nodes of its method.
 
     key: a `jax.random.key` for the adapter initialisation.
     model_type: selects PEFT's default targets of the method when `cfg.target_modules` is None.
     adapter_dtype: the dtype of the adapter's own arrays (float32 keeps optimizer state exact
     over a bfloat16 base).
+    model: the model (its model_type is then the default); prompt-learning methods need it
+    for its dimensions.
     """
     method = method_for_config(cfg)
+    if model is not None and model_type is None:
+        model_type = model.model_type
+    if method.build_virtual is not None:
+        return _with_virtual_tokens(params, cfg, key, adapter_dtype, model, method)
     modules = (method.modules or linear_modules)(params)
     targets = select_targets(params, cfg, model_type, method.default_targets, method.name, modules, method.module_kind)
     out = jax.tree.map(lambda x: x, params, is_leaf=is_node)  # a fresh copy of the dict structure
@@ -42,6 +48,21 @@ def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp
     for name, node in nodes.items():
         set_path(out, modules[name], node)
     out.update(shared)
+    return _with_modules_to_save(out, cfg)
+
+
+def _with_virtual_tokens(params, cfg, key, adapter_dtype, model, method) -> Any:
+    """A prompt-learning method: its node under the tree's `prompt_encoder` key."""
+    if model is None:
+        raise LowraxError(f"{method.name} needs the model for its dimensions: wrap(params, cfg, key, model=model)")
+    if not isinstance(params, dict) or VIRTUAL_TOKENS_KEY in params:
+        raise LowraxError(f"these params already carry a prompt-learning adapter under {VIRTUAL_TOKENS_KEY!r}")
+    out = dict(params)
+    out[VIRTUAL_TOKENS_KEY] = method.build_virtual(params, cfg, key, adapter_dtype, model)
+    return _with_modules_to_save(out, cfg)
+
+
+def _with_modules_to_save(out: dict, cfg) -> dict:
     for module in cfg.modules_to_save:
         if module not in out:
             raise LowraxError(f"modules_to_save entry {module!r} is not a top-level module; existing: {', '.join(sorted(out))}")

@@ -156,6 +156,8 @@ def param_shardings(params: Any, model, mesh: Mesh, rules: dict = RULES) -> Any:
         if is_adapter(leaf) and leaf.stands_for_array:  # every field has the array's shape (LN tuning)
             return leaf.replace(**{f.name: plain(keys, getattr(leaf, f.name)) for f in dataclasses.fields(leaf)
                                    if f.metadata.get("pytree_node", True) and getattr(leaf, f.name) is not None})
+        if is_adapter(leaf) and keys[-1] != "kernel":  # not a module's adapter (prompt learning): small, replicated
+            return jax.tree.map(lambda _: replicated(mesh), leaf)
         if is_adapter(leaf):
             in_ax, out_ax = _kernel_axes(model, keys, 2)
             named = {"in": in_ax, "out": out_ax, "lora_rank": "lora_rank"}

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from lowrax.errors import LowraxError
 from lowrax.io import tables
 from lowrax.models.layers import positions_from_mask, segment_positions, segment_visibility
-from lowrax.adapters.node import resolve
+from lowrax.adapters.node import resolve, virtual_tokens
 
 
 def recomputed_in_backward(layer_fn: Callable) -> Callable:
@@ -113,6 +113,12 @@ class CausalLM(Model):
     def final_hidden(self, params, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
         """Final-norm hidden states [b, t, hidden] (what `apply` projects to logits)."""
         params = resolve(params)
+        prompt = virtual_tokens(params)
+        if prompt is not None:
+            if segment_ids is not None:
+                raise LowraxError(f"packed sequences (segment_ids) cannot carry {prompt.peft_type}'s virtual tokens, "
+                                  "which belong at the start of each sequence; train without packing")
+            return self._hidden_after_virtual_tokens(params, prompt, input_ids, attention_mask, position_ids)
         if segment_ids is not None:
             key_valid = segment_visibility(segment_ids)
             if position_ids is None:
@@ -126,14 +132,74 @@ class CausalLM(Model):
         hidden, _ = self.hidden_states(params, input_ids, position_ids, key_valid)
         return hidden
 
+    def word_embedding_table(self, params):
+        """The input embedding table [vocab, hidden] of a resolved tree (family-specific)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement word_embedding_table")
+
+    # --- virtual tokens (prompt tuning, P-tuning, prefix tuning) ----------------------
+    #
+    # The adapter's v virtual tokens come before every sequence, at positions 0..v-1 and
+    # cache slots 0..v-1, with the caller's tokens from position v on (as PEFT's models
+    # see them): prompt tuning puts v embeddings before the input's, prefix tuning puts v
+    # keys and values in every layer's cache. Outputs cover the caller's tokens only.
+
+    def _hidden_after_virtual_tokens(self, params, prompt, input_ids, attention_mask, position_ids):
+        b, t = input_ids.shape
+        v = prompt.num_virtual_tokens
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        positions = (positions_from_mask(attention_mask) if position_ids is None else position_ids) + v
+        key_valid = jnp.concatenate([jnp.ones((b, v), bool), attention_mask.astype(bool)], axis=1)
+        prefix = prompt.prefix_key_values()
+        if prefix is None:
+            embeds = jnp.broadcast_to(prompt.prompt_embeddings()[None], (b, v, prompt.prompt_embeddings().shape[-1]))
+            virtual_positions = jnp.broadcast_to(jnp.arange(v)[None], (b, v))
+            hidden, _ = self.hidden_states(params, input_ids, jnp.concatenate([virtual_positions, positions], axis=1),
+                                           key_valid, prompt_embeds=embeds)
+            return hidden[:, v:]
+        dtype = self.activation_dtype(params)
+        cache = self._with_prefix(self.init_cache(b, v + t, dtype), prefix)
+        hidden, _ = self.hidden_states(params, input_ids, positions, key_valid, cache, v)
+        return hidden
+
+    @staticmethod
+    def activation_dtype(params):
+        """The activations' dtype: the first floating leaf's (NF4 weights hold uint8 codes)."""
+        return next(x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
+
+    @staticmethod
+    def _with_prefix(cache, prefix):
+        """The cache with each layer's prefix keys/values [v, kv_heads, head_dim] in slots 0..v-1."""
+        out = []
+        for (k, v), (pk, pv) in zip(cache, prefix):
+            b = k.shape[0]
+            pk = jnp.broadcast_to(pk[None].astype(k.dtype), (b,) + pk.shape)
+            pv = jnp.broadcast_to(pv[None].astype(v.dtype), (b,) + pv.shape)
+            out.append((jax.lax.dynamic_update_slice_in_dim(k, pk, 0, axis=1),
+                        jax.lax.dynamic_update_slice_in_dim(v, pv, 0, axis=1)))
+        return out
+
+    @staticmethod
+    def virtual_token_count(params) -> int:
+        """Cache slots the adapter's virtual tokens take before each prompt (0 for most methods)."""
+        prompt = virtual_tokens(params)
+        return 0 if prompt is None else prompt.num_virtual_tokens
+
     # --- generation with a fixed-size KV cache -------------------------------------
 
     @staticmethod
-    def query_slots(input_ids, cache_index):
-        """Slot of each query token in the key sequence: [b, t]."""
-        b, t = input_ids.shape
+    def query_slots(x, cache_index):
+        """Slot of each query token in the key sequence: [b, t] (x: the [b, t, ...] inputs)."""
+        b, t = x.shape[:2]
         start = 0 if cache_index is None else cache_index
         return jnp.broadcast_to(start + jnp.arange(t)[None, :], (b, t))
+
+    @staticmethod
+    def with_prompt(word_embeddings, prompt_embeds):
+        """The input's word embeddings [b, t, h] after the virtual tokens' [b, v, h] (prompt tuning)."""
+        if prompt_embeds is None:
+            return word_embeddings
+        return jnp.concatenate([prompt_embeds.astype(word_embeddings.dtype), word_embeddings], axis=1)
 
     @staticmethod
     def update_cache(kv_cache, k, v, cache_index):
@@ -164,11 +230,21 @@ class CausalLM(Model):
         params = resolve(params)
         b, t = input_ids.shape
         length = cache[0][0].shape[1]
-        positions = positions_from_mask(attention_mask)
+        prompt = virtual_tokens(params)
+        v = 0 if prompt is None else prompt.num_virtual_tokens  # slots before the prompt (see above)
+        positions = positions_from_mask(attention_mask) + v
         key_valid = jnp.concatenate(
-            [attention_mask.astype(bool), jnp.ones((b, length - t), bool)], axis=1
+            [jnp.ones((b, v), bool), attention_mask.astype(bool), jnp.ones((b, length - v - t), bool)], axis=1
         )
-        hidden, cache = self.hidden_states(params, input_ids, positions, key_valid, cache, 0)
+        prefix = None if prompt is None else prompt.prefix_key_values()
+        if prompt is not None and prefix is None:
+            embeds = jnp.broadcast_to(prompt.prompt_embeddings()[None], (b, v, prompt.prompt_embeddings().shape[-1]))
+            all_positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(v)[None], (b, v)), positions], axis=1)
+            hidden, cache = self.hidden_states(params, input_ids, all_positions, key_valid, cache, 0, prompt_embeds=embeds)
+        else:
+            if prefix is not None:
+                cache = self._with_prefix(cache, prefix)
+            hidden, cache = self.hidden_states(params, input_ids, positions, key_valid, cache, v)
         logits = self.logits_from_hidden(params, hidden[:, -1])
         return logits, cache, positions[:, -1] + 1, key_valid
 

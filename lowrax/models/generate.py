@@ -108,14 +108,15 @@ def generate_ids(
         raise LowraxError("every prompt needs at least one token")
     batch = len(prompts)
     prompt_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
-    cache_len = _round_up(prompt_len + max_new_tokens, CACHE_BUCKET)
+    virtual = model.virtual_token_count(params)  # slots before the prompt (prompt and prefix tuning)
+    cache_len = _round_up(virtual + prompt_len + max_new_tokens, CACHE_BUCKET)
     ids = np.full((batch, prompt_len), pad_token_id, np.int32)
     mask = np.zeros((batch, prompt_len), np.int32)
     for row, p in enumerate(prompts):  # left padding: every prompt ends at the same slot
         ids[row, prompt_len - len(p):] = p
         mask[row, prompt_len - len(p):] = 1
     # The activations' dtype: the first floating leaf (NF4 weights hold uint8 codes).
-    dtype = next(x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
+    dtype = model.activation_dtype(params)
     prefill, step = _compiled(model, sampling)
     rng = jax.random.key(seed)
     rng, sub = jax.random.split(rng)
@@ -132,7 +133,7 @@ def generate_ids(
         if done.all() or i == max_new_tokens - 1:
             break
         rng, sub = jax.random.split(rng)
-        token, cache = step(params, token, position + i, key_valid, cache, jnp.int32(prompt_len + i), sub)
+        token, cache = step(params, token, position + i, key_valid, cache, jnp.int32(virtual + prompt_len + i), sub)
     results = []
     for row in out[:, : i + 1].tolist():
         cut = next((j + 1 for j, t in enumerate(row) if t in set(eos.tolist())), len(row))

@@ -118,12 +118,13 @@ class GPT2Model(CausalLM):
         h = layers.layer_norm(x, p["ln_2"], c.layer_norm_eps)
         return x + linear(layers.activation(c.hidden_act)(linear(h, p["mlp"]["c_fc"])), p["mlp"]["c_proj"]), kv
 
-    def hidden_states(self, params, input_ids, positions, key_valid, cache=None, cache_index=None):
-        """Final-LayerNorm hidden states [b, t, hidden] and the updated KV cache."""
+    def hidden_states(self, params, input_ids, positions, key_valid, cache=None, cache_index=None, prompt_embeds=None):
+        """Final-LayerNorm hidden states [b, t, hidden] and the updated KV cache.
+        prompt_embeds [b, v, hidden]: virtual tokens before the input's (then t includes v)."""
         c = self.config
         tp = params["transformer"]
-        x = embed(input_ids, tp["wte"]) + embed(positions, tp["wpe"])
-        mask = layers.causal_mask(self.query_slots(input_ids, cache_index), key_valid)
+        x = self.with_prompt(embed(input_ids, tp["wte"]), prompt_embeds) + embed(positions, tp["wpe"])
+        mask = layers.causal_mask(self.query_slots(x, cache_index), key_valid)
         new_cache = [] if cache is not None else None
         for i in range(c.num_layers):
             kv = cache[i] if cache is not None else None
@@ -131,6 +132,9 @@ class GPT2Model(CausalLM):
             if new_cache is not None:
                 new_cache.append(kv)
         return layers.layer_norm(x, tp["ln_f"], c.layer_norm_eps), new_cache
+
+    def word_embedding_table(self, params):
+        return params["transformer"]["wte"]["embedding"]
 
     def logits_from_hidden(self, params, hidden):
         return attend_to_embedding(hidden, params["transformer"]["wte"])

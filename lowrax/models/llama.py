@@ -161,12 +161,13 @@ class LlamaModel(CausalLM):
         x = x + attn
         return x + self._mlp(p["mlp"], layers.rms_norm(x, p["post_attention_layernorm"], c.rms_norm_eps)), kv
 
-    def hidden_states(self, params, input_ids, positions, key_valid, cache=None, cache_index=None):
-        """Final-norm hidden states [b, t, hidden] and the updated KV cache (None without one)."""
+    def hidden_states(self, params, input_ids, positions, key_valid, cache=None, cache_index=None, prompt_embeds=None):
+        """Final-norm hidden states [b, t, hidden] and the updated KV cache (None without one).
+        prompt_embeds [b, v, hidden]: virtual tokens before the input's (then t includes v)."""
         c = self.config
-        x = embed(input_ids, params["model"]["embed_tokens"])
+        x = self.with_prompt(embed(input_ids, params["model"]["embed_tokens"]), prompt_embeds)
         cos, sin = layers.rope_cos_sin(positions, self.inv_freq)
-        mask = layers.causal_mask(self.query_slots(input_ids, cache_index), key_valid, c.sliding_window)
+        mask = layers.causal_mask(self.query_slots(x, cache_index), key_valid, c.sliding_window)
         layer = self.layer(self._layer)
         new_cache = [] if cache is not None else None
         for i in range(c.num_layers):
@@ -175,6 +176,9 @@ class LlamaModel(CausalLM):
             if new_cache is not None:
                 new_cache.append(kv)
         return layers.rms_norm(x, params["model"]["norm"], c.rms_norm_eps), new_cache
+
+    def word_embedding_table(self, params):
+        return params["model"]["embed_tokens"]["embedding"]
 
     def logits_from_hidden(self, params, hidden):
         if self.config.tie_word_embeddings:

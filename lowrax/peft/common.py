@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 PREFIX = "base_model.model."
+OMIT = object()  # a format's config value meaning "leave this common field out" (PEFT rejects it there)
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 

@@ -25,7 +25,7 @@ from lowrax.adapters.wrap import adapter_nodes
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.io import tables
 from lowrax.io.atomic import write_directory
-from lowrax.peft.common import CONFIG, PREFIX, WEIGHTS, common_config
+from lowrax.peft.common import CONFIG, OMIT, PREFIX, WEIGHTS, common_config
 
 
 def _fully_trained(params: Any, model) -> dict[str, np.ndarray]:
@@ -67,7 +67,8 @@ def save_peft(params: Any, out_dir: str | Path, model=None, *, base_model: str |
     modules_to_save = sorted({k.split(".")[0] for k in full})
     tensors, fields = peft_format(peft_type).write(nodes, params, model=model, initial=initial,
                                                          use_rslora=use_rslora)
-    config = common_config(peft_type, nodes, model, modules_to_save, base_model) | fields
+    config = {k: v for k, v in (common_config(peft_type, nodes, model, modules_to_save, base_model) | fields).items()
+              if v is not OMIT}
     tensors = tensors | {PREFIX + k: v for k, v in full.items()}
 
     def fill(staging: Path) -> None:
@@ -105,6 +106,11 @@ def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jn
         raise CheckpointError(f"{adapter_dir}: {e}") from None
     for name, node in nodes.items():
         tables.set_path(out, modules[name], node)
+    for node in shared.values():
+        if hasattr(node, "check_model"):  # prompt learning: made for a model of these dimensions?
+            if model is None:
+                raise LowraxError(f"loading a {node.peft_type} adapter needs the model: load_peft(params, dir, model)")
+            node.check_model(model)
     out.update(shared)
     rest = [k for k in tensors if k not in used]
     if rest:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from lowrax.adapters.tree import combine, count_params, count_trained, split
 from lowrax.adapters.wrap import adapter_nodes, wrap
-from lowrax.io.pretrained import base_model_name, load_pretrained, load_tokenizer
+from lowrax.io.pretrained import base_model_name, load_pretrained, load_tokenizer, resolve_model_path
 from lowrax.peft.format import save_peft
 from lowrax.io.atomic import write_text
 from lowrax.train.checkpoints import Checkpoints, directory_size
@@ -68,7 +68,10 @@ def build_model(cfg: TrainConfig, mesh=None):
     adapter_cfg = cfg.adapter
     if cfg.model.task == "classification" and not adapter_cfg.modules_to_save:
         adapter_cfg = dataclasses.replace(adapter_cfg, modules_to_save=("classifier",))
-    return model, base, wrap(base, adapter_cfg, jax.random.fold_in(key, 2), model.model_type)
+    if getattr(adapter_cfg, "prompt_tuning_init", None) == "TEXT" and adapter_cfg.tokenizer_name_or_path is None:
+        # prompt tuning from a text: the model's own tokenizer encodes it
+        adapter_cfg = dataclasses.replace(adapter_cfg, tokenizer_name_or_path=str(resolve_model_path(cfg.model.path)))
+    return model, base, wrap(base, adapter_cfg, jax.random.fold_in(key, 2), model=model)
 
 
 def _load_model(cfg: TrainConfig, key, mesh=None):

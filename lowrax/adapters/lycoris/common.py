@@ -13,7 +13,6 @@ Merging adds delta to the kernel; unmerging subtracts it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import jax
@@ -44,12 +43,6 @@ class LycorisConfig(TargetConfig):
         for option in ("rank_dropout", "module_dropout"):
             if not 0.0 <= getattr(self, option) < 1.0:
                 raise LowraxError(f"{name}.{option} must be in [0, 1), got {getattr(self, option)}")
-
-
-def kaiming_uniform(key, shape: tuple[int, ...], torch_fan_in: int, dtype=jnp.float32) -> jnp.ndarray:
-    """PEFT's `kaiming_uniform_(a=sqrt(5))`: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in of the torch tensor."""
-    bound = 1.0 / math.sqrt(torch_fan_in)
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
 
 
 class LycorisKernel(AdapterNode):

@@ -26,8 +26,9 @@ import numpy as np
 from flax import struct
 
 from lowrax.adapters.lycoris.common import (LycorisConfig, LycorisKernel, check_shape,
-                                            kaiming_uniform, lycoris_settings, modules_to_build, peft_tensors,
+                                            lycoris_settings, modules_to_build, peft_tensors,
                                             rank_alpha_fields, rank_and_alpha)
+from lowrax.adapters.init import kaiming_uniform
 from lowrax.adapters.node import FACTOR
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import LORA_DEFAULT_TARGETS, targeting_from_peft
