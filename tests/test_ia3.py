@@ -88,6 +88,18 @@ def test_ia3_merge_equals_factored_and_unmerges(case):
     check_merge_round_trip(model, wrapped, *batch_for(model, seed=2))
 
 
+def test_nf4_bases_carry_ia3(case):
+    _, _, model, params, _ = case
+    quantized = lowrax.quantize(params, lowrax.QuantConfig("nf4", 32), model)
+    wrapped = random_ia3(model, quantized, key=5)
+    assert any(isinstance(n.base, lowrax.NF4Tensor) for n in jax.tree.leaves(
+        wrapped, is_leaf=lambda x: isinstance(x, lowrax.IA3Kernel)) if isinstance(n, lowrax.IA3Kernel))
+    ids, mask = batch_for(model)
+    out = lowrax_outputs(model, wrapped, ids, mask)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(lowrax_outputs(model, lowrax.merge(wrapped), ids, mask), out, atol=2e-4, rtol=1e-4)
+
+
 def test_ia3_scales_input_of_feedforward_and_output_and_bias_elsewhere():
     w, bias = jnp.arange(6.0).reshape(2, 3), jnp.asarray([1.0, -2.0, 0.5])
     x = jnp.asarray([[1.0, 2.0]])

@@ -16,7 +16,7 @@ import lowrax
 from lowrax.cli import main
 from lowrax.train.config import load_config
 from lowrax.train.trainer import run_training
-from tests.test_training_run import data_file, overrides, tiny_dir  # noqa: F401 - fixtures
+from tests.test_training_run import SCORED, data_file, overrides, tiny_dir  # noqa: F401 - fixtures
 
 QUIET = dict(progress=False, log=lambda *_: None)
 
@@ -25,7 +25,7 @@ QUIET = dict(progress=False, log=lambda *_: None)
 def finished_run(tiny_dir, data_file, tmp_path_factory):
     """A 2-step run, finished by the CLI."""
     run = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["train", *overrides(tiny_dir, data_file, run, 2, **{"lora.dropout": 0.0})]) == 0
+    assert main(["train", *overrides(tiny_dir, data_file, run, 2, **{"lora.dropout": 0.0}, **SCORED)]) == 0
     return run
 
 
@@ -36,7 +36,7 @@ def test_rerunning_a_finished_run_keeps_its_record(tiny_dir, data_file, finished
     assert record["steps"] == 2 and record["final_loss"] is not None and record["checkpoint_bytes"] > 0
     assert record["command_wall_seconds"] >= record["train_seconds"] > 0  # the whole command, for the README
 
-    assert main(["train", *overrides(tiny_dir, data_file, finished_run, 2, **{"lora.dropout": 0.0})]) == 0
+    assert main(["train", *overrides(tiny_dir, data_file, finished_run, 2, **{"lora.dropout": 0.0}, **SCORED)]) == 0
     assert "holds a finished run (step 2 of train.steps=2)" in capsys.readouterr().out
     assert (finished_run / "summary.json").read_bytes() == summary_before
     assert (finished_run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter_before
@@ -46,7 +46,7 @@ def test_extending_a_run_continues_its_record(tiny_dir, data_file, tmp_path):
     """`lowrax train train.output_dir=RUN train.steps=4` (no preset) continues a finished run with its own
     settings; the summary covers all 4 steps and keeps the score from before the first."""
     run = tmp_path / "run"
-    assert main(["train", *overrides(tiny_dir, data_file, run, 2)]) == 0
+    assert main(["train", *overrides(tiny_dir, data_file, run, 2, **SCORED)]) == 0
     first = json.loads((run / "summary.json").read_text())
     assert main(["train", f"train.output_dir={run}", "train.steps=4"]) == 0
     extended = json.loads((run / "summary.json").read_text())
@@ -63,7 +63,7 @@ def test_a_crash_after_the_last_checkpoint_is_finished_on_rerun(tiny_dir, data_f
     """The final checkpoint exists but summary.json was never written: the rerun trains nothing,
     and writes a summary with the run's own figures, not empty ones."""
     run = tmp_path / "run"
-    cfg = load_config(None, overrides(tiny_dir, data_file, run, 2))
+    cfg = load_config(None, overrides(tiny_dir, data_file, run, 2, **SCORED))
     first = run_training(cfg, **QUIET)
     (run / "summary.json").unlink()
     again = run_training(cfg, **QUIET)
@@ -206,7 +206,7 @@ def test_cli_errors_use_the_cli_spelling(finished_run, tmp_path, capsys):
 
 
 def test_scoring_shows_progress(tiny_dir, data_file, tmp_path, capsys):
-    run_training(load_config(None, overrides(tiny_dir, data_file, tmp_path / "run", 1)), progress=True,
+    run_training(load_config(None, overrides(tiny_dir, data_file, tmp_path / "run", 1, **SCORED)), progress=True,
                  log=lambda *_: None)
     err = capsys.readouterr().err
     assert "scoring before training" in err and "scoring after training" in err

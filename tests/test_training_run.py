@@ -46,7 +46,7 @@ def overrides(tiny_dir, data_file, out, steps, **extra):
     items = {"model.path": str(tiny_dir), "data.source": str(data_file), "data.seq_len": 16, "data.eval_fraction": 0.25,
              "lora.r": 2, "lora.target_modules": "all-linear", "lora.dropout": 0.1, "optim.learning_rate": 0.01,
              "optim.total_steps": 6, "train.steps": steps, "train.batch_size": 4, "train.save_every": 2,
-             "train.output_dir": str(out), "train.eval_examples": 4, "train.samples": 1, "train.eval_max_new_tokens": 4}
+             "train.output_dir": str(out), "train.eval_examples": 0, "train.samples": 0, "train.eval_max_new_tokens": 4}
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
 
@@ -55,18 +55,22 @@ def losses(out):
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+SCORED = {"train.eval_examples": 4, "train.samples": 1}  # the task metric and samples (off in the other runs)
+
+
 def test_run_writes_outputs_and_resume_reproduces_losses(tiny_dir, data_file, tmp_path):
     full = tmp_path / "full"
-    summary = run_training(load_config(None, overrides(tiny_dir, data_file, full, 6)), progress=False, log=lambda *_: None)
+    summary = run_training(load_config(None, overrides(tiny_dir, data_file, full, 4, **SCORED)), progress=False,
+                           log=lambda *_: None)
     assert {p.name for p in full.iterdir()} >= {"adapter", "checkpoints", "config.yaml", "metrics.jsonl", "loss.png", "summary.json"}
     assert summary["metric"] == "exact_match" and "metric_before" in summary and "metric_after" in summary
     assert summary["adapter_bytes"] > 0 and summary["checkpoint_bytes"] > 0
 
-    # Interrupted after 4 steps (the last checkpoint), then resumed to 6: the same losses.
+    # Interrupted after 2 steps (the last checkpoint), then resumed to 4: the same losses.
     part = tmp_path / "part"
-    run_training(load_config(None, overrides(tiny_dir, data_file, part, 4)), progress=False, log=lambda *_: None)
-    run_training(load_config(None, overrides(tiny_dir, data_file, part, 6)), progress=False, log=lambda *_: None)
-    assert len(losses(part)) == 6
+    run_training(load_config(None, overrides(tiny_dir, data_file, part, 2, **SCORED)), progress=False, log=lambda *_: None)
+    run_training(load_config(None, overrides(tiny_dir, data_file, part, 4, **SCORED)), progress=False, log=lambda *_: None)
+    assert len(losses(part)) == 4
     assert np.allclose(losses(part), losses(full), rtol=0, atol=1e-6)
 
     # The exported adapter loads back onto the base and reproduces the trained model.
@@ -97,13 +101,19 @@ def test_dataset_missing_fields_is_named(tiny_dir, tmp_path):
                      progress=False)
 
 
-def test_classification_run_on_minilm(tmp_path):
+@pytest.mark.parametrize("method", [["lora.r=4"], ["method=ia3"], ["method=loha", "loha.r=2"], ["method=lokr", "lokr.r=2"],
+                                    ["method=oft", "oft.oft_block_size=32"],
+                                    ["method=ln_tuning", "ln_tuning.target_modules=[LayerNorm]"]],
+                         ids=["lora", "ia3", "loha", "lokr", "oft", "ln_tuning"])
+def test_classification_run_on_minilm(tmp_path, method):
+    """Each per-layer method fine-tunes the embedded MiniLM as a classifier (a fresh head trained
+    in full), and its PEFT adapter loads back with that head."""
     data = tmp_path / "sentiment.csv"
     rows = ["text,label"] + [f"{w} movie,{lab}" for w, lab in [("great", 1), ("awful", 0), ("lovely", 1), ("boring", 0)] * 6]
     data.write_text("\n".join(rows) + "\n")
     cfg = load_config(None, [f"model.path={lowrax.embedded_minilm_path()}", "model.task=classification", "model.num_labels=2",
-                             f"data.source={data}", "data.seq_len=8", "data.eval_fraction=0.25", "lora.r=4",
-                             "optim.learning_rate=0.01", "train.steps=4", "train.batch_size=8",
+                             f"data.source={data}", "data.seq_len=8", "data.eval_fraction=0.25", *method,
+                             "optim.learning_rate=0.01", "train.steps=2", "train.batch_size=8", "train.samples=0",
                              f"train.output_dir={tmp_path / 'out'}"])
     summary = run_training(cfg, progress=False, log=lambda *_: None)
     assert summary["metric"] == "accuracy" and 0.0 <= summary["metric_after"] <= 1.0
@@ -114,6 +124,7 @@ def test_classification_run_on_minilm(tmp_path):
     model, base = add_classification_head(model, base, 2, jax.random.key(0))
     loaded = lowrax.load_peft(base, tmp_path / "out" / "adapter", model)
     assert "classifier" in lowrax.split(loaded)[0]
+    assert json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
 
 
 def test_cli_export_import_merge(tiny_dir, data_file, tmp_path):

@@ -104,11 +104,12 @@ def load_gguf(path: Path, dtype, progress: bool = True, model_factory=None, quan
     """(model, params) from a llama GGUF file, dequantizing tensor by tensor."""
     import gguf
 
+    from lowrax.io.gguf_reader import open_gguf
     from lowrax.io.hf_checkpoint import load_tensors
     from lowrax.models import model_from_hf_config
 
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = open_gguf(path)
     except Exception as e:  # noqa: BLE001 - the gguf package raises bare ValueErrors
         raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from e
     tensors = {t.name: t for t in reader.tensors}

@@ -9,6 +9,9 @@ torch. The result is a transformers fast tokenizer with the file's chat template
 
 from __future__ import annotations
 
+import copy
+import functools
+import os
 from pathlib import Path
 
 from lowrax.errors import CheckpointError
@@ -26,12 +29,20 @@ def _converter():
 
 
 def load_gguf_tokenizer(path: str | Path):
-    """A transformers fast tokenizer from a GGUF file's `tokenizer.*` metadata."""
-    import gguf
+    """A transformers fast tokenizer from a GGUF file's `tokenizer.*` metadata (a fresh copy of
+    the one built for this file in this process: building it takes seconds)."""
+    stat = os.stat(path)
+    return copy.deepcopy(_built(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=2)
+def _built(path: str, size: int, mtime_ns: int):
     from transformers import PreTrainedTokenizerFast
 
+    from lowrax.io.gguf_reader import open_gguf
+
     mapping, convert = _converter()
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     meta = {}
     for name, field in reader.fields.items():
         if name.startswith("tokenizer.") or name == "general.architecture":
