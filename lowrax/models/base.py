@@ -150,17 +150,26 @@ class CausalLM(Model):
             attention_mask = jnp.ones((b, t), jnp.int32)
         positions = (positions_from_mask(attention_mask) if position_ids is None else position_ids) + v
         key_valid = jnp.concatenate([jnp.ones((b, v), bool), attention_mask.astype(bool)], axis=1)
-        prefix = prompt.prefix_key_values()
-        if prefix is None:
-            embeds = jnp.broadcast_to(prompt.prompt_embeddings()[None], (b, v, prompt.prompt_embeddings().shape[-1]))
-            virtual_positions = jnp.broadcast_to(jnp.arange(v)[None], (b, v))
-            hidden, _ = self.hidden_states(params, input_ids, jnp.concatenate([virtual_positions, positions], axis=1),
-                                           key_valid, prompt_embeds=embeds)
-            return hidden[:, v:]
-        dtype = self.activation_dtype(params)
-        cache = self._with_prefix(self.init_cache(b, v + t, dtype), prefix)
-        hidden, _ = self.hidden_states(params, input_ids, positions, key_valid, cache, v)
+        hidden, _ = self._run_after_virtual_tokens(params, prompt, input_ids, positions, key_valid, None)
         return hidden
+
+    def _run_after_virtual_tokens(self, params, prompt, input_ids, positions, key_valid, cache):
+        """(hidden states of the caller's tokens [b, t], cache) with the adapter's v virtual tokens
+        in slots 0..v-1. positions: the caller's tokens' (from v on); key_valid: over the cache,
+        or over the v + t keys without one (training and evaluation: a cache is made for a prefix)."""
+        b, t = input_ids.shape
+        v = prompt.num_virtual_tokens
+        prefix = prompt.prefix_key_values()
+        if prefix is not None:
+            if cache is None:
+                cache = self.init_cache(b, v + t, self.activation_dtype(params))
+            return self.hidden_states(params, input_ids, positions, key_valid, self._with_prefix(cache, prefix), v)
+        table = prompt.prompt_embeddings()  # computed once: P-tuning runs its encoder here
+        embeds = jnp.broadcast_to(table[None], (b,) + table.shape)
+        all_positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(v)[None], (b, v)), positions], axis=1)
+        hidden, cache = self.hidden_states(params, input_ids, all_positions, key_valid, cache,
+                                           None if cache is None else 0, prompt_embeds=embeds)
+        return hidden[:, v:], cache
 
     @staticmethod
     def activation_dtype(params):
@@ -236,15 +245,10 @@ class CausalLM(Model):
         key_valid = jnp.concatenate(
             [jnp.ones((b, v), bool), attention_mask.astype(bool), jnp.ones((b, length - v - t), bool)], axis=1
         )
-        prefix = None if prompt is None else prompt.prefix_key_values()
-        if prompt is not None and prefix is None:
-            embeds = jnp.broadcast_to(prompt.prompt_embeddings()[None], (b, v, prompt.prompt_embeddings().shape[-1]))
-            all_positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(v)[None], (b, v)), positions], axis=1)
-            hidden, cache = self.hidden_states(params, input_ids, all_positions, key_valid, cache, 0, prompt_embeds=embeds)
+        if prompt is None:
+            hidden, cache = self.hidden_states(params, input_ids, positions, key_valid, cache, 0)
         else:
-            if prefix is not None:
-                cache = self._with_prefix(cache, prefix)
-            hidden, cache = self.hidden_states(params, input_ids, positions, key_valid, cache, v)
+            hidden, cache = self._run_after_virtual_tokens(params, prompt, input_ids, positions, key_valid, cache)
         logits = self.logits_from_hidden(params, hidden[:, -1])
         return logits, cache, positions[:, -1] + 1, key_valid
 

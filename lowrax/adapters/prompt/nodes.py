@@ -44,6 +44,11 @@ class PromptNode(AdapterNode):
     def prefix_key_values(self):
         return None
 
+    def dimensions(self, model) -> list[tuple[str, int, int]]:
+        """(what, the adapter's, the model's) for each dimension that must agree: here the hidden
+        size of virtual-token embeddings (prefix tuning overrides it)."""
+        return [("hidden size", self.embeddings.shape[1], model.config.hidden_size)]
+
     def check_model(self, model) -> None:
         """A clear error when the adapter was made for a model of other dimensions."""
         for what, ours, theirs in self.dimensions(model):
@@ -104,9 +109,6 @@ class PromptTable(PromptNode):
     def prompt_embeddings(self):
         return self.embeddings
 
-    def dimensions(self, model):
-        return [("hidden size", self.embeddings.shape[1], model.config.hidden_size)]
-
 
 @struct.dataclass
 class PromptEncoder(PromptNode):
@@ -130,9 +132,6 @@ class PromptEncoder(PromptNode):
         if self.lstm_head is not None:
             x = bidirectional_lstm(x, self.lstm_head, self.encoder_dropout, self.dropout_key)
         return mlp(x, self.mlp_head, jax.nn.relu)
-
-    def dimensions(self, model):
-        return [("hidden size", self.embeddings.shape[1], model.config.hidden_size)]
 
 
 @struct.dataclass
