@@ -43,6 +43,10 @@ METHODS = {
     "loha": ["method=loha", "loha.target_modules=all-linear", "loha.r=8", "loha.alpha=16"],
     # LoKr with PEFT's defaults (left full, right rank-r) at the preset's r and alpha.
     "lokr": ["method=lokr", "lokr.target_modules=all-linear", "lokr.r=16", "lokr.alpha=32"],
+    # AdaLoRA from the preset's rank 16 down to 8 per layer on average (PEFT's default ratio,
+    # 12 -> 8, scaled), budget falling between steps 5 and 25 of 30.
+    "adalora": ["method=adalora", "adalora.target_modules=all-linear", "adalora.init_r=16", "adalora.target_r=8",
+                "adalora.alpha=32", "adalora.tinit=5", "adalora.tfinal=5", "optim.learning_rate=1.0e-2"],
     # OFT with PEFT's default block size on every linear layer.
     "oft": ["method=oft", "oft.target_modules=all-linear", "oft.oft_block_size=32"],
     # LN tuning on PEFT's default norms trains 35 K scalars: a larger rate, as for IA3 and VeRA.

@@ -70,8 +70,11 @@ def run(tiny_dir, mesh, method, steps=3):
     """Losses and final trainable arrays of `steps` LoRA (or QLoRA) steps on `mesh`."""
     quant = lowrax.QuantConfig(blocksize=64) if method == "qlora" else None
     model, base = lowrax.load_pretrained(tiny_dir, quantize=quant, mesh=mesh, progress=False)
-    wrapped = lowrax.lora.wrap(base, lowrax.LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random"),
-                               jax.random.key(1))
+    if method == "adalora":  # ranks allocated from one global budget across the sharded layers
+        cfg = lowrax.AdaLoraConfig(init_r=4, target_r=2, total_step=steps, target_modules="all-linear")
+    else:
+        cfg = lowrax.LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random")
+    wrapped = lowrax.wrap(base, cfg, jax.random.key(1))
     trainable, frozen = lowrax.split(wrapped)
     # lr 1e-3: Adam normalises each update, so a rounding-level gradient difference on an
     # element whose gradient is near zero moves it by up to ~lr; keep that below the tolerance.
@@ -114,6 +117,18 @@ def test_sharded_steps_equal_single_device_and_follow_the_rules(tiny_dir, mesh_n
             assert m.shape == p.shape and m.sharding.is_equivalent_to(p.sharding, p.ndim)
     q_a = state.trainable["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].a
     assert q_a.sharding.spec == (P("fsdp", None) if mesh.shape["fsdp"] > 1 else P(None, None))
+
+
+def test_adalora_allocates_the_same_ranks_sharded(tiny_dir):
+    single = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    _, _, ref_state, _, ref_losses, _ = run(tiny_dir, single, "adalora")
+    _, _, state, _, losses, _ = run(tiny_dir, make_mesh(MESHES["tensor2-fsdp2-data2"]), "adalora")
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-5)
+    kept = [n.kept for n in jax.tree.leaves(state.trainable, is_leaf=lambda x: isinstance(x, lowrax.AdaLoraKernel))
+            if isinstance(n, lowrax.AdaLoraKernel)]
+    assert 0 < sum(float(k.sum()) for k in kept) < 4 * len(kept)  # an allocation happened
+    for ours, ref in zip(jax.tree.leaves(state.trainable), jax.tree.leaves(ref_state.trainable)):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
 
 
 def test_rules_give_megatron_and_fsdp_splits(tiny_dir):

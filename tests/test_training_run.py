@@ -103,8 +103,9 @@ def test_dataset_missing_fields_is_named(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("method", [["lora.r=4"], ["method=ia3"], ["method=loha", "loha.r=2"], ["method=lokr", "lokr.r=2"],
                                     ["method=oft", "oft.oft_block_size=32"],
-                                    ["method=ln_tuning", "ln_tuning.target_modules=[LayerNorm]"]],
-                         ids=["lora", "ia3", "loha", "lokr", "oft", "ln_tuning"])
+                                    ["method=ln_tuning", "ln_tuning.target_modules=[LayerNorm]"],
+                                    ["method=adalora", "adalora.init_r=4", "adalora.target_r=2"]],
+                         ids=["lora", "ia3", "loha", "lokr", "oft", "ln_tuning", "adalora"])
 def test_classification_run_on_minilm(tmp_path, method):
     """Each per-layer method fine-tunes the embedded MiniLM as a classifier (a fresh head trained
     in full), and its PEFT adapter loads back with that head."""

@@ -10,3 +10,5 @@ import lowrax.adapters.lycoris.lokr  # noqa: F401  LoKr and PEFT's LOKR format
 import lowrax.adapters.oft  # noqa: F401  OFT and PEFT's OFT format
 import lowrax.adapters.ln_tuning  # noqa: F401  LN tuning and PEFT's LN_TUNING format
 import lowrax.adapters.prompt.method  # noqa: F401  prompt tuning, P-tuning, prefix tuning and their PEFT formats
+import lowrax.adapters.adalora.method  # noqa: F401  AdaLoRA
+import lowrax.adapters.adalora.peft_adalora  # noqa: F401  PEFT's ADALORA format

@@ -25,6 +25,7 @@ FROZEN, LORA_A, LORA_B, VECTOR, FULL, ANCHOR = "frozen", "lora_a", "lora_b", "ve
 FACTOR = "factor"  # a factor of another method's weight delta (LoHa, LoKr): the base learning rate
 ROTATION = "rotation"  # the parameters of a learned rotation (OFT): the base learning rate
 PROMPT = "prompt"  # a prompt-learning adapter's table and encoder: the base learning rate
+SINGULAR = "singular"  # AdaLoRA's singular values: 1-D here, a matrix (r, 1) to PEFT's LoRA+ grouping
 
 ADAPTER_TYPES: list[type] = []
 
@@ -48,6 +49,11 @@ class AdapterNode:
         dropout, dropout_key       a node with `dropout > 0` is given a fresh key each training step
         precondition_grad(g)       rewrite the node's own gradient before the optimizer (LoRA-FA)
         after_update(step)         a rule applied after each optimizer step (Delta-LoRA)
+        after_update_all(nodes, grads, step)
+                                   classmethod: a rule over every node of the type at once, given
+                                   the step's gradients (AdaLoRA's global rank budget)
+        penalty()                  (weighted sum, count): a regulariser the loss adds as the sum over
+                                   nodes divided by the total count (AdaLoRA's orthogonality term)
         bind_shared(params)        fetch arrays shared across layers from the whole tree (VeRA)
         exports_from_initial       True when PEFT export needs the adapter as initialised (PiSSA)
         mergeable                  False for adapters that live in the input, not the weights

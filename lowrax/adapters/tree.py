@@ -23,13 +23,14 @@ from lowrax.errors import LowraxError
 from lowrax.quant.nf4 import NF4Tensor, dequantize, dequantize_after
 
 __all__ = ["FROZEN", "LORA_A", "LORA_B", "VECTOR", "FULL", "ANCHOR", "labels", "split", "combine", "merge",
-           "unmerge", "with_dropout_keys", "count_params", "after_update", "precondition_grads"]
+           "unmerge", "with_dropout_keys", "count_params", "after_update", "precondition_grads", "penalty"]
 
 
 def labels(params: Any) -> Any:
     """A tree of optax labels with the structure of `params`' array leaves: `lora_a`,
-    `lora_b`, `vector` (DoRA magnitudes, VeRA scalings), `anchor` (Delta-LoRA's
-    reference product: carried in the trainable half, never given an update),
+    `lora_b`, `vector` (DoRA magnitudes, VeRA scalings), `anchor` (carried in the
+    trainable half, never given an update: Delta-LoRA's reference product, AdaLoRA's
+    allocator state), `singular` (AdaLoRA's singular values),
     `full` (trained in full) or `frozen`."""
 
     def label(x):
@@ -164,10 +165,35 @@ def precondition_grads(grads: Any, params: Any) -> Any:
     return jax.tree.map(visit, grads, params, is_leaf=lambda x: x is None or is_node(x))
 
 
-def after_update(trainable: Any, step) -> Any:
-    """Let adapter nodes apply rules outside the gradient step (Delta-LoRA's anchor).
-    `step`: optimizer steps done, this update included."""
-    return jax.tree.map(lambda x: x.after_update(step) if hasattr(x, "after_update") else x, trainable, is_leaf=is_node)
+def after_update(trainable: Any, step, grads: Any = None) -> Any:
+    """Let adapter nodes apply rules outside the gradient step: each node's own
+    (`after_update`, Delta-LoRA's anchor), then each node type's rule over all its nodes
+    (`after_update_all`, AdaLoRA's rank budget, given the step's `grads`, shaped like
+    `trainable`). `step`: optimizer steps done, this update included."""
+    trainable = jax.tree.map(lambda x: x.after_update(step) if hasattr(x, "after_update") else x, trainable,
+                             is_leaf=is_node)
+    leaves, treedef = jax.tree.flatten(trainable, is_leaf=is_node)
+    collective = [i for i, x in enumerate(leaves) if hasattr(x, "after_update_all")]
+    if not collective:
+        return trainable
+    if grads is None:
+        raise LowraxError(f"{type(leaves[collective[0]]).__name__} updates from the step's gradients: "
+                          "pass grads to after_update")
+    grad_leaves = treedef.flatten_up_to(grads)
+    for kind in {type(leaves[i]) for i in collective}:
+        mine = [i for i in collective if type(leaves[i]) is kind]
+        for i, node in zip(mine, kind.after_update_all([leaves[i] for i in mine], [grad_leaves[i] for i in mine], step)):
+            leaves[i] = node
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def penalty(params: Any) -> jnp.ndarray | None:
+    """The regulariser the loss adds for the adapter nodes that define one (`penalty()`):
+    their weighted sums over their total count; None when no node has one."""
+    terms = [x.penalty() for x in jax.tree.leaves(params, is_leaf=is_node) if hasattr(x, "penalty")]
+    if not terms:
+        return None
+    return sum(t for t, _ in terms) / sum(c for _, c in terms)
 
 
 def count_params(tree: Any) -> int:
@@ -176,6 +202,6 @@ def count_params(tree: Any) -> int:
 
 
 def count_trained(trainable: Any) -> int:
-    """Scalars that receive updates: the trainable half less Delta-LoRA anchors."""
+    """Scalars that receive updates: the trainable half less `anchor` leaves (state, not weights)."""
     lab = labels(trainable)
     return sum(int(x.size) for x, l in zip(jax.tree.leaves(trainable), jax.tree.leaves(lab)) if l != ANCHOR)

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from lowrax.errors import CheckpointError
+
 PREFIX = "base_model.model."
 OMIT = object()  # a format's config value meaning "leave this common field out" (PEFT rejects it there)
 WEIGHTS = "adapter_model.safetensors"
@@ -50,3 +52,9 @@ def common_config(peft_type: str, nodes: dict[str, Any], model, modules_to_save:
 def torch_layout(kernel_like) -> np.ndarray:
     """A lowrax [in, out]-style matrix as the contiguous float32 torch (out, in) array."""
     return np.ascontiguousarray(np.asarray(kernel_like, np.float32).T)
+
+
+def check_shape(name: str, key: str, tensor, expected: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(expected):
+        raise CheckpointError(f"adapter tensor {PREFIX}{name}.{key} has shape {tuple(tensor.shape)}, "
+                              f"expected {tuple(expected)} for this module")

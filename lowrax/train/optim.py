@@ -5,7 +5,7 @@ whose frozen positions are None, so frozen leaves carry no optimizer state at
 all: optax sees only adapter (and fully-trained) arrays. Within that half the
 tree's labels (`lowrax.labels`) pick the update: LoRA+ gives `lora_b` and 1-D
 leaves a larger learning rate, and Delta-LoRA's `anchor` leaves get none (and
-no state).
+no state), nor do AdaLoRA's allocator state.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import jax
 import optax
 
+from lowrax.adapters.node import SINGULAR
 from lowrax.adapters.tree import ANCHOR, LORA_B, labels
 from lowrax.errors import LowraxError
 
@@ -92,7 +93,8 @@ def update_groups(trainable, loraplus: bool):
     def group(x, label):
         if label == ANCHOR:
             return "no_update"
-        if loraplus and (label == LORA_B or x.ndim == 1):
+        # AdaLoRA's singular values are 1-D here but (r, 1) in PEFT, which groups them with A
+        if loraplus and (label == LORA_B or (x.ndim == 1 and label != SINGULAR)):
             return "loraplus"
         return "base"
 

@@ -18,7 +18,7 @@ import optax
 from flax import struct
 
 from lowrax.adapters.node import resolve
-from lowrax.adapters.tree import after_update, combine, precondition_grads, with_dropout_keys
+from lowrax.adapters.tree import after_update, combine, penalty, precondition_grads, with_dropout_keys
 
 
 @struct.dataclass
@@ -87,8 +87,14 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
         loss_fn = causal_lm_loss if model.is_causal_lm else classification_loss
 
     def summed_loss(trainable, frozen, batch, rng):
+        """(what is differentiated, (token count, task loss sum)). A regulariser of the nodes
+        (AdaLoRA's orthogonality term) enters each micro-batch weighted by its token count, so
+        the step's gradient is that of mean task loss + regulariser with any accumulation."""
         params = with_dropout_keys(combine(trainable, frozen), rng)
-        return loss_fn(model, params, batch)
+        loss_sum, count = loss_fn(model, params, batch)
+        regulariser = penalty(trainable)
+        total = loss_sum if regulariser is None else loss_sum + jax.lax.stop_gradient(count) * regulariser
+        return total, (count, loss_sum)
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
@@ -96,11 +102,11 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
         rng = jax.random.wrap_key_data(state.rng)
         rng, step_rng = jax.random.split(rng)
         if grad_accum_steps == 1:
-            (loss_sum, count), grads = grad_fn(state.trainable, frozen, batch, step_rng)
+            (_, (count, loss_sum)), grads = grad_fn(state.trainable, frozen, batch, step_rng)
         else:
             def micro(carry, xs):
                 micro_batch, i = xs
-                (l, n), g = grad_fn(state.trainable, frozen, micro_batch, jax.random.fold_in(step_rng, i))
+                (_, (n, l)), g = grad_fn(state.trainable, frozen, micro_batch, jax.random.fold_in(step_rng, i))
                 acc_l, acc_n, acc_g = carry
                 return (acc_l + l, acc_n + n, jax.tree.map(jnp.add, acc_g, g)), None
 
@@ -109,12 +115,17 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
                 micro, (jnp.zeros(()), jnp.zeros(()), zeros), (batch, jnp.arange(grad_accum_steps)))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
+        metrics = {"loss": loss_sum / count, "tokens": count}
+        regulariser = penalty(state.trainable)
+        if regulariser is not None:
+            metrics["penalty"] = regulariser
         grads = precondition_grads(grads, combine(state.trainable, frozen))  # LoRA-FA's projected B gradient
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-        trainable = after_update(optax.apply_updates(state.trainable, updates), state.step + 1)  # Delta-LoRA's anchor
+        # Delta-LoRA's anchor, COFT's projection, AdaLoRA's rank allocation
+        trainable = after_update(optax.apply_updates(state.trainable, updates), state.step + 1, grads)
         new_state = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state,
                                rng=jax.random.key_data(rng))
-        metrics = {"loss": loss_sum / count, "tokens": count, "grad_norm": optax.tree_utils.tree_norm(grads)}
+        metrics["grad_norm"] = optax.tree_utils.tree_norm(grads)
         return new_state, metrics
 
     return train_step

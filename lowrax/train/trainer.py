@@ -68,6 +68,9 @@ def build_model(cfg: TrainConfig, mesh=None):
     adapter_cfg = cfg.adapter
     if cfg.model.task == "classification" and not adapter_cfg.modules_to_save:
         adapter_cfg = dataclasses.replace(adapter_cfg, modules_to_save=("classifier",))
+    if hasattr(adapter_cfg, "total_step") and adapter_cfg.total_step is None:
+        # a method scheduled over the run's length (AdaLoRA's rank budget)
+        adapter_cfg = dataclasses.replace(adapter_cfg, total_step=cfg.train.steps)
     if getattr(adapter_cfg, "prompt_tuning_init", None) == "TEXT" and adapter_cfg.tokenizer_name_or_path is None:
         # prompt tuning from a text: the model's own tokenizer encodes it
         adapter_cfg = dataclasses.replace(adapter_cfg, tokenizer_name_or_path=str(resolve_model_path(cfg.model.path)))
@@ -233,7 +236,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
         dt = time.perf_counter() - t0
         tokens_seen += real_tokens
         metrics.write({"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens": real_tokens,
-                       "tokens_per_s": real_tokens / dt})
+                       "tokens_per_s": real_tokens / dt, **({"penalty": float(m["penalty"])} if "penalty" in m else {})})
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{real_tokens / dt:.0f}")
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from lowrax.adapters.node import AdapterNode
 from lowrax.adapters.targets import TargetConfig, pattern_value
-from lowrax.errors import CheckpointError, LowraxError
+from lowrax.errors import LowraxError
 from lowrax.models.linear import matmul
 from lowrax.peft.common import PREFIX, torch_layout
 
@@ -89,12 +89,6 @@ class LycorisKernel(AdapterNode):
 
     def unmerge_from(self, merged: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
         return merged - self.delta()
-
-
-def check_shape(name: str, key: str, tensor, expected: tuple[int, ...]) -> None:
-    if tuple(tensor.shape) != tuple(expected):
-        raise CheckpointError(f"adapter tensor base_model.model.{name}.{key} has shape {tuple(tensor.shape)}, "
-                              f"expected {tuple(expected)} for this module")
 
 
 def refuse_conv1d(model, method: str) -> None:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lowrax.adapters.lycoris.common import (LycorisConfig, LycorisKernel, check_shape,
+from lowrax.adapters.lycoris.common import (LycorisConfig, LycorisKernel,
                                             lycoris_settings, modules_to_build, peft_tensors,
                                             rank_alpha_fields, rank_and_alpha)
 from lowrax.adapters.init import kaiming_uniform
@@ -33,7 +33,7 @@ from lowrax.adapters.node import FACTOR
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import LORA_DEFAULT_TARGETS, targeting_from_peft
 from lowrax.errors import CheckpointError, LowraxError
-from lowrax.peft.common import PREFIX
+from lowrax.peft.common import PREFIX, check_shape
 
 INITS = (True, False, "lycoris")
 # ours -> PEFT's (left is PEFT's w1, right its w2; our a-parts are their _b, transposed)
