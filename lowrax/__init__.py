@@ -23,6 +23,7 @@ The public API (see README.md):
 import lowrax.adapters.catalog  # noqa: F401  registers the built-in adapter methods
 from lowrax.adapters import lora
 from lowrax.adapters.adalora import AdaLoraConfig, AdaLoraKernel
+from lowrax.adapters.bottleneck import BottleneckAdapter, BottleneckConfig
 from lowrax.adapters.ia3 import IA3Config, IA3Kernel
 from lowrax.adapters.ln_tuning import LNTuningConfig, TunedNorm
 from lowrax.adapters.lycoris import LoHaConfig, LoHaKernel, LoKrConfig, LoKrKernel
@@ -56,7 +57,7 @@ __all__ = [
     "load_pretrained", "load_tokenizer", "save_pretrained", "generate", "generate_ids", "SamplingConfig",
     "EncoderOutput", "supported_model_types", "embedded_model_path", "embedded_minilm_path",
     "linear", "register_linear",
-    "wrap", "method_names", "AdapterNode", "AdaLoraConfig", "AdaLoraKernel", "IA3Config", "IA3Kernel", "LoHaConfig", "LoHaKernel", "LoKrConfig", "LoKrKernel", "OFTConfig", "OFTKernel", "LNTuningConfig", "TunedNorm", "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig",
+    "wrap", "method_names", "AdapterNode", "AdaLoraConfig", "AdaLoraKernel", "BottleneckConfig", "BottleneckAdapter", "IA3Config", "IA3Kernel", "LoHaConfig", "LoHaKernel", "LoKrConfig", "LoKrKernel", "OFTConfig", "OFTKernel", "LNTuningConfig", "TunedNorm", "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig",
     "PromptTable", "PromptEncoder", "PrefixEncoder",
     "lora", "LoraConfig", "LoraKernel", "DoraKernel", "VeraKernel", "DeltaLoraKernel", "FullyTrained", "split", "combine", "merge", "unmerge", "labels",
     "count_params", "save_peft", "load_peft",

@@ -47,6 +47,11 @@ METHODS = {
     # 12 -> 8, scaled), budget falling between steps 5 and 25 of 30.
     "adalora": ["method=adalora", "adalora.target_modules=all-linear", "adalora.init_r=16", "adalora.target_r=8",
                 "adalora.alpha=32", "adalora.tinit=5", "adalora.tfinal=5", "optim.learning_rate=1.0e-2"],
+    # Bottleneck adapters with AdapterHub's presets (reduction factor 16: 36 of SmolLM2's 576 channels;
+    # the parallel preset's own factor 2 would be 288).
+    "bottleneck_pfeiffer": ["method=bottleneck", "bottleneck.preset=pfeiffer"],
+    "bottleneck_houlsby": ["method=bottleneck", "bottleneck.preset=houlsby"],
+    "bottleneck_parallel": ["method=bottleneck", "bottleneck.preset=parallel", "bottleneck.reduction_factor=16"],
     # OFT with PEFT's default block size on every linear layer.
     "oft": ["method=oft", "oft.target_modules=all-linear", "oft.oft_block_size=32"],
     # LN tuning on PEFT's default norms trains 35 K scalars: a larger rate, as for IA3 and VeRA.

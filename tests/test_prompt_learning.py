@@ -1,9 +1,10 @@
 """Prompt tuning, P-tuning and prefix tuning: PEFT exchange both ways with equal logits (Llama,
-GPT-2), the encoders (MLP, LSTM, prefix projection) against PEFT's own, TEXT init, generation
+GPT-2, and a BERT classifier), the encoders (MLP, LSTM, prefix projection) against PEFT's own, TEXT init, generation
 with virtual tokens in the cache, merge refused, errors, and `lowrax train`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -159,6 +160,71 @@ def test_generation_keeps_the_virtual_tokens_in_the_cache(case, method, tmp_path
         for _ in range(6):
             seq.append(int(peft_logits(peft_model, np.array([seq]), np.ones((1, len(seq)), np.int64))[0, -1].argmax()))
         assert got == seq[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def bert_case(tmp_path_factory):
+    path, hf = hf_model_dir(tmp_path_factory, "prompt-bert", lambda: transformers.BertForSequenceClassification(
+        transformers.BertConfig(**SMALL, num_labels=3)))
+    model, params = lowrax.load_pretrained(path, progress=False)
+    return path, hf, model, params
+
+
+def bert_batch(seed=0):
+    return random_batch(128, [7, 4], pad_id=0, left=False, seed=seed)
+
+
+def peft_classifier_logits(peft_model, ids, mask) -> np.ndarray:
+    with torch.no_grad():
+        return peft_model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
+
+
+def random_head(params, key=7):
+    """A random classifier, so the adapter's effect shows in the class logits (BERT's own head is tiny)."""
+    head = params["classifier"]
+    k1, k2 = jax.random.split(jax.random.key(key))
+    return dict(params, classifier={"kernel": jax.random.normal(k1, head["kernel"].shape),
+                                    "bias": jax.random.normal(k2, head["bias"].shape)})
+
+
+@pytest.mark.parametrize("method", ["prompt", "p-tuning-mlp", "p-tuning-lstm"])
+def test_bert_classifier_exchanges_with_peft_both_ways(bert_case, method, tmp_path):
+    """PEFT's sequence classification with virtual tokens (the pooler reads the first virtual
+    token): lowrax's adapter, with its trained classifier, gives PEFT's class logits, and PEFT's
+    adapter gives lowrax the same."""
+    path, hf, model, params = bert_case
+    cfg = dataclasses.replace(METHODS[method][0], modules_to_save=("classifier",))
+    wrapped = lowrax.wrap(random_head(params), cfg, jax.random.key(1), model=model)
+    lowrax.save_peft(wrapped, tmp_path / "ours", model)
+    auto = transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(auto, tmp_path / "ours").eval()
+    ids, mask = bert_batch()
+    ours = lowrax_outputs(model, wrapped, ids, mask)
+    assert np.abs(ours - peft_classifier_logits(peft_model, ids, mask)).max() <= 1e-4
+    assert np.abs(ours - lowrax_outputs(model, random_head(params), ids, mask)).max() > 1e-3  # the tokens matter
+    out = model.apply(wrapped, jnp.asarray(ids), jnp.asarray(mask))
+    assert out.last_hidden_state.shape[1] == ids.shape[1]  # the caller's tokens only
+
+    torch.manual_seed(3)  # a fresh torch model: PEFT wraps the classifier in place
+    theirs = peft.get_peft_model(transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32),
+                                 METHODS[method][1].__class__(**{**METHODS[method][1].to_dict(), "task_type": "SEQ_CLS"}))
+    theirs.eval().save_pretrained(tmp_path / "theirs")
+    loaded = lowrax.load_peft(params, tmp_path / "theirs", model)
+    ids, mask = bert_batch(seed=1)
+    assert np.abs(lowrax_outputs(model, loaded, ids, mask) - peft_classifier_logits(theirs, ids, mask)).max() <= 1e-4
+
+
+def test_prefix_tuning_on_bert_is_refused_as_peft_cannot_run_it(bert_case, tmp_path):
+    """PEFT 0.21 hands BERT its prefix as past_key_values, which transformers 5's BertModel no
+    longer takes (it is `cache` now): PEFT fails, so there is no reference, and lowrax says so."""
+    path, _, model, params = bert_case
+    peft_model = peft.get_peft_model(transformers.AutoModelForSequenceClassification.from_pretrained(path),
+                                     peft.PrefixTuningConfig(num_virtual_tokens=V, task_type="SEQ_CLS"))
+    ids, mask = bert_batch()
+    with pytest.raises(ValueError, match="past key values"):
+        peft_classifier_logits(peft_model, ids, mask)
+    with pytest.raises(LowraxError, match="prefix tuning on BERT"):
+        lowrax.wrap(params, lowrax.PrefixTuningConfig(num_virtual_tokens=V), jax.random.key(0), model=model)
 
 
 def test_merge_is_refused_and_only_the_prompt_trains(case):

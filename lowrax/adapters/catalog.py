@@ -12,3 +12,5 @@ import lowrax.adapters.ln_tuning  # noqa: F401  LN tuning and PEFT's LN_TUNING f
 import lowrax.adapters.prompt.method  # noqa: F401  prompt tuning, P-tuning, prefix tuning and their PEFT formats
 import lowrax.adapters.adalora.method  # noqa: F401  AdaLoRA
 import lowrax.adapters.adalora.peft_adalora  # noqa: F401  PEFT's ADALORA format
+import lowrax.adapters.bottleneck.method  # noqa: F401  bottleneck adapters
+import lowrax.adapters.bottleneck.adapterhub  # noqa: F401  AdapterHub's adapter directories

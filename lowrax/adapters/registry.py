@@ -39,6 +39,9 @@ class AdapterMethod:
     # instead of `build`: (params, cfg, key, adapter_dtype, model) -> the node that goes under the
     # tree's `prompt_encoder` key (prompt-learning methods: virtual tokens, not module adapters)
     build_virtual: Callable[..., Any] | None = None
+    # instead of `build`: (params, cfg, key, adapter_dtype, model) -> {tree path: node} for nodes at
+    # paths of their own (bottleneck adapters at the model's residual-stream sites)
+    build_inserted: Callable[..., dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,15 @@ class PeftFormat:
     read: Callable[..., tuple[dict, dict, set]]
     to_config: Callable[[dict], tuple[str, Any]]
     modules: Callable[[Any], dict] | None = None  # what `read`'s bases are; None: the linear kernels
+    # A format with its own directory layout (AdapterHub's) instead of PEFT's files:
+    # save_directory(params, nodes, out_dir, model, overwrite) -> Path;
+    # load_directory(params, adapter_dir, model, adapter_dtype) -> params; recognises(config json) -> bool
+    # where modules_to_save tensors go: PEFT's prompt-learning models wrap the HF model directly
+    # (`base_model.classifier.weight`), the others one level deeper (`base_model.model.classifier.weight`)
+    modules_to_save_prefix: str = "base_model.model."
+    save_directory: Callable[..., Any] | None = None
+    load_directory: Callable[..., Any] | None = None
+    recognises: Callable[[dict], bool] | None = None
 
 
 _METHODS: dict[str, AdapterMethod] = {}
@@ -106,6 +118,16 @@ def method_for_config(cfg: Any) -> AdapterMethod:
 def shared_keys() -> tuple[str, ...]:
     """Top-level tree keys of arrays that some method shares across layers."""
     return tuple(k for m in _METHODS.values() for k in m.shared_keys)
+
+
+def format_for_config(config: dict, where: str = "") -> PeftFormat:
+    """The format of an adapter directory, from its adapter_config.json: PEFT's `peft_type`, or a
+    format that recognises its own config (AdapterHub's)."""
+    if "peft_type" not in config:
+        for fmt in _PEFT_FORMATS.values():
+            if fmt.recognises is not None and fmt.recognises(config):
+                return fmt
+    return peft_format(config.get("peft_type"), where)
 
 
 def peft_format(peft_type: str, where: str = "") -> PeftFormat:

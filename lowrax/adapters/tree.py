@@ -85,8 +85,10 @@ def _is_adapted_layer(x: Any) -> bool:
 def _refuse_unmergeable(params: Any) -> None:
     for leaf in jax.tree.leaves(params, is_leaf=is_node):
         if is_adapter(leaf) and not leaf.mergeable:
-            raise LowraxError(f"{leaf.peft_type} adapters add virtual tokens to the input rather than change weights, "
-                              "so they cannot be merged: use the run or adapter as it is (lowrax generate --adapter)")
+            reason = getattr(leaf, "unmergeable_reason", "adapters add virtual tokens to the input rather than "
+                                                         "change weights")
+            raise LowraxError(f"{leaf.peft_type} {reason}, so they cannot be merged: use the run or adapter as it "
+                              "is (lowrax generate --adapter)")
 
 
 def merge(params: Any) -> Any:

@@ -35,6 +35,8 @@ def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp
         model_type = model.model_type
     if method.build_virtual is not None:
         return _with_virtual_tokens(params, cfg, key, adapter_dtype, model, method)
+    if method.build_inserted is not None:
+        return _with_inserted_nodes(params, cfg, key, adapter_dtype, model, method)
     modules = (method.modules or linear_modules)(params)
     targets = select_targets(params, cfg, model_type, method.default_targets, method.name, modules, method.module_kind)
     out = jax.tree.map(lambda x: x, params, is_leaf=is_node)  # a fresh copy of the dict structure
@@ -59,6 +61,22 @@ def _with_virtual_tokens(params, cfg, key, adapter_dtype, model, method) -> Any:
         raise LowraxError(f"these params already carry a prompt-learning adapter under {VIRTUAL_TOKENS_KEY!r}")
     out = dict(params)
     out[VIRTUAL_TOKENS_KEY] = method.build_virtual(params, cfg, key, adapter_dtype, model)
+    return _with_modules_to_save(out, cfg)
+
+
+def _with_inserted_nodes(params, cfg, key, adapter_dtype, model, method) -> Any:
+    """A method whose nodes sit at paths of their own (bottleneck adapters' sites)."""
+    if model is None:
+        raise LowraxError(f"{method.name} needs the model for its sites: wrap(params, cfg, key, model=model)")
+    out = jax.tree.map(lambda x: x, params, is_leaf=is_node)
+    for path, node in method.build_inserted(params, cfg, key, adapter_dtype, model).items():
+        try:
+            existing = get_path(out, path)
+        except (KeyError, TypeError):
+            existing = None
+        if existing is not None:
+            raise LowraxError(f"{'.'.join(path)} already holds an adapter; merge or remove it first")
+        set_path(out, path, node)
     return _with_modules_to_save(out, cfg)
 
 

@@ -19,8 +19,9 @@ from lowrax.io.tables import TRANSPOSE, TensorSpec
 from lowrax.models import layers
 from lowrax.models.base import Model
 from lowrax.models.config_utils import field
-from lowrax.adapters.node import resolve
+from lowrax.adapters.node import resolve, virtual_tokens
 from lowrax.models.linear import embed, linear
+from lowrax.models.residual import add_residual, site_adapter
 from lowrax.errors import LowraxError
 
 
@@ -146,16 +147,32 @@ class BertModel(Model):
             return jnp.cumsum(mask, axis=1) * mask + c.pad_token_id
         return jnp.broadcast_to(jnp.arange(t)[None, :], attention_mask.shape)
 
-    def _layer(self, p, x, mask):
+    def _layer(self, p, x, mask, prefix=None):
+        """prefix: this layer's prefix-tuning keys and values ([v, heads, head_dim] each) before the tokens'."""
         c = self.config
         b, t, _ = x.shape
         head_dim = c.hidden_size // c.num_heads
         a = p["attention"]
         q, k, v = (linear(x, a["self"][n]).reshape(b, t, c.num_heads, head_dim) for n in ("query", "key", "value"))
+        if prefix is not None:
+            pk, pv = (jnp.broadcast_to(y[None].astype(k.dtype), (b,) + y.shape) for y in prefix)
+            k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
         attn = linear(layers.attention(q, k, v, mask, head_dim**-0.5), a["output"]["dense"])
-        x = layers.layer_norm(x + attn, a["output"]["LayerNorm"], c.layer_norm_eps)
+        x = add_residual(attn, x, site_adapter(a, "output"),
+                         lambda y: layers.layer_norm(y, a["output"]["LayerNorm"], c.layer_norm_eps))
         h = linear(layers.activation(c.hidden_act)(linear(x, p["intermediate"]["dense"])), p["output"]["dense"])
-        return layers.layer_norm(x + h, p["output"]["LayerNorm"], c.layer_norm_eps)
+        return add_residual(h, x, site_adapter(p, "output"),
+                            lambda y: layers.layer_norm(y, p["output"]["LayerNorm"], c.layer_norm_eps))
+
+    def bottleneck_sites(self) -> dict[str, tuple[str, int]]:
+        """AdapterHub's residual-stream sites (its `BertSelfOutput` and `BertOutput` modules):
+        module name -> (location, layer index); the adapter lives at `module path + ("adapters",)`."""
+        root = self.config.root
+        out = {}
+        for i in range(self.config.num_layers):
+            out[f"{root}.encoder.layer.{i}.attention.output"] = ("mh_adapter", i)
+            out[f"{root}.encoder.layer.{i}.output"] = ("output_adapter", i)
+        return out
 
     def apply(self, params, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> EncoderOutput:
         """Encode input_ids [b, t]; attention_mask [b, t] is 1 for tokens, 0 for padding."""
@@ -165,19 +182,49 @@ class BertModel(Model):
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if token_type_ids is None:
             token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
+        given_positions = position_ids
         if position_ids is None:
             position_ids = self._positions(attention_mask)
         root = params[c.root]
         e = root["embeddings"]
-        x = embed(input_ids, e["word_embeddings"]) + embed(token_type_ids, e["token_type_embeddings"])
-        x = layers.layer_norm(x + embed(position_ids, e["position_embeddings"]), e["LayerNorm"], c.layer_norm_eps)
+        words = embed(input_ids, e["word_embeddings"])
         b, t = input_ids.shape
-        mask = jnp.broadcast_to(attention_mask.astype(bool)[:, None, :], (b, t, t))
+        prompt = virtual_tokens(params)
+        v, table, prefix = 0, None, None
+        if prompt is not None:
+            # PEFT's sequence classification: prompt tuning and P-tuning put v embeddings (token
+            # type 0) before the input, at positions 0..v-1, and the pooler reads the first of
+            # them; prefix tuning puts v keys and values before every layer's, with the input's
+            # positions from v on (BERT counts positions after a cache's length).
+            self._check_virtual_tokens(prompt, given_positions)
+            v, table, prefix = prompt.num_virtual_tokens, prompt.prompt_embeddings(), prompt.prefix_key_values()
+            attention_mask = jnp.concatenate([jnp.ones((b, v), attention_mask.dtype), attention_mask], axis=1)
+            if table is not None:
+                words = jnp.concatenate([jnp.broadcast_to(table[None].astype(words.dtype), (b,) + table.shape), words], 1)
+                token_type_ids = jnp.concatenate([jnp.zeros((b, v), token_type_ids.dtype), token_type_ids], axis=1)
+            position_ids = jnp.broadcast_to(jnp.arange(v + t)[None, :], (b, v + t))
+            if prefix is not None:
+                position_ids = position_ids[:, v:]
+        x = words + embed(token_type_ids, e["token_type_embeddings"])
+        x = layers.layer_norm(x + embed(position_ids, e["position_embeddings"]), e["LayerNorm"], c.layer_norm_eps)
+        mask = jnp.broadcast_to(attention_mask.astype(bool)[:, None, :], (b, x.shape[1], attention_mask.shape[1]))
         layer = self.layer(self._layer)
         for i in range(c.num_layers):
-            x = layer(root["encoder"]["layer"][str(i)], x, mask)
+            x = layer(root["encoder"]["layer"][str(i)], x, mask, None if prefix is None else prefix[i])
         pooled = jnp.tanh(linear(x[:, 0], root["pooler"]["dense"])) if "pooler" in root else None
-        return EncoderOutput(x, pooled, self._classify(params, x, pooled))
+        logits = self._classify(params, x, pooled)
+        return EncoderOutput(x[:, v:] if table is not None else x, pooled, logits)
+
+    def _check_virtual_tokens(self, prompt, position_ids) -> None:
+        if self.config.root != "bert":
+            raise LowraxError(f"prompt-learning adapters on encoders are implemented for BERT; {self.config.root} "
+                              "numbers positions from its padding index, which PEFT's virtual-token path does not")
+        if position_ids is not None:
+            raise LowraxError(f"position_ids cannot be given with {prompt.peft_type}'s virtual tokens (PEFT ignores them "
+                              "too): the virtual tokens take positions 0..v-1")
+
+    def word_embedding_table(self, params):
+        return params[self.config.root]["embeddings"]["word_embeddings"]["embedding"]
 
     def _classify(self, params, hidden, pooled):
         if "classifier" not in params:

@@ -17,6 +17,7 @@ from lowrax.models import layers
 from lowrax.models.base import CausalLM
 from lowrax.models.config_utils import field, rope_settings
 from lowrax.models.linear import attend_to_embedding, embed, linear
+from lowrax.models.residual import add_residual, site_adapter
 from lowrax.errors import LowraxError
 
 
@@ -158,8 +159,9 @@ class LlamaModel(CausalLM):
         c = self.config
         attn, kv = self._attention(p["self_attn"], layers.rms_norm(x, p["input_layernorm"], c.rms_norm_eps),
                                    cos, sin, mask, kv, cache_index)
-        x = x + attn
-        return x + self._mlp(p["mlp"], layers.rms_norm(x, p["post_attention_layernorm"], c.rms_norm_eps)), kv
+        x = add_residual(attn, x, site_adapter(p, "attention_adapters"))
+        h = self._mlp(p["mlp"], layers.rms_norm(x, p["post_attention_layernorm"], c.rms_norm_eps))
+        return add_residual(h, x, site_adapter(p, "output_adapters")), kv
 
     def hidden_states(self, params, input_ids, positions, key_valid, cache=None, cache_index=None, prompt_embeds=None):
         """Final-norm hidden states [b, t, hidden] and the updated KV cache (None without one).
@@ -176,6 +178,15 @@ class LlamaModel(CausalLM):
             if new_cache is not None:
                 new_cache.append(kv)
         return layers.rms_norm(x, params["model"]["norm"], c.rms_norm_eps), new_cache
+
+    def bottleneck_sites(self) -> dict[str, tuple[str, int]]:
+        """AdapterHub's residual-stream sites: module name -> (location, layer index); a
+        bottleneck adapter lives at the tree path `module name + ("adapters",)`."""
+        out = {}
+        for i in range(self.config.num_layers):
+            out[f"model.layers.{i}.attention_adapters"] = ("mh_adapter", i)
+            out[f"model.layers.{i}.output_adapters"] = ("output_adapter", i)
+        return out
 
     def word_embedding_table(self, params):
         return params["model"]["embed_tokens"]["embedding"]

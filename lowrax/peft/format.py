@@ -19,7 +19,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from lowrax.adapters.node import FullyTrained, is_node
-from lowrax.adapters.registry import peft_format
+from lowrax.adapters.registry import format_for_config, peft_format
 from lowrax.adapters.targets import linear_modules
 from lowrax.adapters.wrap import adapter_nodes
 from lowrax.errors import CheckpointError, LowraxError
@@ -58,6 +58,9 @@ def save_peft(params: Any, out_dir: str | Path, model=None, *, base_model: str |
         kinds = sorted({type(n).__name__ for n in nodes.values()})
         raise LowraxError(f"one PEFT adapter holds one method; these params mix {', '.join(kinds)}")
     peft_type = peft_types.pop()
+    fmt = peft_format(peft_type)
+    if fmt.save_directory is not None:  # a format with its own layout (AdapterHub's)
+        return fmt.save_directory(params, nodes, out_dir, model, overwrite=overwrite, base_model=base_model)
     if initial is None and any(n.exports_from_initial for n in nodes.values()):
         raise LowraxError(
             f"this {peft_type} adapter is exported converted against its initial value (PiSSA: plain LoRA over the "
@@ -65,11 +68,10 @@ def save_peft(params: Any, out_dir: str | Path, model=None, *, base_model: str |
             "save_peft(params, out_dir, model, initial=params_right_after_wrap)")
     full = _fully_trained(params, model)
     modules_to_save = sorted({k.split(".")[0] for k in full})
-    tensors, fields = peft_format(peft_type).write(nodes, params, model=model, initial=initial,
-                                                         use_rslora=use_rslora)
+    tensors, fields = fmt.write(nodes, params, model=model, initial=initial, use_rslora=use_rslora)
     config = {k: v for k, v in (common_config(peft_type, nodes, model, modules_to_save, base_model) | fields).items()
               if v is not OMIT}
-    tensors = tensors | {PREFIX + k: v for k, v in full.items()}
+    tensors = tensors | {fmt.modules_to_save_prefix + k: v for k, v in full.items()}
 
     def fill(staging: Path) -> None:
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
@@ -79,24 +81,33 @@ def save_peft(params: Any, out_dir: str | Path, model=None, *, base_model: str |
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
-    """The `adapter_config.json` of a PEFT adapter directory (checked to hold its weights too)."""
+    """The `adapter_config.json` of a PEFT adapter directory (checked to hold its weights too),
+    or of a directory in a format that recognises its config (AdapterHub's)."""
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / CONFIG).exists() or not (adapter_dir / WEIGHTS).exists():
-        raise CheckpointError(f"{adapter_dir} is not a PEFT adapter: expected {CONFIG} and {WEIGHTS}")
-    return json.loads((adapter_dir / CONFIG).read_text())
+    if (adapter_dir / CONFIG).exists():
+        config = json.loads((adapter_dir / CONFIG).read_text())
+        if (adapter_dir / WEIGHTS).exists():
+            return config
+        if "peft_type" not in config and format_for_config(config, f"{adapter_dir}: ").load_directory is not None:
+            return config
+    raise CheckpointError(f"{adapter_dir} is not a PEFT adapter: expected {CONFIG} and {WEIGHTS}")
 
 
 def read_adapter_dir(adapter_dir: str | Path) -> tuple[dict, dict]:
-    """(config, tensors with the `base_model.model.` prefix removed) of a PEFT adapter directory."""
+    """(config, tensors with PEFT's `base_model.model.` / `base_model.` prefix removed) of a PEFT adapter directory."""
     config = read_adapter_config(adapter_dir)
     tensors = load_file(str(Path(adapter_dir) / WEIGHTS))
-    return config, {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in tensors.items()}
+    # PEFT's keys start base_model.model. (base_model. for prompt learning's modules_to_save); HF's never do
+    return config, {k.removeprefix(PREFIX) if k.startswith(PREFIX) else k.removeprefix("base_model."): v
+                    for k, v in tensors.items()}
 
 
 def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jnp.float32) -> Any:
     """Wrap plain `params` with the adapter PEFT saved in `adapter_dir` (any registered `peft_type`)."""
+    fmt = format_for_config(read_adapter_config(adapter_dir), where=f"{adapter_dir}: ")
+    if fmt.load_directory is not None:  # a format with its own layout (AdapterHub's)
+        return fmt.load_directory(params, adapter_dir, model, adapter_dtype)
     config, tensors = read_adapter_dir(adapter_dir)
-    fmt = peft_format(config.get("peft_type"), where=f"{adapter_dir}: ")
     modules = (fmt.modules or linear_modules)(params)
     out = jax.tree.map(lambda x: x, params, is_leaf=is_node)
     bases = {name: tables.get_path(out, path) for name, path in modules.items()}

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import yaml
 
-from lowrax.adapters.registry import method_names, peft_format
+from lowrax.adapters.registry import format_for_config, method_names
 from lowrax.adapters.tree import combine, merge, split
 from lowrax.errors import LowraxError
 from lowrax.io.atomic import write_text
@@ -97,12 +97,17 @@ def load_adapted(path: str | Path, model_path: str | None = None, dtype: str | N
                           f"({CONFIG} + {WEIGHTS})")
     peft_config = read_adapter_config(path)
     if model_path is None:
-        model_path = base_model_path(peft_config.get("base_model_name_or_path"), where=f"{path}: ")
+        model_path = base_model_path(recorded_base(peft_config), where=f"{path}: ")
     model, base = load_pretrained(model_path, dtype=DTYPES[dtype or "float32"])
     params = load_peft(base, path, model)
     run = path.parent
     chat = uses_chat_template(read_run_config(run)) if (run / "config.yaml").exists() else None
     return Adapted(model, params, load_tokenizer(model_path), chat, f"PEFT adapter {path}")
+
+
+def recorded_base(adapter_config: dict) -> str | None:
+    """The base model an adapter directory names: PEFT's base_model_name_or_path, AdapterHub's model_name."""
+    return adapter_config.get("base_model_name_or_path", adapter_config.get("model_name") or None)
 
 
 def export_peft(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -148,9 +153,9 @@ def import_peft(adapter_dir: str | Path, out_dir: str | Path, model_path: str | 
     if (out_dir / "config.yaml").exists() or (out_dir / "checkpoints").exists():
         raise LowraxError(f"{out_dir} already holds a run; choose a new directory")
     peft_config = read_adapter_config(adapter_dir)
-    method, adapter_cfg = peft_format(peft_config.get("peft_type"), where=f"{adapter_dir}: ").to_config(peft_config)
+    method, adapter_cfg = format_for_config(peft_config, where=f"{adapter_dir}: ").to_config(peft_config)
     if model_path is None:
-        model_path = base_model_path(peft_config.get("base_model_name_or_path"), where=f"{adapter_dir}: ")
+        model_path = base_model_path(recorded_base(peft_config), where=f"{adapter_dir}: ")
     values = read_preset(preset)
     for name in method_names():
         values.pop(name, None)  # the preset's adapter settings give way to the adapter's own

@@ -21,7 +21,7 @@ import numpy as np
 from lowrax.adapters.init import kaiming_uniform, torch_linear
 from lowrax.adapters.node import VIRTUAL_TOKENS_KEY
 from lowrax.adapters.prompt.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
-from lowrax.adapters.prompt.nodes import PrefixEncoder, PromptEncoder, PromptTable
+from lowrax.adapters.prompt.nodes import PrefixEncoder, PromptEncoder, PromptTable, refuse_encoder_prefix
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.peft.common import OMIT
@@ -32,10 +32,13 @@ TENSOR = "prompt_embeddings"
 def _dims(model) -> dict:
     """PEFT's token_dim / num_layers / num_attention_heads for this model (prefix tuning's are
     the key/value heads', as PEFT sets them for grouped-query attention)."""
-    if not getattr(model, "is_causal_lm", False):
-        raise LowraxError(f"prompt-learning methods in lowrax run on causal LMs; {model.model_type} is an encoder "
-                          "(BERT-family prompt and prefix tuning are not implemented yet)")
-    kv_heads, head_dim = model.kv_shape(1, 1)[2:]
+    if getattr(model, "is_causal_lm", False):
+        kv_heads, head_dim = model.kv_shape(1, 1)[2:]
+    elif model.model_type == "bert":
+        kv_heads, head_dim = model.config.num_heads, model.config.hidden_size // model.config.num_heads
+    else:
+        raise LowraxError(f"prompt-learning methods run on causal LMs and BERT encoders, not {model.model_type!r} "
+                          "(RoBERTa numbers positions from its padding index, which PEFT's virtual-token path does not)")
     return {"hidden": model.config.hidden_size, "layers": model.config.num_layers, "kv_heads": kv_heads,
             "head_dim": head_dim}
 
@@ -92,6 +95,7 @@ def build_p_tuning(params, cfg: PromptEncoderConfig, key, adapter_dtype, model) 
 
 
 def build_prefix_tuning(params, cfg: PrefixTuningConfig, key, adapter_dtype, model) -> PrefixEncoder:
+    refuse_encoder_prefix(model)
     d, v = _dims(model), cfg.num_virtual_tokens
     flat = d["layers"] * 2 * d["kv_heads"] * d["head_dim"]
     shape = dict(num_layers=d["layers"], kv_heads=d["kv_heads"], head_dim=d["head_dim"])
@@ -203,8 +207,8 @@ register_method(AdapterMethod(name="p_tuning", config=PromptEncoderConfig, build
 register_method(AdapterMethod(name="prefix_tuning", config=PrefixTuningConfig, build=None,
                               build_virtual=build_prefix_tuning))
 register_peft_format(PeftFormat(peft_type="PROMPT_TUNING", write=write_prompt, read=read_prompt,
-                                to_config=prompt_to_config, modules=NONE))
+                                to_config=prompt_to_config, modules=NONE, modules_to_save_prefix="base_model."))
 register_peft_format(PeftFormat(peft_type="P_TUNING", write=write_prompt, read=read_prompt,
-                                to_config=prompt_to_config, modules=NONE))
+                                to_config=prompt_to_config, modules=NONE, modules_to_save_prefix="base_model."))
 register_peft_format(PeftFormat(peft_type="PREFIX_TUNING", write=write_prefix, read=read_prefix,
-                                to_config=prefix_to_config, modules=NONE))
+                                to_config=prefix_to_config, modules=NONE, modules_to_save_prefix="base_model."))

@@ -159,6 +159,16 @@ class PrefixEncoder(PromptNode):
         return [(x[:, 2 * i], x[:, 2 * i + 1]) for i in range(self.num_layers)]
 
     def dimensions(self, model):
+        refuse_encoder_prefix(model)
         kv_heads, head_dim = model.kv_shape(1, 1)[2:]
         return [("layers", self.num_layers, model.config.num_layers), ("key/value heads", self.kv_heads, kv_heads),
                 ("head size", self.head_dim, head_dim)]
+
+
+def refuse_encoder_prefix(model) -> None:
+    """PEFT 0.21 gives BERT its prefix as past_key_values, which transformers 5's BertModel no longer
+    takes (it is `cache` now): PEFT fails there, so lowrax has no reference to be equal to."""
+    if model is not None and not getattr(model, "is_causal_lm", True):
+        raise LowraxError("prefix tuning on BERT-family encoders is refused: PEFT 0.21 cannot run it with "
+                          "transformers 5 (BertModel takes `cache`, not past_key_values), so there is no reference "
+                          "to match; use prompt tuning or P-tuning on encoders")
