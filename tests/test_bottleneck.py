@@ -1,5 +1,5 @@
 """Bottleneck adapters against AdapterHub (`adapters` 1.3.0) through committed fixtures: its saved
-adapter directories load with its logits (1e-4) on a random BERT classifier and a random Llama,
+adapter directories load with its logits (1e-4) on a random BERT classifier, Llama and GPT-2,
 for Houlsby, Pfeiffer, parallel and settings away from the presets; lowrax writes the same
 directories back; init, refusals, generation and `lowrax train`.
 
@@ -27,7 +27,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub"
 SETTINGS = ("houlsby", "pfeiffer", "parallel", "custom_seq", "custom_par", "custom_nores")
 
 
-@pytest.fixture(scope="module", params=["bert", "llama"])
+@pytest.fixture(scope="module", params=["bert", "llama", "gpt2"])
 def family(request):
     model, params = lowrax.load_pretrained(FIXTURES / request.param / "model", progress=False)
     return request.param, model, params, np.load(FIXTURES / request.param / "expected.npz")
@@ -117,14 +117,15 @@ def test_bad_directories_and_configs_are_refused(family, tmp_path):
         BottleneckConfig.from_dict({"reduction": 4})
 
 
-def test_gpt2_is_refused_until_its_sites_are_known(tmp_path_factory):
-    transformers = pytest.importorskip("transformers", reason="builds a random GPT-2 (pip install -e .[test])")
+def test_families_without_known_sites_are_refused(tmp_path_factory):
+    transformers = pytest.importorskip("transformers", reason="builds a random Qwen2 (pip install -e .[test])")
     from tests.conftest import hf_model_dir
 
-    path, _ = hf_model_dir(tmp_path_factory, "bn-gpt2", lambda: transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4)))
+    path, _ = hf_model_dir(tmp_path_factory, "bn-qwen2", lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2)))
     model, params = lowrax.load_pretrained(path, progress=False)
-    with pytest.raises(LowraxError, match="implemented for llama, bert, roberta"):
+    with pytest.raises(LowraxError, match="implemented for llama, gpt2, bert, roberta"):
         lowrax.wrap(params, BottleneckConfig(), jax.random.key(0), model=model)
 
 

@@ -15,6 +15,7 @@ from lowrax.io.tables import TensorSpec
 from lowrax.models import layers
 from lowrax.models.base import CausalLM
 from lowrax.models.config_utils import field
+from lowrax.models.residual import add_residual, site_adapter
 from lowrax.models.linear import attend_to_embedding, embed, linear
 
 
@@ -114,9 +115,19 @@ class GPT2Model(CausalLM):
     def _layer(self, i, p, x, mask, kv, cache_index):
         c = self.config
         attn, kv = self._attention(i, p["attn"], layers.layer_norm(x, p["ln_1"], c.layer_norm_eps), mask, kv, cache_index)
-        x = x + attn
+        x = add_residual(attn, x, site_adapter(p, "attention_adapters"))
         h = layers.layer_norm(x, p["ln_2"], c.layer_norm_eps)
-        return x + linear(layers.activation(c.hidden_act)(linear(h, p["mlp"]["c_fc"])), p["mlp"]["c_proj"]), kv
+        h = linear(layers.activation(c.hidden_act)(linear(h, p["mlp"]["c_fc"])), p["mlp"]["c_proj"])
+        return add_residual(h, x, site_adapter(p, "output_adapters")), kv
+
+    def bottleneck_sites(self) -> dict[str, tuple[str, int]]:
+        """AdapterHub's residual-stream sites: module name -> (location, layer index); a
+        bottleneck adapter lives at the tree path `module name + ("adapters",)`."""
+        out = {}
+        for i in range(self.config.num_layers):
+            out[f"transformer.h.{i}.attention_adapters"] = ("mh_adapter", i)
+            out[f"transformer.h.{i}.output_adapters"] = ("output_adapter", i)
+        return out
 
     def hidden_states(self, params, input_ids, positions, key_valid, cache=None, cache_index=None, prompt_embeds=None):
         """Final-LayerNorm hidden states [b, t, hidden] and the updated KV cache.

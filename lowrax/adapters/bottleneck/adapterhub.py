@@ -51,7 +51,7 @@ FIXED = {"cross_adapter": False, "factorized_phm_W": True, "factorized_phm_rule"
 REFUSED = {"ln_before": "a LayerNorm before the bottleneck (AdapterHub cannot save it as safetensors either)",
            "phm_layer": "PHM (hypercomplex) projections", "inv_adapter": "invertible adapters",
            "cross_adapter": "cross-attention adapters", "stochastic_depth": "stochastic depth"}
-CLASS_PREFIX = {"llama": "Llama", "bert": "Bert", "roberta": "Roberta"}
+CLASS_PREFIX = {"llama": "Llama", "gpt2": "GPT2", "bert": "Bert", "roberta": "Roberta"}
 
 
 def recognises(config: dict) -> bool:
@@ -61,7 +61,7 @@ def recognises(config: dict) -> bool:
 def model_class(model) -> str:
     prefix = CLASS_PREFIX.get(model.model_type, model.model_type.capitalize())
     if model.is_causal_lm:
-        return f"{prefix}ForCausalLM"
+        return "GPT2LMHeadModel" if model.model_type == "gpt2" else f"{prefix}ForCausalLM"
     return f"{prefix}ForSequenceClassification" if getattr(model.config, "num_labels", None) else f"{prefix}Model"
 
 

@@ -13,7 +13,7 @@ from lowrax.adapters.bottleneck.node import BottleneckAdapter, Wiring
 from lowrax.adapters.registry import AdapterMethod, register_method
 from lowrax.errors import LowraxError
 
-SUPPORTED = ("llama", "bert", "roberta")  # families whose sites lowrax knows by AdapterHub's names
+SUPPORTED = ("llama", "gpt2", "bert", "roberta")  # families whose sites lowrax knows by AdapterHub's names
 
 
 def sites(model, cfg: BottleneckConfig) -> dict[str, tuple[str, int]]:

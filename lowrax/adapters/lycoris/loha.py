@@ -66,6 +66,21 @@ class LoHaKernel(LycorisKernel):
         f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
         return (f32(self.a1) @ f32(self.b1)) * (f32(self.a2) @ f32(self.b2)) * self.scale
 
+    def delta_output(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x @ delta. The Hadamard product of two rank-r products is one rank-r^2 product,
+        (a1 @ b1) * (a2 @ b2) = (a1 . a2) @ (b1 * b2), with a1 . a2 [in, r^2] the row-wise
+        Kronecker product (row i: kron(a1[i], a2[i])) and b1 * b2 [r^2, out] the column-wise
+        one: applied as (x @ (a1 . a2)) @ (b1 * b2), LoRA-like, when that costs fewer
+        multiplications than forming delta [in, out] (always, but for tiny batches or r^2
+        close to the layer's width)."""
+        (d_in, r), d_out, n = self.a1.shape, self.b1.shape[1], x.shape[0]
+        if n * r * r * (d_in + d_out) >= d_in * d_out * (2 * r + n):
+            return x @ self.delta().astype(x.dtype)
+        f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
+        left = (f32(self.a1)[:, :, None] * f32(self.a2)[:, None, :]).reshape(d_in, r * r)
+        right = (f32(self.b1)[:, None, :] * f32(self.b2)[None, :, :]).reshape(r * r, d_out) * self.scale
+        return (x @ left.astype(x.dtype)) @ right.astype(x.dtype)
+
 
 def build_nodes(bases: dict[str, Any], cfg: LoHaConfig, key, adapter_dtype, model_type=None) -> tuple[dict, dict]:
     nodes = {}
