@@ -21,7 +21,7 @@ from lowrax.models.base import Model
 from lowrax.models.config_utils import field
 from lowrax.adapters.node import resolve, virtual_tokens
 from lowrax.models.linear import embed, linear
-from lowrax.models.residual import add_residual, site_adapter
+from lowrax.models.residual import add_residual, layer_sites, site_adapter
 from lowrax.errors import LowraxError
 
 
@@ -165,14 +165,11 @@ class BertModel(Model):
                             lambda y: layers.layer_norm(y, p["output"]["LayerNorm"], c.layer_norm_eps))
 
     def bottleneck_sites(self) -> dict[str, tuple[str, int]]:
-        """AdapterHub's residual-stream sites (its `BertSelfOutput` and `BertOutput` modules):
-        module name -> (location, layer index); the adapter lives at `module path + ("adapters",)`."""
+        """AdapterHub's residual-stream sites, its `BertSelfOutput` and `BertOutput` modules (see
+        `models.residual.layer_sites`)."""
         root = self.config.root
-        out = {}
-        for i in range(self.config.num_layers):
-            out[f"{root}.encoder.layer.{i}.attention.output"] = ("mh_adapter", i)
-            out[f"{root}.encoder.layer.{i}.output"] = ("output_adapter", i)
-        return out
+        return layer_sites(f"{root}.encoder.layer.{{i}}.attention.output", f"{root}.encoder.layer.{{i}}.output",
+                           self.config.num_layers)
 
     def apply(self, params, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> EncoderOutput:
         """Encode input_ids [b, t]; attention_mask [b, t] is 1 for tokens, 0 for padding."""

@@ -15,7 +15,7 @@ from lowrax.io.tables import TensorSpec
 from lowrax.models import layers
 from lowrax.models.base import CausalLM
 from lowrax.models.config_utils import field
-from lowrax.models.residual import add_residual, site_adapter
+from lowrax.models.residual import add_residual, layer_sites, site_adapter
 from lowrax.models.linear import attend_to_embedding, embed, linear
 
 
@@ -121,13 +121,8 @@ class GPT2Model(CausalLM):
         return add_residual(h, x, site_adapter(p, "output_adapters")), kv
 
     def bottleneck_sites(self) -> dict[str, tuple[str, int]]:
-        """AdapterHub's residual-stream sites: module name -> (location, layer index); a
-        bottleneck adapter lives at the tree path `module name + ("adapters",)`."""
-        out = {}
-        for i in range(self.config.num_layers):
-            out[f"transformer.h.{i}.attention_adapters"] = ("mh_adapter", i)
-            out[f"transformer.h.{i}.output_adapters"] = ("output_adapter", i)
-        return out
+        """AdapterHub's residual-stream sites (see `models.residual.layer_sites`)."""
+        return layer_sites("transformer.h.{i}.attention_adapters", "transformer.h.{i}.output_adapters", self.config.num_layers)
 
     def hidden_states(self, params, input_ids, positions, key_valid, cache=None, cache_index=None, prompt_embeds=None):
         """Final-LayerNorm hidden states [b, t, hidden] and the updated KV cache.

@@ -17,7 +17,7 @@ from lowrax.models import layers
 from lowrax.models.base import CausalLM
 from lowrax.models.config_utils import field, rope_settings
 from lowrax.models.linear import attend_to_embedding, embed, linear
-from lowrax.models.residual import add_residual, site_adapter
+from lowrax.models.residual import add_residual, layer_sites, site_adapter
 from lowrax.errors import LowraxError
 
 
@@ -180,13 +180,8 @@ class LlamaModel(CausalLM):
         return layers.rms_norm(x, params["model"]["norm"], c.rms_norm_eps), new_cache
 
     def bottleneck_sites(self) -> dict[str, tuple[str, int]]:
-        """AdapterHub's residual-stream sites: module name -> (location, layer index); a
-        bottleneck adapter lives at the tree path `module name + ("adapters",)`."""
-        out = {}
-        for i in range(self.config.num_layers):
-            out[f"model.layers.{i}.attention_adapters"] = ("mh_adapter", i)
-            out[f"model.layers.{i}.output_adapters"] = ("output_adapter", i)
-        return out
+        """AdapterHub's residual-stream sites (see `models.residual.layer_sites`)."""
+        return layer_sites("model.layers.{i}.attention_adapters", "model.layers.{i}.output_adapters", self.config.num_layers)
 
     def word_embedding_table(self, params):
         return params["model"]["embed_tokens"]["embedding"]

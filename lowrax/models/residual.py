@@ -26,3 +26,14 @@ def site_adapter(params: dict, *keys: str):
     for key in keys:
         params = params.get(key) if isinstance(params, dict) else None
     return params.get("adapters") if isinstance(params, dict) else None
+
+
+def layer_sites(attention: str, feed_forward: str, num_layers: int) -> dict[str, tuple[str, int]]:
+    """AdapterHub's residual-stream sites of a family: module name -> (location, layer index),
+    from the two modules' names with `{i}` for the layer (`model.layers.{i}.attention_adapters`).
+    A bottleneck adapter lives at the tree path `module name + ("adapters",)`."""
+    out = {}
+    for i in range(num_layers):
+        out[attention.format(i=i)] = ("mh_adapter", i)
+        out[feed_forward.format(i=i)] = ("output_adapter", i)
+    return out
