@@ -94,12 +94,10 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
 
 
 def read_adapter_dir(adapter_dir: str | Path) -> tuple[dict, dict]:
-    """(config, tensors with PEFT's `base_model.model.` / `base_model.` prefix removed) of a PEFT adapter directory."""
+    """(config, tensors with the `base_model.model.` prefix removed) of a PEFT adapter directory."""
     config = read_adapter_config(adapter_dir)
     tensors = load_file(str(Path(adapter_dir) / WEIGHTS))
-    # PEFT's keys start base_model.model. (base_model. for prompt learning's modules_to_save); HF's never do
-    return config, {k.removeprefix(PREFIX) if k.startswith(PREFIX) else k.removeprefix("base_model."): v
-                    for k, v in tensors.items()}
+    return config, {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in tensors.items()}
 
 
 def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jnp.float32) -> Any:
@@ -129,7 +127,8 @@ def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jn
             raise LowraxError(f"{adapter_dir} holds fully-trained modules ({rest[0]}, ...); pass model= to load them")
         by_key = {t.hf_key: t for t in model.tensors()}
         for key in rest:
-            spec = by_key.get(key)
+            # prompt learning's modules_to_save sit one level less deep: base_model.classifier.weight
+            spec = by_key.get(key, by_key.get(key.removeprefix("base_model.")))
             if spec is None:
                 raise CheckpointError(f"adapter tensor {PREFIX}{key} matches no parameter of this {model.model_type} model")
             if tuple(tensors[key].shape) != spec.hf_shape:
