@@ -147,16 +147,12 @@ class BertModel(Model):
             return jnp.cumsum(mask, axis=1) * mask + c.pad_token_id
         return jnp.broadcast_to(jnp.arange(t)[None, :], attention_mask.shape)
 
-    def _layer(self, p, x, mask, prefix=None):
-        """prefix: this layer's prefix-tuning keys and values ([v, heads, head_dim] each) before the tokens'."""
+    def _layer(self, p, x, mask):
         c = self.config
         b, t, _ = x.shape
         head_dim = c.hidden_size // c.num_heads
         a = p["attention"]
         q, k, v = (linear(x, a["self"][n]).reshape(b, t, c.num_heads, head_dim) for n in ("query", "key", "value"))
-        if prefix is not None:
-            pk, pv = (jnp.broadcast_to(y[None].astype(k.dtype), (b,) + y.shape) for y in prefix)
-            k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
         attn = linear(layers.attention(q, k, v, mask, head_dim**-0.5), a["output"]["dense"])
         x = add_residual(attn, x, site_adapter(a, "output"),
                          lambda y: layers.layer_norm(y, a["output"]["LayerNorm"], c.layer_norm_eps))
@@ -187,35 +183,31 @@ class BertModel(Model):
         words = embed(input_ids, e["word_embeddings"])
         b, t = input_ids.shape
         prompt = virtual_tokens(params)
-        v, table, prefix = 0, None, None
+        v = 0
         if prompt is not None:
-            # PEFT's sequence classification: prompt tuning and P-tuning put v embeddings (token
-            # type 0) before the input, at positions 0..v-1, and the pooler reads the first of
-            # them; prefix tuning puts v keys and values before every layer's, with the input's
-            # positions from v on (BERT counts positions after a cache's length).
+            # PEFT's sequence classification with prompt tuning or P-tuning: v embeddings (token
+            # type 0) before the input, at positions 0..v-1; the pooler reads the first of them.
             self._check_virtual_tokens(prompt, given_positions)
-            v, table, prefix = prompt.num_virtual_tokens, prompt.prompt_embeddings(), prompt.prefix_key_values()
+            v, table = prompt.num_virtual_tokens, prompt.prompt_embeddings()
             attention_mask = jnp.concatenate([jnp.ones((b, v), attention_mask.dtype), attention_mask], axis=1)
-            if table is not None:
-                words = jnp.concatenate([jnp.broadcast_to(table[None].astype(words.dtype), (b,) + table.shape), words], 1)
-                token_type_ids = jnp.concatenate([jnp.zeros((b, v), token_type_ids.dtype), token_type_ids], axis=1)
+            words = jnp.concatenate([jnp.broadcast_to(table[None].astype(words.dtype), (b,) + table.shape), words], 1)
+            token_type_ids = jnp.concatenate([jnp.zeros((b, v), token_type_ids.dtype), token_type_ids], axis=1)
             position_ids = jnp.broadcast_to(jnp.arange(v + t)[None, :], (b, v + t))
-            if prefix is not None:
-                position_ids = position_ids[:, v:]
         x = words + embed(token_type_ids, e["token_type_embeddings"])
         x = layers.layer_norm(x + embed(position_ids, e["position_embeddings"]), e["LayerNorm"], c.layer_norm_eps)
-        mask = jnp.broadcast_to(attention_mask.astype(bool)[:, None, :], (b, x.shape[1], attention_mask.shape[1]))
+        mask = jnp.broadcast_to(attention_mask.astype(bool)[:, None, :], (b, v + t, v + t))
         layer = self.layer(self._layer)
         for i in range(c.num_layers):
-            x = layer(root["encoder"]["layer"][str(i)], x, mask, None if prefix is None else prefix[i])
+            x = layer(root["encoder"]["layer"][str(i)], x, mask)
         pooled = jnp.tanh(linear(x[:, 0], root["pooler"]["dense"])) if "pooler" in root else None
-        logits = self._classify(params, x, pooled)
-        return EncoderOutput(x[:, v:] if table is not None else x, pooled, logits)
+        return EncoderOutput(x[:, v:], pooled, self._classify(params, x, pooled))
 
     def _check_virtual_tokens(self, prompt, position_ids) -> None:
         if self.config.root != "bert":
             raise LowraxError(f"prompt-learning adapters on encoders are implemented for BERT; {self.config.root} "
                               "numbers positions from its padding index, which PEFT's virtual-token path does not")
+        if prompt.peft_type == "PREFIX_TUNING":  # refused when wrapped or loaded too: PEFT has no working reference
+            raise LowraxError("prefix tuning on BERT-family encoders is not supported (PEFT cannot run it on transformers 5)")
         if position_ids is not None:
             raise LowraxError(f"position_ids cannot be given with {prompt.peft_type}'s virtual tokens (PEFT ignores them "
                               "too): the virtual tokens take positions 0..v-1")
