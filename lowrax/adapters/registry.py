@@ -65,7 +65,8 @@ class PeftFormat:
     to_config: Callable[[dict], tuple[str, Any]]
     modules: Callable[[Any], dict] | None = None  # what `read`'s bases are; None: the linear kernels
     # A format with its own directory layout (AdapterHub's) instead of PEFT's files:
-    # save_directory(params, nodes, out_dir, model, overwrite) -> Path;
+    # save_directory(params, nodes, out_dir, model, overwrite, base_model, fully_trained: {HF key: torch-layout
+    # array}) -> Path;
     # load_directory(params, adapter_dir, model, adapter_dtype) -> params; recognises(config json) -> bool
     # where modules_to_save tensors go: PEFT's prompt-learning models wrap the HF model directly
     # (`base_model.classifier.weight`), the others one level deeper (`base_model.model.classifier.weight`)

@@ -59,14 +59,15 @@ def save_peft(params: Any, out_dir: str | Path, model=None, *, base_model: str |
         raise LowraxError(f"one PEFT adapter holds one method; these params mix {', '.join(kinds)}")
     peft_type = peft_types.pop()
     fmt = peft_format(peft_type)
+    full = _fully_trained(params, model)
     if fmt.save_directory is not None:  # a format with its own layout (AdapterHub's)
-        return fmt.save_directory(params, nodes, out_dir, model, overwrite=overwrite, base_model=base_model)
+        return fmt.save_directory(params, nodes, out_dir, model, overwrite=overwrite, base_model=base_model,
+                                  fully_trained=full)
     if initial is None and any(n.exports_from_initial for n in nodes.values()):
         raise LowraxError(
             f"this {peft_type} adapter is exported converted against its initial value (PiSSA: plain LoRA over the "
             "original weights), which needs the adapter as initialised: "
             "save_peft(params, out_dir, model, initial=params_right_after_wrap)")
-    full = _fully_trained(params, model)
     modules_to_save = sorted({k.split(".")[0] for k in full})
     tensors, fields = fmt.write(nodes, params, model=model, initial=initial, use_rslora=use_rslora)
     config = {k: v for k, v in (common_config(peft_type, nodes, model, modules_to_save, base_model) | fields).items()
@@ -125,13 +126,22 @@ def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jn
     if rest:
         if model is None:
             raise LowraxError(f"{adapter_dir} holds fully-trained modules ({rest[0]}, ...); pass model= to load them")
-        by_key = {t.hf_key: t for t in model.tensors()}
-        for key in rest:
-            # prompt learning's modules_to_save sit one level less deep: base_model.classifier.weight
-            spec = by_key.get(key, by_key.get(key.removeprefix("base_model.")))
-            if spec is None:
-                raise CheckpointError(f"adapter tensor {PREFIX}{key} matches no parameter of this {model.model_type} model")
-            if tuple(tensors[key].shape) != spec.hf_shape:
-                raise CheckpointError(f"adapter tensor {PREFIX}{key} has shape {tensors[key].shape}, expected {spec.hf_shape}")
-            tables.set_path(out, spec.path, FullyTrained(jnp.asarray(spec.from_hf(tensors[key]))))
+        # `read_adapter_dir` took off PREFIX; a format that stores them less deep (prompt learning's
+        # base_model.classifier.weight) still has its own prefix on
+        own = "" if fmt.modules_to_save_prefix == PREFIX else fmt.modules_to_save_prefix
+        put_fully_trained(out, {k.removeprefix(own): tensors[k] for k in rest}, model,
+                          lambda k: f"adapter tensor {fmt.modules_to_save_prefix}{k}")
     return out
+
+
+def put_fully_trained(tree: Any, tensors: dict, model, describe=lambda k: f"tensor {k}") -> None:
+    """Set each {HF key: torch-layout array} in `tree` as a `FullyTrained` leaf (a classifier trained
+    with the adapter), or a CheckpointError naming the tensor (`describe(key)`) that fits no parameter."""
+    by_key = {t.hf_key: t for t in model.tensors()}
+    for key, value in tensors.items():
+        spec = by_key.get(key)
+        if spec is None:
+            raise CheckpointError(f"{describe(key)} matches no parameter of this {model.model_type} model")
+        if tuple(value.shape) != spec.hf_shape:
+            raise CheckpointError(f"{describe(key)} has shape {tuple(value.shape)}, expected {spec.hf_shape}")
+        tables.set_path(tree, spec.path, FullyTrained(jnp.asarray(spec.from_hf(value))))

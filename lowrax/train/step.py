@@ -87,14 +87,15 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
         loss_fn = causal_lm_loss if model.is_causal_lm else classification_loss
 
     def summed_loss(trainable, frozen, batch, rng):
-        """(what is differentiated, (token count, task loss sum)). A regulariser of the nodes
+        """(what is differentiated, (token count, task loss sum, {"penalty": value} or {})). A regulariser of the nodes
         (AdaLoRA's orthogonality term) enters each micro-batch weighted by its token count, so
         the step's gradient is that of mean task loss + regulariser with any accumulation."""
         params = with_dropout_keys(combine(trainable, frozen), rng)
         loss_sum, count = loss_fn(model, params, batch)
         regulariser = penalty(trainable)
-        total = loss_sum if regulariser is None else loss_sum + jax.lax.stop_gradient(count) * regulariser
-        return total, (count, loss_sum)
+        if regulariser is None:
+            return loss_sum, (count, loss_sum, {})
+        return loss_sum + jax.lax.stop_gradient(count) * regulariser, (count, loss_sum, {"penalty": regulariser})
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
@@ -102,23 +103,21 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
         rng = jax.random.wrap_key_data(state.rng)
         rng, step_rng = jax.random.split(rng)
         if grad_accum_steps == 1:
-            (_, (count, loss_sum)), grads = grad_fn(state.trainable, frozen, batch, step_rng)
+            (_, (count, loss_sum, extra)), grads = grad_fn(state.trainable, frozen, batch, step_rng)
         else:
             def micro(carry, xs):
                 micro_batch, i = xs
-                (_, (n, l)), g = grad_fn(state.trainable, frozen, micro_batch, jax.random.fold_in(step_rng, i))
+                (_, (n, l, extra)), g = grad_fn(state.trainable, frozen, micro_batch, jax.random.fold_in(step_rng, i))
                 acc_l, acc_n, acc_g = carry
-                return (acc_l + l, acc_n + n, jax.tree.map(jnp.add, acc_g, g)), None
+                return (acc_l + l, acc_n + n, jax.tree.map(jnp.add, acc_g, g)), extra
 
             zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-            (loss_sum, count, grads), _ = jax.lax.scan(
+            (loss_sum, count, grads), extras = jax.lax.scan(
                 micro, (jnp.zeros(()), jnp.zeros(()), zeros), (batch, jnp.arange(grad_accum_steps)))
+            extra = jax.tree.map(lambda x: x[0], extras)  # the same parameters in every micro-batch
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
-        metrics = {"loss": loss_sum / count, "tokens": count}
-        regulariser = penalty(state.trainable)
-        if regulariser is not None:
-            metrics["penalty"] = regulariser
+        metrics = {"loss": loss_sum / count, "tokens": count, **extra}
         grads = precondition_grads(grads, combine(state.trainable, frozen))  # LoRA-FA's projected B gradient
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         # Delta-LoRA's anchor, COFT's projection, AdaLoRA's rank allocation

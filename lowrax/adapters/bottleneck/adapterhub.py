@@ -27,11 +27,12 @@ from safetensors.numpy import load_file, save_file
 from lowrax.adapters.bottleneck.config import BottleneckConfig
 from lowrax.adapters.bottleneck.method import bottleneck_size, sites, site_path, wiring_of
 from lowrax.adapters.bottleneck.node import BottleneckAdapter
-from lowrax.adapters.node import FullyTrained, is_node
+from lowrax.adapters.node import is_node
 from lowrax.adapters.registry import PeftFormat, register_peft_format
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.io import tables
 from lowrax.io.atomic import write_directory
+from lowrax.peft.format import put_fully_trained
 
 VERSION = "adapters.1.3.0"  # the release whose format this is
 CONFIG, WEIGHTS, HEAD_WEIGHTS, HEAD_CONFIG = "adapter_config.json", "adapter.safetensors", "model_head.safetensors", "head_config.json"
@@ -131,8 +132,9 @@ def _bn_config(nodes: dict, model) -> dict:
 
 
 def save_directory(params, nodes, out_dir, model, *, overwrite: bool = False, base_model: str | None = None,
-                   name: str = DEFAULT_NAME, **_unused) -> Path:
-    """Write the bottleneck adapters of `params` (and a trained classifier) as AdapterHub saves them."""
+                   fully_trained: dict | None = None, name: str = DEFAULT_NAME, **_unused) -> Path:
+    """Write the bottleneck adapters of `params` (and a trained classifier, `fully_trained`: HF key ->
+    torch-layout array, as `save_peft` collects it) as AdapterHub saves them."""
     if model is None:
         raise LowraxError("saving bottleneck adapters needs the model (its sites and class): save_peft(params, dir, model)")
     site_nodes = _site_nodes(params)
@@ -146,7 +148,7 @@ def save_directory(params, nodes, out_dir, model, *, overwrite: bool = False, ba
     config = {"config": _bn_config(site_nodes, model), "hidden_size": model.config.hidden_size,
               "model_class": model_class(model), "model_name": base_model or "", "model_type": model.model_type,
               "name": name, "version": VERSION}
-    head = _head_tensors(params, model)
+    head = fully_trained or {}
 
     def fill(staging: Path) -> None:
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
@@ -161,16 +163,6 @@ def save_directory(params, nodes, out_dir, model, *, overwrite: bool = False, ba
                  "version": VERSION}, indent=2, sort_keys=True) + "\n")
 
     return write_directory(out_dir, fill, overwrite)
-
-
-def _head_tensors(params, model) -> dict:
-    specs = {t.path: t for t in model.tensors()}
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, FullyTrained))[0]:
-        if isinstance(leaf, FullyTrained):
-            spec = specs[tuple(str(p.key) for p in path)]
-            out[spec.hf_key] = spec.to_hf(np.asarray(jax.device_get(leaf.value), np.float32))
-    return out
 
 
 def load_directory(params, adapter_dir, model, adapter_dtype=jnp.float32):
@@ -217,12 +209,8 @@ def load_directory(params, adapter_dir, model, adapter_dtype=jnp.float32):
     if set(tensors) - used:
         raise CheckpointError(f"{adapter_dir}: tensors {sorted(set(tensors) - used)[:3]} fit no site this config selects")
     if (adapter_dir / HEAD_WEIGHTS).exists() and not model.is_causal_lm:
-        by_key = {t.hf_key: t for t in model.tensors()}
-        for key, value in load_file(str(adapter_dir / HEAD_WEIGHTS)).items():
-            spec = by_key.get(key)
-            if spec is None or tuple(value.shape) != spec.hf_shape:
-                raise CheckpointError(f"{adapter_dir}: head tensor {key} {tuple(value.shape)} fits no parameter of this model")
-            tables.set_path(out, spec.path, FullyTrained(jnp.asarray(spec.from_hf(value))))
+        put_fully_trained(out, load_file(str(adapter_dir / HEAD_WEIGHTS)), model,
+                          lambda k: f"{adapter_dir}: head tensor {k}")
     return out
 
 
