@@ -15,6 +15,10 @@ The public API (see README.md):
     merged = lowrax.merge(params)
     lowrax.save_peft(params, out_dir, model)            # PEFT's adapter format
 
+    params = lowrax.load_peft(params, dir_a, model, adapter_name="a")   # named adapters (LoRA), first one active
+    params = lowrax.set_adapter(params, "b")            # or disable_adapters, delete_adapter, extract_adapter
+    logits = model.apply(params, ids, mask, adapter_names=["a", "b"])   # one adapter per row, one program
+
     mesh = lowrax.make_mesh(lowrax.MeshConfig(fsdp=4))   # sharded: load_pretrained(path, mesh=mesh), sharded_train_step
     summary = lowrax.run_training(lowrax.load_config("configs/default.yaml", ["lora.r=8"]))
     lowrax.reuse_freed_host_memory()                     # CPU training: reuse each step's freed memory
@@ -28,6 +32,9 @@ from lowrax.adapters.ia3 import IA3Config, IA3Kernel
 from lowrax.adapters.ln_tuning import LNTuningConfig, TunedNorm
 from lowrax.adapters.lycoris import LoHaConfig, LoHaKernel, LoKrConfig, LoKrKernel
 from lowrax.adapters.lora import DeltaLoraKernel, DoraKernel, LoraConfig, LoraKernel, VeraKernel
+from lowrax.adapters.named.named import (active_adapter, add_adapter, adapter_names, base_params, delete_adapter,
+                                         disable_adapters, extract_adapter, set_adapter)
+from lowrax.adapters.named.slots import LoraSlots
 from lowrax.adapters.node import AdapterNode, FullyTrained
 from lowrax.adapters.oft import OFTConfig, OFTKernel
 from lowrax.adapters.prompt import (PrefixEncoder, PrefixTuningConfig, PromptEncoder, PromptEncoderConfig, PromptTable,
@@ -61,6 +68,8 @@ __all__ = [
     "PromptTable", "PromptEncoder", "PrefixEncoder",
     "lora", "LoraConfig", "LoraKernel", "DoraKernel", "VeraKernel", "DeltaLoraKernel", "FullyTrained", "split", "combine", "merge", "unmerge", "labels",
     "count_params", "save_peft", "load_peft",
+    "add_adapter", "set_adapter", "disable_adapters", "delete_adapter", "extract_adapter", "adapter_names",
+    "active_adapter", "base_params", "LoraSlots",
     "OptimizerConfig", "make_optimizer", "TrainState", "init_state", "make_train_step",
     "TrainConfig", "load_config", "run_training", "QuantConfig", "quantize", "NF4Tensor", "merge_requantized",
     "MeshConfig", "make_mesh", "param_shardings", "DistConfig", "global_batch", "sharded_train_step",

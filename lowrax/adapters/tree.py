@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lowrax.adapters.named.slots import SLOTS_KEY
 from lowrax.adapters.node import ANCHOR, FROZEN, FULL, LORA_A, LORA_B, VECTOR, FullyTrained, is_adapter, is_node, resolve
 from lowrax.adapters.registry import shared_keys
 from lowrax.errors import LowraxError
@@ -74,8 +75,9 @@ def dense_kernel(base, tie_to=None):
 
 
 def without_shared(tree: Any) -> Any:
-    """The tree less the top-level arrays adapters share across layers (the methods' `shared_keys`)."""
-    return {k: v for k, v in tree.items() if k not in shared_keys()} if isinstance(tree, dict) else tree
+    """The tree less the top-level arrays adapters share across layers (the methods' `shared_keys`)
+    and the named adapters' slot directory."""
+    return {k: v for k, v in tree.items() if k not in shared_keys() + (SLOTS_KEY,)} if isinstance(tree, dict) else tree
 
 
 def _is_adapted_layer(x: Any) -> bool:
@@ -138,7 +140,7 @@ def unmerge(merged: Any, adapted: Any) -> Any:
     out = jax.tree.map(unmerge_layer, merged, without_shared(bound), without_shared(adapted),
                        is_leaf=lambda x: not isinstance(x, dict) or "kernel" in x)
     if isinstance(adapted, dict):
-        out.update({k: adapted[k] for k in shared_keys() if k in adapted})
+        out.update({k: adapted[k] for k in shared_keys() + (SLOTS_KEY,) if k in adapted})
     return out
 
 

@@ -17,7 +17,18 @@ import jax.numpy as jnp
 from lowrax.errors import LowraxError
 from lowrax.io import tables
 from lowrax.models.layers import positions_from_mask, segment_positions, segment_visibility
+from lowrax.adapters.named.slots import has_named_adapters, with_adapter_rows
 from lowrax.adapters.node import resolve, virtual_tokens
+
+
+def rows_for_adapters(params, adapter_names, batch: int):
+    """params running each row with its named adapter (`adapter_names`, one per row); as they are for None."""
+    if adapter_names is None:
+        return params
+    if not has_named_adapters(params):
+        raise LowraxError("adapter_names needs named adapters: load them with "
+                          "lowrax.load_peft(params, adapter_dir, model, adapter_name='a')")
+    return with_adapter_rows(params, adapter_names, batch)
 
 
 def recomputed_in_backward(layer_fn: Callable) -> Callable:
@@ -98,21 +109,24 @@ class CausalLM(Model):
 
     is_causal_lm: ClassVar[bool] = True
 
-    def apply(self, params, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+    def apply(self, params, input_ids, attention_mask=None, position_ids=None, segment_ids=None, adapter_names=None):
         """Logits [b, t, vocab] for input_ids [b, t].
 
         attention_mask [b, t] (1 = token, 0 = padding) may pad on either side;
         position ids default to counting real tokens only, so a left-padded
         sequence gets the same positions as unpadded. segment_ids [b, t] (1, 2, ...
         per packed example, 0 for padding) keep packed examples from attending to
-        each other and restart their positions.
+        each other and restart their positions. adapter_names: with named adapters, one
+        name per row ("__base__": none), as PEFT's `adapter_names=`.
         """
+        params = rows_for_adapters(params, adapter_names, input_ids.shape[0])
         hidden = self.final_hidden(params, input_ids, attention_mask, position_ids, segment_ids)
         return self.logits_from_hidden(resolve(params), hidden)
 
-    def final_hidden(self, params, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+    def final_hidden(self, params, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
+                     adapter_names=None):
         """Final-norm hidden states [b, t, hidden] (what `apply` projects to logits)."""
-        params = resolve(params)
+        params = resolve(rows_for_adapters(params, adapter_names, input_ids.shape[0]))
         prompt = virtual_tokens(params)
         if prompt is not None:
             if segment_ids is not None:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from lowrax.io.tables import TRANSPOSE, TensorSpec
 from lowrax.models import layers
-from lowrax.models.base import Model
+from lowrax.models.base import Model, rows_for_adapters
 from lowrax.models.config_utils import field
 from lowrax.adapters.node import resolve, virtual_tokens
 from lowrax.models.linear import embed, linear
@@ -167,10 +167,12 @@ class BertModel(Model):
         return layer_sites(f"{root}.encoder.layer.{{i}}.attention.output", f"{root}.encoder.layer.{{i}}.output",
                            self.config.num_layers)
 
-    def apply(self, params, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> EncoderOutput:
-        """Encode input_ids [b, t]; attention_mask [b, t] is 1 for tokens, 0 for padding."""
+    def apply(self, params, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+              adapter_names=None) -> EncoderOutput:
+        """Encode input_ids [b, t]; attention_mask [b, t] is 1 for tokens, 0 for padding.
+        adapter_names: with named adapters, one name per row ("__base__": none)."""
         c = self.config
-        params = resolve(params)
+        params = resolve(rows_for_adapters(params, adapter_names, input_ids.shape[0]))
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if token_type_ids is None:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrax.adapters.named.slots import SLOTS_KEY, anonymous, has_named_adapters, with_adapter_rows
 from lowrax.errors import LowraxError
 from lowrax.models.base import CausalLM
 
@@ -94,10 +95,12 @@ def generate_ids(
     pad_token_id: int = 0,
     seed: int = 0,
     on_token: Callable[[np.ndarray], None] | None = None,
+    adapter_names: Sequence[str] | None = None,
 ) -> list[list[int]]:
     """Continue each token-id prompt; returns the new ids of each (stopping after an EOS id).
 
     on_token: called with each step's new ids (one per prompt) as soon as they exist, for streaming.
+    adapter_names: with named adapters, the adapter of each prompt ("__base__": none).
     """
     if not model.is_causal_lm:
         raise LowraxError(f"generation needs a causal LM; {model.model_type} is an encoder")
@@ -107,6 +110,7 @@ def generate_ids(
     if not prompts or any(len(p) == 0 for p in prompts):
         raise LowraxError("every prompt needs at least one token")
     batch = len(prompts)
+    params = _per_row_adapters(params, adapter_names, batch)
     prompt_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
     virtual = model.virtual_token_count(params)  # slots before the prompt (prompt and prefix tuning)
     cache_len = _round_up(virtual + prompt_len + max_new_tokens, CACHE_BUCKET)
@@ -139,6 +143,23 @@ def generate_ids(
         cut = next((j + 1 for j, t in enumerate(row) if t in set(eos.tolist())), len(row))
         results.append(row[:cut])
     return results
+
+
+def _per_row_adapters(params, adapter_names, batch: int):
+    """With named adapters: params with one slot per row (the active one where no names are
+    given) and without the adapters' names, so the compiled prefill and step serve any mix of the
+    loaded adapters, and loads into free slots, without recompiling."""
+    if not has_named_adapters(params):
+        if adapter_names is not None:
+            raise LowraxError("adapter_names needs named adapters: load them with "
+                              "lowrax.load_peft(params, adapter_dir, model, adapter_name='a')")
+        return params
+    if adapter_names is None:
+        active = params[SLOTS_KEY].active
+        if jnp.ndim(active) != 0:
+            raise LowraxError("these params choose an adapter per row already; pass adapter_names= to generate instead")
+        adapter_names = jnp.full((batch,), active, jnp.int32)
+    return anonymous(with_adapter_rows(params, adapter_names, batch))
 
 
 def eos_ids(tokenizer, model: CausalLM) -> list[int]:
@@ -181,11 +202,13 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     chat: bool | None = None,
+    adapter_names: Sequence[str] | None = None,
 ) -> list[str]:
     """Generate a continuation for each prompt (a string or a list); returns the decoded new text.
 
     Greedy when temperature is 0, else sampling with optional top-k / top-p.
     chat=None applies the tokenizer's chat template when it has one.
+    adapter_names: with named adapters, the adapter of each prompt ("__base__": none).
     """
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
@@ -193,6 +216,6 @@ def generate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     new_ids = generate_ids(
         model, params, encoded, max_new_tokens, SamplingConfig(temperature, top_k, top_p),
-        eos_ids(tokenizer, model), pad, seed,
+        eos_ids(tokenizer, model), pad, seed, adapter_names=adapter_names,
     )
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]

@@ -1,0 +1,229 @@
+"""Many LoRA adapters over one base: a stacked slot table per adapted kernel.
+
+Named adapters (`lowrax.load_peft(..., adapter_name=)`, `add_adapter`) live in
+one `LoraSlots` node per adapted kernel: factors a [S, in, R] and b [S, R, out]
+for S slots of at most rank R (smaller ranks padded with zeros, so they add
+nothing), a per-slot scale and rank. Which slot a row uses is not part of the
+compiled program: the tree's `adapter_slots` entry (`SlotDirectory`) holds the
+active slot as an int32 array, a scalar for every row or one per row, and
+`resolve` binds it into each node as `select`. `linear` then gathers each row's
+factors (Punica / S-LoRA style), so any mix of the loaded adapters, switching
+the active one, or switching them all off (slot -1) runs the same program.
+
+The adapters' names are Python data in the directory (`entries`), so they are
+part of the tree's structure; `anonymous(params)` drops them for a compiled
+call, which then does not see a load into a free slot either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from lowrax.adapters.node import AdapterNode
+from lowrax.errors import LowraxError
+from lowrax.models.linear import matmul
+
+SLOTS_KEY = "adapter_slots"  # the top-level tree key of the directory
+BASE_NAME = "__base__"  # PEFT's name for "no adapter" in adapter_names
+NO_SLOT = -1
+
+
+@dataclass(frozen=True)
+class SlotEntry:
+    """What the tree remembers of a named adapter beyond its arrays (for extracting it again)."""
+
+    name: str
+    rslora: bool = False
+    dropout: float = 0.0
+
+
+@jax.tree_util.register_pytree_node_class
+class SlotDirectory:
+    """params["adapter_slots"]: the slot of each name (`entries`, static) and the active slot(s).
+
+    active: int32, shape [] (one slot for every row) or [batch] (a slot per row); -1 is the base model.
+    """
+
+    def __init__(self, active, entries: tuple):
+        self.active = active
+        self.entries = tuple(entries)
+
+    def tree_flatten(self):
+        return (self.active,), self.entries
+
+    @classmethod
+    def tree_unflatten(cls, entries, children):
+        return cls(children[0], entries)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.entries)
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries if e is not None]
+
+    def slot_of(self, name: str) -> int:
+        for i, e in enumerate(self.entries):
+            if e is not None and e.name == name:
+                return i
+        loaded = ", ".join(self.names()) or "none"
+        raise LowraxError(f"no adapter named {name!r} is loaded (loaded: {loaded})")
+
+    def entry(self, slot: int) -> SlotEntry:
+        return self.entries[slot]
+
+    def replace(self, active=None, entries=None) -> "SlotDirectory":
+        return SlotDirectory(self.active if active is None else active, self.entries if entries is None else entries)
+
+    def __repr__(self) -> str:
+        return f"SlotDirectory(names={self.names()}, capacity={self.capacity})"
+
+
+@struct.dataclass
+class LoraSlots(AdapterNode):
+    """S LoRA adapters over one frozen kernel: row i gets `x @ base + scale[s] * x @ a[s] @ b[s]`
+    for its slot s (`select`, bound from the directory by `resolve`), or `x @ base` for s = -1.
+
+    a [S, in, R], b [S, R, out]: each slot's factors zero-padded to rank R; scale [S] float32;
+    rank [S] int32 (0: the slot's adapter does not adapt this kernel). Nothing here is trained:
+    `extract_adapter` gives one slot back as an ordinary, trainable LoRA tree.
+    """
+
+    base: Any
+    a: jnp.ndarray
+    b: jnp.ndarray
+    scale: jnp.ndarray
+    rank: jnp.ndarray
+    select: Any = None
+    peft_type = "LORA"
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(slots, padded rank)."""
+        return self.a.shape[0], self.a.shape[2]
+
+    def field_labels(self) -> dict:
+        return {}
+
+    def field_axes(self) -> dict:
+        return {"a": ("slot", "in", "lora_rank"), "b": ("slot", "lora_rank", "out"), "scale": ("slot",),
+                "rank": ("slot",), "select": ()}
+
+    def bind_shared(self, params: dict) -> "LoraSlots":
+        directory = params.get(SLOTS_KEY)
+        if directory is None:
+            raise LowraxError(f"a LoraSlots kernel needs the tree's {SLOTS_KEY!r} entry, which is missing")
+        return self.replace(select=directory.active)
+
+    def _slot_and_gain(self):
+        if self.select is None:
+            raise LowraxError("LoraSlots.select is unset: run the model through model.apply (or lowrax's resolve)")
+        select = jnp.asarray(self.select, jnp.int32)
+        slot = jnp.maximum(select, 0)
+        return slot, jnp.where(select >= 0, self.scale[slot], 0.0)
+
+    def apply(self, x: jnp.ndarray) -> jnp.ndarray:
+        y = matmul(x, self.base)
+        slot, gain = self._slot_and_gain()
+        if slot.ndim == 0:  # one adapter for every row: a plain LoRA product
+            a = self.a[slot].astype(x.dtype)
+            return y + jnp.matmul(jnp.matmul(x, a), (gain * self.b[slot]).astype(x.dtype)).astype(y.dtype)
+        rows = slot.shape[0]
+        if x.shape[0] % rows:
+            raise LowraxError(f"{x.shape[0]} flattened rows cannot be split into {rows} sequences (adapter_names)")
+        xs = x.reshape(rows, -1, x.shape[-1])
+        a = self.a[slot].astype(x.dtype)  # [rows, in, R]: each row's own factors
+        b = (self.b[slot] * gain[:, None, None]).astype(x.dtype)
+        delta = jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", xs, a), b)
+        return y + delta.reshape(y.shape).astype(y.dtype)
+
+    def delta(self) -> jnp.ndarray:
+        slot, gain = self._slot_and_gain()
+        if slot.ndim != 0:
+            raise LowraxError("merging takes one active adapter, not one per row: set_adapter(params, name) first")
+        return gain * (self.a[slot].astype(jnp.float32) @ self.b[slot].astype(jnp.float32))
+
+    def merge_into(self, w: jnp.ndarray) -> jnp.ndarray:
+        return w + self.delta()
+
+    def unmerge_from(self, merged: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+        return merged - self.delta()
+
+
+def empty_slots(base, capacity: int, max_rank: int, dtype=jnp.float32) -> LoraSlots:
+    d_in, d_out = base.shape
+    return LoraSlots(base=base, a=jnp.zeros((capacity, d_in, max_rank), dtype),
+                     b=jnp.zeros((capacity, max_rank, d_out), dtype), scale=jnp.zeros((capacity,), jnp.float32),
+                     rank=jnp.zeros((capacity,), jnp.int32))
+
+
+def grown(node: LoraSlots, capacity: int, max_rank: int) -> LoraSlots:
+    """The node with room for `capacity` slots of rank `max_rank` (zero-padded; never shrinks)."""
+    slots, rank = node.capacity
+    if capacity <= slots and max_rank <= rank:
+        return node
+    pad_s, pad_r = max(capacity - slots, 0), max(max_rank - rank, 0)
+    return node.replace(a=jnp.pad(node.a, ((0, pad_s), (0, 0), (0, pad_r))),
+                        b=jnp.pad(node.b, ((0, pad_s), (0, pad_r), (0, 0))),
+                        scale=jnp.pad(node.scale, (0, pad_s)), rank=jnp.pad(node.rank, (0, pad_s)))
+
+
+def with_slot(node: LoraSlots, slot: int, a=None, b=None, scale: float = 0.0) -> LoraSlots:
+    """The node with slot `slot` holding factors a [in, r], b [r, out] (None: emptied)."""
+    if a is None:
+        return node.replace(a=node.a.at[slot].set(0), b=node.b.at[slot].set(0), scale=node.scale.at[slot].set(0),
+                            rank=node.rank.at[slot].set(0))
+    r = a.shape[1]
+    a_pad = jnp.zeros(node.a.shape[1:], node.a.dtype).at[:, :r].set(a.astype(node.a.dtype))
+    b_pad = jnp.zeros(node.b.shape[1:], node.b.dtype).at[:r].set(b.astype(node.b.dtype))
+    return node.replace(a=node.a.at[slot].set(a_pad), b=node.b.at[slot].set(b_pad),
+                        scale=node.scale.at[slot].set(scale), rank=node.rank.at[slot].set(r))
+
+
+def has_named_adapters(params: Any) -> bool:
+    return isinstance(params, dict) and isinstance(params.get(SLOTS_KEY), SlotDirectory)
+
+
+def directory_of(params: Any) -> SlotDirectory:
+    if not has_named_adapters(params):
+        raise LowraxError("these params hold no named adapters: load one with "
+                          "lowrax.load_peft(params, adapter_dir, model, adapter_name='a')")
+    return params[SLOTS_KEY]
+
+
+def adapter_rows(params: Any, names: Sequence[str] | Any) -> jnp.ndarray:
+    """One slot per row (int32 [batch]) for `names` (an adapter name or "__base__" per row); an
+    int array is taken as slots already."""
+    directory = directory_of(params)
+    if isinstance(names, (jax.Array, np.ndarray)):
+        rows = jnp.asarray(names)
+        if rows.ndim != 1 or not jnp.issubdtype(rows.dtype, jnp.integer):
+            raise LowraxError(f"adapter_names as an array must be int slots [batch], got {rows.dtype} {rows.shape}")
+        return rows.astype(jnp.int32)
+    if isinstance(names, str):
+        raise LowraxError("adapter_names takes one name per row (a list), not one string")
+    return jnp.asarray([NO_SLOT if n == BASE_NAME else directory.slot_of(n) for n in names], jnp.int32)
+
+
+def with_adapter_rows(params: Any, names: Sequence[str] | Any, batch: int | None = None) -> Any:
+    """params whose model runs row i with adapter `names[i]` ("__base__": none)."""
+    rows = adapter_rows(params, names)
+    if batch is not None and rows.shape[0] != batch:
+        raise LowraxError(f"adapter_names has {rows.shape[0]} entries for a batch of {batch} rows: give one per row")
+    return dict(params, **{SLOTS_KEY: params[SLOTS_KEY].replace(active=rows)})
+
+
+def anonymous(params: Any) -> Any:
+    """params whose directory forgets the adapters' names (not their slots): the tree structure
+    then depends only on the slot table's shapes, so a compiled call is reused when adapters are
+    loaded into free slots or deleted."""
+    if not has_named_adapters(params):
+        return params
+    directory = params[SLOTS_KEY]
+    return dict(params, **{SLOTS_KEY: SlotDirectory(directory.active, (None,) * directory.capacity)})
