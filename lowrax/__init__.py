@@ -18,6 +18,7 @@ The public API (see README.md):
     params = lowrax.load_peft(params, dir_a, model, adapter_name="a")   # named adapters (LoRA), first one active
     params = lowrax.set_adapter(params, "b")            # or disable_adapters, delete_adapter, extract_adapter
     logits = model.apply(params, ids, mask, adapter_names=["a", "b"])   # one adapter per row, one program
+    params = lowrax.combine_adapters(params, ["a", "b"], [0.7, 0.3], "ab", combination_type="ties", density=0.5)
 
     mesh = lowrax.make_mesh(lowrax.MeshConfig(fsdp=4))   # sharded: load_pretrained(path, mesh=mesh), sharded_train_step
     summary = lowrax.run_training(lowrax.load_config("configs/default.yaml", ["lora.r=8"]))
@@ -32,6 +33,7 @@ from lowrax.adapters.ia3 import IA3Config, IA3Kernel
 from lowrax.adapters.ln_tuning import LNTuningConfig, TunedNorm
 from lowrax.adapters.lycoris import LoHaConfig, LoHaKernel, LoKrConfig, LoKrKernel
 from lowrax.adapters.lora import DeltaLoraKernel, DoraKernel, LoraConfig, LoraKernel, VeraKernel
+from lowrax.adapters.named.combine import combine_adapters
 from lowrax.adapters.named.named import (active_adapter, add_adapter, adapter_names, base_params, delete_adapter,
                                          disable_adapters, extract_adapter, set_adapter)
 from lowrax.adapters.named.slots import LoraSlots
@@ -68,7 +70,7 @@ __all__ = [
     "PromptTable", "PromptEncoder", "PrefixEncoder",
     "lora", "LoraConfig", "LoraKernel", "DoraKernel", "VeraKernel", "DeltaLoraKernel", "FullyTrained", "split", "combine", "merge", "unmerge", "labels",
     "count_params", "save_peft", "load_peft",
-    "add_adapter", "set_adapter", "disable_adapters", "delete_adapter", "extract_adapter", "adapter_names",
+    "add_adapter", "combine_adapters", "set_adapter", "disable_adapters", "delete_adapter", "extract_adapter", "adapter_names",
     "active_adapter", "base_params", "LoraSlots",
     "OptimizerConfig", "make_optimizer", "TrainState", "init_state", "make_train_step",
     "TrainConfig", "load_config", "run_training", "QuantConfig", "quantize", "NF4Tensor", "merge_requantized",

@@ -45,7 +45,7 @@ def active_adapter(params: Any) -> str | None:
     return directory.entry(int(active)).name
 
 
-def _paths(tree: Any) -> dict[tuple, Any]:
+def node_paths(tree: Any) -> dict[tuple, Any]:
     """Tree path -> node, for every node (adapter or fully trained) of the tree."""
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]
     return {tuple(str(p.key) for p in path): leaf for path, leaf in leaves if is_node(leaf)}
@@ -58,7 +58,7 @@ def _copy(tree: Any) -> Any:
 def _lora_nodes(tree: Any, what: str) -> dict[tuple, LoraKernel]:
     """The plain LoRA nodes of a single-adapter tree, or an error naming what cannot be named."""
     out = {}
-    for path, node in _paths(tree).items():
+    for path, node in node_paths(tree).items():
         if isinstance(node, FullyTrained):
             raise LowraxError(f"{what} trains {'.'.join(path)} in full (modules_to_save); named adapters hold "
                               "LoRA factors only: load it without adapter_name")
@@ -84,7 +84,7 @@ def _as_named(params: Any, capacity: int) -> Any:
         raise LowraxError(f"named adapters need the model's parameter dict, got {type(params).__name__}")
     if capacity < 1:
         raise LowraxError(f"capacity must be >= 1 adapter slot, got {capacity}")
-    unnamed = _paths(params)
+    unnamed = node_paths(params)
     start = dict(base_params(params), **{SLOTS_KEY: SlotDirectory(jnp.int32(NO_SLOT), (None,) * capacity)})
     if not unnamed:
         return start
@@ -116,7 +116,7 @@ def add_adapter(params: Any, name: str, adapted: Any, *, capacity: int = DEFAULT
     slot = free[0] if free else directory.capacity
     slots = directory.capacity if free else 2 * directory.capacity
     out = _copy(params)
-    existing = {p: n for p, n in _paths(out).items() if isinstance(n, LoraSlots)}
+    existing = {p: n for p, n in node_paths(out).items() if isinstance(n, LoraSlots)}
     for path in sorted(set(existing) | set(new)):
         node = existing.get(path)
         lora = new.get(path)
@@ -157,7 +157,7 @@ def delete_adapter(params: Any, name: str) -> Any:
     directory = directory_of(params)
     slot = directory.slot_of(name)
     out = _copy(params)
-    for path, node in _paths(out).items():
+    for path, node in node_paths(out).items():
         if isinstance(node, LoraSlots):
             set_path(out, path, with_slot(node, slot))
     entries = tuple(None if i == slot else e for i, e in enumerate(directory.entries))

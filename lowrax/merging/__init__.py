@@ -1,0 +1,3 @@
+"""Merging: the elementwise rules that combine task tensors (`rules`: task arithmetic,
+magnitude pruning, TIES, DARE), shared by adapter combination (`lowrax.combine_adapters`)
+and full-model merging (`models`)."""
