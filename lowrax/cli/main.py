@@ -2,11 +2,13 @@
 
     lowrax train [CONFIG.yaml] [section.key=value ...]   (default: configs/default.yaml)
     lowrax generate [--model PATH] [--adapter RUN_OR_ADAPTER_DIR] "prompt" ["prompt" ...]
+    lowrax generate --adapter a=DIR --adapter b=DIR [--prompt-adapters a,b] "prompt" "prompt"   (one adapter per prompt)
     lowrax chat [--model PATH] [--adapter RUN_OR_ADAPTER_DIR]   (interactive, streamed)
     lowrax convert --model PATH OUT_DIR        (e.g. the embedded GGUF -> HF safetensors)
     lowrax export-peft RUN_DIR OUT_DIR         (a run's adapter in PEFT format)
     lowrax import-peft ADAPTER_DIR RUN_DIR [--model PATH] [CONFIG.yaml] [section.key=value ...]
     lowrax merge RUN_DIR OUT_DIR               (base + adapters merged, HF safetensors)
+    lowrax merge-adapters --adapter a=DIR --adapter b=DIR --weights 0.7 0.3 OUT_DIR [--combination-type svd]
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+# The combination types of `lowrax merge-adapters` (kept here so --help does not import jax).
+COMBINATION_TYPES = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd",
+                     "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -34,9 +39,9 @@ def _add_model_args(p: argparse.ArgumentParser, dtype_default: str | None = "flo
 
 def _add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     _add_model_args(p, dtype_default=None)
-    p.add_argument("--adapter", default=None, metavar="RUN_OR_ADAPTER_DIR",
+    p.add_argument("--adapter", action="append", default=None, metavar="RUN_OR_ADAPTER_DIR",
                    help="a `lowrax train` run directory or a PEFT adapter directory, on its base model "
-                        "(or the --model given)")
+                        "(or the --model given); several LoRA adapters as NAME=DIR, repeated")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -48,10 +53,19 @@ def _load_for_generation(args):
     """(model, params, tokenizer, chat setting the model was trained with or None) for generate / chat."""
     import lowrax
 
+    if args.adapter and any("=" in a for a in args.adapter):
+        from lowrax.train.adapter_sets import load_named_adapters, parse_named
+
+        adapted = load_named_adapters(parse_named(args.adapter), args.model, args.dtype)
+        print(f"[{adapted.source}]", file=sys.stderr)
+        return adapted.model, adapted.params, adapted.tokenizer, adapted.chat
     if args.adapter is not None:
+        from lowrax.errors import LowraxError
         from lowrax.train.runs import load_adapted
 
-        adapted = load_adapted(args.adapter, args.model, args.dtype)
+        if len(args.adapter) > 1:
+            raise LowraxError("several --adapter need names: --adapter a=DIR --adapter b=DIR")
+        adapted = load_adapted(args.adapter[0], args.model, args.dtype)
         print(f"[{adapted.source}]", file=sys.stderr)
         return adapted.model, adapted.params, adapted.tokenizer, adapted.chat
     model, params = lowrax.load_pretrained(args.model, dtype=_dtype(args.dtype or "float32"))
@@ -62,16 +76,40 @@ def cmd_generate(args) -> int:
     import lowrax
 
     model, params, tokenizer, trained_chat = _load_for_generation(args)
+    adapter_names = _prompt_adapters(args, params)
     # auto: as the run was trained (a run's prompts with or without the template), else the tokenizer's default
     chat = {"auto": trained_chat, "on": True, "off": False}[args.chat]
     start = time.perf_counter()
     texts = lowrax.generate(model, params, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=chat)
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=chat,
+                            adapter_names=adapter_names)
     elapsed = time.perf_counter() - start
-    for prompt, text in zip(args.prompts, texts):
-        print(f">>> {prompt}\n{text}\n")
+    for i, (prompt, text) in enumerate(zip(args.prompts, texts)):
+        print(f">>> {prompt}" + (f"  [{adapter_names[i]}]" if adapter_names else "") + f"\n{text}\n")
     print(f"[{len(texts)} prompt(s), {elapsed:.1f}s including compilation]", file=sys.stderr)
     return 0
+
+
+def _prompt_adapters(args, params) -> list[str] | None:
+    """--prompt-adapters a,b,...: one adapter name per prompt (or "__base__"), checked against those loaded."""
+    from lowrax.adapters.named.named import adapter_names
+    from lowrax.adapters.named.slots import BASE_NAME, has_named_adapters
+    from lowrax.errors import LowraxError
+
+    if args.prompt_adapters is None:
+        return None
+    if not has_named_adapters(params):
+        raise LowraxError("--prompt-adapters picks among named adapters: load them as --adapter NAME=DIR")
+    names = [n.strip() for n in args.prompt_adapters.split(",")]
+    if len(names) != len(args.prompts):
+        raise LowraxError(f"--prompt-adapters names {len(names)} adapter(s) for {len(args.prompts)} prompt(s): give one "
+                          "per prompt, comma-separated")
+    loaded = adapter_names(params)
+    for name in names:
+        if name != BASE_NAME and name not in loaded:
+            raise LowraxError(f"--prompt-adapters: no adapter named {name!r} (loaded: {', '.join(loaded)}; "
+                              f"{BASE_NAME} for the base model)")
+    return names
 
 
 def cmd_chat(args) -> int:
@@ -165,6 +203,20 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_merge_adapters(args) -> int:
+    from lowrax.errors import LowraxError
+    from lowrax.train.adapter_sets import merge_adapter_dirs, parse_named
+
+    named = parse_named(args.adapter)
+    if len(args.weights) != len(named):
+        raise LowraxError(f"--weights gives {len(args.weights)} weight(s) for {len(named)} adapter(s): one per --adapter")
+    options = {k: getattr(args, k) for k in ("svd_rank", "svd_clamp", "density", "majority_sign_method")}
+    out = merge_adapter_dirs(named, args.weights, args.out_dir, args.combination_type, args.model,
+                             overwrite=args.overwrite, seed=args.seed, **options)
+    print(f"wrote {out} ({args.combination_type} of {', '.join(n for n, _ in named)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrax", description="Low-rank fine-tuning of HF transformers in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with a causal LM (and a trained adapter)")
     _add_generation_args(g, max_new_tokens=64)
     g.add_argument("prompts", nargs="+", help="one or more prompts")
+    g.add_argument("--prompt-adapters", default=None, metavar="NAME,NAME,...",
+                   help="with --adapter NAME=DIR: the adapter of each prompt, comma-separated (__base__: none); "
+                        "default: the first adapter for every prompt")
     g.add_argument("--chat", choices=["auto", "on", "off"], default="auto",
                    help="wrap prompts in the tokenizer's chat template (auto: as the --adapter run was trained; "
                         "without one, when the tokenizer has a template)")
@@ -216,6 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--requantize", action="store_true",
                    help="QLoRA runs: save 4-bit NF4 weights again (reports the rounding error it adds)")
     m.set_defaults(func=cmd_merge)
+
+    ma = sub.add_parser("merge-adapters", help="combine LoRA adapters into one (PEFT's add_weighted_adapter)")
+    ma.add_argument("out_dir")
+    ma.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
+                    help="a PEFT LoRA adapter directory or a `lowrax train` run, repeated")
+    ma.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per --adapter")
+    ma.add_argument("--combination-type", default="svd", choices=list(COMBINATION_TYPES))
+    ma.add_argument("--svd-rank", type=int, default=None, help="svd types: the new rank (default: the largest)")
+    ma.add_argument("--svd-clamp", type=float, default=None, help="svd types: clamp at this quantile")
+    ma.add_argument("--density", type=float, default=None, help="ties, dare, magnitude_prune: the fraction kept")
+    ma.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"])
+    ma.add_argument("--seed", type=int, default=0, help="dare types: the seed of the random drop")
+    ma.add_argument("--model", default=None, help="the base model (default: the one the first adapter names)")
+    ma.add_argument("--overwrite", action="store_true")
+    ma.set_defaults(func=cmd_merge_adapters)
     return parser
 
 
