@@ -3,6 +3,7 @@
     python scripts/bench.py [--model PATH] [--batch 4] [--seq 128] [--new-tokens 64] [--out bench.json]
     python scripts/bench.py --lora [--vs-peft] [--rank 16] ...   (the LoRA train step: scripts/bench_lora.py)
     python scripts/bench.py --variants [--only lora,dora]         (the LoRA family on the default task: scripts/bench_variants.py)
+    python scripts/bench.py --adapters [--adapters-count 8]       (mixed-adapter batches, combine_adapters: scripts/bench_adapters.py)
 
 Reports for the model (default: the embedded SmolLM2-135M-Instruct, float32):
   forward tokens/s (batch x seq, logits for every position), and
@@ -79,6 +80,11 @@ def main() -> None:
         import bench_variants
 
         return bench_variants.main()
+    if "--adapters" in sys.argv:
+        sys.argv.remove("--adapters")
+        import bench_adapters
+
+        return bench_adapters.main()
     ap = base_parser(__doc__)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)

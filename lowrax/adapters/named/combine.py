@@ -117,7 +117,7 @@ def _layers(params, slots: list[int]) -> dict:
         if not isinstance(node, LoraSlots):
             continue
         ranks = jax.device_get(node.rank)
-        factors = {i: (node.a[s, :, : int(ranks[s])], node.b[s, : int(ranks[s])], float(node.scale[s]))
+        factors = {i: (node.a[:, s, : int(ranks[s])], node.b[s, : int(ranks[s])], float(node.scale[s]))
                    for i, s in enumerate(slots) if ranks[s] > 0}
         if factors:
             out[path] = (node, factors)

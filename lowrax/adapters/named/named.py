@@ -186,7 +186,7 @@ def extract_adapter(params: Any, name: str | None = None) -> Any:
         r = int(jax.device_get(node.rank[slot]))
         if r == 0:
             return node.base
-        return LoraKernel(base=node.base, a=node.a[slot, :, :r], b=node.b[slot, :r], scale=float(node.scale[slot]),
+        return LoraKernel(base=node.base, a=node.a[:, slot, :r], b=node.b[slot, :r], scale=float(node.scale[slot]),
                           dropout=entry.dropout, rslora=entry.rslora)
 
     return jax.tree.map(one, {k: v for k, v in params.items() if k != SLOTS_KEY}, is_leaf=is_node)
