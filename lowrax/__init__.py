@@ -19,6 +19,7 @@ The public API (see README.md):
     params = lowrax.set_adapter(params, "b")            # or disable_adapters, delete_adapter, extract_adapter
     logits = model.apply(params, ids, mask, adapter_names=["a", "b"])   # one adapter per row, one program
     params = lowrax.combine_adapters(params, ["a", "b"], [0.7, 0.3], "ab", combination_type="ties", density=0.5)
+    merged = lowrax.merge_models(base, [tuned_a, tuned_b], "ties", weights=[0.6, 0.4], density=0.5)   # as mergekit
 
     mesh = lowrax.make_mesh(lowrax.MeshConfig(fsdp=4))   # sharded: load_pretrained(path, mesh=mesh), sharded_train_step
     summary = lowrax.run_training(lowrax.load_config("configs/default.yaml", ["lora.r=8"]))
@@ -46,6 +47,7 @@ from lowrax.adapters.tree import combine, count_params, labels, merge, split, un
 from lowrax.adapters.wrap import wrap
 from lowrax.dist.parallel import DistConfig, global_batch, sharded_train_step
 from lowrax.dist.sharding import MeshConfig, make_mesh, param_shardings
+from lowrax.merging.models import merge_models
 from lowrax.errors import CheckpointError, LowraxError, NotAModelError, UnsupportedModelError
 from lowrax.io.pretrained import embedded_minilm_path, embedded_model_path, load_pretrained, load_tokenizer, save_pretrained
 from lowrax.models import EncoderOutput, supported_model_types
@@ -70,7 +72,7 @@ __all__ = [
     "PromptTable", "PromptEncoder", "PrefixEncoder",
     "lora", "LoraConfig", "LoraKernel", "DoraKernel", "VeraKernel", "DeltaLoraKernel", "FullyTrained", "split", "combine", "merge", "unmerge", "labels",
     "count_params", "save_peft", "load_peft",
-    "add_adapter", "combine_adapters", "set_adapter", "disable_adapters", "delete_adapter", "extract_adapter", "adapter_names",
+    "add_adapter", "combine_adapters", "merge_models", "set_adapter", "disable_adapters", "delete_adapter", "extract_adapter", "adapter_names",
     "active_adapter", "base_params", "LoraSlots",
     "OptimizerConfig", "make_optimizer", "TrainState", "init_state", "make_train_step",
     "TrainConfig", "load_config", "run_training", "QuantConfig", "quantize", "NF4Tensor", "merge_requantized",
