@@ -35,9 +35,10 @@ from lowrax.adapters.ln_tuning import LNTuningConfig, TunedNorm
 from lowrax.adapters.lycoris import LoHaConfig, LoHaKernel, LoKrConfig, LoKrKernel
 from lowrax.adapters.lora import DeltaLoraKernel, DoraKernel, LoraConfig, LoraKernel, VeraKernel
 from lowrax.adapters.named.combine import combine_adapters
+from lowrax.adapters.named.exchange import load_peft, save_peft
 from lowrax.adapters.named.named import (active_adapter, add_adapter, adapter_names, base_params, delete_adapter,
                                          disable_adapters, extract_adapter, set_adapter)
-from lowrax.adapters.named.slots import LoraSlots
+from lowrax.adapters.slots import LoraSlots
 from lowrax.adapters.node import AdapterNode, FullyTrained
 from lowrax.adapters.oft import OFTConfig, OFTKernel
 from lowrax.adapters.prompt import (PrefixEncoder, PrefixTuningConfig, PromptEncoder, PromptEncoderConfig, PromptTable,
@@ -53,7 +54,6 @@ from lowrax.io.pretrained import embedded_minilm_path, embedded_model_path, load
 from lowrax.models import EncoderOutput, supported_model_types
 from lowrax.models.generate import SamplingConfig, generate, generate_ids
 from lowrax.models.linear import linear, register_linear
-from lowrax.peft.format import load_peft, save_peft
 from lowrax.quant.nf4 import NF4Tensor
 from lowrax.quant.tree import QuantConfig, merge_requantized, quantize
 from lowrax.train.config import TrainConfig, load_config

@@ -63,6 +63,7 @@ def generation(model, singles, named, prompts, new_tokens, repeats):
         first = timed(run)  # compiles
         seconds = best_of(run, repeats)
         out[label] = {"tokens_per_s": len(prompts) * new_tokens / seconds, "seconds": seconds, "first_call_s": first}
+        print(f"generation {label}: {out[label]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
     out["mixed_over_single"] = out["mixed"]["tokens_per_s"] / out["single"]["tokens_per_s"]
     out["mixed_over_looping"] = out["mixed"]["tokens_per_s"] / out["looping"]["tokens_per_s"]
     return out
@@ -75,6 +76,7 @@ def combination_times(named, repeats):
             named, ["a0", "a1"], [0.6, 0.4], "merged", kind, key=jax.random.key(0), **OPTIONS.get(kind, {}))))
         first = timed(run)
         out[kind] = {"seconds": best_of(run, repeats), "first_call_s": first}
+        print(f"combine {kind}: {out[kind]['seconds']:.2f} s", file=sys.stderr)
     return out
 
 
@@ -86,6 +88,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-combine", action="store_true")
+    ap.add_argument("--skip-generation", action="store_true")
     args = ap.parse_args()
 
     model, params = lowrax.load_pretrained(args.model, progress=False)
@@ -101,8 +104,9 @@ def main() -> None:
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax_backend": jax.default_backend(),
                     "jax": jax.__version__},
-        "generation": generation(model, singles, named, prompts, args.new_tokens, args.repeats),
     }
+    if not args.skip_generation:
+        result["generation"] = generation(model, singles, named, prompts, args.new_tokens, args.repeats)
     if not args.skip_combine:
         result["combine_two_adapters"] = combination_times(named, max(1, args.repeats - 1))
     emit(result, args.out)

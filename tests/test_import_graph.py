@@ -78,7 +78,7 @@ def test_shared_code_names_no_adapter_method():
     """The PEFT reader/writer, the train step, the optimizer and the model files reach
     methods through the registry only."""
     modules = module_names()
-    core = {f"lowrax.adapters.{m}" for m in ("node", "registry", "targets", "tree", "wrap", "catalog")}
+    core = {f"lowrax.adapters.{m}" for m in ("node", "registry", "targets", "tree", "wrap", "catalog", "slots")}
     methods = {m for m in modules if m.startswith("lowrax.adapters.") and m not in core}
     assert methods  # the method modules: everything under adapters/ but the core
     shared = [m for m in modules if m.startswith(("lowrax.peft", "lowrax.models", "lowrax.train.step", "lowrax.train.optim",

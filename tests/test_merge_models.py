@@ -140,3 +140,23 @@ def test_merge_models_refuses_bad_input(checkpoints):
     again = lowrax.merge_models(base, [one], "dare_ties", weights=[1.0], density=0.5, key=jax.random.key(0))
     for a, b in zip(jax.tree.leaves(drawn), jax.tree.leaves(again)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_merge_models_command_writes_the_merge(checkpoints, tmp_path, capsys):
+    from lowrax.cli.main import MERGE_METHODS, main
+
+    base_dir, tuned = checkpoints
+    assert main(["merge-models", str(tmp_path / "out"), "--method", "ties", "--base", str(base_dir), "--model",
+                 str(tuned[0]), "--model", str(tuned[1]), "--weights", "0.6", "0.4", "--density", "0.5"]) == 0
+    assert "ties of 2 model(s)" in capsys.readouterr().out
+    _, written = lowrax.load_pretrained(tmp_path / "out", progress=False)
+    _, base = lowrax.load_pretrained(base_dir, progress=False)
+    models = [lowrax.load_pretrained(d, progress=False)[1] for d in tuned[:2]]
+    expected = lowrax.merge_models(base, models, "ties", weights=[0.6, 0.4], density=0.5)
+    for a, b in zip(jax.tree.leaves(written), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert main(["merge-models", str(tmp_path / "bad"), "--method", "ties", "--base", str(base_dir), "--model",
+                 str(tuned[0]), "--weights", "0.6", "0.4", "--density", "0.5"]) == 2
+    assert "1 models, 2 weights" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert sorted(MERGE_METHODS) == sorted(lowrax.merging.models.METHODS)

@@ -180,3 +180,37 @@ def test_named_adapter_errors(setup, tmp_path):
     ia3 = lowrax.wrap(params, lowrax.IA3Config(), jax.random.key(0), model.model_type)
     with pytest.raises(LowraxError, match="IA3Kernel.*plain LoRA adapters"):
         lowrax.add_adapter(params, "ia3", ia3)
+
+
+def test_mixed_batch_on_an_encoder_equals_peft(tmp_path_factory):
+    """A BERT classifier: each row's logits with its own adapter, as PEFT's adapter_names gives (the
+    head is the checkpoint's, not trained with the adapters: named adapters hold LoRA factors only)."""
+    config = transformers.BertConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64, num_labels=3)
+    path, _ = hf_model_dir(tmp_path_factory, "named-bert", lambda: transformers.BertForSequenceClassification(config))
+    load = transformers.BertForSequenceClassification.from_pretrained
+    dirs = {}
+    for i, (name, kwargs) in enumerate((("q", dict(r=2, lora_alpha=4, target_modules=["query", "value"])),
+                                        ("ffn", dict(r=4, lora_alpha=4, target_modules=["intermediate.dense", "key"]))),):
+        torch.manual_seed(30 + i)
+        peft_model = peft.get_peft_model(load(path),
+                                         peft.LoraConfig(init_lora_weights=False, **kwargs))
+        dirs[name] = tmp_path_factory.mktemp(f"bert-adapter-{name}")
+        peft_model.save_pretrained(dirs[name])
+    model, params = lowrax.load_pretrained(path, progress=False)
+    for name in dirs:
+        params = lowrax.load_peft(params, dirs[name], model, adapter_name=name)
+    rows = ["ffn", "q", "__base__"]
+    ids, mask = random_batch(128, [7, 5, 6], pad_id=0, left=False)
+    ours = model.apply(params, jnp.asarray(ids), jnp.asarray(mask), adapter_names=rows)
+    reference = peft.PeftModel.from_pretrained(load(path), dirs["q"], adapter_name="q")
+    reference.load_adapter(dirs["ffn"], adapter_name="ffn")
+    with torch.no_grad():
+        theirs = reference.eval()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), adapter_names=rows,
+                                  output_hidden_states=True)
+    valid = mask.astype(bool)
+    hidden = np.asarray(ours.last_hidden_state)
+    assert np.abs(hidden[valid] - theirs.hidden_states[-1].numpy()[valid]).max() <= 1e-4
+    assert np.abs(np.asarray(ours.logits) - theirs.logits.numpy()).max() <= 1e-4
+    base = np.asarray(model.apply(lowrax.base_params(params), jnp.asarray(ids), jnp.asarray(mask)).last_hidden_state)
+    assert np.abs(hidden[0] - base[0]).max() > 1e-2 and np.abs(hidden[2] - base[2]).max() < 1e-5

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lowrax.adapters.named.slots import SLOTS_KEY
+from lowrax.adapters.slots import SLOTS_KEY
 from lowrax.adapters.node import ANCHOR, FROZEN, FULL, LORA_A, LORA_B, VECTOR, FullyTrained, is_adapter, is_node, resolve
 from lowrax.adapters.registry import shared_keys
 from lowrax.errors import LowraxError

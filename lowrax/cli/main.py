@@ -9,6 +9,7 @@
     lowrax import-peft ADAPTER_DIR RUN_DIR [--model PATH] [CONFIG.yaml] [section.key=value ...]
     lowrax merge RUN_DIR OUT_DIR               (base + adapters merged, HF safetensors)
     lowrax merge-adapters --adapter a=DIR --adapter b=DIR --weights 0.7 0.3 OUT_DIR [--combination-type svd]
+    lowrax merge-models OUT_DIR --base PATH --model PATH --model PATH --weights 0.6 0.4 [--method ties --density 0.5]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 # The combination types of `lowrax merge-adapters` (kept here so --help does not import jax).
 COMBINATION_TYPES = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd",
                      "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+MERGE_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "linear")
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -93,7 +95,7 @@ def cmd_generate(args) -> int:
 def _prompt_adapters(args, params) -> list[str] | None:
     """--prompt-adapters a,b,...: one adapter name per prompt (or "__base__"), checked against those loaded."""
     from lowrax.adapters.named.named import adapter_names
-    from lowrax.adapters.named.slots import BASE_NAME, has_named_adapters
+    from lowrax.adapters.slots import BASE_NAME, has_named_adapters
     from lowrax.errors import LowraxError
 
     if args.prompt_adapters is None:
@@ -217,6 +219,20 @@ def cmd_merge_adapters(args) -> int:
     return 0
 
 
+def cmd_merge_models(args) -> int:
+    import jax
+
+    from lowrax.merging.checkpoints import merge_checkpoints
+
+    options = dict(weights=args.weights, normalize=args.normalize, rescale=args.rescale, lambda_=args.scale,
+                   t=args.t, consensus=args.consensus, key=jax.random.key(args.seed))
+    if args.density is not None:
+        options["density"] = args.density[0] if len(args.density) == 1 else args.density
+    out = merge_checkpoints(args.base, args.model, args.out_dir, args.method, overwrite=args.overwrite, **options)
+    print(f"wrote {out} ({args.method} of {len(args.model)} model(s))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrax", description="Low-rank fine-tuning of HF transformers in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -286,6 +302,25 @@ def build_parser() -> argparse.ArgumentParser:
     ma.add_argument("--model", default=None, help="the base model (default: the one the first adapter names)")
     ma.add_argument("--overwrite", action="store_true")
     ma.set_defaults(func=cmd_merge_adapters)
+
+    mm = sub.add_parser("merge-models", help="merge fine-tuned checkpoints of one architecture (as mergekit does)")
+    mm.add_argument("out_dir")
+    mm.add_argument("--method", default="task_arithmetic", choices=list(MERGE_METHODS))
+    mm.add_argument("--base", default=None, help="the model the others were fine-tuned from (all but linear need it)")
+    mm.add_argument("--model", action="append", required=True, help="a fine-tuned checkpoint (HF dir or .gguf), repeated")
+    mm.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per --model")
+    mm.add_argument("--density", type=float, nargs="+", default=None,
+                    help="ties, dare: the fraction of each task vector kept (one, or one per --model)")
+    mm.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                    help="divide by the (agreeing) weights' sum (default: on for ties and linear)")
+    mm.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=None,
+                    help="rescale kept elements to the task vector's L1 norm (default: on for dare)")
+    mm.add_argument("--lambda", dest="scale", type=float, default=1.0, help="scale of the merged task vector")
+    mm.add_argument("--t", type=float, default=0.5, help="slerp: 0 is the base, 1 the model")
+    mm.add_argument("--consensus", default="sum", choices=["sum", "count"], help="ties: how signs are elected")
+    mm.add_argument("--seed", type=int, default=0, help="dare: the seed of the random drop")
+    mm.add_argument("--overwrite", action="store_true")
+    mm.set_defaults(func=cmd_merge_models)
     return parser
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from lowrax.errors import LowraxError
 from lowrax.io import tables
 from lowrax.models.layers import positions_from_mask, segment_positions, segment_visibility
-from lowrax.adapters.named.slots import has_named_adapters, with_adapter_rows
+from lowrax.adapters.slots import has_named_adapters, with_adapter_rows
 from lowrax.adapters.node import resolve, virtual_tokens
 
 

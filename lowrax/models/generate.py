@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrax.adapters.named.slots import SLOTS_KEY, anonymous, has_named_adapters, with_adapter_rows
+from lowrax.adapters.slots import SLOTS_KEY, anonymous, has_named_adapters, with_adapter_rows
 from lowrax.errors import LowraxError
 from lowrax.models.base import CausalLM
 

@@ -18,9 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from lowrax.adapters.named.named import (DEFAULT_CAPACITY, add_adapter, adapter_names, base_params,
-                                         extract_adapter)
-from lowrax.adapters.named.slots import has_named_adapters
 from lowrax.adapters.node import FullyTrained, is_node
 from lowrax.adapters.registry import format_for_config, peft_format
 from lowrax.adapters.targets import linear_modules
@@ -46,20 +43,13 @@ def _fully_trained(params: Any, model) -> dict[str, np.ndarray]:
 
 
 def save_peft(params: Any, out_dir: str | Path, model=None, *, base_model: str | None = None,
-              overwrite: bool = False, initial: Any = None, use_rslora: bool | None = None,
-              adapter_name: str | None = None) -> Path:
+              overwrite: bool = False, initial: Any = None, use_rslora: bool | None = None) -> Path:
     """Write the adapters of `params` as a PEFT adapter directory (atomically).
 
     One directory holds one method (one `peft_type`). `initial`: the tree right after
     `wrap`, needed by adapters that PEFT stores converted (PiSSA). `use_rslora`: LoRA's
     scaling in the config (None: as the nodes record it; other methods ignore it).
-    adapter_name: with named adapters, the one to write (default: the active one).
     """
-    if has_named_adapters(params):
-        params = extract_adapter(params, adapter_name)
-    elif adapter_name is not None:
-        raise LowraxError(f"adapter_name={adapter_name!r} names one of several loaded adapters, but these params "
-                          "hold no named adapters: save_peft(params, out_dir, model) writes the one they hold")
     nodes = adapter_nodes(params)
     if not nodes:
         raise LowraxError("params have no adapters to save; wrap them with lowrax.wrap first")
@@ -111,18 +101,8 @@ def read_adapter_dir(adapter_dir: str | Path) -> tuple[dict, dict]:
     return config, {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in tensors.items()}
 
 
-def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jnp.float32, *,
-              adapter_name: str | None = None, capacity: int = DEFAULT_CAPACITY) -> Any:
-    """Wrap plain `params` with the adapter PEFT saved in `adapter_dir` (any registered `peft_type`).
-
-    adapter_name: add it as a named LoRA adapter beside those `params` may hold already (see
-    `lowrax.add_adapter`; capacity: the slots made with the first one)."""
-    if adapter_name is not None:
-        return add_adapter(params, adapter_name, load_peft(base_params(params), adapter_dir, model, adapter_dtype),
-                           capacity=capacity)
-    if has_named_adapters(params):
-        raise LowraxError(f"these params hold named adapters ({', '.join(adapter_names(params)) or 'none loaded'}): "
-                          "load another with load_peft(params, dir, model, adapter_name='b')")
+def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jnp.float32) -> Any:
+    """Wrap plain `params` with the adapter PEFT saved in `adapter_dir` (any registered `peft_type`)."""
     fmt = format_for_config(read_adapter_config(adapter_dir), where=f"{adapter_dir}: ")
     if fmt.load_directory is not None:  # a format with its own layout (AdapterHub's)
         return fmt.load_directory(params, adapter_dir, model, adapter_dtype)

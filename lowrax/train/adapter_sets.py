@@ -12,7 +12,8 @@ from lowrax.adapters.named.combine import combine_adapters
 from lowrax.errors import LowraxError
 from lowrax.io.pretrained import base_model_name, base_model_path, load_pretrained, load_tokenizer
 from lowrax.peft.common import CONFIG
-from lowrax.peft.format import load_peft, read_adapter_config, save_peft
+from lowrax.adapters.named.exchange import load_peft, save_peft
+from lowrax.peft.format import read_adapter_config
 from lowrax.train.runs import Adapted, read_run_config, recorded_base, uses_chat_template
 from lowrax.train.trainer import DTYPES
 

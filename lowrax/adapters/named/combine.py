@@ -20,6 +20,7 @@ injects them instead (part "a" [in, r] / "b" [r, out] for the factor-wise types,
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 
 from lowrax.adapters.lora.kernel import LoraKernel, lora_scale
 from lowrax.adapters.named.named import add_adapter, base_params, node_paths
-from lowrax.adapters.named.slots import LoraSlots, directory_of
+from lowrax.adapters.slots import LoraSlots, directory_of
 from lowrax.errors import LowraxError
 from lowrax.io.tables import set_path
 from lowrax.merging import rules
@@ -181,10 +182,15 @@ def _svd(rule, layer, factors: dict, weights, new_rank, density, sign_method, ke
     """The weight deltas combined by `rule`, then the best rank-`new_rank` factors (PEFT's
     orientation: the SVD of the [out, in] delta, U * S to B, Vh to A)."""
     order = sorted(factors)
-    deltas = [f[2] * (f[0].astype(jnp.float32) @ f[1].astype(jnp.float32)) for f in (factors[i] for i in order)]
-    keep = _masks(keep_masks, layer, "delta", order, deltas[0].shape) if rule in rules.RANDOM else None
-    delta = rules.combine(rule, deltas, [weights[i] for i in order], density, sign_method, keep)
-    u, vh = svd_factors(delta.T, new_rank, clamp, full_matrices)
+    if rule == rules.LINEAR:  # the weighted sum of low-rank deltas is itself low-rank: factor it without forming it
+        a_cat = jnp.concatenate([factors[i][0].astype(jnp.float32) * (weights[i] * factors[i][2]) for i in order], 1)
+        b_cat = jnp.concatenate([factors[i][1].astype(jnp.float32) for i in order], axis=0)
+        u, vh = _low_rank_svd_factors(a_cat, b_cat, new_rank, clamp)
+    else:
+        deltas = [f[2] * (f[0].astype(jnp.float32) @ f[1].astype(jnp.float32)) for f in (factors[i] for i in order)]
+        keep = _masks(keep_masks, layer, "delta", order, deltas[0].shape) if rule in rules.RANDOM else None
+        delta = rules.combine(rule, deltas, [weights[i] for i in order], density, sign_method, keep)
+        u, vh = svd_factors(delta.T, new_rank, clamp, full_matrices)
     a, b = vh.T, u.T
     pad = new_rank - a.shape[1]  # a kernel smaller than the rank
     return jnp.pad(a, ((0, 0), (0, pad))), jnp.pad(b, ((0, pad), (0, 0)))
@@ -196,10 +202,32 @@ def svd_factors(delta_t: jnp.ndarray, rank: int, clamp: float | None = None, ful
 
     The SVD leaves each singular pair's sign free and libraries choose differently, so a
     clamped result matches another library's only where their choices agree; the unclamped
-    product U * S @ Vh does not depend on them."""
-    u, s, vh = jnp.linalg.svd(delta_t, full_matrices=full_matrices)
-    u, vh = u[:, :rank] * s[:rank], vh[:rank]
+    product U * S @ Vh does not depend on them. full_matrices is accepted for PEFT's signature:
+    the leading vectors, and so the result, are the same either way."""
+    return _svd_factors(delta_t, rank, clamp)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _low_rank_svd_factors(a: jnp.ndarray, b: jnp.ndarray, rank: int, clamp: float | None):
+    """svd_factors of (a @ b).T for a [in, k], b [k, out] with k small: QR of both factors and the
+    SVD of the k x k core, the same singular triplets at a fraction of a full SVD's cost."""
+    qa, ra = jnp.linalg.qr(a)  # a = qa @ ra
+    qb, rb = jnp.linalg.qr(b.T)  # b.T = qb @ rb, so (a @ b).T = qb @ (rb @ ra.T) @ qa.T
+    uc, s, vch = jnp.linalg.svd(rb @ ra.T, full_matrices=False)
+    return _clamped((qb @ uc)[:, :rank] * s[:rank], (vch @ qa.T)[:rank], clamp)
+
+
+def _clamped(u, vh, clamp):
     if clamp is not None:
         high = jnp.quantile(jnp.concatenate([u.reshape(-1), vh.reshape(-1)]), clamp)
         u, vh = jnp.clip(u, -high, high), jnp.clip(vh, -high, high)
     return u, vh
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _svd_factors(delta_t: jnp.ndarray, rank: int, clamp: float | None):
+    # The reduced SVD: its leading `rank` vectors are the full one's, without computing the
+    # [max(out, in)]^2 basis the truncation throws away (PEFT's svd_full_matrices changes
+    # only that cost). Compiled once per kernel shape, not dispatched op by op per kernel.
+    u, s, vh = jnp.linalg.svd(delta_t, full_matrices=False)
+    return _clamped(u[:, :rank] * s[:rank], vh[:rank], clamp)

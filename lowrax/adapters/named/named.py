@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrax.adapters.lora.kernel import LoraKernel
-from lowrax.adapters.named.slots import (BASE_NAME, NO_SLOT, SLOTS_KEY, LoraSlots, SlotDirectory, SlotEntry,
+from lowrax.adapters.slots import (BASE_NAME, NO_SLOT, SLOTS_KEY, LoraSlots, SlotDirectory, SlotEntry,
                                          directory_of, empty_slots, grown, has_named_adapters, with_slot)
 from lowrax.adapters.node import FullyTrained, is_node
 from lowrax.errors import LowraxError
