@@ -211,3 +211,11 @@ def test_invalid_combinations_are_refused(setup, kwargs, message):
         args["weights"] = [0.5] * len(args["adapters"])
     with pytest.raises(LowraxError, match=message):
         lowrax.combine_adapters(held, **args)
+
+
+def test_magnitude_pruning_traced_equals_eager():
+    """Outside a trace the k largest are selected on the host; under jit by top_k: the same elements."""
+    t = jax.random.normal(jax.random.key(5), (40, 24))
+    eager = rules.magnitude_pruned(t, 0.3)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: rules.magnitude_pruned(x, 0.3))(t)), np.asarray(eager))
+    assert int((np.asarray(eager) != 0).sum()) == int(0.3 * t.size)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from lowrax.adapters.node import is_node
 from lowrax.errors import LowraxError
-from lowrax.merging.rules import majority_sign_mask
+from lowrax.merging.rules import largest_magnitudes, majority_sign_mask
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
 _SPARSIFY = {"ties": "magnitude", "dare_linear": "random", "dare_ties": "random"}
@@ -165,9 +165,7 @@ def magnitude_kept(delta: jnp.ndarray, density: float) -> jnp.ndarray:
         return delta
     if density <= 0 or delta.size == 0:
         return jnp.zeros_like(delta)
-    k = max(1, int(density * delta.size))
-    _, top = jax.lax.top_k(jnp.abs(delta).reshape(-1), k)
-    return (delta.reshape(-1) * jnp.zeros(delta.size, delta.dtype).at[top].set(1)).reshape(delta.shape)
+    return largest_magnitudes(delta, max(1, int(density * delta.size)))
 
 
 def l1_rescaled(delta: jnp.ndarray, kept: jnp.ndarray, eps: float = 1e-7) -> jnp.ndarray:

@@ -3,7 +3,8 @@ as PEFT's `peft.utils.merge_utils` defines them (Yadav et al. 2023; Yu et al. 20
 
 Every rule takes the task tensors of one parameter (same shape), one weight each, and for
 DARE the kept elements (`keep`, one boolean mask per tensor), so a caller can draw them
-from a PRNG key or inject them. Pure jnp: jit-able and shape-static given `density`.
+from a PRNG key or inject them. jit-able and shape-static given `density` (outside a trace,
+magnitude pruning selects on the host, in linear time).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lowrax.errors import LowraxError
 
@@ -32,13 +34,20 @@ def check_density(rule: str, density) -> None:
         raise LowraxError(f"density must be >= 0 (the fraction of values kept), got {density}")
 
 
+def largest_magnitudes(t: jnp.ndarray, k: int) -> jnp.ndarray:
+    """t with only its k largest-magnitude elements kept (k >= 1; ties broken arbitrarily, as topk's)."""
+    flat = t.reshape(-1)
+    if isinstance(t, jax.core.Tracer):
+        _, top = jax.lax.top_k(jnp.abs(flat), k)
+    else:  # a linear-time selection on the host: XLA's top_k sorts (0.35 s for a 576 x 1536 delta)
+        top = np.argpartition(-np.abs(np.asarray(flat)), k - 1)[:k]
+    return (flat * jnp.zeros(t.size, t.dtype).at[top].set(1)).reshape(t.shape)
+
+
 def magnitude_pruned(t: jnp.ndarray, density: float) -> jnp.ndarray:
     """t with all but its int(density * size) largest-magnitude elements set to 0."""
     k = int(density * t.size)
-    if k == 0:
-        return jnp.zeros_like(t)
-    _, top = jax.lax.top_k(jnp.abs(t).reshape(-1), k)
-    return (t.reshape(-1) * jnp.zeros(t.size, t.dtype).at[top].set(1)).reshape(t.shape)
+    return jnp.zeros_like(t) if k == 0 else largest_magnitudes(t, k)
 
 
 def random_pruned(t: jnp.ndarray, density: float, keep: jnp.ndarray) -> jnp.ndarray:
