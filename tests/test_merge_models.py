@@ -140,6 +140,11 @@ def test_merge_models_refuses_bad_input(checkpoints):
     again = lowrax.merge_models(base, [one], "dare_ties", weights=[1.0], density=0.5, key=jax.random.key(0))
     for a, b in zip(jax.tree.leaves(drawn), jax.tree.leaves(again)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the key's draw keeps about `density` of each task vector
+    sparse = lowrax.merge_models(base, [one], "dare_linear", weights=[1.0], density=0.2, key=jax.random.key(1),
+                                 rescale=False)
+    kept = np.asarray(sparse["lm_head"]["kernel"]) != np.asarray(base["lm_head"]["kernel"])
+    assert 0.15 < kept.mean() < 0.25
 
 
 def test_merge_models_command_writes_the_merge(checkpoints, tmp_path, capsys):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from lowrax.adapters.node import is_node
 from lowrax.errors import LowraxError
-from lowrax.merging.rules import largest_magnitudes, majority_sign_mask
+from lowrax.merging.rules import drawn_keep, largest_magnitudes, majority_sign_mask
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
 _SPARSIFY = {"ties": "magnitude", "dare_linear": "random", "dare_ties": "random"}
@@ -70,7 +70,7 @@ def merge_models(base: Any, models: Sequence[Any], method: str = "task_arithmeti
     if method in ("dare_linear", "dare_ties") and keep_masks is None:
         if key is None:
             raise LowraxError(f"{method} drops elements at random: pass key=jax.random.key(seed)")
-        keep_masks = _drawn(key)
+        keep_masks = lambda path, i, shape: drawn_keep(key, path, i, densities[i], shape)  # noqa: E731
     normalize = _DEFAULT_NORMALIZE.get(method, False) if normalize is None else normalize
     rescale = (method in _DEFAULT_RESCALE) if rescale is None else rescale
     weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
@@ -135,20 +135,6 @@ def _check_alike(reference: Any, others: list) -> list[str]:
                 raise LowraxError(f"{name} has shape {tuple(theirs[name].shape)} in one model and {tuple(value.shape)} "
                                   "in another: models merged together must share one architecture and vocabulary")
     return sorted(ref)
-
-
-def _drawn(key) -> KeepMasks:
-    def draw(path: str, index: int, shape) -> jnp.ndarray:
-        return jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, _stable_hash(path)), index), 0.5, shape)
-
-    return draw
-
-
-def _stable_hash(text: str) -> int:
-    h = 2166136261
-    for byte in text.encode():
-        h = ((h ^ byte) * 16777619) % (1 << 31)
-    return h
 
 
 def _weighted(tensors, weights, normalize: bool) -> jnp.ndarray:

@@ -91,3 +91,12 @@ def combine(rule: str, tensors: Sequence[jnp.ndarray], weights: Sequence[float],
     if rule in (TIES, DARE_TIES):
         return disjoint_merge(stacked * w, majority_sign_mask(stacked, majority_sign_method))
     return (stacked * w).sum(axis=0)
+
+
+def drawn_keep(key, name: str, index: int, density: float, shape) -> jnp.ndarray:
+    """DARE's Bernoulli(density) keep mask for task tensor `index` of parameter `name`: one
+    independent, reproducible draw per (name, index) from `key`."""
+    h = 2166136261  # FNV-1a: a hash of the name that, unlike str's, is the same in every process
+    for byte in name.encode():
+        h = ((h ^ byte) * 16777619) % (1 << 31)
+    return jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, h), index), density, shape)

@@ -127,21 +127,7 @@ def _layers(params, slots: list[int]) -> dict:
 
 def _drawn_masks(key, density: float) -> KeepMasks:
     """Bernoulli(density) keep masks, one independent draw per (layer, part, adapter)."""
-    def draw(layer: str, part: str, index: int, shape) -> jnp.ndarray:
-        sub = key
-        for word in (layer, part):
-            sub = jax.random.fold_in(sub, _stable_hash(word))
-        return jax.random.bernoulli(jax.random.fold_in(sub, index), density, shape)
-
-    return draw
-
-
-def _stable_hash(text: str) -> int:
-    """A hash of `text` that does not change between processes (Python's str hash does)."""
-    h = 2166136261
-    for byte in text.encode():
-        h = ((h ^ byte) * 16777619) % (1 << 31)
-    return h
+    return lambda layer, part, index, shape: rules.drawn_keep(key, f"{layer}/{part}", index, density, shape)
 
 
 def _cat(factors: dict, weights, new_rank: int):
