@@ -21,6 +21,10 @@ The public API (see README.md):
     params = lowrax.combine_adapters(params, ["a", "b"], [0.7, 0.3], "ab", combination_type="ties", density=0.5)
     merged = lowrax.merge_models(base, [tuned_a, tuned_b], "ties", weights=[0.6, 0.4], density=0.5)   # as mergekit
 
+    loss, metrics = lowrax.dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid")
+    loss = lowrax.distill_loss(student_logits, teacher_logits, labels, beta=0.5, temperature=1.0)   # TRL's GKD JSD
+    off = lowrax.adapters_off(params)                   # the reference model: same arrays, every adapter switched off
+
     mesh = lowrax.make_mesh(lowrax.MeshConfig(fsdp=4))   # sharded: load_pretrained(path, mesh=mesh), sharded_train_step
     summary = lowrax.run_training(lowrax.load_config("configs/default.yaml", ["lora.r=8"]))
     lowrax.reuse_freed_host_memory()                     # CPU training: reuse each step's freed memory
@@ -44,11 +48,12 @@ from lowrax.adapters.oft import OFTConfig, OFTKernel
 from lowrax.adapters.prompt import (PrefixEncoder, PrefixTuningConfig, PromptEncoder, PromptEncoderConfig, PromptTable,
                                     PromptTuningConfig)
 from lowrax.adapters.registry import method_names
-from lowrax.adapters.tree import combine, count_params, labels, merge, split, unmerge
+from lowrax.adapters.tree import adapters_off, combine, count_params, labels, merge, split, unmerge
 from lowrax.adapters.wrap import wrap
 from lowrax.dist.parallel import DistConfig, global_batch, sharded_train_step
 from lowrax.dist.sharding import MeshConfig, make_mesh, param_shardings
 from lowrax.merging.models import merge_models
+from lowrax.objectives import distill_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
 from lowrax.errors import CheckpointError, LowraxError, NotAModelError, UnsupportedModelError
 from lowrax.io.pretrained import embedded_minilm_path, embedded_model_path, load_pretrained, load_tokenizer, save_pretrained
 from lowrax.models import EncoderOutput, supported_model_types
@@ -74,6 +79,7 @@ __all__ = [
     "count_params", "save_peft", "load_peft",
     "add_adapter", "combine_adapters", "merge_models", "set_adapter", "disable_adapters", "delete_adapter", "extract_adapter", "adapter_names",
     "active_adapter", "base_params", "LoraSlots",
+    "adapters_off", "dpo_loss", "orpo_loss", "simpo_loss", "kto_loss", "distill_loss",
     "OptimizerConfig", "make_optimizer", "TrainState", "init_state", "make_train_step",
     "TrainConfig", "load_config", "run_training", "QuantConfig", "quantize", "NF4Tensor", "merge_requantized",
     "MeshConfig", "make_mesh", "param_shardings", "DistConfig", "global_batch", "sharded_train_step",

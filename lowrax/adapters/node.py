@@ -60,12 +60,18 @@ class AdapterNode:
         stands_for_array           True for a node in place of a plain array other than a kernel
                                    (LN tuning): model code reads its `value`, which is also what
                                    merging leaves; `linear` never sees it
+        switched_off()             what the tree holds in the node's place with the adapter off
+                                   (a reference model: DPO): the frozen `base`, or None for an
+                                   adapter that adds to the model rather than replacing a weight
+        base_moves                 True when training changes `base` itself (Delta-LoRA), so the
+                                   adapter-off model is not the model training started from
     """
 
     peft_type: str = ""
     exports_from_initial: bool = False
     stands_for_array: bool = False
     mergeable: bool = True  # False: the adapter is not in the weights (prompt learning); merge refuses
+    base_moves: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -90,6 +96,9 @@ class AdapterNode:
 
     def merge_into(self, w: jnp.ndarray) -> jnp.ndarray:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+    def switched_off(self) -> Any:
+        return self.base
 
     def unmerge_from(self, merged: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
         raise NotImplementedError(f"{type(self).__name__} cannot be unmerged")

@@ -24,7 +24,7 @@ from lowrax.errors import LowraxError
 from lowrax.quant.nf4 import NF4Tensor, dequantize, dequantize_after
 
 __all__ = ["FROZEN", "LORA_A", "LORA_B", "VECTOR", "FULL", "ANCHOR", "labels", "split", "combine", "merge",
-           "unmerge", "with_dropout_keys", "count_params", "after_update", "precondition_grads", "penalty"]
+           "unmerge", "adapters_off", "with_dropout_keys", "count_params", "after_update", "precondition_grads", "penalty"]
 
 
 def labels(params: Any) -> Any:
@@ -78,6 +78,31 @@ def without_shared(tree: Any) -> Any:
     """The tree less the top-level arrays adapters share across layers (the methods' `shared_keys`)
     and the named adapters' slot directory."""
     return {k: v for k, v in tree.items() if k not in shared_keys() + (SLOTS_KEY,)} if isinstance(tree, dict) else tree
+
+
+def adapters_off(params: Any, *, allow_moving_base: bool = False) -> Any:
+    """The tree with every adapter switched off: each node replaced by what its method leaves
+    in its place (the frozen base kernel, or nothing for adapters that add to the model),
+    the same arrays and no copy. Inside a step this is the reference model of preference
+    tuning, computed from the weights the policy already holds.
+
+    A fully-trained module (modules_to_save) keeps no original, and Delta-LoRA moves its base
+    during training: both are refused (allow_moving_base: accept the latter, for a reference
+    taken before the first step)."""
+
+    def off(x):
+        if isinstance(x, FullyTrained):
+            raise LowraxError("this tree trains a module in full (modules_to_save), which keeps no copy of the "
+                              "original, so switching adapters off cannot give the pretrained model")
+        if is_adapter(x):
+            if x.base_moves and not allow_moving_base:
+                raise LowraxError(f"{type(x).__name__} changes its base weights while training, so the adapter-off "
+                                  "model is not the model training started from: precompute the reference instead")
+            return x.switched_off()
+        return x
+
+    out = {k: v for k, v in params.items() if k != SLOTS_KEY} if isinstance(params, dict) else params
+    return jax.tree.map(off, out, is_leaf=is_node)
 
 
 def _is_adapted_layer(x: Any) -> bool:

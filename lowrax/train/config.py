@@ -23,6 +23,7 @@ import yaml
 from lowrax.adapters.lora.config import LoraConfig
 from lowrax.adapters.registry import method_for_config, method_named, method_names
 from lowrax.errors import LowraxError
+from lowrax.objectives.config import OBJECTIVES, DistillSection, PreferenceSection
 from lowrax.train.optim import OptimizerConfig
 from lowrax.dist.parallel import DistConfig
 from lowrax.dist.sharding import MeshConfig
@@ -47,7 +48,10 @@ class DataSection:
     response_field: str = "response"  # prompt_response: the field with the target text
     messages_field: str = "messages"  # messages: a list of {"role", "content"} rendered with the chat template
     text_field: str = "text"  # text / classification: the input text
-    label_field: str = "label"  # classification: an integer label
+    label_field: str = "label"  # classification: an integer label; kto: true for a desirable completion
+    chosen_field: str = "chosen"  # dpo/orpo/simpo: the preferred completion (a string or messages)
+    rejected_field: str = "rejected"  # dpo/orpo/simpo: the dispreferred completion
+    completion_field: str = "completion"  # kto: the completion its label judges
     chat_template: bool = False  # prompt_response: wrap the prompt in the tokenizer's chat template
     seq_len: int = 64  # tokens per row (longer examples are truncated)
     packing: bool = False  # pack several examples per row (attention never crosses examples)
@@ -80,14 +84,21 @@ class TrainSection:
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     method: str = "lora"  # the adapter method (lowrax.method_names()); its settings are the section named after it
+    objective: str = "sft"  # sft | dpo | orpo | simpo | kto | distill (settings: the preference / distill sections)
     adapter: Any = field(default_factory=LoraConfig)  # the method's config: LoraConfig, IA3Config, ...
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    preference: PreferenceSection = field(default_factory=PreferenceSection)  # dpo, orpo, simpo, kto
+    distill: DistillSection = field(default_factory=DistillSection)  # objective: distill
     mesh: MeshConfig = field(default_factory=MeshConfig)  # device mesh: data x fsdp x tensor
     dist: DistConfig = field(default_factory=DistConfig)  # several processes (hosts): jax.distributed
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise LowraxError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective != "sft" and self.model.task != "causal_lm":
+            raise LowraxError(f"objective {self.objective!r} trains causal LMs; model.task is {self.model.task!r}")
         expected = method_named(self.method).config
         if type(self.adapter) is not expected:
             raise LowraxError(f"method {self.method!r} takes a {expected.__name__}, got {type(self.adapter).__name__} "
@@ -113,7 +124,9 @@ class TrainConfig:
 
 
 _SECTION_CLASSES = {"model": ModelSection, "optim": OptimizerConfig, "data": DataSection,
-                    "train": TrainSection, "mesh": MeshConfig, "dist": DistConfig}
+                    "train": TrainSection, "preference": PreferenceSection, "distill": DistillSection,
+                    "mesh": MeshConfig, "dist": DistConfig}
+TOP_LEVEL = ("method", "objective")  # plain values beside the sections
 # Fields that may change when a run is resumed (they do not change what the steps compute).
 RESUMABLE = {"train.steps", "train.save_every", "train.max_checkpoints", "train.eval_every", "train.samples",
              "train.eval_examples", "train.eval_max_new_tokens", "train.resume", "train.output_dir", "optim.total_steps",
@@ -127,7 +140,7 @@ def _section_classes() -> dict[str, type]:
 
 
 def _valid_keys() -> list[str]:
-    return ["method"] + [f"{s}.{f.name}" for s, cls in _section_classes().items() for f in dataclasses.fields(cls)]
+    return list(TOP_LEVEL) + [f"{s}.{f.name}" for s, cls in _section_classes().items() for f in dataclasses.fields(cls)]
 
 
 def _unknown(key: str) -> LowraxError:
@@ -143,6 +156,7 @@ def from_dict(values: dict) -> TrainConfig:
     if not isinstance(method, str):
         raise LowraxError(f"config key 'method' must be a method name ({', '.join(method_names())}), got {method!r}")
     method_named(method)  # an unknown name is an error listing the registered ones
+    objective = values.pop("objective", "sft")
     classes = _section_classes()
     sections = {}
     for name, body in values.items():
@@ -163,7 +177,7 @@ def from_dict(values: dict) -> TrainConfig:
         except TypeError as e:
             raise LowraxError(f"config section {name!r}: {e}") from e
     sections.setdefault("adapter", method_named(method).config())
-    cfg = TrainConfig(method=method, **sections)
+    cfg = TrainConfig(method=method, objective=objective, **sections)
     if "total_steps" not in values.get("optim", {}):
         # The schedule spans the run unless set explicitly.
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, total_steps=max(cfg.train.steps, cfg.optim.warmup_steps)))
@@ -183,9 +197,9 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
             raise LowraxError(f"override {item!r} must look like section.key=value (e.g. lora.r=8)")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        if parts == ["method"]:
-            out["method"] = yaml.safe_load(raw)
-            overridden.add("method")
+        if len(parts) == 1 and parts[0] in TOP_LEVEL:
+            out[parts[0]] = yaml.safe_load(raw)
+            overridden.add(parts[0])
             continue
         if len(parts) != 2:
             raise LowraxError(f"override key {key!r} must be section.key (e.g. train.steps)")
@@ -210,7 +224,8 @@ def read_preset(path: str | Path | None) -> dict:
         raise LowraxError(f"config file {p} does not exist")
     values = yaml.safe_load(p.read_text()) or {}
     if not isinstance(values, dict):
-        raise LowraxError(f"{p} must hold a mapping of sections (model, method, lora, optim, data, train, mesh, dist)")
+        raise LowraxError(f"{p} must hold a mapping of sections (model, method, objective, lora, optim, data, train, "
+                          "preference, distill, mesh, dist)")
     return values
 
 
@@ -247,7 +262,8 @@ def flatten(cfg_dict: dict) -> dict[str, Any]:
 def differences(saved: dict, current: dict) -> list[str]:
     """Keys (other than RESUMABLE ones) whose values differ between two config dicts
     (a run saved before `method` existed was a LoRA run)."""
-    a, b = flatten({"method": "lora", **saved}), flatten({"method": "lora", **current})
+    a = flatten({"method": "lora", "objective": "sft", **saved})
+    b = flatten({"method": "lora", "objective": "sft", **current})
     return sorted(k for k in set(a) | set(b) if k not in RESUMABLE and _norm(a.get(k)) != _norm(b.get(k)))
 
 

@@ -88,7 +88,7 @@ def detect_format(record: dict, cfg: DataSection, task: str) -> str:
     return fmt
 
 
-def _chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+def chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
@@ -97,7 +97,7 @@ def prompt_ids(tokenizer, record: dict, cfg: DataSection) -> list[int]:
     """Token ids of a prompt_response record's prompt (what generation starts from)."""
     prompt = record[cfg.prompt_field]
     if cfg.chat_template:
-        return _chat_ids(tokenizer, [{"role": "user", "content": prompt}], True)
+        return chat_ids(tokenizer, [{"role": "user", "content": prompt}], True)
     return list(tokenizer(prompt)["input_ids"])
 
 
@@ -112,11 +112,11 @@ def encode_causal(tokenizer, record: dict, fmt: str, cfg: DataSection) -> tuple[
         messages = record[cfg.messages_field]
         ids, mask = [], []
         for i, message in enumerate(messages):
-            upto = _chat_ids(tokenizer, messages[: i + 1], False)
+            upto = chat_ids(tokenizer, messages[: i + 1], False)
             trained = message.get("role") == "assistant"
             if trained:
                 # The assistant header belongs to the prompt; only the reply itself is trained.
-                header = _chat_ids(tokenizer, messages[:i], True)
+                header = chat_ids(tokenizer, messages[:i], True)
                 if upto[: len(header)] == header and len(header) > len(ids):
                     mask += [0] * (len(header) - len(ids))
                     ids = header
@@ -234,19 +234,24 @@ class Batches:
         return out
 
     def _gather_loss_positions(self, ids, loss, segments, k: int) -> dict:
-        """[b, K] positions whose next token carries loss, with those targets and 0/1 weights."""
-        b, width = ids.shape[0], self.loss_positions
-        positions = np.zeros((b, width), np.int32)
-        targets = np.zeros((b, width), np.int32)
-        weights = np.zeros((b, width), np.int32)
-        for row in range(b):
-            hits = np.nonzero(loss[row, 1:])[0]
-            if segments is not None:
-                hits = hits[segments[row, hits + 1] == segments[row, hits]]
-            if len(hits) > width:
-                raise LowraxError(f"batch {k} row {row} has {len(hits)} loss tokens but data.loss_positions is {width}; "
-                                  "raise data.loss_positions (or set it to 0 to score every position)")
-            positions[row, : len(hits)] = hits
-            targets[row, : len(hits)] = ids[row, hits + 1]
-            weights[row, : len(hits)] = 1
-        return {"loss_positions": positions, "loss_targets": targets, "loss_weights": weights}
+        return gather_loss_positions(ids, loss, self.loss_positions, segments, f"batch {k}")
+
+
+def gather_loss_positions(ids: np.ndarray, loss: np.ndarray, width: int, segments: np.ndarray | None = None,
+                          where: str = "batch") -> dict:
+    """[b, width] positions whose next token carries loss, with those targets and 0/1 weights."""
+    b = ids.shape[0]
+    positions = np.zeros((b, width), np.int32)
+    targets = np.zeros((b, width), np.int32)
+    weights = np.zeros((b, width), np.int32)
+    for row in range(b):
+        hits = np.nonzero(loss[row, 1:])[0]
+        if segments is not None:
+            hits = hits[segments[row, hits + 1] == segments[row, hits]]
+        if len(hits) > width:
+            raise LowraxError(f"{where} row {row} has {len(hits)} loss tokens but data.loss_positions is {width}; "
+                              "raise data.loss_positions (or set it to 0 to score every position)")
+        positions[row, : len(hits)] = hits
+        targets[row, : len(hits)] = ids[row, hits + 1]
+        weights[row, : len(hits)] = 1
+    return {"loss_positions": positions, "loss_targets": targets, "loss_weights": weights}

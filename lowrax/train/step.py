@@ -83,6 +83,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
     (see `models.base.recomputed_in_backward`): less memory for about one more forward.
     """
     model = model.with_remat(remat)
+    # loss_fn(model, params, batch) -> (loss sum, count) or (loss sum, count, {metric: sum}):
+    # causal-LM SFT, classification, or an objective of `lowrax.objectives.step_losses`.
     if loss_fn is None:
         loss_fn = causal_lm_loss if model.is_causal_lm else classification_loss
 
@@ -91,11 +93,13 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
         (AdaLoRA's orthogonality term) enters each micro-batch weighted by its token count, so
         the step's gradient is that of mean task loss + regulariser with any accumulation."""
         params = with_dropout_keys(combine(trainable, frozen), rng)
-        loss_sum, count = loss_fn(model, params, batch)
+        loss_sum, count, *sums = loss_fn(model, params, batch)
+        # An objective's own metrics come as sums over the micro-batch, divided by the count like the loss.
+        extra = {"sums": sums[0]} if sums else {}
         regulariser = penalty(trainable)
         if regulariser is None:
-            return loss_sum, (count, loss_sum, {})
-        return loss_sum + jax.lax.stop_gradient(count) * regulariser, (count, loss_sum, {"penalty": regulariser})
+            return loss_sum, (count, loss_sum, extra)
+        return loss_sum + jax.lax.stop_gradient(count) * regulariser, (count, loss_sum, {**extra, "penalty": regulariser})
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
@@ -114,10 +118,12 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
             zeros = jax.tree.map(jnp.zeros_like, state.trainable)
             (loss_sum, count, grads), extras = jax.lax.scan(
                 micro, (jnp.zeros(()), jnp.zeros(()), zeros), (batch, jnp.arange(grad_accum_steps)))
-            extra = jax.tree.map(lambda x: x[0], extras)  # the same parameters in every micro-batch
+            extra = {k: jax.tree.map(lambda x: x.sum(0), v) if k == "sums" else v[0]  # penalty: the same
+                     for k, v in extras.items()}                                   # parameters in every micro-batch
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
-        metrics = {"loss": loss_sum / count, "tokens": count, **extra}
+        sums = extra.pop("sums", {})
+        metrics = {"loss": loss_sum / count, "tokens": count, **extra, **{k: v / count for k, v in sums.items()}}
         grads = precondition_grads(grads, combine(state.trainable, frozen))  # LoRA-FA's projected B gradient
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         # Delta-LoRA's anchor, COFT's projection, AdaLoRA's rank allocation

@@ -74,6 +74,9 @@ class BottleneckAdapter(AdapterNode):
     mergeable = False
     unmergeable_reason = "bottleneck adapters add layers to the residual stream rather than change weights"
 
+    def switched_off(self):
+        return None  # the plain residual sum
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.down_kernel.shape)

@@ -40,6 +40,8 @@ class DeltaLoraKernel(LowRankFactors):
     the product's value at step K (labelled `anchor`: carried with the trainable half,
     never updated by the optimizer)."""
 
+    base_moves = True  # W += lambda * (A'B' - AB) after every step
+
     base: Any
     a: jnp.ndarray
     b: jnp.ndarray

@@ -13,6 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import struct
 
+from lowrax.errors import LowraxError
 from lowrax.adapters.node import FROZEN, LORA_A, LORA_B, AdapterNode, dropped
 from lowrax.models.linear import matmul
 
@@ -82,6 +83,12 @@ class LoraKernel(LowRankFactors):
 
     def field_labels(self) -> dict:
         return {"a": LORA_A if self.train_a else FROZEN, "b": LORA_B}
+
+    def switched_off(self):
+        if self.pissa_residual:
+            raise LowraxError("a PiSSA adapter's base holds W minus its top singular part, so switching the adapter "
+                              "off does not give the pretrained model: convert it first (save_peft exports plain LoRA)")
+        return self.base
 
     def apply(self, x: jnp.ndarray) -> jnp.ndarray:
         y = matmul(x, self.base)

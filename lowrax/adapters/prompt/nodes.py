@@ -25,6 +25,9 @@ class PromptNode(AdapterNode):
 
     mergeable = False
 
+    def switched_off(self):
+        return None  # no virtual tokens
+
     @property
     def num_virtual_tokens(self) -> int:
         return self.embeddings.shape[0]

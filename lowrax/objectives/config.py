@@ -1,0 +1,50 @@
+"""Settings of the training objectives (`objective:` in a run's config) other than SFT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lowrax.errors import LowraxError
+from lowrax.objectives.preference import DPO_LOSS_TYPES
+
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "distill")
+PAIRED = ("dpo", "orpo", "simpo")  # objectives trained on (prompt, chosen, rejected) pairs
+PREFERENCE = PAIRED + ("kto",)
+REFERENCES = ("adapters_off", "precomputed")
+
+
+@dataclass(frozen=True)
+class PreferenceSection:
+    beta: float = 0.1  # dpo/kto: weight of the implicit KL constraint; orpo: of the odds-ratio term; simpo: reward scale
+    loss_type: str = "sigmoid"  # dpo: sigmoid | hinge | ipo | robust | bco_pair | apo_zero | apo_down
+    label_smoothing: float = 0.0  # dpo robust, simpo: the assumed share of flipped preference labels
+    gamma: float = 0.5  # simpo: the target reward margin (TRL's simpo_gamma)
+    sft_weight: float = 0.0  # simpo: weight of the chosen rows' SFT loss added to it (TRL's cpo_alpha)
+    desirable_weight: float = 1.0  # kto: weight of desirable examples' losses
+    undesirable_weight: float = 1.0  # kto: weight of undesirable examples' losses
+    reference: str = "adapters_off"  # dpo, kto: adapters_off (the same weights, in the step) | precomputed (before training)
+
+    def __post_init__(self):
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise LowraxError(f"preference.loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.reference not in REFERENCES:
+            raise LowraxError(f"preference.reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
+        if self.beta <= 0:
+            raise LowraxError(f"preference.beta must be > 0, got {self.beta}")
+
+
+@dataclass(frozen=True)
+class DistillSection:
+    teacher: str = "runs/default"  # a lowrax run directory (its base and adapter), an HF directory or a .gguf file
+    teacher_adapter: str | None = None  # a PEFT adapter directory put on the teacher (with an HF/GGUF teacher)
+    beta: float = 0.0  # generalised JSD: 0 forward KL (Hinton), 1 reverse KL, between: the interpolated JSD
+    temperature: float = 1.0  # softmax temperature of both distributions
+    hard_label_weight: float = 0.0  # weight of the ordinary next-token loss mixed in (0: distillation only)
+
+    def __post_init__(self):
+        if not 0.0 <= self.beta <= 1.0:
+            raise LowraxError(f"distill.beta must be in [0, 1] (0: forward KL, 1: reverse KL), got {self.beta}")
+        if self.temperature <= 0:
+            raise LowraxError(f"distill.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.hard_label_weight <= 1.0:
+            raise LowraxError(f"distill.hard_label_weight must be in [0, 1], got {self.hard_label_weight}")

@@ -1,0 +1,40 @@
+"""Per-token and per-sequence log-probabilities of a causal LM, computed only where needed.
+
+A batch's rows carry `loss_positions` / `loss_targets` / `loss_weights` [n, K]: the K
+positions whose next token is a completion token (see `train.data.Batches`). The
+vocabulary projection runs at those positions only, the largest matmul of a small model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lowrax.adapters.node import resolve
+
+
+def logps_at(model, params, hidden, positions, targets) -> jnp.ndarray:
+    """log p(target) [n, K] from final hidden states [n, t, H] at positions [n, K]."""
+    picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    logits = model.logits_from_hidden(resolve(params), picked).astype(jnp.float32)
+    # logit[target] - logsumexp(logits), without materialising every log-probability
+    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+
+
+def completion_logps(model, params, batch: dict, prefix: str = ""):
+    """(summed completion log-probs [n], completion token counts [n], final hidden states
+    [n, t, H]) of the rows `{prefix}input_ids` etc. (prefix "kl_": KTO's mismatched rows)."""
+    hidden = model.final_hidden(params, batch[prefix + "input_ids"], batch[prefix + "attention_mask"])
+    token = logps_at(model, params, hidden, batch[prefix + "loss_positions"], batch[prefix + "loss_targets"])
+    weights = batch[prefix + "loss_weights"].astype(jnp.float32)
+    return jnp.sum(token * weights, axis=-1), jnp.sum(weights, axis=-1), hidden
+
+
+def whole_sequence_nll(model, params, hidden, input_ids, attention_mask) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(summed token NLL, token count) over every attended next token of the rows (prompt
+    included), as TRL's ORPO computes its SFT term."""
+    n, t = input_ids.shape
+    positions = jnp.broadcast_to(jnp.arange(t - 1), (n, t - 1))
+    token = logps_at(model, params, hidden, positions, input_ids[:, 1:])
+    weights = attention_mask[:, 1:].astype(jnp.float32)
+    return -jnp.sum(token * weights), jnp.sum(weights)

@@ -1,0 +1,131 @@
+"""The objectives as loss functions of the one train step.
+
+Each is `loss_fn(model, params, batch) -> (loss sum, count, metric sums)`: the step
+divides all three by the count summed over micro-batches, so what it logs is the
+objective's batch mean (`train.step.make_train_step`).
+
+Paired objectives (dpo, orpo, simpo) take a batch of 2b rows, the b chosen rows first
+and their b rejected rows after (one forward for both, as TRL's concatenated forward);
+KTO takes b unpaired rows with `desirable` [b] and KTO's mismatched `kl_*` rows. The DPO
+and KTO reference is the same parameters with every adapter switched off, run in the
+same step without gradient, or `ref_logps` [rows] precomputed and stored in the batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lowrax.adapters.tree import adapters_off
+from lowrax.errors import LowraxError
+from lowrax.objectives.config import PreferenceSection
+from lowrax.objectives.logps import completion_logps, whole_sequence_nll
+from lowrax.objectives.preference import dpo_per_pair, kto_per_example, orpo_per_pair, simpo_per_pair
+
+
+def reference_logps(model, params, batch: dict, prefix: str = "") -> jnp.ndarray:
+    """The reference model's summed completion log-probs [n] of the batch's rows: precomputed
+    (`{prefix}ref_logps` in the batch), or the adapter-off model in this step, without gradient."""
+    stored = batch.get(prefix + "ref_logps")
+    if stored is not None:
+        return stored.astype(jnp.float32)
+    logps, _, _ = completion_logps(model, adapters_off(params), batch, prefix=prefix)
+    return jax.lax.stop_gradient(logps)
+
+
+def _pair_weights(batch: dict, b: int) -> jnp.ndarray:
+    """[b] 1 for a real pair, 0 for a filler row of a last evaluation batch."""
+    return batch.get("pair_weights", jnp.ones((b,), jnp.float32)).astype(jnp.float32)
+
+
+def _summed(losses, per_pair: dict, weights) -> tuple:
+    return jnp.sum(losses * weights), jnp.sum(weights), {k: jnp.sum(v * weights) for k, v in per_pair.items()}
+
+
+def _halves(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    b = x.shape[0] // 2
+    return x[:b], x[b:]
+
+
+def dpo_objective(cfg: PreferenceSection):
+    def loss_fn(model, params, batch):
+        logps, tokens, _ = completion_logps(model, params, batch)
+        ref = reference_logps(model, params, batch)
+        (chosen, rejected), (ref_chosen, ref_rejected) = _halves(logps), _halves(ref)
+        chosen_tokens, rejected_tokens = _halves(tokens)
+        losses, per_pair = dpo_per_pair(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta,
+                                        loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                                        chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
+        return _summed(losses, per_pair, _pair_weights(batch, chosen.shape[0]))
+
+    return loss_fn
+
+
+def _mean_logps(logps, tokens):
+    return logps / jnp.maximum(tokens, 1.0)
+
+
+def orpo_objective(cfg: PreferenceSection):
+    """TRL's ORPO: the chosen rows' mean token NLL (prompt included) minus the mean odds-ratio
+    term. The NLL is a mean over the micro-batch's chosen tokens, weighted by its pairs."""
+
+    def loss_fn(model, params, batch):
+        logps, tokens, hidden = completion_logps(model, params, batch)
+        mean = _mean_logps(logps, tokens)
+        b = logps.shape[0] // 2
+        terms, per_pair = orpo_per_pair(mean[:b], mean[b:], beta=cfg.beta)
+        nll_sum, nll_tokens = whole_sequence_nll(model, params, hidden[:b], batch["input_ids"][:b],
+                                                 batch["attention_mask"][:b])
+        nll = nll_sum / jnp.maximum(nll_tokens, 1.0)
+        weights = _pair_weights(batch, b)
+        per_pair["nll_loss"] = jnp.broadcast_to(jax.lax.stop_gradient(nll), (b,))
+        return _summed(nll - terms, per_pair, weights)
+
+    return loss_fn
+
+
+def simpo_objective(cfg: PreferenceSection):
+    """SimPO on length-averaged log-probs; with sft_weight > 0 plus that weight times the chosen
+    rows' mean token NLL over their completions (TRL's CPO with cpo_alpha)."""
+
+    def loss_fn(model, params, batch):
+        logps, tokens, _ = completion_logps(model, params, batch)
+        mean = _mean_logps(logps, tokens)
+        b = logps.shape[0] // 2
+        losses, per_pair = simpo_per_pair(mean[:b], mean[b:], beta=cfg.beta, gamma=cfg.gamma,
+                                          label_smoothing=cfg.label_smoothing)
+        if cfg.sft_weight:
+            nll = -jnp.sum(logps[:b]) / jnp.maximum(jnp.sum(tokens[:b]), 1.0)
+            losses = losses + cfg.sft_weight * nll
+        return _summed(losses, per_pair, _pair_weights(batch, b))
+
+    return loss_fn
+
+
+def kto_objective(cfg: PreferenceSection):
+    """KTO: the KL estimate is the batch mean of policy minus reference log-probs of the
+    mismatched `kl_*` rows (prompt i with completion i - 1), clamped at 0, no gradient."""
+
+    def loss_fn(model, params, batch):
+        logps, _, _ = completion_logps(model, params, batch)
+        ref = reference_logps(model, params, batch)
+        kl_logps, _, _ = completion_logps(model, params, batch, prefix="kl_")
+        kl_ref = reference_logps(model, params, batch, prefix="kl_")
+        kl = jnp.mean(jax.lax.stop_gradient(kl_logps) - kl_ref)
+        losses, metrics = kto_per_example(logps, ref, batch["desirable"], kl, beta=cfg.beta,
+                                          desirable_weight=cfg.desirable_weight,
+                                          undesirable_weight=cfg.undesirable_weight)
+        n = jnp.float32(logps.shape[0])
+        return jnp.sum(losses), n, {k: v * n for k, v in metrics.items()}
+
+    return loss_fn
+
+
+_BUILDERS = {"dpo": dpo_objective, "orpo": orpo_objective, "simpo": simpo_objective, "kto": kto_objective}
+
+
+def preference_loss_fn(objective: str, cfg: PreferenceSection):
+    """The step's loss function of a preference objective."""
+    if objective not in _BUILDERS:
+        raise LowraxError(f"{objective!r} is not a preference objective ({', '.join(_BUILDERS)})")
+    return _BUILDERS[objective](cfg)
