@@ -41,3 +41,38 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     if not references:
         return 0.0
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
+
+
+def _wrong(rng: random.Random, year: int, month: int, day: int) -> str:
+    """A plausible but wrong rendering of the date: another convention or another date."""
+    kind = rng.randrange(4) if day < 10 else rng.randrange(1, 4)  # a leading zero needs a one-digit day
+    if kind == 0:
+        return f" {day:02d} {MONTHS[month - 1]} {year}"  # a leading zero
+    if kind == 1:
+        return f" {MONTHS[month - 1]} {day} {year}"  # month first
+    if kind == 2:
+        return f" {day} {MONTHS[(month - 1 + rng.randint(1, 11)) % 12]} {year}"  # another month
+    return f" {day} {MONTHS[month - 1]} {year + rng.choice((-1, 1))}"  # another year
+
+
+def make_preference_splits(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """The default preference set: the date task's prompts, the right answer chosen and a
+    plausible wrong one rejected. (train, eval) pairs with disjoint dates."""
+    train, held_out = make_splits(n_train, n_eval, seed)
+    rng = random.Random(seed + 1)
+
+    def pair(record: dict) -> dict:
+        day, month, year = record["response"].split()
+        return {"prompt": record["prompt"], "chosen": record["response"],
+                "rejected": _wrong(rng, int(year), MONTHS.index(month) + 1, int(day))}
+
+    return [pair(r) for r in train], [pair(r) for r in held_out]
+
+
+def unpaired(pairs: list[dict]) -> list[dict]:
+    """KTO's form of preference pairs: each pair as a desirable and an undesirable example."""
+    out = []
+    for p in pairs:
+        out += [{"prompt": p["prompt"], "completion": p["chosen"], "label": True},
+                {"prompt": p["prompt"], "completion": p["rejected"], "label": False}]
+    return out

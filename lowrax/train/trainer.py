@@ -37,7 +37,9 @@ from lowrax.errors import LowraxError
 from lowrax.train.optim import make_optimizer
 from lowrax.dist.parallel import global_batch, host_local, initialize_distributed, is_primary, sharded_train_step
 from lowrax.dist.sharding import check_batch, make_mesh
+from lowrax.train.preference_run import PreferenceRun, preference_records
 from lowrax.train.step import causal_lm_loss, classification_loss, init_state
+from lowrax.objectives.config import PREFERENCE
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -170,14 +172,24 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg.train.batch_size, mesh)
     train_records, eval_records = load_records(cfg.data)  # a bad data source fails before the model loads
+    preference = cfg.objective in PREFERENCE
+    if preference:
+        train_records, eval_records = preference_records(cfg, train_records, eval_records)
     model, base, params = build_model(cfg, mesh)
     tokenizer = load_tokenizer(cfg.model.path)
     task = cfg.model.task
-    train_data = encode_all(tokenizer, train_records, cfg.data, task)
-    eval_data = encode_all(tokenizer, eval_records, cfg.data, task)
     pad = tokenizer.pad_token_id or 0
-    batches = Batches(train_data, cfg.data.seq_len, cfg.train.batch_size, cfg.data.shuffle_seed, cfg.data.packing, pad,
-                      cfg.data.loss_positions if task == "causal_lm" else 0)
+    if preference:
+        run = PreferenceRun(cfg, model, tokenizer, train_records, eval_records, mesh)
+        batches, loss_fn, eval_data = run, run.loss_fn, None
+        if run.precomputed:  # from the initial tree: a base that training moves (Delta-LoRA) is still W0 here
+            run.precompute_reference(params, progress)
+    else:
+        train_data = encode_all(tokenizer, train_records, cfg.data, task)
+        eval_data = encode_all(tokenizer, eval_records, cfg.data, task)
+        batches = Batches(train_data, cfg.data.seq_len, cfg.train.batch_size, cfg.data.shuffle_seed, cfg.data.packing,
+                          pad, cfg.data.loss_positions if task == "causal_lm" else 0)
+        loss_fn = None
 
     trainable, frozen = split(params)
     # The step donates the adapters' buffers; PiSSA's export needs them as initialised.
@@ -186,16 +198,18 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
     optimizer = make_optimizer(cfg.optim)
     accum = cfg.train.grad_accum_steps
     step_fn, state, frozen = sharded_train_step(model, optimizer, mesh, init_state(trainable, optimizer, cfg.train.seed),
-                                                frozen, grad_accum_steps=accum, remat=cfg.train.remat)
+                                                frozen, grad_accum_steps=accum, remat=cfg.train.remat, loss_fn=loss_fn)
 
     if primary:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     ckpts = Checkpoints(out / "checkpoints", cfg.train.max_checkpoints)
-    scorer = TaskScorer(model, tokenizer, eval_records, cfg, progress)
+    scorer = TaskScorer(model, tokenizer, [] if preference else eval_records, cfg, progress)
+    metric = "preference_accuracy" if preference and run.eval_pairs else scorer.kind
     summary: dict = {"model": cfg.model.path or "embedded SmolLM2-135M-Instruct", "task": task,
-                     "trainable_params": count_trained(trainable), "total_params": count_params(model.param_shapes()),
-                     "metric": scorer.kind, "mesh": dict(mesh.shape), "processes": jax.process_count()}
+                     "objective": cfg.objective, "trainable_params": count_trained(trainable),
+                     "total_params": count_params(model.param_shapes()), "metric": metric,
+                     "mesh": dict(mesh.shape), "processes": jax.process_count()}
     metrics = MetricsLog(out / "metrics.jsonl", primary)
     start_step, before = 0, {}
     progress_so_far = {"train_seconds": 0.0, "real_tokens": 0, "loss": None}
@@ -210,19 +224,22 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
         metrics.truncate(start_step)  # later lines will be recomputed identically
     else:
         metrics.truncate(0)
-    if scorer.kind and start_step == 0 and not before:
+    if metric and start_step == 0 and not before:
         # A fresh run, or an imported adapter: score what training starts from.
         # Every process takes part in the gather; process 0 scores.
-        before = score_run(scorer, host_local(combine(state.trainable, frozen)), cfg, log, "before", primary)
+        if preference:
+            before = preference_score(run, state.trainable, frozen, log, "before", progress)
+        else:
+            before = score_run(scorer, host_local(combine(state.trainable, frozen)), cfg, log, "before", primary)
     summary.update(before)
 
     def batch_for(step: int) -> tuple[dict, int]:
         """The step's batch on the mesh, and its count of real (non-padding) tokens."""
-        micro = [batches.batch(step * accum + i) for i in range(accum)]
+        micro = [batches.batch(step * accum + i) for i in range(accum)]  # Batches or a PreferenceRun
         stacked = {k: np.stack([m[k] for m in micro]) for k in micro[0]} if accum > 1 else micro[0]
         return global_batch(mesh, stacked, accum > 1), int(stacked["attention_mask"].sum())
 
-    evaluate = EvalLoss(model, eval_data, cfg, pad, mesh)
+    evaluate = run.evaluate if preference else EvalLoss(model, eval_data, cfg, pad, mesh)
 
     bar = tqdm(range(start_step, cfg.train.steps), desc="training", unit="step", disable=not progress,
                initial=start_step, total=cfg.train.steps)
@@ -235,12 +252,14 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
         loss = float(m["loss"])  # waits for the step: the progress bar and metrics.jsonl show every loss
         dt = time.perf_counter() - t0
         tokens_seen += real_tokens
+        own = {k: float(v) for k, v in m.items() if k not in ("loss", "grad_norm", "tokens")}  # penalty, rewards/...
         metrics.write({"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens": real_tokens,
-                       "tokens_per_s": real_tokens / dt, **({"penalty": float(m["penalty"])} if "penalty" in m else {})})
+                       "tokens_per_s": real_tokens / dt, **own})
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{real_tokens / dt:.0f}")
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-            metrics.write({"step": done, "eval_loss": evaluate(state.trainable, frozen)})
+            measured = evaluate(state.trainable, frozen)
+            metrics.write({"step": done, **(measured if preference else {"eval_loss": measured})})
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
             # The run's record so far travels with the checkpoint, so a resumed run reports all of it.
             save_start = time.perf_counter()
@@ -261,7 +280,9 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
         "final_loss": loss,
         "checkpoint_bytes": ckpts.size(ckpts.latest_step()),
     })
-    if eval_data.ids:
+    if preference:
+        summary.update(preference_score(run, state.trainable, frozen, log, "after", progress))
+    elif eval_data.ids:
         summary["eval_loss"] = evaluate(state.trainable, frozen, progress=progress)
     # Gathered once, by every process, for scoring and the adapter file (a no-op in one process).
     trained, frozen_local, initial_trainable = host_local((state.trainable, frozen, initial_trainable))
@@ -279,6 +300,17 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
     write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     log(f"wrote {out}: adapter {summary['adapter_bytes'] / 1e6:.1f} MB, checkpoint {summary['checkpoint_bytes'] / 1e6:.1f} MB")
     return summary
+
+
+def preference_score(run: PreferenceRun, trainable, frozen, log, when: str, progress: bool) -> dict:
+    """Held-out preference metrics `before` or `after` training, as summary entries."""
+    measured = run.evaluate(trainable, frozen, progress)
+    if not measured:
+        return {}
+    log(f"preference accuracy {when} training: {measured['preference_accuracy']:.3f} on {len(run.eval_pairs)} "
+        "held-out pairs (the policy gives the chosen completion the higher log-probability)")
+    out = {f"metric_{when}": measured.pop("preference_accuracy")}
+    return {**out, **{f"{k}_{when}": v for k, v in measured.items()}}
 
 
 class MetricsLog:

@@ -1,0 +1,131 @@
+"""What `lowrax train` does differently for the preference objectives (dpo, orpo, simpo, kto):
+their data, their loss function, the precomputed reference, and their held-out metrics.
+
+The held-out metric is preference accuracy: the share of held-out pairs whose chosen
+completion the policy gives a higher summed log-probability than the rejected one. It
+needs no reference, so it means the same before training (the base model's own ranking,
+about 0.5 when both completions are plausible) and after.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from lowrax.adapters.tree import adapters_off, combine
+from lowrax.dist.parallel import global_batch
+from lowrax.errors import LowraxError
+from lowrax.objectives.config import PAIRED
+from lowrax.objectives.logps import completion_logps
+from lowrax.objectives.step_losses import preference_loss_fn
+from lowrax.train.config import TrainConfig
+from lowrax.train.preference_data import PreferenceBatches, completion_width, encode_pairs, encode_unpaired
+
+
+def preference_records(cfg: TrainConfig, train: list[dict], held_out: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(train, eval) records of the objective; the embedded default is the date task's pairs
+    (unpaired for KTO, its held-out set kept paired for the accuracy)."""
+    if cfg.data.source != "default":
+        return train, held_out
+    from lowrax.train.default_task import make_preference_splits, unpaired
+
+    train, held_out = make_preference_splits(cfg.data.default_train_examples, cfg.data.default_eval_examples,
+                                             cfg.data.shuffle_seed)
+    return (unpaired(train) if cfg.objective == "kto" else train), held_out
+
+
+def _is_paired(records: list[dict], cfg: TrainConfig) -> bool:
+    return bool(records) and cfg.data.chosen_field in records[0] and cfg.data.rejected_field in records[0]
+
+
+class PreferenceRun:
+    """Batches, loss function and held-out evaluation of one preference run."""
+
+    def __init__(self, cfg: TrainConfig, model, tokenizer, train_records, eval_records, mesh=None):
+        self.cfg, self.model, self.mesh = cfg, model, mesh
+        d, pad = cfg.data, tokenizer.pad_token_id or 0
+        if cfg.objective in PAIRED:
+            if not _is_paired(train_records, cfg):
+                raise LowraxError(f"objective {cfg.objective} trains on pairs: records need the fields "
+                                  f"{d.chosen_field} and {d.rejected_field} (and {d.prompt_field}); found: "
+                                  f"{', '.join(sorted(train_records[0])) if train_records else 'no records'}")
+            train = encode_pairs(tokenizer, train_records, d)
+        else:
+            train = encode_unpaired(tokenizer, train_records, d)
+        self.eval_pairs = encode_pairs(tokenizer, eval_records, d) if _is_paired(eval_records, cfg) else []
+        width = completion_width(train + self.eval_pairs, d.seq_len)
+        self.batches = PreferenceBatches(train, d.seq_len, cfg.train.batch_size, d.shuffle_seed, pad, width)
+        self.eval_batches = (PreferenceBatches(self.eval_pairs, d.seq_len, cfg.train.batch_size, 0, pad, width)
+                             if self.eval_pairs else None)
+        self.loss_fn = preference_loss_fn(cfg.objective, cfg.preference)
+        self.precomputed = cfg.preference.reference == "precomputed" and cfg.objective in ("dpo", "kto")
+        if self.precomputed and cfg.objective == "kto":
+            raise LowraxError("preference.reference=precomputed is supported for dpo; KTO's KL rows pair each prompt "
+                              "with another example's completion per batch, so its reference runs in the step "
+                              "(preference.reference=adapters_off)")
+        self._reference: np.ndarray | None = None
+        self._eval_fn = jax.jit(self._evaluate_batch)
+
+    # --- the precomputed reference -------------------------------------------------------
+
+    def precompute_reference(self, params, progress: bool = True) -> None:
+        """Summed completion log-probs of every training pair's chosen and rejected rows under the
+        adapter-off model, once, before training (`preference.reference: precomputed`)."""
+        off = adapters_off(params, allow_moving_base=True)  # before the first step, a moving base is still W0
+        fn = jax.jit(lambda p, batch: completion_logps(self.model, p, batch)[0])
+        n, size = len(self.batches.examples), self.cfg.train.batch_size
+        reference = np.zeros((n, 2), np.float32)
+        for start in tqdm(range(0, n, size), desc="reference log-probs", unit="batch", disable=not progress,
+                          leave=False):
+            chosen = list(range(start, min(start + size, n)))
+            chosen += [chosen[-1]] * (size - len(chosen))  # a full batch: one compiled shape
+            logps = np.asarray(fn(off, self._placed(self.batches.batch_of(chosen))))
+            reference[chosen, 0], reference[chosen, 1] = logps[:size], logps[size:]
+        self._reference = reference
+
+    def batch(self, k: int) -> dict:
+        """Training batch k, with its precomputed reference log-probs when there are some."""
+        indices = self.batches.indices(k)
+        batch = self.batches.batch_of(indices)
+        if self.precomputed:
+            if self._reference is None:
+                raise LowraxError("the precomputed reference is missing: call precompute_reference first")
+            batch["ref_logps"] = np.concatenate([self._reference[indices, 0], self._reference[indices, 1]])
+        return batch
+
+    # --- held-out evaluation -------------------------------------------------------------
+
+    def _placed(self, batch: dict) -> dict:
+        return {k: jnp.asarray(v) for k, v in batch.items()} if self.mesh is None else global_batch(self.mesh, batch)
+
+    def _evaluate_batch(self, trainable, frozen, batch):
+        params = combine(trainable, frozen)
+        logps, _, _ = completion_logps(self.model, params, batch)
+        b = logps.shape[0] // 2
+        prefers = (logps[:b] > logps[b:]).astype(jnp.float32) * batch["pair_weights"]
+        if self.cfg.objective == "kto":  # its loss is defined on unpaired rows: report the ranking only
+            return jnp.zeros(()), jnp.sum(batch["pair_weights"]), {}, jnp.sum(prefers)
+        loss_sum, count, sums = self.loss_fn(self.model, params, batch)
+        return loss_sum, count, sums, jnp.sum(prefers)
+
+    def evaluate(self, trainable, frozen, progress: bool = False) -> dict:
+        """Held-out preference accuracy (policy ranking), and for paired objectives the eval loss and
+        reward metrics (the reference computed in the evaluation, never precomputed)."""
+        if self.eval_batches is None:
+            return {}
+        n, size = len(self.eval_pairs), self.cfg.train.batch_size
+        totals: dict = {}
+        for start in tqdm(range(0, n, size), desc="eval", unit="batch", disable=not progress, leave=False):
+            indices = [min(i, n - 1) for i in range(start, start + size)]
+            batch = self.eval_batches.batch_of(indices)
+            batch["pair_weights"] = (np.arange(start, start + size) < n).astype(np.float32)
+            loss_sum, count, sums, prefers = self._eval_fn(trainable, frozen, self._placed(batch))
+            for key, value in {"loss": loss_sum, "count": count, "prefers": prefers, **sums}.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        out = {"preference_accuracy": totals["prefers"] / n}
+        if self.cfg.objective != "kto":
+            out["eval_loss"] = totals["loss"] / n
+            out.update({f"eval_{k}": v / n for k, v in totals.items() if k.startswith("rewards/")})
+        return out
