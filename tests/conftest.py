@@ -27,3 +27,26 @@ def random_batch(vocab: int, lengths: list[int], pad_id: int, left: bool, seed: 
         ids[row, span] = rng.integers(3, vocab, n)
         mask[row, span] = 1
     return ids, mask
+
+
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random llama sharing SmolLM2's vocabulary (49152), with that tokenizer saved beside it:
+    `lowrax train` runs end to end in seconds."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    import lowrax
+    from lowrax.models import model_from_hf_config
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 32, "intermediate_size": 48,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 128, "tie_word_embeddings": True, "eos_token_id": 2}
+    model = model_from_hf_config(config)
+    rng = np.random.default_rng(0)
+    tensors = {t.hf_key: (0.05 * rng.normal(size=t.hf_shape)).astype(np.float32) for t in model.tensors()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config))
+    lowrax.load_tokenizer(None).save_pretrained(str(path))
+    return path

@@ -68,18 +68,31 @@ def is_primary() -> bool:
 
 
 def sharded_train_step(model, optimizer, mesh: Mesh, state, frozen, *, grad_accum_steps: int = 1,
-                       remat: bool = False, loss_fn=None):
+                       remat: bool = False, loss_fn=None, teacher=None, teacher_model=None):
     """(jitted step, state and frozen half placed on the mesh).
 
     Parameters, adapters, NF4 blocks and optimizer state are sharded by the rules;
     the batch over data x fsdp; metrics come back replicated. The state is donated.
+    With a distillation `teacher` (its params, of `teacher_model`), they are sharded by the
+    same rules and passed to every call of the returned `step(state, frozen, batch)`.
     """
     trainable_sh = param_shardings(state.trainable, model, mesh)
     frozen_sh = param_shardings(frozen, model, mesh)
     state_sh = state_shardings(jax.eval_shape(lambda s: s, state), trainable_sh, optimizer, mesh)
-    step = jax.jit(make_train_step(model, optimizer, grad_accum_steps=grad_accum_steps, remat=remat, loss_fn=loss_fn),
-                   in_shardings=(state_sh, frozen_sh, batch_sharding(mesh, grad_accum_steps > 1)),
-                   out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
+    shardings = (state_sh, frozen_sh, batch_sharding(mesh, grad_accum_steps > 1))
+    with_teacher = teacher is not None
+    if with_teacher:
+        teacher_sh = param_shardings(teacher, teacher_model, mesh)
+        shardings += (teacher_sh,)
+    step = jax.jit(make_train_step(model, optimizer, grad_accum_steps=grad_accum_steps, remat=remat, loss_fn=loss_fn,
+                                   with_teacher=with_teacher),
+                   in_shardings=shardings, out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
+    if with_teacher:
+        placed_teacher = shard(teacher, teacher_sh)
+        jitted = step
+
+        def step(state, frozen, batch):
+            return jitted(state, frozen, batch, placed_teacher)
     return step, shard(state, state_sh), shard(frozen, frozen_sh)
 
 

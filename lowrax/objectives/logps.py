@@ -13,10 +13,15 @@ import jax.numpy as jnp
 from lowrax.adapters.node import resolve
 
 
+def logits_at(model, params, hidden, positions) -> jnp.ndarray:
+    """float32 logits [n, K, V] from final hidden states [n, t, H] at positions [n, K]."""
+    picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    return model.logits_from_hidden(resolve(params), picked).astype(jnp.float32)
+
+
 def logps_at(model, params, hidden, positions, targets) -> jnp.ndarray:
     """log p(target) [n, K] from final hidden states [n, t, H] at positions [n, K]."""
-    picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
-    logits = model.logits_from_hidden(resolve(params), picked).astype(jnp.float32)
+    logits = logits_at(model, params, hidden, positions)
     # logit[target] - logsumexp(logits), without materialising every log-probability
     return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
 

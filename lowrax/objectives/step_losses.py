@@ -9,6 +9,7 @@ and their b rejected rows after (one forward for both, as TRL's concatenated for
 KTO takes b unpaired rows with `desirable` [b] and KTO's mismatched `kl_*` rows. The DPO
 and KTO reference is the same parameters with every adapter switched off, run in the
 same step without gradient, or `ref_logps` [rows] precomputed and stored in the batch.
+Distillation's loss function takes a fourth argument, the teacher's parameters.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import jax.numpy as jnp
 
 from lowrax.adapters.tree import adapters_off
 from lowrax.errors import LowraxError
-from lowrax.objectives.config import PreferenceSection
-from lowrax.objectives.logps import completion_logps, whole_sequence_nll
+from lowrax.objectives.config import DistillSection, PreferenceSection
+from lowrax.objectives.distill import token_divergence
+from lowrax.objectives.logps import completion_logps, logits_at, whole_sequence_nll
 from lowrax.objectives.preference import dpo_per_pair, kto_per_example, orpo_per_pair, simpo_per_pair
 
 
@@ -129,3 +131,26 @@ def preference_loss_fn(objective: str, cfg: PreferenceSection):
     if objective not in _BUILDERS:
         raise LowraxError(f"{objective!r} is not a preference objective ({', '.join(_BUILDERS)})")
     return _BUILDERS[objective](cfg)
+
+
+def distill_objective(cfg: DistillSection, teacher_model):
+    """Distillation: at every completion position (the batch's loss positions) the generalised
+    JSD between the student's and the frozen teacher's next-token distributions, mixed with
+    the ordinary next-token loss by `hard_label_weight`. The teacher's parameters come as the
+    step's `teacher` argument (never closed over: that would bake them into the program)."""
+
+    def loss_fn(model, params, batch, teacher):
+        positions, targets = batch["loss_positions"], batch["loss_targets"]
+        weights = batch["loss_weights"].astype(jnp.float32)
+        hidden = model.final_hidden(params, batch["input_ids"], batch["attention_mask"])
+        student = logits_at(model, params, hidden, positions)
+        teacher_hidden = teacher_model.final_hidden(teacher, batch["input_ids"], batch["attention_mask"])
+        teacher_logits = jax.lax.stop_gradient(logits_at(teacher_model, teacher, teacher_hidden, positions))
+        divergence = token_divergence(student, teacher_logits, beta=cfg.beta, temperature=cfg.temperature)
+        hard = jax.nn.logsumexp(student, axis=-1) - jnp.take_along_axis(student, targets[..., None], axis=-1)[..., 0]
+        mixed = (1.0 - cfg.hard_label_weight) * divergence + cfg.hard_label_weight * hard
+        return (jnp.sum(mixed * weights), jnp.sum(weights),
+                {"divergence": jnp.sum(jax.lax.stop_gradient(divergence) * weights),
+                 "hard_loss": jnp.sum(jax.lax.stop_gradient(hard) * weights)})
+
+    return loss_fn

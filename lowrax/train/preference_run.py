@@ -2,9 +2,10 @@
 their data, their loss function, the precomputed reference, and their held-out metrics.
 
 The held-out metric is preference accuracy: the share of held-out pairs whose chosen
-completion the policy gives a higher summed log-probability than the rejected one. It
-needs no reference, so it means the same before training (the base model's own ranking,
-about 0.5 when both completions are plausible) and after.
+completion the policy gives a higher mean per-token log-probability than the rejected one
+(length-normalised, so a longer completion is not ranked lower for its length). It needs
+no reference, so it means the same before training (the base model's own ranking, about
+0.5 when both completions are plausible) and after.
 """
 
 from __future__ import annotations
@@ -66,34 +67,42 @@ class PreferenceRun:
                               "with another example's completion per batch, so its reference runs in the step "
                               "(preference.reference=adapters_off)")
         self._reference: np.ndarray | None = None
+        self._eval_reference: np.ndarray | None = None
         self._eval_fn = jax.jit(self._evaluate_batch)
 
     # --- the precomputed reference -------------------------------------------------------
 
     def precompute_reference(self, params, progress: bool = True) -> None:
-        """Summed completion log-probs of every training pair's chosen and rejected rows under the
-        adapter-off model, once, before training (`preference.reference: precomputed`)."""
+        """Summed completion log-probs of every training and held-out pair's chosen and rejected
+        rows under the adapter-off model, once, before training (`preference.reference: precomputed`)."""
         off = adapters_off(params, allow_moving_base=True)  # before the first step, a moving base is still W0
         fn = jax.jit(lambda p, batch: completion_logps(self.model, p, batch)[0])
-        n, size = len(self.batches.examples), self.cfg.train.batch_size
+        self._reference = self._reference_of(self.batches, fn, off, progress)
+        if self.eval_batches is not None:
+            self._eval_reference = self._reference_of(self.eval_batches, fn, off, progress)
+
+    def _reference_of(self, batches: PreferenceBatches, fn, off, progress: bool) -> np.ndarray:
+        n, size = len(batches.examples), self.cfg.train.batch_size
         reference = np.zeros((n, 2), np.float32)
         for start in tqdm(range(0, n, size), desc="reference log-probs", unit="batch", disable=not progress,
                           leave=False):
-            chosen = list(range(start, min(start + size, n)))
-            chosen += [chosen[-1]] * (size - len(chosen))  # a full batch: one compiled shape
-            logps = np.asarray(fn(off, self._placed(self.batches.batch_of(chosen))))
+            chosen = [min(i, n - 1) for i in range(start, start + size)]  # a full batch: one compiled shape
+            logps = np.asarray(fn(off, self._placed(batches.batch_of(chosen))))
             reference[chosen, 0], reference[chosen, 1] = logps[:size], logps[size:]
-        self._reference = reference
+        return reference
+
+    @staticmethod
+    def _with_reference(batch: dict, reference: np.ndarray | None, indices: list[int]) -> dict:
+        if reference is None:
+            raise LowraxError("the precomputed reference is missing: call precompute_reference first")
+        batch["ref_logps"] = np.concatenate([reference[indices, 0], reference[indices, 1]])
+        return batch
 
     def batch(self, k: int) -> dict:
         """Training batch k, with its precomputed reference log-probs when there are some."""
         indices = self.batches.indices(k)
         batch = self.batches.batch_of(indices)
-        if self.precomputed:
-            if self._reference is None:
-                raise LowraxError("the precomputed reference is missing: call precompute_reference first")
-            batch["ref_logps"] = np.concatenate([self._reference[indices, 0], self._reference[indices, 1]])
-        return batch
+        return self._with_reference(batch, self._reference, indices) if self.precomputed else batch
 
     # --- held-out evaluation -------------------------------------------------------------
 
@@ -102,9 +111,10 @@ class PreferenceRun:
 
     def _evaluate_batch(self, trainable, frozen, batch):
         params = combine(trainable, frozen)
-        logps, _, _ = completion_logps(self.model, params, batch)
+        logps, tokens, _ = completion_logps(self.model, params, batch)
+        mean = logps / jnp.maximum(tokens, 1.0)
         b = logps.shape[0] // 2
-        prefers = (logps[:b] > logps[b:]).astype(jnp.float32) * batch["pair_weights"]
+        prefers = (mean[:b] > mean[b:]).astype(jnp.float32) * batch["pair_weights"]
         if self.cfg.objective == "kto":  # its loss is defined on unpaired rows: report the ranking only
             return jnp.zeros(()), jnp.sum(batch["pair_weights"]), {}, jnp.sum(prefers)
         loss_sum, count, sums = self.loss_fn(self.model, params, batch)
@@ -112,7 +122,7 @@ class PreferenceRun:
 
     def evaluate(self, trainable, frozen, progress: bool = False) -> dict:
         """Held-out preference accuracy (policy ranking), and for paired objectives the eval loss and
-        reward metrics (the reference computed in the evaluation, never precomputed)."""
+        reward metrics (against the precomputed reference when there is one)."""
         if self.eval_batches is None:
             return {}
         n, size = len(self.eval_pairs), self.cfg.train.batch_size
@@ -120,6 +130,8 @@ class PreferenceRun:
         for start in tqdm(range(0, n, size), desc="eval", unit="batch", disable=not progress, leave=False):
             indices = [min(i, n - 1) for i in range(start, start + size)]
             batch = self.eval_batches.batch_of(indices)
+            if self.precomputed:
+                batch = self._with_reference(batch, self._eval_reference, indices)
             batch["pair_weights"] = (np.arange(start, start + size) < n).astype(np.float32)
             loss_sum, count, sums, prefers = self._eval_fn(trainable, frozen, self._placed(batch))
             for key, value in {"loss": loss_sum, "count": count, "prefers": prefers, **sums}.items():

@@ -74,8 +74,11 @@ def classification_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
-                    remat: bool = False, loss_fn=None):
+                    remat: bool = False, loss_fn=None, with_teacher: bool = False):
     """Build `train_step(state, frozen, batch) -> (state, metrics)`; jit it at the call site.
+
+    with_teacher: the step is `train_step(state, frozen, batch, teacher)` and the loss
+    function receives the (frozen, distillation) teacher's parameters as a fourth argument.
 
     With grad_accum_steps = k, every batch array has a leading axis of k micro-batches
     and gradients are summed over them (one optimizer update). `remat` keeps only
@@ -88,12 +91,12 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
     if loss_fn is None:
         loss_fn = causal_lm_loss if model.is_causal_lm else classification_loss
 
-    def summed_loss(trainable, frozen, batch, rng):
+    def summed_loss(trainable, frozen, batch, rng, teacher):
         """(what is differentiated, (token count, task loss sum, {"penalty": value} or {})). A regulariser of the nodes
         (AdaLoRA's orthogonality term) enters each micro-batch weighted by its token count, so
         the step's gradient is that of mean task loss + regulariser with any accumulation."""
         params = with_dropout_keys(combine(trainable, frozen), rng)
-        loss_sum, count, *sums = loss_fn(model, params, batch)
+        loss_sum, count, *sums = loss_fn(model, params, batch, teacher) if with_teacher else loss_fn(model, params, batch)
         # An objective's own metrics come as sums over the micro-batch, divided by the count like the loss.
         extra = {"sums": sums[0]} if sums else {}
         regulariser = penalty(trainable)
@@ -103,15 +106,16 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
-    def train_step(state: TrainState, frozen: Any, batch: dict):
+    def train_step(state: TrainState, frozen: Any, batch: dict, teacher: Any = None):
         rng = jax.random.wrap_key_data(state.rng)
         rng, step_rng = jax.random.split(rng)
         if grad_accum_steps == 1:
-            (_, (count, loss_sum, extra)), grads = grad_fn(state.trainable, frozen, batch, step_rng)
+            (_, (count, loss_sum, extra)), grads = grad_fn(state.trainable, frozen, batch, step_rng, teacher)
         else:
             def micro(carry, xs):
                 micro_batch, i = xs
-                (_, (n, l, extra)), g = grad_fn(state.trainable, frozen, micro_batch, jax.random.fold_in(step_rng, i))
+                (_, (n, l, extra)), g = grad_fn(state.trainable, frozen, micro_batch, jax.random.fold_in(step_rng, i),
+                                                teacher)
                 acc_l, acc_n, acc_g = carry
                 return (acc_l + l, acc_n + n, jax.tree.map(jnp.add, acc_g, g)), extra
 

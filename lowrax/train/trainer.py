@@ -39,7 +39,9 @@ from lowrax.dist.parallel import global_batch, host_local, initialize_distribute
 from lowrax.dist.sharding import check_batch, make_mesh
 from lowrax.train.preference_run import PreferenceRun, preference_records
 from lowrax.train.step import causal_lm_loss, classification_loss, init_state
+from lowrax.train.teacher import load_teacher
 from lowrax.objectives.config import PREFERENCE
+from lowrax.objectives.step_losses import distill_objective
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -56,6 +58,12 @@ def _check_output_dir(out: Path, cfg: TrainConfig) -> None:
             )
         if not cfg.train.resume and (out / "checkpoints").exists():
             raise LowraxError(f"{out} already holds checkpoints and train.resume=false; use a new train.output_dir")
+
+
+def loss_width(data, seq_len: int) -> int:
+    """Loss positions per row that hold every example's loss tokens (rounded up to 8)."""
+    longest = max(min(sum(m), seq_len - 1) for m in data.targets)
+    return min(-(-longest // 8) * 8, seq_len - 1)
 
 
 def build_model(cfg: TrainConfig, mesh=None):
@@ -179,6 +187,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
     tokenizer = load_tokenizer(cfg.model.path)
     task = cfg.model.task
     pad = tokenizer.pad_token_id or 0
+    teacher = None  # distillation: (model, merged params, description)
     if preference:
         run = PreferenceRun(cfg, model, tokenizer, train_records, eval_records, mesh)
         batches, loss_fn, eval_data = run, run.loss_fn, None
@@ -187,9 +196,14 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
     else:
         train_data = encode_all(tokenizer, train_records, cfg.data, task)
         eval_data = encode_all(tokenizer, eval_records, cfg.data, task)
+        width = cfg.data.loss_positions if task == "causal_lm" else 0
+        if cfg.objective == "distill":
+            teacher = load_teacher(cfg, tokenizer, DTYPES[cfg.model.dtype], mesh)
+            log(f"teacher: {teacher[2]}")
+            width = width or loss_width(train_data, cfg.data.seq_len)  # teacher logits at the completions only
         batches = Batches(train_data, cfg.data.seq_len, cfg.train.batch_size, cfg.data.shuffle_seed, cfg.data.packing,
-                          pad, cfg.data.loss_positions if task == "causal_lm" else 0)
-        loss_fn = None
+                          pad, width)
+        loss_fn = distill_objective(cfg.distill, teacher[0]) if teacher else None
 
     trainable, frozen = split(params)
     # The step donates the adapters' buffers; PiSSA's export needs them as initialised.
@@ -197,8 +211,10 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
     initial_trainable = jax.tree.map(jnp.copy, trainable) if needs_initial else None
     optimizer = make_optimizer(cfg.optim)
     accum = cfg.train.grad_accum_steps
+    teacher_args = {"teacher": teacher[1], "teacher_model": teacher[0]} if teacher else {}
     step_fn, state, frozen = sharded_train_step(model, optimizer, mesh, init_state(trainable, optimizer, cfg.train.seed),
-                                                frozen, grad_accum_steps=accum, remat=cfg.train.remat, loss_fn=loss_fn)
+                                                frozen, grad_accum_steps=accum, remat=cfg.train.remat, loss_fn=loss_fn,
+                                                **teacher_args)
 
     if primary:
         out.mkdir(parents=True, exist_ok=True)
@@ -231,6 +247,9 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
             before = preference_score(run, state.trainable, frozen, log, "before", progress)
         else:
             before = score_run(scorer, host_local(combine(state.trainable, frozen)), cfg, log, "before", primary)
+        if teacher_args and scorer.kind and primary:  # what the student is distilled toward
+            before["teacher_metric"] = scorer.score(host_local(teacher[1]), "the teacher")
+            log(f"{scorer.kind} of the teacher: {before['teacher_metric']:.3f}")
     summary.update(before)
 
     def batch_for(step: int) -> tuple[dict, int]:
@@ -308,7 +327,7 @@ def preference_score(run: PreferenceRun, trainable, frozen, log, when: str, prog
     if not measured:
         return {}
     log(f"preference accuracy {when} training: {measured['preference_accuracy']:.3f} on {len(run.eval_pairs)} "
-        "held-out pairs (the policy gives the chosen completion the higher log-probability)")
+        "held-out pairs (the policy gives the chosen completion the higher mean token log-probability)")
     out = {f"metric_{when}": measured.pop("preference_accuracy")}
     return {**out, **{f"{k}_{when}": v for k, v in measured.items()}}
 
