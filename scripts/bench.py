@@ -4,6 +4,7 @@
     python scripts/bench.py --lora [--vs-peft] [--rank 16] ...   (the LoRA train step: scripts/bench_lora.py)
     python scripts/bench.py --variants [--only lora,dora]         (the LoRA family on the default task: scripts/bench_variants.py)
     python scripts/bench.py --adapters [--adapters-count 8]       (mixed-adapter batches, combine_adapters: scripts/bench_adapters.py)
+    python scripts/bench.py --objectives [--pairs 8]              (DPO/ORPO/SimPO/KTO/distill steps vs SFT: scripts/bench_objectives.py)
 
 Reports for the model (default: the embedded SmolLM2-135M-Instruct, float32):
   forward tokens/s (batch x seq, logits for every position), and
@@ -85,6 +86,11 @@ def main() -> None:
         import bench_adapters
 
         return bench_adapters.main()
+    if "--objectives" in sys.argv:
+        sys.argv.remove("--objectives")
+        import bench_objectives
+
+        return bench_objectives.main()
     ap = base_parser(__doc__)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)

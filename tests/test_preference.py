@@ -213,3 +213,30 @@ def test_pure_dpo_loss_matches_the_objective_and_refuses_bad_settings(setup):
         lowrax.dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], loss_type="robust", label_smoothing=0.5)
     with pytest.raises(LowraxError, match="preference.reference"):
         PreferenceSection(reference="ref_model")
+
+
+def test_dpo_step_with_accumulation_equals_one_batch(setup):
+    """Two micro-batches of pairs give the step one large batch gives (loss, metrics, update)."""
+    from lowrax.train.optim import OptimizerConfig, make_optimizer
+    from lowrax.train.step import init_state, make_train_step
+
+    _, _, model, params, _ = setup
+    batches = PreferenceBatches(_examples(4, True, seed=3), seq_len=14, batch_size=2, seed=0)
+    whole = PreferenceBatches(batches.examples, seq_len=14, batch_size=4, seed=0, width=batches.width)
+    halves = [batches.batch_of([0, 1]), batches.batch_of([2, 3])]
+    one = whole.batch_of([0, 1, 2, 3])
+    trainable, frozen = lowrax.split(params)
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10))
+    fn = preference_loss_fn("dpo", PreferenceSection(beta=0.5))
+    results = []
+    for accum, batch in ((1, one), (2, {k: np.stack([h[k] for h in halves]) for k in halves[0]})):
+        step = jax.jit(make_train_step(model, optimizer, grad_accum_steps=accum, loss_fn=fn))
+        state = init_state(jax.tree.map(jnp.copy, trainable), optimizer)
+        state, metrics = step(state, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+        state, metrics = step(state, frozen, {k: jnp.asarray(v) for k, v in batch.items()})  # a second step: rewards move
+        results.append((state, metrics))
+    (a, ma), (b, mb) = results
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen"):
+        np.testing.assert_allclose(ma[key], mb[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert float(ma["rewards/margins"]) != 0.0
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7), a.trainable, b.trainable)

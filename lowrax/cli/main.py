@@ -166,7 +166,9 @@ def cmd_train(args) -> int:
     if summary.get("metric"):
         before = summary.get("metric_before")
         before = f"{before:.3f} before" if before is not None else "not scored before"
-        print(f"{summary['metric']}: {before} -> {summary['metric_after']:.3f} after training")
+        teacher = summary.get("teacher_metric")
+        teacher = f" (the teacher's: {teacher:.3f})" if teacher is not None else ""
+        print(f"{summary['metric']}: {before} -> {summary['metric_after']:.3f} after training{teacher}")
     return 0
 
 
