@@ -192,3 +192,25 @@ def test_distillation_teacher_errors(tiny_dir, teacher_run, tmp_path, monkeypatc
         run_training(_config(tiny_dir, tmp_path / "b", "distill", data,
                              **{"distill.teacher": str(lowrax.embedded_minilm_path())}),
                      progress=False, log=lambda *_: None)
+
+
+def test_classifier_distillation_on_minilm(tmp_path):
+    """An encoder classifier run (MiniLM + LoRA + head) teaches a fresh student: teacher logits plus labels."""
+    data = tmp_path / "sentiment.csv"
+    rows = ["text,label"] + [f"{w} movie,{lab}" for w, lab in [("great", 1), ("awful", 0), ("lovely", 1), ("boring", 0)] * 6]
+    data.write_text("\n".join(rows) + "\n")
+    common = [f"model.path={lowrax.embedded_minilm_path()}", "model.task=classification", "model.num_labels=2",
+              f"data.source={data}", "data.seq_len=8", "data.eval_fraction=0.25", "optim.learning_rate=0.02",
+              "train.batch_size=8", "train.samples=0", "train.save_every=0"]
+    teacher = tmp_path / "teacher"
+    run_training(load_config(None, common + ["train.steps=6", f"train.output_dir={teacher}"]), progress=False,
+                 log=lambda *_: None)
+    out = tmp_path / "student"
+    summary = run_training(load_config(None, common + ["objective=distill", f"distill.teacher={teacher}",
+                                                       "distill.temperature=2.0", "distill.hard_label_weight=0.5",
+                                                       "train.steps=6", "train.seed=1", f"train.output_dir={out}"]),
+                           progress=False, log=lambda *_: None)
+    rows = [r for r in _rows(out) if "divergence" in r]
+    assert rows[-1]["divergence"] < rows[0]["divergence"]
+    np.testing.assert_allclose(rows[0]["loss"], 0.5 * rows[0]["divergence"] + 0.5 * rows[0]["hard_loss"], rtol=1e-5)
+    assert summary["metric"] == "accuracy" and "teacher_metric" in summary

@@ -154,3 +154,24 @@ def distill_objective(cfg: DistillSection, teacher_model):
                  "hard_loss": jnp.sum(jax.lax.stop_gradient(hard) * weights)})
 
     return loss_fn
+
+
+def classifier_distill_objective(cfg: DistillSection, teacher_model):
+    """Classifier distillation (encoders): per example, the generalised JSD between the student's
+    and the frozen teacher's class distributions, mixed with the cross-entropy on the labels by
+    `hard_label_weight`. batch: input_ids, attention_mask, labels [b], optional example_weights."""
+
+    def loss_fn(model, params, batch, teacher):
+        student = model.apply(params, batch["input_ids"], batch["attention_mask"]).logits.astype(jnp.float32)
+        teacher_logits = jax.lax.stop_gradient(
+            teacher_model.apply(teacher, batch["input_ids"], batch["attention_mask"]).logits)
+        divergence = token_divergence(student, teacher_logits, beta=cfg.beta, temperature=cfg.temperature)
+        labels = batch["labels"]
+        hard = jax.nn.logsumexp(student, axis=-1) - jnp.take_along_axis(student, labels[:, None], axis=-1)[:, 0]
+        weights = batch.get("example_weights", jnp.ones_like(hard)).astype(jnp.float32)
+        mixed = (1.0 - cfg.hard_label_weight) * divergence + cfg.hard_label_weight * hard
+        return (jnp.sum(mixed * weights), jnp.sum(weights),
+                {"divergence": jnp.sum(jax.lax.stop_gradient(divergence) * weights),
+                 "hard_loss": jnp.sum(jax.lax.stop_gradient(hard) * weights)})
+
+    return loss_fn

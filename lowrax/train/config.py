@@ -97,7 +97,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise LowraxError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.objective != "sft" and self.model.task != "causal_lm":
+        if self.objective not in ("sft", "distill") and self.model.task != "causal_lm":
             raise LowraxError(f"objective {self.objective!r} trains causal LMs; model.task is {self.model.task!r}")
         expected = method_named(self.method).config
         if type(self.adapter) is not expected:

@@ -17,20 +17,9 @@ from lowrax.train.config import TrainConfig
 
 
 def _teacher_source(cfg: TrainConfig) -> tuple[str | None, Path | None, str]:
-    """(model path, adapter directory or None, description) of the configured teacher."""
+    """(model path, adapter directory or None, description) of a teacher that is not a run directory."""
     d = cfg.distill
     source = Path(d.teacher).expanduser()
-    if (source / "config.yaml").exists():  # a lowrax run: its base and the adapter it trained
-        from lowrax.train.config import load_run_config
-
-        run = load_run_config(source)
-        adapter = source / "adapter"
-        if not (adapter / "adapter_config.json").exists():
-            raise LowraxError(f"distill.teacher {source} is a lowrax run without a finished adapter "
-                              f"({adapter} is missing): finish that run first")
-        if d.teacher_adapter:
-            raise LowraxError("distill.teacher_adapter goes with an HF or GGUF teacher; a run directory brings its own")
-        return run.model.path, adapter, f"run {source} (its base + adapter)"
     if not source.exists():
         hint = (" (the default teacher is the fine-tuned default run: train it first with "
                 "`lowrax train configs/default.yaml`)" if d.teacher == "runs/default" else "")
@@ -51,16 +40,26 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer, where: str) -> No
 
 
 def load_teacher(cfg: TrainConfig, student_tokenizer, dtype, mesh=None):
-    """(teacher model, its merged frozen params, description)."""
+    """(teacher model, its merged frozen params, description). A run directory brings its base
+    and the adapter (and classifier head) of its newest checkpoint."""
     from lowrax.adapters.named.exchange import load_peft
+    from lowrax.train.runs import read_run_config, restore_run
 
-    path, adapter, where = _teacher_source(cfg)
-    check_same_tokenizer(student_tokenizer, load_tokenizer(path), where)
-    model, params = load_pretrained(path, dtype=dtype, mesh=mesh)
-    if adapter is not None:
-        params = load_peft(params, adapter, model)
-        try:
-            params = merge(params)  # a plain tree: the teacher's forward costs what its base costs
-        except LowraxError:
-            pass  # prompt learning and bottleneck adapters stay unmerged and run as they are
+    run = Path(cfg.distill.teacher).expanduser()
+    if (run / "config.yaml").exists():
+        if cfg.distill.teacher_adapter:
+            raise LowraxError("distill.teacher_adapter goes with an HF or GGUF teacher; a run directory brings its own")
+        path, where = read_run_config(run).model.path, f"run {run} (its base + adapter)"
+        check_same_tokenizer(student_tokenizer, load_tokenizer(path), where)
+        _, model, params = restore_run(run)
+    else:
+        path, adapter, where = _teacher_source(cfg)
+        check_same_tokenizer(student_tokenizer, load_tokenizer(path), where)
+        model, params = load_pretrained(path, dtype=dtype, mesh=mesh)
+        if adapter is not None:
+            params = load_peft(params, adapter, model)
+    try:
+        params = merge(params)  # a plain tree: the teacher's forward costs what its base costs
+    except LowraxError:
+        pass  # prompt learning and bottleneck adapters stay unmerged and run as they are
     return model, params, where

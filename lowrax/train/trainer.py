@@ -41,7 +41,7 @@ from lowrax.train.preference_run import PreferenceRun, preference_records
 from lowrax.train.step import causal_lm_loss, classification_loss, init_state
 from lowrax.train.teacher import load_teacher
 from lowrax.objectives.config import PREFERENCE
-from lowrax.objectives.step_losses import distill_objective
+from lowrax.objectives.step_losses import classifier_distill_objective, distill_objective
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -200,10 +200,12 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
         if cfg.objective == "distill":
             teacher = load_teacher(cfg, tokenizer, DTYPES[cfg.model.dtype], mesh)
             log(f"teacher: {teacher[2]}")
-            width = width or loss_width(train_data, cfg.data.seq_len)  # teacher logits at the completions only
+            if task == "causal_lm":  # teacher logits at the completions only
+                width = width or loss_width(train_data, cfg.data.seq_len)
         batches = Batches(train_data, cfg.data.seq_len, cfg.train.batch_size, cfg.data.shuffle_seed, cfg.data.packing,
                           pad, width)
-        loss_fn = distill_objective(cfg.distill, teacher[0]) if teacher else None
+        distill = distill_objective if task == "causal_lm" else classifier_distill_objective
+        loss_fn = distill(cfg.distill, teacher[0]) if teacher else None
 
     trainable, frozen = split(params)
     # The step donates the adapters' buffers; PiSSA's export needs them as initialised.
