@@ -15,7 +15,7 @@ from lowrax.peft.common import CONFIG
 from lowrax.adapters.named.exchange import load_peft, save_peft
 from lowrax.peft.format import read_adapter_config
 from lowrax.train.runs import Adapted, read_run_config, recorded_base, uses_chat_template
-from lowrax.train.trainer import DTYPES
+from lowrax.train.build import DTYPES
 
 
 def parse_named(specs: list[str], flag: str = "--adapter") -> list[tuple[str, Path]]:

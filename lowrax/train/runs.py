@@ -27,7 +27,7 @@ from lowrax.train.config import TrainConfig, apply_overrides, from_dict, read_pr
 from lowrax.train.optim import make_optimizer
 from lowrax.train.step import init_state
 from lowrax.train.data import detect_format, load_records
-from lowrax.train.trainer import DTYPES, build_model
+from lowrax.train.build import DTYPES, build_model
 
 
 def read_run_config(run_dir: Path) -> TrainConfig:

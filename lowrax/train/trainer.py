@@ -13,7 +13,6 @@ the task before and after, and writes to `train.output_dir`:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,8 +24,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from lowrax.adapters.tree import combine, count_params, count_trained, split
-from lowrax.adapters.wrap import adapter_nodes, wrap
-from lowrax.io.pretrained import base_model_name, load_pretrained, load_tokenizer, resolve_model_path
+from lowrax.adapters.wrap import adapter_nodes
+from lowrax.io.pretrained import base_model_name, load_tokenizer
 from lowrax.peft.format import save_peft
 from lowrax.io.atomic import write_text
 from lowrax.train.checkpoints import Checkpoints, directory_size
@@ -38,13 +37,11 @@ from lowrax.train.optim import make_optimizer
 from lowrax.dist.parallel import global_batch, host_local, initialize_distributed, is_primary, sharded_train_step
 from lowrax.dist.sharding import check_batch, make_mesh
 from lowrax.train.preference_run import PreferenceRun, preference_records
+from lowrax.train.build import DTYPES, build_model, loss_width
 from lowrax.train.step import causal_lm_loss, classification_loss, init_state
 from lowrax.train.teacher import load_teacher
 from lowrax.objectives.config import PREFERENCE
 from lowrax.objectives.step_losses import classifier_distill_objective, distill_objective
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 def _check_output_dir(out: Path, cfg: TrainConfig) -> None:
     saved_path = out / "config.yaml"
@@ -58,59 +55,6 @@ def _check_output_dir(out: Path, cfg: TrainConfig) -> None:
             )
         if not cfg.train.resume and (out / "checkpoints").exists():
             raise LowraxError(f"{out} already holds checkpoints and train.resume=false; use a new train.output_dir")
-
-
-def loss_width(data, seq_len: int) -> int:
-    """Loss positions per row that hold every example's loss tokens (rounded up to 8)."""
-    longest = max(min(sum(m), seq_len - 1) for m in data.targets)
-    return min(-(-longest // 8) * 8, seq_len - 1)
-
-
-def build_model(cfg: TrainConfig, mesh=None):
-    """(model, base params, adapter-wrapped params) as a run with this config trains them
-    (with `mesh`: the base loaded straight into its shards).
-
-    The adapter initialisation depends only on `train.seed`, so a run directory's
-    checkpoint always restores into the same structure (`lowrax.train.runs`).
-    """
-    key = jax.random.key(cfg.train.seed)
-    model, base = _load_model(cfg, jax.random.fold_in(key, 1), mesh)
-    adapter_cfg = cfg.adapter
-    if cfg.model.task == "classification" and not adapter_cfg.modules_to_save:
-        adapter_cfg = dataclasses.replace(adapter_cfg, modules_to_save=("classifier",))
-    if hasattr(adapter_cfg, "total_step") and adapter_cfg.total_step is None:
-        # a method scheduled over the run's length (AdaLoRA's rank budget)
-        adapter_cfg = dataclasses.replace(adapter_cfg, total_step=cfg.train.steps)
-    if getattr(adapter_cfg, "prompt_tuning_init", None) == "TEXT" and adapter_cfg.tokenizer_name_or_path is None:
-        # prompt tuning from a text: the model's own tokenizer encodes it
-        adapter_cfg = dataclasses.replace(adapter_cfg, tokenizer_name_or_path=str(resolve_model_path(cfg.model.path)))
-    return model, base, wrap(base, adapter_cfg, jax.random.fold_in(key, 2), model=model)
-
-
-def _load_model(cfg: TrainConfig, key, mesh=None):
-    dtype = DTYPES.get(cfg.model.dtype)
-    if dtype is None:
-        raise LowraxError(f"model.dtype must be one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
-    quant = None
-    if cfg.model.quantize is not None:
-        from lowrax.quant.tree import QuantConfig
-
-        quant = QuantConfig(cfg.model.quantize, cfg.model.quant_blocksize, cfg.model.double_quant)
-    model, params = load_pretrained(cfg.model.path, dtype=dtype, quantize=quant, mesh=mesh)
-    if cfg.model.task == "classification":
-        from lowrax.models.bert import BertModel, add_classification_head
-
-        if not isinstance(model, BertModel):
-            raise LowraxError(f"model.task=classification needs an encoder (bert, roberta); got {model.model_type}")
-        if "classifier" not in params:
-            if not cfg.model.num_labels:
-                raise LowraxError("model.task=classification on an encoder without a head needs model.num_labels")
-            model, params = add_classification_head(model, params, cfg.model.num_labels, key)
-    elif cfg.model.task != "causal_lm":
-        raise LowraxError(f"model.task must be causal_lm or classification, got {cfg.model.task!r}")
-    elif not model.is_causal_lm:
-        raise LowraxError(f"model.task=causal_lm needs a causal LM; {model.model_type} is an encoder")
-    return model, params
 
 
 def _plot_losses(rows: list[dict], path: Path) -> None:
