@@ -214,3 +214,41 @@ def test_classifier_distillation_on_minilm(tmp_path):
     assert rows[-1]["divergence"] < rows[0]["divergence"]
     np.testing.assert_allclose(rows[0]["loss"], 0.5 * rows[0]["divergence"] + 0.5 * rows[0]["hard_loss"], rtol=1e-5)
     assert summary["metric"] == "accuracy" and "teacher_metric" in summary
+
+
+def test_student_completions_replace_each_rows_completion(tiny_dir, teacher_run):
+    """On-policy rows: the same prompts, the student's greedy continuation as the completion, loss on it only."""
+    from lowrax.models.generate import generate_ids
+    from lowrax.train.data import Batches, encode_all, load_records
+    from lowrax.train.on_policy import is_on_policy_step, row_prompts, with_student_completions
+
+    _, data = teacher_run
+    model, params = lowrax.load_pretrained(tiny_dir, progress=False)
+    tokenizer = lowrax.load_tokenizer(tiny_dir)
+    cfg = DataSection(source=str(data), seq_len=16)
+    encoded = encode_all(tokenizer, load_records(cfg)[0], cfg, "causal_lm")
+    batch = Batches(encoded, 16, 4, seed=0, loss_positions=8).batch(0)
+    out = with_student_completions(model, params, batch, max_new_tokens=5, temperature=0.0, eos_token_id=None,
+                                   pad_id=0, seed=0)
+    prompts = row_prompts(batch)
+    generated = generate_ids(model, params, prompts, 5)
+    for row, (prompt, new) in enumerate(zip(prompts, generated)):
+        n = len(prompt)
+        assert out["input_ids"][row, :n].tolist() == prompt and out["input_ids"][row, n: n + 5].tolist() == new
+        assert out["loss_mask"][row].tolist() == [0] * n + [1] * 5 + [0] * (16 - n - 5)
+        assert out["loss_weights"][row].sum() == 5 and out["loss_targets"][row, :5].tolist() == new
+    shares = [is_on_policy_step(0.5, 0, step) for step in range(200)]
+    assert 0.4 < np.mean(shares) < 0.6 and shares == [is_on_policy_step(0.5, 0, step) for step in range(200)]
+
+
+def test_on_policy_distillation_run(tiny_dir, teacher_run, tmp_path):
+    teacher, data = teacher_run
+    out = tmp_path / "on-policy"
+    run_training(_config(tiny_dir, out, "distill", data, steps=2, **{"distill.teacher": str(teacher),
+                                                                     "distill.on_policy": 1.0,
+                                                                     "distill.generation_tokens": 4}),
+                 progress=False, log=lambda *_: None)
+    rows = [r for r in _rows(out) if "loss" in r]
+    assert [r["on_policy"] for r in rows] == [1, 1] and all(r["divergence"] > 0 for r in rows)
+    with pytest.raises(LowraxError, match="on_policy has the student generate"):
+        load_config(None, ["model.task=classification", "objective=distill", "distill.on_policy=0.5"])

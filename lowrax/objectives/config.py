@@ -40,6 +40,9 @@ class DistillSection:
     beta: float = 0.0  # generalised JSD: 0 forward KL (Hinton), 1 reverse KL, between: the interpolated JSD
     temperature: float = 1.0  # softmax temperature of both distributions
     hard_label_weight: float = 0.0  # weight of the ordinary next-token loss mixed in (0: distillation only)
+    on_policy: float = 0.0  # share of steps trained on the student's own completions of the prompts (GKD's lmbda)
+    generation_tokens: int = 16  # on-policy: tokens the student writes per completion
+    generation_temperature: float = 1.0  # on-policy: the student's sampling temperature (0: greedy)
 
     def __post_init__(self):
         if not 0.0 <= self.beta <= 1.0:
@@ -48,3 +51,8 @@ class DistillSection:
             raise LowraxError(f"distill.temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.hard_label_weight <= 1.0:
             raise LowraxError(f"distill.hard_label_weight must be in [0, 1], got {self.hard_label_weight}")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise LowraxError(f"distill.on_policy must be a share of steps in [0, 1], got {self.on_policy}")
+        if self.generation_tokens < 1 or self.generation_temperature < 0:
+            raise LowraxError("distill.generation_tokens must be >= 1 and distill.generation_temperature >= 0, got "
+                              f"{self.generation_tokens} and {self.generation_temperature}")

@@ -99,6 +99,9 @@ class TrainConfig:
             raise LowraxError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.objective not in ("sft", "distill") and self.model.task != "causal_lm":
             raise LowraxError(f"objective {self.objective!r} trains causal LMs; model.task is {self.model.task!r}")
+        if self.objective == "distill" and self.distill.on_policy and self.model.task != "causal_lm":
+            raise LowraxError("distill.on_policy has the student generate completions, which needs a causal LM; "
+                              f"model.task is {self.model.task!r}")
         expected = method_named(self.method).config
         if type(self.adapter) is not expected:
             raise LowraxError(f"method {self.method!r} takes a {expected.__name__}, got {type(self.adapter).__name__} "

@@ -39,6 +39,7 @@ from lowrax.dist.sharding import check_batch, make_mesh
 from lowrax.train.preference_run import PreferenceRun, preference_records
 from lowrax.train.build import DTYPES, build_model, loss_width
 from lowrax.train.step import causal_lm_loss, classification_loss, init_state
+from lowrax.train.on_policy import is_on_policy_step, with_student_completions
 from lowrax.train.teacher import load_teacher
 from lowrax.objectives.config import PREFERENCE
 from lowrax.objectives.step_losses import classifier_distill_objective, distill_objective
@@ -144,8 +145,10 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
         if cfg.objective == "distill":
             teacher = load_teacher(cfg, tokenizer, DTYPES[cfg.model.dtype], mesh)
             log(f"teacher: {teacher[2]}")
-            if task == "causal_lm":  # teacher logits at the completions only
+            if task == "causal_lm":  # teacher logits at the completions (or the student's own, on-policy) only
                 width = width or loss_width(train_data, cfg.data.seq_len)
+                if cfg.distill.on_policy:
+                    width = min(max(width, cfg.distill.generation_tokens), cfg.data.seq_len - 1)
         batches = Batches(train_data, cfg.data.seq_len, cfg.train.batch_size, cfg.data.shuffle_seed, cfg.data.packing,
                           pad, width)
         distill = distill_objective if task == "causal_lm" else classifier_distill_objective
@@ -198,11 +201,20 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
             log(f"{scorer.kind} of the teacher: {before['teacher_metric']:.3f}")
     summary.update(before)
 
-    def batch_for(step: int) -> tuple[dict, int]:
-        """The step's batch on the mesh, and its count of real (non-padding) tokens."""
+    def batch_for(step: int, state) -> tuple[dict, int, dict]:
+        """The step's batch on the mesh, its count of real (non-padding) tokens, and what to log of it."""
         micro = [batches.batch(step * accum + i) for i in range(accum)]  # Batches or a PreferenceRun
+        on_policy = bool(teacher) and is_on_policy_step(cfg.distill.on_policy, cfg.train.seed, step)
+        if on_policy:
+            student = host_local(combine(state.trainable, frozen))
+            micro = [with_student_completions(model, student, m, max_new_tokens=cfg.distill.generation_tokens,
+                                              temperature=cfg.distill.generation_temperature,
+                                              eos_token_id=tokenizer.eos_token_id, pad_id=pad,
+                                              seed=cfg.train.seed * 1_000_003 + step * accum + i)
+                     for i, m in enumerate(micro)]
         stacked = {k: np.stack([m[k] for m in micro]) for k in micro[0]} if accum > 1 else micro[0]
-        return global_batch(mesh, stacked, accum > 1), int(stacked["attention_mask"].sum())
+        logged = {"on_policy": int(on_policy)} if teacher and cfg.distill.on_policy else {}
+        return global_batch(mesh, stacked, accum > 1), int(stacked["attention_mask"].sum()), logged
 
     evaluate = run.evaluate if preference else EvalLoss(model, eval_data, cfg, pad, mesh)
 
@@ -211,7 +223,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
     # Training time excludes checkpoint saves, so a checkpoint's record equals the final one.
     train_start, saving, tokens_seen, loss = time.perf_counter(), 0.0, 0, progress_so_far["loss"]
     for step in bar:
-        batch, real_tokens = batch_for(step)
+        batch, real_tokens, logged = batch_for(step, state)
         t0 = time.perf_counter()
         state, m = step_fn(state, frozen, batch)
         loss = float(m["loss"])  # waits for the step: the progress bar and metrics.jsonl show every loss
@@ -219,7 +231,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
         tokens_seen += real_tokens
         own = {k: float(v) for k, v in m.items() if k not in ("loss", "grad_norm", "tokens")}  # penalty, rewards/...
         metrics.write({"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens": real_tokens,
-                       "tokens_per_s": real_tokens / dt, **own})
+                       "tokens_per_s": real_tokens / dt, **own, **logged})
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{real_tokens / dt:.0f}")
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0:
