@@ -252,3 +252,41 @@ def test_on_policy_distillation_run(tiny_dir, teacher_run, tmp_path):
     assert [r["on_policy"] for r in rows] == [1, 1] and all(r["divergence"] > 0 for r in rows)
     with pytest.raises(LowraxError, match="on_policy has the student generate"):
         load_config(None, ["model.task=classification", "objective=distill", "distill.on_policy=0.5"])
+
+
+def test_teacher_logits_stored_on_disk_train_as_the_in_step_teacher(tiny_dir, teacher_run, tmp_path):
+    teacher, data = teacher_run
+    store = tmp_path / "teacher-logits"
+    common = {"distill.teacher": str(teacher), "distill.beta": 0.5}
+    losses = {}
+    for name, extra in (("in_step", {}), ("stored", {"distill.teacher_logits": str(store)})):
+        run_training(_config(tiny_dir, tmp_path / name, "distill", data, steps=2, **common, **extra), progress=False,
+                     log=lambda *_: None)
+        losses[name] = [r["loss"] for r in _rows(tmp_path / name) if "loss" in r]
+    # the tiny teacher is close to its student (losses ~1e-5), so float16 storage shows at the percent level
+    np.testing.assert_allclose(losses["stored"], losses["in_step"], rtol=2e-2)
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["vocab"] == 49152 and meta["examples"] > 0
+    # the stored logits are the teacher's own at each example's completion positions, to float16 precision
+    from lowrax.objectives.logps import logits_at
+    from lowrax.train.data import Batches, encode_all, load_records
+    from lowrax.train.runs import restore_run
+
+    _, teacher_model, teacher_params = restore_run(teacher)
+    cfg = DataSection(source=str(data), seq_len=16)
+    encoded = encode_all(lowrax.load_tokenizer(tiny_dir), load_records(cfg)[0], cfg, "causal_lm")
+    batch = Batches(encoded, 16, 2, seed=0, loss_positions=meta["loss_positions"]).rows_batch([[0], [1]])
+    hidden = teacher_model.final_hidden(teacher_params, batch["input_ids"], batch["attention_mask"])
+    expected = np.asarray(logits_at(teacher_model, teacher_params, hidden, batch["loss_positions"]))
+    stored = np.load(store / "logits.npy")[:2].astype(np.float32)
+    np.testing.assert_allclose(stored, expected, rtol=2e-3, atol=1e-4)
+    written = (store / "logits.npy").stat().st_mtime_ns
+    run_training(_config(tiny_dir, tmp_path / "again", "distill", data, steps=1, **common,
+                         **{"distill.teacher_logits": str(store)}), progress=False, log=lambda *_: None)
+    assert (store / "logits.npy").stat().st_mtime_ns == written  # reused, not recomputed
+    with pytest.raises(LowraxError, match="holds teacher logits for other data"):
+        run_training(_config(tiny_dir, tmp_path / "other", "distill", data, steps=1, **common,
+                             **{"distill.teacher_logits": str(store), "data.eval_fraction": 0.25}),
+                     progress=False, log=lambda *_: None)
+    with pytest.raises(LowraxError, match="use one or the other"):
+        load_config(None, ["objective=distill", f"distill.teacher_logits={store}", "distill.on_policy=0.5"])

@@ -43,6 +43,7 @@ class DistillSection:
     on_policy: float = 0.0  # share of steps trained on the student's own completions of the prompts (GKD's lmbda)
     generation_tokens: int = 16  # on-policy: tokens the student writes per completion
     generation_temperature: float = 1.0  # on-policy: the student's sampling temperature (0: greedy)
+    teacher_logits: str | None = None  # a directory: the teacher's logits computed once and stored there (float16)
 
     def __post_init__(self):
         if not 0.0 <= self.beta <= 1.0:
@@ -53,6 +54,9 @@ class DistillSection:
             raise LowraxError(f"distill.hard_label_weight must be in [0, 1], got {self.hard_label_weight}")
         if not 0.0 <= self.on_policy <= 1.0:
             raise LowraxError(f"distill.on_policy must be a share of steps in [0, 1], got {self.on_policy}")
+        if self.teacher_logits and self.on_policy:
+            raise LowraxError("distill.teacher_logits stores the teacher's logits on the training data, while "
+                              "distill.on_policy trains on new completions: use one or the other")
         if self.generation_tokens < 1 or self.generation_temperature < 0:
             raise LowraxError("distill.generation_tokens must be >= 1 and distill.generation_temperature >= 0, got "
                               f"{self.generation_tokens} and {self.generation_temperature}")

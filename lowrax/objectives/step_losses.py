@@ -133,19 +133,23 @@ def preference_loss_fn(objective: str, cfg: PreferenceSection):
     return _BUILDERS[objective](cfg)
 
 
-def distill_objective(cfg: DistillSection, teacher_model):
+def distill_objective(cfg: DistillSection, teacher_model=None):
     """Distillation: at every completion position (the batch's loss positions) the generalised
     JSD between the student's and the frozen teacher's next-token distributions, mixed with
     the ordinary next-token loss by `hard_label_weight`. The teacher's parameters come as the
-    step's `teacher` argument (never closed over: that would bake them into the program)."""
+    step's `teacher` argument (never closed over: that would bake them into the program);
+    without a teacher model, its logits come stored in the batch (`teacher_logits` [b, K, V])."""
 
-    def loss_fn(model, params, batch, teacher):
+    def loss_fn(model, params, batch, teacher=None):
         positions, targets = batch["loss_positions"], batch["loss_targets"]
         weights = batch["loss_weights"].astype(jnp.float32)
         hidden = model.final_hidden(params, batch["input_ids"], batch["attention_mask"])
         student = logits_at(model, params, hidden, positions)
-        teacher_hidden = teacher_model.final_hidden(teacher, batch["input_ids"], batch["attention_mask"])
-        teacher_logits = jax.lax.stop_gradient(logits_at(teacher_model, teacher, teacher_hidden, positions))
+        if teacher_model is None:
+            teacher_logits = batch["teacher_logits"].astype(jnp.float32)
+        else:
+            teacher_hidden = teacher_model.final_hidden(teacher, batch["input_ids"], batch["attention_mask"])
+            teacher_logits = jax.lax.stop_gradient(logits_at(teacher_model, teacher, teacher_hidden, positions))
         divergence = token_divergence(student, teacher_logits, beta=cfg.beta, temperature=cfg.temperature)
         hard = jax.nn.logsumexp(student, axis=-1) - jnp.take_along_axis(student, targets[..., None], axis=-1)[..., 0]
         mixed = (1.0 - cfg.hard_label_weight) * divergence + cfg.hard_label_weight * hard

@@ -201,14 +201,18 @@ class Batches:
 
     def batch(self, k: int) -> dict:
         """The k-th batch as numpy arrays [batch_size, seq_len] (labels [batch_size] for classification)."""
-        t, b = self.seq_len, self.batch_size
+        return self.rows_batch([self.row_at(k * self.batch_size + row) for row in range(self.batch_size)], f"batch {k}")
+
+    def rows_batch(self, rows: list[list[int]], where: str = "batch") -> dict:
+        """The batch whose rows hold the given example indices (one each without packing)."""
+        t, b = self.seq_len, len(rows)
         ids = np.full((b, t), self.pad_id, np.int32)
         mask = np.zeros((b, t), np.int32)
         out = {"input_ids": ids, "attention_mask": mask}
         if self.data.task == "classification":
             labels = np.zeros((b,), np.int32)
             for row in range(b):
-                (i,) = self.row_at(k * b + row)
+                (i,) = rows[row]
                 seq = self.data.ids[i][:t]
                 ids[row, : len(seq)] = seq
                 mask[row, : len(seq)] = 1
@@ -219,7 +223,7 @@ class Batches:
         segments = np.zeros((b, t), np.int32)
         for row in range(b):
             start = 0
-            for seg, i in enumerate(self.row_at(k * b + row), start=1):
+            for seg, i in enumerate(rows[row], start=1):
                 seq, m = self.data.ids[i][: t - start], self.data.targets[i][: t - start]
                 ids[row, start: start + len(seq)] = seq
                 loss[row, start: start + len(seq)] = m
@@ -230,11 +234,8 @@ class Batches:
         if self.packing:
             out["segment_ids"] = segments
         if self.loss_positions:
-            out.update(self._gather_loss_positions(ids, loss, segments if self.packing else None, k))
+            out.update(gather_loss_positions(ids, loss, self.loss_positions, segments if self.packing else None, where))
         return out
-
-    def _gather_loss_positions(self, ids, loss, segments, k: int) -> dict:
-        return gather_loss_positions(ids, loss, self.loss_positions, segments, f"batch {k}")
 
 
 def gather_loss_positions(ids: np.ndarray, loss: np.ndarray, width: int, segments: np.ndarray | None = None,

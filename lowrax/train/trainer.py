@@ -41,6 +41,7 @@ from lowrax.train.build import DTYPES, build_model, loss_width
 from lowrax.train.step import causal_lm_loss, classification_loss, init_state
 from lowrax.train.on_policy import is_on_policy_step, with_student_completions
 from lowrax.train.teacher import load_teacher
+from lowrax.train.teacher_logits import WithTeacherLogits, teacher_logits_store
 from lowrax.objectives.config import PREFERENCE
 from lowrax.objectives.step_losses import classifier_distill_objective, distill_objective
 
@@ -153,6 +154,13 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
                           pad, width)
         distill = distill_objective if task == "causal_lm" else classifier_distill_objective
         loss_fn = distill(cfg.distill, teacher[0]) if teacher else None
+        if teacher and cfg.distill.teacher_logits:  # computed once, read by the steps: no teacher in the step
+            if task != "causal_lm":
+                raise LowraxError("distill.teacher_logits stores a causal LM's logits; classifier distillation "
+                                  "runs its teacher in the step")
+            stored = teacher_logits_store(cfg.distill.teacher_logits, train_data, cfg.data.seq_len, width,
+                                          teacher[0], teacher[1], teacher[2], progress, log)
+            batches, loss_fn = WithTeacherLogits(batches, stored), distill_objective(cfg.distill)
 
     trainable, frozen = split(params)
     # The step donates the adapters' buffers; PiSSA's export needs them as initialised.
@@ -160,7 +168,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
     initial_trainable = jax.tree.map(jnp.copy, trainable) if needs_initial else None
     optimizer = make_optimizer(cfg.optim)
     accum = cfg.train.grad_accum_steps
-    teacher_args = {"teacher": teacher[1], "teacher_model": teacher[0]} if teacher else {}
+    in_step = teacher and not cfg.distill.teacher_logits
+    teacher_args = {"teacher": teacher[1], "teacher_model": teacher[0]} if in_step else {}
     step_fn, state, frozen = sharded_train_step(model, optimizer, mesh, init_state(trainable, optimizer, cfg.train.seed),
                                                 frozen, grad_accum_steps=accum, remat=cfg.train.remat, loss_fn=loss_fn,
                                                 **teacher_args)
@@ -196,9 +205,11 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
             before = preference_score(run, state.trainable, frozen, log, "before", progress)
         else:
             before = score_run(scorer, host_local(combine(state.trainable, frozen)), cfg, log, "before", primary)
-        if teacher_args and scorer.kind and primary:  # what the student is distilled toward
+        if teacher and scorer.kind and primary:  # what the student is distilled toward
             before["teacher_metric"] = scorer.score(host_local(teacher[1]), "the teacher")
             log(f"{scorer.kind} of the teacher: {before['teacher_metric']:.3f}")
+    if teacher and not in_step:
+        teacher = (teacher[0], None, teacher[2])  # its logits are stored: the weights need not stay in memory
     summary.update(before)
 
     def batch_for(step: int, state) -> tuple[dict, int, dict]:
