@@ -22,7 +22,7 @@ class PreferenceSection:
     sft_weight: float = 0.0  # simpo: weight of the chosen rows' SFT loss added to it (TRL's cpo_alpha)
     desirable_weight: float = 1.0  # kto: weight of desirable examples' losses
     undesirable_weight: float = 1.0  # kto: weight of undesirable examples' losses
-    reference: str = "adapters_off"  # dpo, kto: adapters_off (the same weights, in the step) | precomputed (before training)
+    reference: str = "adapters_off"  # dpo, kto: adapters_off (the same weights, in the step) | precomputed (once, before training)
 
     def __post_init__(self):
         if self.loss_type not in DPO_LOSS_TYPES:

@@ -62,12 +62,9 @@ class PreferenceRun:
                              if self.eval_pairs else None)
         self.loss_fn = preference_loss_fn(cfg.objective, cfg.preference)
         self.precomputed = cfg.preference.reference == "precomputed" and cfg.objective in ("dpo", "kto")
-        if self.precomputed and cfg.objective == "kto":
-            raise LowraxError("preference.reference=precomputed is supported for dpo; KTO's KL rows pair each prompt "
-                              "with another example's completion per batch, so its reference runs in the step "
-                              "(preference.reference=adapters_off)")
         self._reference: np.ndarray | None = None
         self._eval_reference: np.ndarray | None = None
+        self._kl_reference: np.ndarray | None = None  # KTO: [batches, b] of the mismatched rows, per batch
         self._eval_fn = jax.jit(self._evaluate_batch)
 
     # --- the precomputed reference -------------------------------------------------------
@@ -77,7 +74,10 @@ class PreferenceRun:
         rows under the adapter-off model, once, before training (`preference.reference: precomputed`)."""
         off = adapters_off(params, allow_moving_base=True)  # before the first step, a moving base is still W0
         fn = jax.jit(lambda p, batch: completion_logps(self.model, p, batch)[0])
-        self._reference = self._reference_of(self.batches, fn, off, progress)
+        if self.cfg.objective == "kto":
+            self._precompute_kto(off, progress)
+        else:
+            self._reference = self._reference_of(self.batches, fn, off, progress)
         if self.eval_batches is not None:
             self._eval_reference = self._reference_of(self.eval_batches, fn, off, progress)
 
@@ -91,6 +91,20 @@ class PreferenceRun:
             reference[chosen, 0], reference[chosen, 1] = logps[:size], logps[size:]
         return reference
 
+    def _precompute_kto(self, off, progress: bool) -> None:
+        """KTO: each example's reference log-prob, and those of the mismatched KL rows of every batch the
+        run will draw (they pair a prompt with the previous row's completion, so they depend on the batch)."""
+        fn = jax.jit(lambda p, batch: (completion_logps(self.model, p, batch)[0],
+                                       completion_logps(self.model, p, batch, prefix="kl_")[0]))
+        count = self.cfg.train.steps * self.cfg.train.grad_accum_steps
+        own = np.zeros((len(self.batches.examples),), np.float32)
+        kl = np.zeros((count, self.cfg.train.batch_size), np.float32)
+        for k in tqdm(range(count), desc="reference log-probs", unit="batch", disable=not progress, leave=False):
+            indices = self.batches.indices(k)
+            rows, mismatched = fn(off, self._placed(self.batches.batch_of(indices)))
+            own[indices], kl[k] = np.asarray(rows), np.asarray(mismatched)
+        self._reference, self._kl_reference = own, kl
+
     @staticmethod
     def _with_reference(batch: dict, reference: np.ndarray | None, indices: list[int]) -> dict:
         if reference is None:
@@ -102,7 +116,13 @@ class PreferenceRun:
         """Training batch k, with its precomputed reference log-probs when there are some."""
         indices = self.batches.indices(k)
         batch = self.batches.batch_of(indices)
-        return self._with_reference(batch, self._reference, indices) if self.precomputed else batch
+        if not self.precomputed:
+            return batch
+        if self.cfg.objective == "kto":
+            if self._kl_reference is None or k >= len(self._kl_reference):
+                raise LowraxError(f"no precomputed reference for batch {k}: call precompute_reference first")
+            return {**batch, "ref_logps": self._reference[indices], "kl_ref_logps": self._kl_reference[k]}
+        return self._with_reference(batch, self._reference, indices)
 
     # --- held-out evaluation -------------------------------------------------------------
 
