@@ -233,3 +233,37 @@ def test_generation_from_sharded_parameters_equals_unsharded(tiny_dir):
     prompts = [[5, 9, 2, 7], [3, 1]]
     assert (lowrax.generate_ids(model, sharded, prompts, 6, eos_token_ids=(), pad_token_id=0)
             == lowrax.generate_ids(model, plain, prompts, 6, eos_token_ids=(), pad_token_id=0))
+
+
+def test_distillation_teacher_split_over_the_data_axis(tiny_dir):
+    """distill.teacher_sharding=data: the teacher's weights are split over data x fsdp (the student
+    replicates over data), and the sharded distillation steps equal the single-device ones."""
+    from lowrax.dist.sharding import TEACHER_RULES
+    from lowrax.objectives.config import DistillSection
+    from lowrax.objectives.step_losses import distill_objective
+    from lowrax.train.data import gather_loss_positions
+
+    def go(mesh, rules):
+        model, base = lowrax.load_pretrained(tiny_dir, mesh=mesh, progress=False)
+        teacher = lowrax.merge(lowrax.wrap(base, lowrax.LoraConfig(r=4, target_modules="all-linear", init="random"),
+                                           jax.random.key(5)))
+        wrapped = lowrax.wrap(base, lowrax.LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random"),
+                              jax.random.key(1))
+        trainable, frozen = lowrax.split(wrapped)
+        optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=10))
+        step, state, frozen = sharded_train_step(model, optimizer, mesh, init_state(trainable, optimizer), frozen,
+                                                 loss_fn=distill_objective(DistillSection(beta=0.5), model),
+                                                 teacher=teacher, teacher_model=model, teacher_rules=rules)
+        losses = []
+        for batch in batches(2):
+            batch.update(gather_loss_positions(batch["input_ids"], batch["loss_mask"], 12))
+            state, metrics = step(state, frozen, global_batch(mesh, batch))
+            losses.append(float(metrics["loss"]))
+        return model, teacher, losses
+
+    _, _, reference = go(make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]), None)
+    mesh = make_mesh(MeshConfig(data=4, fsdp=2))
+    model, teacher, losses = go(mesh, TEACHER_RULES)
+    np.testing.assert_allclose(losses, reference, atol=1e-5)
+    q = param_shardings(teacher, model, mesh, TEACHER_RULES)["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+    assert q.spec[0] == ("data", "fsdp")  # the student's rules give "fsdp" alone

@@ -68,13 +68,14 @@ def is_primary() -> bool:
 
 
 def sharded_train_step(model, optimizer, mesh: Mesh, state, frozen, *, grad_accum_steps: int = 1,
-                       remat: bool = False, loss_fn=None, teacher=None, teacher_model=None):
+                       remat: bool = False, loss_fn=None, teacher=None, teacher_model=None, teacher_rules=None):
     """(jitted step, state and frozen half placed on the mesh).
 
     Parameters, adapters, NF4 blocks and optimizer state are sharded by the rules;
     the batch over data x fsdp; metrics come back replicated. The state is donated.
-    With a distillation `teacher` (its params, of `teacher_model`), they are sharded by the
-    same rules and passed to every call of the returned `step(state, frozen, batch)`.
+    With a distillation `teacher` (its params, of `teacher_model`), they are sharded by
+    `teacher_rules` (default: the student's rules; `TEACHER_RULES` splits them over the data
+    axis too) and passed to every call of the returned `step(state, frozen, batch)`.
     """
     trainable_sh = param_shardings(state.trainable, model, mesh)
     frozen_sh = param_shardings(frozen, model, mesh)
@@ -82,7 +83,7 @@ def sharded_train_step(model, optimizer, mesh: Mesh, state, frozen, *, grad_accu
     shardings = (state_sh, frozen_sh, batch_sharding(mesh, grad_accum_steps > 1))
     with_teacher = teacher is not None
     if with_teacher:
-        teacher_sh = param_shardings(teacher, teacher_model, mesh)
+        teacher_sh = param_shardings(teacher, teacher_model, mesh, *([teacher_rules] if teacher_rules else []))
         shardings += (teacher_sh,)
     step = jax.jit(make_train_step(model, optimizer, grad_accum_steps=grad_accum_steps, remat=remat, loss_fn=loss_fn,
                                    with_teacher=with_teacher),

@@ -45,6 +45,10 @@ RULES: dict[str, Any] = {
     "positions": None,
     "classes": None,
 }
+# A frozen distillation teacher's weights split over the data axis as well (FSDP across the
+# replicas, which the student replicates over): the teacher costs 1 / (data x fsdp) of itself
+# per device, gathered layer by layer in its forward (`distill.teacher_sharding: data`).
+TEACHER_RULES: dict[str, Any] = {**RULES, "embed": BATCH_AXES, "nf4_blocks": BATCH_AXES}
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ class DistillSection:
     generation_tokens: int = 16  # on-policy: tokens the student writes per completion
     generation_temperature: float = 1.0  # on-policy: the student's sampling temperature (0: greedy)
     teacher_logits: str | None = None  # a directory: the teacher's logits computed once and stored there (float16)
+    teacher_sharding: str = "student"  # on a mesh: student (the student's rules) | data (also split over the data axis)
 
     def __post_init__(self):
         if not 0.0 <= self.beta <= 1.0:
@@ -54,6 +55,8 @@ class DistillSection:
             raise LowraxError(f"distill.hard_label_weight must be in [0, 1], got {self.hard_label_weight}")
         if not 0.0 <= self.on_policy <= 1.0:
             raise LowraxError(f"distill.on_policy must be a share of steps in [0, 1], got {self.on_policy}")
+        if self.teacher_sharding not in ("student", "data"):
+            raise LowraxError(f"distill.teacher_sharding must be student or data, got {self.teacher_sharding!r}")
         if self.teacher_logits and self.on_policy:
             raise LowraxError("distill.teacher_logits stores the teacher's logits on the training data, while "
                               "distill.on_policy trains on new completions: use one or the other")

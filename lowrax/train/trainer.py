@@ -35,7 +35,7 @@ from lowrax.train.scoring import TaskScorer, score_run
 from lowrax.errors import LowraxError
 from lowrax.train.optim import make_optimizer
 from lowrax.dist.parallel import global_batch, host_local, initialize_distributed, is_primary, sharded_train_step
-from lowrax.dist.sharding import check_batch, make_mesh
+from lowrax.dist.sharding import TEACHER_RULES, check_batch, make_mesh
 from lowrax.train.preference_run import PreferenceRun, preference_records
 from lowrax.train.build import DTYPES, build_model, loss_width
 from lowrax.train.step import causal_lm_loss, classification_loss, init_state
@@ -169,7 +169,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
     optimizer = make_optimizer(cfg.optim)
     accum = cfg.train.grad_accum_steps
     in_step = teacher and not cfg.distill.teacher_logits
-    teacher_args = {"teacher": teacher[1], "teacher_model": teacher[0]} if in_step else {}
+    teacher_args = {"teacher": teacher[1], "teacher_model": teacher[0],
+                    "teacher_rules": TEACHER_RULES if cfg.distill.teacher_sharding == "data" else None} if in_step else {}
     step_fn, state, frozen = sharded_train_step(model, optimizer, mesh, init_state(trainable, optimizer, cfg.train.seed),
                                                 frozen, grad_accum_steps=accum, remat=cfg.train.remat, loss_fn=loss_fn,
                                                 **teacher_args)
