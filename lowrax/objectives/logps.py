@@ -19,11 +19,15 @@ def logits_at(model, params, hidden, positions) -> jnp.ndarray:
     return model.logits_from_hidden(resolve(params), picked).astype(jnp.float32)
 
 
+def target_logps(logits, targets) -> jnp.ndarray:
+    """log p(target) [...] from logits [..., V] and targets [...]: logit[target] - logsumexp(logits),
+    without materialising every log-probability."""
+    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+
+
 def logps_at(model, params, hidden, positions, targets) -> jnp.ndarray:
     """log p(target) [n, K] from final hidden states [n, t, H] at positions [n, K]."""
-    logits = logits_at(model, params, hidden, positions)
-    # logit[target] - logsumexp(logits), without materialising every log-probability
-    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+    return target_logps(logits_at(model, params, hidden, positions), targets)
 
 
 def completion_logps(model, params, batch: dict, prefix: str = ""):

@@ -21,7 +21,7 @@ from lowrax.adapters.tree import adapters_off
 from lowrax.errors import LowraxError
 from lowrax.objectives.config import DistillSection, PreferenceSection
 from lowrax.objectives.distill import token_divergence
-from lowrax.objectives.logps import completion_logps, logits_at, whole_sequence_nll
+from lowrax.objectives.logps import completion_logps, logits_at, target_logps, whole_sequence_nll
 from lowrax.objectives.preference import dpo_per_pair, kto_per_example, orpo_per_pair, simpo_per_pair
 
 
@@ -49,6 +49,13 @@ def _halves(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     return x[:b], x[b:]
 
 
+def policy_preference_of(mean_logps) -> jnp.ndarray:
+    """[b] 1 where the policy gives the chosen completion the higher mean token log-prob (the
+    held-out metric of a preference run, logged per step too as `policy_preference`)."""
+    chosen, rejected = _halves(jax.lax.stop_gradient(mean_logps))
+    return (chosen > rejected).astype(jnp.float32)
+
+
 def dpo_objective(cfg: PreferenceSection):
     def loss_fn(model, params, batch):
         logps, tokens, _ = completion_logps(model, params, batch)
@@ -58,6 +65,7 @@ def dpo_objective(cfg: PreferenceSection):
         losses, per_pair = dpo_per_pair(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta,
                                         loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
                                         chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
+        per_pair["policy_preference"] = policy_preference_of(_mean_logps(logps, tokens))
         return _summed(losses, per_pair, _pair_weights(batch, chosen.shape[0]))
 
     return loss_fn
@@ -81,6 +89,7 @@ def orpo_objective(cfg: PreferenceSection):
         nll = nll_sum / jnp.maximum(nll_tokens, 1.0)
         weights = _pair_weights(batch, b)
         per_pair["nll_loss"] = jnp.broadcast_to(jax.lax.stop_gradient(nll), (b,))
+        per_pair["policy_preference"] = policy_preference_of(mean)
         return _summed(nll - terms, per_pair, weights)
 
     return loss_fn
@@ -96,6 +105,7 @@ def simpo_objective(cfg: PreferenceSection):
         b = logps.shape[0] // 2
         losses, per_pair = simpo_per_pair(mean[:b], mean[b:], beta=cfg.beta, gamma=cfg.gamma,
                                           label_smoothing=cfg.label_smoothing)
+        per_pair["policy_preference"] = policy_preference_of(mean)
         if cfg.sft_weight:
             nll = -jnp.sum(logps[:b]) / jnp.maximum(jnp.sum(tokens[:b]), 1.0)
             losses = losses + cfg.sft_weight * nll
@@ -150,14 +160,20 @@ def distill_objective(cfg: DistillSection, teacher_model=None):
         else:
             teacher_hidden = teacher_model.final_hidden(teacher, batch["input_ids"], batch["attention_mask"])
             teacher_logits = jax.lax.stop_gradient(logits_at(teacher_model, teacher, teacher_hidden, positions))
-        divergence = token_divergence(student, teacher_logits, beta=cfg.beta, temperature=cfg.temperature)
-        hard = jax.nn.logsumexp(student, axis=-1) - jnp.take_along_axis(student, targets[..., None], axis=-1)[..., 0]
-        mixed = (1.0 - cfg.hard_label_weight) * divergence + cfg.hard_label_weight * hard
-        return (jnp.sum(mixed * weights), jnp.sum(weights),
-                {"divergence": jnp.sum(jax.lax.stop_gradient(divergence) * weights),
-                 "hard_loss": jnp.sum(jax.lax.stop_gradient(hard) * weights)})
+        return _distilled(cfg, student, teacher_logits, targets, weights)
 
     return loss_fn
+
+
+def _distilled(cfg: DistillSection, student, teacher_logits, targets, weights) -> tuple:
+    """(loss sum, count, metric sums): the divergence from the teacher per position (or example),
+    mixed with the targets' cross-entropy by `hard_label_weight`, weighted."""
+    divergence = token_divergence(student, teacher_logits, beta=cfg.beta, temperature=cfg.temperature)
+    hard = -target_logps(student, targets)
+    mixed = (1.0 - cfg.hard_label_weight) * divergence + cfg.hard_label_weight * hard
+    return (jnp.sum(mixed * weights), jnp.sum(weights),
+            {"divergence": jnp.sum(jax.lax.stop_gradient(divergence) * weights),
+             "hard_loss": jnp.sum(jax.lax.stop_gradient(hard) * weights)})
 
 
 def classifier_distill_objective(cfg: DistillSection, teacher_model):
@@ -169,13 +185,8 @@ def classifier_distill_objective(cfg: DistillSection, teacher_model):
         student = model.apply(params, batch["input_ids"], batch["attention_mask"]).logits.astype(jnp.float32)
         teacher_logits = jax.lax.stop_gradient(
             teacher_model.apply(teacher, batch["input_ids"], batch["attention_mask"]).logits)
-        divergence = token_divergence(student, teacher_logits, beta=cfg.beta, temperature=cfg.temperature)
         labels = batch["labels"]
-        hard = jax.nn.logsumexp(student, axis=-1) - jnp.take_along_axis(student, labels[:, None], axis=-1)[:, 0]
-        weights = batch.get("example_weights", jnp.ones_like(hard)).astype(jnp.float32)
-        mixed = (1.0 - cfg.hard_label_weight) * divergence + cfg.hard_label_weight * hard
-        return (jnp.sum(mixed * weights), jnp.sum(weights),
-                {"divergence": jnp.sum(jax.lax.stop_gradient(divergence) * weights),
-                 "hard_loss": jnp.sum(jax.lax.stop_gradient(hard) * weights)})
+        weights = batch.get("example_weights", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
+        return _distilled(cfg, student, teacher_logits, labels, weights)
 
     return loss_fn

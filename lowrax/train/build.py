@@ -16,12 +16,6 @@ from lowrax.train.config import TrainConfig
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def loss_width(data, seq_len: int) -> int:
-    """Loss positions per row that hold every example's loss tokens (rounded up to 8)."""
-    longest = max(min(sum(m), seq_len - 1) for m in data.targets)
-    return min(-(-longest // 8) * 8, seq_len - 1)
-
-
 def build_model(cfg: TrainConfig, mesh=None):
     """(model, base params, adapter-wrapped params) as a run with this config trains them
     (with `mesh`: the base loaded straight into its shards).

@@ -238,6 +238,13 @@ class Batches:
         return out
 
 
+def loss_width(loss_counts, seq_len: int) -> int:
+    """Loss positions per row (`data.loss_positions`) that hold every row's loss tokens, given each
+    example's count of them: the largest (after truncation to the row), rounded up to 8."""
+    longest = max(min(n, seq_len - 1) for n in loss_counts)
+    return min(-(-longest // 8) * 8, seq_len - 1)
+
+
 def gather_loss_positions(ids: np.ndarray, loss: np.ndarray, width: int, segments: np.ndarray | None = None,
                           where: str = "batch") -> dict:
     """[b, width] positions whose next token carries loss, with those targets and 0/1 weights."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from lowrax.errors import LowraxError
 from lowrax.train.config import DataSection
-from lowrax.train.data import chat_ids, gather_loss_positions, prompt_ids
+from lowrax.train.data import chat_ids, gather_loss_positions, loss_width, prompt_ids
 
 
 @dataclass
@@ -116,8 +116,7 @@ def encode_unpaired(tokenizer, records: list[dict], cfg: DataSection) -> list[Ex
 
 def completion_width(examples: list[Example], seq_len: int) -> int:
     """Loss positions per row: the longest completion (after truncation), rounded up to 8."""
-    longest = max(min(len(c), seq_len - 1) for e in examples for c in e.completions)
-    return min(-(-longest // 8) * 8, seq_len - 1)
+    return loss_width((len(c) for e in examples for c in e.completions), seq_len)
 
 
 class PreferenceBatches:

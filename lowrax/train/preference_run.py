@@ -20,7 +20,7 @@ from lowrax.dist.parallel import global_batch
 from lowrax.errors import LowraxError
 from lowrax.objectives.config import PAIRED
 from lowrax.objectives.logps import completion_logps
-from lowrax.objectives.step_losses import preference_loss_fn
+from lowrax.objectives.step_losses import policy_preference_of, preference_loss_fn
 from lowrax.train.config import TrainConfig
 from lowrax.train.preference_data import PreferenceBatches, completion_width, encode_pairs, encode_unpaired
 
@@ -131,14 +131,12 @@ class PreferenceRun:
 
     def _evaluate_batch(self, trainable, frozen, batch):
         params = combine(trainable, frozen)
-        logps, tokens, _ = completion_logps(self.model, params, batch)
-        mean = logps / jnp.maximum(tokens, 1.0)
-        b = logps.shape[0] // 2
-        prefers = (mean[:b] > mean[b:]).astype(jnp.float32) * batch["pair_weights"]
         if self.cfg.objective == "kto":  # its loss is defined on unpaired rows: report the ranking only
-            return jnp.zeros(()), jnp.sum(batch["pair_weights"]), {}, jnp.sum(prefers)
-        loss_sum, count, sums = self.loss_fn(self.model, params, batch)
-        return loss_sum, count, sums, jnp.sum(prefers)
+            logps, tokens, _ = completion_logps(self.model, params, batch)
+            sums = {"policy_preference": jnp.sum(policy_preference_of(logps / jnp.maximum(tokens, 1.0))
+                                                 * batch["pair_weights"])}
+            return jnp.zeros(()), jnp.sum(batch["pair_weights"]), sums
+        return self.loss_fn(self.model, params, batch)  # the paired objectives log policy_preference
 
     def evaluate(self, trainable, frozen, progress: bool = False) -> dict:
         """Held-out preference accuracy (policy ranking), and for paired objectives the eval loss and
@@ -153,10 +151,10 @@ class PreferenceRun:
             if self.precomputed:
                 batch = self._with_reference(batch, self._eval_reference, indices)
             batch["pair_weights"] = (np.arange(start, start + size) < n).astype(np.float32)
-            loss_sum, count, sums, prefers = self._eval_fn(trainable, frozen, self._placed(batch))
-            for key, value in {"loss": loss_sum, "count": count, "prefers": prefers, **sums}.items():
+            loss_sum, count, sums = self._eval_fn(trainable, frozen, self._placed(batch))
+            for key, value in {"loss": loss_sum, "count": count, **sums}.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
-        out = {"preference_accuracy": totals["prefers"] / n}
+        out = {"preference_accuracy": totals["policy_preference"] / n}
         if self.cfg.objective != "kto":
             out["eval_loss"] = totals["loss"] / n
             out.update({f"eval_{k}": v / n for k, v in totals.items() if k.startswith("rewards/")})

@@ -18,6 +18,7 @@ import optax
 from flax import struct
 
 from lowrax.adapters.node import resolve
+from lowrax.objectives.logps import target_logps
 from lowrax.adapters.tree import after_update, combine, penalty, precondition_grads, with_dropout_keys
 
 
@@ -58,8 +59,7 @@ def causal_lm_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
         if segments is not None:  # never predict a packed example's first token from the previous example
             weights = weights * (segments[:, 1:] == segments[:, :-1])
     logits = model.logits_from_hidden(resolve(params), hidden).astype(jnp.float32)
-    # log p(target) = logit[target] - logsumexp(logits), without materialising every log-probability.
-    token_loss = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    token_loss = -target_logps(logits, targets)
     return jnp.sum(token_loss * weights), jnp.sum(weights)
 
 

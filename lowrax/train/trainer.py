@@ -30,14 +30,14 @@ from lowrax.peft.format import save_peft
 from lowrax.io.atomic import write_text
 from lowrax.train.checkpoints import Checkpoints, directory_size
 from lowrax.train.config import TrainConfig, differences
-from lowrax.train.data import Batches, encode_all, load_records
+from lowrax.train.data import Batches, encode_all, load_records, loss_width
 from lowrax.train.scoring import TaskScorer, score_run
 from lowrax.errors import LowraxError
 from lowrax.train.optim import make_optimizer
 from lowrax.dist.parallel import global_batch, host_local, initialize_distributed, is_primary, sharded_train_step
 from lowrax.dist.sharding import TEACHER_RULES, check_batch, make_mesh
 from lowrax.train.preference_run import PreferenceRun, preference_records
-from lowrax.train.build import DTYPES, build_model, loss_width
+from lowrax.train.build import DTYPES, build_model
 from lowrax.train.step import causal_lm_loss, classification_loss, init_state
 from lowrax.train.on_policy import is_on_policy_step, with_student_completions
 from lowrax.train.teacher import load_teacher
@@ -147,7 +147,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
             teacher = load_teacher(cfg, tokenizer, DTYPES[cfg.model.dtype], mesh)
             log(f"teacher: {teacher[2]}")
             if task == "causal_lm":  # teacher logits at the completions (or the student's own, on-policy) only
-                width = width or loss_width(train_data, cfg.data.seq_len)
+                width = width or loss_width((sum(m) for m in train_data.targets), cfg.data.seq_len)
                 if cfg.distill.on_policy:
                     width = min(max(width, cfg.distill.generation_tokens), cfg.data.seq_len - 1)
         batches = Batches(train_data, cfg.data.seq_len, cfg.train.batch_size, cfg.data.shuffle_seed, cfg.data.packing,
