@@ -25,6 +25,9 @@ The public API (see README.md):
     loss = lowrax.distill_loss(student_logits, teacher_logits, labels, beta=0.5, temperature=1.0)   # TRL's GKD JSD
     off = lowrax.adapters_off(params)                   # the reference model: same arrays, every adapter switched off
 
+    pruned, report = lowrax.prune(params, model, calibration_ids, method="sparsegpt", sparsity=0.5)   # or wanda, 2:4
+    merged = lowrax.merge(lora_over_pruned, keep_sparsity=True)   # the LoRA delta masked: still 50% zeros
+
     mesh = lowrax.make_mesh(lowrax.MeshConfig(fsdp=4))   # sharded: load_pretrained(path, mesh=mesh), sharded_train_step
     summary = lowrax.run_training(lowrax.load_config("configs/default.yaml", ["lora.r=8"]))
     lowrax.reuse_freed_host_memory()                     # CPU training: reuse each step's freed memory
@@ -59,6 +62,8 @@ from lowrax.io.pretrained import embedded_minilm_path, embedded_model_path, load
 from lowrax.models import EncoderOutput, supported_model_types
 from lowrax.models.generate import SamplingConfig, generate, generate_ids
 from lowrax.models.linear import linear, register_linear
+from lowrax.pruning.prune import prune
+from lowrax.pruning.sparse import SparseKernel, sparse_modules
 from lowrax.quant.nf4 import NF4Tensor
 from lowrax.quant.tree import QuantConfig, merge_requantized, quantize
 from lowrax.train.config import TrainConfig, load_config
@@ -83,6 +88,6 @@ __all__ = [
     "OptimizerConfig", "make_optimizer", "TrainState", "init_state", "make_train_step",
     "TrainConfig", "load_config", "run_training", "QuantConfig", "quantize", "NF4Tensor", "merge_requantized",
     "MeshConfig", "make_mesh", "param_shardings", "DistConfig", "global_batch", "sharded_train_step",
-    "reuse_freed_host_memory",
+    "reuse_freed_host_memory", "prune", "SparseKernel", "sparse_modules",
     "LowraxError", "NotAModelError", "UnsupportedModelError", "CheckpointError",
 ]

@@ -17,7 +17,7 @@ import jax
 
 from lowrax.adapters.node import is_node
 from lowrax.errors import LowraxError
-from lowrax.quant.nf4 import NF4Tensor
+from lowrax.models.linear import is_kernel_type
 
 # PEFT's default LoRA targets per model_type (peft.utils.constants); PEFT copies them for
 # LoHa, LoKr and OFT.
@@ -112,7 +112,7 @@ def pattern_value(name: str, patterns: dict | None, default):
 def linear_modules(params: Any) -> dict[str, tuple[str, ...]]:
     """Dotted module name -> tree path of every linear kernel (2-D leaf named `kernel`)."""
     out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: is_node(x) or isinstance(x, NF4Tensor))[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: is_node(x) or is_kernel_type(x))[0]:
         keys = tuple(str(p.key) for p in path)
         if keys[-1] == "kernel" and getattr(leaf, "ndim", len(getattr(leaf, "shape", ()))) == 2:
             out[".".join(keys[:-1])] = keys
@@ -122,7 +122,7 @@ def linear_modules(params: Any) -> dict[str, tuple[str, ...]]:
 def norm_modules(params: Any) -> dict[str, tuple[str, ...]]:
     """Dotted module name -> tree path of every normalisation layer (a dict with a 1-D `scale`)."""
     out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: is_node(x) or isinstance(x, NF4Tensor))[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: is_node(x) or is_kernel_type(x))[0]:
         keys = tuple(str(p.key) for p in path)
         if keys[-1] == "scale" and len(getattr(leaf, "shape", ())) == 1:
             out[".".join(keys[:-1])] = keys[:-1]

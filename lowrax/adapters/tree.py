@@ -21,6 +21,7 @@ from lowrax.adapters.slots import SLOTS_KEY
 from lowrax.adapters.node import ANCHOR, FROZEN, FULL, LORA_A, LORA_B, VECTOR, FullyTrained, is_adapter, is_node, resolve
 from lowrax.adapters.registry import shared_keys
 from lowrax.errors import LowraxError
+from lowrax.pruning.sparse import is_sparse, masked_like
 from lowrax.quant.nf4 import NF4Tensor, dequantize, dequantize_after
 
 __all__ = ["FROZEN", "LORA_A", "LORA_B", "VECTOR", "FULL", "ANCHOR", "labels", "split", "combine", "merge",
@@ -69,6 +70,8 @@ def dense_kernel(base, tie_to=None):
     tie_to: inside a step, a scalar of the layer's activations; the dequantization is made
     to depend on it so XLA keeps one layer's weight alive at a time (`nf4.dequantize_after`).
     """
+    if is_sparse(base):  # zero at the pruned weights already
+        return dense_kernel(base.kernel, tie_to)
     if not isinstance(base, NF4Tensor):
         return base
     return dequantize(base) if tie_to is None else dequantize_after(base, tie_to, base.dtype)
@@ -118,26 +121,33 @@ def _refuse_unmergeable(params: Any) -> None:
                               "is (lowrax generate --adapter)")
 
 
-def merge(params: Any) -> Any:
+def merge(params: Any, keep_sparsity: bool = True) -> Any:
     """Plain-array params: every adapter node becomes its merged kernel (in the base's dtype),
-    and the layer's bias what the method makes of it (IA3 scales some)."""
+    and the layer's bias what the method makes of it (IA3 scales some).
+
+    keep_sparsity: over a pruned base (a SparseKernel) the merged kernel stays zero at the
+    pruned weights (the adapter's delta there is dropped); False merges the delta in full,
+    filling them."""
     _refuse_unmergeable(params)
 
     def merge_leaf(x):
-        return dense_kernel(x) if isinstance(x, NF4Tensor) else x
+        return dense_kernel(x) if isinstance(x, NF4Tensor) or is_sparse(x) else x
 
     def merge_layer(layer):
         if not _is_adapted_layer(layer):
-            return jax.tree.map(merge_leaf, layer, is_leaf=lambda x: isinstance(x, NF4Tensor))
+            return jax.tree.map(merge_leaf, layer, is_leaf=lambda x: isinstance(x, NF4Tensor) or is_sparse(x))
         node = layer["kernel"]
         base = dense_kernel(node.base)
-        out = dict(layer, kernel=node.merge_into(base.astype(jnp.float32)).astype(base.dtype))
+        merged = node.merge_into(base.astype(jnp.float32))
+        if keep_sparsity:
+            merged = masked_like(node.base, merged)
+        out = dict(layer, kernel=merged.astype(base.dtype))
         if layer.get("bias") is not None:
             out["bias"] = node.merge_bias(layer["bias"].astype(jnp.float32)).astype(layer["bias"].dtype)
         return out
 
     return without_shared(jax.tree.map(merge_layer, resolve(params),
-                                       is_leaf=lambda x: _is_adapted_layer(x) or isinstance(x, NF4Tensor)))
+                                       is_leaf=lambda x: _is_adapted_layer(x) or isinstance(x, NF4Tensor) or is_sparse(x)))
 
 
 def unmerge(merged: Any, adapted: Any) -> Any:

@@ -7,7 +7,8 @@
     lowrax convert --model PATH OUT_DIR        (e.g. the embedded GGUF -> HF safetensors)
     lowrax export-peft RUN_DIR OUT_DIR         (a run's adapter in PEFT format)
     lowrax import-peft ADAPTER_DIR RUN_DIR [--model PATH] [CONFIG.yaml] [section.key=value ...]
-    lowrax merge RUN_DIR OUT_DIR               (base + adapters merged, HF safetensors)
+    lowrax merge RUN_DIR OUT_DIR [--sparsity keep|fill]   (base + adapters merged, HF safetensors)
+    lowrax prune [CONFIG.yaml] [section.key=value ...]   (magnitude / Wanda / SparseGPT; default: configs/prune.yaml's)
     lowrax merge-adapters --adapter a=DIR --adapter b=DIR --weights 0.7 0.3 OUT_DIR [--combination-type svd]
     lowrax merge-models OUT_DIR --base PATH --model PATH --model PATH --weights 0.6 0.4 [--method ties --density 0.5]
 """
@@ -203,7 +204,19 @@ def cmd_import_peft(args) -> int:
 def cmd_merge(args) -> int:
     from lowrax.train.runs import merge_run
 
-    print(f"wrote {merge_run(args.run_dir, args.out_dir, overwrite=args.overwrite, requantize=args.requantize)}")
+    out = merge_run(args.run_dir, args.out_dir, overwrite=args.overwrite, requantize=args.requantize,
+                    keep_sparsity=args.sparsity == "keep")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from lowrax.pruning.config import load_prune_config
+    from lowrax.pruning.run import run_prune
+
+    preset = args.items[0] if args.items and "=" not in args.items[0] else None
+    overrides = args.items[1:] if preset is not None else args.items
+    run_prune(load_prune_config(preset, overrides), overwrite=args.overwrite)
     return 0
 
 
@@ -288,7 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("--requantize", action="store_true",
                    help="QLoRA runs: save 4-bit NF4 weights again (reports the rounding error it adds)")
+    m.add_argument("--sparsity", choices=("keep", "fill"), default="keep",
+                   help="a pruned base: keep its zeros (the adapter's delta masked; default) or fill them with the delta")
     m.set_defaults(func=cmd_merge)
+
+    pr = sub.add_parser("prune", help="prune a model's linear layers (magnitude, Wanda, SparseGPT) and save it")
+    pr.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [section.key=value]",
+                    help="a preset (e.g. configs/prune.yaml; default: the built-in defaults) and overrides")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    pr.set_defaults(func=cmd_prune)
 
     ma = sub.add_parser("merge-adapters", help="combine LoRA adapters into one (PEFT's add_weighted_adapter)")
     ma.add_argument("out_dir")

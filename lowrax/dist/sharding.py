@@ -132,6 +132,7 @@ def _kernel_axes(model, keys: tuple[str, ...], ndim: int) -> tuple:
 def param_shardings(params: Any, model, mesh: Mesh, rules: dict = RULES) -> Any:
     """A tree shaped like `params` (a whole tree or one half of `split`) holding the
     NamedSharding of every array leaf; None stays None."""
+    from lowrax.pruning.sparse import is_sparse
     from lowrax.quant.nf4 import NF4Tensor
 
     def plain(keys, x, axes=None):
@@ -147,6 +148,8 @@ def param_shardings(params: Any, model, mesh: Mesh, rules: dict = RULES) -> Any:
     def base(keys, b):
         if b is None:
             return None
+        if is_sparse(b):  # the mask is laid out as the kernel (None fields: the other half of `split`)
+            return b.replace(kernel=base(keys, b.kernel), mask=None if b.mask is None else plain(keys, b.mask))
         return nf4(keys, b) if isinstance(b, NF4Tensor) else plain(keys, b)
 
     def visit(path, leaf):
@@ -155,8 +158,8 @@ def param_shardings(params: Any, model, mesh: Mesh, rules: dict = RULES) -> Any:
             return None
         if isinstance(leaf, FullyTrained):  # its value is None in the frozen half
             return FullyTrained(None if leaf.value is None else plain(keys, leaf.value))
-        if isinstance(leaf, NF4Tensor):
-            return nf4(keys, leaf)
+        if isinstance(leaf, NF4Tensor) or is_sparse(leaf):
+            return base(keys, leaf)
         if is_adapter(leaf) and leaf.stands_for_array:  # every field has the array's shape (LN tuning)
             return leaf.replace(**{f.name: plain(keys, getattr(leaf, f.name)) for f in dataclasses.fields(leaf)
                                    if f.metadata.get("pytree_node", True) and getattr(leaf, f.name) is not None})
@@ -178,7 +181,7 @@ def param_shardings(params: Any, model, mesh: Mesh, rules: dict = RULES) -> Any:
         return plain(keys, leaf)
 
     return jax.tree_util.tree_map_with_path(
-        visit, params, is_leaf=lambda x: x is None or is_node(x) or isinstance(x, NF4Tensor))
+        visit, params, is_leaf=lambda x: x is None or is_node(x) or isinstance(x, NF4Tensor) or is_sparse(x))
 
 
 def shard(tree: Any, shardings: Any) -> Any:

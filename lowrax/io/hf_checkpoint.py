@@ -52,6 +52,7 @@ def load_tensors(
     progress: bool = True,
     quant=None,
     mesh=None,
+    pruned: dict | None = None,
 ) -> dict:
     """Build the parameter tree from a checkpoint, one tensor at a time.
 
@@ -59,7 +60,9 @@ def load_tensors(
     or None. Every missing or misshapen tensor is reported in one error. With
     `quant` (a QuantConfig) linear kernels are quantized to NF4 as they are read,
     so the full-precision model is never in memory at once. With `mesh` each tensor goes
-    straight into its shards (`lowrax.dist.sharding` rules).
+    straight into its shards (`lowrax.dist.sharding` rules). `pruned`: {dotted module name: pattern}
+    of the kernels pruned (a directory's pruning.json): they load as SparseKernels, their zeros
+    taken as the mask before any quantization.
     """
     specs = model.tensors()
     missing, misshapen, used = [], [], set()
@@ -90,13 +93,59 @@ def load_tensors(
     tree: dict = {}
     for t, read in tqdm(resolved, desc=f"loading {Path(source).name}", unit="tensor", disable=not progress, leave=False):
         value = read()  # in the HF layout: an array, or an NF4Tensor from a 4-bit checkpoint
+        pattern = (pruned or {}).get(".".join(t.path[:-1]))
+        kept = None if pattern is None else _kept_weights(value, t)
         if quant is not None and not isinstance(value, nf4.NF4Tensor) and _quantizable(t, quant):
             value = nf4.quantize(jax.numpy.asarray(value.astype(dtype)), quant.blocksize, quant.double_quant)
         value = t.from_hf(value)
         if not isinstance(value, nf4.NF4Tensor) and (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
             value = value.astype(dtype)
-        tables.set_path(tree, t.path, jax.device_put(value, None if mesh is None else _sharding_of(model, mesh, t.path, value)))
+        value = jax.device_put(value, None if mesh is None else _sharding_of(model, mesh, t.path, value))
+        if kept is not None:
+            from lowrax.pruning.sparse import SparseKernel
+
+            value = SparseKernel(kernel=value, mask=jax.device_put(kept, None if mesh is None else _sharding_of(
+                model, mesh, t.path, kept)), pattern=pattern)
+        tables.set_path(tree, t.path, value)
     return tree
+
+
+def _kept_weights(value, t: tables.Tensor) -> np.ndarray:
+    """The mask (True = kept) of a pruned weight read in the HF layout, in the tree's layout."""
+    from lowrax.quant import nf4
+
+    if isinstance(value, nf4.NF4Tensor):  # a 4-bit file: zero codes decode to exactly zero
+        dense = np.asarray(nf4.dequantize(t.from_hf(value)))
+        return dense != 0
+    return t.from_hf(np.asarray(value) != 0)
+
+
+PRUNING_RECORD = "pruning.json"
+
+
+def read_pruned_modules(directory: Path) -> dict[str, str]:
+    """{dotted module name: pattern} of the pruned kernels a model directory records (empty: never pruned)."""
+    path = Path(directory) / PRUNING_RECORD
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+        modules = record["modules"]
+        return {name: str(entry.get("pattern", "unstructured")) for name, entry in modules.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a pruning record (expected {{\"modules\": {{name: {{\"pattern\", "
+                              f"\"sparsity\"}}}}}}): {e}") from e
+
+
+def pruning_record(params: dict, extra: dict | None = None) -> dict | None:
+    """The pruning.json a tree with SparseKernels is saved with (None without any)."""
+    from lowrax.pruning.sparse import sparse_modules
+
+    modules = sparse_modules(params)
+    if not modules:
+        return None
+    return {"modules": {name: {"pattern": k.pattern, "sparsity": round(k.sparsity(), 6)}
+                        for name, k in sorted(modules.items())}, **(extra or {})}
 
 
 def _sharding_of(model, mesh, path: tuple[str, ...], value):
@@ -134,7 +183,8 @@ def load_hf_directory(model: Model, directory: Path, dtype, progress: bool = Tru
         return files.shape(key), lambda: files.get(key)
 
     tensors = [k for k in files.keys() if not k.endswith(bnb_format.STATISTIC_SUFFIXES)]
-    return load_tensors(model, lookup, tensors, dtype, str(directory), progress, quant, mesh)
+    return load_tensors(model, lookup, tensors, dtype, str(directory), progress, quant, mesh,
+                        pruned=read_pruned_modules(directory))
 
 
 def tree_to_hf_tensors(params: dict, model: Model, keep_nf4: bool = False) -> dict[str, np.ndarray]:
@@ -144,6 +194,7 @@ def tree_to_hf_tensors(params: dict, model: Model, keep_nf4: bool = False) -> di
     """
     from lowrax.io.tables import TRANSPOSE
     from lowrax.quant import bnb_format
+    from lowrax.pruning.sparse import is_sparse
     from lowrax.quant.nf4 import NF4Tensor, dequantize
 
     out = {}
@@ -154,6 +205,8 @@ def tree_to_hf_tensors(params: dict, model: Model, keep_nf4: bool = False) -> di
             if t.optional:
                 continue
             raise CheckpointError(f"params have no {'/'.join(t.path)} (HF key {t.hf_key})") from None
+        if is_sparse(leaf):  # a pruned kernel: its zeros are the sparsity HF files carry
+            leaf = leaf.kernel
         if isinstance(leaf, NF4Tensor) and keep_nf4:
             if leaf.transposed != (t.layout == TRANSPOSE):
                 raise CheckpointError(f"{'/'.join(t.path)} is stored in NF4 in a layout other than its HF weight's")
@@ -174,8 +227,12 @@ def tree_to_hf_tensors(params: dict, model: Model, keep_nf4: bool = False) -> di
 
 
 def save_hf_directory(params: dict, model: Model, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
-                      keep_nf4: bool = False) -> Path:
+                      keep_nf4: bool = False, pruning_extra: dict | None = None) -> Path:
     """Write `config.json` + `model.safetensors` (+ tokenizer files) that transformers loads.
+
+    A tree with pruned kernels (SparseKernels) also gets `pruning.json` (each pruned module's
+    pattern and sparsity, plus `pruning_extra`): loading the directory makes those kernels
+    SparseKernels again, so the sparsity survives LoRA recovery and merging.
 
     Written to a temporary sibling directory and renamed into place, so a crash
     never leaves a half-written model behind.
@@ -190,8 +247,12 @@ def save_hf_directory(params: dict, model: Model, out_dir: str | Path, tokenizer
         config["quantization_config"] = quantization_config(any(k.endswith(".nested_absmax") for k in tensors))
     config["dtype"] = "bfloat16" if "bfloat16" in dtypes else ("float16" if "float16" in dtypes else "float32")
 
+    record = pruning_record(params, pruning_extra)
+
     def fill(staging: Path) -> None:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        if record is not None:
+            (staging / PRUNING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))

@@ -8,6 +8,7 @@ into `prefill`/`decode_step` for generation with a fixed-size KV cache.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from typing import Any, Callable, ClassVar
 
@@ -19,6 +20,11 @@ from lowrax.io import tables
 from lowrax.models.layers import positions_from_mask, segment_positions, segment_visibility
 from lowrax.adapters.slots import has_named_adapters, with_adapter_rows
 from lowrax.adapters.node import resolve, virtual_tokens
+
+
+# Set by layer-wise calibration (`lowrax.pruning.calibrate`): a function given each layer's
+# `layer_fn` that returns what the forward calls in its place, to see or replace every layer.
+LAYER_HOOK: contextvars.ContextVar = contextvars.ContextVar("lowrax_layer_hook", default=None)
 
 
 def rows_for_adapters(params, adapter_names, batch: int):
@@ -93,6 +99,9 @@ class Model:
 
     def layer(self, layer_fn: Callable) -> Callable:
         """`layer_fn(params, x, *rest)` as the forward calls it: recomputed in the backward pass under remat."""
+        hook = LAYER_HOOK.get()
+        if hook is not None:
+            return hook(layer_fn)
         return recomputed_in_backward(layer_fn) if getattr(self, "remat", False) else layer_fn
 
     def param_shapes(self) -> dict:

@@ -34,6 +34,11 @@ def register_linear(node_type: type) -> Callable[[LinearImpl], LinearImpl]:
     return decorator
 
 
+def is_kernel_type(x: Any) -> bool:
+    """True for a kernel of a registered non-array type (an NF4 tensor, a sparse kernel)."""
+    return type(x) in _LINEAR_IMPLS
+
+
 # XLA:CPU's float32 dot keeps one running sum per output along the whole contraction.
 # On checkpoints with large activations that rounds measurably worse than torch's MKL:
 # SmolLM2's MLP down projection (K=1536) alone takes its logits from 5e-5 to 1.8e-4 off

@@ -13,6 +13,7 @@ from lowrax.adapters.node import is_adapter, is_node, resolve
 from lowrax.adapters.tree import without_shared
 from lowrax.errors import LowraxError
 from lowrax.io.tables import TRANSPOSE
+from lowrax.pruning.sparse import is_sparse
 from lowrax.quant import nf4
 
 METHODS = ("nf4",)
@@ -50,13 +51,18 @@ def quantize(params: Any, cfg: QuantConfig = QuantConfig(), model=None) -> Any:
         names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
         if any(skip in name for name in names for skip in cfg.skip_modules):
             return leaf
+        if is_sparse(leaf) and not isinstance(leaf.kernel, nf4.NF4Tensor):
+            return leaf.replace(kernel=q(names, leaf.kernel))  # NF4 keeps zero exactly: the sparsity survives
+        if is_adapter(leaf) and names[-1] == "kernel" and is_sparse(leaf.base):
+            return leaf.replace(base=visit(path, leaf.base))
         if is_adapter(leaf) and names[-1] == "kernel" and not isinstance(leaf.base, nf4.NF4Tensor):
             return leaf.replace(base=q(names, leaf.base))
         if names and names[-1] == "kernel" and getattr(leaf, "ndim", 0) == 2 and not isinstance(leaf, nf4.NF4Tensor):
             return q(names, leaf)
         return leaf
 
-    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=lambda x: is_node(x) or isinstance(x, nf4.NF4Tensor))
+    return jax.tree_util.tree_map_with_path(
+        visit, params, is_leaf=lambda x: is_node(x) or isinstance(x, nf4.NF4Tensor) or is_sparse(x))
 
 
 def merge_requantized(params: Any) -> tuple[Any, dict]:

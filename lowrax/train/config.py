@@ -42,7 +42,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    source: str = "default"  # "default" (the embedded date task), a JSON/JSONL/CSV/text file, or a save_to_disk directory
+    source: str = "default"  # "default" (the embedded date task), "embedded_text" (Python's docs, as `lowrax prune` uses), a JSON/JSONL/CSV/text file, or a save_to_disk directory
     format: str = "auto"  # auto | prompt_response | messages | text | classification
     prompt_field: str = "prompt"  # prompt_response: the field with the prompt
     response_field: str = "response"  # prompt_response: the field with the target text
@@ -196,10 +196,7 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in (values or {}).items()}
     overridden = set()
     for item in overrides:
-        if "=" not in item:
-            raise LowraxError(f"override {item!r} must look like section.key=value (e.g. lora.r=8)")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
+        key, parts, raw = override_parts(item, "lora.r=8")
         if len(parts) == 1 and parts[0] in TOP_LEVEL:
             out[parts[0]] = yaml.safe_load(raw)
             overridden.add(parts[0])
@@ -216,6 +213,14 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
         for stale in set(method_names()) - {out["method"]} - overridden:
             out.pop(stale, None)
     return out
+
+
+def override_parts(item: str, example: str) -> tuple[str, list[str], str]:
+    """(key, its dot-separated parts, raw value) of a `key=value` override; example: one for the error."""
+    if "=" not in item:
+        raise LowraxError(f"override {item!r} must look like section.key=value (e.g. {example})")
+    key, raw = item.split("=", 1)
+    return key.strip(), key.strip().split("."), raw
 
 
 def read_preset(path: str | Path | None) -> dict:

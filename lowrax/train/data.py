@@ -49,6 +49,10 @@ def load_records(cfg: DataSection) -> tuple[list[dict], list[dict]]:
         from lowrax.train.default_task import make_splits
 
         return make_splits(cfg.default_train_examples, cfg.default_eval_examples, cfg.shuffle_seed)
+    if cfg.source == "embedded_text":
+        from lowrax.pruning.text import embedded_records
+
+        return embedded_records("calibration"), embedded_records("heldout")[: cfg.default_eval_examples]
     splits = _load_dataset(cfg.source)
     train = splits.get("train") or next(iter(splits.values()))
     evaluation = splits.get("validation") or splits.get("test")

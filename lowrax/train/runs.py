@@ -21,6 +21,7 @@ from lowrax.io.atomic import write_text
 from lowrax.io.pretrained import base_model_name, base_model_path, load_pretrained, load_tokenizer, save_pretrained
 from lowrax.peft.common import CONFIG, WEIGHTS
 from lowrax.peft.format import load_peft, read_adapter_config, save_peft
+from lowrax.pruning.sparse import sparse_modules, with_sparse_kernels
 from lowrax.quant.tree import merge_requantized
 from lowrax.train.checkpoints import Checkpoints
 from lowrax.train.config import TrainConfig, apply_overrides, from_dict, read_preset
@@ -118,13 +119,19 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, requantize: bool = False,
-              log=print) -> Path:
+              keep_sparsity: bool = True, log=print) -> Path:
     """Write a run's base with its adapters merged in, as HF safetensors that transformers loads.
 
     requantize (QLoRA runs): merge into the NF4 bases and save 4-bit weights again, logging
     the rounding error that adds; otherwise NF4 bases are dequantized and saved in full precision.
+    keep_sparsity (a pruned base): the merged kernels keep its zeros (the adapter's delta is
+    masked there; the output records them in pruning.json) or, False, the delta fills them.
     """
     cfg, model, params = restore_run(run_dir)
+    pruned = sparse_modules(params)
+    if pruned and requantize:
+        raise LowraxError("--requantize over a pruned base is not supported: merge to full precision, then load the "
+                          "merged directory with model.quantize=nf4 (its zeros stay exact in NF4)")
     if requantize:
         if cfg.model.quantize is None:
             raise LowraxError(f"{run_dir} is not a QLoRA run (model.quantize is not set); nothing to re-quantize")
@@ -132,9 +139,18 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
         log(f"re-quantizing the merged weights adds a relative error of up to {report['worst']['relative']:.2e} "
             "(per-module figures in merge_report.json)")
     else:
-        merged, report = merge(params), None
+        merged, report = merge(params, keep_sparsity=keep_sparsity), None
+    if pruned:
+        share = sum(k.size - int(k.mask.sum()) for k in pruned.values()) / sum(k.size for k in pruned.values())
+        if keep_sparsity:
+            log(f"sparsity kept: the adapter's delta is masked, so the {len(pruned)} pruned layers keep their "
+                f"{share:.1%} zeros (recorded in pruning.json)")
+            merged = with_sparse_kernels(merged, pruned)
+        else:
+            log(f"sparsity filled: the adapter's delta fills the {share:.1%} pruned weights of {len(pruned)} layers; "
+                "the merged model is dense")
     out = save_pretrained(merged, model, out_dir, tokenizer=load_tokenizer(cfg.model.path),
-                                 overwrite=overwrite, keep_nf4=requantize)
+                          overwrite=overwrite, keep_nf4=requantize)
     if report is not None:
         (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return out

@@ -19,6 +19,7 @@ from lowrax.adapters.registry import AdapterMethod, register_method
 from lowrax.adapters.targets import LORA_DEFAULT_TARGETS, pattern_value
 from lowrax.adapters.tree import dense_kernel
 from lowrax.errors import LowraxError
+from lowrax.pruning.sparse import is_sparse
 from lowrax.quant.nf4 import NF4Tensor, quantize
 
 def build_nodes(bases: dict[str, Any], cfg: LoraConfig, key, adapter_dtype, model_type=None) -> tuple[dict, dict]:
@@ -48,6 +49,10 @@ def _factored_node(name: str, base, cfg: LoraConfig, key, adapter_dtype):
         raise LowraxError(f"LoRA rank r={r} for {name} must be in 1..{min(d_in, d_out)} (min of its in={d_in}, out={d_out})")
     alpha = float(pattern_value(name, cfg.alpha_pattern, cfg.alpha))
     scale = lora_scale(alpha, r, cfg.use_rslora)
+    if is_sparse(base) and (cfg.init == "pissa" or cfg.variant == "delta_lora"):
+        what = "PiSSA's residual" if cfg.init == "pissa" else "Delta-LoRA's base update"
+        raise LowraxError(f"{name} is pruned (a SparseKernel), and {what} would fill its pruned weights: "
+                          "use plain LoRA, DoRA, rsLoRA or LoRA-FA over a pruned base")
     if cfg.init == "pissa":
         a, b, residual = pissa.pissa_init(dense_kernel(base), r, scale, adapter_dtype)
         base = _requantized_like(base, residual)

@@ -1,0 +1,128 @@
+"""`lowrax prune` configuration: frozen dataclasses, a YAML preset, `section.key=value` overrides.
+
+    cfg = load_prune_config("configs/prune.yaml", ["prune.method=wanda", "prune.pattern=2:4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lowrax.errors import LowraxError
+from lowrax.pruning import masks
+from lowrax.pruning.sparsegpt import DEFAULT_BLOCKSIZE, DEFAULT_DAMPENING
+from lowrax.train.config import override_parts
+
+
+@dataclass(frozen=True)
+class PruneModelSection:
+    path: str | None = None  # HF directory or .gguf file; None = the embedded SmolLM2-135M-Instruct
+    dtype: str = "float32"  # dtype the model is loaded and saved in: float32 | bfloat16
+
+
+@dataclass(frozen=True)
+class PruneSection:
+    method: str = "sparsegpt"  # magnitude | wanda | sparsegpt
+    sparsity: float = 0.5  # fraction of each layer's weights removed (unstructured)
+    pattern: str = "unstructured"  # unstructured, or N:M (2:4, 4:8): N of every M consecutive inputs removed
+    blocksize: int = DEFAULT_BLOCKSIZE  # SparseGPT: columns per lazy batch update
+    dampening: float = DEFAULT_DAMPENING  # SparseGPT: Hessian dampening, a fraction of its mean diagonal
+    chunk_rows: int = 8  # calibration rows per forward (the device holds one chunk's activations)
+    ignore: tuple = ()  # substrings of module names to leave dense
+
+
+@dataclass(frozen=True)
+class TextSection:
+    source: str = "embedded"  # "embedded" (the Python docs set), a .txt file, or a .jsonl file
+    text_field: str = "text"  # .jsonl: the field holding each record's text
+    samples: int = 32  # rows of text
+    length: int = 256  # tokens per row
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    model: PruneModelSection = field(default_factory=PruneModelSection)
+    prune: PruneSection = field(default_factory=PruneSection)
+    calibration: TextSection = field(default_factory=TextSection)
+    # Held-out perplexity before and after pruning (0 samples: skip it).
+    evaluation: TextSection = field(default_factory=lambda: TextSection(samples=16))
+    output_dir: str = "runs/pruned"  # the pruned model: HF safetensors + pruning.json + tokenizer
+
+    def __post_init__(self):
+        p = self.prune
+        masks.pattern_sparsity(p.pattern, p.sparsity)  # named errors for a bad pattern or sparsity
+        from lowrax.pruning.prune import METHODS
+
+        if p.method not in METHODS:
+            raise LowraxError(f"prune.method must be one of {', '.join(METHODS)}, got {p.method!r}")
+        if self.model.dtype not in ("float32", "bfloat16"):
+            raise LowraxError(f"model.dtype must be float32 or bfloat16, got {self.model.dtype!r}")
+        for name, section in (("calibration", self.calibration), ("evaluation", self.evaluation)):
+            if section.samples < (1 if name == "calibration" else 0) or section.length < 2:
+                raise LowraxError(f"{name}.samples and {name}.length must be positive, "
+                                  f"got {section.samples} and {section.length}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": PruneModelSection, "prune": PruneSection, "calibration": TextSection, "evaluation": TextSection}
+_TOP_LEVEL = ("output_dir",)
+
+
+def _valid_keys() -> list[str]:
+    return list(_TOP_LEVEL) + [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown(key: str) -> LowraxError:
+    close = difflib.get_close_matches(key, _valid_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; sections: {', '.join(_SECTIONS)}"
+    return LowraxError(f"unknown prune config key {key!r}{hint}")
+
+
+def load_prune_config(path: str | Path | None = None, overrides: list[str] = ()) -> PruneConfig:
+    """A PruneConfig from a YAML preset (None: the defaults) with `section.key=value` overrides."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise LowraxError(f"config file {p} does not exist")
+        values = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(values, dict):
+            raise LowraxError(f"{p} must hold a mapping of sections ({', '.join(_SECTIONS)}) and output_dir")
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for item in overrides:
+        key, parts, raw = override_parts(item, "prune.sparsity=0.25")
+        if len(parts) == 1 and parts[0] in _TOP_LEVEL:
+            values[parts[0]] = yaml.safe_load(raw)
+            continue
+        if len(parts) != 2:
+            raise _unknown(key)
+        # YAML 1.1 reads 2:4 as the base-60 number 124: a pattern stays the string given
+        values.setdefault(parts[0], {})[parts[1]] = raw.strip() if key == "prune.pattern" else yaml.safe_load(raw)
+    sections = {}
+    for name, body in values.items():
+        if name in _TOP_LEVEL:
+            sections[name] = str(body)
+            continue
+        if name not in _SECTIONS:
+            raise _unknown(name)
+        if not isinstance(body, dict):
+            raise LowraxError(f"prune config section {name!r} must be a mapping, got {type(body).__name__}")
+        known = {f.name for f in dataclasses.fields(_SECTIONS[name])}
+        for key in body:
+            if key not in known:
+                raise _unknown(f"{name}.{key}")
+        if name == "prune" and "ignore" in body:
+            body["ignore"] = tuple(body["ignore"] or ())
+        if name == "prune" and not isinstance(body.get("pattern", ""), str):
+            raise LowraxError(f"prune.pattern must be a string; got {body['pattern']!r} (YAML reads an unquoted 2:4 as "
+                              "the number 124: write pattern: \"2:4\")")
+        sections[name] = _SECTIONS[name](**body)
+    if "evaluation" in values and "samples" not in values["evaluation"]:
+        sections["evaluation"] = dataclasses.replace(sections["evaluation"], samples=16)
+    return PruneConfig(**sections)
