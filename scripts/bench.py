@@ -5,6 +5,7 @@
     python scripts/bench.py --variants [--only lora,dora]         (the LoRA family on the default task: scripts/bench_variants.py)
     python scripts/bench.py --adapters [--adapters-count 8]       (mixed-adapter batches, combine_adapters: scripts/bench_adapters.py)
     python scripts/bench.py --objectives [--pairs 8]              (DPO/ORPO/SimPO/KTO/distill steps vs SFT: scripts/bench_objectives.py)
+    python scripts/bench.py --pruning [--pattern 2:4]             (SparseGPT time and memory per layer: scripts/bench_pruning.py)
 
 Reports for the model (default: the embedded SmolLM2-135M-Instruct, float32):
   forward tokens/s (batch x seq, logits for every position), and
@@ -91,6 +92,11 @@ def main() -> None:
         import bench_objectives
 
         return bench_objectives.main()
+    if "--pruning" in sys.argv:
+        sys.argv.remove("--pruning")
+        import bench_pruning
+
+        return bench_pruning.main()
     ap = base_parser(__doc__)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)

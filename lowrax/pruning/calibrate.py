@@ -96,8 +96,27 @@ def layer_call(model, params, input_ids, attention_mask, target: int, replay: An
     return None
 
 
-@functools.lru_cache(maxsize=64)
-def _jitted_statistics(layer_fn: Callable, want_hessian: bool):
+def _cache_key(layer_fn: Callable):
+    """A key equal for equal layer functions: families may pass a fresh functools.partial per call
+    (GPT-2 binds the layer index), which would otherwise compile once per chunk."""
+    if isinstance(layer_fn, functools.partial):
+        return (layer_fn.func, layer_fn.args, tuple(sorted(layer_fn.keywords.items())))
+    return layer_fn
+
+
+_COMPILED: dict = {}
+
+
+def _jitted(kind: str, layer_fn: Callable, make: Callable):
+    key = (kind, _cache_key(layer_fn))
+    if key not in _COMPILED:
+        if len(_COMPILED) >= 64:  # models come and go in one process (tests): keep the newest few
+            _COMPILED.clear()
+        _COMPILED[key] = make(layer_fn)
+    return _COMPILED[key]
+
+
+def _statistics_program(layer_fn: Callable, want_hessian: bool):
     def statistics(probed_params, x, rest, token_weights, hessian_scale):
         recorded: list = []
         token = _RECORDED.set(recorded)
@@ -121,8 +140,7 @@ def _jitted_statistics(layer_fn: Callable, want_hessian: bool):
     return jax.jit(statistics)
 
 
-@functools.lru_cache(maxsize=64)
-def _jitted_layer(layer_fn: Callable):
+def _layer_program(layer_fn: Callable):
     return jax.jit(lambda params, x, rest: layer_fn(params, x, *rest))
 
 
@@ -130,13 +148,14 @@ def layer_statistics(call: LayerCall, probed_params: Any, token_weights: jnp.nda
                      rows: int, want_hessian: bool) -> None:
     """Add this chunk (`rows` calibration rows; token_weights 0 at padding) to the running statistics."""
     scale = np.float32(np.sqrt(2.0 / (running.rows + rows)))
-    chunk = _jitted_statistics(call.layer_fn, want_hessian)(probed_params, call.x, call.rest, token_weights, scale)
+    program = _jitted(f"statistics-{want_hessian}", call.layer_fn, lambda fn: _statistics_program(fn, want_hessian))
+    chunk = program(probed_params, call.x, call.rest, token_weights, scale)
     running.add(chunk, rows)
 
 
 def run_layer(call: LayerCall, params: Any) -> Any:
     """The layer's output for this chunk with `params` (the pruned layer) in place of its own."""
-    return _jitted_layer(call.layer_fn)(params, call.x, call.rest)
+    return _jitted("layer", call.layer_fn, _layer_program)(params, call.x, call.rest)
 
 
 def with_probes(layer_params: Any, names: dict[int, str]) -> Any:
@@ -151,6 +170,11 @@ class RunningStatistics:
         self.rows = 0
         self.hessian: dict[str, jnp.ndarray] = {}
         self.sq_norms: dict[str, jnp.ndarray] = {}
+
+    def rename(self, names: dict[str, str]) -> None:
+        """Key the statistics by other names (the layer's own -> the whole tree's)."""
+        self.hessian = {names[k]: v for k, v in self.hessian.items()}
+        self.sq_norms = {names[k]: v for k, v in self.sq_norms.items()}
 
     def add(self, chunk: dict, rows: int) -> None:
         """chunk: per module the inputs' squared norms and (optionally) the Gram matrix of the

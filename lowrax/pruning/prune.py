@@ -12,6 +12,7 @@ dense, as in the papers).
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -34,7 +35,7 @@ CALIBRATED = ("wanda", "sparsegpt")
 def prune(params: Any, model, calibration_ids=None, method: str = "sparsegpt", sparsity: float = 0.5,
           pattern: str = "unstructured", *, attention_mask=None, chunk_rows: int = 8,
           blocksize: int = DEFAULT_BLOCKSIZE, dampening: float = DEFAULT_DAMPENING, ignore: tuple = (),
-          progress: bool = True) -> tuple[Any, dict]:
+          measure_error: bool = True, progress: bool = True) -> tuple[Any, dict]:
     """(params with each pruned kernel a SparseKernel, report).
 
     method: "magnitude" (|w| over the layer), "wanda" (|w| * input norm, per output) or
@@ -46,7 +47,8 @@ def prune(params: Any, model, calibration_ids=None, method: str = "sparsegpt", s
     every method's report also gives each layer's relative reconstruction error
     ||X W - X W'|| / ||X W|| on its calibration inputs X. blocksize, dampening: SparseGPT's
     columns per lazy update and Hessian dampening (fraction of its mean diagonal). ignore:
-    substrings of module names to leave dense.
+    substrings of module names to leave dense. measure_error=False skips the error report (and,
+    for magnitude and Wanda, the Hessians it needs: faster).
 
     report: {"method", "pattern", "sparsity" (of the pruned layers' weights), "model_sparsity"
     (of every weight), "layers": {module: {"sparsity", "relative_error"?, "loss"? (SparseGPT's
@@ -71,26 +73,34 @@ def prune(params: Any, model, calibration_ids=None, method: str = "sparsegpt", s
     replays: list = [None] * len(chunks)
     measure = calibration_ids is not None
     bar = _progress(progress, getattr(model.config, "num_layers", None), method)
-    layer = 0
-    while True:
-        calls = [calibrate.layer_call(model, params, *_padded(c, chunk_rows), layer, replays[k])
-                 for k, c in enumerate(chunks)]
-        if calls[0] is None:
+    for layer in itertools.count():
+        first = calibrate.layer_call(model, params, *_padded(chunks[0], chunk_rows), layer, replays[0])
+        if first is None:
             break
-        names = {id(leaf): kernels[id(leaf)] for leaf in jax.tree.leaves(calls[0].params) if id(leaf) in kernels}
+        layer_params = first.params
+        del first  # each chunk's inputs are rebuilt when needed: the device holds one chunk at a time
+
+        def chunk_calls():
+            for k, chunk in enumerate(chunks):
+                yield k, chunk, calibrate.layer_call(model, params, *_padded(chunk, chunk_rows), layer, replays[k])
+
+        names = {id(leaf): kernels[id(leaf)] for leaf in jax.tree.leaves(layer_params) if id(leaf) in kernels}
         names = {i: p for i, p in names.items() if not any(s in ".".join(p[:-1]) for s in ignore)}
+        # probes are named within the layer, so every layer shares one compiled statistics program
+        within = _names_within(layer_params, names)
         running = calibrate.RunningStatistics()
         if measure:
-            for (chunk_ids, chunk_weights), call in zip(chunks, calls):
-                probed = calibrate.with_probes(call.params, {i: ".".join(p[:-1]) for i, p in names.items()})
-                calibrate.layer_statistics(call, probed, _padded_weights(chunk_weights, chunk_rows), running,
-                                           rows=int(chunk_ids.shape[0]), want_hessian=True)
+            for _, (chunk_ids, chunk_weights), call in chunk_calls():
+                calibrate.layer_statistics(call, calibrate.with_probes(call.params, within),
+                                           _padded_weights(chunk_weights, chunk_rows), running,
+                                           rows=int(chunk_ids.shape[0]),
+                                           want_hessian=method == "sparsegpt" or measure_error)
+            running.rename({within[i]: ".".join(path[:-1]) for i, path in names.items()})
         pruned_here = {}
-        for leaf in jax.tree.leaves(calls[0].params):
+        for leaf in jax.tree.leaves(layer_params):
             if id(leaf) not in names:
                 continue
-            path = names[id(leaf)]
-            name = ".".join(path[:-1])
+            name = ".".join(names[id(leaf)][:-1])
             masks.check_groups(leaf.shape[0], pattern, name)
             if bar is not None:
                 bar.set_postfix_str(name, refresh=True)
@@ -98,14 +108,11 @@ def prune(params: Any, model, calibration_ids=None, method: str = "sparsegpt", s
             new, stats = _prune_kernel(leaf, method, fraction, n, m, running, name, blocksize, dampening)
             jax.block_until_ready(new.kernel)
             stats["seconds"] = round(time.perf_counter() - tick, 4)
-            pruned_here[id(leaf)] = new
-            replacements[path] = new
+            pruned_here[id(leaf)] = replacements[names[id(leaf)]] = new
             report_layers[name] = stats
-        for k, call in enumerate(calls):  # without data: one placeholder row, to find the next layer
+        for k, _, call in chunk_calls():  # without data: one placeholder row, to find the next layer
             pruned_params = jax.tree.map(lambda x: pruned_here.get(id(x), x), call.params)
             replays[k] = calibrate.host(calibrate.run_layer(call, pruned_params))
-        del calls
-        layer += 1
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -157,6 +164,15 @@ def _refuse_wrapped(params: Any) -> None:
         if is_kernel_type(leaf):
             raise LowraxError(f"these params hold {type(leaf).__name__} kernels: prune a model in full precision "
                               "(load it without quantization, prune, then quantize the pruned params)")
+
+
+def _names_within(layer_params: Any, names: dict[int, tuple]) -> dict[int, str]:
+    """id -> dotted module name inside the layer's own tree, for the kernels named in `names`."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(layer_params)[0]:
+        if id(leaf) in names:
+            out[id(leaf)] = ".".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path[:-1])
+    return out
 
 
 def _kernel_paths(params: Any) -> dict[int, tuple]:
