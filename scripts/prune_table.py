@@ -1,7 +1,7 @@
 """The README's pruning table: held-out perplexity of the embedded SmolLM2 pruned by each method,
 then after a short LoRA recovery run, printed as a Markdown table and kept as JSON.
 
-    .venv-test/bin/python scripts/prune_table.py [--out prune_table.json] [--recover-steps 30]
+    .venv-test/bin/python scripts/prune_table.py [--out prune_table.json] [--recover-steps 20]
 
 Calibration: 32 rows of 256 tokens of the embedded text set's calibration split; evaluation: 16
 rows of 256 tokens of its held-out split (`lowrax.pruning.text`). Each setting's results are
@@ -54,7 +54,7 @@ def recover(model, pruned, tokenizer, heldout, steps: int, workdir: Path) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="prune_table.json")
-    ap.add_argument("--recover-steps", type=int, default=30)
+    ap.add_argument("--recover-steps", type=int, default=20)
     args = ap.parse_args()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}

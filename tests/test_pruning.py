@@ -65,6 +65,22 @@ def test_pruned_weights_equal_llmcompressor(fixture_model, setting):
         assert len(report["layers"]) == 14 and report["sparsity"] >= 0.5
 
 
+def test_padding_tokens_do_not_calibrate(fixture_model):
+    """Right padding (attention_mask 0) is left out of the statistics: whatever ids the padding
+    holds, the pruned weights are the same."""
+    model, params, ids = fixture_model
+    mask = np.ones_like(ids)
+    mask[:, -12:] = 0
+    other = ids.copy()
+    other[:, -12:] = (ids[:, -12:] + 17) % 128
+    results = [_hf_weights(lowrax.prune(params, model, x, method="sparsegpt", attention_mask=mask, chunk_rows=4,
+                                        progress=False)[0], model) for x in (ids, other)]
+    for key in results[0]:
+        np.testing.assert_array_equal(results[0][key], results[1][key], err_msg=key)
+    unpadded = _hf_weights(lowrax.prune(params, model, ids, method="sparsegpt", chunk_rows=4, progress=False)[0], model)
+    assert any((unpadded[k] != results[0][k]).any() for k in unpadded)  # the padding did change the statistics
+
+
 def _numpy_magnitude(w, sparsity, pattern):
     n, m = masks.parse_pattern(pattern)
     a = np.abs(w)
