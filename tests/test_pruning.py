@@ -286,3 +286,12 @@ def test_bad_pruning_inputs_are_named(fixture_model, tiny_dir):
 def _yaml(path, text):
     path.write_text(text)
     return path
+
+
+def test_pruned_checkpoints_merge_as_plain_weights(fixture_model):
+    model, params, _ = fixture_model
+    pruned, _ = lowrax.prune(params, model, method="magnitude", progress=False)
+    merged = lowrax.merge_models(params, [pruned, params], "linear", weights=[0.5, 0.5])
+    want = 0.5 * (np.asarray(pruned["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"].kernel)
+                  + np.asarray(params["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]))
+    np.testing.assert_allclose(np.asarray(merged["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]), want, rtol=1e-6)
