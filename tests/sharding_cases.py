@@ -87,6 +87,13 @@ def run(tiny_dir, mesh, method, steps=3):
     return model, base, state, frozen, losses, optimizer
 
 
+def assert_follows_rules(trees, model, mesh):
+    for tree in trees:
+        expected = param_shardings(tree, model, mesh)
+        for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(expected)):
+            assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (leaf.shape, leaf.sharding, sharding)
+
+
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
 def test_sharded_steps_equal_single_device_and_follow_the_rules(tiny_dir, mesh_name, method):
@@ -99,10 +106,7 @@ def test_sharded_steps_equal_single_device_and_follow_the_rules(tiny_dir, mesh_n
     for ours, ref in zip(jax.tree.leaves(state.trainable), jax.tree.leaves(ref_state.trainable)):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
     # Every leaf carries the sharding the rules give it: parameters, adapters, NF4 blocks, optimizer state.
-    for tree in (state.trainable, frozen, base):
-        expected = param_shardings(tree, model, mesh)
-        for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(expected)):
-            assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (leaf.shape, leaf.sharding, sharding)
+    assert_follows_rules((state.trainable, frozen, base), model, mesh)
     expected = state_shardings(jax.eval_shape(lambda s: s, state), param_shardings(state.trainable, model, mesh),
                                optimizer, mesh)
     for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
@@ -267,3 +271,38 @@ def test_distillation_teacher_split_over_the_data_axis(tiny_dir):
     np.testing.assert_allclose(losses, reference, atol=1e-5)
     q = param_shardings(teacher, model, mesh, TEACHER_RULES)["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
     assert q.spec[0] == ("data", "fsdp")  # the student's rules give "fsdp" alone
+
+
+@pytest.mark.parametrize("base", ["phi3", "pruned-llama"])
+def test_phi3_and_pruned_bases_train_sharded_as_on_one_device(tiny_dir, tmp_path, base):
+    """Phi-3's fused projections and a pruned base (SparseKernels, their masks split like their
+    kernels) follow the rules and train on the mesh as on one device."""
+    if base == "phi3":
+        config = dict(CONFIG, model_type="phi3", partial_rotary_factor=0.5, pad_token_id=0)
+        model = model_from_hf_config(config)
+        rng = np.random.default_rng(0)
+        path = tmp_path / "phi3"
+        path.mkdir()
+        save_file({t.hf_key: (0.2 * rng.normal(size=t.hf_shape)).astype(np.float32) for t in model.tensors()},
+                  str(path / "model.safetensors"), metadata={"format": "pt"})
+        (path / "config.json").write_text(json.dumps(config))
+    else:
+        model, params = lowrax.load_pretrained(tiny_dir, progress=False)
+        pruned, _ = lowrax.prune(params, model, method="magnitude", pattern="2:4", progress=False)
+        path = lowrax.save_pretrained(pruned, model, tmp_path / "pruned")
+    single = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    _, _, ref_state, _, ref_losses, _ = run(path, single, "lora")
+    mesh = make_mesh(MESHES["tensor2-fsdp2-data2"])
+    model, loaded, state, frozen, losses, _ = run(path, mesh, "lora")
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-5)
+    for ours, ref in zip(jax.tree.leaves(state.trainable), jax.tree.leaves(ref_state.trainable)):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
+    assert_follows_rules((state.trainable, frozen, loaded), model, mesh)
+    if base == "pruned-llama":
+        sparse = lowrax.sparse_modules(loaded)
+        assert len(sparse) == 14
+        up = sparse["model.layers.0.mlp.up_proj"]
+        assert up.mask.sharding.is_equivalent_to(up.kernel.sharding, 2) and up.kernel.sharding.spec != P(None, None)
+    else:
+        qkv = state.trainable["model"]["layers"]["0"]["self_attn"]["qkv_proj"]["kernel"]
+        assert qkv.b.shape == (4, (4 + 2 * 2) * 16)

@@ -26,6 +26,9 @@ CONFIGS = {
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     "mistral-window": lambda: transformers.MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=5),
     "qwen2": lambda: transformers.Qwen2Config(**SMALL, num_key_value_heads=2),
+    "phi3-partial-window": lambda: transformers.Phi3Config(
+        **SMALL, num_key_value_heads=2, partial_rotary_factor=0.5, sliding_window=5, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64),
 }
 

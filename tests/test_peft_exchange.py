@@ -23,6 +23,11 @@ CASES = {
     "llama": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL, num_key_value_heads=2)),
               dict(r=4, alpha=8, target_modules="all-linear", rank_pattern={"down_proj": 2}),
               dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)),
+    "phi3-fused": (lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+                       **SMALL, num_key_value_heads=2, partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2)),
+                   dict(r=4, alpha=8, target_modules=("qkv_proj", "gate_up_proj")),  # the fused weights, whole
+                   dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj", "o_proj"], init_lora_weights=False)),
     "gpt2": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4)),
              dict(r=4, alpha=16, target_modules=("c_attn", "c_fc"), use_rslora=True),
              dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, init_lora_weights=False)),

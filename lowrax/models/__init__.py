@@ -7,12 +7,14 @@ from lowrax.models.base import CausalLM, Model
 from lowrax.models.bert import BertConfig, BertModel, EncoderOutput
 from lowrax.models.gpt2 import GPT2Config, GPT2Model
 from lowrax.models.llama import LlamaConfig, LlamaModel
+from lowrax.models.phi3 import Phi3Model
 
 # model_type -> (config class, model class)
 FAMILIES: dict[str, tuple[type, type]] = {
     "llama": (LlamaConfig, LlamaModel),
     "mistral": (LlamaConfig, LlamaModel),
     "qwen2": (LlamaConfig, LlamaModel),
+    "phi3": (LlamaConfig, Phi3Model),
     "gpt2": (GPT2Config, GPT2Model),
     "bert": (BertConfig, BertModel),
     "roberta": (BertConfig, BertModel),
@@ -38,6 +40,6 @@ def model_from_hf_config(hf: dict, **config_overrides) -> Model:
 
 
 __all__ = [
-    "FAMILIES", "Model", "CausalLM", "LlamaModel", "LlamaConfig", "GPT2Model", "GPT2Config",
+    "FAMILIES", "Model", "CausalLM", "LlamaModel", "LlamaConfig", "GPT2Model", "GPT2Config", "Phi3Model",
     "BertModel", "BertConfig", "EncoderOutput", "model_from_hf_config", "supported_model_types",
 ]

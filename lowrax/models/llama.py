@@ -43,6 +43,7 @@ class LlamaConfig:
     hidden_act: str
     sliding_window: int | None
     max_position_embeddings: int
+    rotary_dim: int = 0  # dimensions of each head that rotary embeddings rotate (0: all; Phi-3's partial factor)
     bos_token_id: Any = None
     eos_token_id: Any = None
     pad_token_id: Any = None
@@ -61,7 +62,9 @@ class LlamaConfig:
         qwen2 = model_type == "qwen2"
         if qwen2 and hf.get("use_sliding_window"):
             raise LowraxError("Qwen2 with use_sliding_window=true is not supported yet")
-        window = hf.get("sliding_window") if model_type == "mistral" else None
+        window = hf.get("sliding_window") if model_type in ("mistral", "phi3") else None
+        head_dim = field(hf, "head_dim", default=hidden // heads)
+        partial = float((hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
         return cls(
             model_type=model_type,
             vocab_size=field(hf, "vocab_size"),
@@ -70,7 +73,7 @@ class LlamaConfig:
             num_layers=field(hf, "num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=kv_heads,
-            head_dim=field(hf, "head_dim", default=hidden // heads),
+            head_dim=head_dim,
             rms_norm_eps=float(field(hf, "rms_norm_eps", default=1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
@@ -82,6 +85,7 @@ class LlamaConfig:
             hidden_act=hf.get("hidden_act", "silu"),
             sliding_window=window,
             max_position_embeddings=field(hf, "max_position_embeddings", default=4096),
+            rotary_dim=int(head_dim * partial),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
@@ -138,7 +142,8 @@ class LlamaModel(CausalLM):
 
     @property
     def inv_freq(self):
-        return layers.rope_inverse_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
+        c = self.config
+        return layers.rope_inverse_frequencies(c.rotary_dim or c.head_dim, c.rope_theta, c.rope_scaling)
 
     def _attention(self, p, x, cos, sin, mask, kv_cache, cache_index):
         c = self.config
