@@ -273,15 +273,20 @@ def test_distillation_teacher_split_over_the_data_axis(tiny_dir):
     assert q.spec[0] == ("data", "fsdp")  # the student's rules give "fsdp" alone
 
 
-@pytest.mark.parametrize("base", ["phi3", "pruned-llama"])
-def test_phi3_and_pruned_bases_train_sharded_as_on_one_device(tiny_dir, tmp_path, base):
-    """Phi-3's fused projections and a pruned base (SparseKernels, their masks split like their
-    kernels) follow the rules and train on the mesh as on one device."""
-    if base == "phi3":
-        config = dict(CONFIG, model_type="phi3", partial_rotary_factor=0.5, pad_token_id=0)
+NEW_FAMILIES = {"phi3": dict(CONFIG, model_type="phi3", partial_rotary_factor=0.5, pad_token_id=0),
+                "gemma2": dict(CONFIG, model_type="gemma2", head_dim=16, sliding_window=4, query_pre_attn_scalar=16)}
+
+
+@pytest.mark.parametrize("base", ["phi3", "gemma2", "pruned-llama"])
+def test_new_families_and_pruned_bases_train_sharded_as_on_one_device(tiny_dir, tmp_path, base):
+    """Phi-3's fused projections, Gemma 2 on an NF4 base (QLoRA) and a pruned base (SparseKernels,
+    their masks split like their kernels) follow the rules and train on the mesh as on one device."""
+    method = "qlora" if base == "gemma2" else "lora"
+    if base in NEW_FAMILIES:
+        config = NEW_FAMILIES[base]
         model = model_from_hf_config(config)
         rng = np.random.default_rng(0)
-        path = tmp_path / "phi3"
+        path = tmp_path / base
         path.mkdir()
         save_file({t.hf_key: (0.2 * rng.normal(size=t.hf_shape)).astype(np.float32) for t in model.tensors()},
                   str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -291,9 +296,9 @@ def test_phi3_and_pruned_bases_train_sharded_as_on_one_device(tiny_dir, tmp_path
         pruned, _ = lowrax.prune(params, model, method="magnitude", pattern="2:4", progress=False)
         path = lowrax.save_pretrained(pruned, model, tmp_path / "pruned")
     single = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    _, _, ref_state, _, ref_losses, _ = run(path, single, "lora")
+    _, _, ref_state, _, ref_losses, _ = run(path, single, method)
     mesh = make_mesh(MESHES["tensor2-fsdp2-data2"])
-    model, loaded, state, frozen, losses, _ = run(path, mesh, "lora")
+    model, loaded, state, frozen, losses, _ = run(path, mesh, method)
     np.testing.assert_allclose(losses, ref_losses, atol=1e-5)
     for ours, ref in zip(jax.tree.leaves(state.trainable), jax.tree.leaves(ref_state.trainable)):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
@@ -303,6 +308,8 @@ def test_phi3_and_pruned_bases_train_sharded_as_on_one_device(tiny_dir, tmp_path
         assert len(sparse) == 14
         up = sparse["model.layers.0.mlp.up_proj"]
         assert up.mask.sharding.is_equivalent_to(up.kernel.sharding, 2) and up.kernel.sharding.spec != P(None, None)
-    else:
+    elif base == "phi3":
         qkv = state.trainable["model"]["layers"]["0"]["self_attn"]["qkv_proj"]["kernel"]
         assert qkv.b.shape == (4, (4 + 2 * 2) * 16)
+    else:
+        assert isinstance(loaded["model"]["layers"]["1"]["mlp"]["down_proj"]["kernel"], lowrax.NF4Tensor)

@@ -29,6 +29,9 @@ CONFIGS = {
     "phi3-partial-window": lambda: transformers.Phi3Config(
         **SMALL, num_key_value_heads=2, partial_rotary_factor=0.5, sliding_window=5, pad_token_id=0, bos_token_id=1,
         eos_token_id=2),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **SMALL, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64),
 }
 

@@ -28,6 +28,11 @@ CASES = {
                        eos_token_id=2)),
                    dict(r=4, alpha=8, target_modules=("qkv_proj", "gate_up_proj")),  # the fused weights, whole
                    dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj", "o_proj"], init_lora_weights=False)),
+    "gemma2-defaults": (lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+                            **SMALL, num_key_value_heads=2, head_dim=16, sliding_window=4, pad_token_id=0,
+                            bos_token_id=1, eos_token_id=2, attn_logit_softcapping=5.0)),
+                        dict(r=4, alpha=8),  # PEFT's default targets for gemma2: q_proj, v_proj
+                        dict(r=4, lora_alpha=8, init_lora_weights=False)),
     "gpt2": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4)),
              dict(r=4, alpha=16, target_modules=("c_attn", "c_fc"), use_rslora=True),
              dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, init_lora_weights=False)),

@@ -34,6 +34,8 @@ DEFAULT_TARGETS = {
     "llama": ("input_layernorm", "post_attention_layernorm", "norm"),
     "mistral": ("input_layernorm", "post_attention_layernorm", "norm"),
     "qwen2": ("post_attention_layernorm",), "gpt2": ("ln_1", "ln_2", "ln_f"),
+    "gemma2": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+               "norm"),
 }
 
 

@@ -23,7 +23,7 @@ from lowrax.models.linear import is_kernel_type
 # LoHa, LoKr and OFT.
 LORA_DEFAULT_TARGETS = {
     "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
-    "gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value"),
+    "gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value"), "gemma2": ("q_proj", "v_proj"),
 }
 
 # Output heads that "all-linear" leaves alone, as PEFT does.

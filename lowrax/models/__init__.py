@@ -6,6 +6,7 @@ from lowrax.errors import UnsupportedModelError
 from lowrax.models.base import CausalLM, Model
 from lowrax.models.bert import BertConfig, BertModel, EncoderOutput
 from lowrax.models.gpt2 import GPT2Config, GPT2Model
+from lowrax.models.gemma2 import Gemma2Config, Gemma2Model
 from lowrax.models.llama import LlamaConfig, LlamaModel
 from lowrax.models.phi3 import Phi3Model
 
@@ -15,6 +16,7 @@ FAMILIES: dict[str, tuple[type, type]] = {
     "mistral": (LlamaConfig, LlamaModel),
     "qwen2": (LlamaConfig, LlamaModel),
     "phi3": (LlamaConfig, Phi3Model),
+    "gemma2": (Gemma2Config, Gemma2Model),
     "gpt2": (GPT2Config, GPT2Model),
     "bert": (BertConfig, BertModel),
     "roberta": (BertConfig, BertModel),
@@ -40,6 +42,6 @@ def model_from_hf_config(hf: dict, **config_overrides) -> Model:
 
 
 __all__ = [
-    "FAMILIES", "Model", "CausalLM", "LlamaModel", "LlamaConfig", "GPT2Model", "GPT2Config", "Phi3Model",
+    "FAMILIES", "Model", "CausalLM", "LlamaModel", "LlamaConfig", "GPT2Model", "GPT2Config", "Phi3Model", "Gemma2Model", "Gemma2Config",
     "BertModel", "BertConfig", "EncoderOutput", "model_from_hf_config", "supported_model_types",
 ]

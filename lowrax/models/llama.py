@@ -153,8 +153,11 @@ class LlamaModel(CausalLM):
         v = linear(x, p["v_proj"]).reshape(b, t, c.num_kv_heads, c.head_dim)
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
         k, v, new_cache = self.update_cache(kv_cache, k, v, cache_index)
-        out = layers.attention(q, k, v, mask, c.head_dim**-0.5)
-        return linear(out, p["o_proj"]), new_cache
+        return linear(self._attend(q, k, v, mask), p["o_proj"]), new_cache
+
+    def _attend(self, q, k, v, mask):
+        """Attention over rotated q [b, t, h, d] and k, v [b, s, kv, d]: [b, t, h * d]."""
+        return layers.attention(q, k, v, mask, self.config.head_dim**-0.5)
 
     def _mlp(self, p, x):
         act = layers.activation(self.config.hidden_act)

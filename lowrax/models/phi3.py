@@ -60,8 +60,7 @@ class Phi3Model(LlamaModel):
         v = qkv[..., k_end:].reshape(b, t, c.num_kv_heads, c.head_dim)
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
         k, v, new_cache = self.update_cache(kv_cache, k, v, cache_index)
-        out = layers.attention(q, k, v, mask, c.head_dim**-0.5)
-        return linear(out, p["o_proj"]), new_cache
+        return linear(self._attend(q, k, v, mask), p["o_proj"]), new_cache
 
     def _mlp(self, p, x):
         gate_up = linear(x, p["gate_up_proj"])

@@ -16,7 +16,7 @@ from lowrax.errors import LowraxError
 # PEFT's defaults per model_type (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING)
 DEFAULT_TARGETS = {
     "llama": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"), "gpt2": ("c_attn",),
-    "bert": ("query", "value"), "roberta": ("query", "key", "value", "dense"),
+    "bert": ("query", "value"), "roberta": ("query", "key", "value", "dense"), "gemma2": ("q_proj", "v_proj"),
 }
 
 

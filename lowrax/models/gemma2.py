@@ -1,0 +1,121 @@
+"""Gemma 2: a Llama-family decoder with soft caps, sandwich norms and alternating windows.
+
+Differences from Llama, all in transformers' `Gemma2ForCausalLM`:
+- RMSNorm scales by (1 + weight), in float32, and every layer norms four times: before and
+  after the attention and before and after the MLP ("sandwich"), the residual added after;
+- the word embeddings are scaled by sqrt(hidden_size) (in the weights' dtype);
+- attention scores are scaled by query_pre_attn_scalar^-1/2 and soft-capped,
+  cap * tanh(score / cap), and so are the final logits;
+- layers alternate a sliding window (`layer_types`: "sliding_attention" on even layers by
+  default) with full attention;
+- the MLP is GeGLU (gelu_pytorch_tanh) and the output head is tied by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from lowrax.errors import LowraxError
+from lowrax.io.tables import TRANSPOSE, TensorSpec
+from lowrax.models import layers
+from lowrax.models.linear import attend_to_embedding, embed, linear
+from lowrax.models.llama import TENSORS as LLAMA_TENSORS, LlamaConfig, LlamaModel
+from lowrax.models.residual import add_residual, site_adapter
+
+_L = "model/layers/{i}"
+_K = "model.layers.{i}"
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+TENSORS = LLAMA_TENSORS + (
+    TensorSpec(f"{_L}/pre_feedforward_layernorm/scale", f"{_K}.pre_feedforward_layernorm.weight", lambda c: (c.hidden_size,)),
+    TensorSpec(f"{_L}/post_feedforward_layernorm/scale", f"{_K}.post_feedforward_layernorm.weight",
+               lambda c: (c.hidden_size,)),
+)
+
+
+@dataclass(frozen=True)
+class Gemma2Config(LlamaConfig):
+    """LlamaConfig plus Gemma 2's caps, attention scale and per-layer attention kinds."""
+
+    query_pre_attn_scalar: float = 256.0
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    layer_types: tuple = ()
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "Gemma2Config":
+        hf = dict(hf)
+        hf.setdefault("tie_word_embeddings", True)
+        hf.setdefault("hidden_act", hf.get("hidden_activation", "gelu_pytorch_tanh"))
+        base = LlamaConfig.from_hf(hf)
+        layers_ = int(hf["num_hidden_layers"])
+        kinds = tuple(hf.get("layer_types") or [SLIDING if (i + 1) % 2 else FULL for i in range(layers_)])
+        if len(kinds) != layers_ or set(kinds) - {SLIDING, FULL}:
+            raise LowraxError(f"gemma2 layer_types must list {SLIDING!r} or {FULL!r} for each of the {layers_} layers; "
+                              f"got {list(kinds)}")
+        if hf.get("use_bidirectional_attention"):
+            raise LowraxError("gemma2 with use_bidirectional_attention is not supported (lowrax runs it as a causal LM)")
+        inherited = {f.name: getattr(base, f.name) for f in dataclasses.fields(LlamaConfig)}
+        inherited["sliding_window"] = hf.get("sliding_window", 4096)
+        return cls(**inherited, query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+                   attn_logit_softcapping=hf.get("attn_logit_softcapping", 50.0),
+                   final_logit_softcapping=hf.get("final_logit_softcapping", 30.0), layer_types=kinds)
+
+
+def gemma_rms_norm(x: jnp.ndarray, params: dict, eps: float) -> jnp.ndarray:
+    """x / rms(x) * (1 + weight), all in float32, the result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * (1.0 + params["scale"].astype(jnp.float32))).astype(x.dtype)
+
+
+@dataclass(frozen=True)
+class Gemma2Model(LlamaModel):
+    """A Gemma 2 causal LM."""
+
+    config: Gemma2Config
+    tensor_table = TENSORS
+
+    def _attend(self, q, k, v, mask):
+        c = self.config
+        return layers.attention(q, k, v, mask, c.query_pre_attn_scalar**-0.5, softcap=c.attn_logit_softcapping)
+
+    def _layer(self, p, x, cos, sin, mask, kv, cache_index):
+        c = self.config
+        attn, kv = self._attention(p["self_attn"], gemma_rms_norm(x, p["input_layernorm"], c.rms_norm_eps),
+                                   cos, sin, mask, kv, cache_index)
+        x = add_residual(gemma_rms_norm(attn, p["post_attention_layernorm"], c.rms_norm_eps), x,
+                         site_adapter(p, "attention_adapters"))
+        h = self._mlp(p["mlp"], gemma_rms_norm(x, p["pre_feedforward_layernorm"], c.rms_norm_eps))
+        return add_residual(gemma_rms_norm(h, p["post_feedforward_layernorm"], c.rms_norm_eps), x,
+                            site_adapter(p, "output_adapters")), kv
+
+    def hidden_states(self, params, input_ids, positions, key_valid, cache=None, cache_index=None, prompt_embeds=None):
+        """As Llama's, with the scaled embeddings and each layer's own mask (windowed or full)."""
+        c = self.config
+        table = params["model"]["embed_tokens"]
+        scale = jnp.asarray(c.hidden_size**0.5, jnp.float32).astype(table["embedding"].dtype)
+        x = self.with_prompt(embed(input_ids, table) * scale, prompt_embeds)
+        cos, sin = layers.rope_cos_sin(positions, self.inv_freq)
+        slots = self.query_slots(x, cache_index)
+        masks = {FULL: layers.causal_mask(slots, key_valid), SLIDING: layers.causal_mask(slots, key_valid, c.sliding_window)}
+        layer = self.layer(self._layer)
+        new_cache = [] if cache is not None else None
+        for i in range(c.num_layers):
+            kv = cache[i] if cache is not None else None
+            x, kv = layer(params["model"]["layers"][str(i)], x, cos, sin, masks[c.layer_types[i]], kv, cache_index)
+            if new_cache is not None:
+                new_cache.append(kv)
+        return gemma_rms_norm(x, params["model"]["norm"], c.rms_norm_eps), new_cache
+
+    def logits_from_hidden(self, params, hidden):
+        if self.config.tie_word_embeddings:
+            logits = attend_to_embedding(hidden, params["model"]["embed_tokens"])
+        else:
+            logits = linear(hidden, params["lm_head"])
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else jnp.tanh(logits / cap) * cap
