@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrax.errors import LowraxError
-from lowrax.io.tables import TRANSPOSE, TensorSpec
+from lowrax.io.tables import TensorSpec
 from lowrax.models import layers
 from lowrax.models.linear import attend_to_embedding, embed, linear
 from lowrax.models.llama import TENSORS as LLAMA_TENSORS, LlamaConfig, LlamaModel
@@ -85,32 +85,25 @@ class Gemma2Model(LlamaModel):
         return layers.attention(q, k, v, mask, c.query_pre_attn_scalar**-0.5, softcap=c.attn_logit_softcapping)
 
     def _layer(self, p, x, cos, sin, mask, kv, cache_index):
-        c = self.config
-        attn, kv = self._attention(p["self_attn"], gemma_rms_norm(x, p["input_layernorm"], c.rms_norm_eps),
-                                   cos, sin, mask, kv, cache_index)
-        x = add_residual(gemma_rms_norm(attn, p["post_attention_layernorm"], c.rms_norm_eps), x,
-                         site_adapter(p, "attention_adapters"))
-        h = self._mlp(p["mlp"], gemma_rms_norm(x, p["pre_feedforward_layernorm"], c.rms_norm_eps))
-        return add_residual(gemma_rms_norm(h, p["post_feedforward_layernorm"], c.rms_norm_eps), x,
-                            site_adapter(p, "output_adapters")), kv
+        """Sandwich norms: each sub-block's output is normed again before the residual."""
+        attn, kv = self._attention(p["self_attn"], self._norm(x, p["input_layernorm"]), cos, sin, mask, kv, cache_index)
+        x = add_residual(self._norm(attn, p["post_attention_layernorm"]), x, site_adapter(p, "attention_adapters"))
+        h = self._mlp(p["mlp"], self._norm(x, p["pre_feedforward_layernorm"]))
+        return add_residual(self._norm(h, p["post_feedforward_layernorm"]), x, site_adapter(p, "output_adapters")), kv
 
-    def hidden_states(self, params, input_ids, positions, key_valid, cache=None, cache_index=None, prompt_embeds=None):
-        """As Llama's, with the scaled embeddings and each layer's own mask (windowed or full)."""
-        c = self.config
+    def _embed(self, params, input_ids):
         table = params["model"]["embed_tokens"]
-        scale = jnp.asarray(c.hidden_size**0.5, jnp.float32).astype(table["embedding"].dtype)
-        x = self.with_prompt(embed(input_ids, table) * scale, prompt_embeds)
-        cos, sin = layers.rope_cos_sin(positions, self.inv_freq)
-        slots = self.query_slots(x, cache_index)
-        masks = {FULL: layers.causal_mask(slots, key_valid), SLIDING: layers.causal_mask(slots, key_valid, c.sliding_window)}
-        layer = self.layer(self._layer)
-        new_cache = [] if cache is not None else None
-        for i in range(c.num_layers):
-            kv = cache[i] if cache is not None else None
-            x, kv = layer(params["model"]["layers"][str(i)], x, cos, sin, masks[c.layer_types[i]], kv, cache_index)
-            if new_cache is not None:
-                new_cache.append(kv)
-        return gemma_rms_norm(x, params["model"]["norm"], c.rms_norm_eps), new_cache
+        scale = jnp.asarray(self.config.hidden_size**0.5, jnp.float32).astype(table["embedding"].dtype)
+        return embed(input_ids, table) * scale
+
+    def _layer_masks(self, query_slots, key_valid) -> list:
+        c = self.config
+        masks = {FULL: layers.causal_mask(query_slots, key_valid),
+                 SLIDING: layers.causal_mask(query_slots, key_valid, c.sliding_window)}
+        return [masks[kind] for kind in c.layer_types]
+
+    def _norm(self, x, params):
+        return gemma_rms_norm(x, params, self.config.rms_norm_eps)
 
     def logits_from_hidden(self, params, hidden):
         if self.config.tie_word_embeddings:

@@ -164,28 +164,38 @@ class LlamaModel(CausalLM):
         return linear(act(linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
 
     def _layer(self, p, x, cos, sin, mask, kv, cache_index):
-        c = self.config
-        attn, kv = self._attention(p["self_attn"], layers.rms_norm(x, p["input_layernorm"], c.rms_norm_eps),
-                                   cos, sin, mask, kv, cache_index)
+        attn, kv = self._attention(p["self_attn"], self._norm(x, p["input_layernorm"]), cos, sin, mask, kv, cache_index)
         x = add_residual(attn, x, site_adapter(p, "attention_adapters"))
-        h = self._mlp(p["mlp"], layers.rms_norm(x, p["post_attention_layernorm"], c.rms_norm_eps))
+        h = self._mlp(p["mlp"], self._norm(x, p["post_attention_layernorm"]))
         return add_residual(h, x, site_adapter(p, "output_adapters")), kv
 
     def hidden_states(self, params, input_ids, positions, key_valid, cache=None, cache_index=None, prompt_embeds=None):
         """Final-norm hidden states [b, t, hidden] and the updated KV cache (None without one).
         prompt_embeds [b, v, hidden]: virtual tokens before the input's (then t includes v)."""
         c = self.config
-        x = self.with_prompt(embed(input_ids, params["model"]["embed_tokens"]), prompt_embeds)
+        x = self.with_prompt(self._embed(params, input_ids), prompt_embeds)
         cos, sin = layers.rope_cos_sin(positions, self.inv_freq)
-        mask = layers.causal_mask(self.query_slots(x, cache_index), key_valid, c.sliding_window)
+        masks = self._layer_masks(self.query_slots(x, cache_index), key_valid)
         layer = self.layer(self._layer)
         new_cache = [] if cache is not None else None
         for i in range(c.num_layers):
             kv = cache[i] if cache is not None else None
-            x, kv = layer(params["model"]["layers"][str(i)], x, cos, sin, mask, kv, cache_index)
+            x, kv = layer(params["model"]["layers"][str(i)], x, cos, sin, masks[i], kv, cache_index)
             if new_cache is not None:
                 new_cache.append(kv)
-        return layers.rms_norm(x, params["model"]["norm"], c.rms_norm_eps), new_cache
+        return self._norm(x, params["model"]["norm"]), new_cache
+
+    # The pieces a Llama-like family may change (Gemma 2 does): the embedding, each layer's
+    # attention mask, the RMSNorm.
+    def _embed(self, params, input_ids):
+        return embed(input_ids, params["model"]["embed_tokens"])
+
+    def _layer_masks(self, query_slots, key_valid) -> list:
+        """Each layer's boolean attention mask [b, t, s] (the same one for every Llama layer)."""
+        return [layers.causal_mask(query_slots, key_valid, self.config.sliding_window)] * self.config.num_layers
+
+    def _norm(self, x, params):
+        return layers.rms_norm(x, params, self.config.rms_norm_eps)
 
     def bottleneck_sites(self) -> dict[str, tuple[str, int]]:
         """AdapterHub's residual-stream sites (see `models.residual.layer_sites`)."""

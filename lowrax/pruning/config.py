@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import yaml
 from lowrax.errors import LowraxError
 from lowrax.pruning import masks
 from lowrax.pruning.sparsegpt import DEFAULT_BLOCKSIZE, DEFAULT_DAMPENING
-from lowrax.train.config import override_parts
+from lowrax.train.config import override_parts, unknown_key
 
 
 @dataclass(frozen=True)
@@ -79,9 +78,7 @@ def _valid_keys() -> list[str]:
 
 
 def _unknown(key: str) -> LowraxError:
-    close = difflib.get_close_matches(key, _valid_keys(), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; sections: {', '.join(_SECTIONS)}"
-    return LowraxError(f"unknown prune config key {key!r}{hint}")
+    return unknown_key(key, _valid_keys(), list(_SECTIONS), "prune config key")
 
 
 def load_prune_config(path: str | Path | None = None, overrides: list[str] = ()) -> PruneConfig:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrax.adapters.node import is_node
+from lowrax.adapters.targets import linear_modules
 from lowrax.errors import LowraxError
 from lowrax.io import tables
 from lowrax.models.linear import is_kernel_type
@@ -176,13 +177,8 @@ def _names_within(layer_params: Any, names: dict[int, tuple]) -> dict[int, str]:
 
 
 def _kernel_paths(params: Any) -> dict[int, tuple]:
-    """id of every linear kernel array (2-D, named `kernel`) -> its tree path."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
-        if keys[-1] == "kernel" and getattr(leaf, "ndim", 0) == 2:
-            out[id(leaf)] = keys
-    return out
+    """id of every linear kernel array -> its tree path (the layer-wise driver meets kernels by identity)."""
+    return {id(tables.get_path(params, path)): path for path in linear_modules(params).values()}
 
 
 def _calibration(calibration_ids, attention_mask):

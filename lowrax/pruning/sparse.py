@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from lowrax.io.tables import get_path, set_path
 from lowrax.models.linear import matmul, register_linear
 
 
@@ -86,9 +87,6 @@ def with_sparse_kernels(params: dict, modules: dict[str, SparseKernel]) -> dict:
     again under those modules' masks and patterns (the kernels must already be zero off the mask)."""
     out = jax.tree.map(lambda x: x, params)  # fresh containers; arrays shared
     for name, sparse in modules.items():
-        node = out
-        *parents, last = name.split(".") + ["kernel"]
-        for key in parents:
-            node = node[key]
-        node[last] = SparseKernel(kernel=node[last], mask=sparse.mask, pattern=sparse.pattern)
+        path = tuple(name.split(".")) + ("kernel",)
+        set_path(out, path, SparseKernel(kernel=get_path(out, path), mask=sparse.mask, pattern=sparse.pattern))
     return out

@@ -9,6 +9,7 @@ line, its `text_field`) can stand in for it.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -87,18 +88,17 @@ def token_windows(tokenizer, texts: list[str], rows: int, length: int) -> np.nda
     return np.asarray(stream[: rows * length], np.int32).reshape(rows, length)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _summed_nll(model, params, ids):
+    from lowrax.objectives.logps import whole_sequence_nll
+
+    return whole_sequence_nll(model, params, model.final_hidden(params, ids), ids, jnp.ones_like(ids))
+
+
 def perplexity(model, params, ids: np.ndarray, batch_rows: int = 4) -> float:
     """exp(mean next-token negative log-likelihood) of a causal LM over ids [rows, length]."""
-    from lowrax.objectives.logps import target_logps
-
-    @jax.jit
-    def nll(params, batch):
-        logits = model.apply(params, batch).astype(jnp.float32)
-        return -jnp.sum(target_logps(logits[:, :-1], batch[:, 1:]))
-
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     for start in range(0, ids.shape[0], batch_rows):
-        batch = np.asarray(ids[start:start + batch_rows])
-        total += float(nll(params, jnp.asarray(batch)))
-        count += batch.shape[0] * (batch.shape[1] - 1)
+        nll, tokens = _summed_nll(model, params, jnp.asarray(ids[start:start + batch_rows]))
+        total, count = total + float(nll), count + float(tokens)
     return float(np.exp(total / count))

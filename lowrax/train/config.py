@@ -146,10 +146,15 @@ def _valid_keys() -> list[str]:
     return list(TOP_LEVEL) + [f"{s}.{f.name}" for s, cls in _section_classes().items() for f in dataclasses.fields(cls)]
 
 
+def unknown_key(key: str, valid_keys: list[str], sections: list[str], what: str = "config key") -> LowraxError:
+    """The error for an unknown config key, naming the closest valid key (or the sections)."""
+    close = difflib.get_close_matches(key, valid_keys + sections, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; sections: {', '.join(sections)}"
+    return LowraxError(f"unknown {what} {key!r}{hint}")
+
+
 def _unknown(key: str) -> LowraxError:
-    close = difflib.get_close_matches(key, _valid_keys() + list(_section_classes()), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; sections: {', '.join(_section_classes())}"
-    return LowraxError(f"unknown config key {key!r}{hint}")
+    return unknown_key(key, _valid_keys(), list(_section_classes()))
 
 
 def from_dict(values: dict) -> TrainConfig:
