@@ -27,7 +27,9 @@ from lowrax.models.base import Model
 log = logging.getLogger(__name__)
 
 # Buffers some checkpoints carry that are not parameters.
-_IGNORED_SUFFIXES = (".rotary_emb.inv_freq", "embeddings.position_ids", ".attn.bias", ".attn.masked_bias")
+# (T5's per-stack embed_tokens are older files' copies of the shared table.)
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq", "embeddings.position_ids", ".attn.bias", ".attn.masked_bias",
+                     "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 
 def candidate_keys(hf_key: str, bare_prefix: str | None) -> list[str]:

@@ -28,6 +28,9 @@ class TensorSpec:
     layout: str = COPY
     when: Callable[[Any], bool] | None = None
     optional: bool = False
+    # How many times `{i}` repeats (default: the model's layer count); an encoder-decoder's
+    # decoder stack may have its own.
+    layers: Callable[[Any], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,8 @@ def expand(table: tuple[TensorSpec, ...], config: Any, num_layers: int) -> list[
         if spec.when is not None and not spec.when(config):
             continue
         shape = tuple(int(n) for n in spec.shape(config))
-        indices = range(num_layers) if "{i}" in spec.path else [None]
+        count = num_layers if spec.layers is None else spec.layers(config)
+        indices = range(count) if "{i}" in spec.path else [None]
         for i in indices:
             path = spec.path if i is None else spec.path.replace("{i}", str(i))
             key = spec.hf_key if i is None else spec.hf_key.replace("{i}", str(i))

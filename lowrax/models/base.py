@@ -80,6 +80,7 @@ class Model:
     # (e.g. "bert." for BertModel saved without a head); None when keys never omit one.
     bare_prefix: ClassVar[str | None] = None
     is_causal_lm: ClassVar[bool] = False
+    is_seq2seq: ClassVar[bool] = False  # an encoder-decoder (T5): apply takes decoder_input_ids
     # Module path suffix -> logical axis names of its kernel (bias: the last one); see lowrax.dist.sharding.
     logical_axes: ClassVar[dict] = {}
 
@@ -103,6 +104,25 @@ class Model:
         if hook is not None:
             return hook(layer_fn)
         return recomputed_in_backward(layer_fn) if getattr(self, "remat", False) else layer_fn
+
+    @staticmethod
+    def activation_dtype(params):
+        """The activations' dtype: the first floating leaf's (NF4 weights hold uint8 codes)."""
+        return next(x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
+
+    @staticmethod
+    def update_cache(kv_cache, k, v, cache_index):
+        """Write this step's k, v [b, t, k, d] into the cache at `cache_index`.
+
+        Returns the keys/values to attend over and the new cache entry; without a
+        cache the step attends over its own keys only.
+        """
+        if kv_cache is None:
+            return k, v, None
+        cached_k, cached_v = kv_cache
+        cached_k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), cache_index, axis=1)
+        cached_v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), cache_index, axis=1)
+        return cached_k, cached_v, (cached_k, cached_v)
 
     def param_shapes(self) -> dict:
         """A tree of `jax.ShapeDtypeStruct` (float32) with the structure `load_pretrained` returns."""
@@ -195,11 +215,6 @@ class CausalLM(Model):
         return hidden[:, v:], cache
 
     @staticmethod
-    def activation_dtype(params):
-        """The activations' dtype: the first floating leaf's (NF4 weights hold uint8 codes)."""
-        return next(x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
-
-    @staticmethod
     def _with_prefix(cache, prefix):
         """The cache with each layer's prefix keys/values [v, kv_heads, head_dim] in slots 0..v-1."""
         out = []
@@ -232,20 +247,6 @@ class CausalLM(Model):
         if prompt_embeds is None:
             return word_embeddings
         return jnp.concatenate([prompt_embeds.astype(word_embeddings.dtype), word_embeddings], axis=1)
-
-    @staticmethod
-    def update_cache(kv_cache, k, v, cache_index):
-        """Write this step's k, v [b, t, k, d] into the cache at `cache_index`.
-
-        Returns the keys/values to attend over and the new cache entry; without a
-        cache the step attends over its own keys only.
-        """
-        if kv_cache is None:
-            return k, v, None
-        cached_k, cached_v = kv_cache
-        cached_k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), cache_index, axis=1)
-        cached_v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), cache_index, axis=1)
-        return cached_k, cached_v, (cached_k, cached_v)
 
     def init_cache(self, batch: int, length: int, dtype=jnp.float32):
         """An empty KV cache for `batch` sequences of up to `length` tokens."""

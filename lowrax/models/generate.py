@@ -98,12 +98,13 @@ def generate_ids(
     adapter_names: Sequence[str] | None = None,
 ) -> list[list[int]]:
     """Continue each token-id prompt; returns the new ids of each (stopping after an EOS id).
+    For an encoder-decoder (T5) each prompt is the encoder's input and the ids are the decoder's.
 
     on_token: called with each step's new ids (one per prompt) as soon as they exist, for streaming.
     adapter_names: with named adapters, the adapter of each prompt ("__base__": none).
     """
-    if not model.is_causal_lm:
-        raise LowraxError(f"generation needs a causal LM; {model.model_type} is an encoder")
+    if not (model.is_causal_lm or model.is_seq2seq):
+        raise LowraxError(f"generation needs a causal LM or an encoder-decoder; {model.model_type} is an encoder")
     if max_new_tokens < 1:
         raise LowraxError(f"max_new_tokens must be >= 1, got {max_new_tokens}",
                           cli=f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -111,6 +112,11 @@ def generate_ids(
         raise LowraxError("every prompt needs at least one token")
     batch = len(prompts)
     params = _per_row_adapters(params, adapter_names, batch)
+    if model.is_seq2seq:  # prompts are the encoder's inputs; the decoder starts from its start token
+        from lowrax.models.seq2seq_generate import generate_seq2seq_ids
+
+        return generate_seq2seq_ids(model, params, prompts, max_new_tokens, sampling, eos_token_ids, pad_token_id,
+                                    seed, on_token, PROMPT_BUCKET, CACHE_BUCKET)
     prompt_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
     virtual = model.virtual_token_count(params)  # slots before the prompt (prompt and prefix tuning)
     cache_len = _round_up(virtual + prompt_len + max_new_tokens, CACHE_BUCKET)

@@ -128,13 +128,14 @@ def causal_mask(
 
 
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray, scale: float,
-              softcap: float | None = None) -> jnp.ndarray:
+              softcap: float | None = None, bias: jnp.ndarray | None = None) -> jnp.ndarray:
     """Grouped-query scaled dot-product attention.
 
     q [b, t, h, d], k and v [b, s, k, d] with h a multiple of k, mask [b, t, s]
     boolean. Returns [b, t, h * d]. Masked scores get the most negative finite
     value rather than -inf, so an all-masked row (a padding query) stays finite.
     softcap (Gemma 2): scores become softcap * tanh(scores / softcap) before masking.
+    bias [b or 1, h, t, s] (T5's relative position bias): added to the scores before masking.
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
@@ -142,6 +143,8 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32).reshape(bias.shape[0], kv_heads, h // kv_heads, *bias.shape[2:])
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
