@@ -50,3 +50,28 @@ def tiny_llama_dir(tmp_path_factory):
     (path / "config.json").write_text(json.dumps(config))
     lowrax.load_tokenizer(None).save_pretrained(str(path))
     return path
+
+
+def tiny_t5_dir(tmp_path_factory):
+    """A tiny random Flan-T5-style model (gated GELU, separate head) on SmolLM2's vocabulary, with that
+    tokenizer beside it: `lowrax train model.task=seq2seq` runs end to end in seconds."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    import lowrax
+    from lowrax.models import model_from_hf_config
+
+    path = tmp_path_factory.mktemp("tiny-t5")
+    config = {"model_type": "t5", "vocab_size": 49152, "d_model": 32, "d_kv": 8, "d_ff": 48, "num_layers": 2,
+              "num_heads": 4, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
+              "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 2}
+    model = model_from_hf_config(config)
+    rng = np.random.default_rng(0)
+    # norms at 1 as in a trained model (at 0.05 the final norm would hold every logit near 0)
+    tensors = {t.hf_key: (np.ones(t.hf_shape) if t.path[-1] == "scale" else 0.05 * rng.normal(size=t.hf_shape))
+               .astype(np.float32) for t in model.tensors()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config))
+    lowrax.load_tokenizer(None).save_pretrained(str(path))
+    return path

@@ -78,6 +78,14 @@ def test_unknown_config_key_names_the_closest():
         load_config(None, ["lora.lora_alpha=3"])
 
 
+def test_exponent_floats_are_floats_in_overrides_and_files(tmp_path):
+    """`3e-4` is a string to PyYAML (YAML 1.1 wants `3.0e-4`); configs read it as the float it means."""
+    assert load_config(None, ["optim.learning_rate=3e-4"]).optim.learning_rate == 3e-4
+    (tmp_path / "c.yaml").write_text("optim:\n  learning_rate: 5E-3\n  weight_decay: 1e-2\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.optim.learning_rate, cfg.optim.weight_decay) == (5e-3, 1e-2)
+
+
 def test_dataset_missing_fields_is_named(tiny_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")

@@ -35,11 +35,11 @@ DEFAULT_TARGETS = {
     "llama": ("k_proj", "v_proj", "down_proj"), "mistral": ("k_proj", "v_proj", "down_proj"),
     "qwen2": ("q_proj", "v_proj", "down_proj"), "gpt2": ("c_attn", "mlp.c_proj"),
     "bert": ("key", "value", "output.dense"), "roberta": ("key", "value", "output.dense"),
-    "gemma2": ("q_proj", "v_proj", "down_proj"),
+    "gemma2": ("q_proj", "v_proj", "down_proj"), "t5": ("k", "v", "wo"),
 }
 DEFAULT_FEEDFORWARD = {
     "llama": ("down_proj",), "mistral": ("down_proj",), "qwen2": ("down_proj",), "gpt2": ("mlp.c_proj",),
-    "bert": ("output.dense",), "roberta": ("output.dense",), "gemma2": ("down_proj",),
+    "bert": ("output.dense",), "roberta": ("output.dense",), "gemma2": ("down_proj",), "t5": ("wo",),
 }
 
 

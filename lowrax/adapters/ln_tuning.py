@@ -36,6 +36,7 @@ DEFAULT_TARGETS = {
     "qwen2": ("post_attention_layernorm",), "gpt2": ("ln_1", "ln_2", "ln_f"),
     "gemma2": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
                "norm"),
+    "t5": ("layer_norm", "final_layer_norm"),
 }
 
 

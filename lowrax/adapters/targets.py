@@ -24,6 +24,7 @@ from lowrax.models.linear import is_kernel_type
 LORA_DEFAULT_TARGETS = {
     "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
     "gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value"), "gemma2": ("q_proj", "v_proj"),
+    "t5": ("q", "v"),
 }
 
 # Output heads that "all-linear" leaves alone, as PEFT does.

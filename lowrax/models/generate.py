@@ -9,7 +9,6 @@ per token or per prompt length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import jax
@@ -19,46 +18,11 @@ import numpy as np
 from lowrax.adapters.slots import SLOTS_KEY, anonymous, has_named_adapters, with_adapter_rows
 from lowrax.errors import LowraxError
 from lowrax.models.base import CausalLM
+from lowrax.models.sampling import SamplingConfig, sample_next
+from lowrax.models.seq2seq_generate import generate_seq2seq_ids
 
 PROMPT_BUCKET = 32
 CACHE_BUCKET = 64
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How the next token is chosen: greedy when temperature is 0."""
-
-    temperature: float = 0.0
-    top_k: int = 0  # 0 = no top-k filter
-    top_p: float = 1.0  # 1.0 = no nucleus filter
-
-    def __post_init__(self):
-        for name, ok, expected, value in (("temperature", self.temperature >= 0, ">= 0 (0: greedy)", self.temperature),
-                                          ("top_k", self.top_k >= 0, ">= 0 (0 disables it)", self.top_k),
-                                          ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]", self.top_p)):
-            if not ok:
-                flag = "--" + name.replace("_", "-")
-                raise LowraxError(f"{name} must be {expected}, got {value}", cli=f"{flag} must be {expected}, got {value}")
-
-
-def sample_next(logits: jnp.ndarray, key, sampling: SamplingConfig) -> jnp.ndarray:
-    """Next token ids [b] from logits [b, vocab]."""
-    if sampling.temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / sampling.temperature
-    neg = jnp.finfo(jnp.float32).min
-    if sampling.top_k:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, neg, logits)
-    if sampling.top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
-        drop_sorted = jnp.cumsum(probs, axis=-1) - probs > sampling.top_p
-        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
-        logits = jnp.where(drop, neg, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 _COMPILED: dict = {}
@@ -113,8 +77,6 @@ def generate_ids(
     batch = len(prompts)
     params = _per_row_adapters(params, adapter_names, batch)
     if model.is_seq2seq:  # prompts are the encoder's inputs; the decoder starts from its start token
-        from lowrax.models.seq2seq_generate import generate_seq2seq_ids
-
         return generate_seq2seq_ids(model, params, prompts, max_new_tokens, sampling, eos_token_ids, pad_token_id,
                                     seed, on_token, PROMPT_BUCKET, CACHE_BUCKET)
     prompt_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)

@@ -15,14 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrax.adapters.node import resolve
+from lowrax.models.sampling import sample_next
 
 _COMPILED: dict = {}
 
 
 def _compiled(model, sampling):
     """(start, step) jitted for this model and sampling rule, built once and reused."""
-    from lowrax.models.generate import sample_next
-
     key = (id(model), sampling)
     if key not in _COMPILED:
 

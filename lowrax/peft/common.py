@@ -41,7 +41,7 @@ def common_config(peft_type: str, nodes: dict[str, Any], model, modules_to_save:
     """The fields every `adapter_config.json` carries, whatever the method."""
     return {
         "peft_type": peft_type,
-        "task_type": "CAUSAL_LM" if getattr(model, "is_causal_lm", True) else "SEQ_CLS",
+        "task_type": task_type(model),
         "base_model_name_or_path": base_model,
         "target_modules": target_spec(nodes, model),
         "modules_to_save": modules_to_save or None,
@@ -58,3 +58,10 @@ def check_shape(name: str, key: str, tensor, expected: tuple[int, ...]) -> None:
     if tuple(tensor.shape) != tuple(expected):
         raise CheckpointError(f"adapter tensor {PREFIX}{name}.{key} has shape {tuple(tensor.shape)}, "
                               f"expected {tuple(expected)} for this module")
+
+
+def task_type(model) -> str:
+    """PEFT's task_type for the model's kind (a causal LM when the model is not given)."""
+    if getattr(model, "is_seq2seq", False):
+        return "SEQ_2_SEQ_LM"
+    return "CAUSAL_LM" if getattr(model, "is_causal_lm", True) else "SEQ_CLS"

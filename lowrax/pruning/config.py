@@ -9,12 +9,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from lowrax.errors import LowraxError
 from lowrax.pruning import masks
 from lowrax.pruning.sparsegpt import DEFAULT_BLOCKSIZE, DEFAULT_DAMPENING
-from lowrax.train.config import override_parts, unknown_key
+from lowrax.train.config import load_yaml, override_parts, unknown_key
 
 
 @dataclass(frozen=True)
@@ -88,19 +87,19 @@ def load_prune_config(path: str | Path | None = None, overrides: list[str] = ())
         p = Path(path)
         if not p.exists():
             raise LowraxError(f"config file {p} does not exist")
-        values = yaml.safe_load(p.read_text()) or {}
+        values = load_yaml(p.read_text()) or {}
         if not isinstance(values, dict):
             raise LowraxError(f"{p} must hold a mapping of sections ({', '.join(_SECTIONS)}) and output_dir")
     values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
     for item in overrides:
         key, parts, raw = override_parts(item, "prune.sparsity=0.25")
         if len(parts) == 1 and parts[0] in _TOP_LEVEL:
-            values[parts[0]] = yaml.safe_load(raw)
+            values[parts[0]] = load_yaml(raw)
             continue
         if len(parts) != 2:
             raise _unknown(key)
         # YAML 1.1 reads 2:4 as the base-60 number 124: a pattern stays the string given
-        values.setdefault(parts[0], {})[parts[1]] = raw.strip() if key == "prune.pattern" else yaml.safe_load(raw)
+        values.setdefault(parts[0], {})[parts[1]] = raw.strip() if key == "prune.pattern" else load_yaml(raw)
     sections = {}
     for name, body in values.items():
         if name in _TOP_LEVEL:

@@ -56,8 +56,13 @@ def _load_model(cfg: TrainConfig, key, mesh=None):
             if not cfg.model.num_labels:
                 raise LowraxError("model.task=classification on an encoder without a head needs model.num_labels")
             model, params = add_classification_head(model, params, cfg.model.num_labels, key)
+    elif cfg.model.task == "seq2seq":
+        if not model.is_seq2seq:
+            raise LowraxError(f"model.task=seq2seq needs an encoder-decoder (t5); got {model.model_type}")
     elif cfg.model.task != "causal_lm":
-        raise LowraxError(f"model.task must be causal_lm or classification, got {cfg.model.task!r}")
+        raise LowraxError(f"model.task must be causal_lm, classification or seq2seq, got {cfg.model.task!r}")
+    elif model.is_seq2seq:
+        raise LowraxError(f"{model.model_type} is an encoder-decoder: train it with model.task=seq2seq")
     elif not model.is_causal_lm:
         raise LowraxError(f"model.task=causal_lm needs a causal LM; {model.model_type} is an encoder")
     return model, params

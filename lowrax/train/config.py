@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,26 @@ from lowrax.dist.parallel import DistConfig
 from lowrax.dist.sharding import MeshConfig
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as configs mean it: `3e-4` is a float (YAML 1.1, which PyYAML follows, wants `3.0e-4`)."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_yaml(text: str):
+    """A config file's or override's value, parsed as YAML with floats such as 1e-3 read as floats."""
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 @dataclass(frozen=True)
 class ModelSection:
     path: str | None = None  # HF directory or .gguf file; None = the embedded SmolLM2-135M-Instruct
     dtype: str = "float32"  # dtype of the frozen base: float32 | bfloat16 (adapters stay float32)
-    task: str = "causal_lm"  # causal_lm | classification (encoders with a classification head)
+    task: str = "causal_lm"  # causal_lm | classification (encoders with a classification head) | seq2seq (T5)
     num_labels: int | None = None  # classification: size of the head (a fresh head is trained in full)
     quantize: str | None = None  # "nf4": QLoRA, the frozen linear weights stored in 4-bit NF4
     quant_blocksize: int = 64  # NF4 block size (a power of two from 32 to 4096)
@@ -43,17 +59,20 @@ class ModelSection:
 @dataclass(frozen=True)
 class DataSection:
     source: str = "default"  # "default" (the embedded date task), "embedded_text" (Python's docs, as `lowrax prune` uses), a JSON/JSONL/CSV/text file, or a save_to_disk directory
-    format: str = "auto"  # auto | prompt_response | messages | text | classification
+    format: str = "auto"  # auto | prompt_response | messages | text | classification | seq2seq
     prompt_field: str = "prompt"  # prompt_response: the field with the prompt
     response_field: str = "response"  # prompt_response: the field with the target text
     messages_field: str = "messages"  # messages: a list of {"role", "content"} rendered with the chat template
     text_field: str = "text"  # text / classification: the input text
+    input_field: str = "input"  # seq2seq: the encoder's input text
+    target_field: str = "target"  # seq2seq: the text the decoder is trained to produce
     label_field: str = "label"  # classification: an integer label; kto: true for a desirable completion
     chosen_field: str = "chosen"  # dpo/orpo/simpo: the preferred completion (a string or messages)
     rejected_field: str = "rejected"  # dpo/orpo/simpo: the dispreferred completion
     completion_field: str = "completion"  # kto: the completion its label judges
     chat_template: bool = False  # prompt_response: wrap the prompt in the tokenizer's chat template
-    seq_len: int = 64  # tokens per row (longer examples are truncated)
+    seq_len: int = 64  # tokens per row (longer examples are truncated); seq2seq: the encoder's input
+    target_len: int = 32  # seq2seq: decoder tokens per row (the target and its EOS; longer ones are truncated)
     packing: bool = False  # pack several examples per row (attention never crosses examples)
     loss_positions: int = 0  # compute logits only at this many loss positions per row (0: at every position)
     eval_fraction: float = 0.05  # share of the data held out for evaluation (when eval_source is not set)
@@ -99,6 +118,9 @@ class TrainConfig:
             raise LowraxError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.objective not in ("sft", "distill") and self.model.task != "causal_lm":
             raise LowraxError(f"objective {self.objective!r} trains causal LMs; model.task is {self.model.task!r}")
+        if self.objective == "distill" and self.model.task == "seq2seq":
+            raise LowraxError("objective 'distill' supports causal LMs and classifiers; seq2seq (T5) distillation "
+                              "is not implemented")
         if self.objective == "distill" and self.distill.on_policy and self.model.task != "causal_lm":
             raise LowraxError("distill.on_policy has the student generate completions, which needs a causal LM; "
                               f"model.task is {self.model.task!r}")
@@ -203,7 +225,7 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, parts, raw = override_parts(item, "lora.r=8")
         if len(parts) == 1 and parts[0] in TOP_LEVEL:
-            out[parts[0]] = yaml.safe_load(raw)
+            out[parts[0]] = load_yaml(raw)
             overridden.add(parts[0])
             continue
         if len(parts) != 2:
@@ -212,7 +234,7 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
         classes = _section_classes()
         if section not in classes or name not in {f.name for f in dataclasses.fields(classes[section])}:
             raise _unknown(key)
-        out.setdefault(section, {})[name] = yaml.safe_load(raw)
+        out.setdefault(section, {})[name] = load_yaml(raw)
         overridden.add(section)
     if "method" in overridden:
         for stale in set(method_names()) - {out["method"]} - overridden:
@@ -235,7 +257,7 @@ def read_preset(path: str | Path | None) -> dict:
     p = Path(path)
     if not p.exists():
         raise LowraxError(f"config file {p} does not exist")
-    values = yaml.safe_load(p.read_text()) or {}
+    values = load_yaml(p.read_text()) or {}
     if not isinstance(values, dict):
         raise LowraxError(f"{p} must hold a mapping of sections (model, method, objective, lora, optim, data, train, "
                           "preference, distill, mesh, dist)")
@@ -254,7 +276,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> TrainConf
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise LowraxError(f"{run_dir} is not a lowrax run directory: it has no config.yaml")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = load_yaml(path.read_text()) or {}
     optim, train = values.get("optim") or {}, values.get("train") or {}
     if optim.get("total_steps") == max(train.get("steps", 0), optim.get("warmup_steps", 0)):
         optim.pop("total_steps")

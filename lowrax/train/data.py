@@ -5,6 +5,8 @@ Formats (`data.format`, detected from the columns when "auto"):
   messages         chat messages rendered with the tokenizer's template; loss on assistant turns
   text             loss on every token
   classification   text + integer label, for encoders with a classification head
+  seq2seq          input + target, for encoder-decoders (T5): loss on the target (and EOS);
+                   prompt/response records serve as input/target too
 
 Batches are a pure function of (seed, examples consumed), so a resumed run sees
 exactly the batches an uninterrupted run would have.
@@ -20,7 +22,7 @@ import numpy as np
 from lowrax.train.config import DataSection
 from lowrax.errors import LowraxError
 
-FORMATS = ("prompt_response", "messages", "text", "classification")
+FORMATS = ("prompt_response", "messages", "text", "classification", "seq2seq")
 _LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".text": "text"}
 
 
@@ -75,16 +77,20 @@ def detect_format(record: dict, cfg: DataSection, task: str) -> str:
         "messages": [cfg.messages_field],
         "text": [cfg.text_field],
         "classification": [cfg.text_field, cfg.label_field],
+        "seq2seq": [cfg.input_field, cfg.target_field],
     }
     fmt = cfg.format
     if fmt == "auto":
-        candidates = ["classification"] if task == "classification" else ["messages", "prompt_response", "text"]
+        candidates = {"classification": ["classification"], "seq2seq": ["seq2seq", "prompt_response"]}.get(
+            task, ["messages", "prompt_response", "text"])
         fmt = next((f for f in candidates if all(k in record for k in needed[f])), None)
         if fmt is None:
             wanted = " or ".join("+".join(needed[f]) for f in candidates)
             raise LowraxError(f"data records need the fields {wanted}; found fields: {', '.join(sorted(record))}")
     if fmt not in FORMATS:
         raise LowraxError(f"data.format must be auto or one of {FORMATS}, got {fmt!r}")
+    if task == "seq2seq" and fmt not in ("seq2seq", "prompt_response"):
+        raise LowraxError(f"model.task=seq2seq trains on input/target (or prompt/response) records; data.format is {fmt!r}")
     missing = [k for k in needed[fmt] if k not in record]
     if missing:
         raise LowraxError(f"data format {fmt!r} needs the fields {', '.join(needed[fmt])}; missing {', '.join(missing)} "
@@ -131,12 +137,25 @@ def encode_causal(tokenizer, record: dict, fmt: str, cfg: DataSection) -> tuple[
     return ids, [1] * len(ids)
 
 
+def seq2seq_fields(fmt: str, cfg: DataSection) -> tuple[str, str]:
+    """The (input, target) fields of a seq2seq record in format `fmt`."""
+    return (cfg.input_field, cfg.target_field) if fmt == "seq2seq" else (cfg.prompt_field, cfg.response_field)
+
+
+def encode_target(tokenizer, text: str) -> list[int]:
+    """A seq2seq target's ids ending in one EOS (T5's tokenizer appends it already; others do not)."""
+    ids = list(tokenizer(text)["input_ids"])
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
 @dataclass
 class Encoded:
-    """Tokenized examples: causal (ids, loss_mask) pairs, or classification (ids, label)."""
+    """Tokenized examples: causal (ids, loss_mask) pairs, classification (ids, label), or seq2seq
+    (input ids, target ids)."""
 
     ids: list[list[int]]
-    targets: list  # loss masks (causal) or int labels (classification)
+    targets: list  # loss masks (causal), int labels (classification) or target ids (seq2seq)
     task: str
 
 
@@ -145,8 +164,12 @@ def encode_all(tokenizer, records: list[dict], cfg: DataSection, task: str) -> E
         return Encoded([], [], task)
     fmt = detect_format(records[0], cfg, task)
     ids, targets = [], []
+    source, target = seq2seq_fields(fmt, cfg)
     for record in records:
-        if task == "classification":
+        if task == "seq2seq":
+            ids.append(list(tokenizer(record[source])["input_ids"]))
+            targets.append(encode_target(tokenizer, record[target]))
+        elif task == "classification":
             ids.append(list(tokenizer(record[cfg.text_field])["input_ids"]))
             targets.append(int(record[cfg.label_field]))
         else:
@@ -164,12 +187,12 @@ class Batches:
     """
 
     def __init__(self, data: Encoded, seq_len: int, batch_size: int, seed: int, packing: bool = False, pad_id: int = 0,
-                 loss_positions: int = 0):
+                 loss_positions: int = 0, target_len: int = 32):
         if not data.ids:
             raise LowraxError("no training examples after tokenization")
         self.data, self.seq_len, self.batch_size, self.seed = data, seq_len, batch_size, seed
-        self.loss_positions = loss_positions
-        self.packing, self.pad_id = packing and data.task != "classification", pad_id
+        self.loss_positions, self.target_len = loss_positions, target_len
+        self.packing, self.pad_id = packing and data.task == "causal_lm", pad_id
         self._epochs: dict[int, list] = {}
         self._lengths: dict[int, int] = {}
 
@@ -223,6 +246,8 @@ class Batches:
                 labels[row] = self.data.targets[i]
             out["labels"] = labels
             return out
+        if self.data.task == "seq2seq":
+            return self._seq2seq_rows(rows, out)
         loss = np.zeros((b, t), np.int32)
         segments = np.zeros((b, t), np.int32)
         for row in range(b):
@@ -240,6 +265,22 @@ class Batches:
         if self.loss_positions:
             out.update(gather_loss_positions(ids, loss, self.loss_positions, segments if self.packing else None, where))
         return out
+
+
+    def _seq2seq_rows(self, rows: list[list[int]], out: dict) -> dict:
+        """Encoder inputs [b, seq_len], and the targets as labels [b, target_len] with their loss_mask (the
+        decoder's input is the labels shifted right, which the loss makes with the model's start token)."""
+        t, b = self.seq_len, len(rows)
+        labels = np.full((b, self.target_len), self.pad_id, np.int32)
+        loss = np.zeros((b, self.target_len), np.int32)
+        for row in range(b):
+            (i,) = rows[row]
+            seq, target = self.data.ids[i][:t], self.data.targets[i][: self.target_len]
+            out["input_ids"][row, : len(seq)] = seq
+            out["attention_mask"][row, : len(seq)] = 1
+            labels[row, : len(target)] = target
+            loss[row, : len(target)] = 1
+        return {**out, "labels": labels, "loss_mask": loss}
 
 
 def loss_width(loss_counts, seq_len: int) -> int:

@@ -1,7 +1,7 @@
 """The task metric a run reports before and after training.
 
-Exact match of greedy generations for prompt/response data, accuracy for
-classification. Scoring a causal LM generates for every held-out prompt (tens
+Exact match of greedy generations for prompt/response data (and seq2seq
+input/target data), accuracy for classification. Scoring a causal LM generates for every held-out prompt (tens
 of seconds on a CPU), so it shows a progress bar.
 """
 
@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from lowrax.models.generate import generate_ids
 from lowrax.train.config import TrainConfig
-from lowrax.train.data import Batches, encode_all, prompt_ids
+from lowrax.train.data import Batches, detect_format, encode_all, prompt_ids, seq2seq_fields
 from lowrax.train.default_task import exact_match
 
 GENERATION_BATCH = 16
@@ -27,14 +27,21 @@ class TaskScorer:
         self.records = records[: cfg.train.eval_examples]
         d = cfg.data
         self.kind = None
+        # (the record field generation starts from, the field holding the reference output)
+        self.fields = (d.prompt_field, d.response_field)
+        if self.records and cfg.model.task == "seq2seq":
+            self.fields = seq2seq_fields(detect_format(self.records[0], d, "seq2seq"), d)
         if self.records and cfg.model.task == "classification":
             self.kind = "accuracy"
-        elif self.records and d.prompt_field in self.records[0] and d.response_field in self.records[0]:
+        elif self.records and all(f in self.records[0] for f in self.fields):
             self.kind = "exact_match"
 
     def generations(self, params, records, desc: str = "generating") -> list[str]:
         tok, d = self.tokenizer, self.cfg.data
-        prompts = [prompt_ids(tok, r, d) for r in records]
+        if self.cfg.model.task == "seq2seq":  # the encoder's input, as training encodes it
+            prompts = [list(tok(r[self.fields[0]])["input_ids"]) for r in records]
+        else:
+            prompts = [prompt_ids(tok, r, d) for r in records]
         stops = [tok.eos_token_id] + [i for i in tok("\n", add_special_tokens=False)["input_ids"][-1:]]
         outs = []
         with tqdm(total=len(prompts), desc=desc, unit="example", disable=not self.progress, leave=False) as bar:
@@ -48,7 +55,7 @@ class TaskScorer:
     def score(self, params, when: str = "") -> float | None:
         if self.kind == "exact_match":
             predictions = self.generations(params, self.records, f"scoring {when}".strip())
-            return exact_match(predictions, [r[self.cfg.data.response_field] for r in self.records])
+            return exact_match(predictions, [r[self.fields[1]] for r in self.records])
         if self.kind == "accuracy":
             enc = encode_all(self.tokenizer, self.records, self.cfg.data, "classification")
             batches = Batches(enc, self.cfg.data.seq_len, len(enc.ids), seed=0)
@@ -77,7 +84,7 @@ def score_run(scorer: TaskScorer, params, cfg: TrainConfig, log, when: str, prim
 def _samples(scorer: TaskScorer, params, n: int, log, when: str) -> list[dict]:
     records = scorer.records[:n]
     outs = scorer.generations(params, records, f"samples {when} training")
-    samples = [{"prompt": r[scorer.cfg.data.prompt_field], "output": o} for r, o in zip(records, outs)]
+    samples = [{"prompt": r[scorer.fields[0]], "output": o} for r, o in zip(records, outs)]
     log(f"held-out prompts and the model's greedy output {when} training:")
     for s in samples:
         log(f"  [{when}] {s['prompt']!r} -> {s['output']!r}")

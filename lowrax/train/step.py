@@ -73,6 +73,23 @@ def classification_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]
     return jnp.sum(loss * weights), jnp.sum(weights)
 
 
+def seq2seq_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(sum of target-token losses, number of target tokens) for an encoder-decoder batch: input_ids,
+    attention_mask [b, s]; labels, loss_mask [b, t] (the decoder reads the labels shifted right)."""
+    labels = batch["labels"]
+    logits = model.apply(params, batch["input_ids"], batch["attention_mask"],
+                         decoder_input_ids=model.shift_right(labels)).astype(jnp.float32)
+    weights = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(-target_logps(logits, labels) * weights), jnp.sum(weights)
+
+
+def task_loss(model):
+    """The supervised loss of the model's kind: next-token, seq2seq or classification."""
+    if model.is_causal_lm:
+        return causal_lm_loss
+    return seq2seq_loss if model.is_seq2seq else classification_loss
+
+
 def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
                     remat: bool = False, loss_fn=None, with_teacher: bool = False):
     """Build `train_step(state, frozen, batch) -> (state, metrics)`; jit it at the call site.
@@ -87,9 +104,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
     """
     model = model.with_remat(remat)
     # loss_fn(model, params, batch) -> (loss sum, count) or (loss sum, count, {metric: sum}):
-    # causal-LM SFT, classification, or an objective of `lowrax.objectives.step_losses`.
+    # causal-LM SFT, seq2seq, classification, or an objective of `lowrax.objectives.step_losses`.
     if loss_fn is None:
-        loss_fn = causal_lm_loss if model.is_causal_lm else classification_loss
+        loss_fn = task_loss(model)
 
     def summed_loss(trainable, frozen, batch, rng, teacher):
         """(what is differentiated, (token count, task loss sum, {"penalty": value} or {})). A regulariser of the nodes

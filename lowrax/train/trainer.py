@@ -38,7 +38,7 @@ from lowrax.dist.parallel import global_batch, host_local, initialize_distribute
 from lowrax.dist.sharding import TEACHER_RULES, check_batch, make_mesh
 from lowrax.train.preference_run import PreferenceRun, preference_records
 from lowrax.train.build import DTYPES, build_model
-from lowrax.train.step import causal_lm_loss, classification_loss, init_state
+from lowrax.train.step import init_state, task_loss
 from lowrax.train.on_policy import is_on_policy_step, with_student_completions
 from lowrax.train.teacher import load_teacher
 from lowrax.train.teacher_logits import WithTeacherLogits, teacher_logits_store
@@ -151,7 +151,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
                 if cfg.distill.on_policy:
                     width = min(max(width, cfg.distill.generation_tokens), cfg.data.seq_len - 1)
         batches = Batches(train_data, cfg.data.seq_len, cfg.train.batch_size, cfg.data.shuffle_seed, cfg.data.packing,
-                          pad, width)
+                          pad, width, cfg.data.target_len)
         distill = distill_objective if task == "causal_lm" else classifier_distill_objective
         loss_fn = distill(cfg.distill, teacher[0]) if teacher else None
         if teacher and cfg.distill.teacher_logits:  # computed once, read by the steps: no teacher in the step
@@ -330,15 +330,16 @@ class EvalLoss:
     """
 
     def __init__(self, model, data, cfg: TrainConfig, pad: int, mesh=None):
-        loss_fn = causal_lm_loss if model.is_causal_lm else classification_loss
+        loss_fn = task_loss(model)
         self._fn = jax.jit(lambda trainable, frozen, batch: loss_fn(model, combine(trainable, frozen), batch))
         size = cfg.train.batch_size
-        batches = Batches(data, cfg.data.seq_len, size, seed=0, packing=False, pad_id=pad) if data.ids else None
+        batches = (Batches(data, cfg.data.seq_len, size, seed=0, packing=False, pad_id=pad, target_len=cfg.data.target_len)
+                   if data.ids else None)
         self._batches = []
         for k in range(-(-len(data.ids) // size)):
             batch = batches.batch(k)
             filler = np.arange(k * size, (k + 1) * size) >= len(data.ids)  # rows that wrapped into a second epoch
-            if model.is_causal_lm:
+            if "loss_mask" in batch:
                 batch["loss_mask"][filler] = 0
             else:
                 batch["example_weights"] = (~filler).astype(np.float32)

@@ -17,6 +17,7 @@ from lowrax.errors import LowraxError
 DEFAULT_TARGETS = {
     "llama": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"), "gpt2": ("c_attn",),
     "bert": ("query", "value"), "roberta": ("query", "key", "value", "dense"), "gemma2": ("q_proj", "v_proj"),
+    "t5": ("q", "k", "v", "o", "wi", "wo"),
 }
 
 
