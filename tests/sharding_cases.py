@@ -56,13 +56,15 @@ def tiny_dir(tmp_path_factory):
 
 
 def batches(steps, b=8, t=16):
-    rng = np.random.default_rng(0)
+    """Causal-LM batches that also carry seq2seq targets (`labels`, with the same loss_mask) for T5."""
+    rng, targets = np.random.default_rng(0), np.random.default_rng(1)
     out = []
     for _ in range(steps):
         mask = np.ones((b, t), np.int32)
         mask[:, : t // 4] = 0
         out.append({"input_ids": rng.integers(0, 128, (b, t)).astype(np.int32),
-                    "attention_mask": np.ones((b, t), np.int32), "loss_mask": mask})
+                    "attention_mask": np.ones((b, t), np.int32), "loss_mask": mask,
+                    "labels": targets.integers(0, 128, (b, t)).astype(np.int32)})
     return out
 
 
@@ -274,14 +276,17 @@ def test_distillation_teacher_split_over_the_data_axis(tiny_dir):
 
 
 NEW_FAMILIES = {"phi3": dict(CONFIG, model_type="phi3", partial_rotary_factor=0.5, pad_token_id=0),
-                "gemma2": dict(CONFIG, model_type="gemma2", head_dim=16, sliding_window=4, query_pre_attn_scalar=16)}
+                "gemma2": dict(CONFIG, model_type="gemma2", head_dim=16, sliding_window=4, query_pre_attn_scalar=16),
+                "t5": {"model_type": "t5", "vocab_size": 128, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2,
+                       "num_decoder_layers": 1, "num_heads": 4, "feed_forward_proj": "gated-gelu",
+                       "tie_word_embeddings": False}}
 
 
-@pytest.mark.parametrize("base", ["phi3", "gemma2", "pruned-llama"])
+@pytest.mark.parametrize("base", ["phi3", "gemma2", "t5", "pruned-llama"])
 def test_new_families_and_pruned_bases_train_sharded_as_on_one_device(tiny_dir, tmp_path, base):
-    """Phi-3's fused projections, Gemma 2 on an NF4 base (QLoRA) and a pruned base (SparseKernels,
+    """Phi-3's fused projections, Gemma 2 and T5 on NF4 bases (QLoRA) and a pruned base (SparseKernels,
     their masks split like their kernels) follow the rules and train on the mesh as on one device."""
-    method = "qlora" if base == "gemma2" else "lora"
+    method = "qlora" if base in ("gemma2", "t5") else "lora"
     if base in NEW_FAMILIES:
         config = NEW_FAMILIES[base]
         model = model_from_hf_config(config)
@@ -311,5 +316,10 @@ def test_new_families_and_pruned_bases_train_sharded_as_on_one_device(tiny_dir, 
     elif base == "phi3":
         qkv = state.trainable["model"]["layers"]["0"]["self_attn"]["qkv_proj"]["kernel"]
         assert qkv.b.shape == (4, (4 + 2 * 2) * 16)
+    elif base == "t5":  # every stack's projections in NF4, the position-bias table split over heads
+        wo = loaded["decoder"]["block"]["0"]["layer"]["2"]["DenseReluDense"]["wo"]["kernel"]
+        assert isinstance(wo, lowrax.NF4Tensor)
+        table = loaded["encoder"]["block"]["0"]["layer"]["0"]["SelfAttention"]["relative_attention_bias"]["embedding"]
+        assert table.sharding.spec == P(None, "tensor")
     else:
         assert isinstance(loaded["model"]["layers"]["1"]["mlp"]["down_proj"]["kernel"], lowrax.NF4Tensor)

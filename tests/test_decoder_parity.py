@@ -91,3 +91,24 @@ def test_save_pretrained_round_trips_through_transformers(pair, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids, mask = random_batch(model.config.vocab_size, [9, 4], pad_id=0, left=True)
     assert np.abs(reference_logits(reloaded, ids, mask) - reference_logits(hf, ids, mask)).max() == 0.0
+
+
+def test_bfloat16_base_with_float32_lora(pair):
+    """A bfloat16 base (model.dtype=bfloat16) computes in bfloat16 close to float32, and a float32 LoRA on
+    it gets float32 gradients (mixed precision from the tree)."""
+    import jax
+
+    _, model, params = pair
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    ids, mask = random_batch(model.config.vocab_size, [10, 6], pad_id=0, left=True)
+    ref = np.asarray(model.apply(params, jnp.asarray(ids), jnp.asarray(mask)))
+    got = model.apply(bf16, jnp.asarray(ids), jnp.asarray(mask))
+    assert got.dtype == jnp.bfloat16
+    valid = mask.astype(bool)
+    assert np.abs(np.asarray(got, np.float32)[valid] - ref[valid]).max() <= 0.05 * np.abs(ref[valid]).max()
+    wrapped = lowrax.wrap(bf16, lowrax.LoraConfig(r=4, target_modules="all-linear", init="random"), jax.random.key(0))
+    trainable, frozen = lowrax.split(wrapped)
+    loss = lambda t: model.apply(lowrax.combine(t, frozen), jnp.asarray(ids), jnp.asarray(mask)).astype(jnp.float32).std()  # noqa: E731
+    grads = jax.tree.leaves(jax.grad(loss)(trainable))
+    assert all(g.dtype == jnp.float32 and np.isfinite(np.asarray(g)).all() for g in grads)
+    assert max(float(jnp.abs(g).max()) for g in grads) > 0

@@ -209,3 +209,22 @@ def test_task_and_model_kind_must_agree(tmp_path_factory, tmp_path):
         build_model(load_config(None, [f"model.path={path}"]))
     with pytest.raises(LowraxError, match="encoder-decoder"):
         build_model(load_config(None, ["model.task=seq2seq"]))
+
+
+def test_bfloat16_base_with_float32_lora(pair):
+    _, _, model, params = pair
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    ids, mask, decoder_ids = inputs(seed=5)
+    ref = ours(model, params, ids, mask, decoder_ids)
+    got = model.apply(bf16, jnp.asarray(ids), jnp.asarray(mask), decoder_input_ids=jnp.asarray(decoder_ids))
+    assert got.dtype == jnp.bfloat16
+    assert np.abs(np.asarray(got, np.float32) - ref).max() <= 0.05 * np.abs(ref).max()
+    wrapped = lowrax.wrap(bf16, lowrax.LoraConfig(r=4, target_modules="all-linear", init="random"), jax.random.key(0))
+    trainable, frozen = lowrax.split(wrapped)
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "labels": jnp.asarray(decoder_ids),
+             "loss_mask": jnp.ones(decoder_ids.shape, jnp.int32)}
+    from lowrax.train.step import seq2seq_loss
+
+    grads = jax.tree.leaves(jax.grad(lambda t: seq2seq_loss(model, lowrax.combine(t, frozen), batch)[0])(trainable))
+    assert all(g.dtype == jnp.float32 and np.isfinite(np.asarray(g)).all() for g in grads)
+    assert max(float(jnp.abs(g).max()) for g in grads) > 0
