@@ -228,3 +228,11 @@ def test_bfloat16_base_with_float32_lora(pair):
     grads = jax.tree.leaves(jax.grad(lambda t: seq2seq_loss(model, lowrax.combine(t, frozen), batch)[0])(trainable))
     assert all(g.dtype == jnp.float32 and np.isfinite(np.asarray(g)).all() for g in grads)
     assert max(float(jnp.abs(g).max()) for g in grads) > 0
+
+
+def test_methods_without_a_t5_placement_are_refused(pair):
+    _, _, model, params = pair
+    with pytest.raises(LowraxError, match="bottleneck adapters are implemented for"):
+        lowrax.wrap(params, lowrax.BottleneckConfig(), jax.random.key(0), model=model)
+    with pytest.raises(LowraxError, match="prompt-learning methods run on causal LMs and BERT encoders, not 't5'"):
+        lowrax.wrap(params, lowrax.PromptTuningConfig(num_virtual_tokens=4), jax.random.key(0), model=model)
