@@ -116,10 +116,9 @@ def test_classification_run_on_minilm(tmp_path, method):
     summary = run_training(cfg, progress=False, log=lambda *_: None)
     assert summary["metric"] == "accuracy" and 0.0 <= summary["metric_after"] <= 1.0
     model, base = lowrax.load_pretrained(lowrax.embedded_minilm_path(), num_labels=None, progress=False)
-    from lowrax.models.bert import add_classification_head
     import jax
 
-    model, base = add_classification_head(model, base, 2, jax.random.key(0))
+    model, base = model.with_classification_head(base, 2, jax.random.key(0))
     loaded = lowrax.load_peft(base, tmp_path / "out" / "adapter", model)
     assert "classifier" in lowrax.split(loaded)[0]
     config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())

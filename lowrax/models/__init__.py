@@ -10,6 +10,7 @@ from lowrax.models.gemma2 import Gemma2Config, Gemma2Model
 from lowrax.models.llama import LlamaConfig, LlamaModel
 from lowrax.models.phi3 import Phi3Model
 from lowrax.models.t5 import T5Config, T5Model
+from lowrax.models.vit import ViTConfig, ViTModel
 
 # model_type -> (config class, model class)
 FAMILIES: dict[str, tuple[type, type]] = {
@@ -22,6 +23,7 @@ FAMILIES: dict[str, tuple[type, type]] = {
     "bert": (BertConfig, BertModel),
     "roberta": (BertConfig, BertModel),
     "t5": (T5Config, T5Model),
+    "vit": (ViTConfig, ViTModel),
 }
 
 
@@ -45,5 +47,5 @@ def model_from_hf_config(hf: dict, **config_overrides) -> Model:
 
 __all__ = [
     "FAMILIES", "Model", "CausalLM", "LlamaModel", "LlamaConfig", "GPT2Model", "GPT2Config", "Phi3Model", "Gemma2Model", "Gemma2Config",
-    "BertModel", "BertConfig", "T5Model", "T5Config", "EncoderOutput", "model_from_hf_config", "supported_model_types",
+    "BertModel", "BertConfig", "T5Model", "T5Config", "ViTModel", "ViTConfig", "EncoderOutput", "model_from_hf_config", "supported_model_types",
 ]

@@ -81,6 +81,8 @@ class Model:
     bare_prefix: ClassVar[str | None] = None
     is_causal_lm: ClassVar[bool] = False
     is_seq2seq: ClassVar[bool] = False  # an encoder-decoder (T5): apply takes decoder_input_ids
+    classifies: ClassVar[bool] = False  # an encoder with (or able to take) a `classifier` head: BERT, ViT
+    is_image_model: ClassVar[bool] = False  # apply takes pixel_values (ViT)
     # Module path suffix -> logical axis names of its kernel (bias: the last one); see lowrax.dist.sharding.
     logical_axes: ClassVar[dict] = {}
 
@@ -91,6 +93,17 @@ class Model:
     def tensors(self) -> list[tables.Tensor]:
         """Every checkpoint tensor this model has, with tree path, HF key and shape."""
         return tables.expand(self.tensor_table, self.config, self.config.num_layers)
+
+    @staticmethod
+    def current_key(key: str) -> str:
+        """The name the tensor table uses for a checkpoint or adapter key that an older transformers
+        may have written differently (ViT's transformers-4 names); most families never renamed."""
+        return key
+
+    @staticmethod
+    def current_module_name(name: str) -> str:
+        """A PEFT target_modules entry in the names the tree uses (see `current_key`)."""
+        return name
 
     def with_remat(self, remat: bool) -> "Model":
         """This model with every layer recomputed in the backward pass (see `recomputed_in_backward`)."""
@@ -123,6 +136,18 @@ class Model:
         cached_k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), cache_index, axis=1)
         cached_v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), cache_index, axis=1)
         return cached_k, cached_v, (cached_k, cached_v)
+
+    def with_classification_head(self, params: dict, num_labels: int, key) -> tuple["Model", dict]:
+        """This encoder with a fresh `num_labels`-way classification head (normal(0.02) kernels, zero biases,
+        as transformers initialises one) and params holding it; for families whose config has num_labels."""
+        headed = type(self)(dataclasses.replace(self.config, num_labels=num_labels))
+        out = dict(params)
+        dtype = self.activation_dtype(params)
+        for i, t in enumerate(x for x in headed.tensors() if x.path[0] == "classifier"):
+            value = (0.02 * jax.random.normal(jax.random.fold_in(key, i), t.shape) if t.path[-1] == "kernel"
+                     else jnp.zeros(t.shape))
+            tables.set_path(out, t.path, value.astype(dtype))
+        return headed, out
 
     def param_shapes(self) -> dict:
         """A tree of `jax.ShapeDtypeStruct` (float32) with the structure `load_pretrained` returns."""

@@ -123,6 +123,7 @@ class BertModel(Model):
 
     config: BertConfig
     remat: bool = False  # see Model.with_remat
+    classifies = True
     logical_axes = {"word_embeddings": ("vocab", "embed"), "position_embeddings": ("positions", "embed"),
                     "token_type_embeddings": (None, "embed"), "query": ("embed", "heads"), "key": ("embed", "heads"),
                     "value": ("embed", "heads"), "attention/output/dense": ("heads", "embed"),
@@ -226,21 +227,3 @@ class BertModel(Model):
         if pooled is None:
             raise LowraxError("a BERT classifier needs the pooler (bert/pooler/dense), which these params lack")
         return linear(pooled, head)
-
-
-
-def add_classification_head(model: BertModel, params: dict, num_labels: int, key) -> tuple[BertModel, dict]:
-    """A fresh sequence-classification head (normal(0.02) kernels, zero biases) on an encoder without one."""
-    import dataclasses
-
-    import jax
-
-    from lowrax.io import tables
-
-    headed = BertModel(dataclasses.replace(model.config, num_labels=num_labels))
-    out = dict(params)
-    for i, t in enumerate(x for x in headed.tensors() if x.path[0] == "classifier"):
-        value = (0.02 * jax.random.normal(jax.random.fold_in(key, i), t.shape) if t.path[-1] == "kernel"
-                 else jnp.zeros(t.shape))
-        tables.set_path(out, t.path, value.astype(params[model.config.root]["embeddings"]["word_embeddings"]["embedding"].dtype))
-    return headed, out

@@ -48,14 +48,12 @@ def _load_model(cfg: TrainConfig, key, mesh=None):
         quant = QuantConfig(cfg.model.quantize, cfg.model.quant_blocksize, cfg.model.double_quant)
     model, params = load_pretrained(cfg.model.path, dtype=dtype, quantize=quant, mesh=mesh)
     if cfg.model.task == "classification":
-        from lowrax.models.bert import BertModel, add_classification_head
-
-        if not isinstance(model, BertModel):
-            raise LowraxError(f"model.task=classification needs an encoder (bert, roberta); got {model.model_type}")
+        if not model.classifies:
+            raise LowraxError(f"model.task=classification needs an encoder (bert, roberta, vit); got {model.model_type}")
         if "classifier" not in params:
             if not cfg.model.num_labels:
                 raise LowraxError("model.task=classification on an encoder without a head needs model.num_labels")
-            model, params = add_classification_head(model, params, cfg.model.num_labels, key)
+            model, params = model.with_classification_head(params, cfg.model.num_labels, key)
     elif cfg.model.task == "seq2seq":
         if not model.is_seq2seq:
             raise LowraxError(f"model.task=seq2seq needs an encoder-decoder (t5); got {model.model_type}")
