@@ -58,6 +58,7 @@ from lowrax.dist.sharding import MeshConfig, make_mesh, param_shardings
 from lowrax.merging.models import merge_models
 from lowrax.objectives import distill_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
 from lowrax.errors import CheckpointError, LowraxError, NotAModelError, UnsupportedModelError
+from lowrax.io.images import ImageProcessor
 from lowrax.io.pretrained import embedded_minilm_path, embedded_model_path, load_pretrained, load_tokenizer, save_pretrained
 from lowrax.models import EncoderOutput, supported_model_types
 from lowrax.models.generate import SamplingConfig, generate, generate_ids
@@ -75,7 +76,7 @@ from lowrax.train.trainer import run_training
 __version__ = "0.1.0"
 
 __all__ = [
-    "load_pretrained", "load_tokenizer", "save_pretrained", "generate", "generate_ids", "SamplingConfig",
+    "load_pretrained", "load_tokenizer", "save_pretrained", "ImageProcessor", "generate", "generate_ids", "SamplingConfig",
     "EncoderOutput", "supported_model_types", "embedded_model_path", "embedded_minilm_path",
     "linear", "register_linear",
     "wrap", "method_names", "AdapterNode", "AdaLoraConfig", "AdaLoraKernel", "BottleneckConfig", "BottleneckAdapter", "IA3Config", "IA3Kernel", "LoHaConfig", "LoHaKernel", "LoKrConfig", "LoKrKernel", "OFTConfig", "OFTKernel", "LNTuningConfig", "TunedNorm", "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig",

@@ -25,6 +25,8 @@ LORA_DEFAULT_TARGETS = {
     "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
     "gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value"), "gemma2": ("q_proj", "v_proj"),
     "t5": ("q", "v"),
+    # PEFT has none for ViT; its image-classification guide adapts query and value (q_proj, v_proj in transformers 5)
+    "vit": ("q_proj", "v_proj"),
 }
 
 # Output heads that "all-linear" leaves alone, as PEFT does.

@@ -70,8 +70,8 @@ def load_tensors(
     missing, misshapen, used = [], [], set()
     resolved = []
     available = list(available)
-    # keys an older transformers wrote (ViT's transformers-4 names), by the name the table uses
-    renamed = {model.current_key(k): k for k in available if model.current_key(k) != k}
+    # keys under another transformers version's names (ViT), by the name the table uses
+    renamed = {model.checkpoint_key(k): k for k in available if model.checkpoint_key(k) != k}
     for t in specs:
         for key in candidate_keys(t.hf_key, model.bare_prefix):
             key = key if key not in renamed or lookup(key) is not None else renamed[key]

@@ -141,6 +141,15 @@ def save_pretrained(params: dict, model: Model, out_dir: str | Path, tokenizer=N
     return save_hf_directory(params, model, out_dir, tokenizer=tokenizer, overwrite=overwrite, keep_nf4=keep_nf4)
 
 
+def load_preprocessor(path: str | Path | None, model):
+    """What turns a model's inputs into arrays: its tokenizer, or an image model's `ImageProcessor`."""
+    if model.is_image_model:
+        from lowrax.io.images import ImageProcessor
+
+        return ImageProcessor.from_pretrained(resolve_model_path(path))
+    return load_tokenizer(path)
+
+
 def load_tokenizer(path: str | Path | None = None):
     """The model's tokenizer (a transformers fast tokenizer), from an HF directory or GGUF metadata.
 

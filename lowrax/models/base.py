@@ -94,15 +94,21 @@ class Model:
         """Every checkpoint tensor this model has, with tree path, HF key and shape."""
         return tables.expand(self.tensor_table, self.config, self.config.num_layers)
 
+    # A family whose module names changed between transformers versions (ViT) maps the other
+    # naming onto its own; the rest never renamed.
     @staticmethod
-    def current_key(key: str) -> str:
-        """The name the tensor table uses for a checkpoint or adapter key that an older transformers
-        may have written differently (ViT's transformers-4 names); most families never renamed."""
+    def checkpoint_key(key: str) -> str:
+        """A checkpoint key in the names the tensor table uses."""
         return key
 
     @staticmethod
-    def current_module_name(name: str) -> str:
-        """A PEFT target_modules entry in the names the tree uses (see `current_key`)."""
+    def adapter_key(key: str) -> str:
+        """A PEFT adapter key in the tree's module names."""
+        return key
+
+    @staticmethod
+    def adapter_module_name(name: str) -> str:
+        """A PEFT target_modules entry in the tree's module names."""
         return name
 
     def with_remat(self, remat: bool) -> "Model":
@@ -137,10 +143,17 @@ class Model:
         cached_v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), cache_index, axis=1)
         return cached_k, cached_v, (cached_k, cached_v)
 
+    def classifier_architecture(self) -> str:
+        """The transformers class of this family with a classification head (config.json's architectures)."""
+        raise LowraxError(f"{self.model_type} models take no classification head")
+
     def with_classification_head(self, params: dict, num_labels: int, key) -> tuple["Model", dict]:
         """This encoder with a fresh `num_labels`-way classification head (normal(0.02) kernels, zero biases,
         as transformers initialises one) and params holding it; for families whose config has num_labels."""
-        headed = type(self)(dataclasses.replace(self.config, num_labels=num_labels))
+        hf = {k: v for k, v in self.config.hf.items() if k not in ("id2label", "label2id", "num_labels")}
+        hf |= {"architectures": [self.classifier_architecture()], "id2label": {str(i): f"LABEL_{i}" for i in range(num_labels)},
+               "label2id": {f"LABEL_{i}": i for i in range(num_labels)}}  # so the saved config.json builds this head
+        headed = type(self)(dataclasses.replace(self.config, num_labels=num_labels, hf=hf))
         out = dict(params)
         dtype = self.activation_dtype(params)
         for i, t in enumerate(x for x in headed.tensors() if x.path[0] == "classifier"):

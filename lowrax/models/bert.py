@@ -205,6 +205,9 @@ class BertModel(Model):
         pooled = jnp.tanh(linear(x[:, 0], root["pooler"]["dense"])) if "pooler" in root else None
         return EncoderOutput(x[:, v:], pooled, self._classify(params, x, pooled))
 
+    def classifier_architecture(self) -> str:
+        return "RobertaForSequenceClassification" if self.config.root == "roberta" else "BertForSequenceClassification"
+
     def _check_virtual_tokens(self, prompt, position_ids) -> None:
         if self.config.root != "bert":
             raise LowraxError(f"prompt-learning adapters on encoders are implemented for BERT; {self.config.root} "

@@ -5,11 +5,11 @@ flattened patches), a [CLS] token and learned positions, pre-LayerNorm blocks
 with bidirectional attention, a final LayerNorm; `ViTForImageClassification`
 reads its `classifier` from the [CLS] vector.
 
-The tree follows the module names of transformers 5
-(`vit/layers/0/attention/q_proj`), which is what `save_pretrained` writes;
-checkpoints and PEFT adapters written under transformers 4's names
-(`vit.encoder.layer.0.attention.attention.query`) are renamed on the way in
-(`current_key`), as transformers 5 itself renames them.
+Module names: the tree follows transformers 5's modules (`vit/layers/0/attention/q_proj`),
+which PEFT adapters made on transformers 5 name; checkpoint files keep transformers 4's keys
+(`vit.encoder.layer.0.attention.attention.query`), which transformers 5's own `save_pretrained`
+still writes so that either version reads them. Files and adapters under the other naming
+load too (`checkpoint_key`, `adapter_key`).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class ViTConfig:
 def _tensors() -> tuple[TensorSpec, ...]:
     H = lambda c: (c.hidden_size,)  # noqa: E731
     HH = lambda c: (c.hidden_size, c.hidden_size)  # noqa: E731
-    L, K = "vit/layers/{i}", "vit.layers.{i}"
+    L, K = "vit/layers/{i}", "vit.encoder.layer.{i}"
 
     def dense(path, key, shape, bias_shape, has_bias=None, when=None, optional=False):
         bias_when = when if has_bias is None else has_bias
@@ -105,13 +105,14 @@ def _tensors() -> tuple[TensorSpec, ...]:
                    lambda c: (c.hidden_size, c.num_channels, c.patch_size, c.patch_size)),
         TensorSpec("vit/embeddings/patch_embeddings/projection/bias", "vit.embeddings.patch_embeddings.projection.bias", H),
         *norm(f"{L}/layernorm_before", f"{K}.layernorm_before"),
-        *dense(f"{L}/attention/q_proj", f"{K}.attention.q_proj", HH, H, qkv_bias),
-        *dense(f"{L}/attention/k_proj", f"{K}.attention.k_proj", HH, H, qkv_bias),
-        *dense(f"{L}/attention/v_proj", f"{K}.attention.v_proj", HH, H, qkv_bias),
-        *dense(f"{L}/attention/o_proj", f"{K}.attention.o_proj", HH, H),
+        *dense(f"{L}/attention/q_proj", f"{K}.attention.attention.query", HH, H, qkv_bias),
+        *dense(f"{L}/attention/k_proj", f"{K}.attention.attention.key", HH, H, qkv_bias),
+        *dense(f"{L}/attention/v_proj", f"{K}.attention.attention.value", HH, H, qkv_bias),
+        *dense(f"{L}/attention/o_proj", f"{K}.attention.output.dense", HH, H),
         *norm(f"{L}/layernorm_after", f"{K}.layernorm_after"),
-        *dense(f"{L}/mlp/fc1", f"{K}.mlp.fc1", lambda c: (c.hidden_size, c.intermediate_size), lambda c: (c.intermediate_size,)),
-        *dense(f"{L}/mlp/fc2", f"{K}.mlp.fc2", lambda c: (c.intermediate_size, c.hidden_size), H),
+        *dense(f"{L}/mlp/fc1", f"{K}.intermediate.dense", lambda c: (c.hidden_size, c.intermediate_size),
+               lambda c: (c.intermediate_size,)),
+        *dense(f"{L}/mlp/fc2", f"{K}.output.dense", lambda c: (c.intermediate_size, c.hidden_size), H),
         *norm("vit/layernorm", "vit.layernorm"),
         *dense("vit/pooler/dense", "vit.pooler.dense", HH, H, optional=True),  # ViTModel's, when it has one
         *dense("classifier", "classifier", lambda c: (c.hidden_size, c.num_labels), lambda c: (c.num_labels,),
@@ -125,9 +126,20 @@ _V4_TO_V5 = ((re.compile(r"\bencoder\.layer\."), "layers."), (re.compile(r"atten
              (re.compile(r"attention\.attention\.value\b"), "attention.v_proj"),
              (re.compile(r"attention\.output\.dense\b"), "attention.o_proj"),
              (re.compile(r"intermediate\.dense\b"), "mlp.fc1"), (re.compile(r"\boutput\.dense\b"), "mlp.fc2"))
+# and back: what a checkpoint file keys (the tensor table's names)
+_V5_TO_V4 = ((re.compile(r"(^|\.)layers\.(\d+)\."), r"\1encoder.layer.\2."),
+             (re.compile(r"attention\.([qkv])_proj\b"), lambda m: "attention.attention." + {"q": "query", "k": "key", "v": "value"}[m[1]]),
+             (re.compile(r"attention\.o_proj\b"), "attention.output.dense"),
+             (re.compile(r"mlp\.fc1\b"), "intermediate.dense"), (re.compile(r"mlp\.fc2\b"), "output.dense"))
 # PEFT target_modules entries written against transformers 4's ViT.
 _V4_MODULE_NAMES = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "attention.output.dense": "o_proj",
                     "intermediate.dense": "fc1", "output.dense": "fc2"}
+
+
+def _renamed(key: str, rules) -> str:
+    for pattern, replacement in rules:
+        key = pattern.sub(replacement, key)
+    return key
 
 
 @dataclass(frozen=True)
@@ -145,16 +157,22 @@ class ViTModel(Model):
                     "pooler/dense": ("embed", None), "classifier": ("embed", "classes")}
 
     @staticmethod
-    def current_key(key: str) -> str:
-        """The transformers-5 name of a (possibly transformers-4) checkpoint or adapter key."""
-        for pattern, replacement in _V4_TO_V5:
-            key = pattern.sub(replacement, key)
-        return key
+    def checkpoint_key(key: str) -> str:
+        """A checkpoint key in the table's (transformers 4) names, whichever transformers wrote it."""
+        return _renamed(key, _V5_TO_V4)
 
     @staticmethod
-    def current_module_name(name: str) -> str:
-        """A PEFT target_modules entry in transformers-5 names ("query" -> "q_proj")."""
-        return _V4_MODULE_NAMES.get(name, ViTModel.current_key(name))
+    def adapter_key(key: str) -> str:
+        """A PEFT adapter key in the tree's (transformers 5) module names."""
+        return _renamed(key, _V4_TO_V5)
+
+    @staticmethod
+    def adapter_module_name(name: str) -> str:
+        """A PEFT target_modules entry in transformers 5's names ("query" -> "q_proj")."""
+        return _V4_MODULE_NAMES.get(name, _renamed(name, _V4_TO_V5))
+
+    def classifier_architecture(self) -> str:
+        return "ViTForImageClassification"
 
     def _embed(self, e, pixel_values):
         c = self.config

@@ -107,6 +107,8 @@ def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jn
     if fmt.load_directory is not None:  # a format with its own layout (AdapterHub's)
         return fmt.load_directory(params, adapter_dir, model, adapter_dtype)
     config, tensors = read_adapter_dir(adapter_dir)
+    if model is not None:  # an adapter saved against an older transformers' module names (ViT's)
+        config, tensors = current_names(config, tensors, model)
     modules = (fmt.modules or linear_modules)(params)
     out = jax.tree.map(lambda x: x, params, is_leaf=is_node)
     bases = {name: tables.get_path(out, path) for name, path in modules.items()}
@@ -132,6 +134,15 @@ def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jn
         put_fully_trained(out, {k.removeprefix(own): tensors[k] for k in rest}, model,
                           lambda k: f"adapter tensor {fmt.modules_to_save_prefix}{k}")
     return out
+
+
+def current_names(config: dict, tensors: dict, model) -> tuple[dict, dict]:
+    """The adapter's tensor keys and target_modules in the names the model's tree uses (`Model.adapter_key`)."""
+    tensors = {model.adapter_key(k): v for k, v in tensors.items()}
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        config = {**config, "target_modules": [model.adapter_module_name(t) for t in targets]}
+    return config, tensors
 
 
 def put_fully_trained(tree: Any, tensors: dict, model, describe=lambda k: f"tensor {k}") -> None:

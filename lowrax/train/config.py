@@ -49,8 +49,8 @@ def load_yaml(text: str):
 class ModelSection:
     path: str | None = None  # HF directory or .gguf file; None = the embedded SmolLM2-135M-Instruct
     dtype: str = "float32"  # dtype of the frozen base: float32 | bfloat16 (adapters stay float32)
-    task: str = "causal_lm"  # causal_lm | classification (encoders with a classification head) | seq2seq (T5)
-    num_labels: int | None = None  # classification: size of the head (a fresh head is trained in full)
+    task: str = "causal_lm"  # causal_lm | classification (text or image encoders with a classification head) | seq2seq (T5)
+    num_labels: int | None = None  # classification: size of a fresh head, trained in full (None: 1 + the largest training label)
     quantize: str | None = None  # "nf4": QLoRA, the frozen linear weights stored in 4-bit NF4
     quant_blocksize: int = 64  # NF4 block size (a power of two from 32 to 4096)
     double_quant: bool = True  # NF4 double quantization of the block statistics
@@ -59,11 +59,12 @@ class ModelSection:
 @dataclass(frozen=True)
 class DataSection:
     source: str = "default"  # "default" (the embedded date task), "embedded_text" (Python's docs, as `lowrax prune` uses), a JSON/JSONL/CSV/text file, or a save_to_disk directory
-    format: str = "auto"  # auto | prompt_response | messages | text | classification | seq2seq
+    format: str = "auto"  # auto | prompt_response | messages | text | classification | seq2seq | image_classification
     prompt_field: str = "prompt"  # prompt_response: the field with the prompt
     response_field: str = "response"  # prompt_response: the field with the target text
     messages_field: str = "messages"  # messages: a list of {"role", "content"} rendered with the chat template
     text_field: str = "text"  # text / classification: the input text
+    image_field: str = "image"  # image_classification: an image (a path, or a `datasets` Image column)
     input_field: str = "input"  # seq2seq: the encoder's input text
     target_field: str = "target"  # seq2seq: the text the decoder is trained to produce
     label_field: str = "label"  # classification: an integer label; kto: true for a desirable completion

@@ -7,6 +7,8 @@ Formats (`data.format`, detected from the columns when "auto"):
   classification   text + integer label, for encoders with a classification head
   seq2seq          input + target, for encoder-decoders (T5): loss on the target (and EOS);
                    prompt/response records serve as input/target too
+  image_classification  image + integer label, for image encoders (ViT); an image folder
+                   (one subfolder per class) gives such records
 
 Batches are a pure function of (seed, examples consumed), so a resumed run sees
 exactly the batches an uninterrupted run would have.
@@ -22,22 +24,26 @@ import numpy as np
 from lowrax.train.config import DataSection
 from lowrax.errors import LowraxError
 
-FORMATS = ("prompt_response", "messages", "text", "classification", "seq2seq")
+FORMATS = ("prompt_response", "messages", "text", "classification", "seq2seq", "image_classification")
 _LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".text": "text"}
 
 
 def _load_dataset(source: str):
     import datasets
 
+    from lowrax.train.image_data import image_folder_splits, is_image_folder
+
     path = Path(source).expanduser()
+    if is_image_folder(path):
+        return image_folder_splits(path)
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             return {name: list(split) for name, split in loaded.items()}
         return {"train": list(loaded)}
     if not path.exists():
-        raise LowraxError(f"data source {path} does not exist; expected 'default', a .json/.jsonl/.csv/.txt file "
-                          "or a directory written by Dataset.save_to_disk")
+        raise LowraxError(f"data source {path} does not exist; expected 'default', a .json/.jsonl/.csv/.txt file, "
+                          "a directory written by Dataset.save_to_disk, or an image folder (one subfolder per class)")
     builder = _LOADERS.get(path.suffix.lower())
     if builder is None:
         raise LowraxError(f"data source {path} has an unsupported extension {path.suffix!r}; "
@@ -78,17 +84,21 @@ def detect_format(record: dict, cfg: DataSection, task: str) -> str:
         "text": [cfg.text_field],
         "classification": [cfg.text_field, cfg.label_field],
         "seq2seq": [cfg.input_field, cfg.target_field],
+        "image_classification": [cfg.image_field, cfg.label_field],
     }
     fmt = cfg.format
     if fmt == "auto":
-        candidates = {"classification": ["classification"], "seq2seq": ["seq2seq", "prompt_response"]}.get(
-            task, ["messages", "prompt_response", "text"])
+        candidates = {"classification": ["classification"], "seq2seq": ["seq2seq", "prompt_response"],
+                      "image_classification": ["image_classification"]}.get(task, ["messages", "prompt_response", "text"])
         fmt = next((f for f in candidates if all(k in record for k in needed[f])), None)
         if fmt is None:
             wanted = " or ".join("+".join(needed[f]) for f in candidates)
             raise LowraxError(f"data records need the fields {wanted}; found fields: {', '.join(sorted(record))}")
     if fmt not in FORMATS:
         raise LowraxError(f"data.format must be auto or one of {FORMATS}, got {fmt!r}")
+    if (task == "image_classification") != (fmt == "image_classification"):
+        raise LowraxError(f"data.format {fmt!r} does not fit {'an image' if task == 'image_classification' else 'a text'} "
+                          "model: image encoders (ViT) train on image/label records (data.format=image_classification)")
     if task == "seq2seq" and fmt not in ("seq2seq", "prompt_response"):
         raise LowraxError(f"model.task=seq2seq trains on input/target (or prompt/response) records; data.format is {fmt!r}")
     missing = [k for k in needed[fmt] if k not in record]
@@ -137,6 +147,25 @@ def encode_causal(tokenizer, record: dict, fmt: str, cfg: DataSection) -> tuple[
     return ids, [1] * len(ids)
 
 
+def with_num_labels(cfg, records: list[dict]):
+    """cfg with model.num_labels set for classification when it is not: 1 + the largest training label
+    (an image folder's class count). The run's config.yaml records it, so a restore rebuilds the same head."""
+    if cfg.model.task != "classification" or cfg.model.num_labels is not None or not records:
+        return cfg
+    import dataclasses
+
+    field = cfg.data.label_field
+    labels = [r[field] for r in records if field in r]
+    if not labels or not all(isinstance(x, (int, np.integer)) and x >= 0 for x in labels):
+        return cfg  # detect_format names the missing or malformed field later
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_labels=int(max(labels)) + 1))
+
+
+def data_task(model, task: str) -> str:
+    """What the records hold for `model.task` on this model: classification of images for an image model."""
+    return "image_classification" if task == "classification" and model.is_image_model else task
+
+
 def seq2seq_fields(fmt: str, cfg: DataSection) -> tuple[str, str]:
     """The (input, target) fields of a seq2seq record in format `fmt`."""
     return (cfg.input_field, cfg.target_field) if fmt == "seq2seq" else (cfg.prompt_field, cfg.response_field)
@@ -151,18 +180,22 @@ def encode_target(tokenizer, text: str) -> list[int]:
 
 @dataclass
 class Encoded:
-    """Tokenized examples: causal (ids, loss_mask) pairs, classification (ids, label), or seq2seq
-    (input ids, target ids)."""
+    """Tokenized examples: causal (ids, loss_mask) pairs, classification (ids, label), seq2seq
+    (input ids, target ids), or image classification (images, label) with the image processor."""
 
-    ids: list[list[int]]
+    ids: list  # token ids; for image_classification the images (paths, PIL images), processed per batch
     targets: list  # loss masks (causal), int labels (classification) or target ids (seq2seq)
     task: str
+    processor: object = None  # image_classification: the `lowrax.ImageProcessor` making pixel_values
 
 
 def encode_all(tokenizer, records: list[dict], cfg: DataSection, task: str) -> Encoded:
     if not records:
         return Encoded([], [], task)
     fmt = detect_format(records[0], cfg, task)
+    if task == "image_classification":  # `tokenizer` is the model's ImageProcessor; images are read per batch
+        return Encoded([r[cfg.image_field] for r in records], [int(r[cfg.label_field]) for r in records], task,
+                       processor=tokenizer)
     ids, targets = [], []
     source, target = seq2seq_fields(fmt, cfg)
     for record in records:
@@ -235,6 +268,10 @@ class Batches:
         t, b = self.seq_len, len(rows)
         ids = np.full((b, t), self.pad_id, np.int32)
         mask = np.zeros((b, t), np.int32)
+        if self.data.task == "image_classification":
+            images = [self.data.ids[i] for (i,) in rows]
+            return {"pixel_values": self.data.processor(images),
+                    "labels": np.asarray([self.data.targets[i] for (i,) in rows], np.int32)}
         out = {"input_ids": ids, "attention_mask": mask}
         if self.data.task == "classification":
             labels = np.zeros((b,), np.int32)

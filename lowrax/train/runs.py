@@ -18,7 +18,7 @@ from lowrax.adapters.registry import format_for_config, method_names
 from lowrax.adapters.tree import combine, merge, split
 from lowrax.errors import LowraxError
 from lowrax.io.atomic import write_text
-from lowrax.io.pretrained import base_model_name, base_model_path, load_pretrained, load_tokenizer, save_pretrained
+from lowrax.io.pretrained import base_model_name, base_model_path, load_pretrained, load_preprocessor, save_pretrained
 from lowrax.peft.common import CONFIG, WEIGHTS
 from lowrax.peft.format import load_peft, read_adapter_config, save_peft
 from lowrax.pruning.sparse import sparse_modules, with_sparse_kernels
@@ -92,7 +92,7 @@ def load_adapted(path: str | Path, model_path: str | None = None, dtype: str | N
     path = Path(path)
     if (path / "config.yaml").exists():
         cfg, model, params = restore_run(path, model_path=model_path, dtype=dtype)
-        return Adapted(model, params, load_tokenizer(cfg.model.path), uses_chat_template(cfg), f"run {path}")
+        return Adapted(model, params, load_preprocessor(cfg.model.path, model), uses_chat_template(cfg), f"run {path}")
     if not (path / CONFIG).exists():
         raise LowraxError(f"{path} is neither a lowrax run directory (config.yaml) nor a PEFT adapter directory "
                           f"({CONFIG} + {WEIGHTS})")
@@ -103,7 +103,7 @@ def load_adapted(path: str | Path, model_path: str | None = None, dtype: str | N
     params = load_peft(base, path, model)
     run = path.parent
     chat = uses_chat_template(read_run_config(run)) if (run / "config.yaml").exists() else None
-    return Adapted(model, params, load_tokenizer(model_path), chat, f"PEFT adapter {path}")
+    return Adapted(model, params, load_preprocessor(model_path, model), chat, f"PEFT adapter {path}")
 
 
 def recorded_base(adapter_config: dict) -> str | None:
@@ -149,7 +149,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
         else:
             log(f"sparsity filled: the adapter's delta fills the {share:.1%} pruned weights of {len(pruned)} layers; "
                 "the merged model is dense")
-    out = save_pretrained(merged, model, out_dir, tokenizer=load_tokenizer(cfg.model.path),
+    out = save_pretrained(merged, model, out_dir, tokenizer=load_preprocessor(cfg.model.path, model),
                           overwrite=overwrite, keep_nf4=requantize)
     if report is not None:
         (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")

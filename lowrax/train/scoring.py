@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from lowrax.models.generate import generate_ids
 from lowrax.train.config import TrainConfig
-from lowrax.train.data import Batches, detect_format, encode_all, prompt_ids, seq2seq_fields
+from lowrax.train.data import Batches, data_task, detect_format, encode_all, prompt_ids, seq2seq_fields
+from lowrax.train.step import classifier_logits
 from lowrax.train.default_task import exact_match
 
 GENERATION_BATCH = 16
@@ -57,12 +58,15 @@ class TaskScorer:
             predictions = self.generations(params, self.records, f"scoring {when}".strip())
             return exact_match(predictions, [r[self.fields[1]] for r in self.records])
         if self.kind == "accuracy":
-            enc = encode_all(self.tokenizer, self.records, self.cfg.data, "classification")
-            batches = Batches(enc, self.cfg.data.seq_len, len(enc.ids), seed=0)
-            batch = batches.batch(0)
-            logits = self.model.apply(params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])).logits
-            labels = np.asarray([enc.targets[i[0]] for i in batches._rows(0)])
-            return float(np.mean(np.asarray(jnp.argmax(logits, -1)) == labels))
+            enc = encode_all(self.tokenizer, self.records, self.cfg.data, data_task(self.model, "classification"))
+            rows = [[i] for i in range(len(enc.ids))]
+            batches = Batches(enc, self.cfg.data.seq_len, GENERATION_BATCH, seed=0)
+            correct = 0
+            for start in range(0, len(rows), GENERATION_BATCH):  # in chunks: images take memory
+                batch = batches.rows_batch(rows[start: start + GENERATION_BATCH])
+                logits = classifier_logits(self.model, params, {k: jnp.asarray(v) for k, v in batch.items()})
+                correct += int(np.sum(np.asarray(jnp.argmax(logits, -1)) == batch["labels"]))
+            return correct / len(rows)
         return None
 
 

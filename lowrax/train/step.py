@@ -64,13 +64,20 @@ def causal_lm_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 
 def classification_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(sum of example losses, number of examples). batch: input_ids, attention_mask, labels [b],
-    optionally example_weights [b] (0 drops an example, e.g. filler rows of a last batch)."""
-    logits = model.apply(params, batch["input_ids"], batch["attention_mask"]).logits
+    """(sum of example losses, number of examples). batch: input_ids, attention_mask (pixel_values for an image
+    model), labels [b], optionally example_weights [b] (0 drops an example, e.g. filler rows of a last batch)."""
+    logits = classifier_logits(model, params, batch)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     loss = -jnp.take_along_axis(log_probs, batch["labels"][:, None], axis=-1)[:, 0]
     weights = batch.get("example_weights", jnp.ones_like(loss)).astype(jnp.float32)
     return jnp.sum(loss * weights), jnp.sum(weights)
+
+
+def classifier_logits(model, params, batch) -> jnp.ndarray:
+    """A classifier's logits [b, labels] for a text batch or, for an image model, a pixel_values batch."""
+    if model.is_image_model:
+        return model.apply(params, batch["pixel_values"]).logits
+    return model.apply(params, batch["input_ids"], batch["attention_mask"]).logits
 
 
 def seq2seq_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:

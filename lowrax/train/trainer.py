@@ -25,12 +25,12 @@ from tqdm.auto import tqdm
 
 from lowrax.adapters.tree import combine, count_params, count_trained, split
 from lowrax.adapters.wrap import adapter_nodes
-from lowrax.io.pretrained import base_model_name, load_tokenizer
+from lowrax.io.pretrained import base_model_name, load_preprocessor
 from lowrax.peft.format import save_peft
 from lowrax.io.atomic import write_text
 from lowrax.train.checkpoints import Checkpoints, directory_size
 from lowrax.train.config import TrainConfig, differences
-from lowrax.train.data import Batches, encode_all, load_records, loss_width
+from lowrax.train.data import Batches, data_task, encode_all, load_records, loss_width, with_num_labels
 from lowrax.train.scoring import TaskScorer, score_run
 from lowrax.errors import LowraxError
 from lowrax.train.optim import make_optimizer
@@ -116,6 +116,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
     if not primary:
         progress, log = False, (lambda *_: None)
     out = Path(cfg.train.output_dir)
+    train_records, eval_records = load_records(cfg.data)  # a bad data source fails before the model loads
+    cfg = with_num_labels(cfg, train_records)
     _check_output_dir(out, cfg)
     finished = finished_run(out, cfg)
     if finished is not None:
@@ -125,14 +127,14 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
         return {**finished, "already_finished": True}
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg.train.batch_size, mesh)
-    train_records, eval_records = load_records(cfg.data)  # a bad data source fails before the model loads
     preference = cfg.objective in PREFERENCE
     if preference:
         train_records, eval_records = preference_records(cfg, train_records, eval_records)
     model, base, params = build_model(cfg, mesh)
-    tokenizer = load_tokenizer(cfg.model.path)
-    task = cfg.model.task
-    pad = tokenizer.pad_token_id or 0
+    # the text model's tokenizer, or an image model's ImageProcessor (what encode_all reads examples with)
+    tokenizer = load_preprocessor(cfg.model.path, model)
+    task = data_task(model, cfg.model.task)
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
     teacher = None  # distillation: (model, merged params, description)
     if preference:
         run = PreferenceRun(cfg, model, tokenizer, train_records, eval_records, mesh)
@@ -226,7 +228,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
                      for i, m in enumerate(micro)]
         stacked = {k: np.stack([m[k] for m in micro]) for k in micro[0]} if accum > 1 else micro[0]
         logged = {"on_policy": int(on_policy)} if teacher and cfg.distill.on_policy else {}
-        return global_batch(mesh, stacked, accum > 1), int(stacked["attention_mask"].sum()), logged
+        real = stacked["attention_mask"].sum() if "attention_mask" in stacked else stacked["labels"].size  # images
+        return global_batch(mesh, stacked, accum > 1), int(real), logged
 
     evaluate = run.evaluate if preference else EvalLoss(model, eval_data, cfg, pad, mesh)
 
