@@ -68,6 +68,12 @@ def batches(steps, b=8, t=16):
     return out
 
 
+def image_batches(steps, b=8):
+    rng = np.random.default_rng(0)
+    return [{"pixel_values": rng.normal(size=(b, 3, 16, 16)).astype(np.float32),
+             "labels": rng.integers(0, 3, b).astype(np.int32)} for _ in range(steps)]
+
+
 def run(tiny_dir, mesh, method, steps=3):
     """Losses and final trainable arrays of `steps` LoRA (or QLoRA) steps on `mesh`."""
     quant = lowrax.QuantConfig(blocksize=64) if method == "qlora" else None
@@ -83,7 +89,7 @@ def run(tiny_dir, mesh, method, steps=3):
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=10))
     step, state, frozen = sharded_train_step(model, optimizer, mesh, init_state(trainable, optimizer), frozen)
     losses = []
-    for batch in batches(steps):
+    for batch in image_batches(steps) if model.is_image_model else batches(steps):
         state, metrics = step(state, frozen, global_batch(mesh, batch))
         losses.append(float(metrics["loss"]))
     return model, base, state, frozen, losses, optimizer
@@ -279,13 +285,16 @@ NEW_FAMILIES = {"phi3": dict(CONFIG, model_type="phi3", partial_rotary_factor=0.
                 "gemma2": dict(CONFIG, model_type="gemma2", head_dim=16, sliding_window=4, query_pre_attn_scalar=16),
                 "t5": {"model_type": "t5", "vocab_size": 128, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2,
                        "num_decoder_layers": 1, "num_heads": 4, "feed_forward_proj": "gated-gelu",
-                       "tie_word_embeddings": False}}
+                       "tie_word_embeddings": False},
+                "vit": {"model_type": "vit", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "intermediate_size": 128, "image_size": 16, "patch_size": 4,
+                        "architectures": ["ViTForImageClassification"], "id2label": {"0": "a", "1": "b", "2": "c"}}}
 
 
-@pytest.mark.parametrize("base", ["phi3", "gemma2", "t5", "pruned-llama"])
+@pytest.mark.parametrize("base", ["phi3", "gemma2", "t5", "vit", "pruned-llama"])
 def test_new_families_and_pruned_bases_train_sharded_as_on_one_device(tiny_dir, tmp_path, base):
-    """Phi-3's fused projections, Gemma 2 and T5 on NF4 bases (QLoRA) and a pruned base (SparseKernels,
-    their masks split like their kernels) follow the rules and train on the mesh as on one device."""
+    """Phi-3's fused projections, Gemma 2 and T5 on NF4 bases (QLoRA), a ViT classifier and a pruned base
+    (SparseKernels, their masks split like their kernels) follow the rules and train on the mesh as on one device."""
     method = "qlora" if base in ("gemma2", "t5") else "lora"
     if base in NEW_FAMILIES:
         config = NEW_FAMILIES[base]
@@ -316,6 +325,9 @@ def test_new_families_and_pruned_bases_train_sharded_as_on_one_device(tiny_dir, 
     elif base == "phi3":
         qkv = state.trainable["model"]["layers"]["0"]["self_attn"]["qkv_proj"]["kernel"]
         assert qkv.b.shape == (4, (4 + 2 * 2) * 16)
+    elif base == "vit":  # q/k/v/o and the MLP split like BERT's; the classifier and patch projection replicated
+        q = loaded["vit"]["layers"]["0"]["attention"]["q_proj"]["kernel"]
+        assert q.sharding.spec == P("fsdp", "tensor")
     elif base == "t5":  # every stack's projections in NF4, the position-bias table split over heads
         wo = loaded["decoder"]["block"]["0"]["layer"]["2"]["DenseReluDense"]["wo"]["kernel"]
         assert isinstance(wo, lowrax.NF4Tensor)

@@ -219,3 +219,44 @@ def test_image_folder_errors_name_the_problem(tmp_path):
     with pytest.raises(LowraxError, match="at least two class subfolders"):
         image_folder_splits(tmp_path / "only")
     assert ViTModel.adapter_module_name("query") == "q_proj"
+
+
+def test_bfloat16_base_with_float32_lora(pair):
+    _, _, model, params = pair
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    x = pixels(seed=4)
+    ref = ours(model, params, x)
+    got = model.apply(bf16, jnp.asarray(x)).logits
+    assert got.dtype == jnp.bfloat16
+    assert np.abs(np.asarray(got, np.float32) - ref).max() <= 0.05 * np.abs(ref).max() + 0.02
+    wrapped = lowrax.wrap(bf16, lowrax.LoraConfig(r=4, init="random"), jax.random.key(0), model=model)
+    trainable, frozen = lowrax.split(wrapped)
+    from lowrax.train.step import classification_loss
+
+    batch = {"pixel_values": jnp.asarray(x), "labels": jnp.asarray([0, 1, 1])}
+    grads = jax.tree.leaves(jax.grad(lambda t: classification_loss(model, lowrax.combine(t, frozen), batch)[0])(trainable))
+    assert all(g.dtype == jnp.float32 and np.isfinite(np.asarray(g)).all() for g in grads)
+    assert max(float(jnp.abs(g).max()) for g in grads) > 0
+
+
+def test_datasets_image_dataset_becomes_batches(tmp_path):
+    """A `datasets` save_to_disk directory with an Image column trains like an image folder."""
+    import datasets
+
+    from lowrax.train.config import DataSection
+    from lowrax.train.data import Batches, encode_all, load_records
+
+    folder = image_folder(tmp_path / "images", per_class=3)
+    files = sorted(folder.rglob("*.png"))
+    dataset = datasets.Dataset.from_dict({"img": [str(f) for f in files], "label": [int(f.parent.name == "red") for f in files]})
+    dataset.cast_column("img", datasets.Image()).save_to_disk(str(tmp_path / "saved"))
+    cfg = DataSection(source=str(tmp_path / "saved"), image_field="img", eval_fraction=0.0)
+    train, _ = load_records(cfg)
+    data = encode_all(lowrax.ImageProcessor(size={"height": 16, "width": 16}), train, cfg, "image_classification")
+    batch = Batches(data, seq_len=1, batch_size=4, seed=0).batch(0)
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["pixel_values"].dtype == np.float32
+    assert sorted(set(batch["labels"].tolist())) <= [0, 1]
+    with pytest.raises(LowraxError, match="need the fields image"):
+        encode_all(None, [{"text": "x", "label": 0}], DataSection(), "image_classification")
+    with pytest.raises(LowraxError, match="image encoders"):
+        encode_all(None, [{"text": "x", "label": 0}], DataSection(format="classification"), "image_classification")
