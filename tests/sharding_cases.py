@@ -293,9 +293,9 @@ NEW_FAMILIES = {"phi3": dict(CONFIG, model_type="phi3", partial_rotary_factor=0.
 
 @pytest.mark.parametrize("base", ["phi3", "gemma2", "t5", "vit", "pruned-llama"])
 def test_new_families_and_pruned_bases_train_sharded_as_on_one_device(tiny_dir, tmp_path, base):
-    """Phi-3's fused projections, Gemma 2 and T5 on NF4 bases (QLoRA), a ViT classifier and a pruned base
+    """Phi-3 (fused projections), Gemma 2, T5 and a ViT classifier on NF4 bases (QLoRA), and a pruned base
     (SparseKernels, their masks split like their kernels) follow the rules and train on the mesh as on one device."""
-    method = "qlora" if base in ("gemma2", "t5") else "lora"
+    method = "lora" if base == "pruned-llama" else "qlora"
     if base in NEW_FAMILIES:
         config = NEW_FAMILIES[base]
         model = model_from_hf_config(config)
@@ -325,9 +325,9 @@ def test_new_families_and_pruned_bases_train_sharded_as_on_one_device(tiny_dir, 
     elif base == "phi3":
         qkv = state.trainable["model"]["layers"]["0"]["self_attn"]["qkv_proj"]["kernel"]
         assert qkv.b.shape == (4, (4 + 2 * 2) * 16)
-    elif base == "vit":  # q/k/v/o and the MLP split like BERT's; the classifier and patch projection replicated
-        q = loaded["vit"]["layers"]["0"]["attention"]["q_proj"]["kernel"]
-        assert q.sharding.spec == P("fsdp", "tensor")
+    elif base == "vit":  # NF4 blocks over fsdp; the patch projection (4-D, no linear layer) replicated
+        assert isinstance(loaded["vit"]["layers"]["0"]["attention"]["q_proj"]["kernel"], lowrax.NF4Tensor)
+        assert loaded["vit"]["embeddings"]["patch_embeddings"]["projection"]["weight"].sharding.spec == P(None, None, None, None)
     elif base == "t5":  # every stack's projections in NF4, the position-bias table split over heads
         wo = loaded["decoder"]["block"]["0"]["layer"]["2"]["DenseReluDense"]["wo"]["kernel"]
         assert isinstance(wo, lowrax.NF4Tensor)
