@@ -47,3 +47,10 @@ def whole_sequence_nll(model, params, hidden, input_ids, attention_mask) -> tupl
     token = logps_at(model, params, hidden, positions, input_ids[:, 1:])
     weights = attention_mask[:, 1:].astype(jnp.float32)
     return -jnp.sum(token * weights), jnp.sum(weights)
+
+
+def classifier_logits(model, params, batch) -> jnp.ndarray:
+    """A classifier's logits [b, labels] for a text batch or, for an image model, a pixel_values batch."""
+    if model.is_image_model:
+        return model.apply(params, batch["pixel_values"]).logits
+    return model.apply(params, batch["input_ids"], batch["attention_mask"]).logits

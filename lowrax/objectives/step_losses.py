@@ -21,7 +21,7 @@ from lowrax.adapters.tree import adapters_off
 from lowrax.errors import LowraxError
 from lowrax.objectives.config import DistillSection, PreferenceSection
 from lowrax.objectives.distill import token_divergence
-from lowrax.objectives.logps import completion_logps, logits_at, target_logps, whole_sequence_nll
+from lowrax.objectives.logps import classifier_logits, completion_logps, logits_at, target_logps, whole_sequence_nll
 from lowrax.objectives.preference import dpo_per_pair, kto_per_example, orpo_per_pair, simpo_per_pair
 
 
@@ -182,9 +182,8 @@ def classifier_distill_objective(cfg: DistillSection, teacher_model):
     `hard_label_weight`. batch: input_ids, attention_mask, labels [b], optional example_weights."""
 
     def loss_fn(model, params, batch, teacher):
-        student = model.apply(params, batch["input_ids"], batch["attention_mask"]).logits.astype(jnp.float32)
-        teacher_logits = jax.lax.stop_gradient(
-            teacher_model.apply(teacher, batch["input_ids"], batch["attention_mask"]).logits)
+        student = classifier_logits(model, params, batch).astype(jnp.float32)
+        teacher_logits = jax.lax.stop_gradient(classifier_logits(teacher_model, teacher, batch))
         labels = batch["labels"]
         weights = batch.get("example_weights", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
         return _distilled(cfg, student, teacher_logits, labels, weights)

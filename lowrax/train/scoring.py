@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from lowrax.models.generate import generate_ids
 from lowrax.train.config import TrainConfig
 from lowrax.train.data import Batches, data_task, detect_format, encode_all, prompt_ids, seq2seq_fields
-from lowrax.train.step import classifier_logits
+from lowrax.objectives.logps import classifier_logits
 from lowrax.train.default_task import exact_match
 
 GENERATION_BATCH = 16

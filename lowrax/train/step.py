@@ -18,7 +18,7 @@ import optax
 from flax import struct
 
 from lowrax.adapters.node import resolve
-from lowrax.objectives.logps import target_logps
+from lowrax.objectives.logps import classifier_logits, target_logps
 from lowrax.adapters.tree import after_update, combine, penalty, precondition_grads, with_dropout_keys
 
 
@@ -71,13 +71,6 @@ def classification_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]
     loss = -jnp.take_along_axis(log_probs, batch["labels"][:, None], axis=-1)[:, 0]
     weights = batch.get("example_weights", jnp.ones_like(loss)).astype(jnp.float32)
     return jnp.sum(loss * weights), jnp.sum(weights)
-
-
-def classifier_logits(model, params, batch) -> jnp.ndarray:
-    """A classifier's logits [b, labels] for a text batch or, for an image model, a pixel_values batch."""
-    if model.is_image_model:
-        return model.apply(params, batch["pixel_values"]).logits
-    return model.apply(params, batch["input_ids"], batch["attention_mask"]).logits
 
 
 def seq2seq_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:

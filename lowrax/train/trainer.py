@@ -131,6 +131,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
     if preference:
         train_records, eval_records = preference_records(cfg, train_records, eval_records)
     model, base, params = build_model(cfg, mesh)
+    if cfg.objective == "distill" and model.is_image_model:
+        raise LowraxError("objective 'distill' supports text models; distilling an image classifier is not implemented")
     # the text model's tokenizer, or an image model's ImageProcessor (what encode_all reads examples with)
     tokenizer = load_preprocessor(cfg.model.path, model)
     task = data_task(model, cfg.model.task)
