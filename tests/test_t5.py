@@ -236,3 +236,21 @@ def test_methods_without_a_t5_placement_are_refused(pair):
         lowrax.wrap(params, lowrax.BottleneckConfig(), jax.random.key(0), model=model)
     with pytest.raises(LowraxError, match="prompt-learning methods run on causal LMs and BERT encoders, not 't5'"):
         lowrax.wrap(params, lowrax.PromptTuningConfig(num_virtual_tokens=4), jax.random.key(0), model=model)
+
+
+def test_peft_t5_adapter_imports_as_a_seq2seq_run(tmp_path_factory, tmp_path):
+    """`lowrax import-peft` of a PEFT SEQ_2_SEQ_LM adapter gives a run with model.task=seq2seq that restores."""
+    from lowrax.train.runs import import_peft, restore_run
+
+    path = tiny_t5_dir(tmp_path_factory)
+    model, params = lowrax.load_pretrained(path, progress=False)
+    wrapped = randomize(lowrax.wrap(params, lowrax.LoraConfig(r=2, alpha=4), jax.random.key(1), model=model),
+                        jax.random.key(2))
+    lowrax.save_peft(wrapped, tmp_path / "adapter", model)
+    run = import_peft(tmp_path / "adapter", tmp_path / "run", model_path=str(path))
+    cfg, restored_model, restored = restore_run(run)
+    assert cfg.model.task == "seq2seq" and restored_model.is_seq2seq
+    ids, mask, decoder_ids = inputs()
+    ids, decoder_ids = ids % 1000, decoder_ids % 1000
+    np.testing.assert_allclose(ours(model, restored, ids, mask, decoder_ids), ours(model, wrapped, ids, mask, decoder_ids),
+                               atol=1e-6)

@@ -176,7 +176,9 @@ def import_peft(adapter_dir: str | Path, out_dir: str | Path, model_path: str | 
     for name in method_names():
         values.pop(name, None)  # the preset's adapter settings give way to the adapter's own
     values.update(method=method, **{method: dataclasses.asdict(adapter_cfg)})
-    values["model"] = {**values.get("model", {}), "path": model_path}
+    # the run's task from PEFT's task_type (an override still wins): a T5 or a classifier trains as one
+    task = {"SEQ_2_SEQ_LM": "seq2seq", "SEQ_CLS": "classification"}.get(peft_config.get("task_type"))
+    values["model"] = {**({"task": task} if task else {}), **values.get("model", {}), "path": model_path}
     values["train"] = {**values.get("train", {}), "output_dir": str(out_dir)}
     cfg = from_dict(apply_overrides(values, list(overrides)))
     model, base, wrapped = build_model(cfg)
