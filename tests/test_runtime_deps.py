@@ -42,3 +42,13 @@ def test_quick_start_and_cli_run_on_the_declared_dependencies(site, tmp_path):
     assert (tmp_path / "smollm2-hf" / "model.safetensors").exists()
     assert ">>> What is the capital of France?" in result.stdout
     assert "PyTorch was not found" not in result.stderr  # transformers' advice is noise to lowrax's users
+
+
+def test_image_processing_runs_on_the_declared_dependencies(site, tmp_path):
+    """ViT's inputs (lowrax.ImageProcessor: PIL + numpy) need nothing beyond the declared dependencies."""
+    script = ("import numpy as np, lowrax\n"
+              "image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)\n"
+              "print(lowrax.ImageProcessor(size={'height': 16, 'width': 16})([image]).shape)\n")
+    result = run_restricted(site, script, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(1, 3, 16, 16)" in result.stdout
