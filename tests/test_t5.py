@@ -254,3 +254,10 @@ def test_peft_t5_adapter_imports_as_a_seq2seq_run(tmp_path_factory, tmp_path):
     ids, decoder_ids = ids % 1000, decoder_ids % 1000
     np.testing.assert_allclose(ours(model, restored, ids, mask, decoder_ids), ours(model, wrapped, ids, mask, decoder_ids),
                                atol=1e-6)
+
+
+def test_pruning_refuses_an_encoder_decoder(pair):
+    _, _, model, params = pair
+    for method, ids in (("wanda", np.ones((2, 8), np.int32)), ("magnitude", None)):
+        with pytest.raises(LowraxError, match="t5 is not supported"):
+            lowrax.prune(params, model, ids, method=method, progress=False)

@@ -99,10 +99,10 @@ def _tensors() -> tuple[TensorSpec, ...]:
     decoder_layers = lambda c: c.num_decoder_layers  # noqa: E731
 
     def attention(path, key, layer_count=None):
-        out = tuple(TensorSpec(f"{path}/{n}/kernel", f"{key}.{n}.weight",
-                               (lambda c: (c.hidden_size, inner(c))) if n != "o" else (lambda c: (inner(c), c.hidden_size)),
-                               TRANSPOSE, layers=layer_count) for n in ("q", "k", "v", "o"))
-        return out
+        into = lambda c: (c.hidden_size, inner(c))  # noqa: E731
+        out_of = lambda c: (inner(c), c.hidden_size)  # noqa: E731
+        return tuple(TensorSpec(f"{path}/{n}/kernel", f"{key}.{n}.weight", out_of if n == "o" else into, TRANSPOSE,
+                                layers=layer_count) for n in ("q", "k", "v", "o"))
 
     def mlp(path, key, layer_count=None):
         up = lambda c: (c.hidden_size, c.intermediate_size)  # noqa: E731

@@ -61,6 +61,9 @@ def prune(params: Any, model, calibration_ids=None, method: str = "sparsegpt", s
     fraction = masks.pattern_sparsity(pattern, sparsity)
     if not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise LowraxError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    if model.is_seq2seq or model.is_image_model:
+        raise LowraxError(f"pruning runs layer by layer through one stack on token rows (decoder LMs and text "
+                          f"encoders); {model.model_type} is not supported")
     if method in CALIBRATED and calibration_ids is None:
         raise LowraxError(f"{method} pruning needs calibration_ids: token ids [rows, tokens] of text like the "
                           "model's (lowrax prune uses the embedded text set by default)")
