@@ -60,8 +60,12 @@ def check_shape(name: str, key: str, tensor, expected: tuple[int, ...]) -> None:
                               f"expected {tuple(expected)} for this module")
 
 
-def task_type(model) -> str:
-    """PEFT's task_type for the model's kind (a causal LM when the model is not given)."""
+def task_type(model) -> str | None:
+    """PEFT's task_type for the model's kind (a causal LM when the model is not given). None for an image
+    classifier, as PEFT's image-classification guide leaves it: PEFT's SEQ_CLS wrapper would make the
+    classifier a trained module whether or not the adapter trained it."""
+    if getattr(model, "is_image_model", False):
+        return None
     if getattr(model, "is_seq2seq", False):
         return "SEQ_2_SEQ_LM"
     return "CAUSAL_LM" if getattr(model, "is_causal_lm", True) else "SEQ_CLS"
