@@ -15,6 +15,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import lowrax  # noqa: E402
+from tests.test_peft_exchange import randomize  # noqa: E402
 
 T5_TARGETS, VIT_TARGETS = ("q", "v", "wo"), ("q_proj", "v_proj", "fc2")
 # method -> (lowrax config for targets, method-specific keyword arguments); OFT blocks of 8 divide every input width
@@ -67,12 +68,6 @@ def run_torch(hf, inputs):
     with torch.no_grad():
         return hf(**{k: torch.tensor(v) for k, v in inputs.items()}).logits.numpy()
 
-
-def randomize(params, key):
-    trainable, frozen = lowrax.split(params)
-    leaves, treedef = jax.tree.flatten(trainable)
-    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, jax.random.split(key, len(leaves)))]
-    return lowrax.combine(jax.tree.unflatten(treedef, leaves), frozen)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

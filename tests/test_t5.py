@@ -19,6 +19,7 @@ import lowrax  # noqa: E402
 from lowrax.errors import LowraxError  # noqa: E402
 from lowrax.models.t5 import relative_bucket_table  # noqa: E402
 from tests.conftest import hf_model_dir, random_batch, tiny_t5_dir  # noqa: E402
+from tests.test_peft_exchange import randomize  # noqa: E402
 
 VOCAB = 96
 SMALL = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4,
@@ -116,12 +117,6 @@ def test_apply_without_decoder_input_names_it(pair):
     with pytest.raises(LowraxError, match="decoder_input_ids"):
         model.apply(params, jnp.ones((1, 3), jnp.int32))
 
-
-def randomize(params, key):
-    trainable, frozen = lowrax.split(params)
-    leaves, treedef = jax.tree.flatten(trainable)
-    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, jax.random.split(key, len(leaves)))]
-    return lowrax.combine(jax.tree.unflatten(treedef, leaves), frozen)
 
 
 # lowrax config, PEFT config: every T5 projection PEFT names, and PEFT's defaults

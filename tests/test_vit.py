@@ -18,6 +18,7 @@ from PIL import Image  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import lowrax  # noqa: E402
+from tests.test_peft_exchange import randomize  # noqa: E402
 from lowrax.errors import LowraxError  # noqa: E402
 from lowrax.models.vit import ViTModel  # noqa: E402
 
@@ -130,12 +131,6 @@ def test_image_processor_equals_transformers(settings, tmp_path):
     images[0].convert("L").save(tmp_path / "gray.png")
     assert lowrax.ImageProcessor.from_pretrained(tmp_path)([tmp_path / "gray.png"]).shape == (1,) + expected.shape[1:]
 
-
-def randomize(params, key):
-    trainable, frozen = lowrax.split(params)
-    leaves, treedef = jax.tree.flatten(trainable)
-    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, jax.random.split(key, len(leaves)))]
-    return lowrax.combine(jax.tree.unflatten(treedef, leaves), frozen)
 
 
 def test_lora_and_classifier_cross_with_peft_both_ways(pair, tmp_path):
