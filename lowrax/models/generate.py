@@ -18,7 +18,7 @@ import numpy as np
 from lowrax.adapters.slots import SLOTS_KEY, anonymous, has_named_adapters, with_adapter_rows
 from lowrax.errors import LowraxError
 from lowrax.models.base import CausalLM
-from lowrax.models.sampling import SamplingConfig, sample_next
+from lowrax.models.sampling import SamplingConfig, collect_tokens, sample_next
 from lowrax.models.seq2seq_generate import generate_seq2seq_ids
 
 PROMPT_BUCKET = 32
@@ -94,23 +94,13 @@ def generate_ids(
     rng, sub = jax.random.split(rng)
     cache = model.init_cache(batch, cache_len, dtype)
     token, cache, position, key_valid = prefill(params, jnp.asarray(ids), jnp.asarray(mask), cache, sub)
-    eos = np.asarray(list(eos_token_ids), np.int32)
-    out = np.zeros((batch, max_new_tokens), np.int32)
-    done = np.zeros(batch, bool)
-    for i in range(max_new_tokens):
-        out[:, i] = np.asarray(token)
-        if on_token is not None:
-            on_token(out[:, i].copy())
-        done |= np.isin(out[:, i], eos)
-        if done.all() or i == max_new_tokens - 1:
-            break
-        rng, sub = jax.random.split(rng)
-        token, cache = step(params, token, position + i, key_valid, cache, jnp.int32(virtual + prompt_len + i), sub)
-    results = []
-    for row in out[:, : i + 1].tolist():
-        cut = next((j + 1 for j, t in enumerate(row) if t in set(eos.tolist())), len(row))
-        results.append(row[:cut])
-    return results
+
+    def next_token(token, i, key):
+        nonlocal cache
+        token, cache = step(params, token, position + i, key_valid, cache, jnp.int32(virtual + prompt_len + i), key)
+        return token
+
+    return collect_tokens(token, next_token, max_new_tokens, eos_token_ids, rng, on_token)
 
 
 def _per_row_adapters(params, adapter_names, batch: int):

@@ -1,11 +1,14 @@
-"""How the next token is chosen from logits: greedy, or sampling with temperature, top-k and top-p."""
+"""How the next token is chosen from logits (greedy, or sampling with temperature, top-k and top-p), and
+the host loop that collects a generation's tokens until every row has stopped."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lowrax.errors import LowraxError
 
@@ -45,3 +48,26 @@ def sample_next(logits: jnp.ndarray, key, sampling: SamplingConfig) -> jnp.ndarr
         drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
         logits = jnp.where(drop, neg, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def collect_tokens(first, next_token: Callable, max_new_tokens: int, eos_token_ids: Sequence[int], rng,
+                   on_token: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
+    """Each row's new ids: `first` [b], then `next_token(token, i, key)` for i = 0, 1, ... (the model's
+    compiled step, which keeps its cache itself), until every row has produced an EOS id or
+    `max_new_tokens` are out; each row is cut after its first EOS. on_token: called with each step's
+    ids (one per row) as soon as they exist, for streaming."""
+    eos = np.asarray(list(eos_token_ids), np.int32)
+    out = np.zeros((len(first), max_new_tokens), np.int32)
+    done = np.zeros(len(first), bool)
+    token = first
+    for i in range(max_new_tokens):
+        out[:, i] = np.asarray(token)
+        if on_token is not None:
+            on_token(out[:, i].copy())
+        done |= np.isin(out[:, i], eos)
+        if done.all() or i == max_new_tokens - 1:
+            break
+        rng, sub = jax.random.split(rng)
+        token = next_token(token, i, sub)
+    stops = set(eos.tolist())
+    return [row[: next((j + 1 for j, t in enumerate(row) if t in stops), len(row))] for row in out[:, : i + 1].tolist()]

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrax.adapters.node import resolve
-from lowrax.models.sampling import sample_next
+from lowrax.models.sampling import collect_tokens, sample_next
 
 _COMPILED: dict = {}
 
@@ -56,20 +56,11 @@ def generate_seq2seq_ids(model, params, inputs: Sequence[Sequence[int]], max_new
     cache = model.init_cache(batch, -(-max_new_tokens // cache_bucket) * cache_bucket, model.activation_dtype(params))
     rng, sub = jax.random.split(jax.random.key(seed))
     token, cache, cross = start(params, jnp.asarray(ids), jnp.asarray(mask), cache, sub)
-    eos = set(int(e) for e in eos_token_ids)
-    out = np.zeros((batch, max_new_tokens), np.int32)
-    done = np.zeros(batch, bool)
-    for i in range(max_new_tokens):
-        out[:, i] = np.asarray(token)
-        if on_token is not None:
-            on_token(out[:, i].copy())
-        done |= np.isin(out[:, i], list(eos))
-        if done.all() or i == max_new_tokens - 1:
-            break
-        rng, sub = jax.random.split(rng)
-        token, cache = step(params, token, jnp.asarray(mask), cross, cache, jnp.int32(i + 1), sub)
-    results = []
-    for row in out[:, : i + 1].tolist():
-        cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
-        results.append(row[:cut])
-    return results
+    input_mask = jnp.asarray(mask)
+
+    def next_token(token, i, key):
+        nonlocal cache
+        token, cache = step(params, token, input_mask, cross, cache, jnp.int32(i + 1), key)
+        return token
+
+    return collect_tokens(token, next_token, max_new_tokens, eos_token_ids, rng, on_token)
