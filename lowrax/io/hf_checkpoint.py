@@ -71,11 +71,13 @@ def load_tensors(
     resolved = []
     available = list(available)
     # keys under another transformers version's names (ViT), by the name the table uses
-    renamed = {model.checkpoint_key(k): k for k in available if model.checkpoint_key(k) != k}
+    renamed = {new: k for k in available if (new := model.checkpoint_key(k)) != k}
     for t in specs:
         for key in candidate_keys(t.hf_key, model.bare_prefix):
-            key = key if key not in renamed or lookup(key) is not None else renamed[key]
             found = lookup(key)
+            if found is None and key in renamed:
+                key = renamed[key]
+                found = lookup(key)
             if found is not None:
                 shape, read = found
                 used.add(key)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from lowrax.io.tables import TRANSPOSE, TensorSpec
 from lowrax.models import layers
 from lowrax.models.base import Model, rows_for_adapters
-from lowrax.models.config_utils import field
+from lowrax.models.config_utils import field, head_labels
 from lowrax.adapters.node import resolve, virtual_tokens
 from lowrax.models.linear import embed, linear
 from lowrax.models.residual import add_residual, layer_sites, site_adapter
@@ -58,9 +58,7 @@ class BertConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, num_labels: int | None = None) -> "BertConfig":
-        archs = hf.get("architectures") or []
-        if num_labels is None and any(a.endswith("ForSequenceClassification") for a in archs):
-            num_labels = len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
+        num_labels = head_labels(hf, num_labels, "ForSequenceClassification")
         return cls(
             model_type=hf.get("model_type", "bert"),
             vocab_size=field(hf, "vocab_size"),

@@ -22,6 +22,14 @@ def field(hf: dict, *names: str, default: Any = _MISSING) -> Any:
     return default
 
 
+def head_labels(hf: dict, num_labels: int | None, architecture_suffix: str) -> int | None:
+    """The classes of a checkpoint's classification head: `num_labels` when given, else id2label's size
+    (or num_labels) when config.json's architectures end in `architecture_suffix`, else None (no head)."""
+    if num_labels is None and any(a.endswith(architecture_suffix) for a in hf.get("architectures") or []):
+        return len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
+    return num_labels
+
+
 def rope_settings(hf: dict, default_theta: float = 10000.0) -> tuple[float, dict | None]:
     """(theta, scaling dict or None) from either `rope_theta`/`rope_scaling` (transformers 4)
     or `rope_parameters` (transformers 5)."""

@@ -26,7 +26,7 @@ from lowrax.io.tables import TRANSPOSE, TensorSpec
 from lowrax.models import layers
 from lowrax.models.base import Model, rows_for_adapters
 from lowrax.models.bert import EncoderOutput
-from lowrax.models.config_utils import field
+from lowrax.models.config_utils import field, head_labels
 from lowrax.models.linear import linear
 
 
@@ -54,9 +54,7 @@ class ViTConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, num_labels: int | None = None) -> "ViTConfig":
-        archs = hf.get("architectures") or []
-        if num_labels is None and any(a.endswith("ForImageClassification") for a in archs):
-            num_labels = len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
+        num_labels = head_labels(hf, num_labels, "ForImageClassification")
         image_size, patch_size = hf.get("image_size", 224), hf.get("patch_size", 16)
         if not isinstance(image_size, int) or not isinstance(patch_size, int) or image_size % patch_size:
             raise LowraxError(f"ViT needs a square integer image_size divisible by patch_size; got image_size "

@@ -184,7 +184,7 @@ class Encoded:
     (input ids, target ids), or image classification (images, label) with the image processor."""
 
     ids: list  # token ids; for image_classification the images (paths, PIL images), processed per batch
-    targets: list  # loss masks (causal), int labels (classification) or target ids (seq2seq)
+    targets: list  # loss masks (causal), int labels (classification, images) or target ids (seq2seq)
     task: str
     processor: object = None  # image_classification: the `lowrax.ImageProcessor` making pixel_values
 
