@@ -41,12 +41,12 @@ from lowrax.adapters.ia3 import IA3Config, IA3Kernel
 from lowrax.adapters.ln_tuning import LNTuningConfig, TunedNorm
 from lowrax.adapters.lycoris import LoHaConfig, LoHaKernel, LoKrConfig, LoKrKernel
 from lowrax.adapters.lora import DeltaLoraKernel, DoraKernel, LoraConfig, LoraKernel, VeraKernel
-from lowrax.adapters.named.combine import combine_adapters
+from lowrax.merging.combine_adapters import combine_adapters
 from lowrax.adapters.named.exchange import load_peft, save_peft
 from lowrax.adapters.named.named import (active_adapter, add_adapter, adapter_names, base_params, delete_adapter,
                                          disable_adapters, extract_adapter, set_adapter)
 from lowrax.adapters.slots import LoraSlots
-from lowrax.adapters.node import AdapterNode, FullyTrained
+from lowrax.core.node import AdapterNode, FullyTrained
 from lowrax.adapters.oft import OFTConfig, OFTKernel
 from lowrax.adapters.prompt import (PrefixEncoder, PrefixTuningConfig, PromptEncoder, PromptEncoderConfig, PromptTable,
                                     PromptTuningConfig)
@@ -59,14 +59,17 @@ from lowrax.merging.models import merge_models
 from lowrax.objectives import distill_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
 from lowrax.errors import CheckpointError, LowraxError, NotAModelError, UnsupportedModelError
 from lowrax.io.images import ImageProcessor
-from lowrax.io.pretrained import embedded_minilm_path, embedded_model_path, load_pretrained, load_tokenizer, save_pretrained
+from lowrax.models.pretrained import embedded_minilm_path, embedded_model_path, load_pretrained, load_tokenizer, save_pretrained
 from lowrax.models import EncoderOutput, supported_model_types
 from lowrax.models.generate import SamplingConfig, generate, generate_ids
-from lowrax.models.linear import linear, register_linear
+from lowrax.core.kernels import KernelType, register_kernel_type, register_linear
+from lowrax.core.linear import linear
 from lowrax.pruning.prune import prune
-from lowrax.pruning.sparse import SparseKernel, sparse_modules
+from lowrax.sparse.kernel import SparseKernel, sparse_modules
 from lowrax.quant.nf4 import NF4Tensor
-from lowrax.quant.tree import QuantConfig, merge_requantized, quantize
+from lowrax.quant import nf4_kernel  # noqa: F401  (registers NF4 as a kernel type)
+from lowrax.merging.requantize import merge_requantized
+from lowrax.quant.tree import QuantConfig, quantize
 from lowrax.train.config import TrainConfig, load_config
 from lowrax.train.host_memory import reuse_freed_host_memory
 from lowrax.train.optim import OptimizerConfig, make_optimizer
@@ -78,7 +81,7 @@ __version__ = "0.1.0"
 __all__ = [
     "load_pretrained", "load_tokenizer", "save_pretrained", "ImageProcessor", "generate", "generate_ids", "SamplingConfig",
     "EncoderOutput", "supported_model_types", "embedded_model_path", "embedded_minilm_path",
-    "linear", "register_linear",
+    "linear", "register_linear", "KernelType", "register_kernel_type",
     "wrap", "method_names", "AdapterNode", "AdaLoraConfig", "AdaLoraKernel", "BottleneckConfig", "BottleneckAdapter", "IA3Config", "IA3Kernel", "LoHaConfig", "LoHaKernel", "LoKrConfig", "LoKrKernel", "OFTConfig", "OFTKernel", "LNTuningConfig", "TunedNorm", "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig",
     "PromptTable", "PromptEncoder", "PrefixEncoder",
     "lora", "LoraConfig", "LoraKernel", "DoraKernel", "VeraKernel", "DeltaLoraKernel", "FullyTrained", "split", "combine", "merge", "unmerge", "labels",

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 import lowrax
 from lowrax.cli.main import COMBINATION_TYPES, main
-from lowrax.adapters.named.combine import COMBINATION_TYPES as LIBRARY_TYPES
+from lowrax.merging.combine_adapters import COMBINATION_TYPES as LIBRARY_TYPES
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 

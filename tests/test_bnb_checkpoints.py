@@ -37,7 +37,7 @@ def assert_same_weights(params, quantized_torch_model):
     """Every 4-bit layer of the torch model dequantizes (bitsandbytes) to lowrax's dequantized kernel."""
     import bitsandbytes.functional as F
 
-    from lowrax.io import tables
+    from lowrax.core import tables
     from lowrax.quant.nf4 import dequantize
 
     checked = 0

@@ -19,7 +19,7 @@ from peft.utils import merge_utils  # noqa: E402
 
 import lowrax  # noqa: E402
 from lowrax.errors import LowraxError  # noqa: E402
-from lowrax.adapters.named.combine import svd_factors  # noqa: E402
+from lowrax.merging.combine_adapters import svd_factors  # noqa: E402
 from lowrax.merging import rules  # noqa: E402
 from tests.conftest import hf_model_dir, random_batch  # noqa: E402
 

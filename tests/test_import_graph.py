@@ -1,8 +1,8 @@
-"""lowrax's modules import each other without a cycle, function-level imports included.
+"""lowrax's floors: every import (function-level ones included) runs down the floor list, and none in a cycle.
 
-A cycle that a lazy import hides still ties two modules into one; the layering
-in docs/ARCHITECTURE.md (models and quant below adapters, adapters below peft,
-train and dist, the CLI on top) is what this test keeps.
+FLOORS is the one written statement of the layering docs/ARCHITECTURE.md draws: a module
+imports only modules on its own floor or below. A module's floor is that of the longest
+prefix listed for it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,32 @@ from pathlib import Path
 import lowrax
 
 ROOT = Path(lowrax.__file__).resolve().parent
+
+
+FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("ground", ("lowrax.errors", "lowrax.core")),
+    ("weights", ("lowrax.io", "lowrax.quant", "lowrax.sparse", "lowrax.dist.sharding")),
+    ("models", ("lowrax.models",)),
+    ("adapters", ("lowrax.adapters", "lowrax.peft")),
+    ("objectives, merging, pruning", ("lowrax.objectives", "lowrax.merging", "lowrax.pruning")),
+    ("training library", ("lowrax.train", "lowrax.dist")),
+    ("application", ("lowrax", "lowrax.cli", "lowrax.optim", "lowrax.train_step", "lowrax.sharding",
+                     "lowrax.train.trainer", "lowrax.train.runs", "lowrax.train.build", "lowrax.train.scoring",
+                     "lowrax.train.preference_run", "lowrax.train.on_policy", "lowrax.train.teacher",
+                     "lowrax.train.adapter_sets", "lowrax.pruning.config", "lowrax.pruning.run",
+                     "lowrax.merging.checkpoints")),
+)
+
+
+def floor_of(module: str) -> int:
+    """The index in FLOORS of the longest prefix naming `module`."""
+    best, level = -1, None
+    for index, (_, prefixes) in enumerate(FLOORS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, level = len(prefix), index
+    assert level is not None, f"{module} is on no floor: add it to FLOORS"
+    return level
 
 
 def module_names() -> dict[str, Path]:
@@ -67,6 +93,37 @@ def test_no_import_cycles():
     assert len(graph) > 40 and sum(map(len, graph.values())) > 100  # the walk sees the package
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def upward_imports(modules: dict[str, Path]) -> list[tuple[str, str]]:
+    """Every (importer, imported) pair where the import runs from a lower floor to a higher one."""
+    return [(name, target) for name, path in sorted(modules.items())
+            for target in sorted(imports_of(name, path, modules)) if floor_of(target) > floor_of(name)]
+
+
+def test_every_import_runs_down_the_floors():
+    modules = module_names()
+
+    def where(name):
+        return f"{modules[name].relative_to(ROOT.parent)} ({FLOORS[floor_of(name)][0]})"
+
+    upward = [f"{where(low)} imports {where(high)}" for low, high in upward_imports(modules)]
+    assert not upward, "imports up the floors:\n  " + "\n  ".join(upward)
+
+
+def test_every_module_is_on_a_floor():
+    for name in module_names():
+        floor_of(name)
+
+
+def test_the_floor_check_sees_a_function_level_upward_import(tmp_path):
+    low = tmp_path / "low.py"
+    low.write_text("def f():\n    from lowrax.train.trainer import run_training\n")
+    high = tmp_path / "trainer.py"
+    high.write_text("from lowrax.core import linear\n")
+    modules = {"lowrax.core.low": low, "lowrax.train.trainer": high, "lowrax.core.linear": tmp_path / "none.py"}
+    (tmp_path / "none.py").write_text("")
+    assert upward_imports(modules) == [("lowrax.core.low", "lowrax.train.trainer")]
 
 
 def test_the_cycle_finder_finds_one():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowrax.models import linear as ops
+from lowrax.core import linear as ops
 
 
 def _operands(k: int, rows: int = 24):

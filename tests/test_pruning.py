@@ -17,7 +17,7 @@ from lowrax.errors import LowraxError
 from lowrax.io.hf_checkpoint import tree_to_hf_tensors
 from lowrax.pruning import masks
 from lowrax.pruning.config import load_prune_config
-from lowrax.pruning.sparse import SparseKernel
+from lowrax.sparse.kernel import SparseKernel
 from tests.conftest import tiny_llama_dir
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llmcompressor"

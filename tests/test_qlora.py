@@ -93,7 +93,7 @@ def test_nf4_matmul_gradient_equals_the_dense_one_and_keeps_one_weight_alive():
     import jax
     import jax.numpy as jnp
 
-    from lowrax.models.linear import matmul
+    from lowrax.core.linear import matmul
     from lowrax.quant import nf4
 
     weights = [nf4.quantize(jax.random.normal(jax.random.key(i), (256, 256)) * 0.05, 64, double) for i, double in

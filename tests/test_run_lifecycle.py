@@ -94,7 +94,7 @@ def test_import_peft_then_the_obvious_train_command_continues(tiny_dir, data_fil
 def test_adapters_name_their_base_model(finished_run, tiny_dir):
     config = json.loads((finished_run / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_dir.resolve())
-    from lowrax.io.pretrained import EMBEDDED_HUB_ID, base_model_name, base_model_path
+    from lowrax.models.pretrained import EMBEDDED_HUB_ID, base_model_name, base_model_path
 
     assert base_model_name(None) == EMBEDDED_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert base_model_path(EMBEDDED_HUB_ID) is None  # read back as the embedded model

@@ -13,9 +13,9 @@ import jax.numpy as jnp  # noqa: E402
 
 import lowrax  # noqa: E402
 from lowrax.models.generate import encode_prompt  # noqa: E402
-from lowrax.io import tables  # noqa: E402
-from lowrax.io.gguf_checkpoint import unpermute_rows  # noqa: E402
-from lowrax.io.pretrained import EMBEDDED_FILE  # noqa: E402
+from lowrax.core import tables  # noqa: E402
+from lowrax.models.gguf_model import unpermute_rows  # noqa: E402
+from lowrax.models.pretrained import EMBEDDED_FILE  # noqa: E402
 
 
 @pytest.fixture(scope="module")

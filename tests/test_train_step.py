@@ -13,7 +13,7 @@ from lowrax.errors import LowraxError
 from lowrax.models import model_from_hf_config
 from lowrax.train.optim import OptimizerConfig, make_optimizer
 from lowrax.train.step import init_state, make_train_step
-from lowrax.adapters.node import FullyTrained
+from lowrax.core.node import FullyTrained
 
 CONFIG = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}

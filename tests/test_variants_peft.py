@@ -92,5 +92,5 @@ def test_peft_variant_adapter_loads_in_lowrax(saved_models, family, variant, tmp
     ids, mask = random_batch(128, [7, 7], pad_id=0, left=False)
     diff = np.abs(lowrax_outputs(model, wrapped, ids, mask) - torch_outputs(peft_model, ids, mask, True)).max()
     assert diff <= 1e-4
-    kinds = {type(n).__name__ for n in jax.tree.leaves(wrapped, is_leaf=lowrax.adapters.node.is_adapter) if lowrax.adapters.node.is_adapter(n)}
+    kinds = {type(n).__name__ for n in jax.tree.leaves(wrapped, is_leaf=lowrax.core.node.is_adapter) if lowrax.core.node.is_adapter(n)}
     assert kinds == {"vera": {"VeraKernel"}, "dora": {"DoraKernel"}}.get(variant, {"LoraKernel"})

@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lowrax.adapters.node import VECTOR, AdapterNode
+from lowrax.core.node import VECTOR, AdapterNode
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import TargetConfig, as_tuple, targeting_from_peft
 from lowrax.errors import CheckpointError, LowraxError
-from lowrax.models.linear import matmul
+from lowrax.core.linear import matmul
 from lowrax.peft.common import PREFIX, fan_in_fan_out
 
 # PEFT's defaults per model_type (peft.utils.constants, the IA3 mappings).

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lowrax.adapters.node import FULL, AdapterNode, is_adapter
+from lowrax.core.node import FULL, AdapterNode, is_adapter
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import TargetConfig, norm_modules, targeting_from_peft
 from lowrax.errors import CheckpointError, LowraxError

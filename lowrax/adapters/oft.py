@@ -35,11 +35,11 @@ import numpy as np
 from flax import struct
 
 from lowrax.adapters.lycoris.common import refuse_conv1d
-from lowrax.adapters.node import ROTATION, AdapterNode
+from lowrax.core.node import ROTATION, AdapterNode
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import LORA_DEFAULT_TARGETS, TargetConfig, targeting_from_peft
 from lowrax.errors import CheckpointError, LowraxError
-from lowrax.models.linear import matmul
+from lowrax.core.linear import matmul
 from lowrax.peft.common import PREFIX, check_shape
 
 SUFFIX = ".oft_R.weight"

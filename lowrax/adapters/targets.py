@@ -15,9 +15,9 @@ from typing import Any, Sequence
 
 import jax
 
-from lowrax.adapters.node import is_node
+from lowrax.core.node import is_node
 from lowrax.errors import LowraxError
-from lowrax.models.linear import is_kernel_type
+from lowrax.core.kernels import is_kernel_type
 
 # PEFT's default LoRA targets per model_type (peft.utils.constants); PEFT copies them for
 # LoHa, LoKr and OFT.

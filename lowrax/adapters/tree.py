@@ -6,7 +6,7 @@
     params = unmerge(merged, params)      # adapters back over merged weights
 
 All of them are jit-able and keep sharding (they only restructure or add arrays).
-They work on every adapter node type through the interface in `lowrax.adapters.node`.
+They work on every adapter node type through the interface in `lowrax.core.node`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lowrax.adapters.slots import SLOTS_KEY
-from lowrax.adapters.node import ANCHOR, FROZEN, FULL, LORA_A, LORA_B, VECTOR, FullyTrained, is_adapter, is_node, resolve
+from lowrax.core.slot_directory import SLOTS_KEY
+from lowrax.core.node import ANCHOR, FROZEN, FULL, LORA_A, LORA_B, VECTOR, FullyTrained, is_adapter, is_node, resolve
 from lowrax.adapters.registry import shared_keys
 from lowrax.errors import LowraxError
-from lowrax.pruning.sparse import is_sparse, masked_like
-from lowrax.quant.nf4 import NF4Tensor, dequantize, dequantize_after
+from lowrax.core.kernels import dense_kernel, is_kernel_type, keep_merged
 
 __all__ = ["FROZEN", "LORA_A", "LORA_B", "VECTOR", "FULL", "ANCHOR", "labels", "split", "combine", "merge",
            "unmerge", "adapters_off", "with_dropout_keys", "count_params", "after_update", "precondition_grads", "penalty"]
@@ -62,19 +61,6 @@ def split(params: Any) -> tuple[Any, Any]:
 def combine(trainable: Any, frozen: Any) -> Any:
     """Inverse of `split`: the leaf from whichever half has one."""
     return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
-
-
-def dense_kernel(base, tie_to=None):
-    """A kernel as a plain array: NF4 bases are dequantized (to the dtype they were quantized from).
-
-    tie_to: inside a step, a scalar of the layer's activations; the dequantization is made
-    to depend on it so XLA keeps one layer's weight alive at a time (`nf4.dequantize_after`).
-    """
-    if is_sparse(base):  # zero at the pruned weights already
-        return dense_kernel(base.kernel, tie_to)
-    if not isinstance(base, NF4Tensor):
-        return base
-    return dequantize(base) if tie_to is None else dequantize_after(base, tie_to, base.dtype)
 
 
 def without_shared(tree: Any) -> Any:
@@ -131,23 +117,23 @@ def merge(params: Any, keep_sparsity: bool = True) -> Any:
     _refuse_unmergeable(params)
 
     def merge_leaf(x):
-        return dense_kernel(x) if isinstance(x, NF4Tensor) or is_sparse(x) else x
+        return dense_kernel(x)
 
     def merge_layer(layer):
         if not _is_adapted_layer(layer):
-            return jax.tree.map(merge_leaf, layer, is_leaf=lambda x: isinstance(x, NF4Tensor) or is_sparse(x))
+            return jax.tree.map(merge_leaf, layer, is_leaf=is_kernel_type)
         node = layer["kernel"]
         base = dense_kernel(node.base)
         merged = node.merge_into(base.astype(jnp.float32))
         if keep_sparsity:
-            merged = masked_like(node.base, merged)
+            merged = keep_merged(node.base, merged)
         out = dict(layer, kernel=merged.astype(base.dtype))
         if layer.get("bias") is not None:
             out["bias"] = node.merge_bias(layer["bias"].astype(jnp.float32)).astype(layer["bias"].dtype)
         return out
 
     return without_shared(jax.tree.map(merge_layer, resolve(params),
-                                       is_leaf=lambda x: _is_adapted_layer(x) or isinstance(x, NF4Tensor) or is_sparse(x)))
+                                       is_leaf=lambda x: _is_adapted_layer(x) or is_kernel_type(x)))
 
 
 def unmerge(merged: Any, adapted: Any) -> Any:

@@ -13,11 +13,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lowrax.adapters.node import VIRTUAL_TOKENS_KEY, FullyTrained, is_adapter, is_node
+from lowrax.core.node import VIRTUAL_TOKENS_KEY, FullyTrained, is_adapter, is_node
 from lowrax.adapters.registry import method_for_config
 from lowrax.adapters.targets import linear_modules, select_targets
 from lowrax.errors import LowraxError
-from lowrax.io.tables import get_path, set_path
+from lowrax.core.tables import get_path, set_path
 
 
 def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp.float32, *, model=None) -> Any:

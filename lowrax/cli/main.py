@@ -96,7 +96,7 @@ def cmd_generate(args) -> int:
 def _prompt_adapters(args, params) -> list[str] | None:
     """--prompt-adapters a,b,...: one adapter name per prompt (or "__base__"), checked against those loaded."""
     from lowrax.adapters.named.named import adapter_names
-    from lowrax.adapters.slots import BASE_NAME, has_named_adapters
+    from lowrax.core.slot_directory import BASE_NAME, has_named_adapters
     from lowrax.errors import LowraxError
 
     if args.prompt_adapters is None:

@@ -27,7 +27,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lowrax.errors import LowraxError
-from lowrax.adapters.node import FullyTrained, is_adapter, is_node
+from lowrax.core.kernels import is_kernel_type, kernel_shardings
+from lowrax.core.node import FullyTrained, is_adapter, is_node
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -132,25 +133,14 @@ def _kernel_axes(model, keys: tuple[str, ...], ndim: int) -> tuple:
 def param_shardings(params: Any, model, mesh: Mesh, rules: dict = RULES) -> Any:
     """A tree shaped like `params` (a whole tree or one half of `split`) holding the
     NamedSharding of every array leaf; None stays None."""
-    from lowrax.pruning.sparse import is_sparse
-    from lowrax.quant.nf4 import NF4Tensor
-
     def plain(keys, x, axes=None):
+        if axes == ():
+            return replicated(mesh)
         axes = _kernel_axes(model, keys, x.ndim) if axes is None else axes
         return spec_for(tuple(x.shape), axes, mesh, "/".join(keys), rules)
 
-    def nf4(keys, t: NF4Tensor):
-        flat = lambda x: None if x is None else plain(keys, x, ("nf4_blocks",))  # noqa: E731
-        small = lambda x: None if x is None else replicated(mesh)  # noqa: E731
-        return t.replace(packed=flat(t.packed), absmax=flat(t.absmax), nested_absmax=small(t.nested_absmax),
-                         offset=small(t.offset), nested_code=small(t.nested_code))
-
-    def base(keys, b):
-        if b is None:
-            return None
-        if is_sparse(b):  # the mask is laid out as the kernel (None fields: the other half of `split`)
-            return b.replace(kernel=base(keys, b.kernel), mask=None if b.mask is None else plain(keys, b.mask))
-        return nf4(keys, b) if isinstance(b, NF4Tensor) else plain(keys, b)
+    def base(keys, b):  # an array or a kernel type (each of its arrays by the axes it declares)
+        return kernel_shardings(b, lambda x, axes: plain(keys, x, axes))
 
     def visit(path, leaf):
         keys = tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
@@ -158,7 +148,7 @@ def param_shardings(params: Any, model, mesh: Mesh, rules: dict = RULES) -> Any:
             return None
         if isinstance(leaf, FullyTrained):  # its value is None in the frozen half
             return FullyTrained(None if leaf.value is None else plain(keys, leaf.value))
-        if isinstance(leaf, NF4Tensor) or is_sparse(leaf):
+        if is_kernel_type(leaf):
             return base(keys, leaf)
         if is_adapter(leaf) and leaf.stands_for_array:  # every field has the array's shape (LN tuning)
             return leaf.replace(**{f.name: plain(keys, getattr(leaf, f.name)) for f in dataclasses.fields(leaf)
@@ -181,7 +171,7 @@ def param_shardings(params: Any, model, mesh: Mesh, rules: dict = RULES) -> Any:
         return plain(keys, leaf)
 
     return jax.tree_util.tree_map_with_path(
-        visit, params, is_leaf=lambda x: x is None or is_node(x) or isinstance(x, NF4Tensor) or is_sparse(x))
+        visit, params, is_leaf=lambda x: x is None or is_node(x) or is_kernel_type(x))
 
 
 def shard(tree: Any, shardings: Any) -> Any:

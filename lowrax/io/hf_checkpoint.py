@@ -12,17 +12,24 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from lowrax.core import tables
+from lowrax.core.atomic import write_directory
+from lowrax.core.kernels import (dense_kernel, is_kernel_type, kernel_from_hf, kernel_types, native_hf_tensors,
+                                 quantizer)
+from lowrax.dist.sharding import param_shardings
 from lowrax.errors import CheckpointError
-from lowrax.io import tables
-from lowrax.io.atomic import write_directory
-from lowrax.models.base import Model
+from lowrax.io.safetensors_dir import SafetensorsDir
+
+# `model` below is a lowrax.models.base.Model (its tensors() table, model_type, bare_prefix,
+# checkpoint_key, config.hf); io sits below the models and names no class of theirs.
+Model = Any
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +61,7 @@ def load_tensors(
     progress: bool = True,
     quant=None,
     mesh=None,
-    pruned: dict | None = None,
+    wrappers: dict | None = None,
 ) -> dict:
     """Build the parameter tree from a checkpoint, one tensor at a time.
 
@@ -62,9 +69,8 @@ def load_tensors(
     or None. Every missing or misshapen tensor is reported in one error. With
     `quant` (a QuantConfig) linear kernels are quantized to NF4 as they are read,
     so the full-precision model is never in memory at once. With `mesh` each tensor goes
-    straight into its shards (`lowrax.dist.sharding` rules). `pruned`: {dotted module name: pattern}
-    of the kernels pruned (a directory's pruning.json): they load as SparseKernels, their zeros
-    taken as the mask before any quantization.
+    straight into its shards (`lowrax.dist.sharding` rules). `wrappers`: {dotted module name: wrap}
+    from the directory's kernel-type records (`record_wrappers`: a pruned model's masks).
     """
     specs = model.tensors()
     missing, misshapen, used = [], [], set()
@@ -96,70 +102,58 @@ def load_tensors(
     if unused:
         log.warning("%s: %d tensors not used by %s, e.g. %s", source, len(unused), model.model_type, unused[:5])
 
-    from lowrax.quant import nf4
-
+    quant_kind = None if quant is None else quantizer(quant.method)
     tree: dict = {}
-    for t, read in tqdm(resolved, desc=f"loading {Path(source).name}", unit="tensor", disable=not progress, leave=False):
-        value = read()  # in the HF layout: an array, or an NF4Tensor from a 4-bit checkpoint
-        pattern = (pruned or {}).get(".".join(t.path[:-1]))
-        kept = None if pattern is None else _kept_weights(value, t)
-        if quant is not None and not isinstance(value, nf4.NF4Tensor) and _quantizable(t, quant):
-            value = nf4.quantize(jax.numpy.asarray(value.astype(dtype)), quant.blocksize, quant.double_quant)
-        value = t.from_hf(value)
-        if not isinstance(value, nf4.NF4Tensor) and (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
+    for t in tqdm(resolved, desc=f"loading {Path(source).name}", unit="tensor", disable=not progress, leave=False):
+        t, read = t
+        value = read()  # in the HF layout: an array, or a kernel type's native form (4-bit codes)
+        transposed = t.layout == tables.TRANSPOSE
+        to_tree = lambda v: kernel_from_hf(v, t.shape, transposed)  # noqa: E731
+        wrap = (wrappers or {}).get(".".join(t.path[:-1]))
+        finish = None if wrap is None else wrap(value, to_tree)
+        value = to_tree(value)
+        if quant_kind is not None and not is_kernel_type(value) and _quantizable(t, quant):
+            value = quant_kind.quantize(np.asarray(value).astype(dtype), quant, transposed)
+        elif not is_kernel_type(value) and (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
             value = value.astype(dtype)
-        value = jax.device_put(value, None if mesh is None else _sharding_of(model, mesh, t.path, value))
-        if kept is not None:
-            from lowrax.pruning.sparse import SparseKernel
 
-            value = SparseKernel(kernel=value, mask=jax.device_put(kept, None if mesh is None else _sharding_of(
-                model, mesh, t.path, kept)), pattern=pattern)
+        def place(array, path=t.path):
+            return jax.device_put(array, None if mesh is None else _sharding_of(model, mesh, path, array))
+
+        value = place(value)
+        if finish is not None:
+            value = finish(value, place)
         tables.set_path(tree, t.path, value)
     return tree
 
 
-def _kept_weights(value, t: tables.Tensor) -> np.ndarray:
-    """The mask (True = kept) of a pruned weight read in the HF layout, in the tree's layout."""
-    from lowrax.quant import nf4
-
-    if isinstance(value, nf4.NF4Tensor):  # a 4-bit file: zero codes decode to exactly zero
-        dense = np.asarray(nf4.dequantize(t.from_hf(value)))
-        return dense != 0
-    return t.from_hf(np.asarray(value) != 0)
-
-
-PRUNING_RECORD = "pruning.json"
-
-
-def read_pruned_modules(directory: Path) -> dict[str, str]:
-    """{dotted module name: pattern} of the pruned kernels a model directory records (empty: never pruned)."""
-    path = Path(directory) / PRUNING_RECORD
-    if not path.exists():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-        modules = record["modules"]
-        return {name: str(entry.get("pattern", "unstructured")) for name, entry in modules.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path} is not a pruning record (expected {{\"modules\": {{name: {{\"pattern\", "
-                              f"\"sparsity\"}}}}}}): {e}") from e
+def record_wrappers(directory: Path) -> dict:
+    """{dotted module name: wrap} from the records a model directory carries for kernel types
+    (a pruned model's pruning.json): how those modules' kernels are made on load."""
+    out = {}
+    for spec in kernel_types():
+        path = Path(directory) / spec.record_file if spec.record_file else None
+        if path is None or not path.exists():
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+        out.update(spec.restore(record))
+    return out
 
 
-def pruning_record(params: dict, extra: dict | None = None) -> dict | None:
-    """The pruning.json a tree with SparseKernels is saved with (None without any)."""
-    from lowrax.pruning.sparse import sparse_modules
-
-    modules = sparse_modules(params)
-    if not modules:
-        return None
-    return {"modules": {name: {"pattern": k.pattern, "sparsity": round(k.sparsity(), 6)}
-                        for name, k in sorted(modules.items())}, **(extra or {})}
+def kernel_records(params: dict, extra: dict | None = None) -> dict[str, dict]:
+    """{file name: record} a tree's kernel types write beside its weights (empty for plain kernels)."""
+    out = {}
+    for spec in kernel_types():
+        if spec.record_file and (record := spec.record(params, extra)) is not None:
+            out[spec.record_file] = record
+    return out
 
 
 def _sharding_of(model, mesh, path: tuple[str, ...], value):
-    """The sharding the rules give one parameter (an array or an NF4Tensor) at `path`."""
-    from lowrax.dist.sharding import param_shardings
-
+    """The sharding the rules give one parameter (an array or a kernel type) at `path`."""
     single: dict = {}
     tables.set_path(single, path, value)
     return tables.get_path(param_shardings(single, model, mesh), path)
@@ -174,37 +168,32 @@ def _quantizable(t: tables.Tensor, quant) -> bool:
 def load_hf_directory(model: Model, directory: Path, dtype, progress: bool = True, quant=None, mesh=None) -> dict:
     """The parameter tree of an HF model directory (safetensors, single or sharded).
 
-    Weights saved 4-bit by transformers + bitsandbytes stay NF4 (their statistics are
-    read with them, so they are not reported as unused tensors).
+    Weights saved in a kernel type's native form (4-bit by transformers + bitsandbytes) load
+    as that type (their statistics are read with them, so they are not reported as unused).
     """
-    from lowrax.io.safetensors_dir import SafetensorsDir
-    from lowrax.quant import bnb_format
-
     files = SafetensorsDir(directory)
+    readers = [spec.read_hf for spec in kernel_types() if spec.read_hf is not None]
+    statistics = tuple(s for spec in kernel_types() for s in spec.hf_statistics)
 
     def lookup(key):
         if key not in files:
             return None
-        if bnb_format.is_quantized(key, files.__contains__):
-            shape = tuple(bnb_format.read_state(files.get(key + bnb_format.STATE_SUFFIX))["shape"])
-            return shape, lambda: bnb_format.nf4_from_tensors(key, files.get, files.__contains__)
+        for read_native in readers:
+            if (found := read_native(key, files)) is not None:
+                return found
         return files.shape(key), lambda: files.get(key)
 
-    tensors = [k for k in files.keys() if not k.endswith(bnb_format.STATISTIC_SUFFIXES)]
+    tensors = [k for k in files.keys() if not (statistics and k.endswith(statistics))]
     return load_tensors(model, lookup, tensors, dtype, str(directory), progress, quant, mesh,
-                        pruned=read_pruned_modules(directory))
+                        wrappers=record_wrappers(directory))
 
 
-def tree_to_hf_tensors(params: dict, model: Model, keep_nf4: bool = False) -> dict[str, np.ndarray]:
+def tree_to_hf_tensors(params: dict, model: Model, keep_native: bool = False) -> dict[str, np.ndarray]:
     """HF-keyed numpy arrays for every tensor of the tree, in HF layout.
 
-    NF4 weights are dequantized, or with keep_nf4 written in bitsandbytes' 4-bit layout.
+    Kernel types are saved dense (NF4 dequantized, a pruned kernel with its zeros), or with
+    keep_native in their own checkpoint form (bitsandbytes' 4-bit layout) where they have one.
     """
-    from lowrax.io.tables import TRANSPOSE
-    from lowrax.quant import bnb_format
-    from lowrax.pruning.sparse import is_sparse
-    from lowrax.quant.nf4 import NF4Tensor, dequantize
-
     out = {}
     for t in model.tensors():
         try:
@@ -213,15 +202,11 @@ def tree_to_hf_tensors(params: dict, model: Model, keep_nf4: bool = False) -> di
             if t.optional:
                 continue
             raise CheckpointError(f"params have no {'/'.join(t.path)} (HF key {t.hf_key})") from None
-        if is_sparse(leaf):  # a pruned kernel: its zeros are the sparsity HF files carry
-            leaf = leaf.kernel
-        if isinstance(leaf, NF4Tensor) and keep_nf4:
-            if leaf.transposed != (t.layout == TRANSPOSE):
-                raise CheckpointError(f"{'/'.join(t.path)} is stored in NF4 in a layout other than its HF weight's")
-            out.update(bnb_format.nf4_to_tensors(t.hf_key, leaf))
+        if keep_native and (native := native_hf_tensors(t.hf_key, leaf, t.layout == tables.TRANSPOSE)) is not None:
+            out.update(native)
             continue
-        if isinstance(leaf, NF4Tensor):  # plain HF safetensors hold dequantized weights
-            leaf = dequantize(leaf)
+        if is_kernel_type(leaf):
+            leaf = dense_kernel(leaf)
         if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
             raise CheckpointError(
                 f"params leaf {'/'.join(t.path)} is a {type(leaf).__name__}, not an array; "
@@ -235,32 +220,32 @@ def tree_to_hf_tensors(params: dict, model: Model, keep_nf4: bool = False) -> di
 
 
 def save_hf_directory(params: dict, model: Model, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
-                      keep_nf4: bool = False, pruning_extra: dict | None = None) -> Path:
+                      keep_native: bool = False, record_extra: dict | None = None) -> Path:
     """Write `config.json` + `model.safetensors` (+ tokenizer files) that transformers loads.
 
-    A tree with pruned kernels (SparseKernels) also gets `pruning.json` (each pruned module's
-    pattern and sparsity, plus `pruning_extra`): loading the directory makes those kernels
-    SparseKernels again, so the sparsity survives LoRA recovery and merging.
+    keep_native: kernel types with a checkpoint form of their own (NF4) are saved in it, with the
+    `quantization_config` transformers reads. A tree whose kernel types keep a record (a pruned
+    model's pruning.json: each pruned module's pattern and sparsity, plus `record_extra`) gets
+    that file too, and loading the directory makes those kernels of that type again.
 
     Written to a temporary sibling directory and renamed into place, so a crash
     never leaves a half-written model behind.
     """
-    tensors = tree_to_hf_tensors(params, model, keep_nf4)
-    dtypes = {str(a.dtype) for k, a in tensors.items() if a.dtype.kind == "f" and not k.endswith((".absmax", "_map"))}
+    tensors = tree_to_hf_tensors(params, model, keep_native)
+    statistics = tuple(s for spec in kernel_types() for s in spec.hf_statistics)
+    dtypes = {str(a.dtype) for k, a in tensors.items() if a.dtype.kind == "f" and not (statistics and k.endswith(statistics))}
     config = dict(model.config.hf)
     config.pop("quantization_config", None)
-    from lowrax.quant.bnb_format import STATE_SUFFIX, quantization_config
-
-    if any(k.endswith(STATE_SUFFIX) for k in tensors):
-        config["quantization_config"] = quantization_config(any(k.endswith(".nested_absmax") for k in tensors))
+    for spec in kernel_types():
+        if spec.hf_config is not None and (quantization := spec.hf_config(tensors)) is not None:
+            config["quantization_config"] = quantization
     config["dtype"] = "bfloat16" if "bfloat16" in dtypes else ("float16" if "float16" in dtypes else "float32")
-
-    record = pruning_record(params, pruning_extra)
+    records = kernel_records(params, record_extra)
 
     def fill(staging: Path) -> None:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        if record is not None:
-            (staging / PRUNING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        for name, record in records.items():
+            (staging / name).write_text(json.dumps(record, indent=2) + "\n")
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))

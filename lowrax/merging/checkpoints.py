@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lowrax.errors import LowraxError
-from lowrax.io.pretrained import load_pretrained, load_tokenizer, save_pretrained
+from lowrax.models.pretrained import load_pretrained, load_tokenizer, save_pretrained
 from lowrax.merging.models import merge_models
 
 

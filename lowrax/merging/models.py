@@ -23,10 +23,10 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from lowrax.adapters.node import is_node
+from lowrax.core.kernels import dense_kernel, is_kernel_type, is_quantized
+from lowrax.core.node import is_node
 from lowrax.errors import LowraxError
 from lowrax.merging.rules import drawn_keep, largest_magnitudes, majority_sign_mask
-from lowrax.pruning.sparse import is_sparse
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
 _SPARSIFY = {"ties": "magnitude", "dare_linear": "random", "dare_ties": "random"}
@@ -101,13 +101,13 @@ def merge_models(base: Any, models: Sequence[Any], method: str = "task_arithmeti
 
 
 def _flat(tree: Any) -> dict[str, jnp.ndarray]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: is_node(x) or is_sparse(x))[0]
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: is_node(x) or is_kernel_type(x))[0]
     out = {}
     for path, leaf in leaves:
         name = "/".join(str(p.key) for p in path)
-        if is_sparse(leaf):  # a pruned model's kernel: its zeros are weights like any (the merge is dense)
-            leaf = leaf.kernel
-        if is_node(leaf) or not hasattr(leaf, "dtype"):
+        if is_kernel_type(leaf) and not is_quantized(leaf):  # a pruned kernel: its zeros are weights like any
+            leaf = dense_kernel(leaf)
+        if is_node(leaf) or is_kernel_type(leaf) or not hasattr(leaf, "dtype"):
             raise LowraxError(f"{name} is {type(leaf).__name__}: merge_models takes plain weights "
                               "(merge adapters in first with lowrax.merge; load NF4 models unquantized)")
         out[name] = leaf

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from lowrax.errors import LowraxError
-from lowrax.io import tables
-from lowrax.models.layers import positions_from_mask, segment_positions, segment_visibility
-from lowrax.adapters.slots import has_named_adapters, with_adapter_rows
-from lowrax.adapters.node import resolve, virtual_tokens
+from lowrax.core import tables
+from lowrax.core.layers import positions_from_mask, segment_positions, segment_visibility
+from lowrax.core.slot_directory import has_named_adapters, with_adapter_rows
+from lowrax.core.node import resolve, virtual_tokens
 
 
 # Set by layer-wise calibration (`lowrax.pruning.calibrate`): a function given each layer's

@@ -15,12 +15,12 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from lowrax.io.tables import TRANSPOSE, TensorSpec
-from lowrax.models import layers
+from lowrax.core.tables import TRANSPOSE, TensorSpec
+from lowrax.core import layers
 from lowrax.models.base import Model, rows_for_adapters
 from lowrax.models.config_utils import field, head_labels
-from lowrax.adapters.node import resolve, virtual_tokens
-from lowrax.models.linear import embed, linear
+from lowrax.core.node import resolve, virtual_tokens
+from lowrax.core.linear import embed, linear
 from lowrax.models.residual import add_residual, layer_sites, site_adapter
 from lowrax.errors import LowraxError
 

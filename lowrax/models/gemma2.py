@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from lowrax.errors import LowraxError
-from lowrax.io.tables import TensorSpec
-from lowrax.models import layers
-from lowrax.models.linear import attend_to_embedding, embed, linear
+from lowrax.core.tables import TensorSpec
+from lowrax.core import layers
+from lowrax.core.linear import attend_to_embedding, embed, linear
 from lowrax.models.llama import TENSORS as LLAMA_TENSORS, LlamaConfig, LlamaModel
 from lowrax.models.residual import add_residual, site_adapter
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrax.adapters.slots import SLOTS_KEY, anonymous, has_named_adapters, with_adapter_rows
+from lowrax.core.slot_directory import SLOTS_KEY, anonymous, has_named_adapters, with_adapter_rows
 from lowrax.errors import LowraxError
 from lowrax.models.base import CausalLM
 from lowrax.models.sampling import SamplingConfig, collect_tokens, sample_next

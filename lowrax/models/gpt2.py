@@ -11,12 +11,12 @@ import functools
 from dataclasses import dataclass, field as dc_field
 from typing import Any
 
-from lowrax.io.tables import TensorSpec
-from lowrax.models import layers
+from lowrax.core.tables import TensorSpec
+from lowrax.core import layers
 from lowrax.models.base import CausalLM
 from lowrax.models.config_utils import field
 from lowrax.models.residual import add_residual, layer_sites, site_adapter
-from lowrax.models.linear import attend_to_embedding, embed, linear
+from lowrax.core.linear import attend_to_embedding, embed, linear
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field as dc_field
 from typing import Any
 
-from lowrax.io.tables import TRANSPOSE, TensorSpec
-from lowrax.models import layers
+from lowrax.core.tables import TRANSPOSE, TensorSpec
+from lowrax.core import layers
 from lowrax.models.base import CausalLM
 from lowrax.models.config_utils import field, rope_settings
-from lowrax.models.linear import attend_to_embedding, embed, linear
+from lowrax.core.linear import attend_to_embedding, embed, linear
 from lowrax.models.residual import add_residual, layer_sites, site_adapter
 from lowrax.errors import LowraxError
 

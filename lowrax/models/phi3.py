@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lowrax.io.tables import TRANSPOSE, TensorSpec
-from lowrax.models import layers
-from lowrax.models.linear import linear
+from lowrax.core.tables import TRANSPOSE, TensorSpec
+from lowrax.core import layers
+from lowrax.core.linear import linear
 from lowrax.models.llama import LlamaConfig, LlamaModel
 
 _L = "model/layers/{i}"

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrax.adapters.node import resolve
+from lowrax.core.node import resolve
 from lowrax.models.sampling import collect_tokens, sample_next
 
 _COMPILED: dict = {}

@@ -25,13 +25,13 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from lowrax.adapters.node import resolve, virtual_tokens
+from lowrax.core.node import resolve, virtual_tokens
 from lowrax.errors import LowraxError
-from lowrax.io.tables import TRANSPOSE, TensorSpec
-from lowrax.models import layers
+from lowrax.core.tables import TRANSPOSE, TensorSpec
+from lowrax.core import layers
 from lowrax.models.base import Model, rows_for_adapters
 from lowrax.models.config_utils import field
-from lowrax.models.linear import attend_to_embedding, embed, linear
+from lowrax.core.linear import attend_to_embedding, embed, linear
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,14 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from lowrax.adapters.node import resolve, virtual_tokens
+from lowrax.core.node import resolve, virtual_tokens
 from lowrax.errors import LowraxError
-from lowrax.io.tables import TRANSPOSE, TensorSpec
-from lowrax.models import layers
+from lowrax.core.tables import TRANSPOSE, TensorSpec
+from lowrax.core import layers
 from lowrax.models.base import Model, rows_for_adapters
 from lowrax.models.bert import EncoderOutput
 from lowrax.models.config_utils import field, head_labels
-from lowrax.models.linear import linear
+from lowrax.core.linear import linear
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lowrax.adapters.node import resolve
+from lowrax.core.node import resolve
 
 
 def logits_at(model, params, hidden, positions) -> jnp.ndarray:

@@ -18,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from lowrax.adapters.node import FullyTrained, is_node
+from lowrax.core.node import FullyTrained, is_node
 from lowrax.adapters.registry import format_for_config, peft_format
 from lowrax.adapters.targets import linear_modules
 from lowrax.adapters.wrap import adapter_nodes
 from lowrax.errors import CheckpointError, LowraxError
-from lowrax.io import tables
-from lowrax.io.atomic import write_directory
+from lowrax.core import tables
+from lowrax.core.atomic import write_directory
 from lowrax.peft.common import CONFIG, OMIT, PREFIX, WEIGHTS, common_config
 
 

@@ -29,7 +29,8 @@ import numpy as np
 from flax import struct
 
 from lowrax.models.base import LAYER_HOOK
-from lowrax.models.linear import dense_matmul, register_linear
+from lowrax.core.kernels import register_linear
+from lowrax.core.linear import dense_matmul
 
 _RECORDED: contextvars.ContextVar = contextvars.ContextVar("lowrax_recorded_inputs", default=None)
 

@@ -20,13 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrax.adapters.node import is_node
+from lowrax.core.node import is_node
 from lowrax.adapters.targets import linear_modules
 from lowrax.errors import LowraxError
-from lowrax.io import tables
-from lowrax.models.linear import is_kernel_type
+from lowrax.core import tables
+from lowrax.core.kernels import is_kernel_type
 from lowrax.pruning import calibrate, masks
-from lowrax.pruning.sparse import sparse_kernel
+from lowrax.sparse.kernel import sparse_kernel
 from lowrax.pruning.sparsegpt import DEFAULT_BLOCKSIZE, DEFAULT_DAMPENING, sparsegpt
 
 METHODS = ("magnitude", "wanda", "sparsegpt")

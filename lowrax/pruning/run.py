@@ -16,7 +16,7 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, log=print) -> dict:
     import jax.numpy as jnp
 
     from lowrax.io.hf_checkpoint import save_hf_directory
-    from lowrax.io.pretrained import load_pretrained, load_tokenizer
+    from lowrax.models.pretrained import load_pretrained, load_tokenizer
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -40,7 +40,7 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, log=print) -> dict:
                "model_sparsity": report["model_sparsity"], "perplexity_dense": dense_ppl,
                "perplexity_pruned": pruned_ppl, "evaluation": {"source": e.source, "rows": e.samples, "length": e.length},
                "config": cfg.to_dict(), "report": report, "seconds": round(time.perf_counter() - started, 1)}
-    save_hf_directory(pruned, model, out, tokenizer=tokenizer, overwrite=overwrite, pruning_extra=summary)
+    save_hf_directory(pruned, model, out, tokenizer=tokenizer, overwrite=overwrite, record_extra=summary)
     worst = max(report["layers"].items(), key=lambda kv: kv[1].get("relative_error", 0.0))
     log(f"{p.method} ({p.pattern if p.pattern != 'unstructured' else f'{p.sparsity:.0%} unstructured'}): "
         f"{report['sparsity']:.1%} of the {len(report['layers'])} pruned layers' weights removed "

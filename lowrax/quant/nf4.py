@@ -20,7 +20,6 @@ import numpy as np
 from flax import struct
 
 from lowrax.errors import LowraxError
-from lowrax.models.linear import register_linear
 from lowrax.quant.codes import DYNAMIC_MAP, NF4_LEVELS
 from lowrax.quant.statistics import quantize_blockwise_8bit, torch_float32_mean
 
@@ -145,12 +144,6 @@ def dequantize(t: NF4Tensor, dtype=None) -> jnp.ndarray:
     scale = jnp.repeat(block_absmax(t), t.blocksize)[:n]
     out = (values * scale).reshape(t.stored_shape)
     return (out.T if t.transposed else out).astype(dtype or t.dtype)
-
-
-@register_linear(NF4Tensor)
-def _nf4_linear(x: jnp.ndarray, t: NF4Tensor) -> jnp.ndarray:
-    """x [n, in] @ the dequantized weight, dequantizing to x's dtype inside the step."""
-    return nf4_matmul(x, t)
 
 
 def dequantize_after(t: NF4Tensor, anchor: jnp.ndarray, dtype) -> jnp.ndarray:

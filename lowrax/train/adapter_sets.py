@@ -8,9 +8,9 @@ from pathlib import Path
 
 import jax
 
-from lowrax.adapters.named.combine import combine_adapters
+from lowrax.merging.combine_adapters import combine_adapters
 from lowrax.errors import LowraxError
-from lowrax.io.pretrained import base_model_name, base_model_path, load_pretrained, load_tokenizer
+from lowrax.models.pretrained import base_model_name, base_model_path, load_pretrained, load_tokenizer
 from lowrax.peft.common import CONFIG
 from lowrax.adapters.named.exchange import load_peft, save_peft
 from lowrax.peft.format import read_adapter_config

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from lowrax.adapters.wrap import wrap
 from lowrax.errors import LowraxError
-from lowrax.io.pretrained import load_pretrained, resolve_model_path
+from lowrax.models.pretrained import load_pretrained, resolve_model_path
 from lowrax.train.config import TrainConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

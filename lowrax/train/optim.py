@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import jax
 import optax
 
-from lowrax.adapters.node import SINGULAR
+from lowrax.core.node import SINGULAR
 from lowrax.adapters.tree import ANCHOR, LORA_B, labels
 from lowrax.errors import LowraxError
 

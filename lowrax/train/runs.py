@@ -17,12 +17,12 @@ import yaml
 from lowrax.adapters.registry import format_for_config, method_names
 from lowrax.adapters.tree import combine, merge, split
 from lowrax.errors import LowraxError
-from lowrax.io.atomic import write_text
-from lowrax.io.pretrained import base_model_name, base_model_path, load_pretrained, load_preprocessor, save_pretrained
+from lowrax.core.atomic import write_text
+from lowrax.models.pretrained import base_model_name, base_model_path, load_pretrained, load_preprocessor, save_pretrained
 from lowrax.peft.common import CONFIG, WEIGHTS
 from lowrax.peft.format import load_peft, read_adapter_config, save_peft
-from lowrax.pruning.sparse import sparse_modules, with_sparse_kernels
-from lowrax.quant.tree import merge_requantized
+from lowrax.sparse.kernel import sparse_modules, with_sparse_kernels
+from lowrax.merging.requantize import merge_requantized
 from lowrax.train.checkpoints import Checkpoints
 from lowrax.train.config import TrainConfig, apply_overrides, from_dict, read_preset
 from lowrax.train.optim import make_optimizer
@@ -150,7 +150,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
             log(f"sparsity filled: the adapter's delta fills the {share:.1%} pruned weights of {len(pruned)} layers; "
                 "the merged model is dense")
     out = save_pretrained(merged, model, out_dir, tokenizer=load_preprocessor(cfg.model.path, model),
-                          overwrite=overwrite, keep_nf4=requantize)
+                          overwrite=overwrite, keep_quantized=requantize)
     if report is not None:
         (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return out

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from lowrax.adapters.node import resolve
+from lowrax.core.node import resolve
 from lowrax.objectives.logps import classifier_logits, target_logps
 from lowrax.adapters.tree import after_update, combine, penalty, precondition_grads, with_dropout_keys
 

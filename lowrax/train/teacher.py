@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lowrax.adapters.tree import merge
 from lowrax.errors import LowraxError
-from lowrax.io.pretrained import load_pretrained, load_tokenizer
+from lowrax.models.pretrained import load_pretrained, load_tokenizer
 from lowrax.train.config import TrainConfig
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lowrax.errors import LowraxError
-from lowrax.io.atomic import write_directory
+from lowrax.core.atomic import write_directory
 from lowrax.objectives.logps import logits_at
 from lowrax.train.data import Batches, Encoded
 

@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 from lowrax.adapters.tree import combine, count_params, count_trained, split
 from lowrax.adapters.wrap import adapter_nodes
-from lowrax.io.pretrained import base_model_name, load_preprocessor
+from lowrax.models.pretrained import base_model_name, load_preprocessor
 from lowrax.peft.format import save_peft
-from lowrax.io.atomic import write_text
+from lowrax.core.atomic import write_text
 from lowrax.train.checkpoints import Checkpoints, directory_size
 from lowrax.train.config import TrainConfig, differences
 from lowrax.train.data import Batches, data_task, encode_all, load_records, loss_width, with_num_labels

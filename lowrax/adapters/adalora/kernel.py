@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from lowrax.adapters.lora.kernel import low_rank
-from lowrax.adapters.node import ANCHOR, LORA_A, LORA_B, SINGULAR, AdapterNode, dropped
-from lowrax.models.linear import matmul
+from lowrax.core.node import ANCHOR, LORA_A, LORA_B, SINGULAR, AdapterNode, dropped
+from lowrax.core.linear import matmul
 
 RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
 

@@ -27,11 +27,11 @@ from safetensors.numpy import load_file, save_file
 from lowrax.adapters.bottleneck.config import BottleneckConfig
 from lowrax.adapters.bottleneck.method import bottleneck_size, sites, site_path, wiring_of
 from lowrax.adapters.bottleneck.node import BottleneckAdapter
-from lowrax.adapters.node import is_node
+from lowrax.core.node import is_node
 from lowrax.adapters.registry import PeftFormat, register_peft_format
 from lowrax.errors import CheckpointError, LowraxError
-from lowrax.io import tables
-from lowrax.io.atomic import write_directory
+from lowrax.core import tables
+from lowrax.core.atomic import write_directory
 from lowrax.peft.format import put_fully_trained
 
 VERSION = "adapters.1.3.0"  # the release whose format this is

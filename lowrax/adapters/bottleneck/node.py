@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lowrax.adapters.node import FULL, AdapterNode, dropped
+from lowrax.core.node import FULL, AdapterNode, dropped
 from lowrax.errors import LowraxError
-from lowrax.models import layers
+from lowrax.core import layers
 
 ADAPTER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, AdapterHub's adapter_norm_after
 

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from lowrax.adapters.lora.kernel import LoraKernel, LowRankFactors, low_rank
-from lowrax.adapters.node import ANCHOR, LORA_A, LORA_B
-from lowrax.models.linear import matmul
+from lowrax.core.node import ANCHOR, LORA_A, LORA_B
+from lowrax.core.linear import matmul
 
 DEFAULT_LAMBDA = 0.5
 DEFAULT_START_STEP = 0

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from lowrax.adapters.lora.kernel import LowRankFactors, low_rank
-from lowrax.adapters.node import LORA_A, LORA_B, VECTOR, dropped
-from lowrax.adapters.tree import dense_kernel
-from lowrax.models.linear import matmul
+from lowrax.core.node import LORA_A, LORA_B, VECTOR, dropped
+from lowrax.core.kernels import dense_kernel
+from lowrax.core.linear import matmul
 
 
 def column_norms(w: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray, scale: float) -> jnp.ndarray:

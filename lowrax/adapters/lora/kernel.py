@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from lowrax.errors import LowraxError
-from lowrax.adapters.node import FROZEN, LORA_A, LORA_B, AdapterNode, dropped
-from lowrax.models.linear import matmul
+from lowrax.core.node import FROZEN, LORA_A, LORA_B, AdapterNode, dropped
+from lowrax.core.linear import matmul
 
 
 def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:

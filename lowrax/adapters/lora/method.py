@@ -17,10 +17,8 @@ from lowrax.adapters.lora.config import LoraConfig
 from lowrax.adapters.lora.kernel import LoraKernel, lora_scale
 from lowrax.adapters.registry import AdapterMethod, register_method
 from lowrax.adapters.targets import LORA_DEFAULT_TARGETS, pattern_value
-from lowrax.adapters.tree import dense_kernel
+from lowrax.core.kernels import dense_kernel, rebuilt, why_fixed
 from lowrax.errors import LowraxError
-from lowrax.pruning.sparse import is_sparse
-from lowrax.quant.nf4 import NF4Tensor, quantize
 
 def build_nodes(bases: dict[str, Any], cfg: LoraConfig, key, adapter_dtype, model_type=None) -> tuple[dict, dict]:
     """The LoRA-family node of every targeted kernel (and VeRA's shared projections)."""
@@ -49,13 +47,14 @@ def _factored_node(name: str, base, cfg: LoraConfig, key, adapter_dtype):
         raise LowraxError(f"LoRA rank r={r} for {name} must be in 1..{min(d_in, d_out)} (min of its in={d_in}, out={d_out})")
     alpha = float(pattern_value(name, cfg.alpha_pattern, cfg.alpha))
     scale = lora_scale(alpha, r, cfg.use_rslora)
-    if is_sparse(base) and (cfg.init == "pissa" or cfg.variant == "delta_lora"):
+    if cfg.variant == "delta_lora" or cfg.init == "pissa":
         what = "PiSSA's residual" if cfg.init == "pissa" else "Delta-LoRA's base update"
-        raise LowraxError(f"{name} is pruned (a SparseKernel), and {what} would fill its pruned weights: "
-                          "use plain LoRA, DoRA, rsLoRA or LoRA-FA over a pruned base")
+        if (reason := why_fixed(base)) is not None:  # both rewrite the base
+            raise LowraxError(f"{name}: {what} rewrites the base, and {reason}: use plain LoRA, DoRA, rsLoRA or "
+                              "LoRA-FA over this base")
     if cfg.init == "pissa":
         a, b, residual = pissa.pissa_init(dense_kernel(base), r, scale, adapter_dtype)
-        base = _requantized_like(base, residual)
+        base = rebuilt(base, residual)  # an NF4 base is quantized again (QLoRA + PiSSA)
     else:
         ka, kb = jax.random.split(key)
         a = _init_a(ka, (d_in, r), cfg.init, r).astype(adapter_dtype)
@@ -77,13 +76,6 @@ def _factored_node(name: str, base, cfg: LoraConfig, key, adapter_dtype):
     return LoraKernel(base=base, a=a, b=b, scale=scale, dropout=cfg.dropout, train_a=cfg.variant != "lora_fa",
                       fa_projected_grad=bool(cfg.fa_projected_grad), pissa_residual=cfg.init == "pissa",
                       rslora=cfg.use_rslora)
-
-
-def _requantized_like(base, residual):
-    """The PiSSA residual in the base's storage: NF4 bases are quantized again (QLoRA + PiSSA)."""
-    if isinstance(base, NF4Tensor):
-        return quantize(residual.astype(base.dtype), base.blocksize, base.double_quantized, transpose=base.transposed)
-    return residual
 
 
 register_method(AdapterMethod(name="lora", config=LoraConfig, build=build_nodes, default_targets=LORA_DEFAULT_TARGETS,

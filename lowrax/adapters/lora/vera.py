@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lowrax.adapters.node import VECTOR, AdapterNode, dropped
+from lowrax.core.node import VECTOR, AdapterNode, dropped
 from lowrax.errors import LowraxError
-from lowrax.models.linear import matmul
+from lowrax.core.linear import matmul
 
 SHARED = "vera_shared"
 DEFAULT_D_INITIAL = 0.1

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 
-from lowrax.adapters.node import AdapterNode
+from lowrax.core.node import AdapterNode
 from lowrax.adapters.targets import TargetConfig, pattern_value
 from lowrax.errors import LowraxError
-from lowrax.models.linear import matmul
+from lowrax.core.linear import matmul
 from lowrax.peft.common import PREFIX, torch_layout
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from lowrax.adapters.lycoris.common import (LycorisConfig, LycorisKernel,
                                             lycoris_settings, modules_to_build, peft_tensors,
                                             rank_alpha_fields, rank_and_alpha)
 from lowrax.adapters.init import kaiming_uniform
-from lowrax.adapters.node import FACTOR
+from lowrax.core.node import FACTOR
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import LORA_DEFAULT_TARGETS, targeting_from_peft
 from lowrax.errors import CheckpointError, LowraxError

@@ -14,7 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from lowrax.adapters.named.named import DEFAULT_CAPACITY, add_adapter, adapter_names, base_params, extract_adapter
-from lowrax.adapters.slots import has_named_adapters
+from lowrax.core.slot_directory import has_named_adapters
 from lowrax.errors import LowraxError
 from lowrax.peft import format as single
 

@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrax.adapters.lora.kernel import LoraKernel
-from lowrax.adapters.slots import (BASE_NAME, NO_SLOT, SLOTS_KEY, LoraSlots, SlotDirectory, SlotEntry,
-                                         directory_of, empty_slots, grown, has_named_adapters, with_slot)
-from lowrax.adapters.node import FullyTrained, is_node
+from lowrax.adapters.slots import LoraSlots, empty_slots, grown, with_slot
+from lowrax.core.slot_directory import (BASE_NAME, NO_SLOT, SLOTS_KEY, SlotDirectory, SlotEntry, directory_of,
+                                        has_named_adapters)
+from lowrax.core.node import FullyTrained, is_node
 from lowrax.errors import LowraxError
-from lowrax.io.tables import set_path
+from lowrax.core.tables import set_path
 
 DEFAULT_CAPACITY = 8  # slots made when the first named adapter arrives; doubled when full
 DEFAULT_NAME = "default"  # PEFT's name for an adapter loaded without one

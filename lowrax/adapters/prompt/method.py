@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrax.adapters.init import kaiming_uniform, torch_linear
-from lowrax.adapters.node import VIRTUAL_TOKENS_KEY
+from lowrax.core.node import VIRTUAL_TOKENS_KEY
 from lowrax.adapters.prompt.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from lowrax.adapters.prompt.nodes import PrefixEncoder, PromptEncoder, PromptTable, refuse_encoder_prefix
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
@@ -46,7 +46,7 @@ def _dims(model) -> dict:
 def _text_init(params, cfg: PromptTuningConfig, model, v: int, dtype) -> jnp.ndarray:
     """PEFT's TEXT init: the embeddings of the text's tokens (special tokens included, as the
     tokenizer adds them), repeated or cut to v."""
-    from lowrax.io.pretrained import load_tokenizer
+    from lowrax.models.pretrained import load_tokenizer
 
     if cfg.tokenizer_name_or_path is None:
         raise LowraxError("PromptTuningConfig.prompt_tuning_init='TEXT' needs tokenizer_name_or_path (a local model "

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lowrax.adapters.node import PROMPT, AdapterNode
+from lowrax.core.node import PROMPT, AdapterNode
 from lowrax.errors import LowraxError
 
 

@@ -29,9 +29,10 @@ import jax.numpy as jnp
 
 from lowrax.adapters.lora.kernel import LoraKernel, lora_scale
 from lowrax.adapters.named.named import add_adapter, base_params, node_paths
-from lowrax.adapters.slots import LoraSlots, directory_of
+from lowrax.adapters.slots import LoraSlots
+from lowrax.core.slot_directory import directory_of
 from lowrax.errors import LowraxError
-from lowrax.io.tables import set_path
+from lowrax.core.tables import set_path
 from lowrax.merging import rules
 
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")

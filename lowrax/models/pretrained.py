@@ -119,7 +119,7 @@ def load_pretrained(
     """
     source = resolve_model_path(path)
     if source.suffix == ".gguf":
-        from lowrax.io.gguf_checkpoint import load_gguf
+        from lowrax.models.gguf_model import load_gguf
 
         return load_gguf(source, dtype, progress, quant=quantize, mesh=mesh)
     from lowrax.io.hf_checkpoint import load_hf_directory
@@ -130,15 +130,17 @@ def load_pretrained(
 
 
 def save_pretrained(params: dict, model: Model, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
-                    keep_nf4: bool = False) -> Path:
+                    keep_quantized: bool = False, keep_nf4: bool | None = None) -> Path:
     """Write params as an HF model directory (config.json + model.safetensors) that transformers loads.
 
-    NF4 weights are dequantized, or with keep_nf4=True saved in bitsandbytes' 4-bit layout
-    (with `quantization_config` in config.json, as transformers + bitsandbytes write it).
+    Quantized weights (NF4) are dequantized, or with keep_quantized=True saved in bitsandbytes'
+    layout (with `quantization_config` in config.json, as transformers + bitsandbytes write it).
+    keep_nf4 is the same switch under its earlier name.
     """
     from lowrax.io.hf_checkpoint import save_hf_directory
 
-    return save_hf_directory(params, model, out_dir, tokenizer=tokenizer, overwrite=overwrite, keep_nf4=keep_nf4)
+    keep = keep_quantized if keep_nf4 is None else keep_nf4
+    return save_hf_directory(params, model, out_dir, tokenizer=tokenizer, overwrite=overwrite, keep_native=keep)
 
 
 def load_preprocessor(path: str | Path | None, model):

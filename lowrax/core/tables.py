@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lowrax.core.kernels import kernel_from_hf
+
 COPY = "copy"
 TRANSPOSE = "transpose"
 
@@ -49,16 +51,9 @@ class Tensor:
         return tuple(reversed(self.shape)) if self.layout == TRANSPOSE else self.shape
 
     def from_hf(self, array):
-        """HF layout -> tree layout (shape already checked).
-
-        An NF4 weight keeps its bytes in the HF layout (as bitsandbytes stores them) and
-        is marked transposed, so it dequantizes to the Flax kernel.
-        """
-        from lowrax.quant.nf4 import NF4Tensor
-
-        if isinstance(array, NF4Tensor):
-            return array.replace(shape=self.shape, transposed=True) if self.layout == TRANSPOSE else array
-        return np.ascontiguousarray(array.T) if self.layout == TRANSPOSE else array
+        """HF layout -> tree layout (shape already checked); a kernel type turns itself
+        (NF4 codes keep their bytes and are marked transposed)."""
+        return kernel_from_hf(array, self.shape, self.layout == TRANSPOSE)
 
     def to_hf(self, array: np.ndarray) -> np.ndarray:
         """Tree layout -> HF layout."""

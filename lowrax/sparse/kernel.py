@@ -17,8 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lowrax.io.tables import get_path, set_path
-from lowrax.models.linear import matmul, register_linear
+from lowrax.core.kernels import KernelType, dense_kernel, kernel_shardings, register_kernel_type
+from lowrax.core.linear import matmul
+from lowrax.core.tables import get_path, set_path
+from lowrax.errors import CheckpointError
 
 
 @struct.dataclass
@@ -49,11 +51,6 @@ class SparseKernel:
     def sparsity(self) -> float:
         """The fraction of weights pruned."""
         return 1.0 - float(jnp.mean(self.mask.astype(jnp.float32)))
-
-
-@register_linear(SparseKernel)
-def _sparse_matmul(x: jnp.ndarray, kernel: SparseKernel) -> jnp.ndarray:
-    return matmul(x, kernel.kernel)
 
 
 def sparse_kernel(kernel: jnp.ndarray, kept: jnp.ndarray, pattern: str = "unstructured") -> SparseKernel:
@@ -90,3 +87,45 @@ def with_sparse_kernels(params: dict, modules: dict[str, SparseKernel]) -> dict:
         path = tuple(name.split(".")) + ("kernel",)
         set_path(out, path, SparseKernel(kernel=get_path(out, path), mask=sparse.mask, pattern=sparse.pattern))
     return out
+
+
+PRUNING_RECORD = "pruning.json"
+
+
+def _record(params: Any, extra: dict | None) -> dict | None:
+    """The pruning.json of a tree with SparseKernels: each pruned module's pattern and sparsity."""
+    modules = sparse_modules(params)
+    if not modules:
+        return None
+    return {"modules": {name: {"pattern": k.pattern, "sparsity": round(k.sparsity(), 6)}
+                        for name, k in sorted(modules.items())}, **(extra or {})}
+
+
+def _restore(record: dict) -> dict:
+    """{module: wrap} for the modules a pruning.json names: the kept weights are the loaded
+    tensor's non-zeros (read before any quantization), the mask laid out as the kernel."""
+    try:
+        patterns = {name: str(entry.get("pattern", "unstructured")) for name, entry in record["modules"].items()}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{PRUNING_RECORD} is not a pruning record (expected {{\"modules\": {{name: "
+                              f"{{\"pattern\", \"sparsity\"}}}}}}): {e}") from e
+
+    def wrap_for(pattern):
+        def wrap(value_hf, to_tree):
+            kept = np.asarray(dense_kernel(to_tree(value_hf))) != 0  # NF4 codes of zero decode to exactly zero
+            return lambda kernel, place: SparseKernel(kernel=kernel, mask=place(kept), pattern=pattern)
+        return wrap
+
+    return {name: wrap_for(pattern) for name, pattern in patterns.items()}
+
+
+def _axes(kernel: SparseKernel, sharding_of) -> SparseKernel:
+    # The mask is laid out as the kernel; a None field is the other half of `split`.
+    return kernel.replace(kernel=kernel_shardings(kernel.kernel, sharding_of),
+                          mask=None if kernel.mask is None else sharding_of(kernel.mask, None))
+
+
+SPARSE_KERNEL = register_kernel_type(SparseKernel, KernelType(
+    name="sparse", matmul=lambda x, k: matmul(x, k.kernel), dense=lambda k, tie_to=None, dtype=None: dense_kernel(k.kernel, tie_to, dtype),
+    keep_merged=lambda k, merged: jnp.where(k.mask, merged, jnp.zeros((), merged.dtype)), fixed="it is pruned (a SparseKernel), and new values would fill its pruned weights",
+    axes=_axes, record_file=PRUNING_RECORD, record=_record, restore=_restore, children=("kernel",)))

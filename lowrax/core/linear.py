@@ -2,41 +2,23 @@
 
 Model code never writes `x @ w` itself: it calls `linear(x, layer)` with the
 layer's parameter dict (`{"kernel": ..., "bias": ...}`). A plain array kernel
-is a dense matmul. An adapter node (`lowrax.adapters.node.AdapterNode`) is
+is a dense matmul. An adapter node (`lowrax.core.node.AdapterNode`) is
 asked for the layer's output through its `project(x, bias)` method, so LoRA
 computes `x @ W + s * ((x @ A) @ B)` without ever materialising
 `W + s * B @ A`, and IA3 can scale the bias with the output. Other kernel types
-(NF4 bases) register a plain product with `register_linear`.
-
-This module imports nothing from lowrax: the families, the quantized types and
-the adapters all build on it.
+(NF4 bases, pruned kernels) give their product in their `KernelType`
+(lowrax.core.kernels).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-LinearImpl = Callable[[jnp.ndarray, Any], jnp.ndarray]
-_LINEAR_IMPLS: dict[type, LinearImpl] = {}
-
-
-def register_linear(node_type: type) -> Callable[[LinearImpl], LinearImpl]:
-    """Register `fn(x, kernel_node) -> y` as the projection for `node_type` kernels."""
-
-    def decorator(fn: LinearImpl) -> LinearImpl:
-        _LINEAR_IMPLS[node_type] = fn
-        return fn
-
-    return decorator
-
-
-def is_kernel_type(x: Any) -> bool:
-    """True for a kernel of a registered non-array type (an NF4 tensor, a sparse kernel)."""
-    return type(x) in _LINEAR_IMPLS
+from lowrax.core.kernels import kernel_type
 
 
 # XLA:CPU's float32 dot keeps one running sum per output along the whole contraction.
@@ -111,8 +93,8 @@ def matmul(x: jnp.ndarray, kernel: Any) -> jnp.ndarray:
 def _flat_matmul(x: jnp.ndarray, kernel: Any) -> jnp.ndarray:
     if hasattr(kernel, "project"):  # an adapter node
         return kernel.apply(x)
-    impl = _LINEAR_IMPLS.get(type(kernel))
-    return impl(x, kernel) if impl is not None else dense_matmul(x, kernel.astype(x.dtype))
+    spec = kernel_type(kernel)
+    return spec.matmul(x, kernel) if spec is not None else dense_matmul(x, kernel.astype(x.dtype))
 
 
 def linear(x: jnp.ndarray, layer: dict) -> jnp.ndarray:
