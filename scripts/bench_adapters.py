@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_common import base_parser, best_of, emit, timed  # noqa: E402
 
 import lowrax  # noqa: E402
-from lowrax.adapters.named.combine import COMBINATION_TYPES  # noqa: E402
+from lowrax.merging.combine_adapters import COMBINATION_TYPES  # noqa: E402
 from lowrax.models.generate import SamplingConfig  # noqa: E402
 
 OPTIONS = {"ties": dict(density=0.5), "ties_svd": dict(density=0.5), "magnitude_prune": dict(density=0.5),

@@ -39,7 +39,7 @@ def load_torch_causal_lm(path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lowrax.io.pretrained import resolve_model_path
+    from lowrax.models.pretrained import resolve_model_path
 
     source = resolve_model_path(path)
     if source.suffix == ".gguf":

@@ -20,8 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lowrax
-from lowrax.models import linear as ops
-from lowrax.io.pretrained import EMBEDDED_FILE
+from lowrax.core import linear as ops
+from lowrax.models.pretrained import EMBEDDED_FILE
 
 PROMPTS = ["The capital of France is", "Hello, my name is Ada and I"]
 
@@ -33,7 +33,7 @@ def main() -> None:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     valid = mask.astype(bool)
     ours = np.asarray(jax.jit(model.apply)(params, jnp.asarray(ids), jnp.asarray(mask)))
-    # The same forward with XLA's plain dot everywhere (no blocked accumulation, see lowrax.models.linear).
+    # The same forward with XLA's plain dot everywhere (no blocked accumulation, see lowrax.core.linear).
     blocked = ops.ACCUMULATION_BLOCK
     ops.ACCUMULATION_BLOCK = 1 << 30
     try:
