@@ -68,6 +68,7 @@ from lowrax.pruning.prune import prune
 from lowrax.sparse.kernel import SparseKernel, sparse_modules
 from lowrax.quant.nf4 import NF4Tensor
 from lowrax.quant import nf4_kernel  # noqa: F401  (registers NF4 as a kernel type)
+from lowrax.quant.int8 import Int8Tensor
 from lowrax.merging.requantize import merge_requantized
 from lowrax.quant.tree import QuantConfig, quantize
 from lowrax.train.config import TrainConfig, load_config
@@ -90,7 +91,7 @@ __all__ = [
     "active_adapter", "base_params", "LoraSlots",
     "adapters_off", "dpo_loss", "orpo_loss", "simpo_loss", "kto_loss", "distill_loss",
     "OptimizerConfig", "make_optimizer", "TrainState", "init_state", "make_train_step",
-    "TrainConfig", "load_config", "run_training", "QuantConfig", "quantize", "NF4Tensor", "merge_requantized",
+    "TrainConfig", "load_config", "run_training", "QuantConfig", "quantize", "NF4Tensor", "Int8Tensor", "merge_requantized",
     "MeshConfig", "make_mesh", "param_shardings", "DistConfig", "global_batch", "sharded_train_step",
     "reuse_freed_host_memory", "prune", "SparseKernel", "sparse_modules",
     "LowraxError", "NotAModelError", "UnsupportedModelError", "CheckpointError",

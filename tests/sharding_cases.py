@@ -76,7 +76,7 @@ def image_batches(steps, b=8):
 
 def run(tiny_dir, mesh, method, steps=3):
     """Losses and final trainable arrays of `steps` LoRA (or QLoRA) steps on `mesh`."""
-    quant = lowrax.QuantConfig(blocksize=64) if method == "qlora" else None
+    quant = {"qlora": lowrax.QuantConfig(blocksize=64), "int8": lowrax.QuantConfig(method="int8")}.get(method)
     model, base = lowrax.load_pretrained(tiny_dir, quantize=quant, mesh=mesh, progress=False)
     if method == "adalora":  # ranks allocated from one global budget across the sharded layers
         cfg = lowrax.AdaLoraConfig(init_r=4, target_r=2, total_step=steps, target_modules="all-linear")
@@ -102,8 +102,8 @@ def assert_follows_rules(trees, model, mesh):
             assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (leaf.shape, leaf.sharding, sharding)
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+@pytest.mark.parametrize("method, mesh_name", [(m, name) for m in ("lora", "qlora") for name in sorted(MESHES)]
+                         + [("int8", "tensor2-fsdp2-data2")])
 def test_sharded_steps_equal_single_device_and_follow_the_rules(tiny_dir, mesh_name, method):
     single = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     _, _, ref_state, _, ref_losses, _ = run(tiny_dir, single, method)
@@ -127,6 +127,9 @@ def test_sharded_steps_equal_single_device_and_follow_the_rules(tiny_dir, mesh_n
         assert len(moments) == len(params)
         for m, p in zip(moments, params):
             assert m.shape == p.shape and m.sharding.is_equivalent_to(p.sharding, p.ndim)
+    if method == "int8":  # the 8-bit codes [out, in] split as the kernel's transpose
+        codes = frozen["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].base.codes
+        assert codes.dtype == jnp.int8 and codes.sharding.spec == P("tensor", "fsdp")
     q_a = state.trainable["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].a
     assert q_a.sharding.spec == (P("fsdp", None) if mesh.shape["fsdp"] > 1 else P(None, None))
 

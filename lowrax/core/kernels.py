@@ -22,6 +22,9 @@ import numpy as np
 from lowrax.errors import LowraxError
 
 
+TRANSPOSED = "transposed"  # logical axes of an array laid out as the dense kernel's transpose
+
+
 @dataclass(frozen=True)
 class KernelType:
     """What one base-weight type does. Shapes: x [n, in], y [n, out], a dense kernel [in, out].
@@ -42,7 +45,7 @@ class KernelType:
         checkpoint form (bitsandbytes' 4-bit or 8-bit keys), or None to save the dense values.
     axes(kernel, sharding_of) -> kernel: the type with each array field replaced by
         `sharding_of(array, logical_axes)`; logical axes None mean "as the dense kernel" (only
-        for arrays of the kernel's shape), () mean replicated.
+        for arrays of the kernel's shape), TRANSPOSED "as its transpose", () replicated.
     quantize(array_hf, quant_cfg, transposed) -> kernel: the type made from a full-precision
         weight in the HF layout on load (`model.quantize` names it by `quant_method`); None for
         types that are not made that way.

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lowrax.errors import LowraxError
-from lowrax.core.kernels import is_kernel_type, kernel_shardings
+from lowrax.core.kernels import TRANSPOSED, is_kernel_type, kernel_shardings
 from lowrax.core.node import FullyTrained, is_adapter, is_node
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -136,6 +136,8 @@ def param_shardings(params: Any, model, mesh: Mesh, rules: dict = RULES) -> Any:
     def plain(keys, x, axes=None):
         if axes == ():
             return replicated(mesh)
+        if axes == TRANSPOSED:
+            axes = tuple(reversed(_kernel_axes(model, keys, x.ndim)))
         axes = _kernel_axes(model, keys, x.ndim) if axes is None else axes
         return spec_for(tuple(x.shape), axes, mesh, "/".join(keys), rules)
 

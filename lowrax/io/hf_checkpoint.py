@@ -220,13 +220,15 @@ def tree_to_hf_tensors(params: dict, model: Model, keep_native: bool = False) ->
 
 
 def save_hf_directory(params: dict, model: Model, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
-                      keep_native: bool = False, record_extra: dict | None = None) -> Path:
+                      keep_native: bool = False, record_extra: dict | None = None,
+                      records: dict[str, dict] | None = None) -> Path:
     """Write `config.json` + `model.safetensors` (+ tokenizer files) that transformers loads.
 
     keep_native: kernel types with a checkpoint form of their own (NF4) are saved in it, with the
     `quantization_config` transformers reads. A tree whose kernel types keep a record (a pruned
     model's pruning.json: each pruned module's pattern and sparsity, plus `record_extra`) gets
-    that file too, and loading the directory makes those kernels of that type again.
+    that file too, and loading the directory makes those kernels of that type again. `records`:
+    {file name: record} to write instead of the tree's own (those of the tree a merged one came from).
 
     Written to a temporary sibling directory and renamed into place, so a crash
     never leaves a half-written model behind.
@@ -240,7 +242,7 @@ def save_hf_directory(params: dict, model: Model, out_dir: str | Path, tokenizer
         if spec.hf_config is not None and (quantization := spec.hf_config(tensors)) is not None:
             config["quantization_config"] = quantization
     config["dtype"] = "bfloat16" if "bfloat16" in dtypes else ("float16" if "float16" in dtypes else "float32")
-    records = kernel_records(params, record_extra)
+    records = kernel_records(params, record_extra) if records is None else records
 
     def fill(staging: Path) -> None:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})

@@ -11,16 +11,16 @@ import jax
 from lowrax.core.kernels import is_kernel_type, is_quantized, kernel_type, quantizer
 from lowrax.core.node import is_adapter, is_node
 from lowrax.core.tables import TRANSPOSE
-from lowrax.quant import nf4, nf4_kernel  # noqa: F401  (nf4_kernel registers the NF4 kernel type)
+from lowrax.quant import int8, nf4, nf4_kernel  # noqa: F401  (int8 and nf4_kernel register their kernel types)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Which weights become NF4 and how."""
+    """Which weights are quantized, and how."""
 
-    method: str = "nf4"  # the 4-bit format (bitsandbytes' NF4)
-    blocksize: int = 64  # elements per absmax block: a power of two from 32 to 4096
-    double_quant: bool = True  # quantize the absmax statistics too (about 4.13 instead of 4.5 bits per weight)
+    method: str = "nf4"  # "nf4": bitsandbytes' 4-bit NF4; "int8": its row-wise 8-bit (Linear8bitLt)
+    blocksize: int = 64  # NF4: elements per absmax block, a power of two from 32 to 4096
+    double_quant: bool = True  # NF4: quantize the absmax statistics too (about 4.13 instead of 4.5 bits per weight)
     # Modules whose names contain any of these stay in full precision (embeddings, output heads).
     skip_modules: tuple[str, ...] = ("embed_tokens", "wte", "wpe", "lm_head", "classifier", "score", "embeddings")
 

@@ -51,7 +51,7 @@ class ModelSection:
     dtype: str = "float32"  # dtype of the frozen base: float32 | bfloat16 (adapters stay float32)
     task: str = "causal_lm"  # causal_lm | classification (text or image encoders with a classification head) | seq2seq (T5)
     num_labels: int | None = None  # classification: size of a fresh head, trained in full (None: 1 + the largest training label)
-    quantize: str | None = None  # "nf4": QLoRA, the frozen linear weights stored in 4-bit NF4
+    quantize: str | None = None  # "nf4": QLoRA, the frozen linear weights in 4-bit NF4; "int8": in 8-bit rows (LLM.int8())
     quant_blocksize: int = 64  # NF4 block size (a power of two from 32 to 4096)
     double_quant: bool = True  # NF4 double quantization of the block statistics
 

@@ -18,10 +18,10 @@ from lowrax.adapters.registry import format_for_config, method_names
 from lowrax.adapters.tree import combine, merge, split
 from lowrax.errors import LowraxError
 from lowrax.core.atomic import write_text
-from lowrax.models.pretrained import base_model_name, base_model_path, load_pretrained, load_preprocessor, save_pretrained
+from lowrax.io.hf_checkpoint import kernel_records, save_hf_directory
+from lowrax.models.pretrained import base_model_name, base_model_path, load_pretrained, load_preprocessor
 from lowrax.peft.common import CONFIG, WEIGHTS
 from lowrax.peft.format import load_peft, read_adapter_config, save_peft
-from lowrax.sparse.kernel import sparse_modules, with_sparse_kernels
 from lowrax.merging.requantize import merge_requantized
 from lowrax.train.checkpoints import Checkpoints
 from lowrax.train.config import TrainConfig, apply_overrides, from_dict, read_preset
@@ -128,10 +128,11 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
     masked there; the output records them in pruning.json) or, False, the delta fills them.
     """
     cfg, model, params = restore_run(run_dir)
-    pruned = sparse_modules(params)
-    if pruned and requantize:
-        raise LowraxError("--requantize over a pruned base is not supported: merge to full precision, then load the "
-                          "merged directory with model.quantize=nf4 (its zeros stay exact in NF4)")
+    records = kernel_records(params)  # a pruned base's pruning.json
+    if records and requantize:
+        raise LowraxError(f"--requantize over a base that carries {', '.join(records)} (a pruned base) is not "
+                          "supported: merge to full precision, then load the merged directory with "
+                          "model.quantize=nf4 (its zeros stay exact in NF4)")
     if requantize:
         if cfg.model.quantize is None:
             raise LowraxError(f"{run_dir} is not a QLoRA run (model.quantize is not set); nothing to re-quantize")
@@ -140,17 +141,13 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
             "(per-module figures in merge_report.json)")
     else:
         merged, report = merge(params, keep_sparsity=keep_sparsity), None
-    if pruned:
-        share = sum(k.size - int(k.mask.sum()) for k in pruned.values()) / sum(k.size for k in pruned.values())
-        if keep_sparsity:
-            log(f"sparsity kept: the adapter's delta is masked, so the {len(pruned)} pruned layers keep their "
-                f"{share:.1%} zeros (recorded in pruning.json)")
-            merged = with_sparse_kernels(merged, pruned)
-        else:
-            log(f"sparsity filled: the adapter's delta fills the {share:.1%} pruned weights of {len(pruned)} layers; "
-                "the merged model is dense")
-    out = save_pretrained(merged, model, out_dir, tokenizer=load_preprocessor(cfg.model.path, model),
-                          overwrite=overwrite, keep_quantized=requantize)
+    if records and keep_sparsity:
+        log(f"sparsity kept: the adapter's delta is masked where the base was pruned, so the merged layers keep "
+            f"its zeros (recorded in {', '.join(records)})")
+    elif records:
+        log("sparsity filled: the adapter's delta fills the pruned weights; the merged model is dense")
+    out = save_hf_directory(merged, model, out_dir, tokenizer=load_preprocessor(cfg.model.path, model),
+                            overwrite=overwrite, keep_native=requantize, records=records if keep_sparsity else {})
     if report is not None:
         (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return out
