@@ -25,22 +25,14 @@ from flax import struct
 
 from lowrax.core.node import VECTOR, AdapterNode
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
-from lowrax.adapters.targets import TargetConfig, as_tuple, targeting_from_peft
+from lowrax.adapters.targets import TargetConfig, as_tuple, default_targets, targeting_from_peft
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.core.linear import matmul
 from lowrax.peft.common import PREFIX, fan_in_fan_out
 
-# PEFT's defaults per model_type (peft.utils.constants, the IA3 mappings).
-DEFAULT_TARGETS = {
-    "llama": ("k_proj", "v_proj", "down_proj"), "mistral": ("k_proj", "v_proj", "down_proj"),
-    "qwen2": ("q_proj", "v_proj", "down_proj"), "gpt2": ("c_attn", "mlp.c_proj"),
-    "bert": ("key", "value", "output.dense"), "roberta": ("key", "value", "output.dense"),
-    "gemma2": ("q_proj", "v_proj", "down_proj"), "t5": ("k", "v", "wo"),
-}
-DEFAULT_FEEDFORWARD = {
-    "llama": ("down_proj",), "mistral": ("down_proj",), "qwen2": ("down_proj",), "gpt2": ("mlp.c_proj",),
-    "bert": ("output.dense",), "roberta": ("output.dense",), "gemma2": ("down_proj",), "t5": ("wo",),
-}
+# The roles IA3 adapts by default, and those whose input (not output) it scales.
+DEFAULT_ROLES = ("k", "v", "mlp_out")
+FEEDFORWARD_ROLES = ("mlp_out",)
 
 
 @dataclass(frozen=True)
@@ -118,10 +110,10 @@ class IA3Kernel(AdapterNode):
 def build_nodes(bases: dict[str, Any], cfg: IA3Config, key, adapter_dtype, model_type=None) -> tuple[dict, dict]:
     ff_spec = cfg.feedforward_modules
     if ff_spec is None:
-        if model_type not in DEFAULT_FEEDFORWARD:
+        ff_spec = default_targets("ia3_feedforward", FEEDFORWARD_ROLES, model_type)
+        if ff_spec is None:
             raise LowraxError(f"IA3 has no default feedforward_modules for model_type {model_type!r}; "
                               "set feedforward_modules (a list, or [] for none)")
-        ff_spec = DEFAULT_FEEDFORWARD[model_type]
     nodes = {}
     for i, (name, base) in enumerate(bases.items()):
         ff = is_feedforward(name, ff_spec)
@@ -179,5 +171,5 @@ def to_config(config: dict) -> tuple[str, IA3Config]:
                             **targeting_from_peft(config))
 
 
-register_method(AdapterMethod(name="ia3", config=IA3Config, build=build_nodes, default_targets=DEFAULT_TARGETS))
+register_method(AdapterMethod(name="ia3", config=IA3Config, build=build_nodes, default_roles=DEFAULT_ROLES))
 register_peft_format(PeftFormat(peft_type="IA3", write=write, read=read, to_config=to_config))

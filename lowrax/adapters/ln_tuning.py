@@ -29,17 +29,6 @@ from lowrax.peft.common import PREFIX, target_spec
 MARK = ".ln_tuning_layers."
 HF_NAMES = {"scale": "weight", "bias": "bias"}  # a lowrax norm's arrays -> the torch module's parameters
 
-# PEFT's defaults per model_type (peft.utils.constants, the LN tuning mapping); it has none for BERT.
-DEFAULT_TARGETS = {
-    "llama": ("input_layernorm", "post_attention_layernorm", "norm"),
-    "mistral": ("input_layernorm", "post_attention_layernorm", "norm"),
-    "qwen2": ("post_attention_layernorm",), "gpt2": ("ln_1", "ln_2", "ln_f"),
-    "gemma2": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
-               "norm"),
-    "t5": ("layer_norm", "final_layer_norm"),
-}
-
-
 @dataclass(frozen=True)
 class LNTuningConfig(TargetConfig):
     """LN tuning has no hyper-parameters beyond which norms it trains (`TargetConfig`'s fields,
@@ -111,6 +100,6 @@ def to_config(config: dict) -> tuple[str, LNTuningConfig]:
 
 
 register_method(AdapterMethod(name="ln_tuning", config=LNTuningConfig, build=build_nodes,
-                              default_targets=DEFAULT_TARGETS, modules=norm_modules, module_kind="normalisation"))
+                              default_roles=("norms",), modules=norm_modules, module_kind="normalisation"))
 register_peft_format(PeftFormat(peft_type="LN_TUNING", write=write, read=read, to_config=to_config,
                                 modules=norm_modules))

@@ -37,7 +37,7 @@ from flax import struct
 from lowrax.adapters.lycoris.common import refuse_conv1d
 from lowrax.core.node import ROTATION, AdapterNode
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
-from lowrax.adapters.targets import LORA_DEFAULT_TARGETS, TargetConfig, targeting_from_peft
+from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.core.linear import matmul
 from lowrax.peft.common import PREFIX, check_shape
@@ -309,5 +309,5 @@ def to_config(config: dict) -> tuple[str, OFTConfig]:
     return "oft", dataclasses.replace(cfg, **targeting_from_peft(config))
 
 
-register_method(AdapterMethod(name="oft", config=OFTConfig, build=build_nodes, default_targets=LORA_DEFAULT_TARGETS))
+register_method(AdapterMethod(name="oft", config=OFTConfig, build=build_nodes, default_roles=ATTENTION_QV))
 register_peft_format(PeftFormat(peft_type="OFT", write=write, read=read, to_config=to_config))

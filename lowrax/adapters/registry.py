@@ -31,7 +31,8 @@ class AdapterMethod:
     name: str  # the `method:` key of lowrax train and the name of its config section
     config: type  # its config dataclass (a `TargetConfig`), with PEFT's field names
     build: BuildNodes | None  # the nodes that replace the targeted kernels, initialised from them and a key
-    default_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model_type -> PEFT's defaults
+    # the module roles it adapts when target_modules is unset (lowrax.models.base.Model.module_roles)
+    default_roles: tuple[str, ...] = ()
     shared_keys: tuple[str, ...] = ()  # top-level tree keys holding arrays shared across layers
     # the modules it can adapt: params -> {dotted module name: tree path}; None: the linear kernels
     modules: Callable[[Any], dict] | None = None

@@ -19,15 +19,29 @@ from lowrax.core.node import is_node
 from lowrax.errors import LowraxError
 from lowrax.core.kernels import is_kernel_type
 
-# PEFT's default LoRA targets per model_type (peft.utils.constants); PEFT copies them for
-# LoHa, LoKr and OFT.
-LORA_DEFAULT_TARGETS = {
-    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
-    "gpt2": ("c_attn",), "bert": ("query", "value"), "roberta": ("query", "value"), "gemma2": ("q_proj", "v_proj"),
-    "t5": ("q", "v"),
-    # PEFT has none for ViT; its image-classification guide adapts query and value (q_proj, v_proj in transformers 5)
-    "vit": ("q_proj", "v_proj"),
-}
+# The roles (lowrax.models.base.Model.module_roles) PEFT's LoRA-style methods adapt by default.
+ATTENTION_QV = ("q", "v")
+
+
+def default_targets(method: str, roles: tuple[str, ...], model_type: str | None) -> tuple[str, ...] | None:
+    """A method's default target_modules for `model_type`: the modules its family gives `roles`
+    (in role order, once each), or PEFT's own choice where the family records that PEFT departs
+    from the roles; None when the family is unknown or lacks one of the roles."""
+    from lowrax.models import FAMILIES
+
+    if model_type not in FAMILIES or not roles:
+        return None
+    family = FAMILIES[model_type][1]
+    exception = family.peft_default_exceptions.get(model_type, {}).get(method)
+    if exception is not None:
+        return tuple(exception)
+    if any(role not in family.module_roles for role in roles):
+        return None
+    out: list[str] = []
+    for role in roles:
+        out += [m for m in family.module_roles[role] if m not in out]
+    return tuple(out)
+
 
 # Output heads that "all-linear" leaves alone, as PEFT does.
 OUTPUT_HEADS = ("lm_head", "classifier", "score")
@@ -133,16 +147,17 @@ def norm_modules(params: Any) -> dict[str, tuple[str, ...]]:
 
 
 def select_targets(params: Any, cfg: TargetConfig, model_type: str | None = None,
-                   default_targets: dict | None = None, method: str = "this method",
+                   default_roles: tuple[str, ...] = (), method: str = "this method",
                    modules: dict | None = None, kind: str = "linear") -> list[str]:
     """The dotted names of the modules `cfg` adapts, or a LowraxError listing the ones that exist.
+    default_roles: the roles whose modules are adapted when cfg.target_modules is None.
     modules: the candidates ({name: path}; default the linear kernels); kind names them in errors."""
     modules = linear_modules(params) if modules is None else modules
     spec = cfg.target_modules
     if spec is None:
-        if model_type not in (default_targets or {}):
+        spec = default_targets(method, default_roles, model_type)
+        if spec is None:
             raise LowraxError(f"{method} has no default target_modules for model_type {model_type!r}; set target_modules")
-        spec = default_targets[model_type]
     if spec == "all-linear":
         chosen = [n for n in modules if n.split(".")[0] not in OUTPUT_HEADS]
     else:

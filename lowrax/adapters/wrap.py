@@ -38,7 +38,7 @@ def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp
     if method.build_inserted is not None:
         return _with_inserted_nodes(params, cfg, key, adapter_dtype, model, method)
     modules = (method.modules or linear_modules)(params)
-    targets = select_targets(params, cfg, model_type, method.default_targets, method.name, modules, method.module_kind)
+    targets = select_targets(params, cfg, model_type, method.default_roles, method.name, modules, method.module_kind)
     out = jax.tree.map(lambda x: x, params, is_leaf=is_node)  # a fresh copy of the dict structure
     bases = {}
     for name in targets:

@@ -85,6 +85,14 @@ class Model:
     is_image_model: ClassVar[bool] = False  # apply takes pixel_values (ViT)
     # Module path suffix -> logical axis names of its kernel (bias: the last one); see lowrax.dist.sharding.
     logical_axes: ClassVar[dict] = {}
+    # The part each module plays, by role: the module names (matched as PEFT matches
+    # target_modules) of the attention's "q", "k", "v", "o", the MLP's "mlp_in" and "mlp_out",
+    # and the "norms". Adapter methods derive their default targets from roles (a method's
+    # `default_roles`), so a family declares no table per method.
+    module_roles: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # {model_type: {method name: modules}}: where PEFT's own default table for a method departs
+    # from what the roles give (PEFT's choices, kept so defaults agree with PEFT's).
+    peft_default_exceptions: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {}
 
     @property
     def model_type(self) -> str:

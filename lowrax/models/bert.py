@@ -128,6 +128,10 @@ class BertModel(Model):
                     "intermediate/dense": ("embed", "mlp"), "output/dense": ("mlp", "embed"),
                     "pooler/dense": ("embed", None), "classifier": ("embed", "classes"),
                     "classifier/dense": ("embed", None), "classifier/out_proj": ("embed", "classes")}
+    # "output.dense" also names the attention's output projection (PEFT's IA3 default adapts both)
+    module_roles = {"q": ("query",), "k": ("key",), "v": ("value",), "o": ("attention.output.dense",),
+                    "mlp_in": ("intermediate.dense",), "mlp_out": ("output.dense",), "norms": ("LayerNorm",)}
+    peft_default_exceptions = {"roberta": {"adalora": ("query", "key", "value", "dense")}}
 
     @property
     def tensor_table(self):

@@ -79,6 +79,10 @@ class Gemma2Model(LlamaModel):
 
     config: Gemma2Config
     tensor_table = TENSORS
+    module_roles = {**LlamaModel.module_roles,
+                    "norms": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                              "post_feedforward_layernorm", "norm")}
+    peft_default_exceptions = {"gemma2": {"ia3": ("q_proj", "v_proj", "down_proj")}}
 
     def _attend(self, q, k, v, mask):
         c = self.config

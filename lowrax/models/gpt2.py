@@ -99,6 +99,8 @@ class GPT2Model(CausalLM):
     tensor_table = TENSORS
     logical_axes = {"wte": ("vocab", "embed"), "wpe": ("positions", "embed"), "c_attn": ("embed", "heads"),
                     "attn/c_proj": ("heads", "embed"), "c_fc": ("embed", "mlp"), "mlp/c_proj": ("mlp", "embed")}
+    module_roles = {"q": ("c_attn",), "k": ("c_attn",), "v": ("c_attn",), "o": ("attn.c_proj",),
+                    "mlp_in": ("c_fc",), "mlp_out": ("mlp.c_proj",), "norms": ("ln_1", "ln_2", "ln_f")}
     bare_prefix = "transformer."
 
     def _attention(self, i, p, x, mask, kv_cache, cache_index):

@@ -49,6 +49,10 @@ class Phi3Model(LlamaModel):
     tensor_table = TENSORS
     logical_axes = {"embed_tokens": ("vocab", "embed"), "qkv_proj": ("embed", "heads"), "o_proj": ("heads", "embed"),
                     "gate_up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed"), "lm_head": ("embed", "vocab")}
+    module_roles = {"q": ("qkv_proj",), "k": ("qkv_proj",), "v": ("qkv_proj",), "o": ("o_proj",),
+                    "mlp_in": ("gate_up_proj",), "mlp_out": ("down_proj",),
+                    "norms": ("input_layernorm", "post_attention_layernorm", "norm")}
+    peft_default_exceptions = {}
 
     def _attention(self, p, x, cos, sin, mask, kv_cache, cache_index):
         c = self.config

@@ -179,6 +179,9 @@ class T5Model(Model):
                     "v": ("embed", "heads"), "o": ("heads", "embed"), "wi": ("embed", "mlp"),
                     "wi_0": ("embed", "mlp"), "wi_1": ("embed", "mlp"), "wo": ("mlp", "embed"),
                     "relative_attention_bias": (None, "heads"), "lm_head": ("embed", "vocab")}
+    module_roles = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",), "mlp_in": ("wi", "wi_0", "wi_1"),
+                    "mlp_out": ("wo",), "norms": ("layer_norm", "final_layer_norm")}
+    peft_default_exceptions = {"t5": {"adalora": ("q", "k", "v", "o", "wi", "wo")}}
 
     # --- pieces ------------------------------------------------------------------------
 

@@ -153,6 +153,8 @@ class ViTModel(Model):
     logical_axes = {"q_proj": ("embed", "heads"), "k_proj": ("embed", "heads"), "v_proj": ("embed", "heads"),
                     "o_proj": ("heads", "embed"), "fc1": ("embed", "mlp"), "fc2": ("mlp", "embed"),
                     "pooler/dense": ("embed", None), "classifier": ("embed", "classes")}
+    module_roles = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj",), "mlp_in": ("fc1",),
+                    "mlp_out": ("fc2",), "norms": ("layernorm_before", "layernorm_after", "layernorm")}
 
     @staticmethod
     def checkpoint_key(key: str) -> str:

@@ -11,15 +11,8 @@ import jax.numpy as jnp
 from lowrax.adapters.adalora.config import AdaLoraConfig
 from lowrax.adapters.adalora.kernel import RANKNUM_EPS, AdaLoraKernel, Schedule
 from lowrax.adapters.registry import AdapterMethod, register_method
+from lowrax.adapters.targets import ATTENTION_QV
 from lowrax.errors import LowraxError
-
-# PEFT's defaults per model_type (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING)
-DEFAULT_TARGETS = {
-    "llama": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"), "gpt2": ("c_attn",),
-    "bert": ("query", "value"), "roberta": ("query", "key", "value", "dense"), "gemma2": ("q_proj", "v_proj"),
-    "t5": ("q", "k", "v", "o", "wi", "wo"),
-}
-
 
 def schedule_of(cfg: AdaLoraConfig) -> Schedule:
     if cfg.total_step is None:
@@ -58,4 +51,4 @@ def build_nodes(bases: dict[str, Any], cfg: AdaLoraConfig, key, adapter_dtype, m
     return nodes, {}
 
 
-register_method(AdapterMethod(name="adalora", config=AdaLoraConfig, build=build_nodes, default_targets=DEFAULT_TARGETS))
+register_method(AdapterMethod(name="adalora", config=AdaLoraConfig, build=build_nodes, default_roles=ATTENTION_QV))

@@ -16,7 +16,7 @@ from lowrax.adapters.lora import delta_lora, dora, pissa, vera
 from lowrax.adapters.lora.config import LoraConfig
 from lowrax.adapters.lora.kernel import LoraKernel, lora_scale
 from lowrax.adapters.registry import AdapterMethod, register_method
-from lowrax.adapters.targets import LORA_DEFAULT_TARGETS, pattern_value
+from lowrax.adapters.targets import ATTENTION_QV, pattern_value
 from lowrax.core.kernels import dense_kernel, rebuilt, why_fixed
 from lowrax.errors import LowraxError
 
@@ -78,5 +78,5 @@ def _factored_node(name: str, base, cfg: LoraConfig, key, adapter_dtype):
                       rslora=cfg.use_rslora)
 
 
-register_method(AdapterMethod(name="lora", config=LoraConfig, build=build_nodes, default_targets=LORA_DEFAULT_TARGETS,
+register_method(AdapterMethod(name="lora", config=LoraConfig, build=build_nodes, default_roles=ATTENTION_QV,
                               shared_keys=(vera.SHARED,)))

@@ -26,7 +26,7 @@ from lowrax.adapters.lycoris.common import (LycorisConfig, LycorisKernel,
 from lowrax.adapters.init import kaiming_uniform
 from lowrax.core.node import FACTOR
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
-from lowrax.adapters.targets import LORA_DEFAULT_TARGETS, targeting_from_peft
+from lowrax.adapters.targets import ATTENTION_QV, targeting_from_peft
 from lowrax.errors import CheckpointError
 from lowrax.peft.common import PREFIX, check_shape
 
@@ -136,5 +136,5 @@ def to_config(config: dict) -> tuple[str, LoHaConfig]:
     return "loha", LoHaConfig(**lycoris_settings(config), **targeting_from_peft(config))
 
 
-register_method(AdapterMethod(name="loha", config=LoHaConfig, build=build_nodes, default_targets=LORA_DEFAULT_TARGETS))
+register_method(AdapterMethod(name="loha", config=LoHaConfig, build=build_nodes, default_roles=ATTENTION_QV))
 register_peft_format(PeftFormat(peft_type="LOHA", write=write, read=read, to_config=to_config))

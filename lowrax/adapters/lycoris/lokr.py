@@ -31,7 +31,7 @@ from lowrax.adapters.lycoris.common import (LycorisConfig, LycorisKernel,
 from lowrax.adapters.init import kaiming_uniform
 from lowrax.core.node import FACTOR
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
-from lowrax.adapters.targets import LORA_DEFAULT_TARGETS, targeting_from_peft
+from lowrax.adapters.targets import ATTENTION_QV, targeting_from_peft
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.peft.common import PREFIX, check_shape
 
@@ -230,5 +230,5 @@ def to_config(config: dict) -> tuple[str, LoKrConfig]:
                               init_weights=init if init in INITS else True)
 
 
-register_method(AdapterMethod(name="lokr", config=LoKrConfig, build=build_nodes, default_targets=LORA_DEFAULT_TARGETS))
+register_method(AdapterMethod(name="lokr", config=LoKrConfig, build=build_nodes, default_roles=ATTENTION_QV))
 register_peft_format(PeftFormat(peft_type="LOKR", write=write, read=read, to_config=to_config))
