@@ -225,7 +225,7 @@ def run_side(side: str, args) -> dict:
 
 def run_measurements(side: str, args) -> dict:
     if side in QLORA_SIDES:
-        from lowrax.train.trainer import DTYPES
+        from lowrax.train.build import DTYPES
 
         dtype, nf4 = QLORA_SIDES[side]
         model, params = lowrax.load_pretrained(args.model, dtype=DTYPES[dtype], progress=False,
@@ -233,7 +233,7 @@ def run_measurements(side: str, args) -> dict:
         ids = np.random.default_rng(0).integers(10, model.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
         return {**base_storage(params), **bench_lowrax(model, params, ids, args.rank, args.steps, full_flops=False)}
     from lowrax.dist.sharding import MeshConfig, make_mesh
-    from lowrax.train.trainer import DTYPES
+    from lowrax.train.build import DTYPES
 
     mesh = make_mesh(MeshConfig(*args.mesh))
     if args.random_llama:

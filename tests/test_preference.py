@@ -239,4 +239,6 @@ def test_dpo_step_with_accumulation_equals_one_batch(setup):
     for key in ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen"):
         np.testing.assert_allclose(ma[key], mb[key], rtol=1e-5, atol=1e-7, err_msg=key)
     assert float(ma["rewards/margins"]) != 0.0
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7), a.trainable, b.trainable)
+    # Adam divides each gradient by its own scale, so a rounding-level difference in a near-zero
+    # gradient (summed in another order over two micro-batches) moves that element by a few 1e-7.
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a.trainable, b.trainable)

@@ -13,10 +13,10 @@ reader by `peft_type` and the writer by the nodes' `peft_type`.
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
+from lowrax.core.registry import Registry
 from lowrax.errors import LowraxError
 
 # build(bases: {module name: frozen kernel [in, out]}, cfg, key, adapter_dtype, model_type)
@@ -77,15 +77,12 @@ class PeftFormat:
     recognises: Callable[[dict], bool] | None = None
 
 
-_METHODS: dict[str, AdapterMethod] = {}
+_METHODS: Registry[AdapterMethod] = Registry("adapter method", "unknown adapter method {name!r}; methods: {names}")
 _PEFT_FORMATS: dict[str, PeftFormat] = {}
 
 
 def register_method(method: AdapterMethod) -> AdapterMethod:
-    if method.name in _METHODS:
-        raise LowraxError(f"adapter method {method.name!r} is registered twice")
-    _METHODS[method.name] = method
-    return method
+    return _METHODS.register(method.name, method)
 
 
 def register_peft_format(fmt: PeftFormat) -> PeftFormat:
@@ -96,15 +93,11 @@ def register_peft_format(fmt: PeftFormat) -> PeftFormat:
 
 
 def method_names() -> list[str]:
-    return sorted(_METHODS)
+    return sorted(_METHODS.names())
 
 
 def method_named(name: str) -> AdapterMethod:
     """The method registered as `name`, or an error listing the ones that exist."""
-    if name not in _METHODS:
-        close = difflib.get_close_matches(str(name), list(_METHODS), n=1)
-        raise LowraxError(f"unknown adapter method {name!r}; methods: {', '.join(method_names())}"
-                          + (f"; did you mean {close[0]!r}?" if close else ""))
     return _METHODS[name]
 
 

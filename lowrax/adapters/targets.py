@@ -79,6 +79,12 @@ class TargetConfig:
     def from_dict(cls, values: dict) -> "TargetConfig":
         return config_from_dict(cls, values)
 
+    def for_run(self, *, steps: int, model_dir: Any) -> "TargetConfig":
+        """The config as a `lowrax train` run of `steps` steps on the model in `model_dir` uses it:
+        a method whose settings depend on the run (AdaLoRA's schedule length, prompt tuning's
+        tokenizer) fills them in; the rest are unchanged."""
+        return self
+
 
 def config_from_dict(cls, values: dict):
     """A method config from a dict, rejecting unknown keys with the closest valid name."""

@@ -248,10 +248,8 @@ def cmd_merge_models(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowrax", description="Low-rank fine-tuning of HF transformers in JAX")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_run_commands(sub) -> None:
+    """train, generate, chat, convert."""
     t = sub.add_parser("train", help="adapter fine-tune (default: LoRA on SmolLM2 and the embedded date task)")
     t.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [section.key=value]",
                    help="a YAML preset (default configs/default.yaml) followed by overrides such as lora.r=8 "
@@ -280,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     c.set_defaults(func=cmd_convert)
 
+
+def _add_adapter_commands(sub) -> None:
+    """export-peft, import-peft, merge, prune."""
     e = sub.add_parser("export-peft", help="write a training run's adapter in PEFT format")
     e.add_argument("run_dir", help="a `lowrax train` output directory (config.yaml + checkpoints/)")
     e.add_argument("out_dir")
@@ -311,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     pr.set_defaults(func=cmd_prune)
 
+
+def _add_merging_commands(sub) -> None:
+    """merge-adapters, merge-models."""
     ma = sub.add_parser("merge-adapters", help="combine LoRA adapters into one (PEFT's add_weighted_adapter)")
     ma.add_argument("out_dir")
     ma.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
@@ -344,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     mm.add_argument("--seed", type=int, default=0, help="dare: the seed of the random drop")
     mm.add_argument("--overwrite", action="store_true")
     mm.set_defaults(func=cmd_merge_models)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowrax", description="Low-rank fine-tuning of HF transformers in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_commands(sub)
+    _add_adapter_commands(sub)
+    _add_merging_commands(sub)
     return parser
 
 

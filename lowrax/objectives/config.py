@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from lowrax.errors import LowraxError
 from lowrax.objectives.preference import DPO_LOSS_TYPES
+from lowrax.objectives.registry import Objective, register_objective
 
-OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "distill")
 PAIRED = ("dpo", "orpo", "simpo")  # objectives trained on (prompt, chosen, rejected) pairs
 PREFERENCE = PAIRED + ("kto",)
 REFERENCES = ("adapters_off", "precomputed")
@@ -63,3 +63,18 @@ class DistillSection:
         if self.generation_tokens < 1 or self.generation_temperature < 0:
             raise LowraxError("distill.generation_tokens must be >= 1 and distill.generation_temperature >= 0, got "
                               f"{self.generation_tokens} and {self.generation_temperature}")
+
+
+def _check_distill(cfg) -> None:
+    if cfg.distill.on_policy and cfg.model.task != "causal_lm":
+        raise LowraxError("distill.on_policy has the student generate completions, which needs a causal LM; "
+                          f"model.task is {cfg.model.task!r}")
+
+
+register_objective(Objective("sft", ("causal_lm", "classification", "seq2seq"),
+                             description="supervised fine-tuning on the task's own loss"))
+for _name in PREFERENCE:
+    register_objective(Objective(_name, ("causal_lm",), section="preference",
+                                 description="preference tuning on chosen/rejected completions"))
+register_objective(Objective("distill", ("causal_lm", "classification"), section="distill", check=_check_distill,
+                             description="knowledge distillation from a teacher (seq2seq distillation is not implemented)"))

@@ -55,19 +55,9 @@ def prune(params: Any, model, calibration_ids=None, method: str = "sparsegpt", s
     (of every weight), "layers": {module: {"sparsity", "relative_error"?, "loss"? (SparseGPT's
     own estimate), "seconds"}}, "calibration": {"rows", "tokens"}, "seconds"}.
     """
-    if method not in METHODS:
-        raise LowraxError(f"pruning method must be one of {', '.join(METHODS)}; got {method!r}")
+    _check_arguments(params, model, calibration_ids, method, chunk_rows)
     n, m = masks.parse_pattern(pattern)
     fraction = masks.pattern_sparsity(pattern, sparsity)
-    if not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise LowraxError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-    if model.is_seq2seq or model.is_image_model:
-        raise LowraxError(f"pruning runs layer by layer through one stack on token rows (decoder LMs and text "
-                          f"encoders); {model.model_type} is not supported")
-    if method in CALIBRATED and calibration_ids is None:
-        raise LowraxError(f"{method} pruning needs calibration_ids: token ids [rows, tokens] of text like the "
-                          "model's (lowrax prune uses the embedded text set by default)")
-    _refuse_wrapped(params)
     ids, weights = _calibration(calibration_ids, attention_mask)
     kernels = _kernel_paths(params)
     started = time.perf_counter()
@@ -102,18 +92,13 @@ def prune(params: Any, model, calibration_ids=None, method: str = "sparsegpt", s
             running.rename({within[i]: ".".join(path[:-1]) for i, path in names.items()})
         pruned_here = {}
         for leaf in jax.tree.leaves(layer_params):
-            if id(leaf) not in names:
-                continue
-            name = ".".join(names[id(leaf)][:-1])
-            masks.check_groups(leaf.shape[0], pattern, name)
-            if bar is not None:
-                bar.set_postfix_str(name, refresh=True)
-            tick = time.perf_counter()
-            new, stats = _prune_kernel(leaf, method, fraction, n, m, running, name, blocksize, dampening)
-            jax.block_until_ready(new.kernel)
-            stats["seconds"] = round(time.perf_counter() - tick, 4)
-            pruned_here[id(leaf)] = replacements[names[id(leaf)]] = new
-            report_layers[name] = stats
+            if id(leaf) in names:
+                name = ".".join(names[id(leaf)][:-1])
+                if bar is not None:
+                    bar.set_postfix_str(name, refresh=True)
+                new, report_layers[name] = _timed_prune(leaf, name, method, pattern, fraction, running, blocksize,
+                                                        dampening)
+                pruned_here[id(leaf)] = replacements[names[id(leaf)]] = new
         for k, _, call in chunk_calls():  # without data: one placeholder row, to find the next layer
             pruned_params = jax.tree.map(lambda x: pruned_here.get(id(x), x), call.params)
             replays[k] = calibrate.host(calibrate.run_layer(call, pruned_params))
@@ -158,6 +143,32 @@ def relative_error(w: jnp.ndarray, pruned_w: jnp.ndarray, hessian: jnp.ndarray) 
 
 def _pattern_of(n: int, m: int) -> str:
     return f"{n}:{m}" if m else "unstructured"
+
+
+def _check_arguments(params, model, calibration_ids, method: str, chunk_rows) -> None:
+    if method not in METHODS:
+        raise LowraxError(f"pruning method must be one of {', '.join(METHODS)}; got {method!r}")
+    if not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise LowraxError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    if model.is_seq2seq or model.is_image_model:
+        raise LowraxError(f"pruning runs layer by layer through one stack on token rows (decoder LMs and text "
+                          f"encoders); {model.model_type} is not supported")
+    if method in CALIBRATED and calibration_ids is None:
+        raise LowraxError(f"{method} pruning needs calibration_ids: token ids [rows, tokens] of text like the "
+                          "model's (lowrax prune uses the embedded text set by default)")
+    _refuse_wrapped(params)
+
+
+def _timed_prune(kernel, name: str, method: str, pattern: str, fraction: float, running, blocksize: int,
+                 dampening: float):
+    """(the pruned SparseKernel, its report entry with the seconds it took)."""
+    n, m = masks.parse_pattern(pattern)
+    masks.check_groups(kernel.shape[0], pattern, name)
+    tick = time.perf_counter()
+    new, stats = _prune_kernel(kernel, method, fraction, n, m, running, name, blocksize, dampening)
+    jax.block_until_ready(new.kernel)
+    stats["seconds"] = round(time.perf_counter() - tick, 4)
+    return new, stats
 
 
 def _refuse_wrapped(params: Any) -> None:

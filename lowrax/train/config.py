@@ -24,7 +24,9 @@ import yaml
 from lowrax.adapters.lora.config import LoraConfig
 from lowrax.adapters.registry import method_for_config, method_named, method_names
 from lowrax.errors import LowraxError
-from lowrax.objectives.config import OBJECTIVES, DistillSection, PreferenceSection
+from lowrax.objectives.config import DistillSection, PreferenceSection
+from lowrax.objectives.registry import check_objective
+from lowrax.train.tasks import task_named
 from lowrax.train.optim import OptimizerConfig
 from lowrax.dist.parallel import DistConfig
 from lowrax.dist.sharding import MeshConfig
@@ -104,7 +106,7 @@ class TrainSection:
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     method: str = "lora"  # the adapter method (lowrax.method_names()); its settings are the section named after it
-    objective: str = "sft"  # sft | dpo | orpo | simpo | kto | distill (settings: the preference / distill sections)
+    objective: str = "sft"  # a registered objective (lowrax.objectives.registry): sft | dpo | orpo | simpo | kto | distill
     adapter: Any = field(default_factory=LoraConfig)  # the method's config: LoraConfig, IA3Config, ...
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataSection = field(default_factory=DataSection)
@@ -115,16 +117,8 @@ class TrainConfig:
     dist: DistConfig = field(default_factory=DistConfig)  # several processes (hosts): jax.distributed
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise LowraxError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.objective not in ("sft", "distill") and self.model.task != "causal_lm":
-            raise LowraxError(f"objective {self.objective!r} trains causal LMs; model.task is {self.model.task!r}")
-        if self.objective == "distill" and self.model.task == "seq2seq":
-            raise LowraxError("objective 'distill' supports causal LMs and classifiers; seq2seq (T5) distillation "
-                              "is not implemented")
-        if self.objective == "distill" and self.distill.on_policy and self.model.task != "causal_lm":
-            raise LowraxError("distill.on_policy has the student generate completions, which needs a causal LM; "
-                              f"model.task is {self.model.task!r}")
+        task_named(self.model.task)
+        check_objective(self)
         expected = method_named(self.method).config
         if type(self.adapter) is not expected:
             raise LowraxError(f"method {self.method!r} takes a {expected.__name__}, got {type(self.adapter).__name__} "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from lowrax.adapters.targets import TargetConfig
@@ -56,3 +57,7 @@ class AdaLoraConfig(TargetConfig):
                 raise LowraxError(f"AdaLoraConfig leaves no budgeting phase: tinit ({self.tinit}) must be below "
                                   f"total_step - tfinal ({self.total_step} - {self.tfinal}); lower tinit/tfinal or "
                                   "raise total_step")
+
+    def for_run(self, *, steps: int, model_dir=None) -> "AdaLoraConfig":
+        """The rank budget falls over the run's length unless total_step says otherwise."""
+        return self if self.total_step is not None else dataclasses.replace(self, total_step=steps)

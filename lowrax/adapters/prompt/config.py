@@ -5,6 +5,7 @@ num_attention_heads) come from the model at `wrap` time, not from the config."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from lowrax.adapters.targets import config_from_dict
@@ -33,6 +34,10 @@ class PromptLearningConfig:
     def from_dict(cls, values: dict):
         return config_from_dict(cls, values)
 
+    def for_run(self, *, steps: int, model_dir=None) -> "PromptLearningConfig":
+        """As `TargetConfig.for_run`: unchanged unless the method's settings depend on the run."""
+        return self
+
 
 @dataclass(frozen=True, kw_only=True)
 class PromptTuningConfig(PromptLearningConfig):
@@ -50,6 +55,12 @@ class PromptTuningConfig(PromptLearningConfig):
         if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
             raise LowraxError("PromptTuningConfig.prompt_tuning_init='TEXT' needs prompt_tuning_init_text "
                               "(the text whose token embeddings start the virtual tokens)")
+
+    def for_run(self, *, steps: int, model_dir=None) -> "PromptTuningConfig":
+        """A text init with no tokenizer named encodes the text with the run's model's own."""
+        if self.prompt_tuning_init == "TEXT" and self.tokenizer_name_or_path is None and model_dir is not None:
+            return dataclasses.replace(self, tokenizer_name_or_path=str(model_dir))
+        return self
 
 
 @dataclass(frozen=True, kw_only=True)
