@@ -60,3 +60,26 @@ def test_unknown_and_mismatched_names_are_refused_with_the_known_ones():
         load_config(None, ["model.task=seq2seq", "objective=kto"])
     with pytest.raises(LowraxError, match="objective 'distill' trains model.task causal_lm or classification"):
         load_config(None, ["model.task=seq2seq", "objective=distill"])
+
+
+SECTIONS = ("# --- config", "# --- node", "# --- build", "# --- PEFT format", "# --- registration")
+
+
+@pytest.mark.parametrize("name", lowrax.method_names())
+def test_every_method_has_the_same_parts(name):
+    """A method folder holds config.py, node.py, build.py and its exchange format (peft.py, or the
+    format's own name); a one-module method has the same parts as marked sections, in that order."""
+    from lowrax.adapters.registry import method_named
+
+    module = method_named(name).config.__module__
+    path = ROOT.parent / (module.replace(".", "/") + ".py")
+    if path.name == "config.py":
+        folder = path.parent
+        for part in ("config.py", "node.py", "build.py"):
+            assert (folder / part).exists(), f"{folder.relative_to(ROOT.parent)} has no {part}"
+        assert (folder / "peft.py").exists() or (folder / "adapterhub.py").exists(), f"{folder} has no exchange format"
+    else:
+        text = path.read_text()
+        where = [text.find(section) for section in SECTIONS]
+        assert -1 not in where and where == sorted(where), (
+            f"{path.relative_to(ROOT.parent)} must have the sections {SECTIONS} in that order")

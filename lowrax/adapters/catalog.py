@@ -2,15 +2,16 @@
 on import); a new method adds its module here."""
 
 import lowrax.adapters.ia3  # noqa: F401  IA3
-import lowrax.adapters.lora.method  # noqa: F401  LoRA, LoRA-FA, DoRA, VeRA, Delta-LoRA, rsLoRA, PiSSA
-import lowrax.adapters.lora.peft_lora  # noqa: F401  PEFT's LORA format (LoRA, DoRA; PiSSA/Delta-LoRA converted)
-import lowrax.adapters.lora.vera_peft  # noqa: F401  PEFT's VERA format
+import lowrax.adapters.lora.build  # noqa: F401  LoRA, LoRA-FA, DoRA, VeRA, Delta-LoRA, rsLoRA, PiSSA
+import lowrax.adapters.lora.peft  # noqa: F401  PEFT's LORA format (LoRA, DoRA; PiSSA/Delta-LoRA converted)
+import lowrax.adapters.lora.peft_vera  # noqa: F401  PEFT's VERA format
 import lowrax.adapters.lycoris.loha  # noqa: F401  LoHa and PEFT's LOHA format
 import lowrax.adapters.lycoris.lokr  # noqa: F401  LoKr and PEFT's LOKR format
 import lowrax.adapters.oft  # noqa: F401  OFT and PEFT's OFT format
 import lowrax.adapters.ln_tuning  # noqa: F401  LN tuning and PEFT's LN_TUNING format
-import lowrax.adapters.prompt.method  # noqa: F401  prompt tuning, P-tuning, prefix tuning and their PEFT formats
-import lowrax.adapters.adalora.method  # noqa: F401  AdaLoRA
-import lowrax.adapters.adalora.peft_adalora  # noqa: F401  PEFT's ADALORA format
-import lowrax.adapters.bottleneck.method  # noqa: F401  bottleneck adapters
+import lowrax.adapters.prompt.build  # noqa: F401  prompt tuning, P-tuning, prefix tuning
+import lowrax.adapters.prompt.peft  # noqa: F401  their PEFT formats
+import lowrax.adapters.adalora.build  # noqa: F401  AdaLoRA
+import lowrax.adapters.adalora.peft  # noqa: F401  PEFT's ADALORA format
+import lowrax.adapters.bottleneck.build  # noqa: F401  bottleneck adapters
 import lowrax.adapters.bottleneck.adapterhub  # noqa: F401  AdapterHub's adapter directories

@@ -35,6 +35,8 @@ DEFAULT_ROLES = ("k", "v", "mlp_out")
 FEEDFORWARD_ROLES = ("mlp_out",)
 
 
+# --- config ---------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class IA3Config(TargetConfig):
     """IA3's hyper-parameters, with PEFT's names and defaults (targeting fields: `TargetConfig`'s)."""
@@ -61,6 +63,8 @@ def is_feedforward(name: str, spec: str | Sequence[str] | None) -> bool:
         return re.fullmatch(spec, name) is not None
     return any(name.endswith(s) for s in spec)
 
+
+# --- node -----------------------------------------------------------------------------------------
 
 @struct.dataclass
 class IA3Kernel(AdapterNode):
@@ -107,6 +111,8 @@ class IA3Kernel(AdapterNode):
         return merged_bias if self.feedforward else merged_bias / self.vector.astype(jnp.float32)
 
 
+# --- build ----------------------------------------------------------------------------------------
+
 def build_nodes(bases: dict[str, Any], cfg: IA3Config, key, adapter_dtype, model_type=None) -> tuple[dict, dict]:
     ff_spec = cfg.feedforward_modules
     if ff_spec is None:
@@ -125,6 +131,8 @@ def build_nodes(bases: dict[str, Any], cfg: IA3Config, key, adapter_dtype, model
         nodes[name] = IA3Kernel(base=base, vector=vector, feedforward=ff)
     return nodes, {}
 
+
+# --- PEFT format ----------------------------------------------------------------------------------
 
 def _feedforward_spec(nodes: dict[str, IA3Kernel]) -> Any:
     """`feedforward_modules` for PEFT: suffixes when PEFT's suffix rule selects exactly the
@@ -170,6 +178,8 @@ def to_config(config: dict) -> tuple[str, IA3Config]:
     return "ia3", IA3Config(feedforward_modules=ff if isinstance(ff, str) or ff is None else tuple(ff),
                             **targeting_from_peft(config))
 
+
+# --- registration ----------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="ia3", config=IA3Config, build=build_nodes, default_roles=DEFAULT_ROLES))
 register_peft_format(PeftFormat(peft_type="IA3", write=write, read=read, to_config=to_config))

@@ -29,11 +29,15 @@ from lowrax.peft.common import PREFIX, target_spec
 MARK = ".ln_tuning_layers."
 HF_NAMES = {"scale": "weight", "bias": "bias"}  # a lowrax norm's arrays -> the torch module's parameters
 
+# --- config ---------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class LNTuningConfig(TargetConfig):
     """LN tuning has no hyper-parameters beyond which norms it trains (`TargetConfig`'s fields,
     matched against normalisation modules: `input_layernorm`, `LayerNorm`, `ln_1`, ...)."""
 
+
+# --- node -----------------------------------------------------------------------------------------
 
 @struct.dataclass
 class TunedNorm(AdapterNode):
@@ -52,6 +56,8 @@ class TunedNorm(AdapterNode):
         raise LowraxError("a TunedNorm is a normalisation layer's array, not a linear layer; models read its value")
 
 
+# --- build ----------------------------------------------------------------------------------------
+
 def build_nodes(bases: dict[str, dict], cfg: LNTuningConfig, key, adapter_dtype, model_type=None) -> tuple[dict, dict]:
     nodes = {}
     for name, module in bases.items():
@@ -61,6 +67,8 @@ def build_nodes(bases: dict[str, dict], cfg: LNTuningConfig, key, adapter_dtype,
         nodes[name] = {field: TunedNorm(base=array, value=array) for field, array in module.items()}
     return nodes, {}
 
+
+# --- PEFT format ----------------------------------------------------------------------------------
 
 def write(nodes: dict[str, TunedNorm], params: Any, *, model=None, **_unused) -> tuple[dict, dict]:
     tensors, modules = {}, set()
@@ -98,6 +106,8 @@ def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict,
 def to_config(config: dict) -> tuple[str, LNTuningConfig]:
     return "ln_tuning", LNTuningConfig(**targeting_from_peft(config))
 
+
+# --- registration ----------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="ln_tuning", config=LNTuningConfig, build=build_nodes,
                               default_roles=("norms",), modules=norm_modules, module_kind="normalisation"))

@@ -46,6 +46,8 @@ SUFFIX = ".oft_R.weight"
 NEUMANN_SINCE = "0.18.0"  # PEFT changed its Cayley-Neumann series in this release; lowrax computes the new one
 
 
+# --- config ---------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class OFTConfig(TargetConfig):
     """OFT's hyper-parameters, with PEFT 0.21's names and defaults. Give exactly one of `r`
@@ -103,6 +105,8 @@ def blocks_for(width: int, r: int, block_size: int, name: str) -> tuple[int, int
                       stacklevel=3)
     return adjusted, width // adjusted
 
+
+# --- node -----------------------------------------------------------------------------------------
 
 def skew(q: jnp.ndarray, b: int) -> jnp.ndarray:
     """[n, b(b-1)/2] upper-triangle entries (torch.triu_indices order) -> [n, b, b] skew-symmetric."""
@@ -208,6 +212,8 @@ class OFTKernel(AdapterNode):
                                                 self.eps).astype(self.weight.dtype))
 
 
+# --- build ----------------------------------------------------------------------------------------
+
 def node_settings(cfg: OFTConfig) -> dict:
     return {"coft": cfg.coft, "eps": cfg.eps, "use_cayley_neumann": cfg.use_cayley_neumann,
             "num_cayley_neumann_terms": cfg.num_cayley_neumann_terms, "module_dropout": cfg.module_dropout}
@@ -223,6 +229,8 @@ def build_nodes(bases: dict[str, Any], cfg: OFTConfig, key, adapter_dtype, model
         nodes[name] = OFTKernel(base=base, weight=weight, blocks=blocks, block_size=b, **node_settings(cfg))
     return nodes, {}
 
+
+# --- PEFT format ----------------------------------------------------------------------------------
 
 def write(nodes: dict[str, OFTKernel], params: Any, *, model=None, **_unused) -> tuple[dict, dict]:
     refuse_conv1d(model, "OFT")
@@ -308,6 +316,8 @@ def to_config(config: dict) -> tuple[str, OFTConfig]:
     cfg = config_from_peft(config)
     return "oft", dataclasses.replace(cfg, **targeting_from_peft(config))
 
+
+# --- registration ----------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="oft", config=OFTConfig, build=build_nodes, default_roles=ATTENTION_QV))
 register_peft_format(PeftFormat(peft_type="OFT", write=write, read=read, to_config=to_config))

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from lowrax.adapters.lora.kernel import LoraKernel, lora_scale
+from lowrax.adapters.lora.node import LoraKernel, lora_scale
 from lowrax.adapters.named.named import add_adapter, base_params, node_paths
 from lowrax.adapters.slots import LoraSlots
 from lowrax.core.slot_directory import directory_of

@@ -25,7 +25,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from lowrax.adapters.bottleneck.config import BottleneckConfig
-from lowrax.adapters.bottleneck.method import bottleneck_size, sites, site_path, wiring_of
+from lowrax.adapters.bottleneck.build import bottleneck_size, sites, site_path, wiring_of
 from lowrax.adapters.bottleneck.node import BottleneckAdapter
 from lowrax.core.node import is_node
 from lowrax.adapters.registry import PeftFormat, register_peft_format

@@ -4,7 +4,7 @@
 from lowrax.adapters.lora.config import INITS, VARIANTS, LoraConfig
 from lowrax.adapters.lora.delta_lora import DeltaLoraKernel
 from lowrax.adapters.lora.dora import DoraKernel
-from lowrax.adapters.lora.kernel import LoraKernel, lora_scale
+from lowrax.adapters.lora.node import LoraKernel, lora_scale
 from lowrax.adapters.lora.vera import VeraKernel
 from lowrax.adapters.wrap import wrap
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lowrax.adapters.lora.kernel import LoraKernel, LowRankFactors, low_rank
+from lowrax.adapters.lora.node import LoraKernel, LowRankFactors, low_rank
 from lowrax.core.node import ANCHOR, LORA_A, LORA_B
 from lowrax.core.linear import matmul
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lowrax.adapters.lora.kernel import LowRankFactors, low_rank
+from lowrax.adapters.lora.node import LowRankFactors, low_rank
 from lowrax.core.node import LORA_A, LORA_B, VECTOR, dropped
 from lowrax.core.kernels import dense_kernel
 from lowrax.core.linear import matmul

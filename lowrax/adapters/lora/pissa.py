@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from lowrax.adapters.lora.kernel import LoraKernel
+from lowrax.adapters.lora.node import LoraKernel
 
 
 def pissa_init(w: jnp.ndarray, r: int, scale: float, adapter_dtype=jnp.float32):

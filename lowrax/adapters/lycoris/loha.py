@@ -33,12 +33,16 @@ from lowrax.peft.common import PREFIX, check_shape
 FIELDS = {"a1": "hada_w1_b", "b1": "hada_w1_a", "a2": "hada_w2_b", "b2": "hada_w2_a"}  # ours -> PEFT's
 
 
+# --- config ---------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class LoHaConfig(LycorisConfig):
     """LoHa's hyper-parameters, with PEFT's names and defaults."""
 
     init_weights: bool = True  # True: a2 zero (the base model at init); False: every factor random
 
+
+# --- node -----------------------------------------------------------------------------------------
 
 @struct.dataclass
 class LoHaKernel(LycorisKernel):
@@ -82,6 +86,8 @@ class LoHaKernel(LycorisKernel):
         return (x @ left.astype(x.dtype)) @ right.astype(x.dtype)
 
 
+# --- build ----------------------------------------------------------------------------------------
+
 def build_nodes(bases: dict[str, Any], cfg: LoHaConfig, key, adapter_dtype, model_type=None) -> tuple[dict, dict]:
     nodes = {}
     for i, name, base, r, alpha in modules_to_build(bases, cfg, "LoHa"):
@@ -97,6 +103,8 @@ def build_nodes(bases: dict[str, Any], cfg: LoHaConfig, key, adapter_dtype, mode
             rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout)
     return nodes, {}
 
+
+# --- PEFT format ----------------------------------------------------------------------------------
 
 def write(nodes: dict[str, LoHaKernel], params: Any, *, model=None, **_unused) -> tuple[dict, dict]:
     return peft_tensors(nodes, FIELDS, "LoHa", model), rank_alpha_fields(nodes) | {"init_weights": True, "use_effective_conv2d": False}
@@ -135,6 +143,8 @@ def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict,
 def to_config(config: dict) -> tuple[str, LoHaConfig]:
     return "loha", LoHaConfig(**lycoris_settings(config), **targeting_from_peft(config))
 
+
+# --- registration ----------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="loha", config=LoHaConfig, build=build_nodes, default_roles=ATTENTION_QV))
 register_peft_format(PeftFormat(peft_type="LOHA", write=write, read=read, to_config=to_config))

@@ -41,6 +41,8 @@ FIELDS = {"left": "lokr_w1", "left_a": "lokr_w1_b", "left_b": "lokr_w1_a",
           "right": "lokr_w2", "right_a": "lokr_w2_b", "right_b": "lokr_w2_a"}
 
 
+# --- config ---------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class LoKrConfig(LycorisConfig):
     """LoKr's hyper-parameters, with PEFT's names and defaults."""
@@ -74,6 +76,8 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
         m, n = candidate, partner
     return min(m, n), max(m, n)
 
+
+# --- node -----------------------------------------------------------------------------------------
 
 @struct.dataclass
 class LoKrKernel(LycorisKernel):
@@ -117,6 +121,8 @@ class LoKrKernel(LycorisKernel):
         return y.reshape(*x.shape[:-1], out_l * out_k)
 
 
+# --- build ----------------------------------------------------------------------------------------
+
 def _shapes(d_in: int, d_out: int, r: int, cfg: LoKrConfig) -> tuple[tuple, tuple, bool, bool]:
     in_m, in_n = factorization(d_in, cfg.decompose_factor)
     out_l, out_k = factorization(d_out, cfg.decompose_factor)
@@ -151,6 +157,8 @@ def build_nodes(bases: dict[str, Any], cfg: LoKrConfig, key, adapter_dtype, mode
                                  **fields)
     return nodes, {}
 
+
+# --- PEFT format ----------------------------------------------------------------------------------
 
 def write(nodes: dict[str, LoKrKernel], params: Any, *, model=None, **_unused) -> tuple[dict, dict]:
     tensors = peft_tensors(nodes, FIELDS, "LoKr", model)
@@ -229,6 +237,8 @@ def to_config(config: dict) -> tuple[str, LoKrConfig]:
                               rank_dropout_scale=bool(config.get("rank_dropout_scale")),
                               init_weights=init if init in INITS else True)
 
+
+# --- registration ----------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="lokr", config=LoKrConfig, build=build_nodes, default_roles=ATTENTION_QV))
 register_peft_format(PeftFormat(peft_type="LOKR", write=write, read=read, to_config=to_config))

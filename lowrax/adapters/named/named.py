@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrax.adapters.lora.kernel import LoraKernel
+from lowrax.adapters.lora.node import LoraKernel
 from lowrax.adapters.slots import LoraSlots, empty_slots, grown, with_slot
 from lowrax.core.slot_directory import (BASE_NAME, NO_SLOT, SLOTS_KEY, SlotDirectory, SlotEntry, directory_of,
                                         has_named_adapters)

@@ -1,7 +1,7 @@
 """Prompt learning: prompt tuning, P-tuning and prefix tuning (virtual tokens before the input)."""
 
 from lowrax.adapters.prompt.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
-from lowrax.adapters.prompt.nodes import PrefixEncoder, PromptEncoder, PromptTable
+from lowrax.adapters.prompt.node import PrefixEncoder, PromptEncoder, PromptTable
 
 __all__ = ["PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PromptTable", "PromptEncoder",
            "PrefixEncoder"]

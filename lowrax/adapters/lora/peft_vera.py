@@ -12,7 +12,7 @@ generator, which lowrax cannot reproduce: such adapters are refused.
 
 from __future__ import annotations
 
-from typing import Any
+
 
 import jax.numpy as jnp
 import numpy as np

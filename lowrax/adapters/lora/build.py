@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from lowrax.adapters.lora import delta_lora, dora, pissa, vera
 from lowrax.adapters.lora.config import LoraConfig
-from lowrax.adapters.lora.kernel import LoraKernel, lora_scale
+from lowrax.adapters.lora.node import LoraKernel, lora_scale
 from lowrax.adapters.registry import AdapterMethod, register_method
 from lowrax.adapters.targets import ATTENTION_QV, pattern_value
 from lowrax.core.kernels import dense_kernel, rebuilt, why_fixed

@@ -21,7 +21,7 @@ import numpy as np
 from lowrax.adapters.lora import delta_lora, pissa
 from lowrax.adapters.lora.config import LoraConfig
 from lowrax.adapters.lora.dora import DoraKernel
-from lowrax.adapters.lora.kernel import LoraKernel, lora_scale
+from lowrax.adapters.lora.node import LoraKernel, lora_scale
 from lowrax.adapters.registry import PeftFormat, register_peft_format
 from lowrax.adapters.targets import pattern_value, targeting_from_peft
 from lowrax.adapters.wrap import adapter_nodes

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrax.adapters.adalora.config import AdaLoraConfig
-from lowrax.adapters.adalora.kernel import RANKNUM_EPS, AdaLoraKernel
-from lowrax.adapters.adalora.method import adalora_scale, new_node, schedule_of
+from lowrax.adapters.adalora.node import RANKNUM_EPS, AdaLoraKernel
+from lowrax.adapters.adalora.build import adalora_scale, new_node, schedule_of
 from lowrax.adapters.registry import PeftFormat, register_peft_format
 from lowrax.adapters.targets import targeting_from_peft
 from lowrax.errors import CheckpointError, LowraxError

@@ -19,7 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import struct
 
-from lowrax.adapters.lora.kernel import low_rank
+from lowrax.adapters.lora.node import low_rank
 from lowrax.core.node import ANCHOR, LORA_A, LORA_B, SINGULAR, AdapterNode, dropped
 from lowrax.core.linear import matmul
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrax.adapters.adalora.config import AdaLoraConfig
-from lowrax.adapters.adalora.kernel import RANKNUM_EPS, AdaLoraKernel, Schedule
+from lowrax.adapters.adalora.node import RANKNUM_EPS, AdaLoraKernel, Schedule
 from lowrax.adapters.registry import AdapterMethod, register_method
 from lowrax.adapters.targets import ATTENTION_QV
 from lowrax.errors import LowraxError
