@@ -181,5 +181,6 @@ def to_config(config: dict) -> tuple[str, IA3Config]:
 
 # --- registration ----------------------------------------------------------------------------------
 
-register_method(AdapterMethod(name="ia3", config=IA3Config, build=build_nodes, default_roles=DEFAULT_ROLES))
+register_method(AdapterMethod(name="ia3", config=IA3Config, build=build_nodes, default_roles=DEFAULT_ROLES,
+                              examples={"ia3": lambda: IA3Config()}))
 register_peft_format(PeftFormat(peft_type="IA3", write=write, read=read, to_config=to_config))

@@ -63,8 +63,8 @@ def build_nodes(bases: dict[str, dict], cfg: LNTuningConfig, key, adapter_dtype,
     for name, module in bases.items():
         if any(is_adapter(a) for a in module.values()):
             raise LowraxError(f"{name} is already adapted; merge it first")
-        # the trained copy keeps the norm's dtype, as PEFT's deep copy does
-        nodes[name] = {field: TunedNorm(base=array, value=array) for field, array in module.items()}
+        # the trained copy is in the adapters' dtype (float32 over a bfloat16 base, as every method's arrays)
+        nodes[name] = {field: TunedNorm(base=array, value=array.astype(adapter_dtype)) for field, array in module.items()}
     return nodes, {}
 
 
@@ -110,6 +110,7 @@ def to_config(config: dict) -> tuple[str, LNTuningConfig]:
 # --- registration ----------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="ln_tuning", config=LNTuningConfig, build=build_nodes,
-                              default_roles=("norms",), modules=norm_modules, module_kind="normalisation"))
+                              default_roles=("norms",), modules=norm_modules, module_kind="normalisation",
+                              examples={"ln_tuning": lambda: LNTuningConfig()}))
 register_peft_format(PeftFormat(peft_type="LN_TUNING", write=write, read=read, to_config=to_config,
                                 modules=norm_modules))

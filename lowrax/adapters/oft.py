@@ -319,5 +319,7 @@ def to_config(config: dict) -> tuple[str, OFTConfig]:
 
 # --- registration ----------------------------------------------------------------------------------
 
-register_method(AdapterMethod(name="oft", config=OFTConfig, build=build_nodes, default_roles=ATTENTION_QV))
+register_method(AdapterMethod(name="oft", config=OFTConfig, build=build_nodes, default_roles=ATTENTION_QV,
+                              examples={"oft": lambda: OFTConfig(oft_block_size=8),
+                                        "coft": lambda: OFTConfig(oft_block_size=8, coft=True)}))
 register_peft_format(PeftFormat(peft_type="OFT", write=write, read=read, to_config=to_config))

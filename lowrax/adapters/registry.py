@@ -13,7 +13,7 @@ reader by `peft_type` and the writer by the nodes' `peft_type`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from lowrax.core.registry import Registry
@@ -43,6 +43,10 @@ class AdapterMethod:
     # instead of `build`: (params, cfg, key, adapter_dtype, model) -> {tree path: node} for nodes at
     # paths of their own (bottleneck adapters at the model's residual-stream sites)
     build_inserted: Callable[..., dict] | None = None
+    # small configs of the method (and its variants) with default targets, by name: the
+    # conformance suite (tests/test_conformance.py) runs each on every model family
+    examples: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    identity_at_init: bool = True  # wrapped with its default init, the model computes what the base did
 
 
 @dataclass(frozen=True)

@@ -150,9 +150,17 @@ def resolve(params: Any) -> Any:
     """The tree as model code reads it: `FullyTrained(value)` and nodes that stand for an
     array become their value, and nodes that use arrays shared across layers (stored once
     at the top of the tree) are given them. Runs inside the traced forward, so sharing
-    costs no copy."""
-    params = jax.tree.map(lambda x: x.value if isinstance(x, FullyTrained) or getattr(x, "stands_for_array", False) else x,
-                          params, is_leaf=is_node)
+    costs no copy. A node standing for an array is read in its base's dtype (its trained
+    value may be kept in float32 over a bfloat16 model)."""
+
+    def read(x):
+        if isinstance(x, FullyTrained):
+            return x.value
+        if getattr(x, "stands_for_array", False):
+            return x.value if x.base is None else x.value.astype(x.base.dtype)
+        return x
+
+    params = jax.tree.map(read, params, is_leaf=is_node)
     if not isinstance(params, dict):
         return params
     return jax.tree.map(lambda x: x.bind_shared(params) if hasattr(x, "bind_shared") else x, params, is_leaf=is_node)

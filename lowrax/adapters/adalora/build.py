@@ -51,4 +51,5 @@ def build_nodes(bases: dict[str, Any], cfg: AdaLoraConfig, key, adapter_dtype, m
     return nodes, {}
 
 
-register_method(AdapterMethod(name="adalora", config=AdaLoraConfig, build=build_nodes, default_roles=ATTENTION_QV))
+register_method(AdapterMethod(name="adalora", config=AdaLoraConfig, build=build_nodes, default_roles=ATTENTION_QV,
+                              examples={"adalora": lambda: AdaLoraConfig(init_r=4, target_r=2, total_step=10)}))

@@ -84,4 +84,9 @@ def build_inserted(params, cfg: BottleneckConfig, key, adapter_dtype, model) -> 
     return out
 
 
-register_method(AdapterMethod(name="bottleneck", config=BottleneckConfig, build=None, build_inserted=build_inserted))
+# AdapterHub initialises both projections N(0, 0.02) ("bert" init): not the base model at init.
+register_method(AdapterMethod(name="bottleneck", config=BottleneckConfig, build=None, build_inserted=build_inserted,
+                              identity_at_init=False,
+                              examples={"pfeiffer": lambda: BottleneckConfig(reduction_factor=4),
+                                        "houlsby": lambda: BottleneckConfig(preset="double_seq_bn", reduction_factor=4),
+                                        "parallel": lambda: BottleneckConfig(preset="par_bn", reduction_factor=4)}))

@@ -79,4 +79,10 @@ def _factored_node(name: str, base, cfg: LoraConfig, key, adapter_dtype):
 
 
 register_method(AdapterMethod(name="lora", config=LoraConfig, build=build_nodes, default_roles=ATTENTION_QV,
-                              shared_keys=(vera.SHARED,)))
+                              shared_keys=(vera.SHARED,),
+                              examples={"lora": lambda: LoraConfig(r=2), "rslora": lambda: LoraConfig(r=2, use_rslora=True),
+                                        "dora": lambda: LoraConfig(r=2, variant="dora"),
+                                        "vera": lambda: LoraConfig(r=2, variant="vera"),
+                                        "lora_fa": lambda: LoraConfig(r=2, variant="lora_fa"),
+                                        "delta_lora": lambda: LoraConfig(r=2, variant="delta_lora"),
+                                        "pissa": lambda: LoraConfig(r=2, init="pissa")}))

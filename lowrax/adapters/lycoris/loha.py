@@ -146,5 +146,6 @@ def to_config(config: dict) -> tuple[str, LoHaConfig]:
 
 # --- registration ----------------------------------------------------------------------------------
 
-register_method(AdapterMethod(name="loha", config=LoHaConfig, build=build_nodes, default_roles=ATTENTION_QV))
+register_method(AdapterMethod(name="loha", config=LoHaConfig, build=build_nodes, default_roles=ATTENTION_QV,
+                              examples={"loha": lambda: LoHaConfig(r=2)}))
 register_peft_format(PeftFormat(peft_type="LOHA", write=write, read=read, to_config=to_config))

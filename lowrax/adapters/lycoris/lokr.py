@@ -240,5 +240,6 @@ def to_config(config: dict) -> tuple[str, LoKrConfig]:
 
 # --- registration ----------------------------------------------------------------------------------
 
-register_method(AdapterMethod(name="lokr", config=LoKrConfig, build=build_nodes, default_roles=ATTENTION_QV))
+register_method(AdapterMethod(name="lokr", config=LoKrConfig, build=build_nodes, default_roles=ATTENTION_QV,
+                              examples={"lokr": lambda: LoKrConfig(r=2)}))
 register_peft_format(PeftFormat(peft_type="LOKR", write=write, read=read, to_config=to_config))

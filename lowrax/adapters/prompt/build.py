@@ -102,8 +102,14 @@ def build_prefix_tuning(params, cfg: PrefixTuningConfig, key, adapter_dtype, mod
                          transform={"0": torch_linear(k[1], token_dim, width, adapter_dtype), "2": last}, **shape)
 
 
+# Virtual tokens change what the model computes from the start: no identity at init.
 register_method(AdapterMethod(name="prompt_tuning", config=PromptTuningConfig, build=None,
-                              build_virtual=build_prompt_tuning))
-register_method(AdapterMethod(name="p_tuning", config=PromptEncoderConfig, build=None, build_virtual=build_p_tuning))
+                              build_virtual=build_prompt_tuning, identity_at_init=False,
+                              examples={"prompt_tuning": lambda: PromptTuningConfig(num_virtual_tokens=3)}))
+register_method(AdapterMethod(name="p_tuning", config=PromptEncoderConfig, build=None, build_virtual=build_p_tuning,
+                              identity_at_init=False,
+                              examples={"p_tuning": lambda: PromptEncoderConfig(num_virtual_tokens=3,
+                                                                               encoder_hidden_size=16)}))
 register_method(AdapterMethod(name="prefix_tuning", config=PrefixTuningConfig, build=None,
-                              build_virtual=build_prefix_tuning))
+                              build_virtual=build_prefix_tuning, identity_at_init=False,
+                              examples={"prefix_tuning": lambda: PrefixTuningConfig(num_virtual_tokens=3)}))

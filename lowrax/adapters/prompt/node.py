@@ -171,7 +171,12 @@ class PrefixEncoder(PromptNode):
 def refuse_encoder_prefix(model) -> None:
     """PEFT 0.21 gives BERT its prefix as past_key_values, which transformers 5's BertModel no longer
     takes (it is `cache` now): PEFT fails there, so lowrax has no reference to be equal to."""
-    if model is not None and not getattr(model, "is_causal_lm", True):
-        raise LowraxError("prefix tuning on BERT-family encoders is refused: PEFT 0.21 cannot run it with "
-                          "transformers 5 (BertModel takes `cache`, not past_key_values), so there is no reference "
-                          "to match; use prompt tuning or P-tuning on encoders")
+    if model is None or getattr(model, "is_causal_lm", True):
+        return
+    if model.is_seq2seq or model.is_image_model:
+        kind = "an encoder-decoder" if model.is_seq2seq else "an image encoder"
+        raise LowraxError(f"prefix tuning is implemented for decoder LMs; {model.model_type} is {kind}: use LoRA "
+                          "or another per-layer method")
+    raise LowraxError(f"prefix tuning on BERT-family encoders ({model.model_type}) is refused: PEFT 0.21 cannot run "
+                      "it with transformers 5 (BertModel takes `cache`, not past_key_values), so there is no "
+                      "reference to match; use prompt tuning or P-tuning on encoders")
