@@ -1,9 +1,20 @@
-"""Shared fixtures: small random-initialised HF models saved to disk, built from configs."""
+"""Shared fixtures: small random-initialised HF models saved to disk, built from configs.
+
+The suite shares one persistent JAX compilation cache (`.jax-cache/` at the repository root)
+between its worker processes and the 8-device child runs: many tests jit the same programs
+anew (a fresh `jax.jit` misses the in-memory cache), and the disk cache serves them.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 def hf_model_dir(tmp_path_factory, name: str, build):
