@@ -25,19 +25,11 @@ import lowrax
 from lowrax.adapters.registry import method_named
 from lowrax.errors import LowraxError
 from tests.conformance_models import families, outputs, tiny
+from tests.test_peft_exchange import randomize
 
 
 def examples() -> list[tuple[str, str]]:
     return [(name, example) for name in lowrax.method_names() for example in method_named(name).examples]
-
-
-def randomize(params, key):
-    """Every trainable adapter array moved off its init, as training would."""
-    trainable, frozen = lowrax.split(params)
-    leaves, treedef = jax.tree.flatten(trainable)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    moved = [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    return lowrax.combine(jax.tree.unflatten(treedef, moved), frozen)
 
 
 def assert_names_the_family(error: LowraxError, model, what: str) -> None:

@@ -18,7 +18,7 @@ ROOT = Path(lowrax.__file__).resolve().parent
 
 
 def test_every_objective_has_a_run_setup():
-    assert objective_names() and set(objective_runs._SETUPS) == set(objective_names())
+    assert objective_names() and set(objective_runs._SETUPS.names()) == set(objective_names())
 
 
 def test_the_trainer_names_no_objective_or_task():

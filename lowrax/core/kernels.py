@@ -120,6 +120,11 @@ def kernel_types() -> list[KernelType]:
     return list(_TYPES.values())
 
 
+def hf_statistic_suffixes() -> tuple[str, ...]:
+    """Suffixes of the checkpoint tensors stored beside a native weight of any kernel type."""
+    return tuple(s for spec in _TYPES.values() for s in spec.hf_statistics)
+
+
 def quantizer(method: str) -> KernelType:
     """The kernel type a `model.quantize` method name makes on load."""
     for spec in _TYPES.values():

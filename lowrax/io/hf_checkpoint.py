@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from lowrax.core import tables
 from lowrax.core.atomic import write_directory
-from lowrax.core.kernels import (dense_kernel, is_kernel_type, kernel_from_hf, kernel_types, native_hf_tensors,
-                                 quantizer)
+from lowrax.core.kernels import (dense_kernel, hf_statistic_suffixes, is_kernel_type, kernel_from_hf, kernel_types,
+                                 native_hf_tensors, quantizer)
 from lowrax.dist.sharding import param_shardings
 from lowrax.errors import CheckpointError
 from lowrax.io.safetensors_dir import SafetensorsDir
@@ -173,7 +173,7 @@ def load_hf_directory(model: Model, directory: Path, dtype, progress: bool = Tru
     """
     files = SafetensorsDir(directory)
     readers = [spec.read_hf for spec in kernel_types() if spec.read_hf is not None]
-    statistics = tuple(s for spec in kernel_types() for s in spec.hf_statistics)
+    statistics = hf_statistic_suffixes()
 
     def lookup(key):
         if key not in files:
@@ -234,7 +234,7 @@ def save_hf_directory(params: dict, model: Model, out_dir: str | Path, tokenizer
     never leaves a half-written model behind.
     """
     tensors = tree_to_hf_tensors(params, model, keep_native)
-    statistics = tuple(s for spec in kernel_types() for s in spec.hf_statistics)
+    statistics = hf_statistic_suffixes()
     dtypes = {str(a.dtype) for k, a in tensors.items() if a.dtype.kind == "f" and not (statistics and k.endswith(statistics))}
     config = dict(model.config.hf)
     config.pop("quantization_config", None)

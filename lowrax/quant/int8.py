@@ -72,11 +72,19 @@ def dequantize_int8(t: Int8Tensor, dtype=None) -> jnp.ndarray:
     return (out.T if t.transposed else out).astype(dtype or t.dtype)
 
 
+def dequantize_int8_after(t: Int8Tensor, anchor: jnp.ndarray, dtype) -> jnp.ndarray:
+    """Dequantize t, made to depend on `anchor` (a scalar of this layer's activations), so XLA
+    cannot hoist every layer's dequantization to the start of the step and keep all the
+    full-precision weights alive at once (as `nf4.dequantize_after`)."""
+    tie = (anchor * 0).astype(jnp.float32)  # x * 0 is not folded away for floats
+    return dequantize_int8(t.replace(row_absmax=t.row_absmax + tie), dtype)
+
+
 @jax.custom_vjp
 def int8_matmul(x: jnp.ndarray, t: Int8Tensor) -> jnp.ndarray:
     """x [n, in] @ the dequantized weight; the weight is frozen (no gradient), and the backward
     pass dequantizes again rather than keep a full-precision copy alive."""
-    return jnp.matmul(x, dequantize_int8(t, x.dtype))
+    return jnp.matmul(x, dequantize_int8_after(t, x[0, 0], x.dtype))
 
 
 def _int8_matmul_fwd(x, t):
@@ -87,7 +95,7 @@ def _int8_matmul_bwd(t, g):
     g, t = jax.lax.optimization_barrier((g, t))
     no_grad = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.floating)
                            else jnp.zeros_like(a), t)
-    return jnp.matmul(g, dequantize_int8(t, g.dtype).T), no_grad
+    return jnp.matmul(g, dequantize_int8_after(t, g[0, 0], g.dtype).T), no_grad
 
 
 int8_matmul.defvjp(_int8_matmul_fwd, _int8_matmul_bwd)
@@ -138,7 +146,8 @@ def _axes(t: Int8Tensor, sharding_of: Callable[[Any, Any], Any]) -> Int8Tensor:
 
 INT8_KERNEL = register_kernel_type(Int8Tensor, KernelType(
     name="int8", matmul=int8_matmul,
-    dense=lambda t, tie_to=None, dtype=None: dequantize_int8(t, dtype),
+    dense=lambda t, tie_to=None, dtype=None: (dequantize_int8(t, dtype) if tie_to is None
+                                              else dequantize_int8_after(t, tie_to, dtype or t.dtype)),
     rebuilt=lambda t, values: quantize_int8(values.astype(t.dtype), t.transposed),
     from_hf=lambda t, shape, transposed: t.replace(shape=tuple(shape), transposed=True) if transposed else t,
     to_hf=_to_hf, axes=_axes, quant_method="int8",

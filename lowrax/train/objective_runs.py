@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from lowrax.adapters.tree import combine
+from lowrax.core.registry import Registry
 from lowrax.dist.parallel import host_local
 from lowrax.dist.sharding import TEACHER_RULES
 from lowrax.errors import LowraxError
@@ -83,20 +84,17 @@ class ObjectiveRun:
 
 
 ObjectiveSetup = Callable[[RunContext], ObjectiveRun]
-_SETUPS: dict[str, ObjectiveSetup] = {}
+_SETUPS: Registry[ObjectiveSetup] = Registry("objective run setup", "objective {name!r} has no lowrax train setup; "
+                                             "objectives that train: {names}")
 
 
 def register_objective_run(name: str, setup: ObjectiveSetup) -> ObjectiveSetup:
-    _SETUPS[name] = setup
-    return setup
+    return _SETUPS.register(name, setup)
 
 
 def objective_run(ctx: RunContext) -> ObjectiveRun:
     """The run's objective set up for this context."""
-    name = ctx.cfg.objective
-    if name not in _SETUPS:
-        raise LowraxError(f"objective {name!r} has no lowrax train setup; objectives that train: {', '.join(sorted(_SETUPS))}")
-    return _SETUPS[name](ctx)
+    return _SETUPS[ctx.cfg.objective](ctx)
 
 
 def objective_records(cfg: TrainConfig, train: list, held_out: list) -> tuple[list, list]:
