@@ -57,7 +57,8 @@ from lowrax.dist.parallel import DistConfig, global_batch, sharded_train_step
 from lowrax.dist.sharding import MeshConfig, make_mesh, param_shardings
 from lowrax.merging.models import merge_models
 from lowrax.objectives import distill_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
-from lowrax.errors import CheckpointError, LowraxError, NotAModelError, UnsupportedModelError
+from lowrax.errors import (CheckpointError, LowraxError, NonFiniteError, NotAModelError, OutputExistsError,
+                           UnsupportedModelError)
 from lowrax.io.images import ImageProcessor
 from lowrax.models.pretrained import embedded_minilm_path, embedded_model_path, load_pretrained, load_tokenizer, save_pretrained
 from lowrax.models import EncoderOutput, supported_model_types
@@ -94,5 +95,5 @@ __all__ = [
     "TrainConfig", "load_config", "run_training", "QuantConfig", "quantize", "NF4Tensor", "Int8Tensor", "merge_requantized",
     "MeshConfig", "make_mesh", "param_shardings", "DistConfig", "global_batch", "sharded_train_step",
     "reuse_freed_host_memory", "prune", "SparseKernel", "sparse_modules",
-    "LowraxError", "NotAModelError", "UnsupportedModelError", "CheckpointError",
+    "LowraxError", "NotAModelError", "UnsupportedModelError", "CheckpointError", "NonFiniteError", "OutputExistsError",
 ]

@@ -34,6 +34,10 @@ class CheckpointError(LowraxError):
     """A checkpoint whose tensors are missing or have the wrong shape."""
 
 
+class NonFiniteError(LowraxError):
+    """Training produced a NaN or infinite loss or gradient; the message names the step."""
+
+
 class OutputExistsError(LowraxError, FileExistsError):
     """An output directory that already holds files, written without overwrite."""
 

@@ -197,7 +197,8 @@ def losses(out: Path) -> list[float]:
 
 def run_two_processes(config_overrides: list[str]) -> list[dict]:
     """`lowrax train` in two local processes of 4 CPU devices each, joined by jax.distributed."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    flags = os.environ.get("XLA_FLAGS", "").replace("device_count=8", "device_count=4")  # the rest kept
+    env = dict(os.environ, XLA_FLAGS=flags,
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(WORKER.parent.parent))
     args = json.dumps(config_overrides)

@@ -96,9 +96,14 @@ def test_save_refuses_to_clobber(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="overwrite=True"):
-        lowrax.save_pretrained(params, model, out)
+    for overwrite in (False, True):  # a directory lowrax did not write is never replaced
+        with pytest.raises(lowrax.LowraxError, match="was not written by lowrax"):
+            lowrax.save_pretrained(params, model, out, overwrite=overwrite)
     assert (out / "keep.txt").read_text() == "precious"
+    saved = lowrax.save_pretrained(params, model, tmp_path / "saved")
+    with pytest.raises(FileExistsError, match="overwrite=True"):  # lowrax's own: replaced only when asked
+        lowrax.save_pretrained(params, model, saved)
+    lowrax.save_pretrained(params, model, saved, overwrite=True)
 
 
 def test_sampling_options_are_checked():

@@ -21,7 +21,7 @@ import lowrax  # noqa: E402
 from lowrax.errors import LowraxError  # noqa: E402
 from lowrax.merging.combine_adapters import svd_factors  # noqa: E402
 from lowrax.merging import rules  # noqa: E402
-from tests.conftest import hf_model_dir, random_batch  # noqa: E402
+from tests.conftest import forward, hf_model_dir, random_batch  # noqa: E402
 
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=32)
@@ -127,11 +127,11 @@ def test_combination_equals_peft(setup, case):
         reference.add_weighted_adapter(adapters, weights, name, combination_type=combination_type, **kwargs)
     keep = (lambda layer, part, index, shape: masks[(layer, part, index)]) if "dare" in combination_type else None
     combined = lowrax.combine_adapters(held, adapters, weights, name, combination_type, keep_masks=keep, **kwargs)
-    ours = np.asarray(model.apply(lowrax.set_adapter(combined, name), jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(forward(model)(lowrax.set_adapter(combined, name), jnp.asarray(ids), jnp.asarray(mask)))
     theirs = peft_logits(reference, name, ids, mask)
     valid = mask.astype(bool)
     assert np.abs(ours[valid] - theirs[valid]).max() <= 1e-4
-    assert np.abs(ours - np.asarray(model.apply(lowrax.disable_adapters(combined), jnp.asarray(ids),
+    assert np.abs(ours - np.asarray(forward(model)(lowrax.disable_adapters(combined), jnp.asarray(ids),
                                                 jnp.asarray(mask)))).max() > 1e-4  # the adapter does something
     # PEFT's rank for the new adapter
     ours_rank = lowrax.extract_adapter(combined, name)["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].rank
@@ -158,12 +158,12 @@ def test_the_combined_adapter_saves_in_peft_format_and_trains(setup, tmp_path):
     combined = lowrax.combine_adapters(held, ["a", "b"], [0.5, 0.5], "ab", "cat")
     lowrax.save_peft(combined, tmp_path / "ab", model, adapter_name="ab")
     reference.load_adapter(tmp_path / "ab", adapter_name="ab_saved")
-    ours = np.asarray(model.apply(lowrax.set_adapter(combined, "ab"), jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(forward(model)(lowrax.set_adapter(combined, "ab"), jnp.asarray(ids), jnp.asarray(mask)))
     valid = mask.astype(bool)
     assert np.abs(ours[valid] - peft_logits(reference, "ab_saved", ids, mask)[valid]).max() <= 1e-4
     tree = lowrax.extract_adapter(combined, "ab")
     trainable, frozen = lowrax.split(tree)
-    grads = jax.grad(lambda t: jnp.mean(model.apply(lowrax.combine(t, frozen), jnp.asarray(ids), jnp.asarray(mask)) ** 2))(trainable)
+    grads = jax.grad(lambda t: jnp.mean(forward(model)(lowrax.combine(t, frozen), jnp.asarray(ids), jnp.asarray(mask)) ** 2))(trainable)
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
 
 

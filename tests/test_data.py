@@ -11,6 +11,7 @@ from lowrax.train.config import DataSection
 from lowrax.train.data import Batches, Encoded, encode_all
 from lowrax.train.default_task import make_splits
 from tests.test_bad_input import tiny_llama_dir  # noqa: F401 - fixture
+from tests.conftest import forward  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +58,10 @@ def test_packed_examples_do_not_see_each_other(tiny_llama_dir):  # noqa: F811
     data = Encoded([first, second], [[1] * 4, [1] * 3], "causal_lm")
     batch = Batches(data, 8, 1, seed=0, packing=True).batch(0)
     assert batch["segment_ids"].max() == 2
-    packed = model.apply(params, jnp.asarray(batch["input_ids"]), segment_ids=jnp.asarray(batch["segment_ids"]))
+    packed = forward(model)(params, jnp.asarray(batch["input_ids"]), segment_ids=jnp.asarray(batch["segment_ids"]))
     for seg in (1, 2):
         cols = np.where(batch["segment_ids"][0] == seg)[0]
-        alone = model.apply(params, jnp.asarray(batch["input_ids"][:, cols]))
+        alone = forward(model)(params, jnp.asarray(batch["input_ids"][:, cols]))
         assert np.abs(np.asarray(packed)[:, cols] - np.asarray(alone)).max() <= 1e-5
 
 

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 
 import lowrax  # noqa: E402
-from tests.conftest import hf_model_dir, random_batch  # noqa: E402
+from tests.conftest import forward, hf_model_dir, random_batch  # noqa: E402
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, max_position_embeddings=128)
@@ -55,7 +55,7 @@ def reference_logits(hf, ids, mask):
 def test_logits_match_transformers(pair, lengths, left):
     hf, model, params = pair
     ids, mask = random_batch(model.config.vocab_size, lengths, pad_id=0, left=left)
-    ours = np.asarray(model.apply(params, jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(forward(model)(params, jnp.asarray(ids), jnp.asarray(mask)))
     ref = reference_logits(hf, ids, mask)
     valid = mask.astype(bool)
     assert ours.shape == ref.shape
@@ -67,8 +67,8 @@ def test_left_padding_does_not_change_logits(pair):
     ids, mask = random_batch(model.config.vocab_size, [6], pad_id=0, left=True)
     padded_ids = np.concatenate([np.zeros((1, 4), np.int64), ids], axis=1)
     padded_mask = np.concatenate([np.zeros((1, 4), np.int64), mask], axis=1)
-    plain = np.asarray(model.apply(params, jnp.asarray(ids), jnp.asarray(mask)))
-    padded = np.asarray(model.apply(params, jnp.asarray(padded_ids), jnp.asarray(padded_mask)))[:, 4:]
+    plain = np.asarray(forward(model)(params, jnp.asarray(ids), jnp.asarray(mask)))
+    padded = np.asarray(forward(model)(params, jnp.asarray(padded_ids), jnp.asarray(padded_mask)))[:, 4:]
     assert np.abs(plain - padded).max() <= 1e-5
 
 
@@ -78,11 +78,10 @@ def test_cached_generation_matches_full_forward(pair):
     prompts = [[5, 9, 17, 3], [40, 2, 7]]
     new = lowrax.generate_ids(model, params, prompts, max_new_tokens=6)
     for prompt, continuation in zip(prompts, new):
-        seq = list(prompt)
-        for token in continuation:
-            logits = model.apply(params, jnp.asarray([seq]))
-            assert int(jnp.argmax(logits[0, -1])) == token
-            seq.append(token)
+        # One causal forward over the whole sequence holds every step's full-forward logits.
+        logits = forward(model)(params, jnp.asarray([list(prompt) + list(continuation)]))[0]
+        steps = logits[len(prompt) - 1:len(prompt) - 1 + len(continuation)]
+        assert [int(t) for t in jnp.argmax(steps, axis=-1)] == list(continuation)
 
 
 def test_save_pretrained_round_trips_through_transformers(pair, tmp_path):
@@ -101,14 +100,14 @@ def test_bfloat16_base_with_float32_lora(pair):
     _, model, params = pair
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     ids, mask = random_batch(model.config.vocab_size, [10, 6], pad_id=0, left=True)
-    ref = np.asarray(model.apply(params, jnp.asarray(ids), jnp.asarray(mask)))
-    got = model.apply(bf16, jnp.asarray(ids), jnp.asarray(mask))
+    ref = np.asarray(forward(model)(params, jnp.asarray(ids), jnp.asarray(mask)))
+    got = forward(model)(bf16, jnp.asarray(ids), jnp.asarray(mask))
     assert got.dtype == jnp.bfloat16
     valid = mask.astype(bool)
     assert np.abs(np.asarray(got, np.float32)[valid] - ref[valid]).max() <= 0.05 * np.abs(ref[valid]).max()
     wrapped = lowrax.wrap(bf16, lowrax.LoraConfig(r=4, target_modules="all-linear", init="random"), jax.random.key(0))
     trainable, frozen = lowrax.split(wrapped)
-    loss = lambda t: model.apply(lowrax.combine(t, frozen), jnp.asarray(ids), jnp.asarray(mask)).astype(jnp.float32).std()  # noqa: E731
+    loss = lambda t: forward(model)(lowrax.combine(t, frozen), jnp.asarray(ids), jnp.asarray(mask)).astype(jnp.float32).std()  # noqa: E731
     grads = jax.tree.leaves(jax.grad(loss)(trainable))
     assert all(g.dtype == jnp.float32 and np.isfinite(np.asarray(g)).all() for g in grads)
     assert max(float(jnp.abs(g).max()) for g in grads) > 0

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 
 import lowrax  # noqa: E402
-from tests.conftest import hf_model_dir, random_batch  # noqa: E402
+from tests.conftest import forward, hf_model_dir, random_batch  # noqa: E402
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=64)
@@ -41,7 +41,7 @@ def run_reference(hf, ids, mask):
 def test_outputs_match_transformers(pair, lengths):
     hf, model, params = pair
     ids, mask = random_batch(model.config.vocab_size, lengths, pad_id=model.config.pad_token_id, left=False)
-    ours = model.apply(params, jnp.asarray(ids), jnp.asarray(mask))
+    ours = forward(model)(params, jnp.asarray(ids), jnp.asarray(mask))
     ref = run_reference(hf, ids, mask)
     valid = mask.astype(bool)
     if hasattr(ref, "logits"):
@@ -58,7 +58,7 @@ def test_minilm_hidden_states_match_transformers():
     model, params = lowrax.load_pretrained(path, progress=False)
     tokenizer = lowrax.load_tokenizer(path)
     batch = tokenizer(["lowrax fine-tunes transformers in JAX.", "A short one."], padding=True, return_tensors="np")
-    ours = model.apply(params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+    ours = forward(model)(params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
                        jnp.asarray(batch["token_type_ids"]))
     hf = transformers.AutoModel.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():

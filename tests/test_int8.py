@@ -20,7 +20,7 @@ import lowrax  # noqa: E402
 from lowrax.core import tables  # noqa: E402
 from lowrax.errors import CheckpointError, LowraxError  # noqa: E402
 from lowrax.quant.int8 import Int8Tensor, dequantize_int8, quantize_int8  # noqa: E402
-from tests.conftest import hf_model_dir  # noqa: E402
+from tests.conftest import forward, hf_model_dir  # noqa: E402
 
 CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2)
@@ -106,7 +106,7 @@ def test_quantize_on_load_equals_bitsandbytes_and_saves_back(base_dir, bnb_int8_
     dense.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in dense_tensors.items()}, strict=False)
     with torch.no_grad():
         reference = dense(torch.tensor(IDS)).logits.numpy()
-    np.testing.assert_allclose(np.asarray(model.apply(params, jnp.asarray(IDS))), reference, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(forward(model)(params, jnp.asarray(IDS))), reference, atol=1e-4)
 
 
 def test_lora_over_an_int8_base_trains_merges_and_requantizes(base_dir):
@@ -120,15 +120,15 @@ def test_lora_over_an_int8_base_trains_merges_and_requantizes(base_dir):
     assert any(x.dtype == jnp.int8 for x in jax.tree.leaves(frozen))
 
     def loss(t):
-        logits = model.apply(lowrax.combine(t, frozen), jnp.asarray(IDS))
+        logits = forward(model)(lowrax.combine(t, frozen), jnp.asarray(IDS))
         return jnp.mean(logits ** 2)
 
     grads = jax.grad(loss)(trainable)
     assert float(jnp.abs(grads["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].b).sum()) > 0
-    factored = model.apply(wrapped, jnp.asarray(IDS))
+    factored = forward(model)(wrapped, jnp.asarray(IDS))
     merged = lowrax.merge(wrapped)
     assert not isinstance(merged["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"], Int8Tensor)
-    np.testing.assert_allclose(np.asarray(model.apply(merged, jnp.asarray(IDS))), np.asarray(factored), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(forward(model)(merged, jnp.asarray(IDS))), np.asarray(factored), atol=1e-4)
     requantized, report = lowrax.merge_requantized(wrapped)
     assert isinstance(requantized["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"], Int8Tensor)
     assert 0 < report["worst"]["relative"] < 0.02

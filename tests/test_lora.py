@@ -85,7 +85,7 @@ def test_rank_out_of_range_is_named(tiny):
     _, params = tiny
     with pytest.raises(LowraxError, match=r"r=9 for model\.layers\.0\.self_attn\.k_proj must be in 1\.\.8"):
         lowrax.lora.wrap(params, lowrax.LoraConfig(r=9, target_modules=("k_proj",)), KEY)
-    with pytest.raises(LowraxError, match="positive integer"):
+    with pytest.raises(LowraxError, match="LoraConfig.r must be an integer >= 1"):
         lowrax.LoraConfig(r=0)
 
 

@@ -186,9 +186,9 @@ def test_gpt2_is_refused_for_peft_export_as_peft_refuses_it(tmp_path_factory, tm
 
 
 def test_config_errors_name_the_problem():
-    with pytest.raises(LowraxError, match="LoHaConfig.r must be a positive integer, got 0"):
+    with pytest.raises(LowraxError, match="LoHaConfig.r must be an integer >= 1, got 0"):
         LoHaConfig(r=0)
-    with pytest.raises(LowraxError, match=r"LoKrConfig.rank_dropout must be in \[0, 1\), got 1.5"):
+    with pytest.raises(LowraxError, match=r"LoKrConfig.rank_dropout must be a number in \[0, 1\), got 1.5"):
         LoKrConfig(rank_dropout=1.5)
     with pytest.raises(LowraxError, match="LoKrConfig.init_weights must be true, false or 'lycoris'"):
         LoKrConfig(init_weights="gaussian")

@@ -131,7 +131,7 @@ def test_config_errors_name_the_problem():
         OFTConfig(r=4)
     with pytest.raises(LowraxError, match="exactly one of r and oft_block_size"):
         OFTConfig(r=0, oft_block_size=0)
-    with pytest.raises(LowraxError, match=r"OFTConfig.module_dropout must be in \[0, 1\), got 1.0"):
+    with pytest.raises(LowraxError, match=r"OFTConfig.module_dropout must be a number in \[0, 1\), got 1.0"):
         OFTConfig(module_dropout=1.0)
     with pytest.raises(LowraxError, match="unknown OFTConfig key 'block_size'.*did you mean 'oft_block_size'"):
         OFTConfig.from_dict({"block_size": 8})

@@ -19,7 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import lowrax  # noqa: E402
 from lowrax.errors import LowraxError  # noqa: E402
-from tests.conftest import hf_model_dir, random_batch  # noqa: E402
+from tests.conftest import forward, hf_model_dir, random_batch  # noqa: E402
 from tests.test_peft_exchange import SMALL, lowrax_outputs  # noqa: E402
 from tests.test_training_run import check_exports_and_merge, data_file, overrides, tiny_dir  # noqa: E402,F401
 
@@ -202,7 +202,7 @@ def test_bert_classifier_exchanges_with_peft_both_ways(bert_case, method, tmp_pa
     ours = lowrax_outputs(model, wrapped, ids, mask)
     assert np.abs(ours - peft_classifier_logits(peft_model, ids, mask)).max() <= 1e-4
     assert np.abs(ours - lowrax_outputs(model, random_head(params), ids, mask)).max() > 1e-3  # the tokens matter
-    out = model.apply(wrapped, jnp.asarray(ids), jnp.asarray(mask))
+    out = forward(model)(wrapped, jnp.asarray(ids), jnp.asarray(mask))
     assert out.last_hidden_state.shape[1] == ids.shape[1]  # the caller's tokens only
 
     torch.manual_seed(3)  # a fresh torch model: PEFT wraps the classifier in place
@@ -240,7 +240,7 @@ def test_errors_name_the_problem(case, tmp_path):
     path, _, model, params = case
     with pytest.raises(LowraxError, match="prompt_tuning needs the model for its dimensions"):
         lowrax.wrap(params, lowrax.PromptTuningConfig(), jax.random.key(0), model.model_type)
-    with pytest.raises(LowraxError, match="num_virtual_tokens must be a positive integer, got 0"):
+    with pytest.raises(LowraxError, match="num_virtual_tokens must be an integer >= 1, got 0"):
         lowrax.PromptTuningConfig(num_virtual_tokens=0)
     with pytest.raises(LowraxError, match="prompt_tuning_init='TEXT' needs prompt_tuning_init_text"):
         lowrax.PromptTuningConfig(prompt_tuning_init="TEXT")
@@ -249,7 +249,7 @@ def test_errors_name_the_problem(case, tmp_path):
     wrapped = lowrax.wrap(params, lowrax.PrefixTuningConfig(num_virtual_tokens=2), jax.random.key(0), model=model)
     ids, mask = batch()
     with pytest.raises(LowraxError, match="packed sequences .* cannot carry PREFIX_TUNING's virtual tokens"):
-        model.apply(wrapped, ids, mask, segment_ids=mask)
+        forward(model)(wrapped, ids, mask, segment_ids=mask)
     lowrax.save_peft(wrapped, tmp_path / "a", model)
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "num_virtual_tokens": 5}))

@@ -18,7 +18,7 @@ from lowrax.io.hf_checkpoint import tree_to_hf_tensors
 from lowrax.pruning import masks
 from lowrax.pruning.config import load_prune_config
 from lowrax.sparse.kernel import SparseKernel
-from tests.conftest import tiny_llama_dir
+from tests.conftest import forward, tiny_llama_dir
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llmcompressor"
 SETTINGS = {"sparsegpt_50": ("sparsegpt", "unstructured"), "sparsegpt_2of4": ("sparsegpt", "2:4"),
@@ -160,7 +160,7 @@ def test_gpt2_and_bert_layers_prune_too(tmp_path):
         for kernel in lowrax.sparse_modules(pruned).values():  # 2 of every 4 inputs of each output kept
             kept = np.asarray(kernel.mask).T.reshape(kernel.shape[1], -1, 4).sum(-1)
             assert (kept == 2).all()
-        out = model.apply(pruned, jnp.asarray(ids))
+        out = forward(model)(pruned, jnp.asarray(ids))
         assert np.isfinite(np.asarray(out if model.is_causal_lm else out.last_hidden_state)).all()
 
 
@@ -183,7 +183,7 @@ def test_lora_recovery_over_a_pruned_base_and_both_merges(tiny_dir, tmp_path):
     assert float((hf.model.layers[0].mlp.down_proj.weight == 0).float().mean()) >= 0.5
     with torch.no_grad():
         theirs = hf(torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(np.asarray(model.apply(pruned, jnp.asarray(ids))), theirs, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(forward(model)(pruned, jnp.asarray(ids))), theirs, atol=1e-4)
 
     # LoRA recovery: the base stays pruned through training and restore
     cfg = lowrax.load_config(None, [f"model.path={pruned_dir}", "lora.r=4", "lora.target_modules=all-linear",
@@ -201,7 +201,7 @@ def test_lora_recovery_over_a_pruned_base_and_both_merges(tiny_dir, tmp_path):
     assert len(bases) == 14
     for name, base in bases.items():
         assert not np.asarray(base.kernel)[~np.asarray(base.mask)].any(), name
-    adapted = model.apply(trained, jnp.asarray(ids))
+    adapted = forward(model)(trained, jnp.asarray(ids))
 
     kept = merge_run(tmp_path / "run", tmp_path / "kept", log=lambda *_: None)
     filled = merge_run(tmp_path / "run", tmp_path / "filled", keep_sparsity=False, log=lambda *_: None)
@@ -213,12 +213,12 @@ def test_lora_recovery_over_a_pruned_base_and_both_merges(tiny_dir, tmp_path):
     assert not lowrax.sparse_modules(filled_params)
     filled_kernel = np.asarray(filled_params["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"])
     assert (filled_kernel == 0).mean() < 0.01  # the delta filled the pruned weights
-    np.testing.assert_allclose(np.asarray(model.apply(filled_params, jnp.asarray(ids))), np.asarray(adapted),
+    np.testing.assert_allclose(np.asarray(forward(model)(filled_params, jnp.asarray(ids))), np.asarray(adapted),
                                atol=1e-4)
     # kept: exactly the adapted model with every merged kernel masked
     masked = lowrax.merge(trained, keep_sparsity=True)
-    np.testing.assert_allclose(np.asarray(model.apply(kept_params, jnp.asarray(ids))),
-                               np.asarray(model.apply(masked, jnp.asarray(ids))), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(forward(model)(kept_params, jnp.asarray(ids))),
+                               np.asarray(forward(model)(masked, jnp.asarray(ids))), atol=1e-5)
 
 
 def test_nf4_over_a_pruned_base_keeps_its_zeros(tiny_dir, tmp_path):
@@ -234,7 +234,7 @@ def test_nf4_over_a_pruned_base_keeps_its_zeros(tiny_dir, tmp_path):
     wrapped = lowrax.wrap(quantized, lowrax.LoraConfig(r=2, target_modules="all-linear"), jax.random.key(0))
     shardings = lowrax.param_shardings(wrapped, model, lowrax.make_mesh(lowrax.MeshConfig()))
     assert isinstance(shardings["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"].base, SparseKernel)
-    assert np.isfinite(np.asarray(model.apply(wrapped, jnp.ones((1, 4), jnp.int32)))).all()
+    assert np.isfinite(np.asarray(forward(model)(wrapped, jnp.ones((1, 4), jnp.int32)))).all()
     with pytest.raises(LowraxError, match="fill its pruned weights"):
         lowrax.wrap(quantized, lowrax.LoraConfig(r=2, variant="delta_lora", target_modules="all-linear"), jax.random.key(0))
 

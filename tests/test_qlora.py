@@ -14,6 +14,7 @@ from lowrax.quant.nf4 import NF4Tensor, dequantize
 from lowrax.train.step import init_state, make_train_step
 from tests.test_bad_input import tiny_llama_dir  # noqa: F401 - fixture
 from tests.test_train_step import make_batch, tiny  # noqa: F401 - fixture
+from tests.conftest import forward  # noqa: E402
 
 
 def test_quantize_keeps_embeddings_and_norms(tiny):  # noqa: F811
@@ -46,7 +47,7 @@ def test_qlora_trains_and_merges(tiny):  # noqa: F811
     trained = lowrax.combine(state.trainable, frozen)
     merged = lowrax.merge(trained)  # NF4 base dequantized, adapters added
     ids = batch["input_ids"]
-    assert np.abs(np.asarray(model.apply(trained, ids)) - np.asarray(model.apply(merged, ids))).max() <= 1e-4
+    assert np.abs(np.asarray(forward(model)(trained, ids)) - np.asarray(forward(model)(merged, ids))).max() <= 1e-4
     base = trained["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].base
     assert isinstance(base, NF4Tensor)
     err = np.abs(np.asarray(dequantize(base)) - np.asarray(params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]))

@@ -188,11 +188,16 @@ def test_outputs_follow_the_umask(finished_run, tiny_dir, tmp_path, umask):
 
 def test_cli_errors_use_the_cli_spelling(finished_run, tmp_path, capsys):
     target = tmp_path / "merged"
-    target.mkdir()
-    (target / "keep.txt").write_text("x")
+    assert main(["export-peft", str(finished_run), str(target)]) == 0  # a directory lowrax wrote
     assert main(["merge", str(finished_run), str(target)]) == 2
     err = capsys.readouterr().err
     assert "add --overwrite" in err and "overwrite=True" not in err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")  # a user's: --overwrite is not offered, nor taken
+    for extra in ([], ["--overwrite"]):
+        assert main(["merge", str(finished_run), str(tmp_path / "mine"), *extra]) == 2
+        assert "was not written by lowrax" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "x"
     assert main(["generate", "--temperature", "-1", "hi"]) == 2
     assert "--temperature must be >= 0" in capsys.readouterr().err
     assert main(["generate", "--adapter", str(tmp_path), "hi"]) == 2

@@ -16,7 +16,8 @@ CASES = Path(__file__).with_name("sharding_cases.py")
 
 
 def test_sharding_cases_on_8_virtual_cpu_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"  # conftest's flags too
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     print(proc.stdout[-3000:])

@@ -21,6 +21,7 @@ import lowrax  # noqa: E402
 from tests.test_peft_exchange import randomize  # noqa: E402
 from lowrax.errors import LowraxError  # noqa: E402
 from lowrax.models.vit import ViTModel  # noqa: E402
+from tests.conftest import forward  # noqa: E402
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=16,
              patch_size=4)
@@ -65,7 +66,7 @@ def torch_logits(hf, x):
 
 
 def ours(model, params, x):
-    return np.asarray(model.apply(params, jnp.asarray(x)).logits)
+    return np.asarray(forward(model)(params, jnp.asarray(x)).logits)
 
 
 def test_logits_match_transformers(pair):
@@ -80,7 +81,7 @@ def test_bare_vit_model_hidden_states_and_pooler(tmp_path):
     hf.save_pretrained(tmp_path)
     model, params = lowrax.load_pretrained(tmp_path, progress=False)
     x = pixels(2, seed=1)
-    out = model.apply(params, jnp.asarray(x))
+    out = forward(model)(params, jnp.asarray(x))
     with torch.no_grad():
         ref = hf(pixel_values=torch.tensor(x))
     assert np.abs(np.asarray(out.last_hidden_state) - ref.last_hidden_state.numpy()).max() <= 1e-4
@@ -108,7 +109,7 @@ def test_checkpoints_under_either_transformers_naming_load(pair, tmp_path):
 def test_wrong_pixel_shape_is_named(pair):
     _, _, model, params = pair
     with pytest.raises(LowraxError, match=r"pixel_values must be \[batch, 3, 16, 16\]"):
-        model.apply(params, jnp.zeros((1, 3, 32, 32)))
+        forward(model)(params, jnp.zeros((1, 3, 32, 32)))
 
 
 @pytest.mark.parametrize("settings", [
@@ -221,7 +222,7 @@ def test_bfloat16_base_with_float32_lora(pair):
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     x = pixels(seed=4)
     ref = ours(model, params, x)
-    got = model.apply(bf16, jnp.asarray(x)).logits
+    got = forward(model)(bf16, jnp.asarray(x)).logits
     assert got.dtype == jnp.bfloat16
     assert np.abs(np.asarray(got, np.float32) - ref).max() <= 0.05 * np.abs(ref).max() + 0.02
     wrapped = lowrax.wrap(bf16, lowrax.LoraConfig(r=4, init="random"), jax.random.key(0), model=model)

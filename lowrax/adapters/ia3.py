@@ -25,7 +25,7 @@ from flax import struct
 
 from lowrax.core.node import VECTOR, AdapterNode
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
-from lowrax.adapters.targets import TargetConfig, as_tuple, default_targets, targeting_from_peft
+from lowrax.adapters.targets import TargetConfig, check_regex, default_targets, targeting_from_peft
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.core.linear import matmul
 from lowrax.peft.common import PREFIX, fan_in_fan_out
@@ -48,7 +48,7 @@ class IA3Config(TargetConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, "feedforward_modules", as_tuple(self.feedforward_modules))
+        check_regex(self, "feedforward_modules", self.feedforward_modules)
         ff, targets = self.feedforward_modules, self.target_modules
         if isinstance(ff, tuple) and isinstance(targets, tuple) and not set(ff) <= set(targets):
             raise LowraxError(f"IA3Config.feedforward_modules {list(ff)} must be a subset of target_modules {list(targets)} "

@@ -35,6 +35,7 @@ import numpy as np
 from flax import struct
 
 from lowrax.adapters.lycoris.common import refuse_conv1d
+from lowrax.core.checked import Count, PositiveFloat, Probability
 from lowrax.core.node import ROTATION, AdapterNode
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
@@ -53,29 +54,21 @@ class OFTConfig(TargetConfig):
     """OFT's hyper-parameters, with PEFT 0.21's names and defaults. Give exactly one of `r`
     (blocks per layer) and `oft_block_size` (the other 0): r * block size = the layer's input width."""
 
-    r: int = 0
-    oft_block_size: int = 32
-    module_dropout: float = 0.0  # training: share of blocks replaced by the identity each step
+    r: Count = 0  # blocks per layer
+    oft_block_size: Count = 32  # the width of each block
+    module_dropout: Probability = 0.0  # training: share of blocks replaced by the identity each step
     coft: bool = False  # constrained OFT: keep each Q within eps of zero
-    eps: float = 6e-5  # COFT's radius (divided by sqrt(#blocks))
+    eps: PositiveFloat = 6e-5  # COFT's radius (divided by sqrt(#blocks))
     block_share: bool = False  # one block shared by all r positions
     use_cayley_neumann: bool = True  # Neumann series instead of the exact inverse
-    num_cayley_neumann_terms: int = 5
+    num_cayley_neumann_terms: Count = 5
     init_weights: bool = True  # True: Q = 0 (the base model); False: Q ~ N(0, 0.1^2), as PEFT
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("r", "oft_block_size", "num_cayley_neumann_terms"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise LowraxError(f"OFTConfig.{name} must be a non-negative integer, got {value!r}")
         if (self.r == 0) == (self.oft_block_size == 0):
             raise LowraxError(f"OFTConfig needs exactly one of r and oft_block_size non-zero (r x oft_block_size = "
                               f"the layer's input width), got r={self.r}, oft_block_size={self.oft_block_size}")
-        if not 0.0 <= self.module_dropout < 1.0:
-            raise LowraxError(f"OFTConfig.module_dropout must be in [0, 1), got {self.module_dropout}")
-        if self.eps <= 0:
-            raise LowraxError(f"OFTConfig.eps must be positive, got {self.eps}")
 
 
 def nearest_divisor(width: int, wanted: int) -> int:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import jax
 
+from lowrax.core.checked import Checked, ConfigValueError, Count, owner_name
 from lowrax.core.node import is_node
 from lowrax.errors import LowraxError
 from lowrax.core.kernels import is_kernel_type
@@ -54,7 +56,7 @@ def as_tuple(value):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TargetConfig:
+class TargetConfig(Checked):
     """The fields with which every method's config (a subclass) selects modules, with PEFT's names.
 
     Keyword-only, so a subclass's own fields keep their positions."""
@@ -63,17 +65,17 @@ class TargetConfig:
     # or None for PEFT's default for the model type.
     target_modules: str | tuple[str, ...] | None = None
     exclude_modules: str | tuple[str, ...] | None = None  # same matching as target_modules
-    layers_to_transform: tuple[int, ...] | None = None  # only these layer indices
-    modules_to_save: tuple[str, ...] = ()  # modules trained in full, e.g. ("classifier",)
+    layers_to_transform: Count | tuple[Count, ...] | None = None  # only these layer indices
+    modules_to_save: str | tuple[str, ...] = ()  # modules trained in full, e.g. ("classifier",)
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("target_modules", "exclude_modules"):
-            object.__setattr__(self, name, as_tuple(getattr(self, name)))
-        mts = self.modules_to_save
-        object.__setattr__(self, "modules_to_save", (mts,) if isinstance(mts, str) else tuple(mts or ()))
-        lt = self.layers_to_transform
-        if isinstance(lt, (list, int)):
-            object.__setattr__(self, "layers_to_transform", (lt,) if isinstance(lt, int) else tuple(lt))
+            check_regex(self, name, getattr(self, name))
+        if isinstance(self.modules_to_save, str):
+            object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
+        if isinstance(self.layers_to_transform, int):
+            object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
 
     @classmethod
     def from_dict(cls, values: dict) -> "TargetConfig":
@@ -84,6 +86,33 @@ class TargetConfig:
         a method whose settings depend on the run (AdaLoRA's schedule length, prompt tuning's
         tokenizer) fills them in; the rest are unchanged."""
         return self
+
+
+def check_regex(config, key: str, value) -> None:
+    """A string target (PEFT reads one string as a regex) must compile: an error names the key."""
+    if isinstance(value, str) and value != "all-linear":
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ConfigValueError(owner_name(config), key, value, f"a valid regular expression ({e})") from None
+
+
+def check_patterns(config, key: str, patterns: dict, value_type: str, positive) -> None:
+    """rank_pattern / alpha_pattern: {regex on module names: value}, every regex valid, every value `positive`."""
+    for pattern, value in patterns.items():
+        if not isinstance(pattern, str):
+            raise ConfigValueError(owner_name(config), key, patterns, f"a mapping of module-name regexes to {value_type}")
+        check_regex(config, key, pattern)
+        if not positive(value):
+            raise ConfigValueError(owner_name(config), f"{key}[{pattern!r}]", value, value_type)
+
+
+def positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def positive_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
 def config_from_dict(cls, values: dict):

@@ -175,7 +175,9 @@ def cmd_train(args) -> int:
 
 def cmd_convert(args) -> int:
     import lowrax
+    from lowrax.core.atomic import check_output
 
+    check_output(args.out_dir, args.overwrite, (args.model,))
     model, params = lowrax.load_pretrained(args.model, dtype=_dtype(args.dtype))
     tokenizer = lowrax.load_tokenizer(args.model)
     out = lowrax.save_pretrained(params, model, args.out_dir, tokenizer=tokenizer, overwrite=args.overwrite)

@@ -34,7 +34,7 @@ class Registry(Generic[T]):
         return name in self._items
 
     def __getitem__(self, name: str) -> T:
-        if name not in self._items:
+        if not isinstance(name, str) or name not in self._items:
             close = difflib.get_close_matches(str(name), list(self._items), n=1)
             raise LowraxError(self.unknown.format(name=name, names=", ".join(self._items))
                               + (f"; did you mean {close[0]!r}?" if close else ""))

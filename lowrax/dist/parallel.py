@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lowrax.core.checked import Checked, Count, PositiveInt
 from lowrax.errors import LowraxError
 from lowrax.dist.sharding import (Mesh, batch_sharding, check_batch, param_shardings, replicated, shard,
                              state_shardings)
@@ -27,14 +28,16 @@ from lowrax.train.step import make_train_step
 
 
 @dataclass(frozen=True)
-class DistConfig:
+class DistConfig(Checked):
     """Multi-process (multi-host) settings; unset fields come from JAX_COORDINATOR_ADDRESS,
     JAX_NUM_PROCESSES and JAX_PROCESS_ID, and with none of them set the run is one process."""
 
+    section_name = "dist"
+
     coordinator_address: str | None = None  # host:port of process 0
-    num_processes: int | None = None  # processes in the job
-    process_id: int | None = None  # this process's index, 0 .. num_processes - 1
-    local_device_ids: tuple[int, ...] | None = None  # devices of this process (default: all it sees)
+    num_processes: PositiveInt | None = None  # processes in the job
+    process_id: Count | None = None  # this process's index, 0 .. num_processes - 1
+    local_device_ids: tuple[Count, ...] | None = None  # devices of this process (default: all it sees)
 
 
 def initialize_distributed(cfg: DistConfig = DistConfig()) -> bool:
@@ -68,7 +71,8 @@ def is_primary() -> bool:
 
 
 def sharded_train_step(model, optimizer, mesh: Mesh, state, frozen, *, grad_accum_steps: int = 1,
-                       remat: bool = False, loss_fn=None, teacher=None, teacher_model=None, teacher_rules=None):
+                       remat: bool = False, loss_fn=None, teacher=None, teacher_model=None, teacher_rules=None,
+                       skip_nonfinite: bool = False):
     """(jitted step, state and frozen half placed on the mesh).
 
     Parameters, adapters, NF4 blocks and optimizer state are sharded by the rules;
@@ -86,7 +90,7 @@ def sharded_train_step(model, optimizer, mesh: Mesh, state, frozen, *, grad_accu
         teacher_sh = param_shardings(teacher, teacher_model, mesh, *([teacher_rules] if teacher_rules else []))
         shardings += (teacher_sh,)
     step = jax.jit(make_train_step(model, optimizer, grad_accum_steps=grad_accum_steps, remat=remat, loss_fn=loss_fn,
-                                   with_teacher=with_teacher),
+                                   with_teacher=with_teacher, skip_nonfinite=skip_nonfinite),
                    in_shardings=shardings, out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
     if with_teacher:
         placed_teacher = shard(teacher, teacher_sh)

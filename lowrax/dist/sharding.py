@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lowrax.core.checked import Bound, Checked, PositiveInt
 from lowrax.errors import LowraxError
 from lowrax.core.kernels import TRANSPOSED, is_kernel_type, kernel_shardings
 from lowrax.core.node import FullyTrained, is_adapter, is_node
@@ -53,12 +54,20 @@ TEACHER_RULES: dict[str, Any] = {**RULES, "embed": BATCH_AXES, "nf4_blocks": BAT
 
 
 @dataclass(frozen=True)
-class MeshConfig:
+class MeshConfig(Checked):
     """Device mesh shape; the product of the three sizes must equal the device count."""
 
-    data: int = -1  # data-parallel replicas; -1: every device the other two axes leave
-    fsdp: int = 1  # fully-sharded data parallel: parameters and batch split over these devices
-    tensor: int = 1  # tensor (model) parallel: heads, MLP and vocabulary dimensions split
+    section_name = "mesh"
+
+    data: Annotated[int, Bound(low=-1)] = -1  # data-parallel replicas; -1: every device the other two axes leave
+    fsdp: PositiveInt = 1  # fully-sharded data parallel: parameters and batch split over these devices
+    tensor: PositiveInt = 1  # tensor (model) parallel: heads, MLP and vocabulary dimensions split
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.data == 0:
+            raise LowraxError("mesh.data must be a positive number of replicas, or -1 for every device the other "
+                              "two axes leave; got 0")
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lowrax.core.atomic import check_output
 from lowrax.errors import LowraxError
 from lowrax.models.pretrained import load_pretrained, load_tokenizer, save_pretrained
 from lowrax.merging.models import merge_models
@@ -22,6 +23,7 @@ def merge_checkpoints(base_path: str | None, model_paths: list[str], out_dir: st
     base's (else the first model's) config and tokenizer."""
     if not model_paths:
         raise LowraxError("give the fine-tuned checkpoints to merge: --model PATH (repeated)")
+    check_output(out_dir, overwrite, (base_path, *model_paths))
     model, base = (None, None) if base_path is None else load_pretrained(base_path)
     models = []
     for path in model_paths:

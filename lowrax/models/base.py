@@ -272,6 +272,14 @@ class CausalLM(Model):
                         jax.lax.dynamic_update_slice_in_dim(v, pv, 0, axis=1)))
         return out
 
+    def position_limit(self) -> int | None:
+        """Positions the model addresses (its config's context length); None when it names none."""
+        for name in ("max_positions", "max_position_embeddings"):
+            value = getattr(self.config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
     @staticmethod
     def virtual_token_count(params) -> int:
         """Cache slots the adapter's virtual tokens take before each prompt (0 for most methods)."""

@@ -9,6 +9,7 @@ per token or per prompt length.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import jax
@@ -49,6 +50,29 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    limit = model.position_limit()
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        room = max(limit - prompt_tokens, 0)
+        text = (f"the longest prompt ({prompt_tokens} tokens) plus {{}} ({max_new_tokens}) needs "
+                f"{prompt_tokens + max_new_tokens} positions, but {model.model_type} addresses {limit}; "
+                + (f"ask for at most {room} new tokens" if room else "shorten the prompt"))
+        raise LowraxError(text.format("max_new_tokens"), cli=text.format("--max-new-tokens"))
+
+
+def _check_cache_fits(model, batch: int, cache_len: int, dtype, max_new_tokens: int) -> None:
+    """Refuse a KV cache larger than the device's memory before allocating it (not an OOM kill later)."""
+    shapes = jax.eval_shape(lambda: model.init_cache(batch, cache_len, dtype))
+    needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+    device = jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    available = (stats or {}).get("bytes_limit") or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > 0.8 * available:
+        text = (f"{{}}={max_new_tokens} with {batch} prompt(s) needs a {needed / 2**30:.1f} GiB KV cache, more than "
+                f"this {device.platform.upper()} device can hold ({available / 2**30:.1f} GiB); ask for fewer tokens")
+        raise LowraxError(text.format("max_new_tokens"), cli=text.format("--max-new-tokens"))
+
+
 def generate_ids(
     model: CausalLM,
     params,
@@ -81,6 +105,7 @@ def generate_ids(
                                     seed, on_token, PROMPT_BUCKET, CACHE_BUCKET)
     prompt_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
     virtual = model.virtual_token_count(params)  # slots before the prompt (prompt and prefix tuning)
+    _check_length(model, virtual + max(len(p) for p in prompts), max_new_tokens)
     cache_len = _round_up(virtual + prompt_len + max_new_tokens, CACHE_BUCKET)
     ids = np.full((batch, prompt_len), pad_token_id, np.int32)
     mask = np.zeros((batch, prompt_len), np.int32)
@@ -89,6 +114,7 @@ def generate_ids(
         mask[row, prompt_len - len(p):] = 1
     # The activations' dtype: the first floating leaf (NF4 weights hold uint8 codes).
     dtype = model.activation_dtype(params)
+    _check_cache_fits(model, batch, cache_len, dtype, max_new_tokens)
     prefill, step = _compiled(model, sampling)
     rng = jax.random.key(seed)
     rng, sub = jax.random.split(rng)

@@ -8,37 +8,42 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
-
+from lowrax.core.checked import Bound, Checked, ConfigValueError, Count, OneOf, PositiveFloat, PositiveInt, Probability
 from lowrax.errors import LowraxError
 from lowrax.pruning import masks
 from lowrax.pruning.sparsegpt import DEFAULT_BLOCKSIZE, DEFAULT_DAMPENING
-from lowrax.train.config import load_yaml, override_parts, unknown_key
+from lowrax.train.config import override_parts, override_value, read_yaml_file, unknown_key
 
 
 @dataclass(frozen=True)
-class PruneModelSection:
+class PruneModelSection(Checked):
+    section_name = "model"
+
     path: str | None = None  # HF directory or .gguf file; None = the embedded SmolLM2-135M-Instruct
-    dtype: str = "float32"  # dtype the model is loaded and saved in: float32 | bfloat16
+    dtype: Annotated[str, OneOf(("float32", "bfloat16"))] = "float32"  # dtype the model is loaded and saved in
 
 
 @dataclass(frozen=True)
-class PruneSection:
-    method: str = "sparsegpt"  # magnitude | wanda | sparsegpt
-    sparsity: float = 0.5  # fraction of each layer's weights removed (unstructured)
+class PruneSection(Checked):
+    section_name = "prune"
+
+    method: Annotated[str, OneOf(("magnitude", "wanda", "sparsegpt"))] = "sparsegpt"
+    sparsity: Probability = 0.5  # fraction of each layer's weights removed (unstructured)
     pattern: str = "unstructured"  # unstructured, or N:M (2:4, 4:8): N of every M consecutive inputs removed
-    blocksize: int = DEFAULT_BLOCKSIZE  # SparseGPT: columns per lazy batch update
-    dampening: float = DEFAULT_DAMPENING  # SparseGPT: Hessian dampening, a fraction of its mean diagonal
-    chunk_rows: int = 8  # calibration rows per forward (the device holds one chunk's activations)
-    ignore: tuple = ()  # substrings of module names to leave dense
+    blocksize: PositiveInt = DEFAULT_BLOCKSIZE  # SparseGPT: columns per lazy batch update
+    dampening: PositiveFloat = DEFAULT_DAMPENING  # SparseGPT: Hessian dampening, a fraction of its mean diagonal
+    chunk_rows: PositiveInt = 8  # calibration rows per forward (the device holds one chunk's activations)
+    ignore: tuple[str, ...] = ()  # substrings of module names to leave dense
 
 
 @dataclass(frozen=True)
-class TextSection:
+class TextSection(Checked):
     source: str = "embedded"  # "embedded" (the Python docs set), a .txt file, or a .jsonl file
     text_field: str = "text"  # .jsonl: the field holding each record's text
-    samples: int = 32  # rows of text
-    length: int = 256  # tokens per row
+    samples: Count = 32  # rows of text
+    length: Annotated[int, Bound(low=2)] = 256  # tokens per row
 
 
 @dataclass(frozen=True)
@@ -53,16 +58,10 @@ class PruneConfig:
     def __post_init__(self):
         p = self.prune
         masks.pattern_sparsity(p.pattern, p.sparsity)  # named errors for a bad pattern or sparsity
-        from lowrax.pruning.prune import METHODS
-
-        if p.method not in METHODS:
-            raise LowraxError(f"prune.method must be one of {', '.join(METHODS)}, got {p.method!r}")
-        if self.model.dtype not in ("float32", "bfloat16"):
-            raise LowraxError(f"model.dtype must be float32 or bfloat16, got {self.model.dtype!r}")
-        for name, section in (("calibration", self.calibration), ("evaluation", self.evaluation)):
-            if section.samples < (1 if name == "calibration" else 0) or section.length < 2:
-                raise LowraxError(f"{name}.samples and {name}.length must be positive, "
-                                  f"got {section.samples} and {section.length}")
+        if self.calibration.samples < 1:
+            raise ConfigValueError("calibration", "samples", self.calibration.samples, "an integer >= 1")
+        if not isinstance(self.output_dir, str):
+            raise ConfigValueError("", "output_dir", self.output_dir, "a string")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,25 +84,23 @@ def load_prune_config(path: str | Path | None = None, overrides: list[str] = ())
     values: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.exists():
-            raise LowraxError(f"config file {p} does not exist")
-        values = load_yaml(p.read_text()) or {}
+        values = read_yaml_file(p) or {}
         if not isinstance(values, dict):
             raise LowraxError(f"{p} must hold a mapping of sections ({', '.join(_SECTIONS)}) and output_dir")
     values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
     for item in overrides:
         key, parts, raw = override_parts(item, "prune.sparsity=0.25")
         if len(parts) == 1 and parts[0] in _TOP_LEVEL:
-            values[parts[0]] = load_yaml(raw)
+            values[parts[0]] = override_value(key, raw)
             continue
         if len(parts) != 2:
             raise _unknown(key)
         # YAML 1.1 reads 2:4 as the base-60 number 124: a pattern stays the string given
-        values.setdefault(parts[0], {})[parts[1]] = raw.strip() if key == "prune.pattern" else load_yaml(raw)
+        values.setdefault(parts[0], {})[parts[1]] = raw.strip() if key == "prune.pattern" else override_value(key, raw)
     sections = {}
     for name, body in values.items():
         if name in _TOP_LEVEL:
-            sections[name] = str(body)
+            sections[name] = body
             continue
         if name not in _SECTIONS:
             raise _unknown(name)
@@ -114,11 +111,14 @@ def load_prune_config(path: str | Path | None = None, overrides: list[str] = ())
             if key not in known:
                 raise _unknown(f"{name}.{key}")
         if name == "prune" and "ignore" in body:
-            body["ignore"] = tuple(body["ignore"] or ())
+            body["ignore"] = body["ignore"] or ()
         if name == "prune" and not isinstance(body.get("pattern", ""), str):
             raise LowraxError(f"prune.pattern must be a string; got {body['pattern']!r} (YAML reads an unquoted 2:4 as "
                               "the number 124: write pattern: \"2:4\")")
-        sections[name] = _SECTIONS[name](**body)
+        try:
+            sections[name] = _SECTIONS[name](**body)
+        except ConfigValueError as e:
+            raise e.named(name) from None
     if "evaluation" in values and "samples" not in values["evaluation"]:
         sections["evaluation"] = dataclasses.replace(sections["evaluation"], samples=16)
     return PruneConfig(**sections)

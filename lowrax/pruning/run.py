@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from lowrax.core.atomic import check_output
 from lowrax.pruning.config import PruneConfig
 from lowrax.pruning.prune import prune
 from lowrax.pruning.text import perplexity, read_texts, token_windows
@@ -19,11 +20,7 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, log=print) -> dict:
     from lowrax.models.pretrained import load_pretrained, load_tokenizer
 
     started = time.perf_counter()
-    out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        from lowrax.errors import LowraxError
-
-        raise LowraxError(f"{out} is not empty; choose a new output_dir or pass --overwrite")
+    out = check_output(cfg.output_dir, overwrite, (cfg.model.path, cfg.calibration.source, cfg.evaluation.source))
     model, params = load_pretrained(cfg.model.path, dtype=getattr(jnp, cfg.model.dtype))
     tokenizer = load_tokenizer(cfg.model.path)
     c, e = cfg.calibration, cfg.evaluation

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 
+from lowrax.core.atomic import check_output
 from lowrax.merging.combine_adapters import combine_adapters
 from lowrax.errors import LowraxError
 from lowrax.models.pretrained import base_model_name, base_model_path, load_pretrained, load_tokenizer
@@ -66,6 +67,7 @@ def merge_adapter_dirs(named: list[tuple[str, Path]], weights: list[float], out_
                        combination_type: str = "svd", model_path: str | None = None, overwrite: bool = False,
                        seed: int = 0, **options) -> Path:
     """Combine the adapters as `lowrax.combine_adapters` does and write the result as a PEFT adapter."""
+    check_output(out_dir, overwrite, (model_path, *(d for _, d in named)))
     adapted = load_named_adapters(named, model_path)
     names = [n for n, _ in named]
     combined = combine_adapters(adapted.params, names, weights, "combined", combination_type,

@@ -8,6 +8,7 @@ leaves a half-written checkpoint that would be resumed.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,27 @@ class Checkpoints:
         restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                       meta=ocp.args.JsonRestore()))
         return restored.state, restored.meta
+
+    def restore_newest_intact(self, template: Any, warn) -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of the newest checkpoint that restores; a damaged newer one (truncated,
+        emptied, garbage) is moved aside to `damaged-checkpoints/` with a warning naming both steps, so
+        nothing is deleted and later saves reuse its number. None when there is no checkpoint."""
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            try:
+                state, meta = self.restore(step, template)
+                return step, state, meta
+            except Exception as e:  # orbax and tensorstore raise many kinds for a damaged directory
+                aside = self.directory.parent / "damaged-checkpoints" / str(step)
+                aside.parent.mkdir(exist_ok=True)
+                shutil.rmtree(aside, ignore_errors=True)
+                shutil.move(str(self.directory / str(step)), aside)
+                self._manager.reload()
+                older = f"step {steps[i + 1]}" if i + 1 < len(steps) else "none left: the run starts over"
+                warn(f"warning: checkpoint step {step} in {self.directory} is damaged ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:160] if str(e) else 'unreadable'}); moved it to {aside}; "
+                     f"falling back to {older}")
+        return None
 
     def close(self) -> None:
         self._manager.close()

@@ -17,12 +17,16 @@ import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 
 from lowrax.adapters.lora.config import LoraConfig
 from lowrax.adapters.registry import method_for_config, method_named, method_names
+from lowrax.core.checked import (Bound, Checked, ConfigValueError, Count, OneOf, PositiveInt, PowerOfTwo,
+                                 Probability, owner_name)
+from lowrax.core.kernels import quant_methods
+from lowrax.quant import tree as _quant_tree  # noqa: F401  (registers the nf4 and int8 quantizers)
 from lowrax.errors import LowraxError
 from lowrax.objectives.config import DistillSection, PreferenceSection
 from lowrax.objectives.registry import check_objective
@@ -42,26 +46,95 @@ _ConfigLoader.add_implicit_resolver(
     list("-+0123456789"))
 
 
+def _refuse_duplicate_keys(loader: _ConfigLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are unique: YAML lets a repeated key silently replace the first one."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node.start_mark.line + 1)
+        except TypeError:
+            continue  # an unhashable key: the constructor's own error names it
+        if first != key_node.start_mark.line + 1:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first given on line {first})",
+                                                    key_node.start_mark)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_ConfigLoader.construct_mapping = _refuse_duplicate_keys
+
+
 def load_yaml(text: str):
-    """A config file's or override's value, parsed as YAML with floats such as 1e-3 read as floats."""
+    """A config file's or override's value, parsed as YAML with floats such as 1e-3 read as floats
+    and repeated keys refused."""
     return yaml.load(text, Loader=_ConfigLoader)
 
 
+def read_yaml_file(path: str | Path, what: str = "config file"):
+    """A YAML file's content, or one error naming the file and what is wrong with it (missing, a
+    directory, not UTF-8 text, a syntax error at line:column, a repeated key)."""
+    p = Path(path)
+    if not p.exists():
+        raise LowraxError(f"{what} {p} does not exist")
+    if p.is_dir():
+        raise LowraxError(f"{what} {p} is a directory; expected a YAML file")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LowraxError(f"{what} {p} is not UTF-8 text (byte {e.start}); expected a YAML file") from None
+    except OSError as e:
+        raise LowraxError(f"cannot read {what} {p}: {e.strerror}") from None
+    try:
+        return load_yaml(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+        raise LowraxError(f"{where}: {e.problem or e.context} (not valid YAML)") from None
+    except yaml.YAMLError as e:
+        raise LowraxError(f"{p}: not valid YAML ({e})") from None
+
+
+def override_value(key: str, raw: str):
+    """An override's value parsed as YAML, or an error naming the override."""
+    try:
+        return load_yaml(raw)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LowraxError(f"override {key}={raw!r}: the value is not valid YAML ({problem}); quote a string "
+                          f"value, e.g. {key}='\"...\"'") from None
+
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+FORMATS = ("prompt_response", "messages", "text", "classification", "seq2seq", "image_classification")
+
+
 @dataclass(frozen=True)
-class ModelSection:
+class ModelSection(Checked):
+    section_name = "model"
+
     path: str | None = None  # HF directory or .gguf file; None = the embedded SmolLM2-135M-Instruct
-    dtype: str = "float32"  # dtype of the frozen base: float32 | bfloat16 (adapters stay float32)
+    dtype: Annotated[str, OneOf(DTYPE_NAMES)] = "float32"  # dtype of the frozen base (adapters stay float32)
     task: str = "causal_lm"  # causal_lm | classification (text or image encoders with a classification head) | seq2seq (T5)
-    num_labels: int | None = None  # classification: size of a fresh head, trained in full (None: 1 + the largest training label)
+    num_labels: Annotated[int, Bound(low=2)] | None = None  # classification: size of a fresh head, trained in full (None: 1 + the largest training label)
     quantize: str | None = None  # "nf4": QLoRA, the frozen linear weights in 4-bit NF4; "int8": in 8-bit rows (LLM.int8())
-    quant_blocksize: int = 64  # NF4 block size (a power of two from 32 to 4096)
+    quant_blocksize: Annotated[int, PowerOfTwo(), Bound(32, 4096)] = 64  # NF4 block size
     double_quant: bool = True  # NF4 double quantization of the block statistics
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.quantize is not None and self.quantize not in quant_methods():
+            raise ConfigValueError(owner_name(self), "quantize", self.quantize,
+                                   f"null or one of {', '.join(quant_methods())}")
+
 
 @dataclass(frozen=True)
-class DataSection:
+class DataSection(Checked):
+    section_name = "data"
+
     source: str = "default"  # "default" (the embedded date task), "embedded_text" (Python's docs, as `lowrax prune` uses), a JSON/JSONL/CSV/text file, or a save_to_disk directory
-    format: str = "auto"  # auto | prompt_response | messages | text | classification | seq2seq | image_classification
+    format: Annotated[str, OneOf(("auto",) + FORMATS)] = "auto"  # auto: from the first record's fields
     prompt_field: str = "prompt"  # prompt_response: the field with the prompt
     response_field: str = "response"  # prompt_response: the field with the target text
     messages_field: str = "messages"  # messages: a list of {"role", "content"} rendered with the chat template
@@ -74,32 +147,37 @@ class DataSection:
     rejected_field: str = "rejected"  # dpo/orpo/simpo: the dispreferred completion
     completion_field: str = "completion"  # kto: the completion its label judges
     chat_template: bool = False  # prompt_response: wrap the prompt in the tokenizer's chat template
-    seq_len: int = 64  # tokens per row (longer examples are truncated); seq2seq: the encoder's input
-    target_len: int = 32  # seq2seq: decoder tokens per row (the target and its EOS; longer ones are truncated)
+    seq_len: Annotated[int, Bound(low=2)] = 64  # tokens per row (longer examples are truncated); seq2seq: the encoder's input
+    target_len: PositiveInt = 32  # seq2seq: decoder tokens per row (the target and its EOS; longer ones are truncated)
     packing: bool = False  # pack several examples per row (attention never crosses examples)
-    loss_positions: int = 0  # compute logits only at this many loss positions per row (0: at every position)
-    eval_fraction: float = 0.05  # share of the data held out for evaluation (when eval_source is not set)
+    loss_positions: Count = 0  # compute logits only at this many loss positions per row (0: at every position)
+    eval_fraction: Probability = 0.05  # share of the data held out for evaluation (when eval_source is not set)
     eval_source: str | None = None  # a separate evaluation file or directory
-    shuffle_seed: int = 0  # seed of the per-epoch shuffles
-    default_train_examples: int = 2000  # size of the generated default task's training set
-    default_eval_examples: int = 64  # size of its held-out set
+    shuffle_seed: Count = 0  # seed of the per-epoch shuffles
+    default_train_examples: PositiveInt = 2000  # size of the generated default task's training set
+    default_eval_examples: Count = 64  # size of its held-out set
 
 
 @dataclass(frozen=True)
-class TrainSection:
-    steps: int = 30  # optimizer steps
-    batch_size: int = 16  # examples (or packed rows) per micro-batch
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
+class TrainSection(Checked):
+    section_name = "train"
+
+    steps: PositiveInt = 30  # optimizer steps
+    batch_size: PositiveInt = 16  # examples (or packed rows) per micro-batch
+    grad_accum_steps: PositiveInt = 1  # micro-batches per optimizer step
     remat: bool = False  # keep only each layer's input; the backward pass recomputes the rest (less memory, ~1 more forward)
-    seed: int = 0  # adapter init and dropout
+    seed: Count = 0  # adapter init and dropout
     output_dir: str = "runs/default"  # checkpoints, PEFT adapter, metrics.jsonl, loss curve
-    save_every: int = 10  # steps between checkpoints (0: only at the end)
-    max_checkpoints: int = 2  # checkpoints kept
-    eval_every: int = 0  # steps between eval-loss measurements (0: only at the end)
-    eval_max_new_tokens: int = 16  # generation budget when scoring the task metric
-    eval_examples: int = 64  # held-out examples scored by the task metric (0: skip the metric)
-    samples: int = 3  # sample generations printed before and after training
+    save_every: Count = 10  # steps between checkpoints (0: only at the end)
+    max_checkpoints: PositiveInt = 2  # checkpoints kept
+    eval_every: Count = 0  # steps between eval-loss measurements (0: only at the end)
+    eval_max_new_tokens: PositiveInt = 16  # generation budget when scoring the task metric
+    eval_examples: Count = 64  # held-out examples scored by the task metric (0: skip the metric)
+    samples: Count = 3  # sample generations printed before and after training
     resume: bool = True  # continue from the latest checkpoint in output_dir if there is one
+    # A step whose loss or gradient is NaN or infinite: "stop" the run with an error naming the step (the
+    # last checkpoint stays the newest), or "skip" its update and count it in metrics.jsonl ("skipped").
+    nonfinite: Annotated[str, OneOf(("stop", "skip"))] = "stop"
 
 
 @dataclass(frozen=True)
@@ -149,7 +227,7 @@ _SECTION_CLASSES = {"model": ModelSection, "optim": OptimizerConfig, "data": Dat
 TOP_LEVEL = ("method", "objective")  # plain values beside the sections
 # Fields that may change when a run is resumed (they do not change what the steps compute).
 RESUMABLE = {"train.steps", "train.save_every", "train.max_checkpoints", "train.eval_every", "train.samples",
-             "train.eval_examples", "train.eval_max_new_tokens", "train.resume", "train.output_dir", "optim.total_steps",
+             "train.eval_examples", "train.eval_max_new_tokens", "train.resume", "train.output_dir", "train.nonfinite", "optim.total_steps",
              "mesh.data", "mesh.fsdp", "mesh.tensor", "dist.coordinator_address", "dist.num_processes",
              "dist.process_id", "dist.local_device_ids"}
 
@@ -165,7 +243,9 @@ def _valid_keys() -> list[str]:
 
 def unknown_key(key: str, valid_keys: list[str], sections: list[str], what: str = "config key") -> LowraxError:
     """The error for an unknown config key, naming the closest valid key (or the sections)."""
-    close = difflib.get_close_matches(key, valid_keys + sections, n=1, cutoff=0.5)
+    # The same key name in another section first (`steps` -> `train.steps`), then the closest spelling.
+    same_name = [k for k in valid_keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1] and k != key]
+    close = same_name[:1] or difflib.get_close_matches(key, valid_keys + sections, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else f"; sections: {', '.join(sections)}"
     return LowraxError(f"unknown {what} {key!r}{hint}")
 
@@ -177,10 +257,7 @@ def _unknown(key: str) -> LowraxError:
 def from_dict(values: dict) -> TrainConfig:
     """A TrainConfig from nested dicts, rejecting unknown sections and keys."""
     values = dict(values or {})
-    method = values.pop("method", "lora")
-    if not isinstance(method, str):
-        raise LowraxError(f"config key 'method' must be a method name ({', '.join(method_names())}), got {method!r}")
-    method_named(method)  # an unknown name is an error listing the registered ones
+    method = _method_name(values.pop("method", "lora"))
     objective = values.pop("objective", "sft")
     classes = _section_classes()
     sections = {}
@@ -199,6 +276,8 @@ def from_dict(values: dict) -> TrainConfig:
                 raise _unknown(f"{name}.{key}")
         try:
             sections["adapter" if name == method else name] = cls(**body)
+        except ConfigValueError as e:
+            raise e.named(name) from None
         except TypeError as e:
             raise LowraxError(f"config section {name!r}: {e}") from e
     sections.setdefault("adapter", method_named(method).config())
@@ -207,6 +286,13 @@ def from_dict(values: dict) -> TrainConfig:
         # The schedule spans the run unless set explicitly.
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, total_steps=max(cfg.train.steps, cfg.optim.warmup_steps)))
     return cfg
+
+
+def _method_name(method):
+    if not isinstance(method, str):
+        raise LowraxError(f"config key 'method' must be a method name ({', '.join(method_names())}), got {method!r}")
+    method_named(method)  # an unknown name is an error listing the registered ones
+    return method
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -220,19 +306,21 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, parts, raw = override_parts(item, "lora.r=8")
         if len(parts) == 1 and parts[0] in TOP_LEVEL:
-            out[parts[0]] = load_yaml(raw)
+            out[parts[0]] = override_value(key, raw)
             overridden.add(parts[0])
             continue
+        if len(parts) == 1:
+            raise _unknown(key)
         if len(parts) != 2:
             raise LowraxError(f"override key {key!r} must be section.key (e.g. train.steps)")
         section, name = parts
         classes = _section_classes()
         if section not in classes or name not in {f.name for f in dataclasses.fields(classes[section])}:
             raise _unknown(key)
-        out.setdefault(section, {})[name] = load_yaml(raw)
+        out.setdefault(section, {})[name] = override_value(key, raw)
         overridden.add(section)
     if "method" in overridden:
-        for stale in set(method_names()) - {out["method"]} - overridden:
+        for stale in set(method_names()) - {_method_name(out["method"])} - overridden:
             out.pop(stale, None)
     return out
 
@@ -250,9 +338,7 @@ def read_preset(path: str | Path | None) -> dict:
     if path is None:
         return {}
     p = Path(path)
-    if not p.exists():
-        raise LowraxError(f"config file {p} does not exist")
-    values = load_yaml(p.read_text()) or {}
+    values = read_yaml_file(p) or {}
     if not isinstance(values, dict):
         raise LowraxError(f"{p} must hold a mapping of sections (model, method, objective, lora, optim, data, train, "
                           "preference, distill, mesh, dist)")
@@ -271,8 +357,12 @@ def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> TrainConf
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise LowraxError(f"{run_dir} is not a lowrax run directory: it has no config.yaml")
-    values = load_yaml(path.read_text()) or {}
+    values = read_yaml_file(path, "run config") or {}
+    if not isinstance(values, dict):
+        raise LowraxError(f"{path} must hold a mapping of sections; the run's config is damaged")
     optim, train = values.get("optim") or {}, values.get("train") or {}
+    if not isinstance(optim, dict) or not isinstance(train, dict):
+        raise LowraxError(f"{path}: sections optim and train must be mappings; the run's config is damaged")
     if optim.get("total_steps") == max(train.get("steps", 0), optim.get("warmup_steps", 0)):
         optim.pop("total_steps")
     return from_dict(apply_overrides(values, list(overrides)))

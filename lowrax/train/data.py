@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lowrax.train.config import DataSection
+from lowrax.train.config import FORMATS, DataSection
 from lowrax.errors import LowraxError
 
-FORMATS = ("prompt_response", "messages", "text", "classification", "seq2seq", "image_classification")
 _LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".text": "text"}
 
 

@@ -11,10 +11,12 @@ no state), nor do AdaLoRA's allocator state.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import jax
 import optax
 
+from lowrax.core.checked import Checked, Count, NonNegativeFloat, OneOf, PositiveFloat, PositiveInt, Probability
 from lowrax.core.node import SINGULAR
 from lowrax.adapters.tree import ANCHOR, LORA_B, labels
 from lowrax.errors import LowraxError
@@ -23,30 +25,27 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass(frozen=True)
-class OptimizerConfig:
+class OptimizerConfig(Checked):
     """AdamW with warmup and decay; the defaults suit LoRA on a small model."""
 
-    learning_rate: float = 2e-4  # peak learning rate, reached after warmup
-    schedule: str = "cosine"  # decay after warmup: cosine | linear | constant
-    warmup_steps: int = 0  # linear warmup from 0
-    total_steps: int = 1000  # length of the schedule (warmup included)
-    weight_decay: float = 0.0  # decoupled (AdamW) weight decay
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float | None = 1.0  # global-norm clipping; None disables it
+    section_name = "optim"
+
+    learning_rate: PositiveFloat = 2e-4  # peak learning rate, reached after warmup
+    schedule: Annotated[str, OneOf(SCHEDULES)] = "cosine"  # decay after warmup
+    warmup_steps: Count = 0  # linear warmup from 0
+    total_steps: PositiveInt = 1000  # length of the schedule (warmup included)
+    weight_decay: NonNegativeFloat = 0.0  # decoupled (AdamW) weight decay
+    b1: Probability = 0.9  # Adam's first-moment decay
+    b2: Probability = 0.999  # Adam's second-moment decay
+    eps: PositiveFloat = 1e-8
+    max_grad_norm: PositiveFloat | None = 1.0  # global-norm clipping; None disables it
     # LoRA+ (Hayou et al. 2024): learning rate of B (and of 1-D leaves: DoRA magnitudes, VeRA
     # vectors, biases) = ratio x learning_rate, PEFT's grouping; None: one rate for all.
-    loraplus_lr_ratio: float | None = None
+    loraplus_lr_ratio: PositiveFloat | None = None  # PEFT suggests 2 to 32
 
     def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise LowraxError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.learning_rate <= 0:
-            raise LowraxError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
-            raise LowraxError(f"loraplus_lr_ratio must be > 0 (PEFT suggests 2 to 32), got {self.loraplus_lr_ratio}")
-        if not 0 <= self.warmup_steps <= self.total_steps:
+        super().__post_init__()
+        if self.warmup_steps > self.total_steps:
             raise LowraxError(f"warmup_steps ({self.warmup_steps}) must be in 0..total_steps ({self.total_steps})")
 
 

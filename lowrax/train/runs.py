@@ -17,7 +17,8 @@ import yaml
 from lowrax.adapters.registry import format_for_config, method_names
 from lowrax.adapters.tree import combine, merge, split
 from lowrax.errors import LowraxError
-from lowrax.core.atomic import write_text
+from lowrax.core.atomic import check_output, write_text
+from lowrax.core.run_lock import lock_run_directory
 from lowrax.io.hf_checkpoint import kernel_records, save_hf_directory
 from lowrax.models.pretrained import base_model_name, base_model_path, load_pretrained, load_preprocessor
 from lowrax.peft.common import CONFIG, WEIGHTS
@@ -113,6 +114,7 @@ def recorded_base(adapter_config: dict) -> str | None:
 
 def export_peft(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write a run's adapter in PEFT format."""
+    check_output(out_dir, overwrite, (run_dir,))
     cfg, model, params, initial = restore_run(run_dir, with_initial=True)
     return save_peft(params, out_dir, model, base_model=base_model_name(cfg.model.path), overwrite=overwrite,
                      initial=initial)
@@ -127,6 +129,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
     keep_sparsity (a pruned base): the merged kernels keep its zeros (the adapter's delta is
     masked there; the output records them in pruning.json) or, False, the delta fills them.
     """
+    check_output(out_dir, overwrite, (run_dir, read_run_config(Path(run_dir)).model.path))
     cfg, model, params = restore_run(run_dir)
     records = kernel_records(params)  # a pruned base's pruning.json
     if records and requantize:
@@ -165,6 +168,8 @@ def import_peft(adapter_dir: str | Path, out_dir: str | Path, model_path: str | 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if (out_dir / "config.yaml").exists() or (out_dir / "checkpoints").exists():
         raise LowraxError(f"{out_dir} already holds a run; choose a new directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise LowraxError(f"{out_dir} is not empty; import-peft creates a new run directory: choose a new or empty one")
     peft_config = read_adapter_config(adapter_dir)
     method, adapter_cfg = format_for_config(peft_config, where=f"{adapter_dir}: ").to_config(peft_config)
     if model_path is None:
@@ -185,9 +190,9 @@ def import_peft(adapter_dir: str | Path, out_dir: str | Path, model_path: str | 
         raise LowraxError(f"{adapter_dir}: its tensors adapt other modules than its adapter_config.json selects; "
                           "lowrax cannot continue training it as a run")
     state = init_state(trainable, make_optimizer(cfg.optim), cfg.train.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpts = Checkpoints(out_dir / "checkpoints")
-    ckpts.save(0, state, {"step": 0, "examples_seen": 0, "imported_from": str(adapter_dir)})
-    ckpts.close()
-    write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    with lock_run_directory(out_dir, "run_dir"):
+        ckpts = Checkpoints(out_dir / "checkpoints")
+        ckpts.save(0, state, {"step": 0, "examples_seen": 0, "imported_from": str(adapter_dir)})
+        ckpts.close()
+        write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return out_dir

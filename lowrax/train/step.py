@@ -91,7 +91,7 @@ def task_loss(model):
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
-                    remat: bool = False, loss_fn=None, with_teacher: bool = False):
+                    remat: bool = False, loss_fn=None, with_teacher: bool = False, skip_nonfinite: bool = False):
     """Build `train_step(state, frozen, batch) -> (state, metrics)`; jit it at the call site.
 
     with_teacher: the step is `train_step(state, frozen, batch, teacher)` and the loss
@@ -101,6 +101,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
     and gradients are summed over them (one optimizer update). `remat` keeps only
     each layer's input for the backward pass, which recomputes the rest layer by layer
     (see `models.base.recomputed_in_backward`): less memory for about one more forward.
+    `skip_nonfinite`: a step whose loss or gradient is not finite leaves the state as it was
+    (the rng excepted) and reports `skipped` = 1 in its metrics.
     """
     model = model.with_remat(remat)
     # loss_fn(model, params, batch) -> (loss sum, count) or (loss sum, count, {metric: sum}):
@@ -152,6 +154,10 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
         new_state = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state,
                                rng=jax.random.key_data(rng))
         metrics["grad_norm"] = optax.tree_utils.tree_norm(grads)
+        if skip_nonfinite:
+            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state.replace(rng=state.rng), state)
+            new_state, metrics["skipped"] = kept.replace(rng=new_state.rng), (~finite).astype(jnp.float32)
         return new_state, metrics
 
     return train_step

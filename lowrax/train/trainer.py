@@ -14,6 +14,7 @@ the task before and after, and writes to `train.output_dir`:
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -25,9 +26,10 @@ from tqdm.auto import tqdm
 from lowrax.adapters.tree import combine, count_params, count_trained, split
 from lowrax.adapters.wrap import adapter_nodes
 from lowrax.core.atomic import write_text
+from lowrax.core.run_lock import lock_run_directory
 from lowrax.dist.parallel import global_batch, host_local, initialize_distributed, is_primary, sharded_train_step
 from lowrax.dist.sharding import check_batch, make_mesh
-from lowrax.errors import LowraxError
+from lowrax.errors import LowraxError, NonFiniteError
 from lowrax.models.pretrained import base_model_name, load_preprocessor
 from lowrax.peft.format import save_peft
 from lowrax.train.build import build_model
@@ -38,6 +40,8 @@ from lowrax.train.metrics_log import MetricsLog, plot_losses
 from lowrax.train.objective_runs import ObjectiveRun, RunContext, objective_records, objective_run, stacked
 from lowrax.train.optim import make_optimizer
 from lowrax.train.step import init_state
+
+SKIP_LIMIT = 20  # train.nonfinite=skip: this many skipped steps in a row stop the run (nothing left to learn from)
 
 
 def _check_output_dir(out: Path, cfg: TrainConfig) -> None:
@@ -92,7 +96,17 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
     out = Path(cfg.train.output_dir)
     train_records, eval_records = load_records(cfg.data)  # a bad data source fails before the model loads
     cfg = with_num_labels(cfg, train_records)
+    lock = lock_run_directory(out) if primary else None  # one process per run directory
+    try:
+        return _train_in(out, cfg, (train_records, eval_records), primary, progress, log, started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_in(out: Path, cfg: TrainConfig, records: tuple, primary: bool, progress: bool, log, started: float) -> dict:
     _check_output_dir(out, cfg)
+    train_records, eval_records = records
     finished = finished_run(out, cfg)
     if finished is not None:
         log(f"{out} holds a finished run (step {finished.get('steps', cfg.train.steps)} of train.steps="
@@ -126,7 +140,7 @@ class TrainingRun:
         self.step_fn, self.state, self.frozen = sharded_train_step(
             ctx.model, optimizer, ctx.mesh, init_state(trainable, optimizer, cfg.train.seed), frozen,
             grad_accum_steps=cfg.train.grad_accum_steps, remat=cfg.train.remat, loss_fn=objective.loss_fn,
-            **objective.step_args)
+            skip_nonfinite=cfg.train.nonfinite == "skip", **objective.step_args)
         ctx.params = None  # the step owns the arrays now
         if ctx.primary:
             out.mkdir(parents=True, exist_ok=True)
@@ -137,14 +151,14 @@ class TrainingRun:
             "model": cfg.model.path or "embedded SmolLM2-135M-Instruct", "task": ctx.task, "objective": cfg.objective,
             "trainable_params": count_trained(trainable), "total_params": count_params(ctx.model.param_shapes()),
             "metric": objective.metric, "mesh": dict(ctx.mesh.shape), "processes": jax.process_count()}
-        self.start_step, self.before = 0, {}
+        self.start_step, self.before, self.skipped_in_a_row = 0, {}, 0
         self.so_far = {"train_seconds": 0.0, "real_tokens": 0, "loss": None}  # earlier sessions of the run
 
     def start(self) -> None:
         """Resume from the latest checkpoint, or score what a fresh run starts from."""
-        latest = self.ckpts.latest_step() if self.cfg.train.resume else None
-        if latest is not None:
-            self.state, meta = self.ckpts.restore(latest, self.state)
+        restored = self.ckpts.restore_newest_intact(self.state, self.ctx.log) if self.cfg.train.resume else None
+        if restored is not None:
+            latest, self.state, meta = restored
             self.start_step = int(meta["step"])
             self.before = meta.get("summary", {})
             self.so_far.update(meta.get("progress", {}))
@@ -180,8 +194,10 @@ class TrainingRun:
             dt = time.perf_counter() - t0
             self.tokens_seen += real_tokens
             own = {k: float(v) for k, v in m.items() if k not in ("loss", "grad_norm", "tokens")}  # penalty, rewards/...
-            self.metrics.write({"step": step + 1, "loss": self.loss, "grad_norm": float(m["grad_norm"]),
-                                "tokens": real_tokens, "tokens_per_s": real_tokens / dt, **own, **logged})
+            self.metrics.write({"step": step + 1, "loss": finite_or_none(self.loss), "grad_norm":
+                                finite_or_none(float(m["grad_norm"])), "tokens": real_tokens,
+                                "tokens_per_s": real_tokens / dt, **own, **logged})
+            self.check_health(step + 1, float(m["grad_norm"]), own.get("skipped", 0.0))
             bar.set_postfix(loss=f"{self.loss:.4f}", tok_s=f"{real_tokens / dt:.0f}")
             done = step + 1
             if cfg.train.eval_every and done % cfg.train.eval_every == 0:
@@ -189,6 +205,27 @@ class TrainingRun:
             if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
                 self.save(done)
         bar.close()
+
+    def check_health(self, done: int, grad_norm: float, skipped: float) -> None:
+        """Stop on a non-finite loss or gradient (train.nonfinite=stop) before anything of it is saved; with
+        train.nonfinite=skip, stop only when every one of the last SKIP_LIMIT steps was skipped."""
+        if skipped:
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row >= SKIP_LIMIT:
+                raise NonFiniteError(f"step {done}: the last {SKIP_LIMIT} steps all had a non-finite loss or gradient "
+                                     f"and were skipped; {self.checkpoint_hint()}")
+            return
+        self.skipped_in_a_row = 0
+        if not (math.isfinite(self.loss) and math.isfinite(grad_norm)):
+            raise NonFiniteError(f"step {done}: the loss is {self.loss} and the gradient norm {grad_norm}; "
+                                 f"{self.checkpoint_hint()} (lower optim.learning_rate, check the data and the "
+                                 "base weights, or set train.nonfinite=skip to skip such steps)")
+
+    def checkpoint_hint(self) -> str:
+        latest = self.ckpts.latest_step()
+        where = (f"the newest checkpoint, step {latest}, is kept ({self.out / 'checkpoints' / str(latest)})"
+                 if latest is not None else "no checkpoint was written")
+        return f"nothing of this step was saved, {where}"
 
     def save(self, done: int) -> None:
         """A checkpoint, with the run's record so far, so a resumed run reports all of it."""
@@ -230,3 +267,8 @@ class TrainingRun:
         ctx.log(f"wrote {self.out}: adapter {summary['adapter_bytes'] / 1e6:.1f} MB, "
                 f"checkpoint {summary['checkpoint_bytes'] / 1e6:.1f} MB")
         return summary
+
+
+def finite_or_none(x: float) -> float | None:
+    """metrics.jsonl holds strict JSON: a NaN or infinite value is written as null."""
+    return x if math.isfinite(x) else None

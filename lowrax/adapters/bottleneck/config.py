@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from lowrax.adapters.targets import TargetConfig
+from lowrax.core.checked import Count, Probability
 from lowrax.errors import LowraxError
 
 _SEQ = dict(mh_adapter=False, output_adapter=True, reduction_factor=16, non_linearity="relu", original_ln_before=True,
@@ -52,9 +53,9 @@ class BottleneckConfig(TargetConfig):
     is_parallel: bool | None = None  # parallel: fed from the block's input, added beside its output
     scaling: float | str | None = None  # the output's factor: a number, "learned" (scalar) or "channel" (vector)
     use_gating: bool | None = None  # a learned sigmoid gate on the output, averaged over the sequence
-    dropout: float | None = None  # on the adapter's output, training only
+    dropout: Probability | None = None  # on the adapter's output, training only
     init_weights: str | None = None  # bert (N(0, 0.02)), mam_adapter (zero up projection), houlsby
-    leave_out: tuple[int, ...] = ()  # layer indices without adapters
+    leave_out: tuple[Count, ...] = ()  # layer indices without adapters
 
     def __post_init__(self):
         super().__post_init__()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
+from typing import Annotated
 
-from lowrax.adapters.targets import TargetConfig
+from lowrax.adapters.targets import TargetConfig, check_patterns, positive_int, positive_number
+from lowrax.core.checked import Count, NonNegativeFloat, OneOf, PositiveFloat, PositiveInt, Probability
 from lowrax.errors import LowraxError
 
 INITS = ("kaiming", "gaussian", "random", "pissa")
@@ -20,35 +21,27 @@ class LoraConfig(TargetConfig):
     """LoRA and variant hyper-parameters, with PEFT's names and defaults (the targeting
     fields, `target_modules` etc., are `TargetConfig`'s)."""
 
-    r: int = 8  # rank of A [in, r] and B [r, out]
-    alpha: float = 8.0  # scale = alpha / r (alpha / sqrt(r) with use_rslora)
-    dropout: float = 0.0  # dropout on the input of the low-rank path, training only
+    r: PositiveInt = 8  # rank of A [in, r] and B [r, out]
+    alpha: PositiveFloat = 8.0  # scale = alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: Probability = 0.0  # dropout on the input of the low-rank path, training only
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
     # "kaiming" (PEFT default: Kaiming-uniform A, zero B), "gaussian", "random" (B nonzero too, for tests),
     # "pissa" (A, B = the top-r singular part of W; the base keeps the rest)
-    init: str = "kaiming"
+    init: Annotated[str, OneOf(INITS)] = "kaiming"
     rank_pattern: dict = field(default_factory=dict)  # regex on module name -> rank
     alpha_pattern: dict = field(default_factory=dict)  # regex on module name -> alpha
     # lora | lora_fa (A frozen at init) | dora (magnitude + direction) | vera (shared random
     # projections, trained scaling vectors) | delta_lora (the base follows the adapter's change)
-    variant: str = "lora"
+    variant: Annotated[str, OneOf(VARIANTS)] = "lora"
     d_initial: float | None = None  # vera: initial value of the lambda_d vector (default 0.1)
-    delta_lambda: float | None = None  # delta_lora: the base moves by lambda * s * (A'B' - AB) (default 0.5)
-    delta_start_step: int | None = None  # delta_lora: optimizer steps before the base starts moving (default 0)
+    delta_lambda: NonNegativeFloat | None = None  # delta_lora: the base moves by lambda * s * (A'B' - AB) (default 0.5)
+    delta_start_step: Count | None = None  # delta_lora: optimizer steps before the base starts moving (default 0)
     fa_projected_grad: bool | None = None  # lora_fa: PEFT's LoRA-FA optimizer rule for B's gradient (default false)
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r < 1:
-            raise LowraxError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise LowraxError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.init not in INITS:
-            raise LowraxError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
-        if self.variant not in VARIANTS:
-            close = difflib.get_close_matches(str(self.variant), VARIANTS, n=1)
-            raise LowraxError(f"LoraConfig.variant must be one of {VARIANTS}, got {self.variant!r}"
-                              + (f"; did you mean {close[0]!r}?" if close else ""))
+        check_patterns(self, "rank_pattern", self.rank_pattern, "a positive integer rank", positive_int)
+        check_patterns(self, "alpha_pattern", self.alpha_pattern, "a positive number", positive_number)
         for option, owner in VARIANT_OPTIONS.items():
             if getattr(self, option) is not None and self.variant != owner:
                 raise LowraxError(f"LoraConfig.{option} applies to variant {owner!r} only; this config has "

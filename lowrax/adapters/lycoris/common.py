@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from lowrax.core.node import AdapterNode
-from lowrax.adapters.targets import TargetConfig, pattern_value
+from lowrax.adapters.targets import TargetConfig, check_patterns, pattern_value, positive_int, positive_number
+from lowrax.core.checked import PositiveFloat, PositiveInt, Probability
 from lowrax.errors import LowraxError
 from lowrax.core.linear import matmul
 from lowrax.peft.common import PREFIX, torch_layout
@@ -28,21 +29,17 @@ from lowrax.peft.common import PREFIX, torch_layout
 class LycorisConfig(TargetConfig):
     """The hyper-parameters LoHa and LoKr share, with PEFT's names and defaults."""
 
-    r: int = 8  # rank of the factors
-    alpha: float = 8.0  # delta is scaled by alpha / r
-    rank_dropout: float = 0.0  # training: probability of zeroing an output column of delta
-    module_dropout: float = 0.0  # training: probability of skipping the adapter for a step
+    r: PositiveInt = 8  # rank of the factors
+    alpha: PositiveFloat = 8.0  # delta is scaled by alpha / r
+    rank_dropout: Probability = 0.0  # training: probability of zeroing an output column of delta
+    module_dropout: Probability = 0.0  # training: probability of skipping the adapter for a step
     rank_pattern: dict = field(default_factory=dict)  # regex on module name -> rank
     alpha_pattern: dict = field(default_factory=dict)  # regex on module name -> alpha
 
     def __post_init__(self):
         super().__post_init__()
-        name = type(self).__name__
-        if not isinstance(self.r, int) or self.r < 1:
-            raise LowraxError(f"{name}.r must be a positive integer, got {self.r!r}")
-        for option in ("rank_dropout", "module_dropout"):
-            if not 0.0 <= getattr(self, option) < 1.0:
-                raise LowraxError(f"{name}.{option} must be in [0, 1), got {getattr(self, option)}")
+        check_patterns(self, "rank_pattern", self.rank_pattern, "a positive integer rank", positive_int)
+        check_patterns(self, "alpha_pattern", self.alpha_pattern, "a positive number", positive_number)
 
 
 class LycorisKernel(AdapterNode):

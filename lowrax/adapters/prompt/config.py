@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from lowrax.adapters.targets import config_from_dict
+from lowrax.core.checked import Checked, PositiveInt, Probability
 from lowrax.errors import LowraxError
 
 INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
@@ -16,19 +17,16 @@ ENCODERS = ("MLP", "LSTM")
 
 
 @dataclass(frozen=True, kw_only=True)
-class PromptLearningConfig:
+class PromptLearningConfig(Checked):
     """What every prompt-learning method has: its virtual tokens and the modules trained in full."""
 
-    num_virtual_tokens: int = 20
-    modules_to_save: tuple[str, ...] = ()  # e.g. ("classifier",)
+    num_virtual_tokens: PositiveInt = 20
+    modules_to_save: str | tuple[str, ...] = ()  # e.g. ("classifier",)
 
     def __post_init__(self):
-        name = type(self).__name__
-        v = self.num_virtual_tokens
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise LowraxError(f"{name}.num_virtual_tokens must be a positive integer, got {v!r}")
-        mts = self.modules_to_save
-        object.__setattr__(self, "modules_to_save", (mts,) if isinstance(mts, str) else tuple(mts or ()))
+        super().__post_init__()
+        if isinstance(self.modules_to_save, str):
+            object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
 
     @classmethod
     def from_dict(cls, values: dict):
@@ -69,19 +67,15 @@ class PromptEncoderConfig(PromptLearningConfig):
     out of a small encoder (an MLP, or a bidirectional LSTM then an MLP) over a learned table."""
 
     encoder_reparameterization_type: str = "MLP"
-    encoder_hidden_size: int | None = None  # None: the model's hidden size
-    encoder_num_layers: int = 2  # LSTM layers (the MLP always has PEFT's three)
-    encoder_dropout: float = 0.0  # between LSTM layers, in training
+    encoder_hidden_size: PositiveInt | None = None  # None: the model's hidden size
+    encoder_num_layers: PositiveInt = 2  # LSTM layers (the MLP always has PEFT's three)
+    encoder_dropout: Probability = 0.0  # between LSTM layers, in training
 
     def __post_init__(self):
         super().__post_init__()
         if self.encoder_reparameterization_type not in ENCODERS:
             raise LowraxError(f"PromptEncoderConfig.encoder_reparameterization_type must be one of "
                               f"{', '.join(ENCODERS)}, got {self.encoder_reparameterization_type!r}")
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
-            raise LowraxError(f"PromptEncoderConfig.encoder_hidden_size must be positive, got {self.encoder_hidden_size}")
-        if not 0.0 <= self.encoder_dropout < 1.0:
-            raise LowraxError(f"PromptEncoderConfig.encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,12 +83,10 @@ class PrefixTuningConfig(PromptLearningConfig):
     """Prefix tuning (Li and Liang 2021): learned keys and values before every attention layer's."""
 
     prefix_projection: bool = False  # True: the prefix is an MLP (tanh) of a [v, hidden] table
-    encoder_hidden_size: int | None = None  # the projection's width; None: the model's hidden size
+    encoder_hidden_size: PositiveInt | None = None  # the projection's width; None: the model's hidden size
     init_weights: str | None = None  # None: random, as PEFT; "zero": the prefix (or the projection's output) zero
 
     def __post_init__(self):
         super().__post_init__()
         if self.init_weights not in (None, "zero"):
             raise LowraxError(f"PrefixTuningConfig.init_weights must be null or 'zero', got {self.init_weights!r}")
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
-            raise LowraxError(f"PrefixTuningConfig.encoder_hidden_size must be positive, got {self.encoder_hidden_size}")
