@@ -105,3 +105,14 @@ def forward(model):
     if held is None or held[0] is not model:
         held = _FORWARDS[id(model)] = (model, jax.jit(model.apply))
     return held[1]
+
+
+# The longest files first: with `--dist loadfile` each file runs whole on one worker, in collection
+# order, so a long file collected last keeps one core busy while the other has nothing left to do.
+LONGEST_FIRST = ("test_sharding.py", "test_training_run.py", "test_objective_runs.py", "test_conformance.py",
+                 "test_smollm2.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -129,10 +129,9 @@ def config_from_dict(cls, values: dict):
 def targeting_from_peft(peft_config: dict) -> dict:
     """The `TargetConfig` fields of a PEFT `adapter_config.json`."""
     targets = peft_config.get("target_modules")
-    return {"target_modules": targets if isinstance(targets, str) or targets is None else tuple(targets),
-            "exclude_modules": as_tuple(peft_config.get("exclude_modules")),
+    return {"target_modules": as_tuple(targets), "exclude_modules": as_tuple(peft_config.get("exclude_modules")),
             "layers_to_transform": peft_config.get("layers_to_transform"),
-            "modules_to_save": tuple(peft_config.get("modules_to_save") or ())}
+            "modules_to_save": as_tuple(peft_config.get("modules_to_save") or ())}
 
 
 def module_matches(name: str, spec: str | Sequence[str] | None) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowrax.errors import CheckpointError, UnsupportedModelError
+from lowrax.errors import CheckpointError, NotAModelError, UnsupportedModelError
 
 # HF key (with {i} for the layer) -> GGUF tensor name.
 GGUF_NAMES = {
@@ -69,6 +69,10 @@ def hf_config_from_gguf(meta: dict, tensor_names: set[str], vocab_size: int) -> 
     if arch != "llama":
         raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported; lowrax reads GGUF files of: llama")
     a = f"{arch}."
+    for key in ("attention.head_count", "embedding_length", "feed_forward_length", "block_count"):
+        if not isinstance(meta.get(a + key), (int, np.integer)) or int(meta[a + key]) < 1:
+            raise NotAModelError(f"the GGUF metadata's {a + key} is {meta.get(a + key, 'missing')!r}; a llama GGUF "
+                                 "file gives it as a positive integer (the file is incomplete or damaged)")
     heads = int(meta[a + "attention.head_count"])
     hidden = int(meta[a + "embedding_length"])
     config = {
@@ -114,7 +118,10 @@ def load_gguf(path: Path, dtype, progress: bool = True, model_factory=None, quan
         raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from e
     tensors = {t.name: t for t in reader.tensors}
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else 0
-    hf = hf_config_from_gguf(_metadata(reader), set(tensors), vocab)
+    try:
+        hf = hf_config_from_gguf(_metadata(reader), set(tensors), vocab)
+    except NotAModelError as e:
+        raise NotAModelError(f"{path}: {e}") from None
     model = (model_factory or model_from_hf_config)(hf)
     c = model.config
 

@@ -90,11 +90,27 @@ def base_model_path(name: str | None, where: str = "") -> str | None:
     return name
 
 
+# Sizes every family reads from config.json: each, where present, a positive integer.
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings", "head_dim", "n_embd", "n_layer", "n_head",
+             "n_positions", "n_inner", "d_model", "d_ff", "d_kv", "num_layers", "num_heads", "num_decoder_layers",
+             "image_size", "patch_size", "num_channels")
+
+
 def read_hf_config(directory: Path) -> dict:
+    """config.json as a dict whose sizes are positive integers, or an error naming the file and key."""
+    path = directory / "config.json"
     try:
-        return json.loads((directory / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise NotAModelError(f"{directory / 'config.json'} is not valid JSON: {e}") from e
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NotAModelError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise NotAModelError(f"{path} must hold a JSON object of settings, got {type(config).__name__}")
+    for key in SIZE_KEYS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise NotAModelError(f"{path}: {key} must be a positive integer, got {value!r}")
+    return config
 
 
 def load_pretrained(

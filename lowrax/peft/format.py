@@ -16,13 +16,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from lowrax.core.node import FullyTrained, is_node
 from lowrax.adapters.registry import format_for_config, peft_format
 from lowrax.adapters.targets import linear_modules
 from lowrax.adapters.wrap import adapter_nodes
+from lowrax.core.checked import ConfigValueError
 from lowrax.errors import CheckpointError, LowraxError
+from lowrax.io.safetensors_dir import read_json_file, read_tensor_file
 from lowrax.core import tables
 from lowrax.core.atomic import write_directory
 from lowrax.peft.common import CONFIG, OMIT, PREFIX, WEIGHTS, common_config
@@ -86,7 +88,11 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     or of a directory in a format that recognises its config (AdapterHub's)."""
     adapter_dir = Path(adapter_dir)
     if (adapter_dir / CONFIG).exists():
-        config = json.loads((adapter_dir / CONFIG).read_text())
+        config = read_json_file(adapter_dir / CONFIG, "a PEFT adapter_config.json")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{adapter_dir / CONFIG} must hold a JSON object of settings, got "
+                                  f"{type(config).__name__}")
+        check_adapter_settings(config, adapter_dir / CONFIG)
         if (adapter_dir / WEIGHTS).exists():
             return config
         if "peft_type" not in config and format_for_config(config, f"{adapter_dir}: ").load_directory is not None:
@@ -94,10 +100,22 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     raise CheckpointError(f"{adapter_dir} is not a PEFT adapter: expected {CONFIG} and {WEIGHTS}")
 
 
+def check_adapter_settings(config: dict, path: Path) -> None:
+    """The settings' types and ranges, checked by the method's own config class: `r: "abc"` is named
+    with the file. (Only field errors are raised here; whether lowrax supports the rest of the
+    config is decided where the adapter is loaded.)"""
+    try:
+        format_for_config(config, f"{path.parent}: ").to_config(config)
+    except ConfigValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (LowraxError, ValueError, TypeError, KeyError):
+        pass  # unsupported or unusual settings are reported by the loader, in context
+
+
 def read_adapter_dir(adapter_dir: str | Path) -> tuple[dict, dict]:
     """(config, tensors with the `base_model.model.` prefix removed) of a PEFT adapter directory."""
     config = read_adapter_config(adapter_dir)
-    tensors = load_file(str(Path(adapter_dir) / WEIGHTS))
+    tensors = read_tensor_file(Path(adapter_dir) / WEIGHTS)
     return config, {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in tensors.items()}
 
 

@@ -118,11 +118,12 @@ def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict,
 
 
 def to_config(config: dict) -> tuple[str, LoraConfig]:
-    return "lora", LoraConfig(variant="dora" if config.get("use_dora") else "lora", r=int(config["r"]),
-                              alpha=float(config.get("lora_alpha", 8)), dropout=float(config.get("lora_dropout", 0.0)),
-                              use_rslora=bool(config.get("use_rslora", False)),
-                              rank_pattern=dict(config.get("rank_pattern") or {}),
-                              alpha_pattern=dict(config.get("alpha_pattern") or {}), **targeting_from_peft(config))
+    # Values pass as PEFT wrote them: LoraConfig checks their types (r: "abc" is an error, not int("abc")).
+    return "lora", LoraConfig(variant="dora" if config.get("use_dora") else "lora", r=config.get("r", 8),
+                              alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
+                              use_rslora=config.get("use_rslora", False),
+                              rank_pattern=config.get("rank_pattern") or {},
+                              alpha_pattern=config.get("alpha_pattern") or {}, **targeting_from_peft(config))
 
 
 register_peft_format(PeftFormat(peft_type="LORA", write=write, read=read, to_config=to_config))
