@@ -16,15 +16,17 @@ exactly the batches an uninterrupted run would have.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lowrax.train.config import FORMATS, DataSection
+from lowrax.train.records import check_record, read_record_file
 from lowrax.errors import LowraxError
 
-_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".text": "text"}
+_SUFFIXES = (".csv", ".json", ".jsonl", ".text", ".txt")  # read by lowrax.train.records
 
 
 def _load_dataset(source: str):
@@ -43,11 +45,10 @@ def _load_dataset(source: str):
     if not path.exists():
         raise LowraxError(f"data source {path} does not exist; expected 'default', a .json/.jsonl/.csv/.txt file, "
                           "a directory written by Dataset.save_to_disk, or an image folder (one subfolder per class)")
-    builder = _LOADERS.get(path.suffix.lower())
-    if builder is None:
+    if path.suffix.lower() not in _SUFFIXES:
         raise LowraxError(f"data source {path} has an unsupported extension {path.suffix!r}; "
-                          f"expected one of {', '.join(sorted(_LOADERS))} or a save_to_disk directory")
-    return {"train": list(datasets.load_dataset(builder, data_files=str(path), split="train"))}
+                          f"expected one of {', '.join(_SUFFIXES)} or a save_to_disk directory")
+    return {"train": read_record_file(path)}
 
 
 def load_records(cfg: DataSection) -> tuple[list[dict], list[dict]]:
@@ -188,10 +189,16 @@ class Encoded:
     processor: object = None  # image_classification: the `lowrax.ImageProcessor` making pixel_values
 
 
-def encode_all(tokenizer, records: list[dict], cfg: DataSection, task: str) -> Encoded:
+def encode_all(tokenizer, records: list[dict], cfg: DataSection, task: str, what: str = "training",
+               num_labels: int | None = None, log=None) -> Encoded:
+    """Every record checked (an error names the `what` record and its field) and tokenized. Causal-LM
+    records with no trained token within data.seq_len (a prompt that fills the row) are left out,
+    and `log` reports how many; if none is left, that is an error."""
     if not records:
         return Encoded([], [], task)
     fmt = detect_format(records[0], cfg, task)
+    for i, record in enumerate(records):
+        check_record(record, fmt, cfg, f"{what} record {i + 1} {_preview(record)}", num_labels)
     if task == "image_classification":  # `tokenizer` is the model's ImageProcessor; images are read per batch
         return Encoded([r[cfg.image_field] for r in records], [int(r[cfg.label_field]) for r in records], task,
                        processor=tokenizer)
@@ -208,7 +215,29 @@ def encode_all(tokenizer, records: list[dict], cfg: DataSection, task: str) -> E
             i, m = encode_causal(tokenizer, record, fmt, cfg)
             ids.append(i)
             targets.append(m)
+    if task == "causal_lm":
+        ids, targets = _with_trained_tokens(ids, targets, cfg.seq_len, what, log)
     return Encoded(ids, targets, task)
+
+
+def _with_trained_tokens(ids: list, masks: list, seq_len: int, what: str, log) -> tuple[list, list]:
+    """The examples that train at least one token within the first seq_len (the rest would add nothing)."""
+    kept = [k for k, m in enumerate(masks) if any(m[1:seq_len])]  # position 0 is never predicted
+    if len(kept) == len(masks):
+        return ids, masks
+    first = next(k for k in range(len(masks)) if k not in set(kept)) + 1
+    if not kept:
+        raise LowraxError(f"no {what} record has a trained token within data.seq_len={seq_len} (their prompts fill "
+                          "the row); raise data.seq_len")
+    if log is not None:
+        log(f"data: {len(masks) - len(kept)} of {len(masks)} {what} records have no trained token within "
+            f"data.seq_len={seq_len} (the prompt fills the row; the first is record {first}) and are left out")
+    return [ids[k] for k in kept], [masks[k] for k in kept]
+
+
+def _preview(record: dict) -> str:
+    text = json.dumps(record, ensure_ascii=False, default=str)
+    return f"({text[:60]}...)" if len(text) > 60 else f"({text})"
 
 
 class Batches:

@@ -108,8 +108,9 @@ def objective_records(cfg: TrainConfig, train: list, held_out: list) -> tuple[li
 
 def _encoded(ctx: RunContext, width_extra: Callable[[Any, int], int] | None = None):
     cfg = ctx.cfg
-    train_data = encode_all(ctx.tokenizer, ctx.train_records, cfg.data, ctx.task)
-    eval_data = encode_all(ctx.tokenizer, ctx.eval_records, cfg.data, ctx.task)
+    labels = cfg.model.num_labels if ctx.task in ("classification", "image_classification") else None
+    train_data = encode_all(ctx.tokenizer, ctx.train_records, cfg.data, ctx.task, "training", labels, ctx.log)
+    eval_data = encode_all(ctx.tokenizer, ctx.eval_records, cfg.data, ctx.task, "evaluation", labels, ctx.log)
     width = cfg.data.loss_positions if ctx.task == "causal_lm" else 0
     if width_extra is not None:
         width = width_extra(train_data, width)

@@ -93,7 +93,9 @@ def check_record(record: dict, fmt: str, cfg, where: str, num_labels: int | None
     """A record's fields for format `fmt` (names from the DataSection `cfg`): present, of the right
     type, non-empty where training needs text; an error names `where` (the record) and the field."""
     def text(field: str, may_be_empty: bool = False) -> None:
-        value = record.get(field)
+        if field not in record:
+            raise LowraxError(f"{where}: field {field!r} is missing (its fields: {', '.join(map(str, record))})")
+        value = record[field]
         if not isinstance(value, str) or not (value.strip() or may_be_empty):
             raise LowraxError(f"{where}: field {field!r} must be {'a' if may_be_empty else 'a non-empty'} string, got "
                               f"{_shown(value)}")
