@@ -93,3 +93,14 @@ def test_prompts_that_fill_the_row_are_left_out_and_reported(tokenizer):
                       "fills the row; the first is record 2) and are left out"]
     with pytest.raises(lowrax.LowraxError, match="no training record has a trained token within data.seq_len=16"):
         encode_all(tokenizer, [long], DataSection(format="prompt_response", seq_len=16), "causal_lm")
+
+
+@pytest.mark.parametrize("chosen, rejected", [("", "no"), ("yes", "   "), ([{"role": "assistant", "content": ""}],
+                                                                           [{"role": "assistant", "content": "no"}])])
+def test_an_empty_preference_completion_is_refused(tokenizer, chosen, rejected):
+    from lowrax.train.preference_data import encode_pairs
+
+    prompt = "Q?" if isinstance(chosen, str) else [{"role": "user", "content": "Q?"}]
+    with pytest.raises(lowrax.LowraxError, match="record 0: a completion is empty"):
+        encode_pairs(tokenizer, [{"prompt": prompt, "chosen": chosen, "rejected": rejected}],
+                     DataSection(format="prompt_response"))

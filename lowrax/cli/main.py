@@ -375,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     except LowraxError as e:
         print(f"lowrax: error: {e.for_cli()}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only file system, a permission: one line naming the path
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"lowrax: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -50,6 +50,10 @@ def _check_fields(record: dict, fields: list[str], index: int, form: str) -> Non
 def _completion_ids(tokenizer, prompt, completion, cfg: DataSection, index: int) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) of one prompt and completion, both strings or both messages."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if isinstance(completion, str) and not completion.strip() or _is_messages(completion) and not any(
+            isinstance(m["content"], str) and m["content"].strip() for m in completion):
+        # (the EOS alone would be trained: a preference between two empty answers says nothing)
+        raise LowraxError(f"record {index}: a completion is empty; chosen, rejected and KTO completions need text")
     if isinstance(prompt, str) and isinstance(completion, str):
         return prompt_ids(tokenizer, {cfg.prompt_field: prompt}, cfg), \
             list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + eos
