@@ -3,11 +3,16 @@ field; nothing trains on zero tokens or on a label outside the head."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import lowrax
 from lowrax.train.config import DataSection
 from lowrax.train.data import encode_all, load_records
+from lowrax.train.records import read_record_file
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +109,23 @@ def test_an_empty_preference_completion_is_refused(tokenizer, chosen, rejected):
     with pytest.raises(lowrax.LowraxError, match="record 0: a completion is empty"):
         encode_pairs(tokenizer, [{"prompt": prompt, "chosen": chosen, "rejected": rejected}],
                      DataSection(format="prompt_response"))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode),
+                         st.lists(st.one_of(st.none(), st.integers(), st.text(max_size=10),
+                                            st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=5)),
+                                                            max_size=3)), max_size=5)
+                         .map(lambda rows: "\n".join(json.dumps(r) for r in rows).encode())),
+       suffix=st.sampled_from([".jsonl", ".json", ".csv", ".txt"]))
+def test_any_file_content_gives_records_or_one_named_error(tmp_path, content, suffix):
+    """Arbitrary bytes in a data file: a list of records (dicts) or a LowraxError naming the file, never
+    another exception."""
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(content)
+    try:
+        records = read_record_file(path)
+    except lowrax.LowraxError as e:
+        assert "data" in str(e) and "\n" not in str(e)
+    else:
+        assert records and all(isinstance(r, dict) for r in records)
