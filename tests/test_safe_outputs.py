@@ -190,3 +190,12 @@ def test_an_unwritable_output_is_one_line_naming_the_path(tmp_path):
                 write_text(locked / "summary.json", json.dumps({}))
         finally:
             locked.chmod(0o700)
+
+
+def test_a_run_rewrites_its_own_adapter_even_without_the_marker(tiny_dir, data_file, tmp_path):  # noqa: F811
+    """A run directory written before outputs carried the marker: its adapter/ is still the run's."""
+    run = tmp_path / "run"
+    run_training(load_config(None, overrides(tiny_dir, data_file, run, 1)), progress=False, log=lambda *_: None)
+    (run / "adapter" / MARKER).unlink()
+    run_training(load_config(None, overrides(tiny_dir, data_file, run, 2)), progress=False, log=lambda *_: None)
+    assert (run / "adapter" / MARKER).exists() and (run / "adapter" / "adapter_model.safetensors").exists()

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from lowrax.adapters.tree import combine, count_params, count_trained, split
 from lowrax.adapters.wrap import adapter_nodes
-from lowrax.core.atomic import write_text
+from lowrax.core.atomic import MARKER, write_text
 from lowrax.core.run_lock import lock_run_directory
 from lowrax.dist.parallel import global_batch, host_local, initialize_distributed, is_primary, sharded_train_step
 from lowrax.dist.sharding import check_batch, make_mesh
@@ -258,6 +258,7 @@ class TrainingRun:
         if not ctx.primary:
             return summary
         summary.update(self.objective.score_final(final))
+        adopt_run_adapter(self.out / "adapter")
         adapter = save_peft(final, self.out / "adapter", ctx.model, base_model=base_model_name(cfg.model.path),
                             overwrite=True, initial=initial)
         summary["adapter_bytes"] = directory_size(adapter)
@@ -267,6 +268,13 @@ class TrainingRun:
         ctx.log(f"wrote {self.out}: adapter {summary['adapter_bytes'] / 1e6:.1f} MB, "
                 f"checkpoint {summary['checkpoint_bytes'] / 1e6:.1f} MB")
         return summary
+
+
+def adopt_run_adapter(adapter_dir: Path) -> None:
+    """A run's own `adapter/` is the run's to replace (the run holds the directory's lock), also when an
+    older lowrax wrote it without the marker that `--overwrite` asks for elsewhere."""
+    if adapter_dir.is_dir() and not (adapter_dir / MARKER).exists():
+        (adapter_dir / MARKER).touch()
 
 
 def finite_or_none(x: float) -> float | None:
