@@ -115,10 +115,10 @@ BAD_OVERRIDES = [
     ("lora.modules_to_save=5", "lora.modules_to_save must be a string or a list of strings"),
     ("lora.rank_pattern=5", "lora.rank_pattern must be a mapping"),
     ("lora.rank_pattern=[q]", "lora.rank_pattern must be a mapping"),
-    ("lora.rank_pattern={q_proj: 0}", "lora.rank_pattern['q_proj'] must be a positive integer rank"),
-    ("lora.rank_pattern={q_proj: abc}", "lora.rank_pattern['q_proj'] must be a positive integer rank"),
+    ("lora.rank_pattern={q_proj: 0}", "lora.rank_pattern['q_proj'] must be an integer >= 1, got 0"),
+    ("lora.rank_pattern={q_proj: abc}", "lora.rank_pattern['q_proj'] must be an integer >= 1, got 'abc'"),
     ("lora.rank_pattern={'((': 4}", "lora.rank_pattern must be a valid regular expression"),
-    ("lora.alpha_pattern={q_proj: -1}", "lora.alpha_pattern['q_proj'] must be a positive number"),
+    ("lora.alpha_pattern={q_proj: -1}", "lora.alpha_pattern['q_proj'] must be a number > 0, got -1"),
     ("lora.delta_start_step=-1", "lora.delta_start_step"),
     ("lora.nope=1", "unknown config key 'lora.nope'"),
     ("lora.rr=8", "did you mean 'lora.r'"),
@@ -170,7 +170,7 @@ BAD_COMBINATIONS = [
     (["method=loha", "loha.r=0"], "loha.r must be an integer >= 1"),
     (["method=loha", "loha.rank_dropout=1.5"], "loha.rank_dropout must be a number in [0, 1)"),
     (["method=lokr", "lokr.alpha=abc"], "lokr.alpha must be a number"),
-    (["method=lokr", "lokr.rank_pattern={a: 0}"], "lokr.rank_pattern['a'] must be a positive integer rank"),
+    (["method=lokr", "lokr.rank_pattern={a: 0}"], "lokr.rank_pattern['a'] must be an integer >= 1"),
     (["method=bottleneck", "bottleneck.dropout=2"], "bottleneck.dropout must be a number in [0, 1) or null"),
     (["method=bottleneck", "bottleneck.leave_out=[x]"], "bottleneck.leave_out must be a list of integers"),
     (["method=prompt_tuning", "prompt_tuning.num_virtual_tokens=0"],
@@ -284,19 +284,17 @@ _WRONG_FOR_INT = st.one_of(st.text(min_size=1).filter(lambda s: not s.strip().ls
 _INT_KEYS = ["train.steps", "train.batch_size", "train.grad_accum_steps", "data.seq_len", "lora.r", "train.seed"]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(key=st.sampled_from(_INT_KEYS), value=_WRONG_FOR_INT)
-def test_any_non_integer_for_an_integer_key_is_refused_by_name(key, value):
-    section, name = key.split(".")
-    with pytest.raises(lowrax.LowraxError, match=re.escape(key)):
-        lowrax.train.config.from_dict({section: {name: value}})
+_WRONG_FOR_REAL = st.one_of(st.floats(allow_nan=True, allow_infinity=True).filter(lambda x: x != x or abs(x) == float("inf")),
+                            st.floats(max_value=-1e-12), st.text(), st.lists(st.floats(), max_size=2), st.booleans())
+_REAL_KEYS = ["optim.learning_rate", "optim.eps", "lora.alpha", "optim.weight_decay"]
 
 
-@settings(max_examples=150, deadline=None)
-@given(key=st.sampled_from(["optim.learning_rate", "optim.eps", "lora.alpha", "optim.weight_decay"]),
-       value=st.one_of(st.floats(allow_nan=True, allow_infinity=True).filter(lambda x: x != x or abs(x) == float("inf")),
-                       st.floats(max_value=-1e-12), st.text(), st.lists(st.floats(), max_size=2), st.booleans()))
-def test_any_non_finite_negative_or_non_number_is_refused_by_name(key, value):
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=st.one_of(st.tuples(st.sampled_from(_INT_KEYS), _WRONG_FOR_INT),
+                      st.tuples(st.sampled_from(_REAL_KEYS), _WRONG_FOR_REAL)))
+def test_any_wrong_value_for_a_numeric_key_is_refused_by_name(case):
+    """Non-integers for integer keys; non-finite, negative or non-numbers for number keys."""
+    key, value = case
     section, name = key.split(".")
     with pytest.raises(lowrax.LowraxError, match=re.escape(key)):
         lowrax.train.config.from_dict({section: {name: value}})

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import jax
 
-from lowrax.core.checked import Checked, ConfigValueError, Count, owner_name
+from lowrax.core.checked import Checked, ConfigValueError, Count, conforms, describe, owner_name
 from lowrax.core.node import is_node
 from lowrax.errors import LowraxError
 from lowrax.core.kernels import is_kernel_type
@@ -97,22 +96,16 @@ def check_regex(config, key: str, value) -> None:
             raise ConfigValueError(owner_name(config), key, value, f"a valid regular expression ({e})") from None
 
 
-def check_patterns(config, key: str, patterns: dict, value_type: str, positive) -> None:
-    """rank_pattern / alpha_pattern: {regex on module names: value}, every regex valid, every value `positive`."""
+def check_patterns(config, key: str, patterns: dict, value_type) -> None:
+    """rank_pattern / alpha_pattern: {regex on module names: value}, every regex valid, every value of the
+    annotated `value_type` (PositiveInt ranks, PositiveFloat alphas)."""
     for pattern, value in patterns.items():
         if not isinstance(pattern, str):
-            raise ConfigValueError(owner_name(config), key, patterns, f"a mapping of module-name regexes to {value_type}")
+            raise ConfigValueError(owner_name(config), key, patterns,
+                                   f"a mapping of module-name regexes to {describe(value_type)}")
         check_regex(config, key, pattern)
-        if not positive(value):
-            raise ConfigValueError(owner_name(config), f"{key}[{pattern!r}]", value, value_type)
-
-
-def positive_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
-
-
-def positive_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < float("inf")
+        if not conforms(value_type, value):
+            raise ConfigValueError(owner_name(config), f"{key}[{pattern!r}]", value, describe(value_type))
 
 
 def config_from_dict(cls, values: dict):

@@ -101,7 +101,7 @@ class ConfigValueError(LowraxError):
     def __init__(self, owner: str, key: str, value, expected: str, hint: str = ""):
         self.owner, self.key, self.value, self.expected, self.hint = owner, key, value, expected, hint
         name = f"{owner}.{key}" if owner else key  # no owner: a top-level key
-        super().__init__(f"{name} must be {expected}, got {_shown(value)}{hint}")
+        super().__init__(f"{name} must be {expected}, got {shown(value)}{hint}")
 
     def named(self, owner: str) -> "ConfigValueError":
         """The same error with the owner a user wrote (a config section: `train`, `lora`)."""
@@ -277,6 +277,16 @@ def _number(x) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def _shown(value) -> str:
+def conforms(tp, value) -> bool:
+    """Whether `value` is of the annotated type `tp` (range and choices included)."""
+    try:
+        _check(tp, value)
+    except _Mismatch:
+        return False
+    return True
+
+
+def shown(value) -> str:
+    """A value as errors quote it: its repr, cut at 80 characters."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."

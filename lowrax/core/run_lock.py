@@ -11,7 +11,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from lowrax.core.atomic import MARKER, remove_stale_staging, unwritable
+from lowrax.core.atomic import MARKER, is_foreign, remove_stale_staging, unwritable
 from lowrax.errors import LowraxError
 
 LOCK_FILE = ".lowrax-lock"
@@ -41,8 +41,7 @@ def lock_run_directory(directory: str | Path, key: str = "train.output_dir") -> 
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise LowraxError(f"{key} {directory} is a file; expected a directory for the run")
-    if directory.is_dir() and any(directory.iterdir()) and not (
-            (directory / MARKER).exists() or (directory / "config.yaml").exists()):
+    if is_foreign(directory) and not (directory / "config.yaml").exists():  # a run that predates the marker is one
         raise LowraxError(f"{key} {directory} holds files that are not a lowrax run (no config.yaml or {MARKER}); "
                           "choose a new or empty directory")
     try:

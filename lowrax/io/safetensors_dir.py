@@ -51,8 +51,7 @@ class SafetensorsDir:
         try:
             return safe_open(path, framework="numpy")
         except Exception as e:  # SafetensorError, OSError: truncated, empty, not safetensors at all
-            raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
-                                  f"{str(e)[:200]}); it is truncated, damaged or of another format") from None
+            raise unreadable(path, e) from None
 
     def keys(self) -> list[str]:
         return list(self._file_of)
@@ -98,11 +97,15 @@ def read_tensor_file(path: Path) -> dict[str, np.ndarray]:
     try:
         tensors = load_file(str(path))
     except Exception as e:  # SafetensorError, OSError
-        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:200]}); "
-                              "it is truncated, damaged or of another format") from None
+        raise unreadable(path, e) from None
     for key, tensor in tensors.items():
         check_finite(tensor, key, path)
     return tensors
+
+
+def unreadable(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable safetensors file ({type(error).__name__}: {str(error)[:200]}); "
+                           "it is truncated, damaged or of another format")
 
 
 def read_weight_map(index: Path) -> dict:

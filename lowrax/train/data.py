@@ -225,7 +225,7 @@ def _with_trained_tokens(ids: list, masks: list, seq_len: int, what: str, log) -
     kept = [k for k, m in enumerate(masks) if any(m[1:seq_len])]  # position 0 is never predicted
     if len(kept) == len(masks):
         return ids, masks
-    first = next(k for k in range(len(masks)) if k not in set(kept)) + 1
+    first = next(k for k, m in enumerate(masks) if not any(m[1:seq_len])) + 1
     if not kept:
         raise LowraxError(f"no {what} record has a trained token within data.seq_len={seq_len} (their prompts fill "
                           "the row); raise data.seq_len")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lowrax.core.checked import shown
 from lowrax.errors import LowraxError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -61,7 +62,7 @@ def _json_records(path: Path, text: str) -> list[dict]:
 def _record_object(path: Path, where: str, value) -> dict:
     if not isinstance(value, dict):
         raise LowraxError(f"{path} {where}: a record must be a JSON object of fields, got {type(value).__name__} "
-                          f"{_shown(value)}")
+                          f"{shown(value)}")
     return value
 
 
@@ -98,7 +99,7 @@ def check_record(record: dict, fmt: str, cfg, where: str, num_labels: int | None
         value = record[field]
         if not isinstance(value, str) or not (value.strip() or may_be_empty):
             raise LowraxError(f"{where}: field {field!r} must be {'a' if may_be_empty else 'a non-empty'} string, got "
-                              f"{_shown(value)}")
+                              f"{shown(value)}")
 
     if fmt == "prompt_response":
         text(cfg.prompt_field, may_be_empty=True)
@@ -116,22 +117,18 @@ def check_record(record: dict, fmt: str, cfg, where: str, num_labels: int | None
                 num_labels is not None and label >= num_labels):
             span = f"0..{num_labels - 1} (model.num_labels={num_labels})" if num_labels else "0, 1, 2, ..."
             raise LowraxError(f"{where}: field {cfg.label_field!r} must be an integer class in {span}, got "
-                              f"{_shown(label)}")
+                              f"{shown(label)}")
 
 
 def check_messages(messages, where: str, needs_reply: bool) -> None:
     """A chat: a list of {"role": one of ROLES, "content": string}, with an assistant turn to train on."""
     if not isinstance(messages, list) or not messages:
         raise LowraxError(f"{where} must be a non-empty list of {{\"role\", \"content\"}} messages, got "
-                          f"{_shown(messages)}")
+                          f"{shown(messages)}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
             raise LowraxError(f"{where}, message {i + 1}: expected {{\"role\": one of {', '.join(ROLES)}, \"content\": "
-                              f"a string}}, got {_shown(message)}")
+                              f"a string}}, got {shown(message)}")
     if needs_reply and not any(m["role"] == "assistant" for m in messages):
         raise LowraxError(f"{where} has no assistant message: nothing to train on")
 
-
-def _shown(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."

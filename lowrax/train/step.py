@@ -156,8 +156,11 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
         metrics["grad_norm"] = optax.tree_utils.tree_norm(grads)
         if skip_nonfinite:
             finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-            kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state.replace(rng=state.rng), state)
-            new_state, metrics["skipped"] = kept.replace(rng=new_state.rng), (~finite).astype(jnp.float32)
+            kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                (new_state.step, new_state.trainable, new_state.opt_state),
+                                (state.step, state.trainable, state.opt_state))
+            new_state = new_state.replace(step=kept[0], trainable=kept[1], opt_state=kept[2])
+            metrics["skipped"] = (~finite).astype(jnp.float32)
         return new_state, metrics
 
     return train_step

@@ -191,13 +191,13 @@ class TrainingRun:
             t0 = time.perf_counter()
             self.state, m = self.step_fn(self.state, self.frozen, batch)
             self.loss = float(m["loss"])  # waits for the step: the progress bar and metrics.jsonl show every loss
+            grad_norm = float(m["grad_norm"])
             dt = time.perf_counter() - t0
             self.tokens_seen += real_tokens
             own = {k: float(v) for k, v in m.items() if k not in ("loss", "grad_norm", "tokens")}  # penalty, rewards/...
-            self.metrics.write({"step": step + 1, "loss": finite_or_none(self.loss), "grad_norm":
-                                finite_or_none(float(m["grad_norm"])), "tokens": real_tokens,
-                                "tokens_per_s": real_tokens / dt, **own, **logged})
-            self.check_health(step + 1, float(m["grad_norm"]), own.get("skipped", 0.0))
+            self.metrics.write({"step": step + 1, "loss": finite_or_none(self.loss), "grad_norm": finite_or_none(grad_norm),
+                                "tokens": real_tokens, "tokens_per_s": real_tokens / dt, **own, **logged})
+            self.check_health(step + 1, grad_norm, own.get("skipped", 0.0))
             bar.set_postfix(loss=f"{self.loss:.4f}", tok_s=f"{real_tokens / dt:.0f}")
             done = step + 1
             if cfg.train.eval_every and done % cfg.train.eval_every == 0:

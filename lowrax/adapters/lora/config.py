@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from lowrax.adapters.targets import TargetConfig, check_patterns, positive_int, positive_number
+from lowrax.adapters.targets import TargetConfig, check_patterns
 from lowrax.core.checked import Count, NonNegativeFloat, OneOf, PositiveFloat, PositiveInt, Probability
 from lowrax.errors import LowraxError
 
@@ -40,8 +40,8 @@ class LoraConfig(TargetConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_patterns(self, "rank_pattern", self.rank_pattern, "a positive integer rank", positive_int)
-        check_patterns(self, "alpha_pattern", self.alpha_pattern, "a positive number", positive_number)
+        check_patterns(self, "rank_pattern", self.rank_pattern, PositiveInt)
+        check_patterns(self, "alpha_pattern", self.alpha_pattern, PositiveFloat)
         for option, owner in VARIANT_OPTIONS.items():
             if getattr(self, option) is not None and self.variant != owner:
                 raise LowraxError(f"LoraConfig.{option} applies to variant {owner!r} only; this config has "

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrax.core.node import AdapterNode
-from lowrax.adapters.targets import TargetConfig, check_patterns, pattern_value, positive_int, positive_number
+from lowrax.adapters.targets import TargetConfig, check_patterns, pattern_value
 from lowrax.core.checked import PositiveFloat, PositiveInt, Probability
 from lowrax.errors import LowraxError
 from lowrax.core.linear import matmul
@@ -38,8 +38,8 @@ class LycorisConfig(TargetConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_patterns(self, "rank_pattern", self.rank_pattern, "a positive integer rank", positive_int)
-        check_patterns(self, "alpha_pattern", self.alpha_pattern, "a positive number", positive_number)
+        check_patterns(self, "rank_pattern", self.rank_pattern, PositiveInt)
+        check_patterns(self, "alpha_pattern", self.alpha_pattern, PositiveFloat)
 
 
 class LycorisKernel(AdapterNode):
