@@ -111,3 +111,20 @@ def test_sampling_options_are_checked():
         lowrax.SamplingConfig(temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         lowrax.SamplingConfig(temperature=-1.0)
+
+
+def test_generation_past_the_position_limit_or_free_memory_is_refused_before_it_starts(tiny_llama_dir, monkeypatch):
+    import jax
+
+    from lowrax.models import generate as generation
+
+    model, params = lowrax.load_pretrained(tiny_llama_dir, progress=False)
+    with pytest.raises(lowrax.LowraxError, match=r"longest prompt \(3 tokens\) plus max_new_tokens \(40\) needs 43 "
+                                                 r"positions, but llama addresses 32; ask for at most 29 new tokens"):
+        generation.generate_ids(model, params, [[1, 2, 3]], max_new_tokens=40)
+    free = generation.free_device_memory(jax.devices()[0])
+    assert free is not None and 0 < free
+    monkeypatch.setattr(generation, "free_device_memory", lambda device: 1000)  # what a loaded machine leaves
+    with pytest.raises(lowrax.LowraxError, match=r"max_new_tokens=8 with 1 prompt\(s\) needs a .* GiB KV cache, more "
+                                                 r"than this CPU device has free"):
+        generation.generate_ids(model, params, [[1, 2, 3]], max_new_tokens=8)

@@ -55,6 +55,28 @@ def test_csv_integer_columns_are_integers(tmp_path):
     assert sorted((r["text"], r["label"]) for r in train) == [("bye", 0), ("hello, world", 1)]
 
 
+def test_a_bad_record_is_named_by_its_file_line_after_the_shuffle(tmp_path, tokenizer):
+    """The train / evaluation split shuffles records; the error still names the line to open."""
+    lines = [json.dumps({"prompt": f"q{i}", "response": "a"}) for i in range(40)]
+    lines[26] = json.dumps({"prompt": "q", "response": ""})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = DataSection(source=str(path), format="prompt_response", eval_fraction=0.5)
+    train, evaluation = load_records(cfg)
+    split, what = (train, "training") if any(r["response"] == "" for r in train) else (evaluation, "evaluation")
+    with pytest.raises(lowrax.LowraxError, match=rf"{what} pairs\.jsonl line 27 \(.*field 'response' must be"):
+        encode_all(tokenizer, split, cfg, "causal_lm", what)
+
+
+def test_csv_lines_are_counted_across_quoted_line_breaks(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\n"two\nlines",1\nok,0\nbad\n')
+    with pytest.raises(lowrax.LowraxError, match=r"d\.csv:5: 1 fields"):
+        read_record_file(path)
+    path.write_text('text,label\n"two\nlines",1\nok,0\n')
+    assert [r.origin for r in read_record_file(path)] == ["d.csv line 2", "d.csv line 4"]
+
+
 RECORDS = [  # (task, format, record, expected)
     ("causal_lm", "prompt_response", {"prompt": "hi", "response": ""}, r"field 'response' must be a non-empty string, got ''"),
     ("causal_lm", "prompt_response", {"prompt": "hi", "response": None}, r"field 'response' must be a non-empty string, got None"),
@@ -106,7 +128,7 @@ def test_an_empty_preference_completion_is_refused(tokenizer, chosen, rejected):
     from lowrax.train.preference_data import encode_pairs
 
     prompt = "Q?" if isinstance(chosen, str) else [{"role": "user", "content": "Q?"}]
-    with pytest.raises(lowrax.LowraxError, match="record 0: a completion is empty"):
+    with pytest.raises(lowrax.LowraxError, match="record 1: a completion is empty"):
         encode_pairs(tokenizer, [{"prompt": prompt, "chosen": chosen, "rejected": rejected}],
                      DataSection(format="prompt_response"))
 

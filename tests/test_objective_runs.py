@@ -118,7 +118,7 @@ def test_preference_records_and_their_errors():
                                                   {"role": "assistant", "content": "no"}]}], cfg)[0]
     assert standard.prompt == chat.prompt  # the implicit prompt is the shared turn, rendered with the template
     assert tokenizer.decode(chat.completions[0]).startswith("yes")
-    with pytest.raises(LowraxError, match="record 1 needs the fields chosen, rejected; missing rejected"):
+    with pytest.raises(LowraxError, match="record 2 needs the fields chosen, rejected; missing rejected"):
         encode_pairs(tokenizer, [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}], cfg)
     with pytest.raises(LowraxError, match="share every turn but their last"):
         encode_pairs(tokenizer, [{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],

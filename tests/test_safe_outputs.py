@@ -199,3 +199,27 @@ def test_a_run_rewrites_its_own_adapter_even_without_the_marker(tiny_dir, data_f
     (run / "adapter" / MARKER).unlink()
     run_training(load_config(None, overrides(tiny_dir, data_file, run, 2)), progress=False, log=lambda *_: None)
     assert (run / "adapter" / MARKER).exists() and (run / "adapter" / "adapter_model.safetensors").exists()
+
+
+# For a child process: a write past 20 KB in one file fails (EFBIG) as writes on a full disk fail
+# (SIGXFSZ ignored: a failed write instead of the signal's kill).
+FILE_SIZE_LIMIT = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                   "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)); ")
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_rerun_resumes(tiny_dir, data_file, tmp_path):  # noqa: F811
+    run, settings = tmp_path / "run", {"train.save_every": 1}
+    run_training(load_config(None, overrides(tiny_dir, data_file, run, 2, **settings)), progress=False, log=lambda *_: None)
+    # Step 3's checkpoint files exceed the limit (orbax's metadata is ~100 KB); the log lines do not.
+    train = f"from lowrax.cli import main; raise SystemExit(main(['train', *{overrides(tiny_dir, data_file, run, 3, **settings)!r}]))"
+    child = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT + train], capture_output=True, text=True, cwd=ROOT,
+                           timeout=300)
+    assert child.returncode != 0
+    assert f"could not save checkpoint step 3 in {run / 'checkpoints'}: File too large; a rerun resumes from step 2" \
+        in child.stderr, child.stderr[-3000:]
+    assert "Traceback" not in child.stderr, child.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2"]  # no partial step 3
+    said = []
+    run_training(load_config(None, overrides(tiny_dir, data_file, run, 3, **settings)), progress=False, log=said.append)
+    assert any(line.startswith(f"resumed from {run / 'checkpoints' / '2'} at step 2") for line in said), said
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r] == [1, 2, 3]

@@ -60,16 +60,31 @@ def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
         raise LowraxError(text.format("max_new_tokens"), cli=text.format("--max-new-tokens"))
 
 
+def free_device_memory(device) -> int | None:
+    """Bytes `device` can still allocate: an accelerator's limit less what is in use, the host's
+    MemAvailable for the CPU; None where neither is known."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+
+
 def _check_cache_fits(model, batch: int, cache_len: int, dtype, max_new_tokens: int) -> None:
-    """Refuse a KV cache larger than the device's memory before allocating it (not an OOM kill later)."""
+    """Refuse a KV cache larger than the device's free memory (what the weights and everything else
+    already loaded leave) before allocating it: an error instead of an OOM kill later."""
     shapes = jax.eval_shape(lambda: model.init_cache(batch, cache_len, dtype))
     needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
     device = jax.devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    available = (stats or {}).get("bytes_limit") or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if needed > 0.8 * available:
+    available = free_device_memory(device)
+    if available is not None and needed > 0.8 * available:
         text = (f"{{}}={max_new_tokens} with {batch} prompt(s) needs a {needed / 2**30:.1f} GiB KV cache, more than "
-                f"this {device.platform.upper()} device can hold ({available / 2**30:.1f} GiB); ask for fewer tokens")
+                f"this {device.platform.upper()} device has free ({available / 2**30:.1f} GiB); ask for fewer tokens")
         raise LowraxError(text.format("max_new_tokens"), cli=text.format("--max-new-tokens"))
 
 

@@ -8,7 +8,12 @@ leaves a half-written checkpoint that would be resumed.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +21,50 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from lowrax.errors import LowraxError
+
 # orbax logs every save at WARNING through absl; keep the training progress bar readable.
 absl_logging.set_verbosity(absl_logging.ERROR)
 
 
 def directory_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+    """Orbax reports a failed write from each of its threads, with tracebacks, and leaves write
+    callbacks whose event loop is closed (each prints 'Event loop is closed' when it runs or is
+    collected, now or at exit). Those are dropped, and only those: the error raised by `save` says
+    what failed, once."""
+    previous_verbosity, previous_hook = absl_logging.get_verbosity(), sys.unraisablehook
+    absl_logging.set_verbosity(absl_logging.FATAL)
+    if not getattr(previous_hook, "drops_orbax_leftovers", False):
+        sys.unraisablehook = _without_orbax_leftovers(previous_hook)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(previous_verbosity)
+
+
+def _without_orbax_leftovers(hook):
+    def filtered(unraisable):
+        error, source = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        orbax_coroutine = "orbax" in getattr(source, "co_filename", "")
+        if not (closed_loop or orbax_coroutine and isinstance(error, ImportError)):
+            hook(unraisable)
+
+    filtered.drops_orbax_leftovers = True
+    return filtered
+
+
+def _write_failure(error: Exception) -> str:
+    """The operating system's reason for a failed checkpoint write, else the error's first line."""
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    code = re.search(r"os_error_code='?(\d+)", str(error))  # tensorstore's form
+    return os.strerror(int(code.group(1))) if code else (str(error).splitlines() or [type(error).__name__])[0][:200]
 
 
 class Checkpoints:
@@ -35,10 +78,22 @@ class Checkpoints:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> int:
-        """Save and wait; returns the checkpoint's size in bytes."""
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                           force=True)
-        self._manager.wait_until_finished()
+        """Save and wait; returns the checkpoint's size in bytes. A failed write (a full disk, a quota)
+        removes its partial directory and is one error naming the reason and the step a rerun resumes from."""
+        try:
+            with _orbax_quiet():
+                self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                 meta=ocp.args.JsonSave(meta)), force=True)
+                self._manager.wait_until_finished()
+        except Exception as e:  # orbax and tensorstore report a failed write as OSError, ValueError, ...
+            gc.collect()  # the abandoned write coroutines, while the filter above is in place
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            self._manager.reload()
+            newest = self._manager.latest_step()
+            resume = f"a rerun resumes from step {newest}" if newest is not None else "no checkpoint is saved yet"
+            raise LowraxError(f"could not save checkpoint step {step} in {self.directory}: {_write_failure(e)}; "
+                              f"{resume}") from e
         return self.size(step)
 
     def size(self, step: int | None) -> int:

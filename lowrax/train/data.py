@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from lowrax.train.config import FORMATS, DataSection
-from lowrax.train.records import check_record, read_record_file
+from lowrax.train.records import check_record, read_record_file, record_name
 from lowrax.errors import LowraxError
 
 _SUFFIXES = (".csv", ".json", ".jsonl", ".text", ".txt")  # read by lowrax.train.records
@@ -198,7 +198,7 @@ def encode_all(tokenizer, records: list[dict], cfg: DataSection, task: str, what
         return Encoded([], [], task)
     fmt = detect_format(records[0], cfg, task)
     for i, record in enumerate(records):
-        check_record(record, fmt, cfg, f"{what} record {i + 1} {_preview(record)}", num_labels)
+        check_record(record, fmt, cfg, f"{what} {record_name(record, i)} {_preview(record)}", num_labels)
     if task == "image_classification":  # `tokenizer` is the model's ImageProcessor; images are read per batch
         return Encoded([r[cfg.image_field] for r in records], [int(r[cfg.label_field]) for r in records], task,
                        processor=tokenizer)
@@ -216,22 +216,22 @@ def encode_all(tokenizer, records: list[dict], cfg: DataSection, task: str, what
             ids.append(i)
             targets.append(m)
     if task == "causal_lm":
-        ids, targets = _with_trained_tokens(ids, targets, cfg.seq_len, what, log)
+        ids, targets = _with_trained_tokens(ids, targets, records, cfg.seq_len, what, log)
     return Encoded(ids, targets, task)
 
 
-def _with_trained_tokens(ids: list, masks: list, seq_len: int, what: str, log) -> tuple[list, list]:
+def _with_trained_tokens(ids: list, masks: list, records: list, seq_len: int, what: str, log) -> tuple[list, list]:
     """The examples that train at least one token within the first seq_len (the rest would add nothing)."""
     kept = [k for k, m in enumerate(masks) if any(m[1:seq_len])]  # position 0 is never predicted
     if len(kept) == len(masks):
         return ids, masks
-    first = next(k for k, m in enumerate(masks) if not any(m[1:seq_len])) + 1
+    first = next(k for k, m in enumerate(masks) if not any(m[1:seq_len]))
     if not kept:
         raise LowraxError(f"no {what} record has a trained token within data.seq_len={seq_len} (their prompts fill "
                           "the row); raise data.seq_len")
     if log is not None:
         log(f"data: {len(masks) - len(kept)} of {len(masks)} {what} records have no trained token within "
-            f"data.seq_len={seq_len} (the prompt fills the row; the first is record {first}) and are left out")
+            f"data.seq_len={seq_len} (the prompt fills the row; the first is {record_name(records[first], first)}) and are left out")
     return [ids[k] for k in kept], [masks[k] for k in kept]
 
 

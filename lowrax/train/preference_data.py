@@ -24,6 +24,7 @@ import numpy as np
 from lowrax.errors import LowraxError
 from lowrax.train.config import DataSection
 from lowrax.train.data import chat_ids, gather_loss_positions, loss_width, prompt_ids
+from lowrax.train.records import record_name
 
 
 @dataclass
@@ -40,20 +41,20 @@ def _is_messages(value) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
-def _check_fields(record: dict, fields: list[str], index: int, form: str) -> None:
+def _check_fields(record: dict, fields: list[str], name: str, form: str) -> None:
     missing = [f for f in fields if f not in record]
     if missing:
-        raise LowraxError(f"{form} record {index} needs the fields {', '.join(fields)}; missing {', '.join(missing)} "
+        raise LowraxError(f"{form} {name} needs the fields {', '.join(fields)}; missing {', '.join(missing)} "
                           f"(found: {', '.join(sorted(record))})")
 
 
-def _completion_ids(tokenizer, prompt, completion, cfg: DataSection, index: int) -> tuple[list[int], list[int]]:
+def _completion_ids(tokenizer, prompt, completion, cfg: DataSection, name: str) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) of one prompt and completion, both strings or both messages."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if isinstance(completion, str) and not completion.strip() or _is_messages(completion) and not any(
             isinstance(m["content"], str) and m["content"].strip() for m in completion):
         # (the EOS alone would be trained: a preference between two empty answers says nothing)
-        raise LowraxError(f"record {index}: a completion is empty; chosen, rejected and KTO completions need text")
+        raise LowraxError(f"{name}: a completion is empty; chosen, rejected and KTO completions need text")
     if isinstance(prompt, str) and isinstance(completion, str):
         return prompt_ids(tokenizer, {cfg.prompt_field: prompt}, cfg), \
             list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + eos
@@ -61,17 +62,17 @@ def _completion_ids(tokenizer, prompt, completion, cfg: DataSection, index: int)
         head = chat_ids(tokenizer, prompt, True)
         full = chat_ids(tokenizer, prompt + completion, False)
         if full[: len(head)] != head:
-            raise LowraxError(f"record {index}: the chat template renders the prompt differently alone than before its "
+            raise LowraxError(f"{name}: the chat template renders the prompt differently alone than before its "
                               "completion, so the completion cannot be separated; use string fields")
         return head, full[len(head):]
-    raise LowraxError(f"record {index}: prompt and completion must both be strings or both lists of "
+    raise LowraxError(f"{name}: prompt and completion must both be strings or both lists of "
                       f"{{'role', 'content'}} messages, got {type(prompt).__name__} and {type(completion).__name__}")
 
 
-def _split_implicit_prompt(chosen: list, rejected: list, index: int) -> tuple[list, list, list]:
+def _split_implicit_prompt(chosen: list, rejected: list, name: str) -> tuple[list, list, list]:
     """(prompt, chosen tail, rejected tail) of two conversations that share all but their last turn."""
     if len(chosen) < 2 or chosen[:-1] != rejected[:-1]:
-        raise LowraxError(f"record {index}: without a prompt field, chosen and rejected must be conversations that "
+        raise LowraxError(f"{name}: without a prompt field, chosen and rejected must be conversations that "
                           "share every turn but their last")
     return chosen[:-1], chosen[-1:], rejected[-1:]
 
@@ -80,39 +81,41 @@ def encode_pairs(tokenizer, records: list[dict], cfg: DataSection) -> list[Examp
     """Tokenized (prompt, chosen, rejected) examples of paired records."""
     out = []
     for i, record in enumerate(records):
-        _check_fields(record, [cfg.chosen_field, cfg.rejected_field], i, "preference")
+        name = record_name(record, i)
+        _check_fields(record, [cfg.chosen_field, cfg.rejected_field], name, "preference")
         chosen, rejected = record[cfg.chosen_field], record[cfg.rejected_field]
         prompt = record.get(cfg.prompt_field)
         if prompt is None:
             if not (_is_messages(chosen) and _is_messages(rejected)):
-                raise LowraxError(f"preference record {i} has no {cfg.prompt_field!r} field; only conversational "
+                raise LowraxError(f"preference {name} has no {cfg.prompt_field!r} field; only conversational "
                                   f"pairs (lists of messages) may leave the prompt implicit (found: {', '.join(sorted(record))})")
-            prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected, i)
-        head, good = _completion_ids(tokenizer, prompt, chosen, cfg, i)
-        _, bad = _completion_ids(tokenizer, prompt, rejected, cfg, i)
+            prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected, name)
+        head, good = _completion_ids(tokenizer, prompt, chosen, cfg, name)
+        _, bad = _completion_ids(tokenizer, prompt, rejected, cfg, name)
         if not good or not bad:
-            raise LowraxError(f"preference record {i} has an empty chosen or rejected completion")
+            raise LowraxError(f"preference {name} has an empty chosen or rejected completion")
         out.append(Example(head, (good, bad)))
     return out
 
 
-def _label(value, index: int, field: str) -> bool:
+def _label(value, name: str, field: str) -> bool:
     if isinstance(value, (bool, np.bool_)) or value in (0, 1):
         return bool(value)
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
-    raise LowraxError(f"KTO record {index}: {field!r} must be a boolean (desirable or not), got {value!r}")
+    raise LowraxError(f"KTO {name}: {field!r} must be a boolean (desirable or not), got {value!r}")
 
 
 def encode_unpaired(tokenizer, records: list[dict], cfg: DataSection) -> list[Example]:
     """Tokenized KTO examples (prompt, completion, desirable)."""
     out = []
     for i, record in enumerate(records):
-        _check_fields(record, [cfg.prompt_field, cfg.completion_field, cfg.label_field], i, "KTO")
-        head, completion = _completion_ids(tokenizer, record[cfg.prompt_field], record[cfg.completion_field], cfg, i)
+        name = record_name(record, i)
+        _check_fields(record, [cfg.prompt_field, cfg.completion_field, cfg.label_field], name, "KTO")
+        head, completion = _completion_ids(tokenizer, record[cfg.prompt_field], record[cfg.completion_field], cfg, name)
         if not completion:
-            raise LowraxError(f"KTO record {i} has an empty completion")
-        out.append(Example(head, (completion,), _label(record[cfg.label_field], i, cfg.label_field)))
+            raise LowraxError(f"KTO {name} has an empty completion")
+        out.append(Example(head, (completion,), _label(record[cfg.label_field], name, cfg.label_field)))
     if not any(e.desirable for e in out) or all(e.desirable for e in out):
         raise LowraxError("KTO data needs both desirable (label true) and undesirable (label false) examples")
     return out

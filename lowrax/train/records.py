@@ -7,6 +7,7 @@ say which line is wrong; every record is then checked against its format before 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -18,6 +19,24 @@ from lowrax.errors import LowraxError
 ROLES = ("system", "user", "assistant", "tool")
 
 
+class Record(dict):
+    """A record read from a file, remembering where: `origin` ("data.jsonl line 7") survives the
+    shuffle and the train / evaluation split, so an error names the line a user can open."""
+
+    origin: str | None = None
+
+
+def with_origin(fields: dict, origin: str) -> Record:
+    record = Record(fields)
+    record.origin = origin
+    return record
+
+
+def record_name(record: dict, index: int) -> str:
+    """How errors name a record: its file and line when it was read from one, else its position."""
+    return getattr(record, "origin", None) or f"record {index + 1}"
+
+
 def read_record_file(path: Path) -> list[dict]:
     """The records of a .jsonl / .json / .csv / .txt file; a malformed one is an error naming its line."""
     try:
@@ -26,7 +45,8 @@ def read_record_file(path: Path) -> list[dict]:
         raise LowraxError(f"data file {path} is not UTF-8 text (byte {e.start})") from None
     suffix = path.suffix.lower()
     if suffix in (".txt", ".text"):
-        records = [{"text": line} for line in text.splitlines() if line.strip()]
+        records = [with_origin({"text": line}, f"{path.name} line {n}")
+                   for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     elif suffix == ".csv":
         records = _csv_records(path, text)
     else:
@@ -59,25 +79,27 @@ def _json_records(path: Path, text: str) -> list[dict]:
     return records
 
 
-def _record_object(path: Path, where: str, value) -> dict:
+def _record_object(path: Path, where: str, value) -> Record:
     if not isinstance(value, dict):
         raise LowraxError(f"{path} {where}: a record must be a JSON object of fields, got {type(value).__name__} "
                           f"{shown(value)}")
-    return value
+    return with_origin(value, f"{path.name} {where}")
 
 
 def _csv_records(path: Path, text: str) -> list[dict]:
-    rows = list(csv.reader(text.splitlines()))
-    if not rows:
+    reader = csv.reader(io.StringIO(text, newline=""))  # a quoted field may span lines
+    header = next(reader, None)
+    if header is None:
         return []
-    header, records = rows[0], []
-    for number, row in enumerate(rows[1:], 2):
+    records, end = [], reader.line_num
+    for row in reader:
+        start, end = end + 1, reader.line_num
         if not row:
             continue
         if len(row) != len(header):
-            raise LowraxError(f"{path}:{number}: {len(row)} fields, but the header names {len(header)} "
+            raise LowraxError(f"{path}:{start}: {len(row)} fields, but the header names {len(header)} "
                               f"({', '.join(header)}); quote fields that contain commas")
-        records.append(dict(zip(header, row)))
+        records.append(with_origin(dict(zip(header, row)), f"{path.name} line {start}"))
     for column in header:  # integer columns (labels) as integers, as `datasets` infers them
         values = [r[column] for r in records]
         if values and all(_is_int(v) for v in values):
