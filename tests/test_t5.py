@@ -221,7 +221,7 @@ def test_bfloat16_base_with_float32_lora(pair):
              "loss_mask": jnp.ones(decoder_ids.shape, jnp.int32)}
     from lowrax.train.step import seq2seq_loss
 
-    grads = jax.tree.leaves(jax.grad(lambda t: seq2seq_loss(model, lowrax.combine(t, frozen), batch)[0])(trainable))
+    grads = jax.tree.leaves(jax.jit(jax.grad(lambda t: seq2seq_loss(model, lowrax.combine(t, frozen), batch)[0]))(trainable))
     assert all(g.dtype == jnp.float32 and np.isfinite(np.asarray(g)).all() for g in grads)
     assert max(float(jnp.abs(g).max()) for g in grads) > 0
 

@@ -85,9 +85,9 @@ def test_lora_fa_projected_gradient_is_the_full_gradient_projected_on_a(tiny):  
     from lowrax.train.step import causal_lm_loss
 
     trainable, frozen = lowrax.split(wrapped)
-    grads = jax.grad(lambda t: causal_lm_loss(model, lowrax.combine(t, frozen), batch)[0])(trainable)
+    grads = jax.jit(jax.grad(lambda t: causal_lm_loss(model, lowrax.combine(t, frozen), batch)[0]))(trainable)
     projected = node_at(lowrax.adapters.tree.precondition_grads(grads, wrapped))
-    full = jax.grad(lambda w: causal_lm_loss(model, _with_q(params, w), batch)[0])(node_at(params))
+    full = jax.jit(jax.grad(lambda w: causal_lm_loss(model, _with_q(params, w), batch)[0]))(node_at(params))
     a, s = f32(node_at(wrapped).a), node_at(wrapped).scale
     expected = a @ np.linalg.solve(a.T @ a, a.T @ f32(full))
     np.testing.assert_allclose(s * a @ f32(projected.b), expected, atol=1e-5 * np.abs(expected).max())

@@ -230,7 +230,7 @@ def test_bfloat16_base_with_float32_lora(pair):
     from lowrax.train.step import classification_loss
 
     batch = {"pixel_values": jnp.asarray(x), "labels": jnp.asarray([0, 1, 1])}
-    grads = jax.tree.leaves(jax.grad(lambda t: classification_loss(model, lowrax.combine(t, frozen), batch)[0])(trainable))
+    grads = jax.tree.leaves(jax.jit(jax.grad(lambda t: classification_loss(model, lowrax.combine(t, frozen), batch)[0]))(trainable))
     assert all(g.dtype == jnp.float32 and np.isfinite(np.asarray(g)).all() for g in grads)
     assert max(float(jnp.abs(g).max()) for g in grads) > 0
 
