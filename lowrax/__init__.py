@@ -33,67 +33,89 @@ The public API (see README.md):
     lowrax.reuse_freed_host_memory()                     # CPU training: reuse each step's freed memory
 """
 
-import lowrax.adapters.catalog  # noqa: F401  registers the built-in adapter methods
-from lowrax.adapters import lora
-from lowrax.adapters.adalora import AdaLoraConfig, AdaLoraKernel
-from lowrax.adapters.bottleneck import BottleneckAdapter, BottleneckConfig
-from lowrax.adapters.ia3 import IA3Config, IA3Kernel
-from lowrax.adapters.ln_tuning import LNTuningConfig, TunedNorm
-from lowrax.adapters.lycoris import LoHaConfig, LoHaKernel, LoKrConfig, LoKrKernel
-from lowrax.adapters.lora import DeltaLoraKernel, DoraKernel, LoraConfig, LoraKernel, VeraKernel
-from lowrax.merging.combine_adapters import combine_adapters
-from lowrax.adapters.named.exchange import load_peft, save_peft
-from lowrax.adapters.named.named import (active_adapter, add_adapter, adapter_names, base_params, delete_adapter,
-                                         disable_adapters, extract_adapter, set_adapter)
-from lowrax.adapters.slots import LoraSlots
-from lowrax.core.node import AdapterNode, FullyTrained
-from lowrax.adapters.oft import OFTConfig, OFTKernel
-from lowrax.adapters.prompt import (PrefixEncoder, PrefixTuningConfig, PromptEncoder, PromptEncoderConfig, PromptTable,
-                                    PromptTuningConfig)
-from lowrax.adapters.registry import method_names
-from lowrax.adapters.tree import adapters_off, combine, count_params, labels, merge, split, unmerge
-from lowrax.adapters.wrap import wrap
-from lowrax.dist.parallel import DistConfig, global_batch, sharded_train_step
-from lowrax.dist.sharding import MeshConfig, make_mesh, param_shardings
-from lowrax.merging.models import merge_models
-from lowrax.objectives import distill_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
-from lowrax.errors import (CheckpointError, LowraxError, NonFiniteError, NotAModelError, OutputExistsError,
-                           UnsupportedModelError)
-from lowrax.io.images import ImageProcessor
-from lowrax.models.pretrained import embedded_minilm_path, embedded_model_path, load_pretrained, load_tokenizer, save_pretrained
-from lowrax.models import EncoderOutput, supported_model_types
-from lowrax.models.generate import SamplingConfig, generate, generate_ids
-from lowrax.core.kernels import KernelType, register_kernel_type, register_linear
-from lowrax.core.linear import linear
-from lowrax.pruning.prune import prune
-from lowrax.sparse.kernel import SparseKernel, sparse_modules
-from lowrax.quant.nf4 import NF4Tensor
-from lowrax.quant import nf4_kernel  # noqa: F401  (registers NF4 as a kernel type)
-from lowrax.quant.int8 import Int8Tensor
-from lowrax.merging.requantize import merge_requantized
-from lowrax.quant.tree import QuantConfig, quantize
-from lowrax.train.config import TrainConfig, load_config
-from lowrax.train.host_memory import reuse_freed_host_memory
-from lowrax.train.optim import OptimizerConfig, make_optimizer
-from lowrax.train.step import TrainState, init_state, make_train_step
-from lowrax.train.trainer import run_training
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "load_pretrained", "load_tokenizer", "save_pretrained", "ImageProcessor", "generate", "generate_ids", "SamplingConfig",
-    "EncoderOutput", "supported_model_types", "embedded_model_path", "embedded_minilm_path",
-    "linear", "register_linear", "KernelType", "register_kernel_type",
-    "wrap", "method_names", "AdapterNode", "AdaLoraConfig", "AdaLoraKernel", "BottleneckConfig", "BottleneckAdapter", "IA3Config", "IA3Kernel", "LoHaConfig", "LoHaKernel", "LoKrConfig", "LoKrKernel", "OFTConfig", "OFTKernel", "LNTuningConfig", "TunedNorm", "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig",
-    "PromptTable", "PromptEncoder", "PrefixEncoder",
-    "lora", "LoraConfig", "LoraKernel", "DoraKernel", "VeraKernel", "DeltaLoraKernel", "FullyTrained", "split", "combine", "merge", "unmerge", "labels",
-    "count_params", "save_peft", "load_peft",
-    "add_adapter", "combine_adapters", "merge_models", "set_adapter", "disable_adapters", "delete_adapter", "extract_adapter", "adapter_names",
-    "active_adapter", "base_params", "LoraSlots",
-    "adapters_off", "dpo_loss", "orpo_loss", "simpo_loss", "kto_loss", "distill_loss",
-    "OptimizerConfig", "make_optimizer", "TrainState", "init_state", "make_train_step",
-    "TrainConfig", "load_config", "run_training", "QuantConfig", "quantize", "NF4Tensor", "Int8Tensor", "merge_requantized",
-    "MeshConfig", "make_mesh", "param_shardings", "DistConfig", "global_batch", "sharded_train_step",
-    "reuse_freed_host_memory", "prune", "SparseKernel", "sparse_modules",
-    "LowraxError", "NotAModelError", "UnsupportedModelError", "CheckpointError", "NonFiniteError", "OutputExistsError",
-]
+# The public API, by the module that defines each name. `import lowrax` itself loads nothing (so
+# `lowrax --help` starts at once); the first public name used imports them all, as one import would,
+# which also registers every built-in adapter method and kernel type.
+_PUBLIC: dict[str, tuple[str, ...]] = {
+    # models: loading, running, generating, saving
+    "lowrax.models.pretrained": ("load_pretrained", "load_tokenizer", "save_pretrained", "embedded_model_path",
+                                 "embedded_minilm_path"),
+    "lowrax.models": ("EncoderOutput", "supported_model_types"),
+    "lowrax.models.generate": ("generate", "generate_ids", "SamplingConfig"),
+    "lowrax.io.images": ("ImageProcessor",),
+    # the projection dispatch and kernel types
+    "lowrax.core.linear": ("linear",),
+    "lowrax.core.kernels": ("KernelType", "register_kernel_type", "register_linear"),
+    # adapter methods
+    "lowrax.adapters.wrap": ("wrap",),
+    "lowrax.adapters.registry": ("method_names",),
+    "lowrax.core.node": ("AdapterNode", "FullyTrained"),
+    "lowrax.adapters.lora": ("LoraConfig", "LoraKernel", "DoraKernel", "VeraKernel", "DeltaLoraKernel"),
+    "lowrax.adapters.adalora": ("AdaLoraConfig", "AdaLoraKernel"),
+    "lowrax.adapters.bottleneck": ("BottleneckConfig", "BottleneckAdapter"),
+    "lowrax.adapters.ia3": ("IA3Config", "IA3Kernel"),
+    "lowrax.adapters.lycoris": ("LoHaConfig", "LoHaKernel", "LoKrConfig", "LoKrKernel"),
+    "lowrax.adapters.oft": ("OFTConfig", "OFTKernel"),
+    "lowrax.adapters.ln_tuning": ("LNTuningConfig", "TunedNorm"),
+    "lowrax.adapters.prompt": ("PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PromptTable",
+                               "PromptEncoder", "PrefixEncoder"),
+    # the parameter tree with adapters
+    "lowrax.adapters.tree": ("split", "combine", "merge", "unmerge", "labels", "count_params", "adapters_off"),
+    # PEFT's format and many adapters on one base
+    "lowrax.adapters.named.exchange": ("save_peft", "load_peft"),
+    "lowrax.adapters.named.named": ("add_adapter", "set_adapter", "disable_adapters", "delete_adapter",
+                                    "extract_adapter", "adapter_names", "active_adapter", "base_params"),
+    "lowrax.adapters.slots": ("LoraSlots",),
+    "lowrax.merging.combine_adapters": ("combine_adapters",),
+    "lowrax.merging.models": ("merge_models",),
+    # objectives
+    "lowrax.objectives": ("dpo_loss", "orpo_loss", "simpo_loss", "kto_loss", "distill_loss"),
+    # training
+    "lowrax.train.optim": ("OptimizerConfig", "make_optimizer"),
+    "lowrax.train.step": ("TrainState", "init_state", "make_train_step"),
+    "lowrax.train.config": ("TrainConfig", "load_config"),
+    "lowrax.train.trainer": ("run_training",),
+    "lowrax.train.host_memory": ("reuse_freed_host_memory",),
+    # quantized and pruned bases
+    "lowrax.quant.tree": ("QuantConfig", "quantize"),
+    "lowrax.quant.nf4": ("NF4Tensor",),
+    "lowrax.quant.int8": ("Int8Tensor",),
+    "lowrax.merging.requantize": ("merge_requantized",),
+    "lowrax.pruning.prune": ("prune",),
+    "lowrax.sparse.kernel": ("SparseKernel", "sparse_modules"),
+    # several devices and hosts
+    "lowrax.dist.sharding": ("MeshConfig", "make_mesh", "param_shardings"),
+    "lowrax.dist.parallel": ("DistConfig", "global_batch", "sharded_train_step"),
+    # errors
+    "lowrax.errors": ("LowraxError", "NotAModelError", "UnsupportedModelError", "CheckpointError", "NonFiniteError",
+                      "OutputExistsError"),
+}
+_SUBMODULES = {"lora": "lowrax.adapters.lora"}  # `lowrax.lora.wrap(...)`, the LoRA family's own functions
+_BUILTINS = ("lowrax.adapters.catalog", "lowrax.quant")  # imported for what they register
+
+__all__ = [*_SUBMODULES, *(name for names in _PUBLIC.values() for name in names)]
+
+
+def load_all() -> None:
+    """Import the whole public API now (what the first use of a public name does)."""
+    for module in _BUILTINS:
+        importlib.import_module(module)
+    for module, names in _PUBLIC.items():
+        loaded = importlib.import_module(module)
+        globals().update({name: getattr(loaded, name) for name in names})
+    globals().update({name: importlib.import_module(module) for name, module in _SUBMODULES.items()})
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        load_all()
+        return globals()[name]
+    raise AttributeError(f"module 'lowrax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

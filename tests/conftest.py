@@ -93,6 +93,32 @@ def tiny_t5_dir(tmp_path_factory):
     return path
 
 
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny random BERT on the embedded MiniLM's vocabulary, with its tokenizer files beside it:
+    `lowrax train model.task=classification` runs in seconds (the real MiniLM is kept for one run)."""
+    import json
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    import lowrax
+    from lowrax.models import model_from_hf_config
+
+    minilm = lowrax.embedded_minilm_path()
+    path = tmp_path_factory.mktemp("tiny-bert")
+    config = {**json.loads((minilm / "config.json").read_text()), "hidden_size": 32, "intermediate_size": 48,
+              "num_attention_heads": 4, "num_hidden_layers": 2}
+    model = model_from_hf_config(config)
+    rng = np.random.default_rng(0)
+    tensors = {t.hf_key: (np.ones(t.hf_shape) if t.hf_key.endswith("LayerNorm.weight") else
+                          0.05 * rng.normal(size=t.hf_shape)).astype(np.float32) for t in model.tensors()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / name, path / name)
+    return path
+
+
 _FORWARDS: dict[int, tuple] = {}
 
 

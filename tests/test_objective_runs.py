@@ -14,7 +14,7 @@ from lowrax.errors import LowraxError
 from lowrax.train.config import DataSection, load_config
 from lowrax.train.preference_data import encode_pairs, encode_unpaired
 from lowrax.train.trainer import run_training
-from tests.conftest import tiny_llama_dir
+from tests.conftest import tiny_bert_dir, tiny_llama_dir
 
 WORDS = ["cat", "dog", "sun", "sea", "red", "blue", "tree", "rock"]
 
@@ -198,12 +198,12 @@ def test_distillation_teacher_errors(tiny_dir, teacher_run, tmp_path, monkeypatc
                      progress=False, log=lambda *_: None)
 
 
-def test_classifier_distillation_on_minilm(tmp_path):
-    """An encoder classifier run (MiniLM + LoRA + head) teaches a fresh student: teacher logits plus labels."""
+def test_classifier_distillation_on_an_encoder(tmp_path_factory, tmp_path):
+    """An encoder classifier run (a BERT + LoRA + head) teaches a fresh student: teacher logits plus labels."""
     data = tmp_path / "sentiment.csv"
     rows = ["text,label"] + [f"{w} movie,{lab}" for w, lab in [("great", 1), ("awful", 0), ("lovely", 1), ("boring", 0)] * 6]
     data.write_text("\n".join(rows) + "\n")
-    common = [f"model.path={lowrax.embedded_minilm_path()}", "model.task=classification", "model.num_labels=2",
+    common = [f"model.path={tiny_bert_dir(tmp_path_factory)}", "model.task=classification", "model.num_labels=2",
               f"data.source={data}", "data.seq_len=8", "data.eval_fraction=0.25", "optim.learning_rate=0.02",
               "train.batch_size=8", "train.samples=0", "train.save_every=0"]
     teacher = tmp_path / "teacher"

@@ -11,12 +11,17 @@ import lowrax
 from lowrax.train.config import load_config
 from lowrax.errors import LowraxError
 from lowrax.train.trainer import run_training
-from tests.conftest import tiny_llama_dir
+from tests.conftest import tiny_bert_dir, tiny_llama_dir
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return tiny_llama_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return tiny_bert_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -103,19 +108,21 @@ def test_dataset_missing_fields_is_named(tiny_dir, tmp_path):
                                     ["method=p_tuning", "p_tuning.num_virtual_tokens=4"]],
                          ids=["lora", "ia3", "loha", "lokr", "oft", "ln_tuning", "adalora", "bottleneck", "prompt_tuning",
                               "p_tuning"])
-def test_classification_run_on_minilm(tmp_path, method):
-    """Each method but prefix tuning fine-tunes the embedded MiniLM as a classifier (a fresh head
-    trained in full), and its adapter loads back with that head."""
+def test_classification_run_on_minilm(tmp_path, tiny_bert, method):
+    """Each method but prefix tuning fine-tunes a BERT as a classifier (a fresh head trained in full),
+    and its adapter loads back with that head: LoRA on the embedded MiniLM, the others on a tiny
+    random BERT with its vocabulary (the same code path, in a fraction of the time)."""
     data = tmp_path / "sentiment.csv"
     rows = ["text,label"] + [f"{w} movie,{lab}" for w, lab in [("great", 1), ("awful", 0), ("lovely", 1), ("boring", 0)] * 6]
     data.write_text("\n".join(rows) + "\n")
-    cfg = load_config(None, [f"model.path={lowrax.embedded_minilm_path()}", "model.task=classification", "model.num_labels=2",
+    base_dir = lowrax.embedded_minilm_path() if method == ["lora.r=4"] else tiny_bert
+    cfg = load_config(None, [f"model.path={base_dir}", "model.task=classification", "model.num_labels=2",
                              f"data.source={data}", "data.seq_len=8", "data.eval_fraction=0.25", *method,
                              "optim.learning_rate=0.01", "train.steps=2", "train.batch_size=8", "train.samples=0",
                              f"train.output_dir={tmp_path / 'out'}"])
     summary = run_training(cfg, progress=False, log=lambda *_: None)
     assert summary["metric"] == "accuracy" and 0.0 <= summary["metric_after"] <= 1.0
-    model, base = lowrax.load_pretrained(lowrax.embedded_minilm_path(), num_labels=None, progress=False)
+    model, base = lowrax.load_pretrained(base_dir, num_labels=None, progress=False)
     import jax
 
     model, base = model.with_classification_head(base, 2, jax.random.key(0))

@@ -81,7 +81,8 @@ class PeftFormat:
     recognises: Callable[[dict], bool] | None = None
 
 
-_METHODS: Registry[AdapterMethod] = Registry("adapter method", "unknown adapter method {name!r}; methods: {names}")
+_METHODS: Registry[AdapterMethod] = Registry("adapter method", "unknown adapter method {name!r}; methods: {names}",
+                                             builtins="lowrax.adapters.catalog")
 _PEFT_FORMATS: dict[str, PeftFormat] = {}
 
 
@@ -123,14 +124,21 @@ def format_for_config(config: dict, where: str = "") -> PeftFormat:
     """The format of an adapter directory, from its adapter_config.json: PEFT's `peft_type`, or a
     format that recognises its own config (AdapterHub's)."""
     if "peft_type" not in config:
-        for fmt in _PEFT_FORMATS.values():
+        for fmt in _peft_formats().values():
             if fmt.recognises is not None and fmt.recognises(config):
                 return fmt
     return peft_format(config.get("peft_type"), where)
 
 
 def peft_format(peft_type: str, where: str = "") -> PeftFormat:
-    if peft_type not in _PEFT_FORMATS:
+    formats = _peft_formats()
+    if peft_type not in formats:
         raise LowraxError(f"{where}adapter type {peft_type!r} is not supported; supported peft_type values: "
-                          + ", ".join(sorted(_PEFT_FORMATS)))
-    return _PEFT_FORMATS[peft_type]
+                          + ", ".join(sorted(formats)))
+    return formats[peft_type]
+
+
+def _peft_formats() -> dict[str, PeftFormat]:
+    """The registered formats, the built-in ones included (registered beside their methods)."""
+    method_names()
+    return _PEFT_FORMATS

@@ -24,6 +24,8 @@ from pathlib import Path
 COMBINATION_TYPES = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd",
                      "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 MERGE_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "linear")
+OVERWRITE_HELP = ("replace the output directory if lowrax wrote it (never a directory of other files, nor the "
+                  "command's input)")
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -45,11 +47,12 @@ def _add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
     p.add_argument("--adapter", action="append", default=None, metavar="RUN_OR_ADAPTER_DIR",
                    help="a `lowrax train` run directory or a PEFT adapter directory, on its base model "
                         "(or the --model given); several LoRA adapters as NAME=DIR, repeated")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"most tokens generated per prompt (default {max_new_tokens}; stops earlier at the end-of-text token)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (with --temperature > 0)")
 
 
 def _load_for_generation(args):
@@ -143,6 +146,9 @@ def train_config(items: list[str]):
 
     Without a preset, a `train.output_dir` that already holds a run continues that run:
     its own config.yaml is the preset, and the overrides apply on top (e.g. train.steps=60).
+    Otherwise the overrides apply to configs/default.yaml, the embedded task's preset, when the run
+    trains on that task, and to the built-in defaults when `data.source` names other data (the
+    preset's short rows and scored positions fit only the embedded task).
     With a preset, the run's config must match it (the trainer checks).
     """
     from lowrax.train.config import load_config, load_run_config
@@ -151,17 +157,24 @@ def train_config(items: list[str]):
     if items and "=" not in items[0]:
         path = items.pop(0)
         return load_config(path, items), path
-    cfg = load_config(_default_config(), items)
+    own_data = load_config(None, items)
+    cfg, source = (own_data, "built-in defaults") if own_data.data.source != "default" else \
+        (load_config(_default_config(), items), _default_config() or "built-in defaults")
     out = Path(cfg.train.output_dir)
     if (out / "config.yaml").exists():
         return load_run_config(out, items), f"{out / 'config.yaml'} (the run being continued)"
-    return cfg, _default_config() or "built-in defaults"
+    return cfg, source
 
 
 def cmd_train(args) -> int:
+    cfg, source = train_config(args.items)
+    if args.help_config:
+        from lowrax.train.config_reference import config_reference
+
+        print(f"# the config of `lowrax train {' '.join(args.items)}`: {source}\n" + config_reference(cfg), end="")
+        return 0
     from lowrax.train.trainer import run_training
 
-    cfg, source = train_config(args.items)
     print(f"config: {source}; output: {cfg.train.output_dir}", file=sys.stderr)
     summary = run_training(cfg, started=args.started)
     if summary.get("metric"):
@@ -256,6 +269,9 @@ def _add_run_commands(sub) -> None:
     t.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [section.key=value]",
                    help="a YAML preset (default configs/default.yaml) followed by overrides such as lora.r=8 "
                         "or method=ia3")
+    t.add_argument("--help-config", action="store_true",
+                   help="print every config key with the value this command would use, its form and what it does "
+                        "(as a YAML preset), and exit; add method=NAME to see that method's section")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="generate text with a causal LM (and a trained adapter)")
@@ -276,8 +292,8 @@ def _add_run_commands(sub) -> None:
 
     c = sub.add_parser("convert", help="write a model (HF directory or GGUF) as an HF safetensors directory")
     _add_model_args(c)
-    c.add_argument("out_dir")
-    c.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    c.add_argument("out_dir", help="new directory for config.json, model.safetensors and the tokenizer")
+    c.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     c.set_defaults(func=cmd_convert)
 
 
@@ -285,8 +301,8 @@ def _add_adapter_commands(sub) -> None:
     """export-peft, import-peft, merge, prune."""
     e = sub.add_parser("export-peft", help="write a training run's adapter in PEFT format")
     e.add_argument("run_dir", help="a `lowrax train` output directory (config.yaml + checkpoints/)")
-    e.add_argument("out_dir")
-    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("out_dir", help="new directory for adapter_config.json and adapter_model.safetensors")
+    e.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     e.set_defaults(func=cmd_export_peft)
 
     i = sub.add_parser("import-peft", help="turn a PEFT adapter into a lowrax run directory (orbax checkpoint)")
@@ -299,9 +315,9 @@ def _add_adapter_commands(sub) -> None:
     i.set_defaults(func=cmd_import_peft)
 
     m = sub.add_parser("merge", help="merge a run's adapters into the base and write HF safetensors")
-    m.add_argument("run_dir")
-    m.add_argument("out_dir")
-    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("run_dir", help="a `lowrax train` output directory")
+    m.add_argument("out_dir", help="new directory for the merged model (HF safetensors, with the tokenizer)")
+    m.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     m.add_argument("--requantize", action="store_true",
                    help="QLoRA runs: save 4-bit NF4 weights again (reports the rounding error it adds)")
     m.add_argument("--sparsity", choices=("keep", "fill"), default="keep",
@@ -311,30 +327,33 @@ def _add_adapter_commands(sub) -> None:
     pr = sub.add_parser("prune", help="prune a model's linear layers (magnitude, Wanda, SparseGPT) and save it")
     pr.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [section.key=value]",
                     help="a preset (e.g. configs/prune.yaml; default: the built-in defaults) and overrides")
-    pr.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    pr.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     pr.set_defaults(func=cmd_prune)
 
 
 def _add_merging_commands(sub) -> None:
     """merge-adapters, merge-models."""
     ma = sub.add_parser("merge-adapters", help="combine LoRA adapters into one (PEFT's add_weighted_adapter)")
-    ma.add_argument("out_dir")
+    ma.add_argument("out_dir", help="new directory for the combined PEFT LoRA adapter")
     ma.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
                     help="a PEFT LoRA adapter directory or a `lowrax train` run, repeated")
     ma.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per --adapter")
-    ma.add_argument("--combination-type", default="svd", choices=list(COMBINATION_TYPES))
+    ma.add_argument("--combination-type", default="svd", choices=list(COMBINATION_TYPES),
+                    help="how the adapters are combined, as PEFT's add_weighted_adapter (default: svd)")
     ma.add_argument("--svd-rank", type=int, default=None, help="svd types: the new rank (default: the largest)")
     ma.add_argument("--svd-clamp", type=float, default=None, help="svd types: clamp at this quantile")
     ma.add_argument("--density", type=float, default=None, help="ties, dare, magnitude_prune: the fraction kept")
-    ma.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"])
+    ma.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"],
+                    help="ties types: elect each entry's sign by total magnitude or by count (default: total)")
     ma.add_argument("--seed", type=int, default=0, help="dare types: the seed of the random drop")
     ma.add_argument("--model", default=None, help="the base model (default: the one the first adapter names)")
-    ma.add_argument("--overwrite", action="store_true")
+    ma.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     ma.set_defaults(func=cmd_merge_adapters)
 
     mm = sub.add_parser("merge-models", help="merge fine-tuned checkpoints of one architecture (as mergekit does)")
-    mm.add_argument("out_dir")
-    mm.add_argument("--method", default="task_arithmetic", choices=list(MERGE_METHODS))
+    mm.add_argument("out_dir", help="new directory for the merged model (HF safetensors)")
+    mm.add_argument("--method", default="task_arithmetic", choices=list(MERGE_METHODS),
+                    help="the merging rule, as mergekit's (default: task_arithmetic)")
     mm.add_argument("--base", default=None, help="the model the others were fine-tuned from (all but linear need it)")
     mm.add_argument("--model", action="append", required=True, help="a fine-tuned checkpoint (HF dir or .gguf), repeated")
     mm.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per --model")
@@ -348,12 +367,38 @@ def _add_merging_commands(sub) -> None:
     mm.add_argument("--t", type=float, default=0.5, help="slerp: 0 is the base, 1 the model")
     mm.add_argument("--consensus", default="sum", choices=["sum", "count"], help="ties: how signs are elected")
     mm.add_argument("--seed", type=int, default=0, help="dare: the seed of the random drop")
-    mm.add_argument("--overwrite", action="store_true")
+    mm.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     mm.set_defaults(func=cmd_merge_models)
+
+
+def version_line() -> str:
+    """lowrax's version with the versions it runs on, read from package metadata (JAX is not imported)."""
+    from importlib import metadata
+
+    import lowrax
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    runs_on = ", ".join(f"{name} {installed(name)}" for name in ("jax", "flax", "optax", "orbax-checkpoint"))
+    return f"lowrax {lowrax.__version__} ({runs_on}; Python {sys.version.split()[0]})"
+
+
+class _PrintVersion(argparse.Action):
+    """--version printed as one line (argparse's own action wraps it to the terminal's width)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrax", description="Low-rank fine-tuning of HF transformers in JAX")
+    parser.add_argument("--version", action=_PrintVersion, nargs=0,
+                        help="print lowrax's version and those of JAX, Flax, Optax and Orbax, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_commands(sub)
     _add_adapter_commands(sub)
@@ -365,10 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = build_parser().parse_args(argv)
     args.started = started
+    from lowrax.core.compile_cache import use_compilation_cache
     from lowrax.errors import LowraxError
     from lowrax.train.host_memory import reuse_freed_host_memory
 
     reuse_freed_host_memory()  # before the first JAX computation; see lowrax/train/host_memory.py
+    use_compilation_cache()  # a rerun of the same shapes compiles nothing
 
     try:
         return args.func(args)

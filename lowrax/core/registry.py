@@ -4,6 +4,7 @@ by name, an unknown name answered with the known ones and the closest match."""
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Generic, TypeVar
 
 from lowrax.errors import LowraxError
@@ -12,16 +13,25 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """`unknown` is the error for a name not registered, formatted with {name!r} and {names}."""
+    """`unknown` is the error for a name not registered, formatted with {name!r} and {names}.
+    `builtins`, a module that registers the built-in entries, is imported at the first lookup, so a
+    lookup never misses one because nothing happened to import it yet."""
 
-    def __init__(self, kind: str, unknown: str):
-        self.kind, self.unknown = kind, unknown
-        self._items: dict[str, T] = {}
+    def __init__(self, kind: str, unknown: str, builtins: str | None = None):
+        self.kind, self.unknown, self._builtins = kind, unknown, builtins
+        self._registered: dict[str, T] = {}
+
+    @property
+    def _items(self) -> dict[str, T]:
+        if self._builtins is not None:
+            builtins, self._builtins = self._builtins, None
+            importlib.import_module(builtins)
+        return self._registered
 
     def register(self, name: str, item: T) -> T:
-        if name in self._items:
+        if name in self._registered:
             raise LowraxError(f"{self.kind} {name!r} is registered twice")
-        self._items[name] = item
+        self._registered[name] = item
         return item
 
     def names(self) -> list[str]:

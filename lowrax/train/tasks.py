@@ -29,6 +29,10 @@ def register_task(task: Task) -> Task:
     return _TASKS.register(task.name, task)
 
 
+def task_names() -> list[str]:
+    return _TASKS.names()
+
+
 def task_named(name: str) -> Task:
     return _TASKS[name]
 
