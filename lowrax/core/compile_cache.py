@@ -41,5 +41,6 @@ def use_compilation_cache() -> Path | None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # the step, eval and generation programs
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's default, 1 s, misses the smaller ones
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return folder
