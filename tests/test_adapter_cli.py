@@ -99,5 +99,23 @@ def test_merge_adapters_writes_what_combine_adapters_gives(tiny, tmp_path, capsy
     assert "1 weight(s) for 2 adapter(s)" in capsys.readouterr().err
 
 
+def test_unequal_ranks_are_refused_before_the_base_loads(tiny, tmp_path, capsys, monkeypatch):
+    root, adapters = tiny
+    wider = tmp_path / "adapter-c"
+    shutil.copytree(adapters["a"], wider)
+    config = json.loads((wider / "adapter_config.json").read_text())
+    (wider / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
+    from lowrax.train import adapter_sets
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr(adapter_sets, "load_pretrained", no_loading)
+    assert main(["merge-adapters", str(tmp_path / "out"), "--adapter", f"a={adapters['a']}", "--adapter", f"c={wider}",
+                 "--weights", "0.5", "0.5", "--combination-type", "linear"]) == 2
+    assert "same r value when using combination_type linear (ranks: {'a': 2, 'c': 4})" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_cli_lists_every_combination_type():
     assert sorted(COMBINATION_TYPES) == sorted(LIBRARY_TYPES)

@@ -196,8 +196,9 @@ BAD_PRUNE = [
     ("calibration.length=1", "calibration.length must be an integer >= 2"),
     ("evaluation.samples=-1", "evaluation.samples must be an integer >= 0"),
     ("model.dtype=float16", "model.dtype must be one of float32, bfloat16"),
-    ("output_dir=5", "output_dir must be a string"),
-    ("output_dir=null", "output_dir must be a string"),
+    ("prune.output_dir=5", "prune.output_dir must be a string"),
+    ("prune.output_dir=null", "prune.output_dir must be a string"),
+    ("output_dir=runs/x", "unknown prune config key 'output_dir'; did you mean 'prune.output_dir'"),
     ("prune.nope=1", "unknown prune config key 'prune.nope'"),
 ]
 

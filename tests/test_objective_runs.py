@@ -57,10 +57,12 @@ def _rows(out):
 
 
 def test_dpo_run_raises_held_out_preference_accuracy_and_logs_trl_metrics(tiny_dir, pairs_file, tmp_path):
-    out = tmp_path / "dpo"
+    out, said = tmp_path / "dpo", []
     summary = run_training(_config(tiny_dir, out, "dpo", pairs_file, steps=8, **{"data.eval_source": str(pairs_file),
-                                                                                  "preference.beta": 0.5}),
-                           progress=False, log=lambda *_: None)
+                                                                                  "preference.beta": 0.5,
+                                                                                  "train.eval_examples": 16}),
+                           progress=False, log=said.append)
+    assert any("on the first 16 of 24 (train.eval_examples) held-out pairs" in line for line in said), said
     assert summary["metric"] == "preference_accuracy" and summary["objective"] == "dpo"
     assert summary["metric_after"] > summary["metric_before"]
     assert summary["eval_rewards/accuracies_after"] > 0.5
@@ -85,7 +87,8 @@ def test_precomputed_reference_trains_exactly_as_the_in_step_one(tiny_dir, pairs
 def test_reference_free_objectives_train(tiny_dir, pairs_file, tmp_path, objective):
     out = tmp_path / objective
     summary = run_training(_config(tiny_dir, out, objective, pairs_file, steps=6,
-                                   **{"data.eval_source": str(pairs_file), "preference.beta": 1.0}),
+                                   **{"data.eval_source": str(pairs_file), "preference.beta": 1.0,
+                                      "train.eval_examples": 24}),
                            progress=False, log=lambda *_: None)
     # on the same held-out pairs, the chosen completions' mean log-probs move above the rejected ones'
     assert summary["eval_rewards/margins_after"] > summary["eval_rewards/margins_before"]
@@ -96,7 +99,8 @@ def test_reference_free_objectives_train(tiny_dir, pairs_file, tmp_path, objecti
 def test_kto_run_from_unpaired_records(tiny_dir, unpaired_file, pairs_file, tmp_path):
     out = tmp_path / "kto"
     summary = run_training(_config(tiny_dir, out, "kto", unpaired_file, steps=6,
-                                   **{"data.eval_source": str(pairs_file)}), progress=False, log=lambda *_: None)
+                                   **{"data.eval_source": str(pairs_file), "train.eval_examples": 24}), progress=False,
+                           log=lambda *_: None)
     rows = _rows(out)
     assert "kl" in rows[0] and rows[0]["kl"] == 0.0  # policy = reference at the first step
     assert summary["metric_after"] >= summary["metric_before"]

@@ -244,7 +244,7 @@ def test_prune_command_writes_the_model_and_its_report(tiny_dir, tmp_path):
 
     out = tmp_path / "pruned"
     args = ["prune", f"model.path={tiny_dir}", "prune.method=wanda", "prune.pattern=2:4", "calibration.samples=4",
-            "calibration.length=16", "evaluation.samples=2", "evaluation.length=16", f"output_dir={out}"]
+            "calibration.length=16", "evaluation.samples=2", "evaluation.length=16", f"prune.output_dir={out}"]
     assert main(args) == 0
     record = json.loads((out / "pruning.json").read_text())
     assert record["method"] == "wanda" and record["pattern"] == "2:4" and record["sparsity"] == 0.5

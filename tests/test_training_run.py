@@ -194,9 +194,14 @@ def check_exports_and_merge(run, tiny_dir, tmp_path, merges=True):
     from lowrax.cli import main
     from lowrax.train.runs import restore_run
 
-    assert main(["export-peft", str(run), str(tmp_path / "peft")]) == 0
+    assert main(["export-peft", str(run), str(tmp_path / "peft")]) == 0  # the finished run's adapter/, copied
+    # As an interrupted run exports (summary.json not yet written): restored from the newest checkpoint.
+    (run / "summary.json").rename(run / "summary.json.aside")
+    assert main(["export-peft", str(run), str(tmp_path / "peft-restored")]) == 0
+    (run / "summary.json.aside").rename(run / "summary.json")
     weights = next(n for n in ("adapter_model.safetensors", "adapter.safetensors") if (run / "adapter" / n).exists())
-    assert (tmp_path / "peft" / weights).read_bytes() == (run / "adapter" / weights).read_bytes()  # PEFT's, AdapterHub's
+    for exported in ("peft", "peft-restored"):  # PEFT's files, or AdapterHub's
+        assert (tmp_path / exported / weights).read_bytes() == (run / "adapter" / weights).read_bytes()
     assert (main(["merge", str(run), str(tmp_path / "merged")]) == 0) == merges
     _, model, trained = restore_run(run)
     ids = np.array([[1, 50, 300, 7000, 12]])

@@ -36,6 +36,7 @@ class PruneSection(Checked):
     dampening: PositiveFloat = DEFAULT_DAMPENING  # SparseGPT: Hessian dampening, a fraction of its mean diagonal
     chunk_rows: PositiveInt = 8  # calibration rows per forward (the device holds one chunk's activations)
     ignore: tuple[str, ...] = ()  # substrings of module names to leave dense
+    output_dir: str = "runs/pruned"  # the pruned model: HF safetensors + pruning.json + tokenizer
 
 
 @dataclass(frozen=True)
@@ -53,26 +54,22 @@ class PruneConfig:
     calibration: TextSection = field(default_factory=TextSection)
     # Held-out perplexity before and after pruning (0 samples: skip it).
     evaluation: TextSection = field(default_factory=lambda: TextSection(samples=16))
-    output_dir: str = "runs/pruned"  # the pruned model: HF safetensors + pruning.json + tokenizer
 
     def __post_init__(self):
         p = self.prune
         masks.pattern_sparsity(p.pattern, p.sparsity)  # named errors for a bad pattern or sparsity
         if self.calibration.samples < 1:
             raise ConfigValueError("calibration", "samples", self.calibration.samples, "an integer >= 1")
-        if not isinstance(self.output_dir, str):
-            raise ConfigValueError("", "output_dir", self.output_dir, "a string")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 _SECTIONS = {"model": PruneModelSection, "prune": PruneSection, "calibration": TextSection, "evaluation": TextSection}
-_TOP_LEVEL = ("output_dir",)
 
 
 def _valid_keys() -> list[str]:
-    return list(_TOP_LEVEL) + [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
+    return [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
 def _unknown(key: str) -> LowraxError:
@@ -86,22 +83,16 @@ def load_prune_config(path: str | Path | None = None, overrides: list[str] = ())
         p = Path(path)
         values = read_yaml_file(p) or {}
         if not isinstance(values, dict):
-            raise LowraxError(f"{p} must hold a mapping of sections ({', '.join(_SECTIONS)}) and output_dir")
+            raise LowraxError(f"{p} must hold a mapping of sections ({', '.join(_SECTIONS)})")
     values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
     for item in overrides:
         key, parts, raw = override_parts(item, "prune.sparsity=0.25")
-        if len(parts) == 1 and parts[0] in _TOP_LEVEL:
-            values[parts[0]] = override_value(key, raw)
-            continue
         if len(parts) != 2:
             raise _unknown(key)
         # YAML 1.1 reads 2:4 as the base-60 number 124: a pattern stays the string given
         values.setdefault(parts[0], {})[parts[1]] = raw.strip() if key == "prune.pattern" else override_value(key, raw)
     sections = {}
     for name, body in values.items():
-        if name in _TOP_LEVEL:
-            sections[name] = body
-            continue
         if name not in _SECTIONS:
             raise _unknown(name)
         if not isinstance(body, dict):

@@ -12,7 +12,7 @@ from lowrax.pruning.text import perplexity, read_texts, token_windows
 
 
 def run_prune(cfg: PruneConfig, overwrite: bool = False, log=print) -> dict:
-    """Prune the configured model and write it to `cfg.output_dir` (HF safetensors, tokenizer,
+    """Prune the configured model and write it to `cfg.prune.output_dir` (HF safetensors, tokenizer,
     pruning.json with the report). Returns the summary that pruning.json holds besides the modules."""
     import jax.numpy as jnp
 
@@ -20,11 +20,13 @@ def run_prune(cfg: PruneConfig, overwrite: bool = False, log=print) -> dict:
     from lowrax.models.pretrained import load_pretrained, load_tokenizer
 
     started = time.perf_counter()
-    out = check_output(cfg.output_dir, overwrite, (cfg.model.path, cfg.calibration.source, cfg.evaluation.source))
+    out = check_output(cfg.prune.output_dir, overwrite, (cfg.model.path, cfg.calibration.source, cfg.evaluation.source))
     model, params = load_pretrained(cfg.model.path, dtype=getattr(jnp, cfg.model.dtype))
     tokenizer = load_tokenizer(cfg.model.path)
     c, e = cfg.calibration, cfg.evaluation
-    calibration = token_windows(tokenizer, read_texts(c.source, "calibration", c.text_field), c.samples, c.length)
+    # Magnitude pruning needs no data: no calibration passes (nor their reconstruction errors) for it.
+    calibration = None if cfg.prune.method == "magnitude" else \
+        token_windows(tokenizer, read_texts(c.source, "calibration", c.text_field), c.samples, c.length)
     heldout = None
     if e.samples and model.is_causal_lm:
         heldout = token_windows(tokenizer, read_texts(e.source, "heldout", e.text_field), e.samples, e.length)

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 
 from lowrax.core.atomic import check_output
-from lowrax.merging.combine_adapters import combine_adapters
+from lowrax.merging.combine_adapters import FACTOR_TYPES, combine_adapters
 from lowrax.errors import LowraxError
 from lowrax.models.pretrained import base_model_name, base_model_path, load_pretrained, load_tokenizer
 from lowrax.peft.common import CONFIG
@@ -68,6 +68,7 @@ def merge_adapter_dirs(named: list[tuple[str, Path]], weights: list[float], out_
                        seed: int = 0, **options) -> Path:
     """Combine the adapters as `lowrax.combine_adapters` does and write the result as a PEFT adapter."""
     check_output(out_dir, overwrite, (model_path, *(d for _, d in named)))
+    _check_ranks_before_loading(named, combination_type)
     adapted = load_named_adapters(named, model_path)
     names = [n for n, _ in named]
     combined = combine_adapters(adapted.params, names, weights, "combined", combination_type,
@@ -75,3 +76,17 @@ def merge_adapter_dirs(named: list[tuple[str, Path]], weights: list[float], out_
     first = adapter_directory(named[0][1])
     base = recorded_base(read_adapter_config(first)) if model_path is None else base_model_name(model_path)
     return save_peft(combined, out_dir, adapted.model, base_model=base, overwrite=overwrite, adapter_name="combined")
+
+
+def _check_ranks_before_loading(named: list[tuple[str, Path]], combination_type: str) -> None:
+    """The factor types need equal ranks: refuse unequal ones from the adapters' configs, before the
+    base loads (the combination checks every layer again once loaded)."""
+    if combination_type not in FACTOR_TYPES:
+        return
+    configs = {name: read_adapter_config(adapter_directory(path)) for name, path in named}
+    if any(c.get("rank_pattern") for c in configs.values()):
+        return  # per-layer ranks: only the loaded layers tell
+    ranks = {name: c.get("r") for name, c in configs.items()}
+    if len(set(ranks.values())) > 1:
+        raise LowraxError(f"All adapters must have the same r value when using combination_type {combination_type} "
+                          f"(ranks: {ranks}); use cat or an svd type")

@@ -167,7 +167,9 @@ def preference_score(run: PreferenceRun, trainable, frozen, log, when: str, prog
     measured = run.evaluate(trainable, frozen, progress)
     if not measured:
         return {}
-    log(f"preference accuracy {when} training: {measured['preference_accuracy']:.3f} on {len(run.eval_pairs)} "
+    n = len(run.eval_pairs)
+    covered = str(n) if n == run.held_out else f"the first {n} of {run.held_out} (train.eval_examples)"
+    log(f"preference accuracy {when} training: {measured['preference_accuracy']:.3f} on {covered} "
         "held-out pairs (the policy gives the chosen completion the higher mean token log-probability)")
     out = {f"metric_{when}": measured.pop("preference_accuracy")}
     return {**out, **{f"{k}_{when}": v for k, v in measured.items()}}

@@ -55,7 +55,10 @@ class PreferenceRun:
             train = encode_pairs(tokenizer, train_records, d)
         else:
             train = encode_unpaired(tokenizer, train_records, d)
-        self.eval_pairs = encode_pairs(tokenizer, eval_records, d) if _is_paired(eval_records, cfg) else []
+        # The held-out metric scores the first train.eval_examples pairs (0: none), as the task metrics do.
+        scored = eval_records[: cfg.train.eval_examples]
+        self.eval_pairs = encode_pairs(tokenizer, scored, d) if _is_paired(scored, cfg) else []
+        self.held_out = len(eval_records)
         width = completion_width(train + self.eval_pairs, d.seq_len)
         self.batches = PreferenceBatches(train, d.seq_len, cfg.train.batch_size, d.shuffle_seed, pad, width)
         self.eval_batches = (PreferenceBatches(self.eval_pairs, d.seq_len, cfg.train.batch_size, 0, pad, width)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -17,7 +18,7 @@ import yaml
 from lowrax.adapters.registry import format_for_config, method_names
 from lowrax.adapters.tree import combine, merge, split
 from lowrax.errors import LowraxError
-from lowrax.core.atomic import check_output, write_text
+from lowrax.core.atomic import MARKER, check_output, write_directory, write_text
 from lowrax.core.run_lock import lock_run_directory
 from lowrax.io.hf_checkpoint import kernel_records, save_hf_directory
 from lowrax.models.pretrained import base_model_name, base_model_path, load_pretrained, load_preprocessor
@@ -113,11 +114,35 @@ def recorded_base(adapter_config: dict) -> str | None:
 
 
 def export_peft(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a run's adapter in PEFT format."""
+    """Write a run's adapter in PEFT format: a copy of the run's own `adapter/` when that holds the
+    newest checkpoint (no model is loaded), else restored from the newest checkpoint (an
+    interrupted run)."""
+    run_dir = Path(run_dir)
     check_output(out_dir, overwrite, (run_dir,))
+    current = finished_adapter(run_dir)
+    if current is not None:
+        def copy(staging: Path) -> None:
+            for f in current.iterdir():
+                if f.is_file() and f.name != MARKER:
+                    shutil.copy2(f, staging / f.name)
+        return write_directory(out_dir, copy, overwrite, (run_dir,))
     cfg, model, params, initial = restore_run(run_dir, with_initial=True)
     return save_peft(params, out_dir, model, base_model=base_model_name(cfg.model.path), overwrite=overwrite,
                      initial=initial)
+
+
+def finished_adapter(run_dir: Path) -> Path | None:
+    """The run's `adapter/` when it was written from the newest checkpoint: at the end of the run
+    (summary.json, written after it, names that checkpoint's step); None for an interrupted run."""
+    adapter, summary, checkpoints = run_dir / "adapter", run_dir / "summary.json", run_dir / "checkpoints"
+    if not (adapter / CONFIG).is_file() or not summary.is_file() or not checkpoints.is_dir():
+        return None
+    try:
+        steps = json.loads(summary.read_text()).get("steps")
+    except (OSError, ValueError, AttributeError):
+        return None
+    newest = max((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()), default=None)
+    return adapter if steps is not None and steps == newest else None
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, requantize: bool = False,

@@ -26,6 +26,7 @@ class TaskScorer:
     def __init__(self, model, tokenizer, records, cfg: TrainConfig, progress: bool = True):
         self.model, self.tokenizer, self.cfg, self.progress = model, tokenizer, cfg, progress
         self.records = records[: cfg.train.eval_examples]
+        self.held_out = len(records)  # the log says when the metric covers only the first eval_examples
         d = cfg.data
         self.kind = None
         # (the record field generation starts from, the field holding the reference output)
@@ -36,6 +37,11 @@ class TaskScorer:
             self.kind = "accuracy"
         elif self.records and all(f in self.records[0] for f in self.fields):
             self.kind = "exact_match"
+
+    def covered(self) -> str:
+        """How many held-out examples the metric scores: "64", or "the first 64 of 200 (train.eval_examples)"."""
+        n = len(self.records)
+        return str(n) if n == self.held_out else f"the first {n} of {self.held_out} (train.eval_examples)"
 
     def generations(self, params, records, desc: str = "generating") -> list[str]:
         tok, d = self.tokenizer, self.cfg.data
@@ -78,7 +84,7 @@ def score_run(scorer: TaskScorer, params, cfg: TrainConfig, log, when: str, prim
         return out
     if scorer.kind:
         out[f"metric_{when}"] = scorer.score(params, f"{when} training")
-        log(f"{scorer.kind} {when} training: {out[f'metric_{when}']:.3f} on {len(scorer.records)} held-out examples"
+        log(f"{scorer.kind} {when} training: {out[f'metric_{when}']:.3f} on {scorer.covered()} held-out examples"
             + (" (greedy output equal to the reference)" if scorer.kind == "exact_match" else ""))
     if scorer.kind == "exact_match" and cfg.train.samples:
         out[f"samples_{when}"] = _samples(scorer, params, cfg.train.samples, log, when)
