@@ -88,3 +88,13 @@ def test_unsupported_data_source_is_explained(tmp_path):
         load_records(DataSection(source=str(tmp_path / "data.parquetx")))
     with pytest.raises(LowraxError, match="does not exist"):
         load_records(DataSection(source=str(tmp_path / "missing.jsonl")))
+
+
+def test_text_records_end_with_eos_unless_they_are_fragments():
+    from lowrax.train.config import DataSection
+    from lowrax.train.data import encode_causal
+
+    tokenizer = lowrax.load_tokenizer(None)
+    whole, _ = encode_causal(tokenizer, {"text": "one line"}, "text", DataSection())
+    fragment, mask = encode_causal(tokenizer, {"text": "one line"}, "text", DataSection(text_eos=False))
+    assert whole == fragment + [tokenizer.eos_token_id] and mask == [1] * len(fragment)

@@ -39,7 +39,7 @@ def test_quick_start_and_cli_run_on_the_declared_dependencies(site, tmp_path):
     result = run_restricted(site, quick_start + cli, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(1, 5, 49152)" in result.stdout
-    assert (tmp_path / "smollm2-hf" / "model.safetensors").exists()
+    assert (tmp_path / "runs" / "smollm2-hf" / "model.safetensors").exists()
     assert ">>> What is the capital of France?" in result.stdout
     assert "PyTorch was not found" not in result.stderr  # transformers' advice is noise to lowrax's users
 

@@ -215,3 +215,35 @@ def check_exports_and_merge(run, tiny_dir, tmp_path, merges=True):
         assert not (tmp_path / "merged").exists()
     from_peft = lowrax.load_peft(base, tmp_path / "peft", model)
     assert np.abs(np.asarray(model.apply(from_peft, ids)) - adapted).max() <= 1e-5
+
+
+def test_a_text_run_reports_held_out_loss_and_perplexity_before_and_after(tiny_dir, tmp_path):
+    text = tmp_path / "news.txt"
+    text.write_text("".join(f"The {w} market rose by {n} points on {d}.\n" for w, n, d in
+                            zip(["stock", "bond", "gold", "oil"] * 6, range(24), ["Monday", "Friday"] * 12)))
+    common = {"data.source": text, "data.seq_len": 24, "optim.learning_rate": 0.01, "train.eval_examples": 4,
+              "train.samples": 2}
+    said = []
+    summary = run_training(load_config(None, overrides(tiny_dir, text, tmp_path / "full", 2, **common)),
+                           progress=False, log=said.append)
+    lines = [line for line in said if line.startswith("held-out loss")]
+    assert [line.split(":")[0] for line in lines] == ["held-out loss before training", "held-out loss after training"]
+    assert all("(perplexity " in line and "on 6 examples" in line for line in lines), lines
+    assert summary["eval_loss"] < summary["eval_loss_before"]
+    quick = []
+    summary = run_training(load_config(None, overrides(tiny_dir, text, tmp_path / "quick", 2, **common,
+                                                       **{"train.quick": "true"})), progress=False, log=quick.append)
+    assert "eval_loss_before" not in summary and "eval_loss" in summary
+    assert not any("before training" in line or "[after]" in line for line in quick), quick
+
+
+def test_epochs_set_the_steps_from_the_data(tiny_dir, data_file, tmp_path):
+    """48 records, a quarter held out: 36 training rows; one epoch at batch 8 is 36 / 8 -> 5 steps."""
+    said = []
+    items = [i for i in overrides(tiny_dir, data_file, tmp_path / "run", 30, **{
+        "train.epochs": 1, "train.batch_size": 8, "train.save_every": 0}) if not i.startswith("optim.total_steps=")]
+    summary = run_training(load_config(None, items), progress=False, log=said.append)
+    assert "train.epochs=1: 5 steps (36 rows per epoch, 8 per step)" in said
+    assert summary["steps"] == 5 and len(losses(tmp_path / "run")) == 5
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert (saved.train.steps, saved.train.epochs, saved.optim.total_steps) == (5, 1, 5)

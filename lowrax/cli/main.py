@@ -177,6 +177,12 @@ def cmd_train(args) -> int:
 
     print(f"config: {source}; output: {cfg.train.output_dir}", file=sys.stderr)
     summary = run_training(cfg, started=args.started)
+    if summary.get("eval_loss") is not None:
+        before = summary.get("eval_loss_before")
+        before = f"{before:.4f} before" if before is not None else "not measured before"
+        print(f"held-out loss: {before} -> {summary['eval_loss']:.4f} after training")
+    elif summary.get("final_loss") is not None:
+        print(f"training loss at the last step: {summary['final_loss']:.4f} (no held-out data to measure)")
     if summary.get("metric"):
         before = summary.get("metric_before")
         before = f"{before:.3f} before" if before is not None else "not scored before"

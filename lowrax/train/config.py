@@ -150,6 +150,7 @@ class DataSection(Checked):
     seq_len: Annotated[int, Bound(low=2)] = 64  # tokens per row (longer examples are truncated); seq2seq: the encoder's input
     target_len: PositiveInt = 32  # seq2seq: decoder tokens per row (the target and its EOS; longer ones are truncated)
     packing: bool = False  # pack several examples per row (attention never crosses examples)
+    text_eos: bool = True  # text: end each record with the end-of-text token (false: records are fragments of one text)
     loss_positions: Count = 0  # compute logits only at this many loss positions per row (0: at every position)
     eval_fraction: Probability = 0.05  # share of the data held out for evaluation (when eval_source is not set)
     eval_source: str | None = None  # a separate evaluation file or directory
@@ -163,6 +164,9 @@ class TrainSection(Checked):
     section_name = "train"
 
     steps: PositiveInt = 30  # optimizer steps
+    # Passes over the training data; when set, train.steps is derived from it: epochs x rows per epoch
+    # / (batch_size x grad_accum_steps), rounded up (the last batch is completed from the next shuffle).
+    epochs: Annotated[int, Bound(low=1)] | None = None
     batch_size: PositiveInt = 16  # examples (or packed rows) per micro-batch
     grad_accum_steps: PositiveInt = 1  # micro-batches per optimizer step
     remat: bool = False  # keep only each layer's input; the backward pass recomputes the rest (less memory, ~1 more forward)
@@ -174,6 +178,9 @@ class TrainSection(Checked):
     eval_max_new_tokens: PositiveInt = 16  # generation budget when scoring the task metric
     eval_examples: Count = 64  # held-out examples scored by the task metric (0: skip the metric)
     samples: Count = 3  # sample generations printed before and after training
+    # For quick experiments: no scoring before training and no sample generations (the held-out loss
+    # and metric after training are still measured; train.eval_examples=0 skips the metric too).
+    quick: bool = False
     resume: bool = True  # continue from the latest checkpoint in output_dir if there is one
     # A step whose loss or gradient is NaN or infinite: "stop" the run with an error naming the step (the
     # last checkpoint stays the newest), or "skip" its update and count it in metrics.jsonl ("skipped").
@@ -226,7 +233,7 @@ _SECTION_CLASSES = {"model": ModelSection, "optim": OptimizerConfig, "data": Dat
                     "mesh": MeshConfig, "dist": DistConfig}
 TOP_LEVEL = ("method", "objective")  # plain values beside the sections
 # Fields that may change when a run is resumed (they do not change what the steps compute).
-RESUMABLE = {"train.steps", "train.save_every", "train.max_checkpoints", "train.eval_every", "train.samples",
+RESUMABLE = {"train.steps", "train.save_every", "train.max_checkpoints", "train.eval_every", "train.samples", "train.quick", "train.epochs",
              "train.eval_examples", "train.eval_max_new_tokens", "train.resume", "train.output_dir", "train.nonfinite", "optim.total_steps",
              "mesh.data", "mesh.fsdp", "mesh.tensor", "dist.coordinator_address", "dist.num_processes",
              "dist.process_id", "dist.local_device_ids"}

@@ -34,6 +34,8 @@ def _load_dataset(source: str):
 
     from lowrax.train.image_data import image_folder_splits, is_image_folder
 
+    datasets.disable_progress_bars()  # its "Loading dataset from disk" bars would interleave with lowrax's
+
     path = Path(source).expanduser()
     if is_image_folder(path):
         return image_folder_splits(path)
@@ -143,7 +145,7 @@ def encode_causal(tokenizer, record: dict, fmt: str, cfg: DataSection) -> tuple[
             mask += [1 if trained else 0] * (len(upto) - len(ids))
             ids = upto
         return ids, mask
-    ids = list(tokenizer(record[cfg.text_field])["input_ids"]) + eos
+    ids = list(tokenizer(record[cfg.text_field])["input_ids"]) + (eos if cfg.text_eos else [])
     return ids, [1] * len(ids)
 
 
@@ -276,6 +278,11 @@ class Batches:
             current.append(i)
             used += n
         return rows + ([current] if current else [])
+
+    @property
+    def rows_per_epoch(self) -> int:
+        """Rows in one pass over the data: one per example, or the packed rows."""
+        return len(self._rows(0))
 
     def row_at(self, index: int) -> list[int]:
         """Example indices of the index-th row of the infinite stream of epochs."""

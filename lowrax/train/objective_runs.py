@@ -10,6 +10,7 @@ a setup here (and its name and sections in lowrax.objectives.registry).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -123,15 +124,30 @@ def _task_metric_run(ctx: RunContext, batches, eval_data, scorer: TaskScorer, **
     """An ObjectiveRun measured by the task's loss and metric (SFT, distillation)."""
     eval_loss = EvalLoss(ctx.model, eval_data, ctx.cfg, ctx.pad, ctx.mesh)
 
+    def held_out_loss(trainable, frozen, when: str, progress: bool) -> dict:
+        """The held-out loss (and, for token losses, perplexity), logged: what a text run is judged by."""
+        if not eval_data.ids:
+            return {}
+        loss = eval_loss(trainable, frozen, progress=progress)
+        perplexity = f" (perplexity {math.exp(min(loss, 700)):.2f})" if ctx.task in ("causal_lm", "seq2seq") else ""
+        ctx.log(f"held-out loss {when} training: {loss:.4f}{perplexity} on {len(eval_data.ids)} examples")
+        return {"eval_loss_before" if when == "before" else "eval_loss": loss}
+
     def score_start(trainable, frozen):
+        measured = held_out_loss(trainable, frozen, "before", ctx.progress)
+        return {**measured, **extra_start(trainable, frozen)}
+
+    def task_metric_start(trainable, frozen):
         return score_run(scorer, host_local(combine(trainable, frozen)), ctx.cfg, ctx.log, "before", ctx.primary)
 
+    extra_start = extra.pop("score_start", task_metric_start)
+
     def final_metrics(trainable, frozen, progress):
-        return {"eval_loss": eval_loss(trainable, frozen, progress=progress)} if eval_data.ids else {}
+        return held_out_loss(trainable, frozen, "after", progress)
 
     return ObjectiveRun(batches=batches, metric=scorer.kind,
                         evaluate=lambda trainable, frozen, progress=False: {"eval_loss": eval_loss(trainable, frozen, progress)},
-                        score_start=extra.pop("score_start", score_start), final_metrics=final_metrics,
+                        score_start=score_start, final_metrics=final_metrics,
                         score_final=lambda final: score_run(scorer, final, ctx.cfg, ctx.log, "after", ctx.primary),
                         **extra)
 

@@ -146,6 +146,10 @@ class PreferenceBatches:
         self.paired = len(examples[0].completions) == 2
         self._order: tuple[int, list[int]] | None = None
 
+    @property
+    def rows_per_epoch(self) -> int:
+        return len(self.examples)
+
     def indices(self, k: int) -> list[int]:
         """The examples of batch k: consecutive slices of per-epoch seeded shuffles."""
         n, b = len(self.examples), self.batch_size

@@ -86,7 +86,7 @@ def score_run(scorer: TaskScorer, params, cfg: TrainConfig, log, when: str, prim
         out[f"metric_{when}"] = scorer.score(params, f"{when} training")
         log(f"{scorer.kind} {when} training: {out[f'metric_{when}']:.3f} on {scorer.covered()} held-out examples"
             + (" (greedy output equal to the reference)" if scorer.kind == "exact_match" else ""))
-    if scorer.kind == "exact_match" and cfg.train.samples:
+    if scorer.kind == "exact_match" and cfg.train.samples and not cfg.train.quick:
         out[f"samples_{when}"] = _samples(scorer, params, cfg.train.samples, log, when)
     return out
 

@@ -13,6 +13,7 @@ the task before and after, and writes to `train.output_dir`:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -120,10 +121,24 @@ def _train_in(out: Path, cfg: TrainConfig, records: tuple, primary: bool, progre
     tokenizer = load_preprocessor(cfg.model.path, model)  # or an image model's ImageProcessor
     ctx = RunContext(cfg, model, params, tokenizer, data_task(model, cfg.model.task), train_records, eval_records,
                      mesh, primary, progress, log)
-    run = TrainingRun(ctx, objective_run(ctx), out)
+    objective = objective_run(ctx)
+    if cfg.train.epochs is not None:
+        ctx.cfg = with_epoch_steps(cfg, objective.batches.rows_per_epoch, log)
+    run = TrainingRun(ctx, objective, out)
     run.start()
     run.train()
     return run.finish(started)
+
+
+def with_epoch_steps(cfg: TrainConfig, rows_per_epoch: int, log) -> TrainConfig:
+    """cfg with train.steps set by train.epochs (and the schedule's length with it, unless set apart)."""
+    per_step = cfg.train.batch_size * cfg.train.grad_accum_steps
+    steps = -(-cfg.train.epochs * rows_per_epoch // per_step)
+    optim = cfg.optim
+    if optim.total_steps == max(cfg.train.steps, optim.warmup_steps):  # the schedule followed train.steps
+        optim = dataclasses.replace(optim, total_steps=max(steps, optim.warmup_steps))
+    log(f"train.epochs={cfg.train.epochs}: {steps} steps ({rows_per_epoch} rows per epoch, {per_step} per step)")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps), optim=optim)
 
 
 class TrainingRun:
@@ -165,7 +180,7 @@ class TrainingRun:
             origin = f" (imported from {meta['imported_from']})" if "imported_from" in meta else ""
             self.ctx.log(f"resumed from {self.out / 'checkpoints' / str(latest)} at step {self.start_step}{origin}")
         self.metrics.truncate(self.start_step)  # later lines will be recomputed identically
-        if self.objective.metric and self.start_step == 0 and not self.before:
+        if self.start_step == 0 and not self.before and not self.cfg.train.quick:
             # A fresh run, or an imported adapter: every process takes part, process 0 scores.
             self.before = self.objective.score_start(self.state.trainable, self.frozen)
         self.objective.on_training_start()
