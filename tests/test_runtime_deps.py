@@ -13,8 +13,8 @@ from tests.runtime_env import REPO, restricted_site, run_restricted
 
 def readme_quick_start() -> str:
     readme = (REPO / "README.md").read_text()
-    section = readme.split("## Quick start", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return "\n".join(re.findall(r"```python\n(.*?)```", section, re.S))  # every Python block, in order
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,8 @@ def test_quick_start_and_cli_run_on_the_declared_dependencies(site, tmp_path):
     )  # `lowrax chat` runs there in CI (scripts/check_first_hour.py), in the README's own environment
     result = run_restricted(site, quick_start + cli, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "(1, 5, 49152)" in result.stdout
+    assert "(1, 5, 49152)" in result.stdout and "2442240" in result.stdout
+    assert (tmp_path / "runs" / "my-adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "runs" / "smollm2-hf" / "model.safetensors").exists()
     assert ">>> What is the capital of France?" in result.stdout
     assert "PyTorch was not found" not in result.stderr  # transformers' advice is noise to lowrax's users
