@@ -137,9 +137,10 @@ def test_chat_streams_replies_and_keeps_the_conversation(finished_run, tiny_dir,
     assert main(["chat", "--adapter", str(finished_run), "--max-new-tokens", "5"]) == 0
     captured = capsys.readouterr()
     assert "trained on prompts without the chat template" in captured.err
-    replies = captured.out.splitlines()
-    assert "(conversation cleared)" in replies
-    first, second, _, after_reset = replies[:4]
+    lines = captured.out.splitlines()
+    assert lines[0] == "you> Hello there" and "(conversation cleared)" in lines  # piped: both turns marked
+    replies = [line.removeprefix("assistant> ") for line in lines if line.startswith("assistant> ")]
+    first, second, after_reset = replies[:3]
 
     _, model, params = restore_run(finished_run)
     tok = lowrax.load_tokenizer(tiny_dir)

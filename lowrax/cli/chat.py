@@ -2,7 +2,8 @@
 
 Each turn renders the whole conversation with the tokenizer's chat template and
 generates the reply with the KV-cache generator, printing text as soon as it
-decodes. `/reset` starts over, `/exit` (or end of input) leaves.
+decodes. `/reset` starts over, `/exit` (or end of input) leaves. With piped input the
+transcript shows each turn as `you> ...` / `assistant> ...`.
 """
 
 from __future__ import annotations
@@ -78,12 +79,14 @@ def chat_loop(model, params, tokenizer, *, sampling: SamplingConfig, max_new_tok
             continue
         if not text:
             continue
+        if not interactive:  # piped input is not echoed by a terminal: the transcript shows both turns
+            out.write(f"you> {text}\n")
         messages.append({"role": "user", "content": text})
         prompt = chat_ids(tokenizer, messages)
         while limit and len(prompt) + max_new_tokens > limit and len(messages) > len(start) + 1:
             messages = start + messages[len(start) + 2:]  # the oldest exchange goes first
             prompt = chat_ids(tokenizer, messages)
-        out.write("assistant> " if interactive else "")
+        out.write("assistant> ")
         printer = StreamPrinter(tokenizer, out, set(stops))
         generate_ids(model, params, [prompt], max_new_tokens, sampling, stops, pad, seed + turn, on_token=printer)
         messages.append({"role": "assistant", "content": printer.finish()})
