@@ -139,7 +139,17 @@ def test_a_second_process_on_a_run_directory_is_refused_with_the_holders_pid(tra
         lock_run_directory(trained_run).release()
     child.kill()
     child.wait()
-    lock_run_directory(trained_run).release()
+    after_kill = lock_run_directory(trained_run)  # the killed holder's pid is left for the next run to report
+    assert after_kill.killed_pid == child.pid
+    after_kill.release()
+    said = []
+    run_training(cfg, progress=False, log=said.append)  # a holder that released normally is no news
+    assert not any("ended without finishing" in line for line in said)
+    with open(trained_run / ".lowrax-lock", "w") as f:  # what a run killed by the OOM killer leaves
+        f.write(str(child.pid))
+    said = []
+    run_training(cfg, progress=False, log=said.append)
+    assert any(f"(pid {child.pid}) ended without finishing" in line for line in said), said
 
 
 def test_train_refuses_a_directory_of_someone_elses_files(tiny_dir, data_file, tmp_path):  # noqa: F811

@@ -2,7 +2,9 @@
 
 The lock is an `flock` on `.lowrax-lock` inside the directory, so the kernel releases it when the
 holder exits, even after kill -9: a crashed run never leaves a directory locked. The file holds
-the holder's pid for the error a second process gets.
+the holder's pid for the error a second process gets; `release()` empties it, so a pid found there
+by the next holder is that of a process that was killed (by the out-of-memory killer, say) before it
+could say anything.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ LOCK_FILE = ".lowrax-lock"
 class RunLock:
     """Held from `lock_run_directory` until `release()` (or the process's end)."""
 
-    def __init__(self, directory: Path, fd: int):
+    def __init__(self, directory: Path, fd: int, killed_pid: int | None = None):
         self.directory, self._fd = directory, fd
+        self.killed_pid = killed_pid  # the previous holder, when it ended without releasing
 
     def release(self) -> None:
         if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # ended knowingly: the next holder finds no pid
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
@@ -57,7 +61,8 @@ def lock_run_directory(directory: str | Path, key: str = "train.output_dir") -> 
         os.close(fd)
         raise LowraxError(f"{key} {directory} is in use by another lowrax process (pid {holder}); wait for it to "
                           f"finish or choose another {key}") from None
+    previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     remove_stale_staging(directory)
-    return RunLock(directory, fd)
+    return RunLock(directory, fd, int(previous) if previous.isdigit() else None)

@@ -98,6 +98,10 @@ def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: fl
     train_records, eval_records = load_records(cfg.data)  # a bad data source fails before the model loads
     cfg = with_num_labels(cfg, train_records)
     lock = lock_run_directory(out) if primary else None  # one process per run directory
+    if lock is not None and lock.killed_pid is not None:
+        log(f"note: the previous lowrax process in {out} (pid {lock.killed_pid}) ended without finishing: it was "
+            "killed, or the machine stopped (the out-of-memory killer leaves no message of its own: `dmesg` or the "
+            "system log says whether it struck); this run continues from the newest checkpoint")
     try:
         return _train_in(out, cfg, (train_records, eval_records), primary, progress, log, started)
     finally:
