@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrax.core.dropout import dropped_out
 from lowrax.errors import LowraxError
 
 ACTIVATIONS = {
@@ -128,7 +129,7 @@ def causal_mask(
 
 
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray, scale: float,
-              softcap: float | None = None, bias: jnp.ndarray | None = None) -> jnp.ndarray:
+              softcap: float | None = None, bias: jnp.ndarray | None = None, dropout: tuple = (0.0, None)) -> jnp.ndarray:
     """Grouped-query scaled dot-product attention.
 
     q [b, t, h, d], k and v [b, s, k, d] with h a multiple of k, mask [b, t, s]
@@ -136,6 +137,7 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
     value rather than -inf, so an all-masked row (a padding query) stays finite.
     softcap (Gemma 2): scores become softcap * tanh(scores / softcap) before masking.
     bias [b or 1, h, t, s] (T5's relative position bias): added to the scores before masking.
+    dropout (rate, key): dropout on the attention probabilities in a training step (see core.dropout).
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
@@ -146,7 +148,7 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
     if bias is not None:
         scores = scores + bias.astype(jnp.float32).reshape(bias.shape[0], kv_heads, h // kv_heads, *bias.shape[2:])
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = dropped_out(jax.nn.softmax(scores, axis=-1).astype(v.dtype), *dropout)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h * v.shape[-1])
 

@@ -72,7 +72,7 @@ def is_primary() -> bool:
 
 def sharded_train_step(model, optimizer, mesh: Mesh, state, frozen, *, grad_accum_steps: int = 1,
                        remat: bool = False, loss_fn=None, teacher=None, teacher_model=None, teacher_rules=None,
-                       skip_nonfinite: bool = False):
+                       skip_nonfinite: bool = False, model_dropout: bool = True):
     """(jitted step, state and frozen half placed on the mesh).
 
     Parameters, adapters, NF4 blocks and optimizer state are sharded by the rules;
@@ -90,7 +90,8 @@ def sharded_train_step(model, optimizer, mesh: Mesh, state, frozen, *, grad_accu
         teacher_sh = param_shardings(teacher, teacher_model, mesh, *([teacher_rules] if teacher_rules else []))
         shardings += (teacher_sh,)
     step = jax.jit(make_train_step(model, optimizer, grad_accum_steps=grad_accum_steps, remat=remat, loss_fn=loss_fn,
-                                   with_teacher=with_teacher, skip_nonfinite=skip_nonfinite),
+                                   with_teacher=with_teacher, skip_nonfinite=skip_nonfinite,
+                                   model_dropout=model_dropout),
                    in_shardings=shardings, out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
     if with_teacher:
         placed_teacher = shard(teacher, teacher_sh)

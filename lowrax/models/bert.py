@@ -19,6 +19,7 @@ from lowrax.core.tables import TRANSPOSE, TensorSpec
 from lowrax.core import layers
 from lowrax.models.base import Model, rows_for_adapters
 from lowrax.models.config_utils import field, head_labels
+from lowrax.core.dropout import dropped_out, layer_key, model_dropout_key, site_key
 from lowrax.core.node import resolve, virtual_tokens
 from lowrax.core.linear import embed, linear
 from lowrax.models.residual import add_residual, layer_sites, site_adapter
@@ -49,6 +50,9 @@ class BertConfig:
     hidden_act: str
     pad_token_id: int
     num_labels: int | None
+    hidden_dropout: float = 0.0  # hidden_dropout_prob: embeddings, each sublayer's output (training steps only)
+    attention_dropout: float = 0.0  # attention_probs_dropout_prob
+    classifier_dropout: float = 0.0  # classifier_dropout, else hidden_dropout_prob: before the head
     hf: dict = dc_field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -72,6 +76,11 @@ class BertConfig:
             hidden_act=field(hf, "hidden_act", default="gelu"),
             pad_token_id=int(field(hf, "pad_token_id", default=0)),
             num_labels=num_labels,
+            # transformers' defaults (0.1) where config.json leaves a rate out
+            hidden_dropout=float(hf.get("hidden_dropout_prob", 0.1)),
+            attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)),
+            classifier_dropout=float(hf["classifier_dropout"] if hf.get("classifier_dropout") is not None
+                                     else hf.get("hidden_dropout_prob", 0.1)),
             hf=dict(hf),
         )
 
@@ -150,16 +159,18 @@ class BertModel(Model):
             return jnp.cumsum(mask, axis=1) * mask + c.pad_token_id
         return jnp.broadcast_to(jnp.arange(t)[None, :], attention_mask.shape)
 
-    def _layer(self, p, x, mask):
+    def _layer(self, p, x, mask, drop=None):
         c = self.config
         b, t, _ = x.shape
         head_dim = c.hidden_size // c.num_heads
         a = p["attention"]
         q, k, v = (linear(x, a["self"][n]).reshape(b, t, c.num_heads, head_dim) for n in ("query", "key", "value"))
-        attn = linear(layers.attention(q, k, v, mask, head_dim**-0.5), a["output"]["dense"])
+        attn = layers.attention(q, k, v, mask, head_dim**-0.5, dropout=(c.attention_dropout, site_key(drop, 0)))
+        attn = dropped_out(linear(attn, a["output"]["dense"]), c.hidden_dropout, drop, 1)
         x = add_residual(attn, x, site_adapter(a, "output"),
                          lambda y: layers.layer_norm(y, a["output"]["LayerNorm"], c.layer_norm_eps))
         h = linear(layers.activation(c.hidden_act)(linear(x, p["intermediate"]["dense"])), p["output"]["dense"])
+        h = dropped_out(h, c.hidden_dropout, drop, 2)
         return add_residual(h, x, site_adapter(p, "output"),
                             lambda y: layers.layer_norm(y, p["output"]["LayerNorm"], c.layer_norm_eps))
 
@@ -175,6 +186,7 @@ class BertModel(Model):
         """Encode input_ids [b, t]; attention_mask [b, t] is 1 for tokens, 0 for padding.
         adapter_names: with named adapters, one name per row ("__base__": none)."""
         c = self.config
+        drop = model_dropout_key(params)
         params = resolve(rows_for_adapters(params, adapter_names, input_ids.shape[0]))
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -200,12 +212,13 @@ class BertModel(Model):
             position_ids = jnp.broadcast_to(jnp.arange(v + t)[None, :], (b, v + t))
         x = words + embed(token_type_ids, e["token_type_embeddings"])
         x = layers.layer_norm(x + embed(position_ids, e["position_embeddings"]), e["LayerNorm"], c.layer_norm_eps)
+        x = dropped_out(x, c.hidden_dropout, drop, 0)
         mask = jnp.broadcast_to(attention_mask.astype(bool)[:, None, :], (b, v + t, v + t))
         layer = self.layer(self._layer)
         for i in range(c.num_layers):
-            x = layer(root["encoder"]["layer"][str(i)], x, mask)
+            x = layer(root["encoder"]["layer"][str(i)], x, mask, layer_key(drop, i))
         pooled = jnp.tanh(linear(x[:, 0], root["pooler"]["dense"])) if "pooler" in root else None
-        return EncoderOutput(x[:, v:], pooled, self._classify(params, x, pooled))
+        return EncoderOutput(x[:, v:], pooled, self._classify(params, x, pooled, site_key(drop, 1)))
 
     def classifier_architecture(self) -> str:
         return "RobertaForSequenceClassification" if self.config.root == "roberta" else "BertForSequenceClassification"
@@ -223,12 +236,13 @@ class BertModel(Model):
     def word_embedding_table(self, params):
         return params[self.config.root]["embeddings"]["word_embeddings"]["embedding"]
 
-    def _classify(self, params, hidden, pooled):
+    def _classify(self, params, hidden, pooled, drop=None):
         if "classifier" not in params:
             return None
-        head = params["classifier"]
-        if self.config.root == "roberta":
-            return linear(jnp.tanh(linear(hidden[:, 0], head["dense"])), head["out_proj"])
+        head, rate = params["classifier"], self.config.classifier_dropout
+        if self.config.root == "roberta":  # RobertaClassificationHead: dropout before each of its two layers
+            first = linear(dropped_out(hidden[:, 0], rate, drop, 0), head["dense"])
+            return linear(dropped_out(jnp.tanh(first), rate, drop, 1), head["out_proj"])
         if pooled is None:
             raise LowraxError("a BERT classifier needs the pooler (bert/pooler/dense), which these params lack")
-        return linear(pooled, head)
+        return linear(dropped_out(pooled, rate, drop, 0), head)

@@ -11,6 +11,7 @@ import functools
 from dataclasses import dataclass, field as dc_field
 from typing import Any
 
+from lowrax.core.dropout import dropped_out, layer_key, model_dropout_key, site_key
 from lowrax.core.tables import TensorSpec
 from lowrax.core import layers
 from lowrax.models.base import CausalLM
@@ -37,6 +38,9 @@ class GPT2Config:
     bos_token_id: Any = None
     eos_token_id: Any = None
     pad_token_id: Any = None
+    embedding_dropout: float = 0.0  # embd_pdrop (training steps only, as the other two)
+    attention_dropout: float = 0.0  # attn_pdrop: on the attention probabilities
+    residual_dropout: float = 0.0  # resid_pdrop: on each sublayer's output
     hf: dict = dc_field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -61,6 +65,9 @@ class GPT2Config:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
+            embedding_dropout=float(hf.get("embd_pdrop", 0.1)),  # transformers' defaults where left out
+            attention_dropout=float(hf.get("attn_pdrop", 0.1)),
+            residual_dropout=float(hf.get("resid_pdrop", 0.1)),
             hf=dict(hf),
         )
 
@@ -103,7 +110,7 @@ class GPT2Model(CausalLM):
                     "mlp_in": ("c_fc",), "mlp_out": ("mlp.c_proj",), "norms": ("ln_1", "ln_2", "ln_f")}
     bare_prefix = "transformer."
 
-    def _attention(self, i, p, x, mask, kv_cache, cache_index):
+    def _attention(self, i, p, x, mask, kv_cache, cache_index, drop=None):
         c = self.config
         b, t, _ = x.shape
         q, k, v = (part.reshape(b, t, c.num_heads, c.head_dim) for part in
@@ -112,14 +119,17 @@ class GPT2Model(CausalLM):
         scale = c.head_dim**-0.5 if c.scale_attn_weights else 1.0
         if c.scale_attn_by_inverse_layer_idx:
             scale /= i + 1
-        return linear(layers.attention(q, k, v, mask, scale), p["c_proj"]), new_cache
+        attn = layers.attention(q, k, v, mask, scale, dropout=(c.attention_dropout, site_key(drop, 0)))
+        return dropped_out(linear(attn, p["c_proj"]), c.residual_dropout, drop, 1), new_cache
 
-    def _layer(self, i, p, x, mask, kv, cache_index):
+    def _layer(self, i, p, x, mask, kv, cache_index, drop=None):
         c = self.config
-        attn, kv = self._attention(i, p["attn"], layers.layer_norm(x, p["ln_1"], c.layer_norm_eps), mask, kv, cache_index)
+        attn, kv = self._attention(i, p["attn"], layers.layer_norm(x, p["ln_1"], c.layer_norm_eps), mask, kv, cache_index,
+                                   drop)
         x = add_residual(attn, x, site_adapter(p, "attention_adapters"))
         h = layers.layer_norm(x, p["ln_2"], c.layer_norm_eps)
         h = linear(layers.activation(c.hidden_act)(linear(h, p["mlp"]["c_fc"])), p["mlp"]["c_proj"])
+        h = dropped_out(h, c.residual_dropout, drop, 2)
         return add_residual(h, x, site_adapter(p, "output_adapters")), kv
 
     def bottleneck_sites(self) -> dict[str, tuple[str, int]]:
@@ -130,13 +140,16 @@ class GPT2Model(CausalLM):
         """Final-LayerNorm hidden states [b, t, hidden] and the updated KV cache.
         prompt_embeds [b, v, hidden]: virtual tokens before the input's (then t includes v)."""
         c = self.config
+        drop = model_dropout_key(params)
         tp = params["transformer"]
         x = self.with_prompt(embed(input_ids, tp["wte"]), prompt_embeds) + embed(positions, tp["wpe"])
+        x = dropped_out(x, c.embedding_dropout, drop, 0)
         mask = layers.causal_mask(self.query_slots(x, cache_index), key_valid)
         new_cache = [] if cache is not None else None
         for i in range(c.num_layers):
             kv = cache[i] if cache is not None else None
-            x, kv = self.layer(functools.partial(self._layer, i))(tp["h"][str(i)], x, mask, kv, cache_index)
+            x, kv = self.layer(functools.partial(self._layer, i))(tp["h"][str(i)], x, mask, kv, cache_index,
+                                                                   layer_key(drop, i))
             if new_cache is not None:
                 new_cache.append(kv)
         return layers.layer_norm(x, tp["ln_f"], c.layer_norm_eps), new_cache

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 import numpy as np
 
+from lowrax.core.dropout import dropped_out, layer_key, model_dropout_key, site_key
 from lowrax.core.node import resolve, virtual_tokens
 from lowrax.errors import LowraxError
 from lowrax.core.tables import TRANSPOSE, TensorSpec
@@ -55,6 +56,7 @@ class T5Config:
     decoder_start_token_id: int
     pad_token_id: int
     eos_token_id: Any
+    dropout: float = 0.0  # dropout_rate: embeddings, attention probabilities, sublayer outputs (training steps only)
     hf: dict = dc_field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -90,6 +92,7 @@ class T5Config:
             decoder_start_token_id=pad if start is None else int(start),
             pad_token_id=pad,
             eos_token_id=hf.get("eos_token_id", 1),
+            dropout=float(hf.get("dropout_rate", 0.1)),  # transformers' default where config.json leaves it out
             hf=dict(hf),
         )
 
@@ -201,35 +204,38 @@ class T5Model(Model):
         b, t, _ = x.shape
         return linear(x, p).reshape(b, t, self.config.num_heads, self.config.head_dim)
 
-    def _attend(self, p, q, k, v, mask, bias):
+    def _attend(self, p, q, k, v, mask, bias, drop=None, site: int = 0):
+        """Attention and its output projection, dropped out (sites `site` and `site` + 1) in a training step."""
         # T5 folds the 1/sqrt(d) scale into its initialisation: scores are plain dot products.
-        return linear(layers.attention(q, k, v, mask, 1.0, bias=bias), p["o"])
+        rate = self.config.dropout
+        out = layers.attention(q, k, v, mask, 1.0, bias=bias, dropout=(rate, site_key(drop, site)))
+        return dropped_out(linear(out, p["o"]), rate, drop, site + 1)
 
-    def _mlp(self, p, x):
-        act = layers.activation(self.config.hidden_act)
-        if self.config.gated:
-            return linear(act(linear(x, p["wi_0"])) * linear(x, p["wi_1"]), p["wo"])
-        return linear(act(linear(x, p["wi"])), p["wo"])
+    def _mlp(self, p, x, drop=None):
+        act, rate = layers.activation(self.config.hidden_act), self.config.dropout
+        inner = act(linear(x, p["wi_0"])) * linear(x, p["wi_1"]) if self.config.gated else act(linear(x, p["wi"]))
+        return dropped_out(linear(dropped_out(inner, rate, drop, 4), p["wo"]), rate, drop, 5)
 
-    def _encoder_layer(self, p, x, mask, bias):
+    def _encoder_layer(self, p, x, mask, bias, drop=None):
         a = p["layer"]["0"]
         h = self._norm(x, a["layer_norm"])
         s = a["SelfAttention"]
-        x = x + self._attend(s, self._heads(h, s["q"]), self._heads(h, s["k"]), self._heads(h, s["v"]), mask, bias)
+        x = x + self._attend(s, self._heads(h, s["q"]), self._heads(h, s["k"]), self._heads(h, s["v"]), mask, bias, drop)
         f = p["layer"]["1"]
-        return x + self._mlp(f["DenseReluDense"], self._norm(x, f["layer_norm"]))
+        return x + self._mlp(f["DenseReluDense"], self._norm(x, f["layer_norm"]), drop)
 
-    def _decoder_layer(self, p, x, self_mask, bias, cross_mask, cross_kv, self_kv, cache_index):
+    def _decoder_layer(self, p, x, self_mask, bias, cross_mask, cross_kv, self_kv, cache_index, drop=None):
         a = p["layer"]["0"]
         h = self._norm(x, a["layer_norm"])
         s = a["SelfAttention"]
         k, v, self_kv = self.update_cache(self_kv, self._heads(h, s["k"]), self._heads(h, s["v"]), cache_index)
-        x = x + self._attend(s, self._heads(h, s["q"]), k, v, self_mask, bias)
+        x = x + self._attend(s, self._heads(h, s["q"]), k, v, self_mask, bias, drop)
         c = p["layer"]["1"]
         h = self._norm(x, c["layer_norm"])
-        x = x + self._attend(c["EncDecAttention"], self._heads(h, c["EncDecAttention"]["q"]), *cross_kv, cross_mask, None)
+        x = x + self._attend(c["EncDecAttention"], self._heads(h, c["EncDecAttention"]["q"]), *cross_kv, cross_mask, None,
+                             drop, site=2)
         f = p["layer"]["2"]
-        return x + self._mlp(f["DenseReluDense"], self._norm(x, f["layer_norm"])), self_kv
+        return x + self._mlp(f["DenseReluDense"], self._norm(x, f["layer_norm"]), drop), self_kv
 
     # --- the two stacks ------------------------------------------------------------------
 
@@ -238,16 +244,16 @@ class T5Model(Model):
         params = self._resolved(params, adapter_names, input_ids.shape[0])
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        enc = params["encoder"]
-        x = embed(input_ids, params["shared"])
+        enc, drop = params["encoder"], site_key(model_dropout_key(params), 0)
+        x = dropped_out(embed(input_ids, params["shared"]), self.config.dropout, drop, 0)
         t = input_ids.shape[1]
         bias = self._position_bias(enc["block"]["0"]["layer"]["0"]["SelfAttention"]["relative_attention_bias"],
                                    jnp.arange(t), t, bidirectional=True)
         mask = jnp.broadcast_to(attention_mask.astype(bool)[:, None, :], (x.shape[0], t, t))
         layer = self.layer(self._encoder_layer)
         for i in range(self.config.num_layers):
-            x = layer(enc["block"][str(i)], x, mask, bias)
-        return self._norm(x, enc["final_layer_norm"])
+            x = layer(enc["block"][str(i)], x, mask, bias, layer_key(drop, i))
+        return dropped_out(self._norm(x, enc["final_layer_norm"]), self.config.dropout, drop, 1)
 
     def cross_key_values(self, params, encoder_hidden):
         """Every decoder layer's cross-attention keys and values over the encoder output (computed
@@ -267,8 +273,8 @@ class T5Model(Model):
         With a cache (`init_cache`), the t tokens take slots cache_index.. and attend over every
         written slot; without one they attend causally over themselves."""
         params = resolve(params)
-        dec = params["decoder"]
-        x = embed(decoder_input_ids, params["shared"])
+        dec, drop = params["decoder"], site_key(model_dropout_key(params), 1)
+        x = dropped_out(embed(decoder_input_ids, params["shared"]), self.config.dropout, drop, 0)
         b, t = decoder_input_ids.shape
         key_length = t if cache is None else cache[0][0].shape[1]
         start = 0 if cache_index is None else cache_index
@@ -283,10 +289,11 @@ class T5Model(Model):
         new_cache = [] if cache is not None else None
         for i in range(self.config.num_decoder_layers):
             kv = None if cache is None else cache[i]
-            x, kv = layer(dec["block"][str(i)], x, self_mask, bias, cross_mask, cross_kv[i], kv, cache_index)
+            x, kv = layer(dec["block"][str(i)], x, self_mask, bias, cross_mask, cross_kv[i], kv, cache_index,
+                          layer_key(drop, i))
             if new_cache is not None:
                 new_cache.append(kv)
-        return self._norm(x, dec["final_layer_norm"]), new_cache
+        return dropped_out(self._norm(x, dec["final_layer_norm"]), self.config.dropout, drop, 1), new_cache
 
     def logits_from_hidden(self, params, hidden):
         if self.config.scale_decoder_outputs:

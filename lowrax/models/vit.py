@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
+from lowrax.core.dropout import dropped_out, layer_key, model_dropout_key, site_key
 from lowrax.core.node import resolve, virtual_tokens
 from lowrax.errors import LowraxError
 from lowrax.core.tables import TRANSPOSE, TensorSpec
@@ -46,6 +47,8 @@ class ViTConfig:
     num_channels: int
     qkv_bias: bool
     num_labels: int | None
+    hidden_dropout: float = 0.0  # hidden_dropout_prob: embeddings, each sublayer's output (training steps only)
+    attention_dropout: float = 0.0  # attention_probs_dropout_prob
     hf: dict = dc_field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -74,6 +77,8 @@ class ViTConfig:
             num_channels=int(hf.get("num_channels", 3)),
             qkv_bias=bool(hf.get("qkv_bias", True)),
             num_labels=num_labels,
+            hidden_dropout=float(hf.get("hidden_dropout_prob", 0.0)),  # transformers' ViT defaults: 0
+            attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.0)),
             hf=dict(hf),
         )
 
@@ -189,7 +194,7 @@ class ViTModel(Model):
         cls = jnp.broadcast_to(e["cls_token"].astype(x.dtype), (b, 1, c.hidden_size))
         return jnp.concatenate([cls, x], axis=1) + e["position_embeddings"].astype(x.dtype)
 
-    def _layer(self, p, x):
+    def _layer(self, p, x, drop=None):
         c = self.config
         b, t, _ = x.shape
         head_dim = c.hidden_size // c.num_heads
@@ -197,12 +202,15 @@ class ViTModel(Model):
         h = layers.layer_norm(x, p["layernorm_before"], c.layer_norm_eps)
         q, k, v = (linear(h, a[n]).reshape(b, t, c.num_heads, head_dim) for n in ("q_proj", "k_proj", "v_proj"))
         mask = jnp.ones((b, t, t), bool)
-        x = x + linear(layers.attention(q, k, v, mask, head_dim**-0.5), a["o_proj"])
+        attn = layers.attention(q, k, v, mask, head_dim**-0.5, dropout=(c.attention_dropout, site_key(drop, 0)))
+        x = x + dropped_out(linear(attn, a["o_proj"]), c.hidden_dropout, drop, 1)
         h = layers.layer_norm(x, p["layernorm_after"], c.layer_norm_eps)
-        return x + linear(layers.activation(c.hidden_act)(linear(h, p["mlp"]["fc1"])), p["mlp"]["fc2"])
+        h = linear(layers.activation(c.hidden_act)(linear(h, p["mlp"]["fc1"])), p["mlp"]["fc2"])
+        return x + dropped_out(h, c.hidden_dropout, drop, 2)
 
     def apply(self, params, pixel_values, adapter_names=None) -> EncoderOutput:
         """Encode pixel_values [b, channels, height, width] as the image processor makes them."""
+        drop = model_dropout_key(params)
         params = resolve(rows_for_adapters(params, adapter_names, pixel_values.shape[0]))
         prompt = virtual_tokens(params)
         if prompt is not None:
@@ -210,10 +218,11 @@ class ViTModel(Model):
                               "decoder-only LMs and BERT encoders")
         vit = params["vit"]
         dtype = self.activation_dtype(params)
-        x = self._embed(vit["embeddings"], jnp.asarray(pixel_values).astype(dtype))
+        x = dropped_out(self._embed(vit["embeddings"], jnp.asarray(pixel_values).astype(dtype)),
+                        self.config.hidden_dropout, drop, 0)
         layer = self.layer(self._layer)
         for i in range(self.config.num_layers):
-            x = layer(vit["layers"][str(i)], x)
+            x = layer(vit["layers"][str(i)], x, layer_key(drop, i))
         x = layers.layer_norm(x, vit["layernorm"], self.config.layer_norm_eps)
         pooled = jnp.tanh(linear(x[:, 0], vit["pooler"]["dense"])) if "pooler" in vit else None
         logits = linear(x[:, 0], params["classifier"]) if "classifier" in params else None

@@ -170,6 +170,9 @@ class TrainSection(Checked):
     batch_size: PositiveInt = 16  # examples (or packed rows) per micro-batch
     grad_accum_steps: PositiveInt = 1  # micro-batches per optimizer step
     remat: bool = False  # keep only each layer's input; the backward pass recomputes the rest (less memory, ~1 more forward)
+    # The model config's own dropout (BERT's hidden_dropout_prob, GPT-2's resid_pdrop, ...) in training
+    # steps, as transformers applies it in train mode; false: the model trains as in eval mode.
+    model_dropout: bool = True
     seed: Count = 0  # adapter init and dropout
     output_dir: str = "runs/default"  # checkpoints, PEFT adapter, metrics.jsonl, loss curve
     save_every: Count = 10  # steps between checkpoints (0: only at the end)

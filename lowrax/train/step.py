@@ -17,9 +17,12 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from lowrax.core.dropout import with_model_dropout
 from lowrax.core.node import resolve
 from lowrax.objectives.logps import classifier_logits, target_logps
 from lowrax.adapters.tree import after_update, combine, penalty, precondition_grads, with_dropout_keys
+
+MODEL_DROPOUT_STREAM = 0x6D6F64  # folded into the step's key for the model's own dropout (adapters use 0, 1, ...)
 
 
 @struct.dataclass
@@ -91,7 +94,8 @@ def task_loss(model):
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
-                    remat: bool = False, loss_fn=None, with_teacher: bool = False, skip_nonfinite: bool = False):
+                    remat: bool = False, loss_fn=None, with_teacher: bool = False, skip_nonfinite: bool = False,
+                    model_dropout: bool = True):
     """Build `train_step(state, frozen, batch) -> (state, metrics)`; jit it at the call site.
 
     with_teacher: the step is `train_step(state, frozen, batch, teacher)` and the loss
@@ -103,6 +107,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
     (see `models.base.recomputed_in_backward`): less memory for about one more forward.
     `skip_nonfinite`: a step whose loss or gradient is not finite leaves the state as it was
     (the rng excepted) and reports `skipped` = 1 in its metrics.
+    `model_dropout`: the model config's own dropout rates apply in the step, as transformers applies
+    them in train mode (`core.dropout`); False trains the model as in eval mode.
     """
     model = model.with_remat(remat)
     # loss_fn(model, params, batch) -> (loss sum, count) or (loss sum, count, {metric: sum}):
@@ -115,6 +121,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, grad_accu
         (AdaLoRA's orthogonality term) enters each micro-batch weighted by its token count, so
         the step's gradient is that of mean task loss + regulariser with any accumulation."""
         params = with_dropout_keys(combine(trainable, frozen), rng)
+        if model_dropout:
+            params = with_model_dropout(params, jax.random.fold_in(rng, MODEL_DROPOUT_STREAM))
         loss_sum, count, *sums = loss_fn(model, params, batch, teacher) if with_teacher else loss_fn(model, params, batch)
         # An objective's own metrics come as sums over the micro-batch, divided by the count like the loss.
         extra = {"sums": sums[0]} if sums else {}

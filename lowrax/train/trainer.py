@@ -159,7 +159,7 @@ class TrainingRun:
         self.step_fn, self.state, self.frozen = sharded_train_step(
             ctx.model, optimizer, ctx.mesh, init_state(trainable, optimizer, cfg.train.seed), frozen,
             grad_accum_steps=cfg.train.grad_accum_steps, remat=cfg.train.remat, loss_fn=objective.loss_fn,
-            skip_nonfinite=cfg.train.nonfinite == "skip", **objective.step_args)
+            skip_nonfinite=cfg.train.nonfinite == "skip", model_dropout=cfg.train.model_dropout, **objective.step_args)
         ctx.params = None  # the step owns the arrays now
         if ctx.primary:
             out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,47 @@
+"""The models' own dropout, as transformers applies it in train mode (`hidden_dropout_prob`,
+`attention_probs_dropout_prob`, GPT-2's `resid_pdrop` ...), and only in a training step.
+
+A training step puts a PRNG key in the tree under `model_dropout` (`with_model_dropout`); a family
+reads it back (`model_dropout_key`) and drops out at its config's sites. Without the key (every
+forward outside a training step: evaluation, generation, scoring) the model is deterministic, as
+transformers' is in eval mode. Each site draws from its own key folded from the step's, so a step is
+a pure function of its key, and recomputing a layer in the backward pass (remat) redraws the same
+mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+DROPOUT_KEY = "model_dropout"  # the top-level tree entry a training step adds
+LAYER_SITES = 1000  # keys below are the model's own sites (embeddings, head); layer i folds in LAYER_SITES + i
+
+
+def with_model_dropout(params: dict, key) -> dict:
+    return {**params, DROPOUT_KEY: key}
+
+
+def model_dropout_key(params: Any):
+    """The training step's dropout key, or None (no dropout) outside a training step."""
+    return params.get(DROPOUT_KEY) if isinstance(params, dict) else None
+
+
+def site_key(key, site: int):
+    """The key of one dropout site (or of a layer, whose sites fold in again); None stays None."""
+    return None if key is None else jax.random.fold_in(key, site)
+
+
+def layer_key(key, index: int):
+    return site_key(key, LAYER_SITES + index)
+
+
+def dropped_out(x: jnp.ndarray, rate: float, key, site: int = 0) -> jnp.ndarray:
+    """Inverted dropout: each element zeroed with probability `rate`, the rest scaled by 1 / (1 - rate);
+    `x` itself when there is no key or the rate is 0."""
+    if key is None or not rate:
+        return x
+    keep = jax.random.bernoulli(jax.random.fold_in(key, site), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
