@@ -114,7 +114,7 @@ FORMATS = ("prompt_response", "messages", "text", "classification", "seq2seq", "
 class ModelSection(Checked):
     section_name = "model"
 
-    path: str | None = None  # HF directory or .gguf file; None = the embedded SmolLM2-135M-Instruct
+    path: str | None = None  # HF directory or .gguf file; None = the embedded SmolLM2-135M-Instruct (its Q4_1 GGUF, dequantized)
     dtype: Annotated[str, OneOf(DTYPE_NAMES)] = "float32"  # dtype of the frozen base (adapters stay float32)
     task: str = "causal_lm"  # causal_lm | classification (text or image encoders with a classification head) | seq2seq (T5)
     num_labels: Annotated[int, Bound(low=2)] | None = None  # classification: size of a fresh head, trained in full (None: 1 + the largest training label)

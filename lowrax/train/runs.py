@@ -21,7 +21,8 @@ from lowrax.errors import LowraxError
 from lowrax.core.atomic import MARKER, check_output, write_directory, write_text
 from lowrax.core.run_lock import lock_run_directory
 from lowrax.io.hf_checkpoint import kernel_records, save_hf_directory
-from lowrax.models.pretrained import base_model_name, base_model_path, load_pretrained, load_preprocessor
+from lowrax.models.pretrained import (base_model_name, base_model_path, is_embedded, load_pretrained,
+                                      load_preprocessor)
 from lowrax.peft.common import CONFIG, WEIGHTS
 from lowrax.peft.format import load_peft, read_adapter_config, save_peft
 from lowrax.merging.requantize import merge_requantized
@@ -169,6 +170,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
             "(per-module figures in merge_report.json)")
     else:
         merged, report = merge(params, keep_sparsity=keep_sparsity), None
+    if is_embedded(cfg.model.path):
+        log("note: the embedded base is SmolLM2-135M-Instruct after 4-bit (Q4_1) quantization: the merged float "
+            "weights carry that rounding; merge onto the original checkpoint with PEFT to avoid it")
     if records and keep_sparsity:
         log(f"sparsity kept: the adapter's delta is masked where the base was pruned, so the merged layers keep "
             f"its zeros (recorded in {', '.join(records)})")
