@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LOWRAX = [sys.executable, "-m", "lowrax.cli.main"]
+LOWRAX = [sys.executable, "-m", "lowrax"]
 
 
 def step(name: str, command: list[str], cwd: Path, stdin: str | None = None, env: dict | None = None) -> str:

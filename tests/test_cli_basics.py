@@ -28,6 +28,9 @@ def test_help_and_version_do_not_import_jax():
         assert child.returncode == 0, child.stderr
     version = _run_without_jax(["--version"]).stdout.strip()
     assert version.startswith("lowrax 0.") and "jax " in version and "Python 3." in version and "\n" not in version
+    as_module = subprocess.run([sys.executable, "-m", "lowrax", "--version"], capture_output=True, text=True, cwd=ROOT,
+                               timeout=120)  # `python -m lowrax` is the same command
+    assert as_module.returncode == 0 and as_module.stdout.strip() == version and not as_module.stderr
 
 
 def test_every_argument_of_every_command_has_help():
@@ -37,6 +40,18 @@ def test_every_argument_of_every_command_has_help():
     assert missing == []
     summaries = {a.dest: a.help for a in parser._subparsers._group_actions[0]._choices_actions}
     assert set(summaries) == set(commands) and all(summaries.values())
+
+
+def test_train_help_lists_the_registered_methods_objectives_and_tasks():
+    import lowrax
+    from lowrax.cli.main import TRAIN_METHODS, TRAIN_OBJECTIVES, TRAIN_TASKS
+    from lowrax.objectives.registry import objective_names
+    from lowrax.train.tasks import task_names
+
+    assert (list(TRAIN_METHODS), list(TRAIN_OBJECTIVES), list(TRAIN_TASKS)) == \
+        (lowrax.method_names(), objective_names(), task_names())
+    child = _run_without_jax(["train", "--help"])
+    assert "methods (method=NAME" in child.stdout and "prefix_tuning" in child.stdout and "distill" in child.stdout
 
 
 def test_help_config_is_a_preset_of_the_config_the_command_would_use(tmp_path, capsys):

@@ -24,6 +24,26 @@ from pathlib import Path
 COMBINATION_TYPES = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd",
                      "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 MERGE_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "linear")
+# What `lowrax train --help` lists, kept here for the same reason (tests/test_cli_basics.py checks
+# them against the registries).
+TRAIN_METHODS = ("adalora", "bottleneck", "ia3", "ln_tuning", "loha", "lokr", "lora", "oft", "p_tuning",
+                 "prefix_tuning", "prompt_tuning")
+TRAIN_OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "distill")
+TRAIN_TASKS = ("causal_lm", "classification", "seq2seq")
+TRAIN_EPILOG = f"""\
+methods (method=NAME, settings in the section NAME): {", ".join(TRAIN_METHODS)}
+  LoRA variants: lora.variant=lora_fa|dora|vera|delta_lora, lora.init=pissa, lora.use_rslora=true
+objectives (objective=NAME): {", ".join(TRAIN_OBJECTIVES)}
+tasks (model.task=NAME): {", ".join(TRAIN_TASKS)}
+
+examples:
+  lowrax train                                        the default fine-tune (configs/default.yaml)
+  lowrax train data.source=my.jsonl model.path=DIR train.epochs=3
+  lowrax train data.source=notes.txt train.quick=true
+  lowrax train configs/qlora.yaml lora.r=8            a preset, then overrides
+  lowrax train train.output_dir=runs/default train.steps=60   continue a run
+  lowrax train --help-config method=ia3               every key of that run, with its value and meaning
+"""
 OVERWRITE_HELP = ("replace the output directory if lowrax wrote it (never a directory of other files, nor the "
                   "command's input)")
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -271,7 +291,8 @@ def cmd_merge_models(args) -> int:
 
 def _add_run_commands(sub) -> None:
     """train, generate, chat, convert."""
-    t = sub.add_parser("train", help="adapter fine-tune (default: LoRA on SmolLM2 and the embedded date task)")
+    t = sub.add_parser("train", help="adapter fine-tune (default: LoRA on SmolLM2 and the embedded date task)",
+                       epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [section.key=value]",
                    help="a YAML preset (default configs/default.yaml) followed by overrides such as lora.r=8 "
                         "or method=ia3")
