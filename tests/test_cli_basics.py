@@ -79,3 +79,9 @@ def test_override_only_runs_on_other_data_start_from_the_built_in_defaults(tmp_p
                                                                       f"train.output_dir={out}"])
     cfg, source = train_config([f"train.output_dir={out}"])
     assert source.endswith("default.yaml") and cfg.data.loss_positions == 12
+
+
+def test_the_default_preset_is_found_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the source tree's is used
+    cfg, source = train_config([f"train.output_dir={tmp_path / 'run'}"])
+    assert source == str(ROOT / "configs" / "default.yaml") and cfg.data.loss_positions == 12

@@ -155,7 +155,9 @@ def cmd_chat(args) -> int:
 
 
 def _default_config() -> str | None:
-    for candidate in (Path.cwd() / "configs" / "default.yaml", Path(__file__).resolve().parent.parent / "configs" / "default.yaml"):
+    """configs/default.yaml of the working directory, else of the source tree lowrax runs from (an
+    editable install), so `lowrax train` trains the same run from any directory."""
+    for candidate in (Path.cwd() / "configs" / "default.yaml", Path(__file__).resolve().parents[2] / "configs" / "default.yaml"):
         if candidate.exists():
             return str(candidate)
     return None
