@@ -179,9 +179,9 @@ def train_config(items: list[str]):
     if items and "=" not in items[0]:
         path = items.pop(0)
         return load_config(path, items), path
-    own_data = load_config(None, items)
-    cfg, source = (own_data, "built-in defaults") if own_data.data.source != "default" else \
-        (load_config(_default_config(), items), _default_config() or "built-in defaults")
+    own_data, preset = load_config(None, items), _default_config()
+    cfg, source = (own_data, "built-in defaults") if own_data.data.source != "default" or preset is None else \
+        (load_config(preset, items), preset)
     out = Path(cfg.train.output_dir)
     if (out / "config.yaml").exists():
         return load_run_config(out, items), f"{out / 'config.yaml'} (the run being continued)"

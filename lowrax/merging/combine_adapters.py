@@ -79,9 +79,7 @@ def combine_adapters(params: Any, adapters: Sequence[str], weights: Sequence[flo
     layers = _layers(params, slots)  # {path: (slot node, {index in adapters: (a, b, scale)})}
     ranks = [max((f[i][0].shape[1] for _, f in layers.values() if i in f), default=0) for i in range(len(adapters))]
     if combination_type in FACTOR_TYPES:
-        if len(set(ranks)) != 1:
-            raise LowraxError("All adapters must have the same r value when using combination_type linear, ties, "
-                              f"dare_ties or dare_linear (ranks: {dict(zip(adapters, ranks))}); use cat or an svd type")
+        check_equal_ranks(dict(zip(adapters, ranks)), combination_type)
         new_rank = ranks[0]
     elif combination_type == "cat":
         new_rank = sum(ranks)
@@ -149,6 +147,13 @@ def _masks(keep_masks, layer: str, part: str, order, shape) -> list | None:
             raise LowraxError(f"keep mask for {layer} {part} (adapter {i}) has shape {mask.shape}, expected {tuple(shape)}")
         masks.append(mask)
     return masks
+
+
+def check_equal_ranks(ranks: dict, combination_type: str) -> None:
+    """The factor-wise types combine A and B entry by entry: every adapter needs the same rank (PEFT's rule)."""
+    if combination_type in FACTOR_TYPES and len(set(ranks.values())) > 1:
+        raise LowraxError(f"All adapters must have the same r value when using combination_type {combination_type} "
+                          f"(ranks: {ranks}); use cat or an svd type")
 
 
 def _factor_wise(rule, layer, factors: dict, weights, density, sign_method, keep_masks):

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 
 from lowrax.core.atomic import check_output
-from lowrax.merging.combine_adapters import FACTOR_TYPES, combine_adapters
+from lowrax.merging.combine_adapters import FACTOR_TYPES, check_equal_ranks, combine_adapters
 from lowrax.errors import LowraxError
 from lowrax.models.pretrained import base_model_name, base_model_path, load_pretrained, load_tokenizer
 from lowrax.peft.common import CONFIG
@@ -86,7 +86,4 @@ def _check_ranks_before_loading(named: list[tuple[str, Path]], combination_type:
     configs = {name: read_adapter_config(adapter_directory(path)) for name, path in named}
     if any(c.get("rank_pattern") for c in configs.values()):
         return  # per-layer ranks: only the loaded layers tell
-    ranks = {name: c.get("r") for name, c in configs.items()}
-    if len(set(ranks.values())) > 1:
-        raise LowraxError(f"All adapters must have the same r value when using combination_type {combination_type} "
-                          f"(ranks: {ranks}); use cat or an svd type")
+    check_equal_ranks({name: c.get("r") for name, c in configs.items()}, combination_type)

@@ -294,8 +294,22 @@ def from_dict(values: dict) -> TrainConfig:
     cfg = TrainConfig(method=method, objective=objective, **sections)
     if "total_steps" not in values.get("optim", {}):
         # The schedule spans the run unless set explicitly.
-        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, total_steps=max(cfg.train.steps, cfg.optim.warmup_steps)))
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(
+            cfg.optim, total_steps=schedule_length(cfg.train.steps, cfg.optim.warmup_steps)))
     return cfg
+
+
+def schedule_length(steps: int, warmup_steps: int) -> int:
+    """optim.total_steps when not set apart: the run's steps (at least the warmup)."""
+    return max(steps, warmup_steps)
+
+
+def with_steps(cfg: TrainConfig, steps: int) -> TrainConfig:
+    """cfg with train.steps = `steps`; a schedule that followed the old steps follows the new ones."""
+    optim = cfg.optim
+    if optim.total_steps == schedule_length(cfg.train.steps, optim.warmup_steps):
+        optim = dataclasses.replace(optim, total_steps=schedule_length(steps, optim.warmup_steps))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps), optim=optim)
 
 
 def _method_name(method):
@@ -373,7 +387,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> TrainConf
     optim, train = values.get("optim") or {}, values.get("train") or {}
     if not isinstance(optim, dict) or not isinstance(train, dict):
         raise LowraxError(f"{path}: sections optim and train must be mappings; the run's config is damaged")
-    if optim.get("total_steps") == max(train.get("steps", 0), optim.get("warmup_steps", 0)):
+    if optim.get("total_steps") == schedule_length(train.get("steps", 0), optim.get("warmup_steps", 0)):
         optim.pop("total_steps")
     return from_dict(apply_overrides(values, list(overrides)))
 

@@ -29,7 +29,7 @@ from lowrax.train.data import Batches, encode_all, loss_width
 from lowrax.train.eval_loss import EvalLoss
 from lowrax.train.on_policy import is_on_policy_step, with_student_completions
 from lowrax.train.preference_run import PreferenceRun, preference_records
-from lowrax.train.scoring import TaskScorer, score_run
+from lowrax.train.scoring import TaskScorer, covered, score_run
 from lowrax.train.teacher import load_teacher
 from lowrax.train.teacher_logits import WithTeacherLogits, teacher_logits_store
 
@@ -133,14 +133,13 @@ def _task_metric_run(ctx: RunContext, batches, eval_data, scorer: TaskScorer, **
         ctx.log(f"held-out loss {when} training: {loss:.4f}{perplexity} on {len(eval_data.ids)} examples")
         return {"eval_loss_before" if when == "before" else "eval_loss": loss}
 
-    def score_start(trainable, frozen):
-        measured = held_out_loss(trainable, frozen, "before", ctx.progress)
-        return {**measured, **extra_start(trainable, frozen)}
-
     def task_metric_start(trainable, frozen):
         return score_run(scorer, host_local(combine(trainable, frozen)), ctx.cfg, ctx.log, "before", ctx.primary)
 
-    extra_start = extra.pop("score_start", task_metric_start)
+    metric_start = extra.pop("score_start", task_metric_start)  # distillation also scores its teacher
+
+    def score_start(trainable, frozen):
+        return {**held_out_loss(trainable, frozen, "before", ctx.progress), **metric_start(trainable, frozen)}
 
     def final_metrics(trainable, frozen, progress):
         return held_out_loss(trainable, frozen, "after", progress)
@@ -183,9 +182,8 @@ def preference_score(run: PreferenceRun, trainable, frozen, log, when: str, prog
     measured = run.evaluate(trainable, frozen, progress)
     if not measured:
         return {}
-    n = len(run.eval_pairs)
-    covered = str(n) if n == run.held_out else f"the first {n} of {run.held_out} (train.eval_examples)"
-    log(f"preference accuracy {when} training: {measured['preference_accuracy']:.3f} on {covered} "
+    log(f"preference accuracy {when} training: {measured['preference_accuracy']:.3f} on "
+        f"{covered(len(run.eval_pairs), run.held_out)} "
         "held-out pairs (the policy gives the chosen completion the higher mean token log-probability)")
     out = {f"metric_{when}": measured.pop("preference_accuracy")}
     return {**out, **{f"{k}_{when}": v for k, v in measured.items()}}

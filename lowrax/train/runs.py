@@ -122,11 +122,8 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
     check_output(out_dir, overwrite, (run_dir,))
     current = finished_adapter(run_dir)
     if current is not None:
-        def copy(staging: Path) -> None:
-            for f in current.iterdir():
-                if f.is_file() and f.name != MARKER:
-                    shutil.copy2(f, staging / f.name)
-        return write_directory(out_dir, copy, overwrite, (run_dir,))
+        return write_directory(out_dir, lambda staging: shutil.copytree(
+            current, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MARKER)), overwrite, (run_dir,))
     cfg, model, params, initial = restore_run(run_dir, with_initial=True)
     return save_peft(params, out_dir, model, base_model=base_model_name(cfg.model.path), overwrite=overwrite,
                      initial=initial)
@@ -142,7 +139,9 @@ def finished_adapter(run_dir: Path) -> Path | None:
         steps = json.loads(summary.read_text()).get("steps")
     except (OSError, ValueError, AttributeError):
         return None
-    newest = max((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()), default=None)
+    ckpts = Checkpoints(checkpoints)
+    newest = ckpts.latest_step()
+    ckpts.close()
     return adapter if steps is not None and steps == newest else None
 
 

@@ -20,6 +20,11 @@ from lowrax.train.default_task import exact_match
 GENERATION_BATCH = 16
 
 
+def covered(scored: int, held_out: int) -> str:
+    """How many held-out examples a metric scores: "64", or "the first 64 of 200 (train.eval_examples)"."""
+    return str(scored) if scored == held_out else f"the first {scored} of {held_out} (train.eval_examples)"
+
+
 class TaskScorer:
     """The task metric: exact match of greedy generations (prompt/response data) or accuracy (classification)."""
 
@@ -39,9 +44,7 @@ class TaskScorer:
             self.kind = "exact_match"
 
     def covered(self) -> str:
-        """How many held-out examples the metric scores: "64", or "the first 64 of 200 (train.eval_examples)"."""
-        n = len(self.records)
-        return str(n) if n == self.held_out else f"the first {n} of {self.held_out} (train.eval_examples)"
+        return covered(len(self.records), self.held_out)
 
     def generations(self, params, records, desc: str = "generating") -> list[str]:
         tok, d = self.tokenizer, self.cfg.data

@@ -13,7 +13,6 @@ the task before and after, and writes to `train.output_dir`:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -35,7 +34,7 @@ from lowrax.models.pretrained import base_model_name, load_preprocessor
 from lowrax.peft.format import save_peft
 from lowrax.train.build import build_model
 from lowrax.train.checkpoints import Checkpoints, directory_size
-from lowrax.train.config import TrainConfig, differences
+from lowrax.train.config import TrainConfig, differences, with_steps
 from lowrax.train.data import data_task, load_records, with_num_labels
 from lowrax.train.metrics_log import MetricsLog, plot_losses
 from lowrax.train.objective_runs import ObjectiveRun, RunContext, objective_records, objective_run, stacked
@@ -138,11 +137,8 @@ def with_epoch_steps(cfg: TrainConfig, rows_per_epoch: int, log) -> TrainConfig:
     """cfg with train.steps set by train.epochs (and the schedule's length with it, unless set apart)."""
     per_step = cfg.train.batch_size * cfg.train.grad_accum_steps
     steps = -(-cfg.train.epochs * rows_per_epoch // per_step)
-    optim = cfg.optim
-    if optim.total_steps == max(cfg.train.steps, optim.warmup_steps):  # the schedule followed train.steps
-        optim = dataclasses.replace(optim, total_steps=max(steps, optim.warmup_steps))
     log(f"train.epochs={cfg.train.epochs}: {steps} steps ({rows_per_epoch} rows per epoch, {per_step} per step)")
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps), optim=optim)
+    return with_steps(cfg, steps)
 
 
 class TrainingRun:
