@@ -19,8 +19,7 @@ from lowrax.train.config import load_config
 BAD_OVERRIDES = [
     # numbers that are not numbers, or not in range
     ("train.steps=abc", "train.steps must be an integer"),
-    ("train.steps=-3", "train.steps must be an integer >= 1"),
-    ("train.steps=0", "train.steps must be an integer >= 1"),
+    ("train.steps=-3", "train.steps must be an integer >= 0"),
     ("train.steps=2.5", "train.steps must be an integer"),
     ("train.steps=[1,2]", "train.steps must be an integer"),
     ("train.steps=null", "train.steps must be an integer"),
@@ -237,7 +236,7 @@ BAD_FILES = [
     (b"train: 5\n", r"config section 'train' must be a mapping, got int"),
     (b"- train\n- data\n", r"cfg\.yaml must hold a mapping of sections"),
     (b"just a sentence\n", r"cfg\.yaml must hold a mapping of sections"),
-    (b"train:\n  steps: -1\n", r"train\.steps must be an integer >= 1, got -1"),
+    (b"train:\n  steps: -1\n", r"train\.steps must be an integer >= 0, got -1"),
     (b"trian:\n  steps: 3\n", r"did you mean 'train'"),
     (b"lora:\n  r: 8\n  alpha: sixteen\n", r"lora\.alpha must be a number > 0, got 'sixteen'"),
     (b"method: ia3\nlora:\n  r: 8\n", r"configures method 'lora', but method is 'ia3'"),
@@ -312,7 +311,7 @@ def test_any_override_text_gives_a_config_or_a_lowrax_error(text):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["train", "train.steps=abc"], "train.steps must be an integer >= 1, got 'abc'"),
+    (["train", "train.steps=abc"], "train.steps must be an integer >= 0, got 'abc'"),
     (["train", "optim.learning_rate=.nan"], "optim.learning_rate must be a finite number"),
     (["train", "lora.target_modules=(("], "lora.target_modules must be a valid regular expression"),
     (["prune", "prune.sparsity=2"], "prune.sparsity must be a number in [0, 1)"),

@@ -72,6 +72,52 @@ def test_a_crash_after_the_last_checkpoint_is_finished_on_rerun(tiny_dir, data_f
     assert again["metric_before"] == first["metric_before"] and again["checkpoint_bytes"] == first["checkpoint_bytes"]
 
 
+def test_steps_zero_scores_the_starting_model_and_saves_nothing_else(tiny_dir, data_file, tmp_path, capsys):
+    """`train.steps=0`: the held-out loss and metric of the model as training starts it, and no adapter,
+    checkpoint or loss curve; a later run in the same directory trains normally."""
+    run = tmp_path / "run"
+    assert main(["train", *overrides(tiny_dir, data_file, run, 0, **SCORED)]) == 0
+    out = capsys.readouterr().out
+    assert "held-out loss before training:" in out and "exact_match before training:" in out
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["config.yaml", "summary.json"]
+    scored = json.loads((run / "summary.json").read_text())
+    assert scored["steps"] == 0 and scored["eval_loss_before"] > 0 and "metric_before" in scored
+
+    assert main(["train", *overrides(tiny_dir, data_file, run, 2, **SCORED)]) == 0
+    trained = json.loads((run / "summary.json").read_text())
+    assert trained["steps"] == 2 and trained["eval_loss_before"] == pytest.approx(scored["eval_loss_before"])
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_save_every_zero_keeps_only_the_adapter(tiny_dir, data_file, tmp_path, capsys):
+    """`train.save_every=0`: no checkpoint at all; the finished run is recognised by its summary, and
+    generate / export-peft / merge use its adapter."""
+    run = tmp_path / "run"
+    args = overrides(tiny_dir, data_file, run, 2, **{"train.save_every": 0, "lora.dropout": 0.0})
+    assert main(["train", *args]) == 0
+    assert "no checkpoint (train.save_every=0)" in capsys.readouterr().out
+    assert not (run / "checkpoints").exists()
+    summary = (run / "summary.json").read_bytes()
+    assert main(["train", *args]) == 0
+    assert "holds a finished run" in capsys.readouterr().out and (run / "summary.json").read_bytes() == summary
+
+    assert main(["export-peft", str(run), str(tmp_path / "peft")]) == 0
+    assert (tmp_path / "peft" / "adapter_model.safetensors").read_bytes() == \
+        (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    from lowrax.train.runs import load_adapted
+
+    restored = load_adapted(run)
+    from_adapter = load_adapted(run / "adapter", model_path=str(tiny_dir))
+    ids = np.arange(1, 9, dtype=np.int32)[None]
+    np.testing.assert_allclose(np.asarray(restored.model.apply(restored.params, ids)),
+                               np.asarray(from_adapter.model.apply(from_adapter.params, ids)), atol=1e-6)
+
+    longer = overrides(tiny_dir, data_file, run, 3, **{"train.save_every": 0, "lora.dropout": 0.0})
+    assert main(["train", *longer]) == 0
+    assert "no checkpoint to continue from (train.save_every=0): training starts over" in capsys.readouterr().out
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
 def test_import_peft_then_the_obvious_train_command_continues(tiny_dir, data_file, finished_run, tmp_path, capsys):
     preset = tmp_path / "preset.yaml"
     preset.write_text(yaml.safe_dump({"data": {"source": str(data_file), "seq_len": 16, "eval_fraction": 0.25},

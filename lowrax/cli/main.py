@@ -199,6 +199,12 @@ def cmd_train(args) -> int:
 
     print(f"config: {source}; output: {cfg.train.output_dir}", file=sys.stderr)
     summary = run_training(cfg, started=args.started)
+    if summary.get("steps") == 0:  # train.steps=0: scored, not trained
+        if summary.get("eval_loss_before") is not None:
+            print(f"held-out loss before training: {summary['eval_loss_before']:.4f}")
+        if summary.get("metric_before") is not None:
+            print(f"{summary['metric']} before training: {summary['metric_before']:.3f}")
+        return 0
     if summary.get("eval_loss") is not None:
         before = summary.get("eval_loss_before")
         before = f"{before:.4f} before" if before is not None else "not measured before"

@@ -12,7 +12,7 @@ tuple, an integer into a float, `1e3` into 1000 for an integer field):
 
 A bad value raises `ConfigValueError` naming the key, the value given and what is expected
 (with the closest choice for a misspelt one); `lowrax train` renames the owner to the section
-(`train.steps must be an integer >= 1, got -3`).
+(`train.batch_size must be an integer >= 1, got -3`).
 """
 
 from __future__ import annotations

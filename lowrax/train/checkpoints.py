@@ -72,10 +72,20 @@ class Checkpoints:
 
     def __init__(self, directory: str | Path, max_to_keep: int = 2):
         self.directory = Path(directory).absolute()
-        self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+        self.max_to_keep = max_to_keep
+        self._opened = None
+
+    @property
+    def _manager(self) -> ocp.CheckpointManager:
+        """Opened at the first use that needs it (orbax creates the directory): a run that saves nothing
+        (train.save_every=0) leaves no empty checkpoints/ behind."""
+        if self._opened is None:
+            options = ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep)
+            self._opened = ocp.CheckpointManager(self.directory, options=options)
+        return self._opened
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        return self._manager.latest_step() if self.directory.is_dir() else None
 
     def save(self, step: int, state: Any, meta: dict) -> int:
         """Save and wait; returns the checkpoint's size in bytes. A failed write (a full disk, a quota)
@@ -111,7 +121,7 @@ class Checkpoints:
         """(step, state, meta) of the newest checkpoint that restores; a damaged newer one (truncated,
         emptied, garbage) is moved aside to `damaged-checkpoints/` with a warning naming both steps, so
         nothing is deleted and later saves reuse its number. None when there is no checkpoint."""
-        steps = sorted(self._manager.all_steps(), reverse=True)
+        steps = sorted(self._manager.all_steps(), reverse=True) if self.directory.is_dir() else []
         for i, step in enumerate(steps):
             try:
                 state, meta = self.restore(step, template)
@@ -129,4 +139,5 @@ class Checkpoints:
         return None
 
     def close(self) -> None:
-        self._manager.close()
+        if self._opened is not None:
+            self._opened.close()

@@ -163,7 +163,7 @@ class DataSection(Checked):
 class TrainSection(Checked):
     section_name = "train"
 
-    steps: PositiveInt = 30  # optimizer steps
+    steps: Count = 30  # optimizer steps (0: score the model as training would start it, train nothing)
     # Passes over the training data; when set, train.steps is derived from it: epochs x rows per epoch
     # / (batch_size x grad_accum_steps), rounded up (the last batch is completed from the next shuffle).
     epochs: Annotated[int, Bound(low=1)] | None = None
@@ -175,7 +175,9 @@ class TrainSection(Checked):
     model_dropout: bool = True
     seed: Count = 0  # adapter init and dropout
     output_dir: str = "runs/default"  # checkpoints, PEFT adapter, metrics.jsonl, loss curve
-    save_every: Count = 10  # steps between checkpoints (0: only at the end)
+    # Steps between checkpoints (the last step is always saved); 0: no checkpoints, only the adapter at the
+    # end (an interrupted run starts over).
+    save_every: Count = 10
     max_checkpoints: PositiveInt = 2  # checkpoints kept
     eval_every: Count = 0  # steps between eval-loss measurements (0: only at the end)
     eval_max_new_tokens: PositiveInt = 16  # generation budget when scoring the task metric
@@ -300,8 +302,9 @@ def from_dict(values: dict) -> TrainConfig:
 
 
 def schedule_length(steps: int, warmup_steps: int) -> int:
-    """optim.total_steps when not set apart: the run's steps (at least the warmup)."""
-    return max(steps, warmup_steps)
+    """optim.total_steps when not set apart: the run's steps (at least the warmup, and one step for a
+    run that only scores, train.steps=0)."""
+    return max(steps, warmup_steps, 1)
 
 
 def with_steps(cfg: TrainConfig, steps: int) -> TrainConfig:

@@ -51,12 +51,19 @@ def restore_run(run_dir: str | Path, step: int | None = None, with_initial: bool
     if model_path is not None or dtype is not None:
         model = dataclasses.replace(cfg.model, path=model_path or cfg.model.path, dtype=dtype or cfg.model.dtype)
         cfg = dataclasses.replace(cfg, model=model)
-    model, _, params = build_model(cfg)
+    model, base, params = build_model(cfg)
     trainable, frozen = split(params)
     ckpts = Checkpoints(run_dir / "checkpoints")
-    step = ckpts.latest_step() if step is None else step
+    newest = ckpts.latest_step()
+    adapter = finished_adapter(run_dir) if step is None else None
+    if adapter is not None and (newest is None or summary_steps(run_dir) > newest):
+        ckpts.close()  # train.save_every=0: the adapter written at the end is newer than any checkpoint
+        trained = load_peft(base, adapter, model)
+        return (cfg, model, trained, params) if with_initial else (cfg, model, trained)
+    step = newest if step is None else step
     if step is None:
-        raise LowraxError(f"{run_dir / 'checkpoints'} holds no checkpoint yet")
+        raise LowraxError(f"{run_dir} holds no checkpoint and no finished adapter (an interrupted run with "
+                          "train.save_every=0 keeps nothing to restore)")
     state, _ = ckpts.restore(step, init_state(trainable, make_optimizer(cfg.optim), cfg.train.seed))
     ckpts.close()
     trained = combine(state.trainable, frozen)
@@ -130,19 +137,25 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
 
 
 def finished_adapter(run_dir: Path) -> Path | None:
-    """The run's `adapter/` when it was written from the newest checkpoint: at the end of the run
-    (summary.json, written after it, names that checkpoint's step); None for an interrupted run."""
-    adapter, summary, checkpoints = run_dir / "adapter", run_dir / "summary.json", run_dir / "checkpoints"
-    if not (adapter / CONFIG).is_file() or not summary.is_file() or not checkpoints.is_dir():
+    """The run's `adapter/` when nothing newer is checkpointed: written at the end of the run
+    (summary.json, written after it, names a step at least as new as the newest checkpoint, or
+    there is none: train.save_every=0); None for an interrupted run."""
+    adapter, steps = run_dir / "adapter", summary_steps(run_dir)
+    if not (adapter / CONFIG).is_file() or steps is None:
         return None
-    try:
-        steps = json.loads(summary.read_text()).get("steps")
-    except (OSError, ValueError, AttributeError):
-        return None
-    ckpts = Checkpoints(checkpoints)
+    ckpts = Checkpoints(run_dir / "checkpoints")
     newest = ckpts.latest_step()
     ckpts.close()
-    return adapter if steps is not None and steps == newest else None
+    return adapter if steps > 0 and (newest is None or steps >= newest) else None
+
+
+def summary_steps(run_dir: Path) -> int | None:
+    """The steps a run's summary.json records (None without a readable one)."""
+    try:
+        steps = json.loads((run_dir / "summary.json").read_text()).get("steps")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return steps if isinstance(steps, int) else None
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, requantize: bool = False,

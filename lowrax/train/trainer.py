@@ -62,19 +62,21 @@ def finished_run(out: Path, cfg: TrainConfig) -> dict | None:
     """The summary of a run in `out` that has already trained to `train.steps` (None otherwise).
 
     A finished run is left as it is: rerunning its command must not replace its record.
-    Its summary must exist and describe the newest checkpoint; a run whose last save
-    was not followed by a summary (a crash) is finished again instead.
+    Its summary (written last) must reach `train.steps` and be at least as new as the newest
+    checkpoint; a run whose last save was not followed by a summary (a crash) is finished again
+    instead. A run with train.save_every=0 has no checkpoint: its summary alone says it finished.
     """
-    summary_path, ckpt_dir = out / "summary.json", out / "checkpoints"
-    if not (cfg.train.resume and summary_path.exists() and ckpt_dir.exists()):
+    summary_path = out / "summary.json"
+    if not (cfg.train.resume and summary_path.exists()) or cfg.train.steps == 0:
         return None
-    ckpts = Checkpoints(ckpt_dir)
+    ckpts = Checkpoints(out / "checkpoints")
     latest = ckpts.latest_step()
     ckpts.close()
-    if latest is None or latest < cfg.train.steps:
-        return None
     summary = json.loads(summary_path.read_text())
-    return summary if summary.get("steps", latest) == latest else None
+    steps = summary.get("steps", latest)
+    if steps is None or steps < cfg.train.steps or (latest is not None and latest > steps):
+        return None
+    return summary
 
 
 def run_training(cfg: TrainConfig, progress: bool = True, log=print, started: float | None = None) -> dict:
@@ -127,10 +129,31 @@ def _train_in(out: Path, cfg: TrainConfig, records: tuple, primary: bool, progre
     objective = objective_run(ctx)
     if cfg.train.epochs is not None:
         ctx.cfg = with_epoch_steps(cfg, objective.batches.rows_per_epoch, log)
+    if ctx.cfg.train.steps == 0:
+        return score_only(ctx, objective, out, started)
     run = TrainingRun(ctx, objective, out)
     run.start()
     run.train()
     return run.finish(started)
+
+
+def score_only(ctx: RunContext, objective: ObjectiveRun, out: Path, started: float) -> dict:
+    """train.steps=0: the held-out loss and task metric of the model as training would start it (the base
+    with its adapters as initialised, most of which start as the identity; a classification head starts
+    random), written to summary.json; no checkpoint, adapter or loss curve."""
+    cfg = ctx.cfg
+    trainable, frozen = split(ctx.params)
+    ctx.log("train.steps=0: scoring the model as training would start it; nothing is trained or saved but "
+            "config.yaml and summary.json")
+    scores = objective.score_start(trainable, frozen)
+    summary = {"model": cfg.model.path or "embedded SmolLM2-135M-Instruct", "task": ctx.task,
+               "objective": cfg.objective, "metric": objective.metric, "steps": 0, **scores,
+               "command_wall_seconds": time.perf_counter() - started}
+    if ctx.primary:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def with_epoch_steps(cfg: TrainConfig, rows_per_epoch: int, log) -> TrainConfig:
@@ -179,6 +202,9 @@ class TrainingRun:
             self.so_far.update(meta.get("progress", {}))
             origin = f" (imported from {meta['imported_from']})" if "imported_from" in meta else ""
             self.ctx.log(f"resumed from {self.out / 'checkpoints' / str(latest)} at step {self.start_step}{origin}")
+        elif (self.out / "summary.json").exists() and not self.cfg.train.save_every:
+            self.ctx.log(f"note: {self.out} holds an earlier run but no checkpoint to continue from "
+                         "(train.save_every=0): training starts over from step 0")
         self.metrics.truncate(self.start_step)  # later lines will be recomputed identically
         if self.start_step == 0 and not self.before and not self.cfg.train.quick:
             # A fresh run, or an imported adapter: every process takes part, process 0 scores.
@@ -217,7 +243,7 @@ class TrainingRun:
             done = step + 1
             if cfg.train.eval_every and done % cfg.train.eval_every == 0:
                 self.metrics.write({"step": done, **self.objective.evaluate(self.state.trainable, self.frozen)})
-            if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == cfg.train.steps:
+            if cfg.train.save_every and (done % cfg.train.save_every == 0 or done == cfg.train.steps):
                 self.save(done)
         bar.close()
 
@@ -280,8 +306,9 @@ class TrainingRun:
         plot_losses(self.metrics.rows(), self.out / "loss.png")
         summary["command_wall_seconds"] = time.perf_counter() - started  # load, score, train, score, save
         write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        ctx.log(f"wrote {self.out}: adapter {summary['adapter_bytes'] / 1e6:.1f} MB, "
-                f"checkpoint {summary['checkpoint_bytes'] / 1e6:.1f} MB")
+        checkpoint = (f"checkpoint {summary['checkpoint_bytes'] / 1e6:.1f} MB" if cfg.train.save_every
+                      else "no checkpoint (train.save_every=0)")
+        ctx.log(f"wrote {self.out}: adapter {summary['adapter_bytes'] / 1e6:.1f} MB, {checkpoint}")
         return summary
 
 

@@ -45,4 +45,4 @@ class AdaLoraConfig(TargetConfig):
 
     def for_run(self, *, steps: int, model_dir=None) -> "AdaLoraConfig":
         """The rank budget falls over the run's length unless total_step says otherwise."""
-        return self if self.total_step is not None else dataclasses.replace(self, total_step=steps)
+        return self if self.total_step is not None else dataclasses.replace(self, total_step=max(steps, 1))
