@@ -6,8 +6,10 @@ synopses (`[CONFIG.yaml]`, `RUN_DIR`) and lines that need a shell (`$(...)`) are
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,16 @@ def test_every_python_example_is_valid_python():
     assert len(blocks) >= 10  # the extraction itself works
     for name, block in blocks:
         compile(block, f"a python block of {name}", "exec")
+
+
+def test_every_example_block_is_marked_run_short_or_skipped_with_a_reason():
+    """scripts/check_doc_examples.py (run by .ci/run) runs the blocks marked run or short; each of the
+    others says why it is not run."""
+    spec = importlib.util.spec_from_file_location("check_doc_examples", ROOT / "scripts" / "check_doc_examples.py")
+    checker = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = checker  # its dataclass looks its module up
+    spec.loader.exec_module(checker)
+    found = [ex for page in PAGES for ex in checker.examples(page)]
+    assert len(found) >= 40  # the extraction itself works
+    assert checker.marker_problems(found) == []
+    assert sum(ex.kind != "skip" for ex in found) >= 25
