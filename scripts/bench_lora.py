@@ -216,8 +216,11 @@ def torch_matmul_ceiling(device: str, n: int = 2048, repeats: int = 3) -> float:
 
 def run_side(side: str, args) -> dict:
     """One side's measurements, taken in this (fresh) process so its peak memory is its own."""
-    # As `lowrax train` does (LOWRAX_SYSTEM_MALLOC=1 turns it off); the PEFT side only on request.
-    reused = lowrax.reuse_freed_host_memory() if side != "peft" or args.peft_reuse_memory else False
+    # As `lowrax train` does (glibc's defaults unless LOWRAX_REUSE_HOST_MEMORY=1); the PEFT side gets
+    # the same settings only on request.
+    from lowrax.train.host_memory import host_memory_policy
+
+    reused = host_memory_policy() if side != "peft" else (lowrax.reuse_freed_host_memory() if args.peft_reuse_memory else False)
     out = run_measurements(side, args)
     out["host_memory_reused"] = reused
     return out

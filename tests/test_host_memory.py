@@ -38,8 +38,15 @@ def test_freed_memory_is_reused_without_page_faults():
     assert untouched > pages // 2, untouched  # glibc's default: munmap on free, fault back in
 
 
-def test_opt_out_leaves_malloc_alone():
+def test_lowrax_train_leaves_malloc_alone_unless_asked():
+    """glibc's defaults unless LOWRAX_REUSE_HOST_MEMORY=1: a fragmenting, never-trimmed heap costs gigabytes
+    on real runs."""
     import os
 
-    applied, _ = _second_round_faults("on", env={**os.environ, "LOWRAX_SYSTEM_MALLOC": "1"})
-    assert applied == "False"
+    probe = "from lowrax.train.host_memory import host_memory_policy; print(host_memory_policy())"
+    for value, expected in ((None, "False"), ("0", "False"), ("1", "True")):
+        env = {k: v for k, v in os.environ.items() if k != "LOWRAX_REUSE_HOST_MEMORY"}
+        if value is not None:
+            env["LOWRAX_REUSE_HOST_MEMORY"] = value
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
+        assert out.stdout.strip() == expected

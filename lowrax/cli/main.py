@@ -447,9 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     args.started = started
     from lowrax.core.compile_cache import use_compilation_cache
     from lowrax.errors import LowraxError
-    from lowrax.train.host_memory import reuse_freed_host_memory
+    from lowrax.train.host_memory import host_memory_policy
 
-    reuse_freed_host_memory()  # before the first JAX computation; see lowrax/train/host_memory.py
+    host_memory_policy()  # before the first JAX computation; see lowrax/train/host_memory.py
     use_compilation_cache()  # a rerun of the same shapes compiles nothing
 
     try:
