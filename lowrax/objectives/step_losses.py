@@ -21,7 +21,8 @@ from lowrax.adapters.tree import adapters_off
 from lowrax.errors import LowraxError
 from lowrax.objectives.config import DistillSection, PreferenceSection
 from lowrax.objectives.distill import token_divergence
-from lowrax.objectives.logps import classifier_logits, completion_logps, logits_at, target_logps, whole_sequence_nll
+from lowrax.objectives.logps import (by_position_blocks, classifier_logits, completion_logps, logits_at, target_logps,
+                                     vocab_size, whole_sequence_nll)
 from lowrax.objectives.preference import dpo_per_pair, kto_per_example, orpo_per_pair, simpo_per_pair
 
 
@@ -154,26 +155,46 @@ def distill_objective(cfg: DistillSection, teacher_model=None):
         positions, targets = batch["loss_positions"], batch["loss_targets"]
         weights = batch["loss_weights"].astype(jnp.float32)
         hidden = model.final_hidden(params, batch["input_ids"], batch["attention_mask"])
-        student = logits_at(model, params, hidden, positions)
-        if teacher_model is None:
-            teacher_logits = batch["teacher_logits"].astype(jnp.float32)
+        if teacher_model is None:  # stored teacher logits [b, K, V]
+            def teacher_logits(pos, stored):
+                return stored.astype(jnp.float32)
+            teacher_input = batch["teacher_logits"]
         else:
             teacher_hidden = teacher_model.final_hidden(teacher, batch["input_ids"], batch["attention_mask"])
-            teacher_logits = jax.lax.stop_gradient(logits_at(teacher_model, teacher, teacher_hidden, positions))
-        return _distilled(cfg, student, teacher_logits, targets, weights)
+
+            def teacher_logits(pos, _):
+                return jax.lax.stop_gradient(logits_at(teacher_model, teacher, teacher_hidden, pos))
+            teacher_input = jnp.zeros(positions.shape, jnp.int8)  # a placeholder to block like the rest
+
+        def per_position(pos, tgt, teacher_in):  # student and teacher logits of one block of positions
+            student = logits_at(model, params, hidden, pos)
+            return _per_position(cfg, student, teacher_logits(pos, teacher_in), tgt)
+
+        divergence, hard = by_position_blocks(per_position, vocab_size(model, params, hidden), positions, targets,
+                                              teacher_input)
+        return _mixed(cfg, divergence, hard, weights)
 
     return loss_fn
 
 
-def _distilled(cfg: DistillSection, student, teacher_logits, targets, weights) -> tuple:
-    """(loss sum, count, metric sums): the divergence from the teacher per position (or example),
-    mixed with the targets' cross-entropy by `hard_label_weight`, weighted."""
-    divergence = token_divergence(student, teacher_logits, beta=cfg.beta, temperature=cfg.temperature)
-    hard = -target_logps(student, targets)
+def _per_position(cfg: DistillSection, student, teacher_logits, targets) -> tuple:
+    """(divergence from the teacher, cross-entropy on the targets) per position (or example)."""
+    return (token_divergence(student, teacher_logits, beta=cfg.beta, temperature=cfg.temperature),
+            -target_logps(student, targets))
+
+
+def _mixed(cfg: DistillSection, divergence, hard, weights) -> tuple:
+    """(loss sum, count, metric sums): the divergence mixed with the cross-entropy by `hard_label_weight`,
+    weighted."""
     mixed = (1.0 - cfg.hard_label_weight) * divergence + cfg.hard_label_weight * hard
     return (jnp.sum(mixed * weights), jnp.sum(weights),
             {"divergence": jnp.sum(jax.lax.stop_gradient(divergence) * weights),
              "hard_loss": jnp.sum(jax.lax.stop_gradient(hard) * weights)})
+
+
+def _distilled(cfg: DistillSection, student, teacher_logits, targets, weights) -> tuple:
+    """`_mixed` of a whole batch's logits (a classifier's: one position per example)."""
+    return _mixed(cfg, *_per_position(cfg, student, teacher_logits, targets), weights)
 
 
 def classifier_distill_objective(cfg: DistillSection, teacher_model):

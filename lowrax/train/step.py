@@ -18,8 +18,7 @@ import optax
 from flax import struct
 
 from lowrax.core.dropout import with_model_dropout
-from lowrax.core.node import resolve
-from lowrax.objectives.logps import classifier_logits, target_logps
+from lowrax.objectives.logps import classifier_logits, logps_at, target_logps
 from lowrax.adapters.tree import after_update, combine, penalty, precondition_grads, with_dropout_keys
 
 MODEL_DROPOUT_STREAM = 0x6D6F64  # folded into the step's key for the model's own dropout (adapters use 0, 1, ...)
@@ -53,16 +52,16 @@ def causal_lm_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
     segments = batch.get("segment_ids")
     hidden = model.final_hidden(params, batch["input_ids"], batch["attention_mask"], segment_ids=segments)
     if "loss_positions" in batch:
-        hidden = jnp.take_along_axis(hidden, batch["loss_positions"][..., None], axis=1)
-        targets, weights = batch["loss_targets"], batch["loss_weights"].astype(jnp.float32)
+        positions, targets = batch["loss_positions"], batch["loss_targets"]
+        weights = batch["loss_weights"].astype(jnp.float32)
     else:
-        hidden = hidden[:, :-1]
+        n, t = batch["input_ids"].shape
+        positions = jnp.broadcast_to(jnp.arange(t - 1), (n, t - 1))
         targets = batch["input_ids"][:, 1:]
         weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
         if segments is not None:  # never predict a packed example's first token from the previous example
             weights = weights * (segments[:, 1:] == segments[:, :-1])
-    logits = model.logits_from_hidden(resolve(params), hidden).astype(jnp.float32)
-    token_loss = -target_logps(logits, targets)
+    token_loss = -logps_at(model, params, hidden, positions, targets)  # the logits a block at a time
     return jnp.sum(token_loss * weights), jnp.sum(weights)
 
 

@@ -1,0 +1,139 @@
+"""The logits are computed a block of positions at a time (`objectives.logps.by_position_blocks`): the
+losses and gradients equal the whole-logits computation, and the step's compiled temporaries shrink."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lowrax
+from lowrax.models import model_from_hf_config
+from lowrax.objectives import logps as logps_module
+from lowrax.objectives.config import DistillSection
+from lowrax.objectives.step_losses import distill_objective
+from lowrax.train.step import causal_lm_loss
+
+VOCAB = 512
+CONFIG = {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "max_position_embeddings": 128, "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    """A tiny llama with a LoRA on every linear layer, the head included (so the head has a gradient)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    path = tmp_path_factory.mktemp("blocked-llama")
+    model = model_from_hf_config(CONFIG)
+    rng = np.random.default_rng(0)
+    save_file({t.hf_key: (0.2 * rng.normal(size=t.hf_shape)).astype(np.float32) for t in model.tensors()},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(CONFIG))
+    model, base = lowrax.load_pretrained(path)
+    cfg = lowrax.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"])
+    params = lowrax.lora.wrap(base, cfg, jax.random.key(1), model.model_type)
+    # B starts at zero: move every factor off its initial value so that each one has a gradient
+    trainable, frozen = lowrax.split(params)
+    leaves, tree = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    moved = [x + 0.05 * jax.random.normal(key, x.shape, x.dtype) for x, key in zip(leaves, keys)]
+    return model, lowrax.combine(jax.tree.unflatten(tree, moved), frozen)
+
+
+def batch(n=3, t=37, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, VOCAB, (n, t)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 30:] = 0
+    loss_mask = mask.copy()
+    loss_mask[:, :5] = 0
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
+
+
+def loss_and_grads(model, params, loss_fn, data, block_bytes, monkeypatch):
+    monkeypatch.setattr(logps_module, "LOGIT_BLOCK_BYTES", block_bytes)
+    maps = []
+    monkeypatch.setattr(jax.lax, "map", lambda f, xs, _map=jax.lax.map: maps.append(1) or _map(f, xs))
+    trainable, frozen = lowrax.split(params)
+
+    def mean_loss(trainable):
+        total, count, *_ = loss_fn(model, lowrax.combine(trainable, frozen), data)
+        return total / count
+
+    loss, grads = jax.jit(jax.value_and_grad(mean_loss))(trainable)
+    return loss, grads, bool(maps)  # whether the logits went by blocks
+
+
+def test_blocks_cover_every_position_once():
+    positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    seen = logps_module.by_position_blocks(lambda pos, x: pos * 10 + x, 4, positions, positions + 1, block_bytes=4 * 2 * 4 * 3)
+    np.testing.assert_array_equal(np.asarray(seen), np.asarray(positions * 10 + positions + 1))
+
+
+@pytest.mark.parametrize("block_positions", [1, 7, 20])
+def test_causal_lm_loss_and_gradients_equal_the_whole_logits(student, block_positions, monkeypatch):
+    model, params = student
+    data = batch()
+    whole = loss_and_grads(model, params, causal_lm_loss, data, 1 << 40, monkeypatch)
+    blocked = loss_and_grads(model, params, causal_lm_loss, data, 4 * 3 * VOCAB * block_positions, monkeypatch)
+    assert blocked[2] and not whole[2]
+    np.testing.assert_allclose(float(blocked[0]), float(whole[0]), rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(blocked[1]), jax.tree.leaves(whole[1])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(whole[1]))
+
+
+@pytest.mark.parametrize("stored_teacher", [False, True])
+def test_distillation_blocks_student_and_teacher_together(student, stored_teacher, monkeypatch):
+    model, params = student
+    teacher = jax.tree.map(lambda x: x * 1.1 if x.dtype == jnp.float32 else x, lowrax.merge(params))
+    data = batch()
+    k = 12
+    data = {**data, "loss_positions": np.tile(np.arange(5, 5 + k), (3, 1)).astype(np.int32),
+            "loss_targets": data["input_ids"][:, 6:6 + k], "loss_weights": np.ones((3, k), np.float32)}
+    cfg = DistillSection(beta=0.5, temperature=2.0, hard_label_weight=0.3)
+    if stored_teacher:
+        hidden = model.final_hidden(teacher, data["input_ids"], data["attention_mask"])
+        data["teacher_logits"] = np.asarray(logps_module.logits_at(model, teacher, hidden, data["loss_positions"]))
+        objective = distill_objective(cfg)
+
+        def loss_fn(model, params, batch):
+            return objective(model, params, batch)
+    else:
+        objective = distill_objective(cfg, model)
+
+        def loss_fn(model, params, batch):
+            return objective(model, params, batch, teacher)
+    whole = loss_and_grads(model, params, loss_fn, data, 1 << 40, monkeypatch)
+    blocked = loss_and_grads(model, params, loss_fn, data, 4 * 3 * VOCAB * 5, monkeypatch)
+    assert blocked[2] and not whole[2]
+    np.testing.assert_allclose(float(blocked[0]), float(whole[0]), rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(blocked[1]), jax.tree.leaves(whole[1])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_the_compiled_step_keeps_one_block_of_logits(student, monkeypatch):
+    """With a vocabulary-dominated shape, the gradient's compiled temporaries fall by about the logits'
+    size when they are blocked."""
+    model, params = student
+    data = batch(n=8, t=128)
+
+    def temp_bytes(block_bytes):
+        monkeypatch.setattr(logps_module, "LOGIT_BLOCK_BYTES", block_bytes)
+        trainable, frozen = lowrax.split(params)
+
+        def mean_loss(trainable):
+            total, count = causal_lm_loss(model, lowrax.combine(trainable, frozen), data)
+            return total / count
+
+        compiled = jax.jit(jax.grad(mean_loss)).lower(trainable).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    logits = 4 * 8 * 127 * VOCAB
+    whole, blocked = temp_bytes(1 << 40), temp_bytes(logits // 8)
+    assert blocked < whole - logits, (whole, blocked, logits)
