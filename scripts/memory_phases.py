@@ -154,12 +154,10 @@ def instrument() -> None:
         in_phase("step setup", original_init)(self, ctx, objective, out)
         step, calls = self.step_fn, []
 
-        def labelled_step(*args):  # blocks inside its phase: the step's execution is the phase's
-            if not calls:
-                calls.append(1)
-                return in_phase("compile + step 1", lambda *a: jax.block_until_ready(step(*a)))(*args)
-            SAMPLER.enter("train steps")
-            return jax.block_until_ready(step(*args))
+        def labelled_step(*args):  # a step's phase lasts until the next step begins (its execution is async)
+            SAMPLER.enter("train steps" if calls else "compile + step 1")
+            calls.append(1)
+            return step(*args)
 
         self.step_fn = labelled_step
         o = self.objective

@@ -50,3 +50,29 @@ def test_lowrax_train_leaves_malloc_alone_unless_asked():
             env["LOWRAX_REUSE_HOST_MEMORY"] = value
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
         assert out.stdout.strip() == expected
+
+
+TRIM_PROBE = r"""
+import ctypes, sys
+from lowrax.train.host_memory import release_freed_host_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.memset.argtypes, libc.free.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t], [ctypes.c_void_p]
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+blocks = [libc.malloc(64 << 10) for _ in range(3200)]  # 200 MB below the mmap threshold: the heap
+for b in blocks:
+    libc.memset(b, 1, 64 << 10)
+for b in blocks[:-1]:  # the last one pins the heap's top, so glibc trims nothing by itself
+    libc.free(b)
+held = rss()
+release_freed_host_memory()
+print(held, rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_releasing_freed_memory_returns_it_to_the_kernel():
+    out = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, check=True)
+    held, released = map(int, out.stdout.split())
+    assert held - released > 150, (held, released)

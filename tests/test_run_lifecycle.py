@@ -35,6 +35,7 @@ def test_rerunning_a_finished_run_keeps_its_record(tiny_dir, data_file, finished
     record = json.loads(summary_before)
     assert record["steps"] == 2 and record["final_loss"] is not None and record["checkpoint_bytes"] > 0
     assert record["command_wall_seconds"] >= record["train_seconds"] > 0  # the whole command, for the README
+    assert record["peak_host_memory_mb"] > 100  # the process peak (ru_maxrss), model and compilation included
 
     assert main(["train", *overrides(tiny_dir, data_file, finished_run, 2, **{"lora.dropout": 0.0}, **SCORED)]) == 0
     assert "holds a finished run (step 2 of train.steps=2)" in capsys.readouterr().out

@@ -38,6 +38,7 @@ from lowrax.train.config import TrainConfig, differences, with_steps
 from lowrax.train.data import data_task, load_records, with_num_labels
 from lowrax.train.metrics_log import MetricsLog, plot_losses
 from lowrax.train.objective_runs import ObjectiveRun, RunContext, objective_records, objective_run, stacked
+from lowrax.train.host_memory import peak_host_memory_mb, release_freed_host_memory
 from lowrax.train.optim import make_optimizer
 from lowrax.train.step import init_state
 
@@ -124,6 +125,7 @@ def _train_in(out: Path, cfg: TrainConfig, records: tuple, primary: bool, progre
     train_records, eval_records = objective_records(cfg, train_records, eval_records)
     model, _, params = build_model(cfg, mesh)
     tokenizer = load_preprocessor(cfg.model.path, model)  # or an image model's ImageProcessor
+    release_freed_host_memory()  # the loaders' transient copies
     ctx = RunContext(cfg, model, params, tokenizer, data_task(model, cfg.model.task), train_records, eval_records,
                      mesh, primary, progress, log)
     objective = objective_run(ctx)
@@ -209,6 +211,7 @@ class TrainingRun:
         if self.start_step == 0 and not self.before and not self.cfg.train.quick:
             # A fresh run, or an imported adapter: every process takes part, process 0 scores.
             self.before = self.objective.score_start(self.state.trainable, self.frozen)
+            release_freed_host_memory()  # the scoring programs' compilation
         self.objective.on_training_start()
         self.summary.update(self.before)
 
@@ -231,6 +234,8 @@ class TrainingRun:
             batch, real_tokens, logged = self.batch_for(step)
             t0 = time.perf_counter()
             self.state, m = self.step_fn(self.state, self.frozen, batch)
+            if step == self.start_step:
+                release_freed_host_memory()  # the compiler's freed heap, before the step's temporaries grow beside it
             self.loss = float(m["loss"])  # waits for the step: the progress bar and metrics.jsonl show every loss
             grad_norm = float(m["grad_norm"])
             dt = time.perf_counter() - t0
@@ -291,6 +296,7 @@ class TrainingRun:
             "checkpoint_bytes": self.ckpts.size(self.ckpts.latest_step()),
         })
         summary.update(self.objective.final_metrics(self.state.trainable, self.frozen, ctx.progress))
+        release_freed_host_memory()
         # Gathered once, by every process, for scoring and the adapter file (a no-op in one process).
         trained, frozen, initial_trainable = host_local((self.state.trainable, self.frozen, self.initial_trainable))
         final = combine(trained, frozen)
@@ -305,6 +311,7 @@ class TrainingRun:
         summary["adapter_bytes"] = directory_size(adapter)
         plot_losses(self.metrics.rows(), self.out / "loss.png")
         summary["command_wall_seconds"] = time.perf_counter() - started  # load, score, train, score, save
+        summary["peak_host_memory_mb"] = peak_host_memory_mb()  # this process's, so far: the run's whole command
         write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         checkpoint = (f"checkpoint {summary['checkpoint_bytes'] / 1e6:.1f} MB" if cfg.train.save_every
                       else "no checkpoint (train.save_every=0)")
