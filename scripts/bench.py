@@ -6,6 +6,7 @@
     python scripts/bench.py --adapters [--adapters-count 8]       (mixed-adapter batches, combine_adapters: scripts/bench_adapters.py)
     python scripts/bench.py --objectives [--pairs 8]              (DPO/ORPO/SimPO/KTO/distill steps vs SFT: scripts/bench_objectives.py)
     python scripts/bench.py --pruning [--pattern 2:4]             (SparseGPT time and memory per layer: scripts/bench_pruning.py)
+    python scripts/bench.py --recipes [--only text,classifier]    (real recipes' peak memory vs PEFT: scripts/bench_recipes.py)
 
 Reports for the model (default: the embedded SmolLM2-135M-Instruct, float32):
   forward tokens/s (batch x seq, logits for every position), and
@@ -92,6 +93,11 @@ def main() -> None:
         import bench_objectives
 
         return bench_objectives.main()
+    if "--recipes" in sys.argv:
+        sys.argv.remove("--recipes")
+        import bench_recipes
+
+        return bench_recipes.main()
     if "--pruning" in sys.argv:
         sys.argv.remove("--pruning")
         import bench_pruning

@@ -3,17 +3,20 @@ peak RSS mixes with the compiler's own memory):
 
     /usr/bin/time -v .venv-test/bin/python scripts/compile_memory.py lora      # "Maximum resident set size"
     /usr/bin/time -v .venv-test/bin/python scripts/compile_memory.py adalora
+    .venv-test/bin/python scripts/compile_memory.py lora --batch 8 --seq 1024 --logit-blocks both
 
 prints the compiled step's temporaries and arguments (XLA's `memory_analysis()`); the process's peak
-resident memory, which `time -v` reports, is compilation's.
+resident memory, which `time -v` reports, is compilation's. `--logit-blocks both` compiles the step
+twice: with the logits computed whole and by blocks of positions (`objectives.logps.LOGIT_BLOCK_BYTES`).
 """
 
-import sys
+import argparse
 
 import jax
 import jax.numpy as jnp
 
 import lowrax
+from lowrax.objectives import logps
 from lowrax.train.optim import OptimizerConfig, make_optimizer
 from lowrax.train.step import init_state, make_train_step
 
@@ -23,14 +26,28 @@ CONFIGS = {
                                             target_modules="all-linear"),
 }
 
-if __name__ == "__main__":
-    method = sys.argv[1] if len(sys.argv) > 1 else "lora"
-    model, params = lowrax.load_pretrained(None, progress=False)
-    trainable, frozen = lowrax.split(lowrax.wrap(params, CONFIGS[method](), jax.random.key(0), model=model))
+def temporaries(model, trainable, frozen, batch_size: int, seq: int) -> tuple[float, float]:
+    """(temporaries, arguments) in GB of the compiled LoRA step for one batch shape."""
     optimizer = make_optimizer(OptimizerConfig())
-    batch = {k: jnp.ones((16, 32), jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
+    batch = {k: jnp.ones((batch_size, seq), jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
     compiled = jax.jit(make_train_step(model, optimizer), donate_argnums=(0,)).lower(
         init_state(trainable, optimizer), frozen, batch).compile()
     m = compiled.memory_analysis()
-    print(f"{method}: compiled step temporaries {m.temp_size_in_bytes / 1e9:.2f} GB + arguments "
-          f"{m.argument_size_in_bytes / 1e9:.2f} GB")
+    return m.temp_size_in_bytes / 1e9, m.argument_size_in_bytes / 1e9
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("method", nargs="?", default="lora", choices=sorted(CONFIGS))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--logit-blocks", choices=("on", "off", "both"), default="on")
+    args = parser.parse_args()
+    model, params = lowrax.load_pretrained(None, progress=False)
+    trainable, frozen = lowrax.split(lowrax.wrap(params, CONFIGS[args.method](), jax.random.key(0), model=model))
+    default_block = logps.LOGIT_BLOCK_BYTES
+    for blocks in (("off", "on") if args.logit_blocks == "both" else (args.logit_blocks,)):
+        logps.LOGIT_BLOCK_BYTES = default_block if blocks == "on" else 1 << 62
+        temp, arguments = temporaries(model, trainable, frozen, args.batch, args.seq)
+        print(f"{args.method}, batch {args.batch} x {args.seq}, logits {'by blocks' if blocks == 'on' else 'whole'}: "
+              f"compiled step temporaries {temp:.2f} GB + arguments {arguments:.2f} GB", flush=True)

@@ -1,0 +1,162 @@
+"""Real recipes, lowrax next to PEFT + transformers: peak resident memory and wall time of the whole command.
+
+    .venv-test/bin/python scripts/bench.py --recipes [--only text,classifier] [--repeats 5] [--out recipes.json]
+
+Each run is a fresh process (`lowrax train` on one side, this script's `--peft-side` on the other) whose
+peak RSS is the kernel's count for that child (`os.wait4`), so imports, loading, compilation, evaluation
+and the adapter's saving are all in it. The recipes:
+
+  text        SmolLM2-135M-Instruct (the embedded GGUF, float32) on `embedded_text` (the Python
+              documentation every CPython carries, as paragraphs), LoRA r 16 / alpha 32 on every linear
+              layer, batch 4 padded to 256 tokens, one epoch, AdamW 2e-4 with cosine decay and clipping
+              at 1.0, then the held-out loss. PEFT trains the same records (in file order; lowrax shuffles them).
+  classifier  all-MiniLM-L6-v2 with a fresh 2-class head, LoRA r 8 on query and value, batch 16 padded to
+              128 tokens, 10 epochs of 140 rows (88 steps), AdamW 2e-3, then accuracy on 500 held-out rows:
+              the sentiment recipe of scripts/compare_sentiment.py (its data come from PyPI).
+
+The JSON holds every run's peak RSS (MiB) and wall seconds, and per recipe the median ratio lowrax / PEFT
+and the spread (max / min - 1) of each side's peaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+REPO = Path(__file__).resolve().parent.parent
+TEXT = dict(r=16, alpha=32, batch=4, seq_len=256, lr=2e-4)
+
+
+def text_overrides(out: Path) -> list[str]:
+    return ["data.source=embedded_text", f"data.seq_len={TEXT['seq_len']}", f"train.batch_size={TEXT['batch']}",
+            "train.epochs=1", f"lora.r={TEXT['r']}", f"lora.alpha={TEXT['alpha']}", "lora.target_modules=all-linear",
+            f"optim.learning_rate={TEXT['lr']}", "train.quick=true", "train.save_every=0", f"train.output_dir={out}"]
+
+
+def classifier_overrides(out: Path, data: tuple[Path, Path]) -> list[str]:
+    from compare_sentiment import EVAL_ROWS, RECIPE
+    from lowrax.models.pretrained import embedded_minilm_path
+
+    return [f"model.path={embedded_minilm_path()}", "model.task=classification", f"data.source={data[0]}",
+            f"data.eval_source={data[1]}", f"data.seq_len={RECIPE['seq_len']}", f"train.batch_size={RECIPE['batch']}",
+            f"train.epochs={RECIPE['epochs']}", f"lora.r={RECIPE['r']}", f"lora.alpha={RECIPE['alpha']}",
+            f"lora.target_modules={json.dumps(RECIPE['targets'])}", f"optim.learning_rate={RECIPE['lr']}",
+            f"train.eval_examples={EVAL_ROWS}", "train.quick=true", "train.save_every=0", f"train.output_dir={out}"]
+
+
+def measured(command: list[str]) -> dict:
+    """Run `command` as a child; its peak RSS (MiB, from the kernel) and wall seconds."""
+    start = time.perf_counter()
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command[:6])} ... failed:\n{stderr[-3000:]}")
+    return {"peak_rss_mb": usage.ru_maxrss / 1024, "wall_s": time.perf_counter() - start}
+
+
+def peft_text_side() -> None:
+    """The text recipe with PEFT + transformers (float32 on the CPU), on the records lowrax reads."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from bench_common import load_torch_causal_lm
+    from lowrax.train.config import load_config
+    from lowrax.train.data import load_records
+
+    torch.manual_seed(0)
+    cfg = load_config(None, text_overrides(Path(tempfile.gettempdir()) / "unused"))
+    train, held_out = load_records(cfg.data)
+    tokenizer = __import__("lowrax").load_tokenizer(None)
+    model = get_peft_model(load_torch_causal_lm(None), LoraConfig(r=TEXT["r"], lora_alpha=TEXT["alpha"],
+                                                                  target_modules="all-linear"))
+    texts = [r["text"] for r in train]
+    steps = math.ceil(len(texts) / TEXT["batch"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=TEXT["lr"], weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+    def encoded(part):
+        enc = tokenizer([t + tokenizer.eos_token for t in part], padding="max_length", truncation=True,
+                        max_length=TEXT["seq_len"], return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        return enc, labels
+
+    model.train()
+    for step in range(steps):
+        enc, labels = encoded(texts[step * TEXT["batch"]:(step + 1) * TEXT["batch"]])
+        model(**enc, labels=labels).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    model.eval()
+    held = [r["text"] for r in held_out]
+    with torch.no_grad():
+        for i in range(0, len(held), TEXT["batch"]):
+            enc, labels = encoded(held[i:i + TEXT["batch"]])
+            model(**enc, labels=labels)
+    model.save_pretrained(tempfile.mkdtemp())
+
+
+def peft_classifier_side(train: str, held_out: str) -> None:
+    from compare_sentiment import peft_run
+    from lowrax.models.pretrained import embedded_minilm_path
+
+    peft_run(embedded_minilm_path(), Path(train), Path(held_out), 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="text,classifier")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out")
+    parser.add_argument("--sdist", help="a downloaded vaderSentiment-3.3.2.tar.gz (the classifier's data)")
+    parser.add_argument("--peft-side", nargs="+", help=argparse.SUPPRESS)  # a child process: one PEFT run
+    args = parser.parse_args()
+    if args.peft_side:
+        return peft_text_side() if args.peft_side[0] == "text" else peft_classifier_side(*args.peft_side[1:])
+    scratch = Path(tempfile.mkdtemp(prefix="lowrax-recipes-"))
+    results: dict = {}
+    try:
+        for recipe in args.only.split(","):
+            if recipe == "text":
+                lowrax_args, peft_args = text_overrides, ["text"]
+            else:
+                from compare_sentiment import rated_snippets, vader_sdist, write_split
+
+                data = write_split(rated_snippets(Path(args.sdist) if args.sdist else vader_sdist(scratch)), scratch)
+                lowrax_args = lambda out, data=data: classifier_overrides(out, data)  # noqa: E731
+                peft_args = ["classifier", str(data[0]), str(data[1])]
+            runs = {"lowrax": [], "peft": []}
+            for i in range(args.repeats):
+                out = scratch / f"{recipe}-{i}"
+                runs["lowrax"].append(measured([sys.executable, "-m", "lowrax", "train", *lowrax_args(out)]))
+                shutil.rmtree(out, ignore_errors=True)
+                runs["peft"].append(measured([sys.executable, __file__, "--peft-side", *peft_args]))
+                print(f"{recipe} run {i + 1}: lowrax {runs['lowrax'][-1]}, peft {runs['peft'][-1]}", flush=True)
+            peaks = {side: [r["peak_rss_mb"] for r in rs] for side, rs in runs.items()}
+            results[recipe] = {"runs": runs,
+                               "median_peak_ratio_lowrax_over_peft": statistics.median(peaks["lowrax"]) / statistics.median(peaks["peft"]),
+                               "peak_spread": {side: max(p) / min(p) - 1 for side, p in peaks.items()},
+                               "median_wall_ratio_lowrax_over_peft": statistics.median(r["wall_s"] for r in runs["lowrax"])
+                               / statistics.median(r["wall_s"] for r in runs["peft"])}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(json.dumps(results, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
