@@ -8,6 +8,8 @@ Every ```bash and ```python block in the pages carries a marker on the line befo
     <!-- example: run -->            run as shown
     <!-- example: short -->          run as shown, each `lowrax train` cut to 2 steps (unless it sets
                                      train.steps or train.epochs itself) with train.quick=true
+    <!-- example: short: train.steps=12 -->   the same with another number of steps (a method that
+                                     needs more than 2)
     <!-- example: skip: REASON -->   not run, for the reason given (a GPU, hours, a checkpoint no package ships)
 
 Shell blocks run line by line with `bash` (continuation lines joined), `lowrax` and `python` being this
@@ -84,7 +86,7 @@ def marker_problems(found: list[Example]) -> list[str]:
 SHIM = """#!/bin/bash
 if [ "$1" = train ] && [ -n "$DOC_EXAMPLE_SHORT" ]; then
   extra="$DOC_EXAMPLE_SHORT"
-  case " $* " in *" train.steps="*|*" train.epochs="*) ;; *) extra="$extra train.steps=2";; esac
+  case " $* " in *" train.steps="*|*" train.epochs="*) ;; *) extra="$extra $DOC_EXAMPLE_STEPS";; esac
   set -- "$@" $extra
 fi
 exec "{python}" -m lowrax "$@"
@@ -128,7 +130,8 @@ def shell_lines(body: str) -> list[str]:
 def run_shell(ex: Example, scratch: Path, env: dict) -> list[str]:
     """Each line of a shell block; returns the lines left out as placeholders."""
     left_out = []
-    short_env = {**env, "DOC_EXAMPLE_SHORT": SHORT} if ex.kind == "short" else env
+    steps = ex.marker.split(":", 1)[1].strip() if ex.kind == "short" and ":" in ex.marker else "train.steps=2"
+    short_env = {**env, "DOC_EXAMPLE_SHORT": SHORT, "DOC_EXAMPLE_STEPS": steps} if ex.kind == "short" else env
     for line in shell_lines(ex.body):
         command = re.sub(r"(^|\s)\.venv(-test)?/bin/", r"\1", line.split(" #", 1)[0].strip())  # the reader's venv
         if PLACEHOLDER.search(command):
