@@ -3,11 +3,12 @@ peak RSS mixes with the compiler's own memory):
 
     /usr/bin/time -v .venv-test/bin/python scripts/compile_memory.py lora      # "Maximum resident set size"
     /usr/bin/time -v .venv-test/bin/python scripts/compile_memory.py adalora
-    .venv-test/bin/python scripts/compile_memory.py lora --batch 8 --seq 1024 --logit-blocks both
+    .venv-test/bin/python scripts/compile_memory.py lora --batch 8 --seq 1024 --blocks none all
 
 prints the compiled step's temporaries and arguments (XLA's `memory_analysis()`); the process's peak
-resident memory, which `time -v` reports, is compilation's. `--logit-blocks both` compiles the step
-twice: with the logits computed whole and by blocks of positions (`objectives.logps.LOGIT_BLOCK_BYTES`).
+resident memory, which `time -v` reports, is compilation's. `--blocks` compiles the step once per
+setting: `default` (logits and attention scores by blocks only when large: `objectives.logps.LOGIT_WHOLE_LIMIT`,
+`core.layers.ATTENTION_WHOLE_LIMIT`), `none` (both whole), `all` (both by blocks).
 """
 
 import argparse
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import lowrax
+from lowrax.core import layers
 from lowrax.objectives import logps
 from lowrax.train.optim import OptimizerConfig, make_optimizer
 from lowrax.train.step import init_state, make_train_step
@@ -41,13 +43,14 @@ if __name__ == "__main__":
     parser.add_argument("method", nargs="?", default="lora", choices=sorted(CONFIGS))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--logit-blocks", choices=("on", "off", "both"), default="on")
+    parser.add_argument("--blocks", nargs="+", choices=("default", "none", "all"), default=["default"])
     args = parser.parse_args()
     model, params = lowrax.load_pretrained(None, progress=False)
     trainable, frozen = lowrax.split(lowrax.wrap(params, CONFIGS[args.method](), jax.random.key(0), model=model))
-    default_block = logps.LOGIT_BLOCK_BYTES
-    for blocks in (("off", "on") if args.logit_blocks == "both" else (args.logit_blocks,)):
-        logps.LOGIT_BLOCK_BYTES = default_block if blocks == "on" else 1 << 62
+    defaults = logps.LOGIT_WHOLE_LIMIT, layers.ATTENTION_WHOLE_LIMIT
+    for blocks in args.blocks:
+        logps.LOGIT_WHOLE_LIMIT, layers.ATTENTION_WHOLE_LIMIT = {"default": defaults, "none": (1 << 62, 1 << 62),
+                                                                 "all": (0, 0)}[blocks]
         temp, arguments = temporaries(model, trainable, frozen, args.batch, args.seq)
-        print(f"{args.method}, batch {args.batch} x {args.seq}, logits {'by blocks' if blocks == 'on' else 'whole'}: "
+        print(f"{args.method}, batch {args.batch} x {args.seq}, blocks {blocks}: "
               f"compiled step temporaries {temp:.2f} GB + arguments {arguments:.2f} GB", flush=True)

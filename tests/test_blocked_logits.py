@@ -55,8 +55,22 @@ def batch(n=3, t=37, seed=0):
     return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
 
 
-def loss_and_grads(model, params, loss_fn, data, block_bytes, monkeypatch):
+def logit_blocks(monkeypatch, block_bytes):
+    """Logits by blocks of `block_bytes` whatever their size (1 << 40: whole)."""
+    monkeypatch.setattr(logps_module, "LOGIT_WHOLE_LIMIT", 0 if block_bytes < 1 << 40 else 1 << 62)
     monkeypatch.setattr(logps_module, "LOGIT_BLOCK_BYTES", block_bytes)
+
+
+def attention_blocks(monkeypatch, block_bytes):
+    """Attention by blocks of queries of `block_bytes` whatever its size (1 << 40: whole)."""
+    from lowrax.core import layers
+
+    monkeypatch.setattr(layers, "ATTENTION_WHOLE_LIMIT", 0 if block_bytes < 1 << 40 else 1 << 62)
+    monkeypatch.setattr(layers, "ATTENTION_BLOCK_BYTES", block_bytes)
+
+
+def loss_and_grads(model, params, loss_fn, data, block_bytes, monkeypatch):
+    logit_blocks(monkeypatch, block_bytes)
     maps = []
     monkeypatch.setattr(jax.lax, "map", lambda f, xs, _map=jax.lax.map: maps.append(1) or _map(f, xs))
     trainable, frozen = lowrax.split(params)
@@ -67,6 +81,16 @@ def loss_and_grads(model, params, loss_fn, data, block_bytes, monkeypatch):
 
     loss, grads = jax.jit(jax.value_and_grad(mean_loss))(trainable)
     return loss, grads, bool(maps)  # whether the logits went by blocks
+
+
+def test_small_logits_and_scores_stay_whole():
+    """The defaults block only what is large: SmolLM2's logits at 4 x 256 tokens (200 MB) and its scores
+    (9 MB a layer) stay whole; at 8 x 1024 tokens both go by blocks."""
+    from lowrax.core import layers
+
+    vocab, heads = 49152, 9
+    assert 4 * 4 * 255 * vocab <= logps_module.LOGIT_WHOLE_LIMIT < 4 * 8 * 1023 * vocab
+    assert 4 * 4 * heads * 256 * 256 <= layers.ATTENTION_WHOLE_LIMIT < 4 * 8 * heads * 1024 * 1024
 
 
 def test_blocks_cover_every_position_once():
@@ -124,7 +148,7 @@ def test_the_compiled_step_keeps_one_block_of_logits(student, monkeypatch):
     data = batch(n=8, t=128)
 
     def temp_bytes(block_bytes):
-        monkeypatch.setattr(logps_module, "LOGIT_BLOCK_BYTES", block_bytes)
+        logit_blocks(monkeypatch, block_bytes)
         trainable, frozen = lowrax.split(params)
 
         def mean_loss(trainable):
@@ -137,3 +161,48 @@ def test_the_compiled_step_keeps_one_block_of_logits(student, monkeypatch):
     logits = 4 * 8 * 127 * VOCAB
     whole, blocked = temp_bytes(1 << 40), temp_bytes(logits // 8)
     assert blocked < whole - logits, (whole, blocked, logits)
+
+
+@pytest.mark.parametrize("softcap, with_bias", [(None, False), (30.0, False), (None, True)])
+def test_attention_by_query_blocks_equals_the_whole(softcap, with_bias, monkeypatch):
+    """Values and gradients of `layers.attention` computed a block of queries at a time (GQA, padding,
+    a causal mask, Gemma's softcap, T5's bias) equal the whole computation."""
+    from lowrax.core import layers
+
+    b, t, h, kv, d = 2, 13, 4, 2, 8
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(key, (b, t, n, d)) for key, n in zip(keys, (h, kv, kv)))
+    lengths = jnp.array([13, 9])
+    valid = jnp.arange(t)[None, :] < lengths[:, None]
+    mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+    bias = jax.random.normal(keys[3], (1, h, t, t)) if with_bias else None
+
+    def run(block_bytes):
+        attention_blocks(monkeypatch, block_bytes)
+        maps = []
+        monkeypatch.setattr(jax.lax, "map", lambda f, xs, _map=jax.lax.map: maps.append(1) or _map(f, xs))
+
+        def total(q, k, v):
+            out = layers.attention(q, k, v, mask, 0.3, softcap=softcap, bias=bias)
+            return jnp.sum(jnp.where(valid[..., None], out, 0.0) ** 2), out
+        (_, out), grads = jax.value_and_grad(total, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return out, grads, bool(maps)
+
+    whole, blocked = run(1 << 40), run(4 * b * h * t * 4)  # blocks of 4 queries, the last one padded
+    assert blocked[2] and not whole[2]
+    np.testing.assert_allclose(np.asarray(blocked[0]), np.asarray(whole[0]), rtol=1e-6, atol=1e-6)
+    for got, want in zip(blocked[1], whole[1]):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_with_blocked_attention_trains_as_with_whole(student, monkeypatch):
+    model, params = student
+    data = batch()
+    attention_blocks(monkeypatch, 1 << 40)
+    whole = loss_and_grads(model, params, causal_lm_loss, data, 1 << 40, monkeypatch)
+    attention_blocks(monkeypatch, 4 * 3 * 4 * 37 * 5)
+    blocked = loss_and_grads(model, params, causal_lm_loss, data, 1 << 40, monkeypatch)
+    assert blocked[2]
+    np.testing.assert_allclose(float(blocked[0]), float(whole[0]), rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(blocked[1]), jax.tree.leaves(whole[1])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
