@@ -98,8 +98,8 @@ def prepare(scratch: Path) -> dict:
     shims = scratch / ".bin"
     shims.mkdir()
     (shims / "lowrax").write_text(SHIM.replace("{python}", sys.executable))
-    (shims / "python").symlink_to(sys.executable)
-    (shims / "python3").symlink_to(sys.executable)
+    for name in ("python", "python3"):  # a script, not a link: a link would lose the venv's site-packages
+        (shims / name).write_text(f'#!/bin/bash\nexec "{sys.executable}" "$@"\n')
     for shim in shims.iterdir():
         shim.chmod(0o755)
     env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}"}
