@@ -62,7 +62,8 @@ def test_help_config_is_a_preset_of_the_config_the_command_would_use(tmp_path, c
     (tmp_path / "preset.yaml").write_text(text)
     assert load_config(tmp_path / "preset.yaml") == load_config(str(ROOT / "configs" / "default.yaml"),
                                                                ["train.steps=7", "lora.r=4"])
-    assert "  steps: 7  # [an integer >= 1] optimizer steps" in text.splitlines()
+    assert "  steps: 7  # [an integer >= 0] optimizer steps (0: score the model as training would start it, train nothing)" \
+        in text.splitlines()
     assert "  r: 4  # [an integer >= 1] rank of A [in, r] and B [r, out]" in text.splitlines()
     assert main(["train", "--help-config", "method=ia3"]) == 0
     ia3 = yaml.safe_load(capsys.readouterr().out)
