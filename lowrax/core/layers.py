@@ -154,20 +154,32 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
     block = max(1, ATTENTION_BLOCK_BYTES // row_bytes)
     if dropout[0] or row_bytes * t <= ATTENTION_WHOLE_LIMIT or block >= t:
         return _attention(q, k, v, mask, bias, scale, softcap, dropout)
-    blocks = -(-t // block)
 
-    def split(x, axis):  # pad the query axis to blocks x block (padded queries see nothing) and stack the blocks
-        x = jnp.pad(x, [(0, blocks * block - t if i == axis else 0) for i in range(x.ndim)])
-        return jnp.moveaxis(x.reshape(*x.shape[:axis], blocks, block, *x.shape[axis + 1:]), axis, 0)
-
-    def one_block(xs):
-        q_block, mask_block, *bias_block = xs
+    def one_block(q_block, mask_block, *bias_block):
         return _attention(q_block, k, v, mask_block, bias_block[0] if bias_block else None, scale, softcap, dropout)
 
-    xs = (split(q, 1), split(mask, 1)) + ((split(jnp.broadcast_to(bias, (bias.shape[0], h, t, bias.shape[-1])), 2),)
-                                          if bias is not None else ())
-    out = jax.lax.map(jax.checkpoint(one_block), xs)  # [blocks, b, block, h * dv]
-    return jnp.moveaxis(out, 0, 1).reshape(b, blocks * block, -1)[:, :t]
+    inputs = [(q, 1), (mask, 1)]
+    if bias is not None:
+        inputs.append((jnp.broadcast_to(bias, (bias.shape[0], h, t, bias.shape[-1])), 2))
+    return by_blocks(one_block, t, block, inputs)
+
+
+def by_blocks(fn, length: int, block: int, inputs: list[tuple[jnp.ndarray, int]]):
+    """fn applied to blocks of `block` along a length-`length` axis of each input (array, axis), in a
+    rematerialised scan: the backward recomputes one block's intermediates at a time instead of keeping
+    them all. fn's outputs (an array or a tuple) carry the blocked axis at 1; they are joined there. The
+    last block is padded with zeros, and the padding dropped from the outputs."""
+    blocks = -(-length // block)
+
+    def split(x, axis):  # [..., length, ...] -> [blocks, ..., block, ...]
+        x = jnp.pad(x, [(0, blocks * block - length if i == axis else 0) for i in range(x.ndim)])
+        return jnp.moveaxis(x.reshape(*x.shape[:axis], blocks, block, *x.shape[axis + 1:]), axis, 0)
+
+    def join(y):  # [blocks, n, block, ...] -> [n, length, ...]
+        return jnp.moveaxis(y, 0, 1).reshape(y.shape[1], blocks * block, *y.shape[3:])[:, :length]
+
+    out = jax.lax.map(lambda xs: jax.checkpoint(fn)(*xs), tuple(split(x, axis) for x, axis in inputs))
+    return jax.tree.map(join, out)
 
 
 def _attention(q, k, v, mask, bias, scale, softcap, dropout) -> jnp.ndarray:

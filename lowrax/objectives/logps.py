@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lowrax.core.layers import by_blocks
 from lowrax.core.node import resolve
 
 
@@ -51,17 +52,7 @@ def by_position_blocks(fn, vocab: int, positions, *per_position, block_bytes: in
     block = max(1, (block_bytes or LOGIT_BLOCK_BYTES) // column_bytes)
     if block >= k or (block_bytes is None and column_bytes * k <= LOGIT_WHOLE_LIMIT):
         return fn(positions, *per_position)
-    blocks = -(-k // block)
-
-    def split(x):  # [n, K, ...] -> [blocks, n, block, ...]; the last block padded with zeros (dropped below)
-        x = jnp.pad(x, [(0, 0), (0, blocks * block - k)] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape(n, blocks, block, *x.shape[2:]).swapaxes(0, 1)
-
-    def join(y):  # [blocks, n, block, ...] -> [n, K, ...]
-        return y.swapaxes(0, 1).reshape(n, blocks * block, *y.shape[3:])[:, :k]
-
-    out = jax.lax.map(lambda xs: jax.checkpoint(fn)(*xs), tuple(split(x) for x in (positions, *per_position)))
-    return jax.tree.map(join, out)
+    return by_blocks(fn, k, block, [(x, 1) for x in (positions, *per_position)])
 
 
 def logps_at(model, params, hidden, positions, targets, block_bytes: int | None = None) -> jnp.ndarray:
