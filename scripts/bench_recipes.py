@@ -38,9 +38,29 @@ REPO = Path(__file__).resolve().parent.parent
 TEXT = dict(r=16, alpha=32, batch=4, seq_len=256, lr=2e-4)
 
 
-def text_overrides(out: Path) -> list[str]:
-    return ["data.source=embedded_text", f"data.seq_len={TEXT['seq_len']}", f"train.batch_size={TEXT['batch']}",
-            "train.epochs=1", f"lora.r={TEXT['r']}", f"lora.alpha={TEXT['alpha']}", "lora.target_modules=all-linear",
+def prepare_text(scratch: Path) -> tuple[Path, Path, Path]:
+    """The text recipe's inputs, shared by both sides: the embedded SmolLM2 written as an HF directory
+    (float32 safetensors, tokenizer) and its `embedded_text` train / held-out records as JSONL."""
+    import lowrax
+    from lowrax.train.config import load_config
+    from lowrax.train.data import load_records
+
+    model_dir = scratch / "smollm2-hf"
+    model, params = lowrax.load_pretrained(None, progress=False)
+    lowrax.save_pretrained(params, model, model_dir, tokenizer=lowrax.load_tokenizer(None))
+    train, held_out = load_records(load_config(None, ["data.source=embedded_text"]).data)
+    files = []
+    for name, rows in (("text-train.jsonl", train), ("text-held-out.jsonl", held_out)):
+        (scratch / name).write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+        files.append(scratch / name)
+    return model_dir, files[0], files[1]
+
+
+def text_overrides(out: Path, inputs: tuple[Path, Path, Path]) -> list[str]:
+    model_dir, train, held_out = inputs
+    return [f"model.path={model_dir}", f"data.source={train}", f"data.eval_source={held_out}",
+            f"data.seq_len={TEXT['seq_len']}", f"train.batch_size={TEXT['batch']}", "train.epochs=1",
+            f"lora.r={TEXT['r']}", f"lora.alpha={TEXT['alpha']}", "lora.target_modules=all-linear",
             f"optim.learning_rate={TEXT['lr']}", "train.quick=true", "train.save_every=0", f"train.output_dir={out}"]
 
 
@@ -66,22 +86,19 @@ def measured(command: list[str]) -> dict:
     return {"peak_rss_mb": usage.ru_maxrss / 1024, "wall_s": time.perf_counter() - start}
 
 
-def peft_text_side() -> None:
-    """The text recipe with PEFT + transformers (float32 on the CPU), on the records lowrax reads."""
+def peft_text_side(model_dir: str, train_file: str, held_out_file: str) -> None:
+    """The text recipe with PEFT + transformers (float32 on the CPU): only torch, transformers and peft
+    are imported, as in a PEFT user's script."""
     import torch
     from peft import LoraConfig, get_peft_model
-
-    from bench_common import load_torch_causal_lm
-    from lowrax.train.config import load_config
-    from lowrax.train.data import load_records
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    cfg = load_config(None, text_overrides(Path(tempfile.gettempdir()) / "unused"))
-    train, held_out = load_records(cfg.data)
-    tokenizer = __import__("lowrax").load_tokenizer(None)
-    model = get_peft_model(load_torch_causal_lm(None), LoraConfig(r=TEXT["r"], lora_alpha=TEXT["alpha"],
-                                                                  target_modules="all-linear"))
-    texts = [r["text"] for r in train]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=TEXT["r"], lora_alpha=TEXT["alpha"], target_modules="all-linear"))
+    texts = [json.loads(line)["text"] for line in Path(train_file).read_text().splitlines()]
+    held = [json.loads(line)["text"] for line in Path(held_out_file).read_text().splitlines()]
     steps = math.ceil(len(texts) / TEXT["batch"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=TEXT["lr"], weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -101,7 +118,6 @@ def peft_text_side() -> None:
         schedule.step()
         optimizer.zero_grad()
     model.eval()
-    held = [r["text"] for r in held_out]
     with torch.no_grad():
         for i in range(0, len(held), TEXT["batch"]):
             enc, labels = encoded(held[i:i + TEXT["batch"]])
@@ -109,11 +125,10 @@ def peft_text_side() -> None:
     model.save_pretrained(tempfile.mkdtemp())
 
 
-def peft_classifier_side(train: str, held_out: str) -> None:
-    from compare_sentiment import peft_run
-    from lowrax.models.pretrained import embedded_minilm_path
+def peft_classifier_side(model_dir: str, train: str, held_out: str) -> None:
+    from compare_sentiment import peft_run  # torch, transformers and peft only
 
-    peft_run(embedded_minilm_path(), Path(train), Path(held_out), 0)
+    peft_run(Path(model_dir), Path(train), Path(held_out), 0)
 
 
 def main() -> None:
@@ -125,19 +140,24 @@ def main() -> None:
     parser.add_argument("--peft-side", nargs="+", help=argparse.SUPPRESS)  # a child process: one PEFT run
     args = parser.parse_args()
     if args.peft_side:
-        return peft_text_side() if args.peft_side[0] == "text" else peft_classifier_side(*args.peft_side[1:])
+        side = peft_text_side if args.peft_side[0] == "text" else peft_classifier_side
+        return side(*args.peft_side[1:])
     scratch = Path(tempfile.mkdtemp(prefix="lowrax-recipes-"))
     results: dict = {}
     try:
         for recipe in args.only.split(","):
             if recipe == "text":
-                lowrax_args, peft_args = text_overrides, ["text"]
+                inputs = prepare_text(scratch)
+                lowrax_args = lambda out, inputs=inputs: text_overrides(out, inputs)  # noqa: E731
+                peft_args = ["text", *map(str, inputs)]
             else:
                 from compare_sentiment import rated_snippets, vader_sdist, write_split
 
                 data = write_split(rated_snippets(Path(args.sdist) if args.sdist else vader_sdist(scratch)), scratch)
                 lowrax_args = lambda out, data=data: classifier_overrides(out, data)  # noqa: E731
-                peft_args = ["classifier", str(data[0]), str(data[1])]
+                from lowrax.models.pretrained import embedded_minilm_path
+
+                peft_args = ["classifier", str(embedded_minilm_path()), str(data[0]), str(data[1])]
             runs = {"lowrax": [], "peft": []}
             for i in range(args.repeats):
                 out = scratch / f"{recipe}-{i}"

@@ -1,5 +1,7 @@
-"""The logits are computed a block of positions at a time (`objectives.logps.by_position_blocks`): the
-losses and gradients equal the whole-logits computation, and the step's compiled temporaries shrink."""
+"""The logits are computed a block of positions at a time: by the fused cross-entropy
+(`objectives.fused_logps`) for token log-probs, by `objectives.logps.by_position_blocks` for
+distillation. Losses and gradients equal the whole-logits computation, and the step's compiled
+temporaries shrink."""
 
 from __future__ import annotations
 
@@ -99,13 +101,27 @@ def test_blocks_cover_every_position_once():
     np.testing.assert_array_equal(np.asarray(seen), np.asarray(positions * 10 + positions + 1))
 
 
-@pytest.mark.parametrize("block_positions", [1, 7, 20])
-def test_causal_lm_loss_and_gradients_equal_the_whole_logits(student, block_positions, monkeypatch):
+def whole_logits_causal_lm_loss(model, params, batch):
+    """causal_lm_loss computed the plain way: every position's logits, then log-softmax."""
+    hidden = model.final_hidden(params, batch["input_ids"], batch["attention_mask"])
+    n, t = batch["input_ids"].shape
+    logits = logps_module.logits_at(model, params, hidden, jnp.broadcast_to(jnp.arange(t - 1), (n, t - 1)))
+    weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    return jnp.sum(-logps_module.target_logps(logits, batch["input_ids"][:, 1:]) * weights), jnp.sum(weights)
+
+
+@pytest.mark.parametrize("block_positions", [1, 7, 20, 36])
+def test_fused_causal_lm_loss_and_gradients_equal_the_whole_logits(student, block_positions, monkeypatch):
+    """The fused cross-entropy (blocks of 1, 7 and 20 positions, the last one padded, and one block of
+    all 36) against the plain computation; the LoRA on lm_head gets its gradient through it."""
+    from lowrax.objectives import fused_logps
+
     model, params = student
     data = batch()
-    whole = loss_and_grads(model, params, causal_lm_loss, data, 1 << 40, monkeypatch)
-    blocked = loss_and_grads(model, params, causal_lm_loss, data, 4 * 3 * VOCAB * block_positions, monkeypatch)
-    assert blocked[2] and not whole[2]
+    whole = loss_and_grads(model, params, whole_logits_causal_lm_loss, data, 1 << 40, monkeypatch)
+    monkeypatch.setattr(fused_logps, "BLOCK_BYTES", 4 * 3 * VOCAB * block_positions)
+    monkeypatch.setattr(logps_module, "BLOCK_BYTES", 4 * 3 * VOCAB * block_positions)
+    blocked = loss_and_grads(model, params, causal_lm_loss, data, 1 << 40, monkeypatch)
     np.testing.assert_allclose(float(blocked[0]), float(whole[0]), rtol=1e-6)
     for got, want in zip(jax.tree.leaves(blocked[1]), jax.tree.leaves(whole[1])):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
@@ -142,57 +158,73 @@ def test_distillation_blocks_student_and_teacher_together(student, stored_teache
 
 
 def test_the_compiled_step_keeps_one_block_of_logits(student, monkeypatch):
-    """With a vocabulary-dominated shape, the gradient's compiled temporaries fall by about the logits'
-    size when they are blocked."""
+    """With a vocabulary-dominated shape, the gradient's compiled temporaries with the fused
+    cross-entropy are smaller than the plain computation's by more than the logits' size."""
+    from lowrax.objectives import fused_logps
+
     model, params = student
     data = batch(n=8, t=128)
+    logits = 4 * 8 * 127 * VOCAB
+    monkeypatch.setattr(fused_logps, "BLOCK_BYTES", logits // 8)
+    monkeypatch.setattr(logps_module, "BLOCK_BYTES", logits // 8)
 
-    def temp_bytes(block_bytes):
-        logit_blocks(monkeypatch, block_bytes)
+    def temp_bytes(loss_fn):
         trainable, frozen = lowrax.split(params)
 
         def mean_loss(trainable):
-            total, count = causal_lm_loss(model, lowrax.combine(trainable, frozen), data)
+            total, count = loss_fn(model, lowrax.combine(trainable, frozen), data)
             return total / count
 
         compiled = jax.jit(jax.grad(mean_loss)).lower(trainable).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    logits = 4 * 8 * 127 * VOCAB
-    whole, blocked = temp_bytes(1 << 40), temp_bytes(logits // 8)
-    assert blocked < whole - logits, (whole, blocked, logits)
+    whole, fused = temp_bytes(whole_logits_causal_lm_loss), temp_bytes(causal_lm_loss)
+    assert fused < whole - logits, (whole, fused, logits)
 
 
+def plain_attention(q, k, v, mask, scale, softcap, bias):
+    """Grouped-query attention by plain differentiation of its formula (the reference)."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q.reshape(b, t, kv, h // kv, d), k) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias.reshape(bias.shape[0], kv, h // kv, *bias.shape[2:])
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(scores, axis=-1), v).reshape(b, t, h * d)
+
+
+@pytest.mark.parametrize("block_queries", [4, 13])
 @pytest.mark.parametrize("softcap, with_bias", [(None, False), (30.0, False), (None, True)])
-def test_attention_by_query_blocks_equals_the_whole(softcap, with_bias, monkeypatch):
-    """Values and gradients of `layers.attention` computed a block of queries at a time (GQA, padding,
-    a causal mask, Gemma's softcap, T5's bias) equal the whole computation."""
+def test_attention_equals_the_plain_computation(softcap, with_bias, block_queries, monkeypatch):
+    """Values and gradients of `layers.attention` (GQA, padding, a causal mask, Gemma's softcap, T5's
+    bias), whole and a block of 4 queries at a time (the last block padded, rematerialised), equal plain
+    differentiation of the formula."""
     from lowrax.core import layers
 
     b, t, h, kv, d = 2, 13, 4, 2, 8
-    keys = jax.random.split(jax.random.key(0), 4)
+    keys = jax.random.split(jax.random.key(0), 5)
     q, k, v = (jax.random.normal(key, (b, t, n, d)) for key, n in zip(keys, (h, kv, kv)))
     lengths = jnp.array([13, 9])
     valid = jnp.arange(t)[None, :] < lengths[:, None]
     mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
     bias = jax.random.normal(keys[3], (1, h, t, t)) if with_bias else None
+    weights = jax.random.normal(keys[4], (b, t, h * d)) * valid[..., None]
 
-    def run(block_bytes):
-        attention_blocks(monkeypatch, block_bytes)
-        maps = []
-        monkeypatch.setattr(jax.lax, "map", lambda f, xs, _map=jax.lax.map: maps.append(1) or _map(f, xs))
-
+    def run(attend):
         def total(q, k, v):
-            out = layers.attention(q, k, v, mask, 0.3, softcap=softcap, bias=bias)
-            return jnp.sum(jnp.where(valid[..., None], out, 0.0) ** 2), out
+            out = attend(q, k, v, mask, 0.3, softcap, bias)
+            return jnp.sum(out * weights), out
         (_, out), grads = jax.value_and_grad(total, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-        return out, grads, bool(maps)
+        return out, grads
 
-    whole, blocked = run(1 << 40), run(4 * b * h * t * 4)  # blocks of 4 queries, the last one padded
-    assert blocked[2] and not whole[2]
-    np.testing.assert_allclose(np.asarray(blocked[0]), np.asarray(whole[0]), rtol=1e-6, atol=1e-6)
-    for got, want in zip(blocked[1], whole[1]):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    attention_blocks(monkeypatch, 4 * b * h * t * block_queries if block_queries < t else 1 << 40)
+    got = run(lambda q, k, v, mask, scale, softcap, bias: layers.attention(q, k, v, mask, scale, softcap, bias))
+    want = run(plain_attention)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-6, atol=1e-6)
+    for got_grad, want_grad in zip(got[1], want[1]):
+        np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want_grad), rtol=1e-5, atol=1e-5)
 
 
 def test_a_model_with_blocked_attention_trains_as_with_whole(student, monkeypatch):
@@ -202,7 +234,6 @@ def test_a_model_with_blocked_attention_trains_as_with_whole(student, monkeypatc
     whole = loss_and_grads(model, params, causal_lm_loss, data, 1 << 40, monkeypatch)
     attention_blocks(monkeypatch, 4 * 3 * 4 * 37 * 5)
     blocked = loss_and_grads(model, params, causal_lm_loss, data, 1 << 40, monkeypatch)
-    assert blocked[2]
     np.testing.assert_allclose(float(blocked[0]), float(whole[0]), rtol=1e-6)
     for got, want in zip(jax.tree.leaves(blocked[1]), jax.tree.leaves(whole[1])):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrax.core.dropout import dropped_out
+from lowrax.core.lean_backward import gated, input_saving, masked_softmax
 from lowrax.errors import LowraxError
 
-ACTIVATIONS = {
+_PLAIN_ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -27,6 +28,9 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
     "tanh": jnp.tanh,
 }
+# What the models call: the same functions, with backwards that keep only their inputs (core.lean_backward).
+ACTIVATIONS = {name: input_saving(fn) for name, fn in _PLAIN_ACTIVATIONS.items()}
+GATED_ACTIVATIONS = {name: gated(fn) for name, fn in _PLAIN_ACTIVATIONS.items()}
 
 
 def activation(name: str):
@@ -35,6 +39,12 @@ def activation(name: str):
         return ACTIVATIONS[name]
     except KeyError:
         raise LowraxError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
+
+
+def gated_activation(name: str):
+    """(gate, up) -> activation(gate) * up, the gated MLP's product, for the activation HF calls `name`."""
+    activation(name)  # the same error for an unknown name
+    return GATED_ACTIVATIONS[name]
 
 
 def rms_norm(x: jnp.ndarray, params: dict, eps: float) -> jnp.ndarray:
@@ -132,7 +142,8 @@ def causal_mask(
 # block of queries at a time (blocks of ATTENTION_BLOCK_BYTES) in a rematerialised scan: the backward
 # recomputes one block's scores instead of keeping every layer's (at 8 x 1024 tokens on SmolLM2 the step's
 # temporaries fall from 42 to 16 GB), for about 20% more step time where it applies. Below the limit
-# (SmolLM2 at 4 x 256 tokens: 9 MB a layer) the scores are kept whole: faster, and small.
+# (SmolLM2 at 4 x 256 tokens: 9 MB a layer) the scores are kept whole, and the backward keeps only the
+# probabilities (`lean_backward.masked_softmax`).
 ATTENTION_WHOLE_LIMIT = 64 << 20
 ATTENTION_BLOCK_BYTES = 16 << 20
 
@@ -191,8 +202,7 @@ def _attention(q, k, v, mask, bias, scale, softcap, dropout) -> jnp.ndarray:
         scores = jnp.tanh(scores / softcap) * softcap
     if bias is not None:
         scores = scores + bias.astype(jnp.float32).reshape(bias.shape[0], kv_heads, h // kv_heads, *bias.shape[2:])
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = dropped_out(jax.nn.softmax(scores, axis=-1).astype(v.dtype), *dropout)
+    probs = dropped_out(masked_softmax(scores, mask[:, None, None, :, :]).astype(v.dtype), *dropout)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h * v.shape[-1])
 

@@ -165,8 +165,8 @@ class LlamaModel(CausalLM):
         return layers.attention(q, k, v, mask, self.config.head_dim**-0.5)
 
     def _mlp(self, p, x):
-        act = layers.activation(self.config.hidden_act)
-        return linear(act(linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
+        glu = layers.gated_activation(self.config.hidden_act)
+        return linear(glu(linear(x, p["gate_proj"]), linear(x, p["up_proj"])), p["down_proj"])
 
     def _layer(self, p, x, cos, sin, mask, kv, cache_index):
         attn, kv = self._attention(p["self_attn"], self._norm(x, p["input_layernorm"]), cos, sin, mask, kv, cache_index)

@@ -69,4 +69,4 @@ class Phi3Model(LlamaModel):
     def _mlp(self, p, x):
         gate_up = linear(x, p["gate_up_proj"])
         gate, up = gate_up[..., : self.config.intermediate_size], gate_up[..., self.config.intermediate_size:]
-        return linear(up * layers.activation(self.config.hidden_act)(gate), p["down_proj"])
+        return linear(layers.gated_activation(self.config.hidden_act)(gate, up), p["down_proj"])

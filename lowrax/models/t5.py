@@ -212,8 +212,11 @@ class T5Model(Model):
         return dropped_out(linear(out, p["o"]), rate, drop, site + 1)
 
     def _mlp(self, p, x, drop=None):
-        act, rate = layers.activation(self.config.hidden_act), self.config.dropout
-        inner = act(linear(x, p["wi_0"])) * linear(x, p["wi_1"]) if self.config.gated else act(linear(x, p["wi"]))
+        name, rate = self.config.hidden_act, self.config.dropout
+        if self.config.gated:
+            inner = layers.gated_activation(name)(linear(x, p["wi_0"]), linear(x, p["wi_1"]))
+        else:
+            inner = layers.activation(name)(linear(x, p["wi"]))
         return dropped_out(linear(dropped_out(inner, rate, drop, 4), p["wo"]), rate, drop, 5)
 
     def _encoder_layer(self, p, x, mask, bias, drop=None):

@@ -4,11 +4,11 @@ A batch's rows carry `loss_positions` / `loss_targets` / `loss_weights` [n, K]: 
 positions whose next token is a completion token (see `train.data.Batches`). The
 vocabulary projection runs at those positions only, the largest matmul of a small model.
 
-Large logits are never materialised whole: when [n, K, V] would exceed LOGIT_WHOLE_LIMIT,
-`logps_at` runs over blocks of positions (LOGIT_BLOCK_BYTES each) in a scan whose body is
-rematerialised, so the forward keeps one block's logits at a time and the backward recomputes
-each block's (one more vocabulary projection per step, about 10% of a SmolLM2 step) instead of
-keeping them all: at 8 x 1024 tokens on SmolLM2, 3 GB less.
+The logits are never materialised whole: `logps_at` is a fused cross-entropy
+(`objectives.fused_logps`) that keeps one block of positions' logits at a time and only their
+log-sum-exp for the backward. Distillation, which needs whole distributions, runs student and
+teacher over blocks of positions in a rematerialised scan (`by_position_blocks`) when the
+[n, K, V] logits would exceed LOGIT_WHOLE_LIMIT.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from lowrax.core.layers import by_blocks
 from lowrax.core.node import resolve
+from lowrax.objectives.fused_logps import BLOCK_BYTES, head_target_logps
 
 
 def logits_at(model, params, hidden, positions) -> jnp.ndarray:
@@ -32,8 +33,10 @@ def target_logps(logits, targets) -> jnp.ndarray:
     return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
 
 
-LOGIT_WHOLE_LIMIT = 256 << 20  # float32 logits up to this are computed whole (SmolLM2 at 4 x 256 tokens: 200 MB)
-LOGIT_BLOCK_BYTES = 64 << 20  # above it, blocks of this size
+# Distillation's student and teacher logits up to this are computed whole (SmolLM2 at 4 x 256 tokens: 200 MB
+# each); above it, in blocks of LOGIT_BLOCK_BYTES.
+LOGIT_WHOLE_LIMIT = 256 << 20
+LOGIT_BLOCK_BYTES = 64 << 20
 
 
 def vocab_size(model, params, hidden) -> int:
@@ -56,11 +59,15 @@ def by_position_blocks(fn, vocab: int, positions, *per_position, block_bytes: in
 
 
 def logps_at(model, params, hidden, positions, targets, block_bytes: int | None = None) -> jnp.ndarray:
-    """log p(target) [n, K] from final hidden states [n, t, H] at positions [n, K], over blocks of
-    positions when the whole [n, K, V] float32 logits would exceed LOGIT_WHOLE_LIMIT (or, given,
-    `block_bytes`)."""
-    return by_position_blocks(lambda pos, tgt: target_logps(logits_at(model, params, hidden, pos), tgt),
-                              vocab_size(model, params, hidden), positions, targets, block_bytes=block_bytes)
+    """log p(target) [n, K] from final hidden states [n, t, H] at positions [n, K], by a fused
+    cross-entropy whose float32 logits exist one block (`block_bytes`, default
+    `fused_logps.BLOCK_BYTES`) at a time, in the forward and in the backward."""
+    picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+
+    def head(params, h):
+        return model.logits_from_hidden(resolve(params), h).astype(jnp.float32)
+
+    return head_target_logps(head, params, picked, targets, block_bytes or BLOCK_BYTES)
 
 
 def completion_logps(model, params, batch: dict, prefix: str = ""):
