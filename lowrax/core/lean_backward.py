@@ -5,9 +5,8 @@ pass: a softmax keeps its masked scores, their exponentials and the probabilitie
 [b, heads, t, s] a layer); an activation keeps its internal terms (SiLU its sigmoid and products,
 GELU its erf). These custom VJPs keep one array each and recompute the cheap elementwise rest in the
 backward, which is what fused kernels do: no matmul is recomputed, so this is not rematerialisation.
-On SmolLM2 at 4 x 256 tokens they take a LoRA step's compiled temporaries from 3.07 to 2.50 GB
-(`scripts/compile_memory.py lora --batch 4 --seq 256`; the fused cross-entropy of
-`objectives.fused_logps` then takes them to 2.14 GB). Forward values are unchanged: each function
+On SmolLM2 at 4 x 256 tokens they and the fused cross-entropy of `objectives.fused_logps` take a
+LoRA step's compiled temporaries from 3.07 to 1.95 GB (`scripts/compile_memory.py lora --batch 4 --seq 256`). Forward values are unchanged: each function
 computes exactly what the plain composition does.
 """
 
@@ -29,8 +28,15 @@ def _masked_softmax_forward(scores, mask):
     return probs, (probs, mask)
 
 
+def _tied_to_gradient(saved, grad):
+    """The residuals and the incoming gradient, through one optimisation barrier. Without it XLA sees
+    the backward's recomputation (silu(gate) ...) as equal to the forward's and merges the two, or
+    hoists it: the value is then kept from the forward to the backward after all."""
+    return jax.lax.optimization_barrier((saved, grad))
+
+
 def _masked_softmax_backward(saved, grad):
-    probs, mask = saved
+    (probs, mask), grad = _tied_to_gradient(saved, grad)
     grad_scores = probs * (grad - jnp.sum(grad * probs, axis=-1, keepdims=True))
     # A masked score gets no gradient, as through `where` (it matters for an all-masked row only,
     # whose probabilities are uniform rather than 0).
@@ -52,6 +58,7 @@ def input_saving(fn):
         return fn(x), x
 
     def backward(x, grad):
+        x, grad = _tied_to_gradient(x, grad)
         return jax.vjp(fn, x)[1](grad)
 
     lean.defvjp(forward, backward)
@@ -69,7 +76,7 @@ def gated(fn):
         return fn(gate) * up, (gate, up)
 
     def backward(saved, grad):
-        gate, up = saved
+        (gate, up), grad = _tied_to_gradient(saved, grad)
         activated, activation_vjp = jax.vjp(fn, gate)
         return activation_vjp(grad * up)[0], (grad * activated).astype(up.dtype)
 
