@@ -14,8 +14,9 @@ and the adapter's saving are all in it. The recipes:
               128 tokens, 10 epochs of 140 rows (88 steps), AdamW 2e-3, then accuracy on 500 held-out rows:
               the sentiment recipe of scripts/compare_sentiment.py (its data come from PyPI).
 
-The JSON holds every run's peak RSS (MiB) and wall seconds, and per recipe the median ratio lowrax / PEFT
-and the spread (max / min - 1) of each side's peaks.
+The JSON holds the machine (date, platform, cores, versions), every run's peak RSS (MiB) and wall
+seconds, and per recipe the median ratio lowrax / PEFT and the spread (max / min - 1) of each side's
+peaks. `scripts/performance_tables.py` turns it into the table on the docs' performance page.
 """
 
 from __future__ import annotations
@@ -173,9 +174,21 @@ def main() -> None:
                                / statistics.median(r["wall_s"] for r in runs["peft"])}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    results = {"machine": machine_facts(), "recipes": results}
     print(json.dumps(results, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def machine_facts() -> dict:
+    """What the figures were measured on: the docs' performance page prints it under each table."""
+    import datetime
+    import importlib.metadata
+    import platform
+
+    versions = {name: importlib.metadata.version(name) for name in ("jax", "torch", "transformers", "peft")}
+    return {"date": datetime.date.today().isoformat(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "versions": versions}
 
 
 if __name__ == "__main__":

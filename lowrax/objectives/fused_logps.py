@@ -37,11 +37,10 @@ def head_target_logps(head, params, hidden, targets, block_bytes: int = BLOCK_BY
     leaves, treedef = jax.tree.flatten(params)
     probe = hidden[:, :1]
     read = _leaves_read(lambda lv: head(treedef.unflatten(lv), probe), leaves)
-    # Leaves the head never reads are left out of the differentiated call; shapes stand in for them.
-    stand_ins = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in leaves]
-
+    # Leaves the head never reads are left out of the differentiated call; zeros of their shape stand in
+    # for them (code may still look at them, a no-op astype say; XLA drops the unused constants).
     def head_of(read_leaves, h):
-        full = list(stand_ins)
+        full = [_stand_in(x) for x in leaves]
         for i, x in zip(read, read_leaves):
             full[i] = x
         return head(treedef.unflatten(full), h)
@@ -50,6 +49,14 @@ def head_target_logps(head, params, hidden, targets, block_bytes: int = BLOCK_BY
     vocab = jax.eval_shape(head_of, [leaves[i] for i in read], probe).shape[-1]
     block = int(max(1, min(k, block_bytes // (4 * n * vocab))))
     return _fused(head_of, block, [leaves[i] for i in read], hidden, targets)
+
+
+def _stand_in(x):
+    """Zeros shaped and typed like x (a PRNG key array: keys made from zero data)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = jax.eval_shape(jax.random.key_data, x)
+        return jax.random.wrap_key_data(jnp.zeros(data.shape, data.dtype), impl=jax.random.key_impl(x))
+    return jnp.zeros(np.shape(x), x.dtype)
 
 
 def _blocks(x, block):

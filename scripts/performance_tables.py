@@ -1,0 +1,83 @@
+"""The docs' measured tables, generated from the benchmarks' JSON so that no table drifts from its command.
+
+    .venv-test/bin/python scripts/bench.py --recipes --out docs/figures/recipes.json   # measure (about an hour)
+    .venv-test/bin/python scripts/performance_tables.py                              # rewrite the tables
+    .venv-test/bin/python scripts/performance_tables.py --check                      # exit 1 if a table differs
+
+Each table sits in docs/performance.md between `<!-- generated: NAME -->` and `<!-- end generated -->`
+and is rendered from docs/figures/NAME.json. `tests/test_performance_tables.py` runs the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PAGE = REPO / "docs" / "performance.md"
+FIGURES = REPO / "docs" / "figures"
+TARGET_PEAK_RATIO = 0.8  # issue target: lowrax's peak at most 0.8x PEFT's
+
+RECIPE_NAMES = {
+    "text": "text: SmolLM2-135M, LoRA r 16 on every linear layer, batch 4 x 256, one epoch (87 steps), held-out loss",
+    "classifier": "classifier: MiniLM-L6, LoRA r 8 on query and value + head, batch 16 x 128, 88 steps, accuracy on 500",
+}
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def recipes_table(figures: dict) -> str:
+    rows = ["| recipe | runs | lowrax peak | PEFT + torch peak | ratio (target <= 0.8x) | lowrax wall | PEFT wall |"
+            " peak spread lowrax / PEFT |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, recipe in figures["recipes"].items():
+        runs = recipe["runs"]
+        ratio = recipe["median_peak_ratio_lowrax_over_peft"]
+        verdict = "met" if ratio <= TARGET_PEAK_RATIO else "**missed**"
+        spread = recipe["peak_spread"]
+        rows.append(f"| {RECIPE_NAMES.get(name, name)} | {len(runs['lowrax'])} "
+                    f"| {_median(runs['lowrax'], 'peak_rss_mb') / 1024:.2f} GiB "
+                    f"| {_median(runs['peft'], 'peak_rss_mb') / 1024:.2f} GiB | {ratio:.2f}x: {verdict} "
+                    f"| {_median(runs['lowrax'], 'wall_s'):.0f} s | {_median(runs['peft'], 'wall_s'):.0f} s "
+                    f"| {100 * spread['lowrax']:.1f}% / {100 * spread['peft']:.1f}% |")
+    m = figures["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    rows.append("")
+    rows.append(f"Medians of the runs; measured {m['date']} on {m['platform']}, {m['cpus']} cores, Python "
+                f"{m['python']}, {versions}.")
+    return "\n".join(rows)
+
+
+TABLES = {"recipes": recipes_table}
+
+
+def rendered_page(text: str) -> str:
+    def replace(match):
+        name = match.group(1)
+        figures = json.loads((FIGURES / f"{name}.json").read_text())
+        return f"<!-- generated: {name} -->\n{TABLES[name](figures)}\n<!-- end generated -->"
+
+    return re.sub(r"<!-- generated: (\w+) -->\n.*?<!-- end generated -->", replace, text, flags=re.S)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a table differs")
+    args = parser.parse_args()
+    text = PAGE.read_text()
+    new = rendered_page(text)
+    if args.check:
+        if new != text:
+            sys.exit(f"{PAGE} differs from its figures: run scripts/performance_tables.py")
+        return
+    PAGE.write_text(new)
+
+
+if __name__ == "__main__":
+    main()
