@@ -74,6 +74,19 @@ def test_dropped_out_zeroes_the_rate_and_keeps_the_mean():
     assert dropped_out(x, 0.25, None) is x and dropped_out(x, 0.0, jax.random.key(0)) is x
 
 
+def test_inverted_dropout_on_odd_shapes_bfloat16_and_the_extreme_rates():
+    from lowrax.core.dropout import inverted_dropout
+
+    x = jnp.ones((3, 333, 101), jnp.bfloat16)  # an odd element count: the last 32-bit word is half used
+    y = np.asarray(inverted_dropout(x, 0.1, jax.random.key(1)).astype(jnp.float32))
+    assert y.shape == x.shape and abs((y == 0).mean() - 0.1) < 0.005
+    assert set(np.unique(y)) <= {0.0, float(jnp.asarray(65536 / (65536 - 6554), jnp.bfloat16))}
+    assert not np.any(np.asarray(inverted_dropout(x, 1.0, jax.random.key(1))))
+    assert inverted_dropout(x, 1e-7, jax.random.key(1)) is x  # below 1/65536: no dropout
+    first, second = (np.asarray(inverted_dropout(jnp.ones(1000), 0.5, jax.random.key(2))) for _ in range(2))
+    np.testing.assert_array_equal(first, second)
+
+
 @pytest.mark.parametrize("config", [BERT, GPT2], ids=["bert", "gpt2"])
 def test_a_training_step_drops_out_and_remat_redraws_the_same_masks(config):
     import optax

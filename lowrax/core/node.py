@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from lowrax.core.dropout import inverted_dropout
+
 # Optax labels of array leaves (see `adapters.tree.labels`): the optimizer groups by them.
 FROZEN, LORA_A, LORA_B, VECTOR, FULL, ANCHOR = "frozen", "lora_a", "lora_b", "vector", "full", "anchor"
 FACTOR = "factor"  # a factor of another method's weight delta (LoHa, LoKr): the base learning rate
@@ -142,8 +144,7 @@ def dropped(x: jnp.ndarray, rate: float, key) -> jnp.ndarray:
     """Inverted dropout of x when a key is attached (training) and rate > 0; x otherwise."""
     if rate <= 0.0 or key is None:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    return inverted_dropout(x, rate, key)
 
 
 def resolve(params: Any) -> Any:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from lowrax.core.dropout import inverted_dropout
 from lowrax.core.node import PROMPT, AdapterNode
 from lowrax.errors import LowraxError
 
@@ -95,8 +96,7 @@ def bidirectional_lstm(x: jnp.ndarray, layers: dict, dropout: float, key) -> jnp
         x = jnp.concatenate([lstm_direction(x, layers[f"l{i}"], False),
                              lstm_direction(x, layers[f"l{i}_reverse"], True)], axis=-1)
         if key is not None and dropout > 0 and i < count - 1:
-            keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+            x = inverted_dropout(x, dropout, jax.random.fold_in(key, i))
     return x
 
 
