@@ -1,20 +1,35 @@
-"""Compiled train-step buffers of a method on the default model and task shape (what `bench.py`'s
-peak RSS mixes with the compiler's own memory):
+"""Compiled train-step buffers (and, on request, step time and where it goes) of a method on the default
+model and task shape (what `bench.py`'s peak RSS mixes with the compiler's own memory):
 
     /usr/bin/time -v .venv-test/bin/python scripts/compile_memory.py lora      # "Maximum resident set size"
     /usr/bin/time -v .venv-test/bin/python scripts/compile_memory.py adalora
     .venv-test/bin/python scripts/compile_memory.py lora --batch 8 --seq 1024 --blocks none all
+    .venv-test/bin/python scripts/compile_memory.py lora --batch 4 --seq 256 --time 6        # the text recipe's step
+    .venv-test/bin/python scripts/compile_memory.py --classifier --time 6 --profile        # the MiniLM recipe's step
 
 prints the compiled step's temporaries and arguments (XLA's `memory_analysis()`); the process's peak
 resident memory, which `time -v` reports, is compilation's. `--blocks` compiles the step once per
 setting: `default` (logits and attention scores by blocks only when large: `objectives.logps.LOGIT_WHOLE_LIMIT`,
 `core.layers.ATTENTION_WHOLE_LIMIT`), `none` (both whole), `all` (both by blocks).
+`--classifier` compiles the sentiment recipe's step instead (all-MiniLM-L6-v2 with a 2-label head, LoRA r 8
+on query and value, batch 16 x 128, the model's own dropout on; --batch/--seq change its shape).
+`--time N` runs the compiled step N times and prints the minimum and median seconds; `--profile` traces
+three steps with `jax.profiler` and prints the op time by kind (matmul fusions, copies, random bits, ...),
+summed over XLA's threads, so it can exceed the step's wall time.
 """
 
 import argparse
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import lowrax
 from lowrax.core import layers
@@ -28,29 +43,101 @@ CONFIGS = {
                                             target_modules="all-linear"),
 }
 
-def temporaries(model, trainable, frozen, batch_size: int, seq: int) -> tuple[float, float]:
-    """(temporaries, arguments) in GB of the compiled LoRA step for one batch shape."""
+
+def causal_lm_step(method: str, batch_size: int, seq: int):
+    """(model, trainable, frozen, batch) of the embedded SmolLM2 with the method on every linear layer."""
+    model, params = lowrax.load_pretrained(None, progress=False)
+    trainable, frozen = lowrax.split(lowrax.wrap(params, CONFIGS[method](), jax.random.key(0), model=model))
+    ids = np.random.default_rng(0).integers(100, model.config.vocab_size, (batch_size, seq))
+    batch = {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.ones((batch_size, seq), jnp.int32),
+             "loss_mask": jnp.ones((batch_size, seq), jnp.int32)}
+    return model, trainable, frozen, batch
+
+
+def classifier_step(batch_size: int, seq: int):
+    """(model, trainable, frozen, batch) of the sentiment recipe: MiniLM, a fresh 2-label head, LoRA on q/v."""
+    from lowrax.models.pretrained import embedded_minilm_path
+    from lowrax.train.build import _load_model
+    from lowrax.train.config import load_config
+
+    cfg = load_config(None, [f"model.path={embedded_minilm_path()}", "model.task=classification", "model.num_labels=2"])
+    model, params = _load_model(cfg, jax.random.key(1))
+    config = lowrax.LoraConfig(r=8, alpha=16, target_modules=["query", "value"])
+    trainable, frozen = lowrax.split(lowrax.wrap(params, config, jax.random.key(0), model=model))
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": jnp.asarray(rng.integers(1000, 20000, (batch_size, seq)), jnp.int32),
+             "attention_mask": jnp.ones((batch_size, seq), jnp.int32),
+             "labels": jnp.asarray(rng.integers(0, 2, (batch_size,)), jnp.int32)}
+    return model, trainable, frozen, batch
+
+
+def compiled_step(model, trainable, frozen, batch):
     optimizer = make_optimizer(OptimizerConfig())
-    batch = {k: jnp.ones((batch_size, seq), jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
-    compiled = jax.jit(make_train_step(model, optimizer), donate_argnums=(0,)).lower(
-        init_state(trainable, optimizer), frozen, batch).compile()
-    m = compiled.memory_analysis()
-    return m.temp_size_in_bytes / 1e9, m.argument_size_in_bytes / 1e9
+    step = jax.jit(make_train_step(model, optimizer), donate_argnums=(0,))
+    return step.lower(init_state(trainable, optimizer), frozen, batch).compile(), optimizer
+
+
+def run_steps(compiled, state, frozen, batch, steps: int):
+    """(state after `steps` more steps, each step's seconds)."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, frozen, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return state, times
+
+
+def op_time_by_kind(compiled, state, frozen, batch, steps: int = 3) -> list[tuple[str, float, int]]:
+    """(op kind, milliseconds per step, ops per step) from a jax.profiler trace, largest first."""
+    trace_dir = tempfile.mkdtemp(prefix="lowrax-profile-")
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    run_steps(compiled, state, frozen, batch, steps)
+    jax.profiler.stop_trace()
+    events = json.load(gzip.open(sorted(glob.glob(f"{trace_dir}/**/*.json.gz", recursive=True))[-1]))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:  # XLA's thunks; the Python frames ($...) and the executor's own spans are left out
+        if e.get("ph") == "X" and not e["name"].startswith(("$", "ThunkExecutor", "SlinkyThreadPool", "end: ")):
+            kind = re.sub(r"\.\d+$", "", e["name"])
+            total[kind] += e.get("dur", 0)
+            count[kind] += 1
+    return [(kind, us / steps / 1e3, count[kind] // steps) for kind, us in total.most_common()]
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("method", nargs="?", default="lora", choices=sorted(CONFIGS))
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--seq", type=int)
     parser.add_argument("--blocks", nargs="+", choices=("default", "none", "all"), default=["default"])
+    parser.add_argument("--classifier", action="store_true", help="the MiniLM sentiment recipe's step")
+    parser.add_argument("--time", type=int, default=0, metavar="N", help="time N steps of the compiled program")
+    parser.add_argument("--profile", action="store_true", help="op time by kind over three traced steps")
     args = parser.parse_args()
-    model, params = lowrax.load_pretrained(None, progress=False)
-    trainable, frozen = lowrax.split(lowrax.wrap(params, CONFIGS[args.method](), jax.random.key(0), model=model))
+    if args.classifier:
+        shape = (args.batch or 16, args.seq or 128)
+        model, trainable, frozen, batch = classifier_step(*shape)
+        label = f"classifier (MiniLM LoRA r 8 q/v), batch {shape[0]} x {shape[1]}"
+    else:
+        shape = (args.batch or 16, args.seq or 32)
+        model, trainable, frozen, batch = causal_lm_step(args.method, *shape)
+        label = f"{args.method}, batch {shape[0]} x {shape[1]}"
     defaults = logps.LOGIT_WHOLE_LIMIT, layers.ATTENTION_WHOLE_LIMIT
     for blocks in args.blocks:
         logps.LOGIT_WHOLE_LIMIT, layers.ATTENTION_WHOLE_LIMIT = {"default": defaults, "none": (1 << 62, 1 << 62),
                                                                  "all": (0, 0)}[blocks]
-        temp, arguments = temporaries(model, trainable, frozen, args.batch, args.seq)
-        print(f"{args.method}, batch {args.batch} x {args.seq}, blocks {blocks}: "
-              f"compiled step temporaries {temp:.2f} GB + arguments {arguments:.2f} GB", flush=True)
+        compiled, optimizer = compiled_step(model, trainable, frozen, batch)
+        m = compiled.memory_analysis()
+        print(f"{label}, blocks {blocks}: compiled step temporaries {m.temp_size_in_bytes / 1e9:.2f} GB"
+              f" + arguments {m.argument_size_in_bytes / 1e9:.2f} GB", flush=True)
+        if not (args.time or args.profile):
+            continue
+        # the state copies the trainable arrays: the step donates its state, and the next setting needs them
+        state, _ = run_steps(compiled, init_state(jax.tree.map(jnp.copy, trainable), optimizer), frozen, batch, 1)
+        if args.time:
+            state, times = run_steps(compiled, state, frozen, batch, args.time)
+            print(f"  step seconds over {args.time}: min {min(times):.3f}, median {float(np.median(times)):.3f}")
+        if args.profile:
+            for kind, ms, ops in op_time_by_kind(compiled, state, frozen, batch)[:15]:
+                print(f"  {ms:9.1f} ms  {ops:5d} ops  {kind}")

@@ -120,7 +120,6 @@ def test_fused_causal_lm_loss_and_gradients_equal_the_whole_logits(student, bloc
     data = batch()
     whole = loss_and_grads(model, params, whole_logits_causal_lm_loss, data, 1 << 40, monkeypatch)
     monkeypatch.setattr(fused_logps, "BLOCK_BYTES", 4 * 3 * VOCAB * block_positions)
-    monkeypatch.setattr(logps_module, "BLOCK_BYTES", 4 * 3 * VOCAB * block_positions)
     blocked = loss_and_grads(model, params, causal_lm_loss, data, 1 << 40, monkeypatch)
     np.testing.assert_allclose(float(blocked[0]), float(whole[0]), rtol=1e-6)
     for got, want in zip(jax.tree.leaves(blocked[1]), jax.tree.leaves(whole[1])):
@@ -166,7 +165,6 @@ def test_the_compiled_step_keeps_one_block_of_logits(student, monkeypatch):
     data = batch(n=8, t=128)
     logits = 4 * 8 * 127 * VOCAB
     monkeypatch.setattr(fused_logps, "BLOCK_BYTES", logits // 8)
-    monkeypatch.setattr(logps_module, "BLOCK_BYTES", logits // 8)
 
     def temp_bytes(loss_fn):
         trainable, frozen = lowrax.split(params)

@@ -180,17 +180,22 @@ def by_blocks(fn, length: int, block: int, inputs: list[tuple[jnp.ndarray, int]]
     rematerialised scan: the backward recomputes one block's intermediates at a time instead of keeping
     them all. fn's outputs (an array or a tuple) carry the blocked axis at 1; they are joined there. The
     last block is padded with zeros, and the padding dropped from the outputs."""
+    out = jax.lax.map(lambda xs: jax.checkpoint(fn)(*xs), tuple(split_blocks(x, block, axis) for x, axis in inputs))
+    return jax.tree.map(lambda y: join_blocks(y, length), out)
+
+
+def split_blocks(x: jnp.ndarray, block: int, axis: int = 1) -> jnp.ndarray:
+    """[..., length, ...] -> [blocks, ..., block, ...]: the axis cut into blocks of `block`, stacked in
+    front, the last one padded with zeros."""
+    length = x.shape[axis]
     blocks = -(-length // block)
+    x = jnp.pad(x, [(0, blocks * block - length if i == axis else 0) for i in range(x.ndim)])
+    return jnp.moveaxis(x.reshape(*x.shape[:axis], blocks, block, *x.shape[axis + 1:]), axis, 0)
 
-    def split(x, axis):  # [..., length, ...] -> [blocks, ..., block, ...]
-        x = jnp.pad(x, [(0, blocks * block - length if i == axis else 0) for i in range(x.ndim)])
-        return jnp.moveaxis(x.reshape(*x.shape[:axis], blocks, block, *x.shape[axis + 1:]), axis, 0)
 
-    def join(y):  # [blocks, n, block, ...] -> [n, length, ...]
-        return jnp.moveaxis(y, 0, 1).reshape(y.shape[1], blocks * block, *y.shape[3:])[:, :length]
-
-    out = jax.lax.map(lambda xs: jax.checkpoint(fn)(*xs), tuple(split(x, axis) for x, axis in inputs))
-    return jax.tree.map(join, out)
+def join_blocks(y: jnp.ndarray, length: int) -> jnp.ndarray:
+    """[blocks, n, block, ...] -> [n, length, ...]: split_blocks' inverse for axis 1, padding dropped."""
+    return jnp.moveaxis(y, 0, 1).reshape(y.shape[1], -1, *y.shape[3:])[:, :length]
 
 
 def _attention(q, k, v, mask, bias, scale, softcap, dropout) -> jnp.ndarray:

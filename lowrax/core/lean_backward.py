@@ -6,8 +6,9 @@ pass: a softmax keeps its masked scores, their exponentials and the probabilitie
 GELU its erf). These custom VJPs keep one array each and recompute the cheap elementwise rest in the
 backward, which is what fused kernels do: no matmul is recomputed, so this is not rematerialisation.
 On SmolLM2 at 4 x 256 tokens they and the fused cross-entropy of `objectives.fused_logps` take a
-LoRA step's compiled temporaries from 3.07 to 1.95 GB (`scripts/compile_memory.py lora --batch 4 --seq 256`). Forward values are unchanged: each function
-computes exactly what the plain composition does.
+LoRA step's compiled temporaries from 3.07 to 1.95 GB (`scripts/compile_memory.py lora --batch 4
+--seq 256`). Forward values are unchanged: each function computes exactly what the plain
+composition does.
 """
 
 from __future__ import annotations

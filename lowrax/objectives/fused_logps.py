@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
+from lowrax.core.layers import join_blocks, split_blocks
+
 BLOCK_BYTES = 16 << 20  # float32 logits per block
 
 
@@ -31,23 +33,28 @@ def _leaves_read(fn, leaves) -> list[int]:
     return [i for i, v in enumerate(invars) if id(v) in read]
 
 
-def head_target_logps(head, params, hidden, targets, block_bytes: int = BLOCK_BYTES) -> jnp.ndarray:
+def head_target_logps(head, params, hidden, targets, block_bytes: int | None = None) -> jnp.ndarray:
     """log p(target) [n, K] from hidden states [n, K, H] and targets [n, K], where
-    head(params, hidden [n, c, H]) -> float32 logits [n, c, V]."""
+    head(params, hidden [n, c, H]) -> float32 logits [n, c, V]; the logits exist `block_bytes` (default
+    BLOCK_BYTES) at a time."""
     leaves, treedef = jax.tree.flatten(params)
     probe = hidden[:, :1]
     read = _leaves_read(lambda lv: head(treedef.unflatten(lv), probe), leaves)
+    unread = set(range(len(leaves))) - set(read)
     # Leaves the head never reads are left out of the differentiated call; zeros of their shape stand in
-    # for them (code may still look at them, a no-op astype say; XLA drops the unused constants).
+    # for them (code may still look at them, a no-op astype say). Under jit they are unused constants that
+    # XLA drops; called eagerly this allocates them, so eager callers should pass only the head's subtree.
+    stand_ins = [_stand_in(x) if i in unread else None for i, x in enumerate(leaves)]
+
     def head_of(read_leaves, h):
-        full = [_stand_in(x) for x in leaves]
+        full = list(stand_ins)
         for i, x in zip(read, read_leaves):
             full[i] = x
         return head(treedef.unflatten(full), h)
 
     n, k, _ = hidden.shape
     vocab = jax.eval_shape(head_of, [leaves[i] for i in read], probe).shape[-1]
-    block = int(max(1, min(k, block_bytes // (4 * n * vocab))))
+    block = int(max(1, min(k, (block_bytes or BLOCK_BYTES) // (4 * n * vocab))))
     return _fused(head_of, block, [leaves[i] for i in read], hidden, targets)
 
 
@@ -59,19 +66,6 @@ def _stand_in(x):
     return jnp.zeros(np.shape(x), x.dtype)
 
 
-def _blocks(x, block):
-    """[n, K, ...] -> [blocks, n, block, ...], zero-padded at the end."""
-    n, k = x.shape[:2]
-    count = -(-k // block)
-    x = jnp.pad(x, [(0, 0), (0, count * block - k)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape(n, count, block, *x.shape[2:]), 1, 0)
-
-
-def _unblocks(y, k):
-    """[blocks, n, block, ...] -> [n, K, ...]."""
-    return jnp.moveaxis(y, 0, 1).reshape(y.shape[1], -1, *y.shape[3:])[:, :k]
-
-
 def _forward_blocks(head_of, block, leaves, hidden, targets):
     def one(_, xs):
         h, t = xs
@@ -79,9 +73,9 @@ def _forward_blocks(head_of, block, leaves, hidden, targets):
         lse = jax.nn.logsumexp(logits, axis=-1)
         return None, (jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse, lse)
 
-    _, (logps, lse) = jax.lax.scan(one, None, (_blocks(hidden, block), _blocks(targets, block)))
+    _, (logps, lse) = jax.lax.scan(one, None, (split_blocks(hidden, block), split_blocks(targets, block)))
     k = hidden.shape[1]
-    return _unblocks(logps, k), _unblocks(lse, k)
+    return join_blocks(logps, k), join_blocks(lse, k)
 
 
 def _fused(head_of, block, leaves, hidden, targets):
@@ -92,12 +86,11 @@ _fused = jax.custom_vjp(_fused, nondiff_argnums=(0, 1))
 
 
 def _fused_forward(head_of, block, leaves, hidden, targets):
-    values = [x.value for x in leaves]
-    logps, lse = _forward_blocks(head_of, block, values, hidden.value, targets.value)
-    # Which leaves the step trains is static; it reaches the backward as the residuals' structure
-    # (a dict keyed "trained i" / "frozen i").
-    by_role = {f"{'trained' if _trained(x) else 'frozen'} {i}": x.value for i, x in enumerate(leaves)}
-    return logps, (by_role, hidden.value, targets.value, lse)
+    logps, lse = _forward_blocks(head_of, block, [x.value for x in leaves], hidden.value, targets.value)
+    # Which leaves the step trains is static; it reaches the backward in the residuals' structure: each
+    # leaf's value sits in a one-entry dict keyed by its role.
+    roles = [{"trained" if _trained(x) else "frozen": x.value} for x in leaves]
+    return logps, (roles, hidden.value, targets.value, lse)
 
 
 def _trained(primal: CustomVJPPrimal) -> bool:
@@ -105,13 +98,11 @@ def _trained(primal: CustomVJPPrimal) -> bool:
 
 
 def _fused_backward(head_of, block, saved, grad):
-    by_role, hidden, targets, lse = saved
+    roles, hidden, targets, lse = saved
     if isinstance(grad, SymbolicZero):
         grad = jnp.zeros(hidden.shape[:2], jnp.float32)
-    values = [None] * len(by_role)
-    for name, x in by_role.items():
-        values[int(name.split()[1])] = x
-    trained_at = sorted(int(name.split()[1]) for name in by_role if name.startswith("trained"))
+    values = [next(iter(role.values())) for role in roles]
+    trained_at = [i for i, role in enumerate(roles) if "trained" in role]
 
     def head_of_trained(trained_values, h):
         full = list(values)
@@ -128,11 +119,12 @@ def _fused_backward(head_of, block, saved, grad):
         return jax.tree.map(jnp.add, accumulated, grad_values), grad_h
 
     zeros = [jnp.zeros_like(values[i]) for i in trained_at]
-    grad_values, grad_h = jax.lax.scan(one, zeros, tuple(_blocks(x, block) for x in (hidden, targets, lse, grad)))
+    blocked = tuple(split_blocks(x, block) for x in (hidden, targets, lse, grad))
+    grad_values, grad_h = jax.lax.scan(one, zeros, blocked)
     grads = [None] * len(values)
     for i, g in zip(trained_at, grad_values):
         grads[i] = g
-    return grads, _unblocks(grad_h, hidden.shape[1]), None
+    return grads, join_blocks(grad_h, hidden.shape[1]), None
 
 
 _fused.defvjp(_fused_forward, _fused_backward, symbolic_zeros=True)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from lowrax.core.layers import by_blocks
 from lowrax.core.node import resolve
-from lowrax.objectives.fused_logps import BLOCK_BYTES, head_target_logps
+from lowrax.objectives.fused_logps import head_target_logps
 
 
 def logits_at(model, params, hidden, positions) -> jnp.ndarray:
@@ -58,16 +58,16 @@ def by_position_blocks(fn, vocab: int, positions, *per_position, block_bytes: in
     return by_blocks(fn, k, block, [(x, 1) for x in (positions, *per_position)])
 
 
-def logps_at(model, params, hidden, positions, targets, block_bytes: int | None = None) -> jnp.ndarray:
+def logps_at(model, params, hidden, positions, targets) -> jnp.ndarray:
     """log p(target) [n, K] from final hidden states [n, t, H] at positions [n, K], by a fused
-    cross-entropy whose float32 logits exist one block (`block_bytes`, default
-    `fused_logps.BLOCK_BYTES`) at a time, in the forward and in the backward."""
+    cross-entropy whose float32 logits exist one block (`fused_logps.BLOCK_BYTES`) at a time, in the
+    forward and in the backward."""
     picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
 
     def head(params, h):
         return model.logits_from_hidden(resolve(params), h).astype(jnp.float32)
 
-    return head_target_logps(head, params, picked, targets, block_bytes or BLOCK_BYTES)
+    return head_target_logps(head, params, picked, targets)
 
 
 def completion_logps(model, params, batch: dict, prefix: str = ""):

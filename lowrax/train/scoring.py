@@ -80,7 +80,9 @@ class TaskScorer:
         if self._predict is None:
             model = self.model
             self._predict = jax.jit(lambda params, batch: jnp.argmax(classifier_logits(model, params, batch), -1))
-        order = sorted(range(len(enc.ids)), key=lambda i: len(enc.ids[i]) if enc.task != "image_classification" else 0)
+        images = enc.task == "image_classification"
+        order = sorted(range(len(enc.ids)), key=lambda i: 0 if images else len(enc.ids[i]))
+        by_width: dict[int, Batches] = {}  # one batch builder per padded width
         correct = 0
         with tqdm(total=len(order), desc=f"scoring {when}".strip(), unit="example", disable=not self.progress,
                   leave=False) as bar:
@@ -88,9 +90,10 @@ class TaskScorer:
                 chunk = order[start: start + GENERATION_BATCH]
                 real = len(chunk)
                 chunk = chunk + [chunk[-1]] * (GENERATION_BATCH - real)  # one batch shape; the filler is not counted
-                longest = max(len(enc.ids[i]) for i in chunk) if enc.task != "image_classification" else 1
+                longest = 1 if images else len(enc.ids[chunk[-1]])  # sorted: the last row is the longest
                 width = min(self.cfg.data.seq_len, max(16, 1 << (longest - 1).bit_length()))
-                batch = Batches(enc, width, GENERATION_BATCH, seed=0).rows_batch([[i] for i in chunk])
+                batches = by_width.setdefault(width, Batches(enc, width, GENERATION_BATCH, seed=0))
+                batch = batches.rows_batch([[i] for i in chunk])
                 predicted = np.asarray(self._predict(params, {k: jnp.asarray(v) for k, v in batch.items()}))
                 correct += int(np.sum(predicted[:real] == batch["labels"][:real]))
                 bar.update(real)
