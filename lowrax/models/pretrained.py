@@ -175,15 +175,34 @@ def load_tokenizer(path: str | Path | None = None):
     come from the file's `tokenizer.*` metadata.
     """
     import_transformers_quietly()
-    from transformers import AutoTokenizer
-
     source = resolve_model_path(path)
     if source.suffix == ".gguf":
         from lowrax.io.gguf_tokenizer import load_gguf_tokenizer
 
         tokenizer = load_gguf_tokenizer(source)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        tokenizer = _tokenizer_class(source).from_pretrained(str(source))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _tokenizer_class(directory: Path):
+    """The tokenizer class an HF directory's `tokenizer_config.json` names, else `AutoTokenizer`.
+
+    The named class is what `AutoTokenizer` would pick, reached without it: importing
+    `AutoTokenizer` imports transformers' model configuration code and, where torch is
+    installed, torch (about 370 MB of memory and seconds of a run's start)."""
+    import transformers
+
+    try:
+        name = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if isinstance(name, str):
+        # transformers 5 keeps one class per tokenizer; configs written by 4.x may name its "Fast" twin
+        for candidate in (name, name.removesuffix("Fast")):
+            cls = getattr(transformers, candidate, None)
+            if cls is not None and hasattr(cls, "from_pretrained"):
+                return cls
+    return transformers.AutoTokenizer
