@@ -6,6 +6,7 @@ model and task shape (what `bench.py`'s peak RSS mixes with the compiler's own m
     .venv-test/bin/python scripts/compile_memory.py lora --batch 8 --seq 1024 --blocks none all
     .venv-test/bin/python scripts/compile_memory.py lora --batch 4 --seq 256 --time 6        # the text recipe's step
     .venv-test/bin/python scripts/compile_memory.py --classifier --time 6 --profile        # the MiniLM recipe's step
+    .venv-test/bin/python scripts/compile_memory.py lora --batch 4 --seq 256 --lora-forms --time 8
 
 prints the compiled step's temporaries and arguments (XLA's `memory_analysis()`); the process's peak
 resident memory, which `time -v` reports, is compilation's. `--blocks` compiles the step once per
@@ -15,7 +16,9 @@ setting: `default` (logits and attention scores by blocks only when large: `obje
 on query and value, batch 16 x 128, the model's own dropout on; --batch/--seq change its shape).
 `--time N` runs the compiled step N times and prints the minimum and median seconds; `--profile` traces
 three steps with `jax.profiler` and prints the op time by kind (matmul fusions, copies, random bits, ...),
-summed over XLA's threads, so it can exceed the step's wall time.
+summed over XLA's threads, so it can exceed the step's wall time. `--lora-forms` compiles the step twice,
+with LoRA layers as two matmuls and an add and as one concatenated matmul (`adapters.lora.fused`), and
+with `--time N` runs the two programs' steps alternately in one process, so machine noise hits both.
 """
 
 import argparse
@@ -34,6 +37,7 @@ import numpy as np
 import lowrax
 from lowrax.core import layers
 from lowrax.objectives import logps
+from lowrax.train.host_memory import relaunch_with_huge_pages
 from lowrax.train.optim import OptimizerConfig, make_optimizer
 from lowrax.train.step import init_state, make_train_step
 
@@ -88,6 +92,29 @@ def run_steps(compiled, state, frozen, batch, steps: int):
     return state, times
 
 
+def compare_lora_forms(model, trainable, frozen, batch, steps: int) -> None:
+    """Print the step's temporaries with each LoRA form and, for steps > 0, their step times taken in turn."""
+    from lowrax.adapters.lora import fused
+
+    programs, default_rows = {}, fused.FUSED_FROM_ROWS
+    for form, rows in (("two matmuls + add", 1 << 62), ("one concatenated matmul", default_rows)):
+        fused.FUSED_FROM_ROWS = rows
+        compiled, optimizer = compiled_step(model, trainable, frozen, batch)
+        print(f"LoRA as {form}: compiled step temporaries {compiled.memory_analysis().temp_size_in_bytes / 1e9:.2f} GB",
+              flush=True)
+        state, _ = run_steps(compiled, init_state(jax.tree.map(jnp.copy, trainable), optimizer), frozen, batch, 1)
+        programs[form] = [compiled, state, []]
+    fused.FUSED_FROM_ROWS = default_rows
+    for i in range(steps):
+        for form in (list(programs) if i % 2 else list(programs)[::-1]):
+            compiled, state, times = programs[form]
+            programs[form][1], step_times = run_steps(compiled, state, frozen, batch, 1)
+            times += step_times
+    for form, (_, _, times) in programs.items():
+        if times:
+            print(f"  {form}: step seconds over {steps}: min {min(times):.3f}, median {float(np.median(times)):.3f}")
+
+
 def op_time_by_kind(compiled, state, frozen, batch, steps: int = 3) -> list[tuple[str, float, int]]:
     """(op kind, milliseconds per step, ops per step) from a jax.profiler trace, largest first."""
     trace_dir = tempfile.mkdtemp(prefix="lowrax-profile-")
@@ -106,6 +133,7 @@ def op_time_by_kind(compiled, state, frozen, batch, steps: int = 3) -> list[tupl
 
 
 if __name__ == "__main__":
+    relaunch_with_huge_pages()  # the malloc `lowrax train` runs with
     parser = argparse.ArgumentParser()
     parser.add_argument("method", nargs="?", default="lora", choices=sorted(CONFIGS))
     parser.add_argument("--batch", type=int)
@@ -114,6 +142,7 @@ if __name__ == "__main__":
     parser.add_argument("--classifier", action="store_true", help="the MiniLM sentiment recipe's step")
     parser.add_argument("--time", type=int, default=0, metavar="N", help="time N steps of the compiled program")
     parser.add_argument("--profile", action="store_true", help="op time by kind over three traced steps")
+    parser.add_argument("--lora-forms", action="store_true", help="LoRA as two matmuls vs one, steps taken in turn")
     args = parser.parse_args()
     if args.classifier:
         shape = (args.batch or 16, args.seq or 128)
@@ -123,6 +152,9 @@ if __name__ == "__main__":
         shape = (args.batch or 16, args.seq or 32)
         model, trainable, frozen, batch = causal_lm_step(args.method, *shape)
         label = f"{args.method}, batch {shape[0]} x {shape[1]}"
+    if args.lora_forms:
+        compare_lora_forms(model, trainable, frozen, batch, args.time)
+        raise SystemExit(0)
     defaults = logps.LOGIT_WHOLE_LIMIT, layers.ATTENTION_WHOLE_LIMIT
     for blocks in args.blocks:
         logps.LOGIT_WHOLE_LIMIT, layers.ATTENTION_WHOLE_LIMIT = {"default": defaults, "none": (1 << 62, 1 << 62),

@@ -211,4 +211,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from lowrax.train.host_memory import relaunch_with_huge_pages
+
+    relaunch_with_huge_pages()  # the malloc `lowrax train` runs with
     main()

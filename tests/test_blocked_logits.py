@@ -158,7 +158,8 @@ def test_distillation_blocks_student_and_teacher_together(student, stored_teache
 
 def test_the_compiled_step_keeps_one_block_of_logits(student, monkeypatch):
     """With a vocabulary-dominated shape, the gradient's compiled temporaries with the fused
-    cross-entropy are smaller than the plain computation's by more than the logits' size."""
+    cross-entropy are smaller than the plain computation's by more than half the logits' size:
+    the plain one keeps the whole logits for its backward, the fused one an eighth of them."""
     from lowrax.objectives import fused_logps
 
     model, params = student
@@ -177,7 +178,7 @@ def test_the_compiled_step_keeps_one_block_of_logits(student, monkeypatch):
         return compiled.memory_analysis().temp_size_in_bytes
 
     whole, fused = temp_bytes(whole_logits_causal_lm_loss), temp_bytes(causal_lm_loss)
-    assert fused < whole - logits, (whole, fused, logits)
+    assert fused < whole - logits // 2, (whole, fused, logits)
 
 
 def plain_attention(q, k, v, mask, scale, softcap, bias):

@@ -463,5 +463,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `lowrax` executable (and `python -m lowrax`): main() on the command line, in a process
+    whose malloc uses huge pages where that helps (`train.host_memory.relaunch_with_huge_pages`)."""
+    from lowrax.train.host_memory import relaunch_with_huge_pages
+
+    relaunch_with_huge_pages()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    command()

@@ -40,6 +40,21 @@ def dense_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     return _blocked_matmul(x, w)
 
 
+def matmul_with_extra_columns(x: jnp.ndarray, w: jnp.ndarray, extra_x: jnp.ndarray, extra_w: jnp.ndarray) -> jnp.ndarray:
+    """x @ w + extra_x @ extra_w (x [n, k], extra_x [n, r]) as one matmul over the concatenated
+    operands, so the sum is a single dot's output rather than an add XLA fuses into every reader.
+    Summed in the blocks of `dense_matmul`, the extra columns joining the last one."""
+    k = x.shape[-1]
+    if k <= ACCUMULATION_BLOCK or x.dtype != jnp.float32 or jax.default_backend() != "cpu":
+        return jnp.matmul(jnp.concatenate([x, extra_x], -1), jnp.concatenate([w, extra_w], 0))
+    needed = -(-k // ACCUMULATION_BLOCK)
+    bounds = [round(i * k / needed) for i in range(needed + 1)]
+    parts = [jnp.matmul(x[:, lo:hi], w[lo:hi]) for lo, hi in zip(bounds[:-2], bounds[1:-1])]
+    last = bounds[-2]
+    parts.append(jnp.matmul(jnp.concatenate([x[:, last:], extra_x], -1), jnp.concatenate([w[last:], extra_w], 0)))
+    return functools.reduce(jnp.add, parts)
+
+
 # Below this many rows (decode steps, small batches) the blocks are one batched dot over
 # reshaped operands: such a product is bound by reading the weight, and slicing would
 # copy it. Above it, sliced blocks run faster (measured on SmolLM2: LoRA step 3% and

@@ -16,6 +16,7 @@ from flax import struct
 from lowrax.errors import LowraxError
 from lowrax.core.node import FROZEN, LORA_A, LORA_B, AdapterNode, dropped
 from lowrax.core.linear import matmul
+from lowrax.adapters.lora.fused import base_plus_low_rank, fused_applies
 
 
 def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
@@ -91,6 +92,9 @@ class LoraKernel(LowRankFactors):
         return self.base
 
     def apply(self, x: jnp.ndarray) -> jnp.ndarray:
+        if fused_applies(x, self.base):
+            return base_plus_low_rank(x, self.base.astype(x.dtype), self.a.astype(x.dtype),
+                                      (self.scale * self.b).astype(x.dtype), self.dropout, self.dropout_key)
         y = matmul(x, self.base)
         return y + low_rank(dropped(x, self.dropout, self.dropout_key), self.a, self.b, self.scale).astype(y.dtype)
 
