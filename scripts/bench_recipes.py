@@ -14,8 +14,9 @@ and the adapter's saving are all in it. The recipes:
               128 tokens, 10 epochs of 140 rows (88 steps), AdamW 2e-3, then accuracy on 500 held-out rows:
               the sentiment recipe of scripts/compare_sentiment.py (its data come from PyPI).
 
-The JSON holds the machine (date, platform, cores, versions), every run's peak RSS (MiB) and wall
-seconds, and per recipe the median ratio lowrax / PEFT and the spread (max / min - 1) of each side's
+The JSON holds the machine (date, platform, cores, versions); every run's peak RSS (MiB), wall seconds,
+seconds from its start to the end of its first training step, and real (unpadded) tokens per second of
+training; and per recipe the median ratios lowrax / PEFT and the spread (max / min - 1) of each side's
 peaks. `scripts/performance_tables.py` turns it into the table on the docs' performance page.
 """
 
@@ -33,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+STARTED = time.perf_counter()  # a PEFT child's start, for its seconds to first step
 sys.path.insert(0, os.path.dirname(__file__))
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,15 +78,24 @@ def classifier_overrides(out: Path, data: tuple[Path, Path]) -> list[str]:
             f"train.eval_examples={EVAL_ROWS}", "train.quick=true", "train.save_every=0", f"train.output_dir={out}"]
 
 
-def measured(command: list[str]) -> dict:
-    """Run `command` as a child; its peak RSS (MiB, from the kernel) and wall seconds."""
+TIMINGS = ("seconds_to_first_step", "real_tokens_per_s")
+
+
+def measured(command: list[str], summary: Path | None = None) -> dict:
+    """Run `command` as a child: its peak RSS (MiB, from the kernel), wall seconds, and its TIMINGS, read
+    from `summary` (lowrax's summary.json) or else from the JSON object the child prints last."""
     start = time.perf_counter()
-    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    stderr = child.stderr.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command[:6])} ... failed:\n{stderr[-3000:]}")
-    return {"peak_rss_mb": usage.ru_maxrss / 1024, "wall_s": time.perf_counter() - start}
+    with tempfile.TemporaryFile("w+") as out:
+        child = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.PIPE, text=True)
+        stderr = child.stderr.read()
+        _, status, usage = os.wait4(child.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"{' '.join(command[:6])} ... failed:\n{stderr[-3000:]}")
+        out.seek(0)
+        printed = out.read().strip().splitlines()
+    result = {"peak_rss_mb": usage.ru_maxrss / 1024, "wall_s": time.perf_counter() - start}
+    reported = json.loads(summary.read_text()) if summary is not None else json.loads(printed[-1])
+    return {**result, **{k: reported.get(k) for k in TIMINGS}}
 
 
 def peft_text_side(model_dir: str, train_file: str, held_out_file: str) -> None:
@@ -101,6 +112,7 @@ def peft_text_side(model_dir: str, train_file: str, held_out_file: str) -> None:
     texts = [json.loads(line)["text"] for line in Path(train_file).read_text().splitlines()]
     held = [json.loads(line)["text"] for line in Path(held_out_file).read_text().splitlines()]
     steps = math.ceil(len(texts) / TEXT["batch"])
+    train_start, tokens, first_step = time.perf_counter(), 0, None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=TEXT["lr"], weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
 
@@ -118,18 +130,22 @@ def peft_text_side(model_dir: str, train_file: str, held_out_file: str) -> None:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
+        tokens += int(enc["attention_mask"].sum())
+        first_step = first_step or time.perf_counter() - STARTED
+    train_seconds = time.perf_counter() - train_start
     model.eval()
     with torch.no_grad():
         for i in range(0, len(held), TEXT["batch"]):
             enc, labels = encoded(held[i:i + TEXT["batch"]])
             model(**enc, labels=labels)
     model.save_pretrained(tempfile.mkdtemp())
+    print(json.dumps({"seconds_to_first_step": first_step, "real_tokens_per_s": tokens / train_seconds}))
 
 
 def peft_classifier_side(model_dir: str, train: str, held_out: str) -> None:
     from compare_sentiment import peft_run  # torch, transformers and peft only
 
-    peft_run(Path(model_dir), Path(train), Path(held_out), 0)
+    print(json.dumps(peft_run(Path(model_dir), Path(train), Path(held_out), 0, started=STARTED)))
 
 
 def main() -> None:
@@ -162,7 +178,8 @@ def main() -> None:
             runs = {"lowrax": [], "peft": []}
             for i in range(args.repeats):
                 out = scratch / f"{recipe}-{i}"
-                runs["lowrax"].append(measured([sys.executable, "-m", "lowrax", "train", *lowrax_args(out)]))
+                runs["lowrax"].append(measured([sys.executable, "-m", "lowrax", "train", *lowrax_args(out)],
+                                               summary=out / "summary.json"))
                 shutil.rmtree(out, ignore_errors=True)
                 runs["peft"].append(measured([sys.executable, __file__, "--peft-side", *peft_args]))
                 print(f"{recipe} run {i + 1}: lowrax {runs['lowrax'][-1]}, peft {runs['peft'][-1]}", flush=True)
@@ -171,7 +188,10 @@ def main() -> None:
                                "median_peak_ratio_lowrax_over_peft": statistics.median(peaks["lowrax"]) / statistics.median(peaks["peft"]),
                                "peak_spread": {side: max(p) / min(p) - 1 for side, p in peaks.items()},
                                "median_wall_ratio_lowrax_over_peft": statistics.median(r["wall_s"] for r in runs["lowrax"])
-                               / statistics.median(r["wall_s"] for r in runs["peft"])}
+                               / statistics.median(r["wall_s"] for r in runs["peft"]),
+                               "median_tokens_per_s_ratio_lowrax_over_peft":
+                               statistics.median(r["real_tokens_per_s"] for r in runs["lowrax"])
+                               / statistics.median(r["real_tokens_per_s"] for r in runs["peft"])}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     results = {"machine": machine_facts(), "recipes": results}

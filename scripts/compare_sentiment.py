@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,7 +85,10 @@ def lowrax_run(model: Path, train: Path, held_out: Path, seed: int, out: Path) -
     return {"accuracy": summary["metric_after"], "final_loss": summary["final_loss"]}
 
 
-def peft_run(model: Path, train: Path, held_out: Path, seed: int) -> dict:
+def peft_run(model: Path, train: Path, held_out: Path, seed: int, started: float | None = None) -> dict:
+    """PEFT + transformers on the recipe: held-out accuracy, the last loss, and timings (`started`: the
+    process's start, `time.perf_counter()`, for `seconds_to_first_step`)."""
+    started = time.perf_counter() if started is None else started
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -111,14 +115,19 @@ def peft_run(model: Path, train: Path, held_out: Path, seed: int) -> dict:
                          max_length=RECIPE["seq_len"], return_tensors="pt")
 
     net.train()
+    train_start, tokens, first_step = time.perf_counter(), 0, None
     for step in range(steps):
         part = [rows[i] for i in order[step * batch:(step + 1) * batch]]
-        loss = net(**encode(part, "max_length"), labels=torch.tensor([r["label"] for r in part])).loss
+        enc = encode(part, "max_length")
+        loss = net(**enc, labels=torch.tensor([r["label"] for r in part])).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
+        tokens += int(enc["attention_mask"].sum())
+        first_step = first_step or time.perf_counter() - started
+    train_seconds = time.perf_counter() - train_start
     net.eval()
     correct = 0
     with torch.no_grad():
@@ -126,7 +135,8 @@ def peft_run(model: Path, train: Path, held_out: Path, seed: int) -> dict:
             part = held[i:i + 32]
             predicted = net(**encode(part, True)).logits.argmax(-1)
             correct += int((predicted == torch.tensor([r["label"] for r in part])).sum())
-    return {"accuracy": correct / len(held), "final_loss": float(loss)}
+    return {"accuracy": correct / len(held), "final_loss": float(loss), "seconds_to_first_step": first_step,
+            "real_tokens_per_s": tokens / train_seconds}
 
 
 def main() -> None:

@@ -32,10 +32,17 @@ def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def _timing(runs: dict, key: str, fmt: str) -> str:
+    """'lowrax / PEFT' medians of a per-run timing, or a dash for runs measured before it was recorded."""
+    if not all(r.get(key) is not None for side in ("lowrax", "peft") for r in runs[side]):
+        return "-"
+    return f"{format(_median(runs['lowrax'], key), fmt)} / {format(_median(runs['peft'], key), fmt)}"
+
+
 def recipes_table(figures: dict) -> str:
-    rows = ["| recipe | runs | lowrax peak | PEFT + torch peak | ratio (target <= 0.8x) | lowrax wall | PEFT wall |"
-            " peak spread lowrax / PEFT |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    rows = ["| recipe | runs | lowrax peak | PEFT + torch peak | ratio (target <= 0.8x) | wall lowrax / PEFT |"
+            " first step after, lowrax / PEFT | training tokens/s, lowrax / PEFT | peak spread lowrax / PEFT |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, recipe in figures["recipes"].items():
         runs = recipe["runs"]
         ratio = recipe["median_peak_ratio_lowrax_over_peft"]
@@ -44,7 +51,9 @@ def recipes_table(figures: dict) -> str:
         rows.append(f"| {RECIPE_NAMES.get(name, name)} | {len(runs['lowrax'])} "
                     f"| {_median(runs['lowrax'], 'peak_rss_mb') / 1024:.2f} GiB "
                     f"| {_median(runs['peft'], 'peak_rss_mb') / 1024:.2f} GiB | {ratio:.2f}x: {verdict} "
-                    f"| {_median(runs['lowrax'], 'wall_s'):.0f} s | {_median(runs['peft'], 'wall_s'):.0f} s "
+                    f"| {_median(runs['lowrax'], 'wall_s'):.0f} s / {_median(runs['peft'], 'wall_s'):.0f} s "
+                    f"| {_timing(runs, 'seconds_to_first_step', '.1f')} s "
+                    f"| {_timing(runs, 'real_tokens_per_s', '.0f')} "
                     f"| {100 * spread['lowrax']:.1f}% / {100 * spread['peft']:.1f}% |")
     m = figures["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())

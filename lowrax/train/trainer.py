@@ -135,7 +135,7 @@ def _train_in(out: Path, cfg: TrainConfig, records: tuple, primary: bool, progre
         return score_only(ctx, objective, out, started)
     run = TrainingRun(ctx, objective, out)
     run.start()
-    run.train()
+    run.train(started)
     return run.finish(started)
 
 
@@ -224,7 +224,9 @@ class TrainingRun:
         real = batch["attention_mask"].sum() if "attention_mask" in batch else batch["labels"].size  # images
         return global_batch(self.ctx.mesh, batch, accum > 1), int(real), logged
 
-    def train(self) -> None:
+    def train(self, started: float | None = None) -> None:
+        """Steps from where the run stands to train.steps; `started` (the command's start, perf_counter)
+        dates the first step's end as `seconds_to_first_step` in the summary."""
         cfg = self.cfg
         bar = tqdm(range(self.start_step, cfg.train.steps), desc="training", unit="step", disable=not self.ctx.progress,
                    initial=self.start_step, total=cfg.train.steps)
@@ -237,6 +239,8 @@ class TrainingRun:
             if step == self.start_step:
                 release_freed_host_memory()  # the compiler's freed heap, before the step's temporaries grow beside it
             self.loss = float(m["loss"])  # waits for the step: the progress bar and metrics.jsonl show every loss
+            if step == self.start_step and started is not None:  # load, score, compile: the wait before training moves
+                self.summary["seconds_to_first_step"] = time.perf_counter() - started
             grad_norm = float(m["grad_norm"])
             dt = time.perf_counter() - t0
             self.tokens_seen += real_tokens
