@@ -80,12 +80,12 @@ HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
 def relaunch_with_huge_pages() -> None:
     """Re-execute this process with glibc's malloc asking for transparent huge pages, when that helps.
 
-    Each XLA:CPU execution mallocs its temporaries (1.95 GB for a SmolLM2 LoRA step at 4 x 256
+    Each XLA:CPU execution mallocs its temporaries (1.58 GB for a SmolLM2 LoRA step at 4 x 256
     tokens) and frees them at its end; glibc maps blocks that large afresh each time, so every step
     faults its whole working set back in, 4 KiB at a time. With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
-    malloc marks its mappings for 2 MiB pages: 18x fewer page faults and a 9% shorter step, the
+    malloc marks its mappings for 2 MiB pages: 13x fewer page faults and a 6% shorter step, the
     peak unchanged (`scripts/compile_memory.py lora --batch 4 --seq 256 --time 6` under
-    `/usr/bin/time -v`, with and without the variable). glibc reads its tunables only at start, hence
+    `/usr/bin/time -v`, with `LOWRAX_HUGE_PAGES=0` and without). glibc reads its tunables only at start, hence
     the re-execution (Python's start, about 60 ms). It happens only on Linux with glibc 2.35 or later,
     when transparent huge pages are in `madvise` mode (in `always` mode every mapping gets them
     already) and the environment has not set the tunable itself; `LOWRAX_HUGE_PAGES=0` turns it off.
