@@ -110,13 +110,25 @@ def whole_logits_causal_lm_loss(model, params, batch):
     return jnp.sum(-logps_module.target_logps(logits, batch["input_ids"][:, 1:]) * weights), jnp.sum(weights)
 
 
+def without_head_adapter(params):
+    """The student with its lm_head a plain frozen kernel (the usual LoRA: the layers only)."""
+    head = params["lm_head"]
+    return {**params, "lm_head": {**head, "kernel": head["kernel"].base}}
+
+
 @pytest.mark.parametrize("block_positions", [1, 7, 20, 36])
-def test_fused_causal_lm_loss_and_gradients_equal_the_whole_logits(student, block_positions, monkeypatch):
+@pytest.mark.parametrize("head", ["trained", "frozen"])
+def test_fused_causal_lm_loss_and_gradients_equal_the_whole_logits(student, block_positions, head, monkeypatch):
     """The fused cross-entropy (blocks of 1, 7 and 20 positions, the last one padded, and one block of
-    all 36) against the plain computation; the LoRA on lm_head gets its gradient through it."""
+    all 36) against the plain computation: with a LoRA on lm_head, which gets its gradient through it
+    (logits recomputed in the backward), and with a frozen head (the hidden states' gradient formed in
+    the forward)."""
     from lowrax.objectives import fused_logps
 
     model, params = student
+    if head == "frozen":
+        params = without_head_adapter(params)
+        assert isinstance(params["lm_head"]["kernel"], jax.Array)
     data = batch()
     whole = loss_and_grads(model, params, whole_logits_causal_lm_loss, data, 1 << 40, monkeypatch)
     monkeypatch.setattr(fused_logps, "BLOCK_BYTES", 4 * 3 * VOCAB * block_positions)

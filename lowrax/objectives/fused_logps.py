@@ -1,12 +1,18 @@
 """log p(target) through the vocabulary head without keeping its logits: a fused cross-entropy.
 
-The forward runs the head over blocks of positions and keeps, per position, only the log-sum-exp of
-its logits. The backward recomputes one block's logits at a time, turns them into the gradient
-`g * (onehot(target) - softmax)` in place and pushes it through the head (`jax.vjp` of the model's
-own head, so a tied embedding, a LoRA'd `lm_head`, a final soft cap or an NF4 head all work). Peak
-memory is a few blocks of logits instead of the whole [n, K, V] array, its exponentials and its
-gradient (at 4 x 256 tokens on SmolLM2, 200 MB each); the price is one more head matmul in the
-backward. The head's parameters get gradients only where the step trains them.
+The forward runs the head over blocks of positions (`jax.vjp` of the model's own head, so a tied
+embedding, a LoRA'd `lm_head`, a final soft cap or an NF4 head all work); the full [n, K, V] logits,
+their exponentials and their gradient (at 4 x 256 tokens on SmolLM2, 200 MB each) never exist.
+
+- A frozen head (the usual case: LoRA on the layers, not on `lm_head`): each log p(target) is a
+  function of its own position's hidden state only, so the forward also pushes `onehot(target) -
+  softmax` back through the head, block by block, and keeps that [n, K, H] gradient of log p with
+  respect to the hidden state. The backward scales it by the incoming gradient: no logits are
+  recomputed, and the head costs two matmuls, as in plain differentiation.
+- A trained head: its parameter gradient needs the incoming gradient, so the forward keeps only each
+  position's log-sum-exp and the backward recomputes one block's logits at a time, turns them into
+  `g * (onehot(target) - softmax)` in place and pushes that through the head: one more head matmul.
+  The head's parameters get gradients only where the step trains them.
 """
 
 from __future__ import annotations
@@ -85,7 +91,27 @@ def _fused(head_of, block, leaves, hidden, targets):
 _fused = jax.custom_vjp(_fused, nondiff_argnums=(0, 1))
 
 
+def _forward_with_input_gradient(head_of, block, leaves, hidden, targets):
+    """(log p [n, K], d log p / d hidden [n, K, H]) by blocks: for a head whose parameters are not trained."""
+    def one(_, xs):
+        h, t = xs
+        logits, pull_back = jax.vjp(lambda h: head_of(leaves, h), h)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        probs = jnp.exp(logits - lse[..., None])
+        (grad_h,) = pull_back(jax.nn.one_hot(t, logits.shape[-1], dtype=logits.dtype) - probs)
+        return None, (jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse, grad_h)
+
+    _, (logps, grad_h) = jax.lax.scan(one, None, (split_blocks(hidden, block), split_blocks(targets, block)))
+    k = hidden.shape[1]
+    return join_blocks(logps, k), join_blocks(grad_h, k)
+
+
 def _fused_forward(head_of, block, leaves, hidden, targets):
+    if not any(_trained(x) for x in leaves):
+        logps, grad_h = _forward_with_input_gradient(head_of, block, [x.value for x in leaves], hidden.value,
+                                                     targets.value)
+        # the leaves' count reaches the backward as the residuals' structure (a list of empty entries)
+        return logps, {"input_gradient": grad_h, "leaves": [None] * len(leaves)}
     logps, lse = _forward_blocks(head_of, block, [x.value for x in leaves], hidden.value, targets.value)
     # Which leaves the step trains is static; it reaches the backward in the residuals' structure: each
     # leaf's value sits in a one-entry dict keyed by its role.
@@ -98,6 +124,12 @@ def _trained(primal: CustomVJPPrimal) -> bool:
 
 
 def _fused_backward(head_of, block, saved, grad):
+    if isinstance(saved, dict):  # a frozen head: the forward kept d log p / d hidden
+        grad_h = saved["input_gradient"]
+        no_leaf_gradients = [None] * len(saved["leaves"])
+        if isinstance(grad, SymbolicZero):
+            return no_leaf_gradients, jnp.zeros_like(grad_h), None
+        return no_leaf_gradients, (grad[..., None] * grad_h).astype(grad_h.dtype), None
     roles, hidden, targets, lse = saved
     if isinstance(grad, SymbolicZero):
         grad = jnp.zeros(hidden.shape[:2], jnp.float32)
