@@ -189,24 +189,17 @@ def main() -> None:
     SAMPLER.enter("other setup")
     code = lowrax_main(["train", *items])
     phases = SAMPLER.finish()
+    from bench_recipes import machine_facts
+    from performance_tables import phases_table
+
     report = {"command": "lowrax train " + " ".join(items), "exit": code, "phases": phases, "programs": PROGRAMS,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "wall_s": time.perf_counter() - START}
-    print(f"\n{report['command']}\n")
-    print("| phase | peak RSS MB | RSS at end MB | seconds |\n| --- | ---: | ---: | ---: |")
-    for phase, r in phases.items():
-        print(f"| {phase} | {r['peak_rss_mb']:.0f} | {r.get('end_rss_mb', 0):.0f} | {r['seconds']:.1f} |")
-    print("\n| program | compiled in | arguments MB | outputs MB | temporaries MB | code MB |\n| --- | --- | ---: | ---: | ---: | ---: |")
-    for p in PROGRAMS:
-        if "error" in p:
-            print(f"| {p['program']} | {p['phase']} | ({p['error']}) | | | |")
-        else:
-            print(f"| {p['program']} | {p['phase']} | {p['argument']:.0f} | {p['output']:.0f} | {p['temp']:.0f} | "
-                  f"{p['generated_code']:.1f} |")
-    print(f"\nprocess peak RSS: {report['peak_rss_mb']:.0f} MB; wall {report['wall_s']:.0f} s")
+              "wall_s": time.perf_counter() - START, "machine": machine_facts()}
+    print("\n" + phases_table(report))
     if out:
         with open(out, "w") as f:
             json.dump(report, f, indent=2)
+            f.write("\n")
     sys.exit(code)
 
 

@@ -1,6 +1,8 @@
 """The docs' measured tables, generated from the benchmarks' JSON so that no table drifts from its command.
 
     .venv-test/bin/python scripts/bench.py --recipes --out docs/figures/recipes.json   # measure (about an hour)
+    .venv-test/bin/python scripts/memory_phases.py --out docs/figures/phases.json train.steps=3 \
+        train.output_dir=runs/phases                                                     # a run's phases
     .venv-test/bin/python scripts/performance_tables.py                              # rewrite the tables
     .venv-test/bin/python scripts/performance_tables.py --check                      # exit 1 if a table differs
 
@@ -63,7 +65,33 @@ def recipes_table(figures: dict) -> str:
     return "\n".join(rows)
 
 
-TABLES = {"recipes": recipes_table}
+# memory_phases.py's labels, in the order a run passes through them
+PHASE_ORDER = ("imports", "other setup", "data", "model", "tokenizer", "objective setup", "step setup", "scoring before",
+               "compile + step 1", "train steps", "evaluation", "checkpoints", "held-out loss", "scoring after",
+               "writing outputs")
+
+
+def phases_table(report: dict) -> str:
+    """scripts/memory_phases.py's report: peak RSS and seconds by phase, then the compiled programs."""
+    phases = report["phases"]
+    rows = [f"`{report['command']}`", "", "| phase | peak RSS MB | RSS at its end MB | seconds |", "| --- | ---: | ---: | ---: |"]
+    for name in sorted(phases, key=lambda p: PHASE_ORDER.index(p) if p in PHASE_ORDER else len(PHASE_ORDER)):
+        r = phases[name]
+        rows.append(f"| {name} | {r['peak_rss_mb']:.0f} | {r.get('end_rss_mb', 0):.0f} | {r['seconds']:.1f} |")
+    rows += ["", "| program | compiled in | arguments MB | outputs MB | temporaries MB |", "| --- | --- | ---: | ---: | ---: |"]
+    for p in report["programs"]:
+        sizes = (f"({p['error']}) | | " if "error" in p else
+                 f"{p['argument']:.0f} | {p['output']:.0f} | {p['temp']:.0f} ")
+        rows.append(f"| {p['program']} | {p['phase']} | {sizes}|")
+    rows += ["", f"Process peak RSS {report['peak_rss_mb']:.0f} MB, wall {report['wall_s']:.0f} s."]
+    if "machine" in report:
+        m = report["machine"]
+        versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+        rows[-1] += f" Measured {m['date']} on {m['platform']}, {m['cpus']} cores, Python {m['python']}, {versions}."
+    return "\n".join(rows)
+
+
+TABLES = {"recipes": recipes_table, "phases": phases_table}
 
 
 def rendered_page(text: str) -> str:

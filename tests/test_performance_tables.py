@@ -16,7 +16,7 @@ def load():
 def test_every_generated_table_matches_its_figures():
     tables = load()
     text = tables.PAGE.read_text()
-    assert "<!-- generated: recipes -->" in text
+    assert "<!-- generated: recipes -->" in text and "<!-- generated: phases -->" in text
     assert tables.rendered_page(text) == text, "run scripts/performance_tables.py"
 
 
