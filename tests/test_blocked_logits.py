@@ -170,13 +170,13 @@ def test_distillation_blocks_student_and_teacher_together(student, stored_teache
 
 def test_the_compiled_step_keeps_one_block_of_logits(student, monkeypatch):
     """With a vocabulary-dominated shape, the gradient's compiled temporaries with the fused
-    cross-entropy are smaller than the plain computation's by more than half the logits' size:
-    the plain one keeps the whole logits for its backward, the fused one an eighth of them."""
+    cross-entropy are smaller than the plain computation's by more than the logits' size: the plain
+    one keeps the whole logits for its backward, the fused one an eighth of them."""
     from lowrax.objectives import fused_logps
 
     model, params = student
-    data = batch(n=8, t=128)
-    logits = 4 * 8 * 127 * VOCAB
+    data = batch(n=32, t=32)  # short rows: the logits, not the attention, dominate the temporaries
+    logits = 4 * 32 * 31 * VOCAB
     monkeypatch.setattr(fused_logps, "BLOCK_BYTES", logits // 8)
 
     def temp_bytes(loss_fn):
@@ -190,7 +190,7 @@ def test_the_compiled_step_keeps_one_block_of_logits(student, monkeypatch):
         return compiled.memory_analysis().temp_size_in_bytes
 
     whole, fused = temp_bytes(whole_logits_causal_lm_loss), temp_bytes(causal_lm_loss)
-    assert fused < whole - logits // 2, (whole, fused, logits)
+    assert fused < whole - logits, (whole, fused, logits)
 
 
 def plain_attention(q, k, v, mask, scale, softcap, bias):

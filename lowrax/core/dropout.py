@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DROPOUT_KEY = "model_dropout"  # the top-level tree entry a training step adds
 LAYER_SITES = 1000  # keys below are the model's own sites (embeddings, head); layer i folds in LAYER_SITES + i
@@ -49,18 +50,28 @@ def dropped_out(x: jnp.ndarray, rate: float, key, site: int = 0) -> jnp.ndarray:
 RATE_STEPS = 1 << 16  # a dropout rate is rounded to a multiple of 1 / RATE_STEPS
 
 
-def inverted_dropout(x: jnp.ndarray, rate: float, key) -> jnp.ndarray:
-    """Each element of x zeroed with probability `rate` (rounded to a multiple of 1/65536), the rest
-    scaled so that the mean is kept. Each element's draw is 16 random bits, two from one 32-bit word:
-    half the random bits of `jax.random.bernoulli` (a 32-bit float per element), whose generation is
-    a large part of a CPU training step with dropout."""
+def keep_mask(shape: tuple, rate: float, key) -> tuple[jnp.ndarray | None, float]:
+    """(boolean mask of the elements dropout keeps, the scale 1 / P(keep)) for `inverted_dropout`'s draw;
+    (None, 1.0) when the rate rounds to 0. Each element's draw is 16 random bits, two from one 32-bit word."""
     threshold = round(rate * RATE_STEPS)
     if threshold <= 0:
-        return x
+        return None, 1.0
     if threshold >= RATE_STEPS:
-        return jnp.zeros_like(x)
-    count = x.size
+        return jnp.zeros(shape, bool), 0.0
+    count = int(np.prod(shape))
     words = jax.random.bits(key, ((count + 1) // 2,), jnp.uint32)
-    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:count].reshape(x.shape)  # no copy
-    scale = RATE_STEPS / (RATE_STEPS - threshold)  # 1 / P(keep): the kept mean equals x's
-    return jnp.where(halves >= threshold, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:count].reshape(shape)  # no copy
+    return halves >= threshold, RATE_STEPS / (RATE_STEPS - threshold)  # the scale keeps the mean
+
+
+def inverted_dropout(x: jnp.ndarray, rate: float, key) -> jnp.ndarray:
+    """Each element of x zeroed with probability `rate` (rounded to a multiple of 1/65536), the rest
+    scaled so that the mean is kept. Each element's draw is 16 random bits: half the random bits of
+    `jax.random.bernoulli` (a 32-bit float per element), whose generation is a large part of a CPU
+    training step with dropout."""
+    keep, scale = keep_mask(x.shape, rate, key)
+    return x if keep is None else apply_keep_mask(x, keep, scale)
+
+
+def apply_keep_mask(x: jnp.ndarray, keep: jnp.ndarray, scale: float) -> jnp.ndarray:
+    return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrax.core.dropout import dropped_out
-from lowrax.core.lean_backward import gated, input_saving, masked_softmax
+from lowrax.core.dropout import site_key
+from lowrax.core.lean_backward import dropout_then_contract, gated, input_saving, masked_softmax
 from lowrax.errors import LowraxError
 
 _PLAIN_ACTIVATIONS = {
@@ -207,8 +207,9 @@ def _attention(q, k, v, mask, bias, scale, softcap, dropout) -> jnp.ndarray:
         scores = jnp.tanh(scores / softcap) * softcap
     if bias is not None:
         scores = scores + bias.astype(jnp.float32).reshape(bias.shape[0], kv_heads, h // kv_heads, *bias.shape[2:])
-    probs = dropped_out(masked_softmax(scores, mask[:, None, None, :, :]).astype(v.dtype), *dropout)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    probs = masked_softmax(scores, mask[:, None, None, :, :]).astype(v.dtype)
+    rate, key = dropout  # the mask `dropped_out` draws at site 0
+    out = dropout_then_contract("bkgts,bskd->btkgd", probs, v, rate, site_key(key, 0) if rate else None)
     return out.reshape(b, t, h * v.shape[-1])
 
 

@@ -13,8 +13,12 @@ composition does.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from lowrax.core.dropout import apply_keep_mask, keep_mask
 
 
 @jax.custom_vjp
@@ -30,10 +34,21 @@ def _masked_softmax_forward(scores, mask):
 
 
 def _tied_to_gradient(saved, grad):
-    """The residuals and the incoming gradient, through one optimisation barrier. Without it XLA sees
-    the backward's recomputation (silu(gate) ...) as equal to the forward's and merges the two, or
-    hoists it: the value is then kept from the forward to the backward after all."""
-    return jax.lax.optimization_barrier((saved, grad))
+    """The residuals and the incoming gradient, through one optimisation barrier, each floating residual
+    also made to depend on one element of the gradient (`x + 0 * g`). Without the barrier XLA sees the
+    backward's recomputation (silu(gate) ...) as equal to the forward's and merges the two; without
+    the dependency XLA:CPU, which lowers barriers before it schedules, may still run every layer's
+    recomputation early, and all of them are then alive at once. A NaN or infinite gradient element
+    makes the recomputation NaN, as it would make the gradient anyway."""
+    saved, grad = jax.lax.optimization_barrier((saved, grad))
+    first = jax.tree.leaves(grad)[0].reshape(-1)[0]
+
+    def after_gradient(x):
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            return x
+        return x + jnp.zeros((), x.dtype) * first.astype(x.dtype)
+
+    return jax.tree.map(after_gradient, saved), grad
 
 
 def _masked_softmax_backward(saved, grad):
@@ -83,3 +98,32 @@ def gated(fn):
 
     lean.defvjp(forward, backward)
     return lean
+
+
+def dropout_then_contract(spec: str, probs: jnp.ndarray, values: jnp.ndarray, rate: float, key) -> jnp.ndarray:
+    """einsum(spec, dropout(probs), values), as attention applies its dropout before weighting the values;
+    the backward keeps probs, values and the boolean keep mask (a byte an element) rather than the
+    dropped probabilities as well (four bytes an element). The mask is `inverted_dropout`'s."""
+    keep, scale = keep_mask(probs.shape, rate, key) if key is not None else (None, 1.0)
+    if keep is None:
+        return jnp.einsum(spec, probs, values)
+    return _contract_kept(spec, scale, probs, values, keep)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _contract_kept(spec, scale, probs, values, keep):
+    return jnp.einsum(spec, apply_keep_mask(probs, keep, scale), values)
+
+
+def _contract_kept_forward(spec, scale, probs, values, keep):
+    return _contract_kept(spec, scale, probs, values, keep), (probs, values, keep)
+
+
+def _contract_kept_backward(spec, scale, saved, grad):
+    (probs, values, keep), grad = _tied_to_gradient(saved, grad)
+    _, pull_back = jax.vjp(lambda p, v: jnp.einsum(spec, p, v), apply_keep_mask(probs, keep, scale), values)
+    grad_dropped, grad_values = pull_back(grad)
+    return apply_keep_mask(grad_dropped, keep, scale), grad_values, None
+
+
+_contract_kept.defvjp(_contract_kept_forward, _contract_kept_backward)
