@@ -12,7 +12,8 @@ import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
 from lowrax.core import layers
-from lowrax.core.lean_backward import gated, input_saving, masked_softmax
+from lowrax.core.dropout import inverted_dropout
+from lowrax.core.lean_backward import dropout_then_contract, gated, input_saving, masked_softmax
 
 
 def plain_masked_softmax(scores, mask):
@@ -82,3 +83,24 @@ def test_the_backward_keeps_one_array_where_the_plain_composition_keeps_several(
     assert residual_bytes(lambda g, u: jax.nn.silu(g) * u, gate, gate) > 0
     assert residual_bytes(gated(jax.nn.silu), gate, gate) == 0  # gate and up are the arguments themselves
     assert residual_bytes(input_saving(lambda v: jax.nn.gelu(v, approximate=False)), gate) == 0
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1, 1.0])
+def test_attention_dropout_then_values_matches_the_plain_composition(rate):
+    """dropout_then_contract draws inverted_dropout's mask: values and gradients equal dropping out the
+    probabilities and contracting them with the values (rate 1 drops everything)."""
+    keys = jax.random.split(jax.random.key(4), 3)
+    probs = jax.nn.softmax(jax.random.normal(keys[0], (2, 3, 2, 16, 20)), -1)
+    values = jax.random.normal(keys[1], (2, 20, 3, 8))
+    spec = "bkgts,bskd->btkgd"
+
+    def plain(p, v):
+        return jnp.einsum(spec, inverted_dropout(p, rate, keys[2]), v)
+
+    def lean(p, v):
+        return dropout_then_contract(spec, p, v, rate, keys[2])
+
+    np.testing.assert_allclose(lean(probs, values), plain(probs, values), rtol=1e-6, atol=1e-7)
+    loss = lambda fn: lambda p, v: jnp.sum(jnp.sin(fn(p, v)))  # noqa: E731
+    for got, want in zip(jax.grad(loss(lean), (0, 1))(probs, values), jax.grad(loss(plain), (0, 1))(probs, values)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
