@@ -80,7 +80,7 @@ HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
 def relaunch_with_huge_pages() -> None:
     """Re-execute this process with glibc's malloc asking for transparent huge pages, when that helps.
 
-    Each XLA:CPU execution mallocs its temporaries (1.58 GB for a SmolLM2 LoRA step at 4 x 256
+    Each XLA:CPU execution mallocs its temporaries (1.39 GB for a SmolLM2 LoRA step at 4 x 256
     tokens) and frees them at its end; glibc maps blocks that large afresh each time, so every step
     faults its whole working set back in, 4 KiB at a time. With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
     malloc marks its mappings for 2 MiB pages: 13x fewer page faults and a 6% shorter step, the

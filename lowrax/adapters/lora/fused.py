@@ -4,9 +4,8 @@ Written as two matmuls and an add, the sum is never stored: XLA fuses the add in
 the layer's output (the GLU, the attention, the backward pass), and so keeps both matmul outputs
 alive where their sum would do. Concatenating `[x, dropout(x) @ A]` against `[W; s * B]` makes the
 output one dot's result. On SmolLM2 with LoRA r 16 on every linear layer at 4 x 256 tokens, the
-step's compiled temporaries fall from 1.95 to 1.58 GB and the median step from 4.65 to 4.24 s
-(`scripts/compile_memory.py lora --batch 4 --seq 256 --lora-forms --time 8`, which alternates the
-two forms' steps in one process). The custom VJP computes the
+step's compiled temporaries fall from 1.76 to 1.39 GB (`scripts/compile_memory.py lora --batch 4
+--seq 256 --lora-forms`; with `--time 8` it alternates the two forms' steps in one process). The custom VJP computes the
 gradients the factors need and no more, recomputing the dropout mask from its key rather than
 keeping the dropped input.
 """
