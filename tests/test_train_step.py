@@ -127,8 +127,9 @@ def test_remat_keeps_less_for_the_backward_pass():
     model = model_from_hf_config(config)
     params = jax.tree.map(lambda s: 0.02 * jnp.ones(s.shape, s.dtype), model.param_shapes())
     plain, remat = _step_temp_bytes(model, params, False), _step_temp_bytes(model, params, True)
-    # Each layer keeps one [b, t, hidden] input instead of all its activations.
-    assert remat < 0.5 * plain, (plain, remat)
+    # Each layer keeps one [b, t, hidden] input instead of all its activations. (Without remat the
+    # lean backwards already keep one array per softmax, activation and GLU: about half as much.)
+    assert remat < 0.6 * plain, (plain, remat)
 
 
 GPT2 = {"model_type": "gpt2", "vocab_size": 128, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64}
