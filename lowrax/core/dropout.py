@@ -52,9 +52,10 @@ RATE_STEPS = 1 << 16  # a dropout rate is rounded to a multiple of 1 / RATE_STEP
 
 def keep_mask(shape: tuple, rate: float, key) -> tuple[jnp.ndarray | None, float]:
     """(boolean mask of the elements dropout keeps, the scale 1 / P(keep)) for `inverted_dropout`'s draw;
-    (None, 1.0) when the rate rounds to 0. Each element's draw is 16 random bits, two from one 32-bit word."""
+    (None, 1.0) without a key (outside a training step) or when the rate rounds to 0. Each element's
+    draw is 16 random bits, two from one 32-bit word."""
     threshold = round(rate * RATE_STEPS)
-    if threshold <= 0:
+    if key is None or threshold <= 0:
         return None, 1.0
     if threshold >= RATE_STEPS:
         return jnp.zeros(shape, bool), 0.0

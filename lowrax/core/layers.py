@@ -209,7 +209,7 @@ def _attention(q, k, v, mask, bias, scale, softcap, dropout) -> jnp.ndarray:
         scores = scores + bias.astype(jnp.float32).reshape(bias.shape[0], kv_heads, h // kv_heads, *bias.shape[2:])
     probs = masked_softmax(scores, mask[:, None, None, :, :]).astype(v.dtype)
     rate, key = dropout  # the mask `dropped_out` draws at site 0
-    out = dropout_then_contract("bkgts,bskd->btkgd", probs, v, rate, site_key(key, 0) if rate else None)
+    out = dropout_then_contract("bkgts,bskd->btkgd", probs, v, rate, site_key(key, 0))
     return out.reshape(b, t, h * v.shape[-1])
 
 

@@ -103,8 +103,9 @@ def gated(fn):
 def dropout_then_contract(spec: str, probs: jnp.ndarray, values: jnp.ndarray, rate: float, key) -> jnp.ndarray:
     """einsum(spec, dropout(probs), values), as attention applies its dropout before weighting the values;
     the backward keeps probs, values and the boolean keep mask (a byte an element) rather than the
-    dropped probabilities as well (four bytes an element). The mask is `inverted_dropout`'s."""
-    keep, scale = keep_mask(probs.shape, rate, key) if key is not None else (None, 1.0)
+    dropped probabilities as well (four bytes an element). The mask is `inverted_dropout`'s; no key
+    (outside a training step) or a zero rate: no dropout."""
+    keep, scale = keep_mask(probs.shape, rate, key)
     if keep is None:
         return jnp.einsum(spec, probs, values)
     return _contract_kept(spec, scale, probs, values, keep)

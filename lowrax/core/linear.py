@@ -35,20 +35,27 @@ def dense_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
 
     Only float32: a bfloat16 product accumulates in float32 inside the dot and rounds
     once, where blocks would round each partial sum to bfloat16 as well."""
-    if x.shape[-1] <= ACCUMULATION_BLOCK or x.dtype != jnp.float32 or jax.default_backend() != "cpu":
-        return jnp.matmul(x, w)
-    return _blocked_matmul(x, w)
+    return _blocked_matmul(x, w) if _sums_in_blocks(x) else jnp.matmul(x, w)
+
+
+def _sums_in_blocks(x: jnp.ndarray) -> bool:
+    """Whether a contraction over x's last axis is summed in blocks (float32 on CPU, longer than a block)."""
+    return x.shape[-1] > ACCUMULATION_BLOCK and x.dtype == jnp.float32 and jax.default_backend() == "cpu"
+
+
+def _block_bounds(k: int) -> list[int]:
+    """The edges of the fewest near-equal blocks of at most ACCUMULATION_BLOCK that cover 0..k."""
+    needed = -(-k // ACCUMULATION_BLOCK)
+    return [round(i * k / needed) for i in range(needed + 1)]
 
 
 def matmul_with_extra_columns(x: jnp.ndarray, w: jnp.ndarray, extra_x: jnp.ndarray, extra_w: jnp.ndarray) -> jnp.ndarray:
     """x @ w + extra_x @ extra_w (x [n, k], extra_x [n, r]) as one matmul over the concatenated
     operands, so the sum is a single dot's output rather than an add XLA fuses into every reader.
     Summed in the blocks of `dense_matmul`, the extra columns joining the last one."""
-    k = x.shape[-1]
-    if k <= ACCUMULATION_BLOCK or x.dtype != jnp.float32 or jax.default_backend() != "cpu":
+    if not _sums_in_blocks(x):
         return jnp.matmul(jnp.concatenate([x, extra_x], -1), jnp.concatenate([w, extra_w], 0))
-    needed = -(-k // ACCUMULATION_BLOCK)
-    bounds = [round(i * k / needed) for i in range(needed + 1)]
+    bounds = _block_bounds(x.shape[-1])
     parts = [jnp.matmul(x[:, lo:hi], w[lo:hi]) for lo, hi in zip(bounds[:-2], bounds[1:-1])]
     last = bounds[-2]
     parts.append(jnp.matmul(jnp.concatenate([x[:, last:], extra_x], -1), jnp.concatenate([w[last:], extra_w], 0)))
@@ -65,13 +72,13 @@ BATCHED_BLOCKS_BELOW_ROWS = 64
 @jax.custom_vjp
 def _blocked_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     k = x.shape[-1]
-    needed = -(-k // ACCUMULATION_BLOCK)
+    bounds = _block_bounds(k)
+    needed = len(bounds) - 1
     equal = next((b for b in range(needed, 2 * needed + 1) if k % b == 0), None)
     if equal is not None and x.shape[0] < BATCHED_BLOCKS_BELOW_ROWS:
         xb = x.reshape(x.shape[0], equal, k // equal)
         wb = w.reshape(equal, k // equal, w.shape[-1])
         return jnp.sum(jax.lax.dot_general(xb, wb, (((2,), (1,)), ((1,), (0,)))), axis=0)
-    bounds = [round(i * k / needed) for i in range(needed + 1)]
     parts = [jnp.matmul(x[:, lo:hi], w[lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
     return functools.reduce(jnp.add, parts)
 

@@ -117,7 +117,7 @@ def load_gguf(path: Path, dtype, progress: bool = True, model_factory=None, quan
     except Exception as e:  # noqa: BLE001 - the gguf package raises bare ValueErrors
         raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from e
     tensors = {t.name: t for t in reader.tensors}
-    vocab = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else 0
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].contents()) if "tokenizer.ggml.tokens" in reader.fields else 0
     try:
         hf = hf_config_from_gguf(_metadata(reader), set(tensors), vocab)
     except NotAModelError as e:

@@ -192,7 +192,8 @@ def _tokenizer_class(directory: Path):
 
     The named class is what `AutoTokenizer` would pick, reached without it: importing
     `AutoTokenizer` imports transformers' model configuration code and, where torch is
-    installed, torch (about 370 MB of memory and seconds of a run's start)."""
+    installed, torch: 150-210 MB more memory and 1.5-3 s more for MiniLM's and SmolLM2's
+    tokenizers after JAX is imported (`scripts/tokenizer_cost.py`)."""
     import transformers
 
     try:

@@ -72,16 +72,25 @@ def _stand_in(x):
     return jnp.zeros(np.shape(x), x.dtype)
 
 
-def _forward_blocks(head_of, block, leaves, hidden, targets):
+def _forward_blocks(head_of, block, leaves, hidden, targets, input_gradient: bool = False):
+    """(log p [n, K], per position the log-sum-exp [n, K]) by blocks of positions; with input_gradient,
+    d log p / d hidden [n, K, H] in the log-sum-exp's place (for a head whose parameters are not trained)."""
     def one(_, xs):
         h, t = xs
-        logits = head_of(leaves, h)
+        if input_gradient:
+            logits, pull_back = jax.vjp(lambda h: head_of(leaves, h), h)
+        else:
+            logits = head_of(leaves, h)
         lse = jax.nn.logsumexp(logits, axis=-1)
-        return None, (jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse, lse)
+        logps = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse
+        if not input_gradient:
+            return None, (logps, lse)
+        (grad_h,) = pull_back(jax.nn.one_hot(t, logits.shape[-1], dtype=logits.dtype) - jnp.exp(logits - lse[..., None]))
+        return None, (logps, grad_h)
 
-    _, (logps, lse) = jax.lax.scan(one, None, (split_blocks(hidden, block), split_blocks(targets, block)))
+    _, (logps, second) = jax.lax.scan(one, None, (split_blocks(hidden, block), split_blocks(targets, block)))
     k = hidden.shape[1]
-    return join_blocks(logps, k), join_blocks(lse, k)
+    return join_blocks(logps, k), join_blocks(second, k)
 
 
 def _fused(head_of, block, leaves, hidden, targets):
@@ -91,25 +100,10 @@ def _fused(head_of, block, leaves, hidden, targets):
 _fused = jax.custom_vjp(_fused, nondiff_argnums=(0, 1))
 
 
-def _forward_with_input_gradient(head_of, block, leaves, hidden, targets):
-    """(log p [n, K], d log p / d hidden [n, K, H]) by blocks: for a head whose parameters are not trained."""
-    def one(_, xs):
-        h, t = xs
-        logits, pull_back = jax.vjp(lambda h: head_of(leaves, h), h)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        probs = jnp.exp(logits - lse[..., None])
-        (grad_h,) = pull_back(jax.nn.one_hot(t, logits.shape[-1], dtype=logits.dtype) - probs)
-        return None, (jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse, grad_h)
-
-    _, (logps, grad_h) = jax.lax.scan(one, None, (split_blocks(hidden, block), split_blocks(targets, block)))
-    k = hidden.shape[1]
-    return join_blocks(logps, k), join_blocks(grad_h, k)
-
-
 def _fused_forward(head_of, block, leaves, hidden, targets):
     if not any(_trained(x) for x in leaves):
-        logps, grad_h = _forward_with_input_gradient(head_of, block, [x.value for x in leaves], hidden.value,
-                                                     targets.value)
+        logps, grad_h = _forward_blocks(head_of, block, [x.value for x in leaves], hidden.value, targets.value,
+                                        input_gradient=True)
         # the leaves' count reaches the backward as the residuals' structure (a list of empty entries)
         return logps, {"input_gradient": grad_h, "leaves": [None] * len(leaves)}
     logps, lse = _forward_blocks(head_of, block, [x.value for x in leaves], hidden.value, targets.value)

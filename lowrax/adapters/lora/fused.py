@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lowrax.core.dropout import apply_keep_mask, keep_mask
 from lowrax.core.linear import matmul_with_extra_columns
 from lowrax.core.node import dropped
 
@@ -48,13 +49,16 @@ def _forward(rate, x, base, a, b, key):
 
 def _backward(rate, saved, grad):
     x, projected, base, a, b, key = saved
+    # the forward's mask, drawn once again for both uses: dropout is x * mask, its own transpose
+    keep, scale = keep_mask(x.shape, rate, key)
+    masked = (lambda y: y) if keep is None else (lambda y: apply_keep_mask(y, keep, scale))
     grad_projected = grad @ b.T  # [n, r]
     contract_rows = (((0,), (0,)), ((), ()))
-    grad_a = jax.lax.dot_general(dropped(x, rate, key), grad_projected, contract_rows)
+    grad_a = jax.lax.dot_general(masked(x), grad_projected, contract_rows)
     grad_b = jax.lax.dot_general(projected, grad, contract_rows)
     # the base's gradient is for callers that differentiate it; a training step does not, and XLA drops it
     grad_base = jax.lax.dot_general(x, grad, contract_rows)
-    grad_x = jax.lax.dot_general(grad, base, (((1,), (1,)), ((), ()))) + dropped(grad_projected @ a.T, rate, key)
+    grad_x = jax.lax.dot_general(grad, base, (((1,), (1,)), ((), ()))) + masked(grad_projected @ a.T)
     return grad_x, grad_base, grad_a, grad_b, None
 
 
