@@ -14,10 +14,10 @@ and the adapter's saving are all in it. The recipes:
               128 tokens, 10 epochs of 140 rows (88 steps), AdamW 2e-3, then accuracy on 500 held-out rows:
               the sentiment recipe of scripts/compare_sentiment.py (its data come from PyPI).
 
-The JSON holds the machine (date, platform, cores, versions); every run's peak RSS (MiB), wall seconds,
+The JSON holds, per recipe, every run's peak RSS (MiB), wall seconds,
 seconds from its start to the end of its first training step, and real (unpadded) tokens per second of
-training; and per recipe the median ratios lowrax / PEFT and the spread (max / min - 1) of each side's
-peaks. `scripts/performance_tables.py` turns it into the table on the docs' performance page.
+training; and per recipe the median ratios lowrax / PEFT, the spread (max / min - 1) of each side's
+peaks and the machine and commit it was measured on. `scripts/performance_tables.py` turns it into the table on the docs' performance page.
 """
 
 from __future__ import annotations
@@ -191,10 +191,11 @@ def main() -> None:
                                / statistics.median(r["wall_s"] for r in runs["peft"]),
                                "median_tokens_per_s_ratio_lowrax_over_peft":
                                statistics.median(r["real_tokens_per_s"] for r in runs["lowrax"])
-                               / statistics.median(r["real_tokens_per_s"] for r in runs["peft"])}
+                               / statistics.median(r["real_tokens_per_s"] for r in runs["peft"]),
+                               "machine": machine_facts()}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    results = {"machine": machine_facts(), "recipes": results}
+    results = {"recipes": results}
     print(json.dumps(results, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
@@ -208,7 +209,19 @@ def machine_facts() -> dict:
 
     versions = {name: importlib.metadata.version(name) for name in ("jax", "torch", "transformers", "peft")}
     return {"date": datetime.date.today().isoformat(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "versions": versions}
+            "python": platform.python_version(), "versions": versions, "commit": measured_commit()}
+
+
+def measured_commit() -> str | None:
+    """The checkout's commit (with "+changes" when its tracked files differ), or None outside git."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return None
+    dirty = git("diff", "--quiet", "HEAD").returncode != 0
+    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 if __name__ == "__main__":

@@ -57,12 +57,19 @@ def recipes_table(figures: dict) -> str:
                     f"| {_timing(runs, 'seconds_to_first_step', '.1f')} s "
                     f"| {_timing(runs, 'real_tokens_per_s', '.0f')} "
                     f"| {100 * spread['lowrax']:.1f}% / {100 * spread['peft']:.1f}% |")
-    m = figures["machine"]
-    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     rows.append("")
-    rows.append(f"Medians of the runs; measured {m['date']} on {m['platform']}, {m['cpus']} cores, Python "
-                f"{m['python']}, {versions}.")
+    machines = [(name, recipe.get("machine", figures.get("machine"))) for name, recipe in figures["recipes"].items()]
+    if all(m == machines[0][1] for _, m in machines):
+        rows.append(f"Medians of the runs; measured {_machine(machines[0][1])}.")
+    else:
+        rows.append("Medians of the runs; " + "; ".join(f"{name} measured {_machine(m)}" for name, m in machines) + ".")
     return "\n".join(rows)
+
+
+def _machine(m: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    commit = f", at commit {m['commit']}" if m.get("commit") else ""
+    return f"{m['date']} on {m['platform']}, {m['cpus']} cores, Python {m['python']}, {versions}{commit}"
 
 
 # memory_phases.py's labels, in the order a run passes through them
@@ -85,9 +92,7 @@ def phases_table(report: dict) -> str:
         rows.append(f"| {p['program']} | {p['phase']} | {sizes}|")
     rows += ["", f"Process peak RSS {report['peak_rss_mb']:.0f} MB, wall {report['wall_s']:.0f} s."]
     if "machine" in report:
-        m = report["machine"]
-        versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-        rows[-1] += f" Measured {m['date']} on {m['platform']}, {m['cpus']} cores, Python {m['python']}, {versions}."
+        rows[-1] += f" Measured {_machine(report['machine'])}."
     return "\n".join(rows)
 
 
