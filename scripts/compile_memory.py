@@ -45,6 +45,10 @@ CONFIGS = {
     "lora": lambda: lowrax.LoraConfig(r=16, alpha=32, target_modules="all-linear"),
     "adalora": lambda: lowrax.AdaLoraConfig(init_r=16, target_r=8, alpha=32, tinit=5, tfinal=5, total_step=30,
                                             target_modules="all-linear"),
+    # the variants bench's settings (scripts/bench_variants.py)
+    "loha": lambda: lowrax.LoHaConfig(r=8, alpha=16, target_modules="all-linear"),
+    "lokr": lambda: lowrax.LoKrConfig(r=16, alpha=32, target_modules="all-linear"),
+    "prompt_tuning": lambda: lowrax.PromptTuningConfig(num_virtual_tokens=20),
 }
 
 

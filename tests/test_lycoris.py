@@ -136,12 +136,20 @@ def test_factorization_is_peft_s():
             assert factorization(dim, factor) == peft_factorization(dim, factor), (dim, factor)
 
 
-def test_kronecker_forward_equals_the_formed_delta():
-    node = LoKrKernel(base=jnp.zeros((12, 6)), left=jax.random.normal(jax.random.key(0), (3, 2)),
-                      right_a=jax.random.normal(jax.random.key(1), (4, 2)),
-                      right_b=jax.random.normal(jax.random.key(2), (2, 3)), rank=2, alpha=3.0)
-    x = jax.random.normal(jax.random.key(3), (5, 12))
+# (left, right) shapes: the first is cheaper contracting `left` first, the second `right` first
+@pytest.mark.parametrize("left_shape, right_shape", [((3, 2), (4, 3)), ((2, 5), (3, 2))])
+def test_kronecker_forward_and_gradients_equal_the_formed_delta(left_shape, right_shape):
+    keys = jax.random.split(jax.random.key(0), 4)
+    (in_m, out_l), (in_n, out_k) = left_shape, right_shape
+    node = LoKrKernel(base=jnp.zeros((in_m * in_n, out_l * out_k)), left=jax.random.normal(keys[0], left_shape),
+                      right_a=jax.random.normal(keys[1], (in_n, 2)),
+                      right_b=jax.random.normal(keys[2], (2, out_k)), rank=2, alpha=3.0)
+    x = jax.random.normal(keys[3], (2, 5, in_m * in_n))  # batch and positions, as layers call it
     np.testing.assert_allclose(node.apply(x), x @ node.delta(), rtol=1e-5, atol=1e-5)
+    factored = jax.grad(lambda n, x: jnp.sum(jnp.sin(n.apply(x))), argnums=(0, 1))(node, x)
+    formed = jax.grad(lambda n, x: jnp.sum(jnp.sin(x @ (n.base + n.delta()))), argnums=(0, 1))(node, x)
+    for got, want in zip(jax.tree.leaves(factored), jax.tree.leaves(formed)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_rank_and_module_dropout_act_on_whole_output_columns_in_training_only():

@@ -18,6 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import lowrax  # noqa: E402
+from lowrax.core.dropout import with_model_dropout  # noqa: E402
 from lowrax.errors import LowraxError  # noqa: E402
 from tests.conftest import forward, hf_model_dir, random_batch  # noqa: E402
 from tests.test_peft_exchange import SMALL, lowrax_outputs  # noqa: E402
@@ -225,6 +226,29 @@ def test_prefix_tuning_on_bert_is_refused_as_peft_cannot_run_it(bert_case, tmp_p
         peft_classifier_logits(peft_model, ids, mask)
     with pytest.raises(LowraxError, match="prefix tuning on BERT"):
         lowrax.wrap(params, lowrax.PrefixTuningConfig(num_virtual_tokens=V), jax.random.key(0), model=model)
+
+
+@pytest.mark.parametrize("method", ["prompt", "p-tuning-mlp"])
+def test_virtual_tokens_computed_once_equal_every_row_s_own(tmp_path_factory, monkeypatch, method):
+    """The virtual tokens' keys and values, computed once for the batch, give the logits and gradients of
+    running them in every row (the path a model with dropout takes in training)."""
+    build = lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(  # noqa: E731
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    path, _ = hf_model_dir(tmp_path_factory, "prompt-gpt2-no-dropout", build)
+    model, params = lowrax.load_pretrained(path, progress=False)
+    trainable, frozen = lowrax.split(lowrax.wrap(params, METHODS[method][0], jax.random.key(1), model=model))
+    ids, mask = batch()
+
+    def loss(trainable, key=None):
+        tree = lowrax.combine(trainable, frozen)
+        tree = tree if key is None else with_model_dropout(tree, key)
+        return jnp.sum(jnp.sin(model.apply(tree, jnp.asarray(ids), jnp.asarray(mask))) * mask[..., None])
+
+    once = jax.value_and_grad(loss)(trainable)
+    monkeypatch.setattr(type(model), "has_dropout", lambda self: True)  # rates stay 0: only the path changes
+    every_row = jax.value_and_grad(loss)(trainable, jax.random.key(2))
+    for got, want in zip(jax.tree.leaves(once), jax.tree.leaves(every_row)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_merge_is_refused_and_only_the_prompt_trains(case):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from lowrax.errors import LowraxError
 from lowrax.core import tables
+from lowrax.core.dropout import model_dropout_key
 from lowrax.core.layers import positions_from_mask, segment_positions, segment_visibility
 from lowrax.core.slot_directory import has_named_adapters, with_adapter_rows
 from lowrax.core.node import resolve, virtual_tokens
@@ -254,11 +255,34 @@ class CausalLM(Model):
                 cache = self.init_cache(b, v + t, self.activation_dtype(params))
             return self.hidden_states(params, input_ids, positions, key_valid, self._with_prefix(cache, prefix), v)
         table = prompt.prompt_embeddings()  # computed once: P-tuning runs its encoder here
+        if cache is None and not (self.has_dropout() and model_dropout_key(params) is not None):
+            # Attention is causal and every virtual token is valid, so the virtual tokens see only each
+            # other and their keys and values are the same in every row: computed once, at batch 1, then
+            # the rows' tokens run after them as after prefix tuning's (b * t rows, not b * (v + t)).
+            # With the model's dropout on, each row draws its own masks over them, as PEFT's rows do.
+            cache = self.init_cache(b, v + t, self.activation_dtype(params))
+            hidden, _ = self.hidden_states(params, input_ids, positions, key_valid,
+                                           self._with_prefix(cache, self._virtual_key_values(params, table)), v)
+            return hidden, None
         embeds = jnp.broadcast_to(table[None], (b,) + table.shape)
         all_positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(v)[None], (b, v)), positions], axis=1)
         hidden, cache = self.hidden_states(params, input_ids, all_positions, key_valid, cache,
                                            None if cache is None else 0, prompt_embeds=embeds)
         return hidden[:, v:], cache
+
+    def _virtual_key_values(self, params, table):
+        """Each layer's keys and values [v, kv_heads, head_dim] of virtual tokens `table` [v, hidden]
+        at positions 0..v-1, computed as one sequence of them alone."""
+        v = table.shape[0]
+        _, cache = self.hidden_states(params, jnp.zeros((1, 0), jnp.int32), jnp.arange(v)[None],
+                                      jnp.ones((1, v), bool), self.init_cache(1, v, self.activation_dtype(params)), 0,
+                                      prompt_embeds=table[None])
+        return [(k[0], values[0]) for k, values in cache]
+
+    def has_dropout(self) -> bool:
+        """Whether a training step drops anything out in this model (a `*dropout` rate of its config above 0)."""
+        return any(isinstance(value, (int, float)) and value > 0
+                   for name, value in vars(self.config).items() if name.endswith("dropout"))
 
     @staticmethod
     def _with_prefix(cache, prefix):

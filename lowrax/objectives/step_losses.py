@@ -121,10 +121,10 @@ def kto_objective(cfg: PreferenceSection):
 
     def loss_fn(model, params, batch):
         logps, _, _ = completion_logps(model, params, batch)
-        ref = reference_logps(model, params, batch)
-        kl_logps, _, _ = completion_logps(model, params, batch, prefix="kl_")
-        kl_ref = reference_logps(model, params, batch, prefix="kl_")
-        kl = jnp.mean(jax.lax.stop_gradient(kl_logps) - kl_ref)
+        # the mismatched rows only enter the detached KL estimate: a forward pass without gradient
+        kl_logps, _, _ = completion_logps(model, jax.lax.stop_gradient(params), batch, prefix="kl_")
+        ref, kl_ref = reference_logps(model, params, batch), reference_logps(model, params, batch, prefix="kl_")
+        kl = jnp.mean(kl_logps - kl_ref)
         losses, metrics = kto_per_example(logps, ref, batch["desirable"], kl, beta=cfg.beta,
                                           desirable_weight=cfg.desirable_weight,
                                           undesirable_weight=cfg.undesirable_weight)
