@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import json
+import os
+import platform
+import subprocess
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def base_parser(doc: str) -> argparse.ArgumentParser:
@@ -48,12 +56,48 @@ def load_torch_causal_lm(path):
 
 
 def emit(result: dict, out: str | None) -> None:
-    """Print the result as JSON and, when asked, write it to `out`."""
+    """Print the result as JSON and, when asked, write it to `out` (whole or not at all)."""
     text = json.dumps(result, indent=2)
     print(text)
     if out:
-        with open(out, "w") as f:
-            f.write(text + "\n")
+        partial = Path(f"{out}.partial")
+        partial.write_text(text + "\n")
+        partial.replace(out)
+
+
+def command_line(mode: str) -> str:
+    """This benchmark's command as a reader reruns it from the repository root; `mode` is the flag that
+    `scripts/bench.py` dispatches on (it removes the flag before the benchmark parses its arguments)."""
+    import sys
+
+    script = Path(sys.argv[0]).name
+    head = ["scripts/bench.py", mode] if script == "bench.py" else [f"scripts/{script}"]
+    return " ".join([".venv-test/bin/python", *head, *sys.argv[1:]])
+
+
+def machine_facts(packages=("jax", "torch", "transformers", "peft")) -> dict:
+    """What the figures were measured on (the docs' performance page prints it under each table): date,
+    platform, cores, Python, the installed versions of `packages`, and the checkout's commit."""
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"date": datetime.date.today().isoformat(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "versions": versions, "commit": measured_commit()}
+
+
+def measured_commit() -> str | None:
+    """The checkout's commit (with "+changes" when its tracked files differ), or None outside git."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return None
+    dirty = git("diff", "--quiet", "HEAD").returncode != 0
+    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 # Llama-architecture configs for timing without a checkpoint (random weights).

@@ -20,7 +20,6 @@ excluded). Target: the DPO step's memory within 1.15x of the SFT step's.
 from __future__ import annotations
 
 import os
-import platform
 import sys
 
 import jax
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_common import base_parser, best_of, emit  # noqa: E402
+from bench_common import base_parser, best_of, command_line, emit, machine_facts  # noqa: E402
 from bench_lora import program_costs  # noqa: E402
 
 import lowrax  # noqa: E402
@@ -117,8 +116,8 @@ def main() -> None:
     result = {
         "model": str(args.model or "embedded SmolLM2-135M-Instruct"), "dtype": "float32",
         "pairs": args.pairs, "rows": 2 * args.pairs, "seq": args.seq, "rank": args.rank,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax_backend": jax.default_backend(),
-                    "jax": jax.__version__},
+        "machine": dict(machine_facts(("jax", "flax", "optax")), jax_backend=jax.default_backend()),
+        "command": command_line("--objectives"),
         "steps": sides,
         "memory_over_sft": {k: v["step_bytes"] / sft["step_bytes"] for k, v in sides.items()},
         "time_over_sft": {k: v["step_s"] / sft["step_s"] for k, v in sides.items()},

@@ -37,6 +37,8 @@ from pathlib import Path
 STARTED = time.perf_counter()  # a PEFT child's start, for its seconds to first step
 sys.path.insert(0, os.path.dirname(__file__))
 
+from bench_common import machine_facts  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 TEXT = dict(r=16, alpha=32, batch=4, seq_len=256, lr=2e-4)
 
@@ -199,29 +201,6 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-
-
-def machine_facts() -> dict:
-    """What the figures were measured on: the docs' performance page prints it under each table."""
-    import datetime
-    import importlib.metadata
-    import platform
-
-    versions = {name: importlib.metadata.version(name) for name in ("jax", "torch", "transformers", "peft")}
-    return {"date": datetime.date.today().isoformat(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "versions": versions, "commit": measured_commit()}
-
-
-def measured_commit() -> str | None:
-    """The checkout's commit (with "+changes" when its tracked files differ), or None outside git."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-
-    head = git("rev-parse", "--short", "HEAD")
-    if head.returncode != 0:
-        return None
-    dirty = git("diff", "--quiet", "HEAD").returncode != 0
-    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_common import emit  # noqa: E402
+from bench_common import command_line, emit, machine_facts  # noqa: E402
 
 # method: overrides of configs/default.yaml (r=16, alpha=32, all linear layers, lr 1e-3).
 METHODS = {
@@ -119,7 +119,8 @@ def main() -> None:
             results[name] = dict(json.loads(proc.stdout.strip().splitlines()[-1]), overrides=METHODS[name])
             print(f"[bench --variants] {name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
     emit({"task": "embedded date task, configs/default.yaml", "steps": args.steps, "methods": results,
-          "failed": failed, "table": table(results)}, args.out)
+          "failed": failed, "table": table(results), "machine": machine_facts(("jax", "flax", "optax")),
+          "command": command_line("--variants")}, args.out)
     print(table(results))
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")

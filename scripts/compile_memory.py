@@ -10,8 +10,9 @@ model and task shape (what `bench.py`'s peak RSS mixes with the compiler's own m
 
 prints the compiled step's temporaries and arguments (XLA's `memory_analysis()`); the process's peak
 resident memory, which `time -v` reports, is compilation's. `--blocks` compiles the step once per
-setting: `default` (logits and attention scores by blocks only when large: `objectives.logps.LOGIT_WHOLE_LIMIT`,
-`core.layers.ATTENTION_WHOLE_LIMIT`), `none` (both whole), `all` (both by blocks).
+setting of the attention: `default` (scores by blocks of queries only when large:
+`core.layers.ATTENTION_WHOLE_LIMIT`), `none` (whole), `all` (by blocks). The logits always go by blocks
+(`objectives.fused_logps`).
 `--classifier` compiles the sentiment recipe's step instead (all-MiniLM-L6-v2 with a 2-label head, LoRA r 8
 on query and value, batch 16 x 128, the model's own dropout on; --batch/--seq change its shape).
 `--time N` runs the compiled step N times and prints the minimum and median seconds; `--profile` traces
@@ -36,7 +37,6 @@ import numpy as np
 
 import lowrax
 from lowrax.core import layers
-from lowrax.objectives import logps
 from lowrax.train.host_memory import relaunch_with_huge_pages
 from lowrax.train.optim import OptimizerConfig, make_optimizer
 from lowrax.train.step import init_state, make_train_step
@@ -159,10 +159,9 @@ if __name__ == "__main__":
     if args.lora_forms:
         compare_lora_forms(model, trainable, frozen, batch, args.time)
         raise SystemExit(0)
-    defaults = logps.LOGIT_WHOLE_LIMIT, layers.ATTENTION_WHOLE_LIMIT
+    default = layers.ATTENTION_WHOLE_LIMIT
     for blocks in args.blocks:
-        logps.LOGIT_WHOLE_LIMIT, layers.ATTENTION_WHOLE_LIMIT = {"default": defaults, "none": (1 << 62, 1 << 62),
-                                                                 "all": (0, 0)}[blocks]
+        layers.ATTENTION_WHOLE_LIMIT = {"default": default, "none": 1 << 62, "all": 0}[blocks]
         compiled, optimizer = compiled_step(model, trainable, frozen, batch)
         m = compiled.memory_analysis()
         print(f"{label}, blocks {blocks}: compiled step temporaries {m.temp_size_in_bytes / 1e9:.2f} GB"

@@ -189,7 +189,7 @@ def main() -> None:
     SAMPLER.enter("other setup")
     code = lowrax_main(["train", *items])
     phases = SAMPLER.finish()
-    from bench_recipes import machine_facts
+    from bench_common import machine_facts
     from performance_tables import phases_table
 
     report = {"command": "lowrax train " + " ".join(items), "exit": code, "phases": phases, "programs": PROGRAMS,

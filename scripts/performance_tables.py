@@ -1,6 +1,8 @@
 """The docs' measured tables, generated from the benchmarks' JSON so that no table drifts from its command.
 
     .venv-test/bin/python scripts/bench.py --recipes --out docs/figures/recipes.json   # measure (about an hour)
+    .venv-test/bin/python scripts/bench.py --variants --out docs/figures/variants.json  # the methods (about 40 min)
+    .venv-test/bin/python scripts/bench.py --objectives --pairs 8 --seq 64 --out docs/figures/objectives.json
     .venv-test/bin/python scripts/memory_phases.py --out docs/figures/phases.json train.steps=3 \
         train.output_dir=runs/phases                                                     # a run's phases
     .venv-test/bin/python scripts/performance_tables.py                              # rewrite the tables
@@ -96,7 +98,57 @@ def phases_table(report: dict) -> str:
     return "\n".join(rows)
 
 
-TABLES = {"recipes": recipes_table, "phases": phases_table}
+def _settings(overrides: list[str]) -> str:
+    """A method's overrides of configs/default.yaml, less the method's name, as the table shows them."""
+    shown = [o for o in overrides if not o.startswith("method=")]
+    return " ".join(f"`{o}`" for o in shown) or "the defaults"
+
+
+def variants_table(figures: dict) -> str:
+    """scripts/bench_variants.py's report: the methods on the default task, step time against LoRA's."""
+    methods = figures["methods"]
+    lora_step = methods["lora"]["median_step_s"] if "lora" in methods else None
+    rows = [f"`{figures['command']}`", "",
+            "| method | settings | trainable params | adapter file | step time | vs LoRA (target <= 1.3x) "
+            "| peak memory | eval loss | exact match before -> after |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, r in methods.items():
+        ratio = "-" if lora_step is None else f"{r['median_step_s'] / lora_step:.2f}x"
+        rows.append(f"| {name} | {_settings(r['overrides'])} | {r['trainable_params'] / 1e6:.2f} M "
+                    f"| {r['adapter_bytes'] / 1e6:.2f} MB | {r['median_step_s']:.2f} s | {ratio} "
+                    f"| {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['eval_loss']:.4f} "
+                    f"| {r['metric_before']:.3f} -> {r['metric_after']:.3f} |")
+    rows += ["", f"{figures['steps']} steps of 16 examples each; step time is the median after the first (compiling) "
+                 f"step; peak memory is the whole process's. Measured {_machine(figures['machine'])}."]
+    return "\n".join(rows)
+
+
+OBJECTIVE_NAMES = {
+    "sft": "SFT on the same rows",
+    "dpo": "DPO, reference in the step",
+    "dpo_precomputed": "DPO, precomputed reference",
+    "orpo": "ORPO (NLL over the whole chosen rows)",
+    "simpo": "SimPO",
+    "kto": "KTO, reference in the step (rows + as many KL rows)",
+    "kto_precomputed": "KTO, precomputed reference",
+    "distill": "distillation (a second, merged model as teacher)",
+}
+
+
+def objectives_table(figures: dict) -> str:
+    """scripts/bench_objectives.py's report: each objective's compiled step against SFT's on the same rows."""
+    rows = [f"`{figures['command']}`", "", "| step | memory (GB) | x SFT | time (s) | x SFT |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for name, step in figures["steps"].items():
+        rows.append(f"| {OBJECTIVE_NAMES.get(name, name)} | {step['step_bytes'] / 1e9:.2f} "
+                    f"| {figures['memory_over_sft'][name]:.2f} | {step['step_s']:.2f} | {figures['time_over_sft'][name]:.2f} |")
+    rows += ["", f"{figures['rows']} rows of {figures['seq']} tokens, LoRA r {figures['rank']} on every linear layer; "
+                 "memory is the compiled step's arguments, outputs and temporaries (XLA's memory analysis), time the "
+                 f"best of the repeats. Measured {_machine(figures['machine'])}."]
+    return "\n".join(rows)
+
+
+TABLES = {"recipes": recipes_table, "phases": phases_table, "variants": variants_table, "objectives": objectives_table}
 
 
 def rendered_page(text: str) -> str:

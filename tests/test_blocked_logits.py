@@ -1,7 +1,7 @@
 """The logits are computed a block of positions at a time: by the fused cross-entropy
-(`objectives.fused_logps`) for token log-probs, by `objectives.logps.by_position_blocks` for
-distillation. Losses and gradients equal the whole-logits computation, and the step's compiled
-temporaries shrink."""
+(`objectives.fused_logps`) for token log-probs, by `objectives.fused_positions` for distillation
+(student and teacher together). Losses and gradients equal the whole-logits computation, and the
+step's compiled temporaries shrink."""
 
 from __future__ import annotations
 
@@ -57,12 +57,6 @@ def batch(n=3, t=37, seed=0):
     return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
 
 
-def logit_blocks(monkeypatch, block_bytes):
-    """Logits by blocks of `block_bytes` whatever their size (1 << 40: whole)."""
-    monkeypatch.setattr(logps_module, "LOGIT_WHOLE_LIMIT", 0 if block_bytes < 1 << 40 else 1 << 62)
-    monkeypatch.setattr(logps_module, "LOGIT_BLOCK_BYTES", block_bytes)
-
-
 def attention_blocks(monkeypatch, block_bytes):
     """Attention by blocks of queries of `block_bytes` whatever its size (1 << 40: whole)."""
     from lowrax.core import layers
@@ -71,34 +65,23 @@ def attention_blocks(monkeypatch, block_bytes):
     monkeypatch.setattr(layers, "ATTENTION_BLOCK_BYTES", block_bytes)
 
 
-def loss_and_grads(model, params, loss_fn, data, block_bytes, monkeypatch):
-    logit_blocks(monkeypatch, block_bytes)
-    maps = []
-    monkeypatch.setattr(jax.lax, "map", lambda f, xs, _map=jax.lax.map: maps.append(1) or _map(f, xs))
+def loss_and_grads(model, params, loss_fn, data):
     trainable, frozen = lowrax.split(params)
 
     def mean_loss(trainable):
         total, count, *_ = loss_fn(model, lowrax.combine(trainable, frozen), data)
         return total / count
 
-    loss, grads = jax.jit(jax.value_and_grad(mean_loss))(trainable)
-    return loss, grads, bool(maps)  # whether the logits went by blocks
+    return jax.jit(jax.value_and_grad(mean_loss))(trainable)
 
 
-def test_small_logits_and_scores_stay_whole():
-    """The defaults block only what is large: SmolLM2's logits at 4 x 256 tokens (200 MB) and its scores
-    (9 MB a layer) stay whole; at 8 x 1024 tokens both go by blocks."""
+def test_large_attention_scores_go_by_blocks():
+    """The default blocks only what is large: SmolLM2's attention scores at 4 x 256 tokens (9 MB a layer)
+    stay whole; at 8 x 1024 tokens they go by blocks."""
     from lowrax.core import layers
 
-    vocab, heads = 49152, 9
-    assert 4 * 4 * 255 * vocab <= logps_module.LOGIT_WHOLE_LIMIT < 4 * 8 * 1023 * vocab
+    heads = 9
     assert 4 * 4 * heads * 256 * 256 <= layers.ATTENTION_WHOLE_LIMIT < 4 * 8 * heads * 1024 * 1024
-
-
-def test_blocks_cover_every_position_once():
-    positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
-    seen = logps_module.by_position_blocks(lambda pos, x: pos * 10 + x, 4, positions, positions + 1, block_bytes=4 * 2 * 4 * 3)
-    np.testing.assert_array_equal(np.asarray(seen), np.asarray(positions * 10 + positions + 1))
 
 
 def whole_logits_causal_lm_loss(model, params, batch):
@@ -130,42 +113,87 @@ def test_fused_causal_lm_loss_and_gradients_equal_the_whole_logits(student, bloc
         params = without_head_adapter(params)
         assert isinstance(params["lm_head"]["kernel"], jax.Array)
     data = batch()
-    whole = loss_and_grads(model, params, whole_logits_causal_lm_loss, data, 1 << 40, monkeypatch)
+    whole = loss_and_grads(model, params, whole_logits_causal_lm_loss, data)
     monkeypatch.setattr(fused_logps, "BLOCK_BYTES", 4 * 3 * VOCAB * block_positions)
-    blocked = loss_and_grads(model, params, causal_lm_loss, data, 1 << 40, monkeypatch)
+    blocked = loss_and_grads(model, params, causal_lm_loss, data)
     np.testing.assert_allclose(float(blocked[0]), float(whole[0]), rtol=1e-6)
     for got, want in zip(jax.tree.leaves(blocked[1]), jax.tree.leaves(whole[1])):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(whole[1]))
 
 
+def whole_logits_distill_loss(cfg, teacher_logits):
+    """The distillation loss computed the plain way: every completion position's student logits at once."""
+    from lowrax.objectives.distill import token_divergence
+
+    def loss_fn(model, params, batch):
+        hidden = model.final_hidden(params, batch["input_ids"], batch["attention_mask"])
+        student = logps_module.logits_at(model, params, hidden, batch["loss_positions"])
+        teacher = teacher_logits(batch)
+        divergence = token_divergence(student, teacher, beta=cfg.beta, temperature=cfg.temperature)
+        hard = -logps_module.target_logps(student, batch["loss_targets"])
+        mixed = (1.0 - cfg.hard_label_weight) * divergence + cfg.hard_label_weight * hard
+        weights = batch["loss_weights"]
+        return jnp.sum(mixed * weights), jnp.sum(weights)
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("block_positions", [1, 5, 12])
+@pytest.mark.parametrize("head", ["trained", "frozen"])
 @pytest.mark.parametrize("stored_teacher", [False, True])
-def test_distillation_blocks_student_and_teacher_together(student, stored_teacher, monkeypatch):
+def test_distillation_blocks_student_and_teacher_together(student, stored_teacher, head, block_positions, monkeypatch):
+    """Distillation's fused loss (blocks of 1 and 5 positions, the last padded, and one of all 12) against
+    the plain computation, with the teacher in the step or its logits stored, and with a LoRA on lm_head
+    (logits recomputed in the backward) or a frozen head (the hidden states' gradient formed in the
+    forward)."""
+    from lowrax.objectives import fused_logps
+
     model, params = student
     teacher = jax.tree.map(lambda x: x * 1.1 if x.dtype == jnp.float32 else x, lowrax.merge(params))
+    if head == "frozen":
+        params = without_head_adapter(params)
     data = batch()
     k = 12
     data = {**data, "loss_positions": np.tile(np.arange(5, 5 + k), (3, 1)).astype(np.int32),
             "loss_targets": data["input_ids"][:, 6:6 + k], "loss_weights": np.ones((3, k), np.float32)}
+    data["loss_weights"][1, -3:] = 0.0
     cfg = DistillSection(beta=0.5, temperature=2.0, hard_label_weight=0.3)
-    if stored_teacher:
-        hidden = model.final_hidden(teacher, data["input_ids"], data["attention_mask"])
-        data["teacher_logits"] = np.asarray(logps_module.logits_at(model, teacher, hidden, data["loss_positions"]))
-        objective = distill_objective(cfg)
 
-        def loss_fn(model, params, batch):
-            return objective(model, params, batch)
+    def teacher_logits(batch):
+        hidden = model.final_hidden(teacher, batch["input_ids"], batch["attention_mask"])
+        return logps_module.logits_at(model, teacher, hidden, batch["loss_positions"])
+
+    if stored_teacher:
+        data["teacher_logits"] = np.asarray(teacher_logits(data))
+        loss_fn = distill_objective(cfg)
     else:
         objective = distill_objective(cfg, model)
 
         def loss_fn(model, params, batch):
             return objective(model, params, batch, teacher)
-    whole = loss_and_grads(model, params, loss_fn, data, 1 << 40, monkeypatch)
-    blocked = loss_and_grads(model, params, loss_fn, data, 4 * 3 * VOCAB * 5, monkeypatch)
-    assert blocked[2] and not whole[2]
-    np.testing.assert_allclose(float(blocked[0]), float(whole[0]), rtol=1e-6)
-    for got, want in zip(jax.tree.leaves(blocked[1]), jax.tree.leaves(whole[1])):
+    whole = loss_and_grads(model, params, whole_logits_distill_loss(cfg, teacher_logits), data)
+    monkeypatch.setattr(fused_logps, "BLOCK_BYTES", 4 * 3 * VOCAB * block_positions)
+    fused = loss_and_grads(model, params, loss_fn, data)
+    np.testing.assert_allclose(float(fused[0]), float(whole[0]), rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(fused[1]), jax.tree.leaves(whole[1])):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(whole[1]))
+
+
+def test_distillation_metrics_are_the_divergence_and_the_cross_entropy(student):
+    model, params = student
+    teacher = jax.tree.map(lambda x: x * 1.1 if x.dtype == jnp.float32 else x, lowrax.merge(params))
+    data = batch()
+    k = 6
+    data = {**data, "loss_positions": np.tile(np.arange(5, 5 + k), (3, 1)).astype(np.int32),
+            "loss_targets": data["input_ids"][:, 6:6 + k], "loss_weights": np.ones((3, k), np.float32)}
+    pure_divergence = DistillSection(beta=0.5, temperature=1.0, hard_label_weight=0.0)
+    pure_hard = DistillSection(beta=0.5, temperature=1.0, hard_label_weight=1.0)
+    total_div, _, metrics = distill_objective(pure_divergence, model)(model, params, data, teacher)
+    total_hard, _, _ = distill_objective(pure_hard, model)(model, params, data, teacher)
+    np.testing.assert_allclose(float(metrics["divergence"]), float(total_div), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["hard_loss"]), float(total_hard), rtol=1e-6)
 
 
 def test_the_compiled_step_keeps_one_block_of_logits(student, monkeypatch):
@@ -242,9 +270,9 @@ def test_a_model_with_blocked_attention_trains_as_with_whole(student, monkeypatc
     model, params = student
     data = batch()
     attention_blocks(monkeypatch, 1 << 40)
-    whole = loss_and_grads(model, params, causal_lm_loss, data, 1 << 40, monkeypatch)
+    whole = loss_and_grads(model, params, causal_lm_loss, data)
     attention_blocks(monkeypatch, 4 * 3 * 4 * 37 * 5)
-    blocked = loss_and_grads(model, params, causal_lm_loss, data, 1 << 40, monkeypatch)
+    blocked = loss_and_grads(model, params, causal_lm_loss, data)
     np.testing.assert_allclose(float(blocked[0]), float(whole[0]), rtol=1e-6)
     for got, want in zip(jax.tree.leaves(blocked[1]), jax.tree.leaves(whole[1])):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

@@ -43,8 +43,15 @@ def head_target_logps(head, params, hidden, targets, block_bytes: int | None = N
     """log p(target) [n, K] from hidden states [n, K, H] and targets [n, K], where
     head(params, hidden [n, c, H]) -> float32 logits [n, c, V]; the logits exist `block_bytes` (default
     BLOCK_BYTES) at a time."""
+    head_of, leaves, vocab = head_over_read_leaves(head, params, hidden[:, :1])
+    return _fused(head_of, position_block(hidden.shape, vocab, block_bytes), leaves, hidden, targets)
+
+
+def head_over_read_leaves(head, params, probe):
+    """(head_of(leaves, h), the leaves of params the head reads, its vocabulary size): the head as a function
+    of only the parameter leaves it reads, so that a custom VJP's residuals and gradients cover those alone.
+    probe: hidden states [n, 1, H] of the right shape and type."""
     leaves, treedef = jax.tree.flatten(params)
-    probe = hidden[:, :1]
     read = _leaves_read(lambda lv: head(treedef.unflatten(lv), probe), leaves)
     unread = set(range(len(leaves))) - set(read)
     # Leaves the head never reads are left out of the differentiated call; zeros of their shape stand in
@@ -58,10 +65,14 @@ def head_target_logps(head, params, hidden, targets, block_bytes: int | None = N
             full[i] = x
         return head(treedef.unflatten(full), h)
 
-    n, k, _ = hidden.shape
-    vocab = jax.eval_shape(head_of, [leaves[i] for i in read], probe).shape[-1]
-    block = int(max(1, min(k, (block_bytes or BLOCK_BYTES) // (4 * n * vocab))))
-    return _fused(head_of, block, [leaves[i] for i in read], hidden, targets)
+    read_leaves = [leaves[i] for i in read]
+    return head_of, read_leaves, jax.eval_shape(head_of, read_leaves, probe).shape[-1]
+
+
+def position_block(shape, vocab: int, block_bytes: int | None = None) -> int:
+    """Positions per block for hidden states of `shape` [n, K, H]: n x block float32 logits fit block_bytes."""
+    n, k, _ = shape
+    return int(max(1, min(k, (block_bytes or BLOCK_BYTES) // (4 * n * vocab))))
 
 
 def _stand_in(x):
@@ -101,7 +112,7 @@ _fused = jax.custom_vjp(_fused, nondiff_argnums=(0, 1))
 
 
 def _fused_forward(head_of, block, leaves, hidden, targets):
-    if not any(_trained(x) for x in leaves):
+    if not any(trained(x) for x in leaves):
         logps, grad_h = _forward_blocks(head_of, block, [x.value for x in leaves], hidden.value, targets.value,
                                         input_gradient=True)
         # the leaves' count reaches the backward as the residuals' structure (a list of empty entries)
@@ -109,11 +120,12 @@ def _fused_forward(head_of, block, leaves, hidden, targets):
     logps, lse = _forward_blocks(head_of, block, [x.value for x in leaves], hidden.value, targets.value)
     # Which leaves the step trains is static; it reaches the backward in the residuals' structure: each
     # leaf's value sits in a one-entry dict keyed by its role.
-    roles = [{"trained" if _trained(x) else "frozen": x.value} for x in leaves]
+    roles = [{"trained" if trained(x) else "frozen": x.value} for x in leaves]
     return logps, (roles, hidden.value, targets.value, lse)
 
 
-def _trained(primal: CustomVJPPrimal) -> bool:
+def trained(primal: CustomVJPPrimal) -> bool:
+    """Whether a custom VJP's primal is differentiated (a floating array the step trains)."""
     return primal.perturbed and jnp.issubdtype(primal.value.dtype, jnp.inexact)
 
 

@@ -5,10 +5,9 @@ positions whose next token is a completion token (see `train.data.Batches`). The
 vocabulary projection runs at those positions only, the largest matmul of a small model.
 
 The logits are never materialised whole: `logps_at` is a fused cross-entropy
-(`objectives.fused_logps`) that keeps one block of positions' logits at a time and only their
-log-sum-exp for the backward. Distillation, which needs whole distributions, runs student and
-teacher over blocks of positions in a rematerialised scan (`by_position_blocks`) when the
-[n, K, V] logits would exceed LOGIT_WHOLE_LIMIT.
+(`objectives.fused_logps`) that keeps one block of positions' logits at a time. Distillation, which
+needs whole distributions, runs student and teacher over the same blocks of positions
+(`objectives.fused_positions`).
 """
 
 from __future__ import annotations
@@ -16,15 +15,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lowrax.core.layers import by_blocks
 from lowrax.core.node import resolve
 from lowrax.objectives.fused_logps import head_target_logps
 
 
+def at_positions(hidden, positions) -> jnp.ndarray:
+    """Hidden states [n, K, H] at positions [n, K] of hidden [n, t, H]."""
+    return jnp.take_along_axis(hidden, positions[..., None], axis=1)
+
+
 def logits_at(model, params, hidden, positions) -> jnp.ndarray:
     """float32 logits [n, K, V] from final hidden states [n, t, H] at positions [n, K]."""
-    picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
-    return model.logits_from_hidden(resolve(params), picked).astype(jnp.float32)
+    return model.logits_from_hidden(resolve(params), at_positions(hidden, positions)).astype(jnp.float32)
 
 
 def target_logps(logits, targets) -> jnp.ndarray:
@@ -33,41 +35,14 @@ def target_logps(logits, targets) -> jnp.ndarray:
     return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
 
 
-# Distillation's student and teacher logits up to this are computed whole (SmolLM2 at 4 x 256 tokens: 200 MB
-# each); above it, in blocks of LOGIT_BLOCK_BYTES.
-LOGIT_WHOLE_LIMIT = 256 << 20
-LOGIT_BLOCK_BYTES = 64 << 20
-
-
-def vocab_size(model, params, hidden) -> int:
-    """The width of the model's logits (its head's output), read from shapes only."""
-    return jax.eval_shape(lambda h: model.logits_from_hidden(resolve(params), h), hidden[:, :1]).shape[-1]
-
-
-def by_position_blocks(fn, vocab: int, positions, *per_position, block_bytes: int | None = None):
-    """fn(positions [n, c], *per_position blocks [n, c, ...]) -> an array or tuple of arrays [n, c], applied
-    to blocks of c positions so that c x n x vocab float32 logits fit `block_bytes`; the blocks run in a
-    scan whose body is rematerialised (the backward recomputes one block's logits at a time).
-    Equal to fn(positions, *per_position) when the whole logits fit LOGIT_WHOLE_LIMIT (or, with
-    block_bytes given, one block)."""
-    n, k = positions.shape
-    column_bytes = 4 * n * vocab
-    block = max(1, (block_bytes or LOGIT_BLOCK_BYTES) // column_bytes)
-    if block >= k or (block_bytes is None and column_bytes * k <= LOGIT_WHOLE_LIMIT):
-        return fn(positions, *per_position)
-    return by_blocks(fn, k, block, [(x, 1) for x in (positions, *per_position)])
-
-
 def logps_at(model, params, hidden, positions, targets) -> jnp.ndarray:
     """log p(target) [n, K] from final hidden states [n, t, H] at positions [n, K], by a fused
     cross-entropy whose float32 logits exist one block (`fused_logps.BLOCK_BYTES`) at a time, in the
     forward and in the backward."""
-    picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
-
     def head(params, h):
         return model.logits_from_hidden(resolve(params), h).astype(jnp.float32)
 
-    return head_target_logps(head, params, picked, targets)
+    return head_target_logps(head, params, at_positions(hidden, positions), targets)
 
 
 def completion_logps(model, params, batch: dict, prefix: str = ""):

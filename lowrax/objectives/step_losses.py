@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 
 from lowrax.adapters.tree import adapters_off
+from lowrax.core.node import resolve
 from lowrax.errors import LowraxError
 from lowrax.objectives.config import DistillSection, PreferenceSection
 from lowrax.objectives.distill import token_divergence
-from lowrax.objectives.logps import (by_position_blocks, classifier_logits, completion_logps, logits_at, target_logps,
-                                     vocab_size, whole_sequence_nll)
+from lowrax.objectives.fused_positions import head_position_losses
+from lowrax.objectives.logps import at_positions, classifier_logits, completion_logps, target_logps, whole_sequence_nll
 from lowrax.objectives.preference import dpo_per_pair, kto_per_example, orpo_per_pair, simpo_per_pair
 
 
@@ -156,23 +157,26 @@ def distill_objective(cfg: DistillSection, teacher_model=None):
         weights = batch["loss_weights"].astype(jnp.float32)
         hidden = model.final_hidden(params, batch["input_ids"], batch["attention_mask"])
         if teacher_model is None:  # stored teacher logits [b, K, V]
-            def teacher_logits(pos, stored):
+            def teacher_logits(_, stored):
                 return stored.astype(jnp.float32)
             teacher_input = batch["teacher_logits"]
         else:
-            teacher_hidden = teacher_model.final_hidden(teacher, batch["input_ids"], batch["attention_mask"])
+            def teacher_logits(teacher, teacher_hidden):
+                return teacher_model.logits_from_hidden(resolve(teacher), teacher_hidden).astype(jnp.float32)
+            teacher_input = at_positions(teacher_model.final_hidden(teacher, batch["input_ids"],
+                                                                    batch["attention_mask"]), positions)
 
-            def teacher_logits(pos, _):
-                return jax.lax.stop_gradient(logits_at(teacher_model, teacher, teacher_hidden, pos))
-            teacher_input = jnp.zeros(positions.shape, jnp.int8)  # a placeholder to block like the rest
+        def loss_of_logits(student, teacher, teacher_in, tgt):  # one block of positions, student and teacher
+            divergence, hard = _per_position(cfg, student, teacher_logits(teacher, teacher_in), tgt)
+            return _mix(cfg, divergence, hard), (jax.lax.stop_gradient(divergence), jax.lax.stop_gradient(hard))
 
-        def per_position(pos, tgt, teacher_in):  # student and teacher logits of one block of positions
-            student = logits_at(model, params, hidden, pos)
-            return _per_position(cfg, student, teacher_logits(pos, teacher_in), tgt)
+        def head(params, h):
+            return model.logits_from_hidden(resolve(params), h).astype(jnp.float32)
 
-        divergence, hard = by_position_blocks(per_position, vocab_size(model, params, hidden), positions, targets,
-                                              teacher_input)
-        return _mixed(cfg, divergence, hard, weights)
+        mixed, (divergence, hard) = head_position_losses(head, params, at_positions(hidden, positions), loss_of_logits,
+                                                         (teacher_input, targets), teacher)
+        return (jnp.sum(mixed * weights), jnp.sum(weights),
+                {"divergence": jnp.sum(divergence * weights), "hard_loss": jnp.sum(hard * weights)})
 
     return loss_fn
 
@@ -183,11 +187,15 @@ def _per_position(cfg: DistillSection, student, teacher_logits, targets) -> tupl
             -target_logps(student, targets))
 
 
+def _mix(cfg: DistillSection, divergence, hard):
+    """The divergence mixed with the cross-entropy by `hard_label_weight`."""
+    return (1.0 - cfg.hard_label_weight) * divergence + cfg.hard_label_weight * hard
+
+
 def _mixed(cfg: DistillSection, divergence, hard, weights) -> tuple:
     """(loss sum, count, metric sums): the divergence mixed with the cross-entropy by `hard_label_weight`,
     weighted."""
-    mixed = (1.0 - cfg.hard_label_weight) * divergence + cfg.hard_label_weight * hard
-    return (jnp.sum(mixed * weights), jnp.sum(weights),
+    return (jnp.sum(_mix(cfg, divergence, hard) * weights), jnp.sum(weights),
             {"divergence": jnp.sum(jax.lax.stop_gradient(divergence) * weights),
              "hard_loss": jnp.sum(jax.lax.stop_gradient(hard) * weights)})
 
