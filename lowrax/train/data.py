@@ -242,6 +242,13 @@ def _preview(record: dict) -> str:
     return f"({text[:60]}...)" if len(text) > 60 else f"({text})"
 
 
+def padded_width(longest: int, seq_len: int) -> int:
+    """The width a batch whose longest row has `longest` tokens is padded to when it need not be `seq_len`
+    (held-out loss and accuracy): the next power of two, at least 16, at most seq_len. A handful of
+    compiled shapes, and little work on padding."""
+    return min(seq_len, max(16, 1 << (max(longest, 1) - 1).bit_length()))
+
+
 class Batches:
     """Deterministic batches: `batch(k)` is the k-th batch of the seeded, per-epoch shuffled stream.
 

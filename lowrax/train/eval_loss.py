@@ -9,27 +9,36 @@ from tqdm.auto import tqdm
 from lowrax.adapters.tree import combine
 from lowrax.dist.parallel import global_batch
 from lowrax.train.config import TrainConfig
-from lowrax.train.data import Batches
+from lowrax.train.data import Batches, padded_width
 from lowrax.train.step import task_loss
 
 
 class EvalLoss:
-    """Mean loss over the held-out set, each example counted once; compiled once per run.
+    """Mean loss over the held-out set, each example counted once; compiled once per padded width.
 
-    The batches are built once; the frozen half is an argument of the jitted function
-    (a closure would bake the whole base model into the program as constants).
+    The batches are built once, shortest examples first, each padded to the power of two above its
+    longest row (`data.padded_width`): a short held-out set is not run at the full `seq_len`, and the
+    mean does not depend on the order. The frozen half is an argument of the jitted function (a
+    closure would bake the whole base model into the program as constants).
     """
 
     def __init__(self, model, data, cfg: TrainConfig, pad: int, mesh=None):
         loss_fn = task_loss(model)
         self._fn = jax.jit(lambda trainable, frozen, batch: loss_fn(model, combine(trainable, frozen), batch))
-        size = cfg.train.batch_size
-        batches = (Batches(data, cfg.data.seq_len, size, seed=0, packing=False, pad_id=pad, target_len=cfg.data.target_len)
-                   if data.ids else None)
+        size, n = cfg.train.batch_size, len(data.ids)
+        images = data.task == "image_classification"
+        order = sorted(range(n), key=lambda i: 0 if images else len(data.ids[i]))
+        by_width: dict[int, Batches] = {}
         self._batches = []
-        for k in range(-(-len(data.ids) // size)):
-            batch = batches.batch(k)
-            filler = np.arange(k * size, (k + 1) * size) >= len(data.ids)  # rows that wrapped into a second epoch
+        for start in range(0, n, size):
+            chunk = order[start: start + size]
+            real = len(chunk)
+            chunk = chunk + [chunk[-1]] * (size - real)  # one batch size; the filler rows weigh nothing
+            width = cfg.data.seq_len if images else padded_width(len(data.ids[chunk[-1]]), cfg.data.seq_len)
+            batches = by_width.setdefault(width, Batches(data, width, size, seed=0, packing=False, pad_id=pad,
+                                                         target_len=cfg.data.target_len))
+            batch = batches.rows_batch([[i] for i in chunk], "held-out batch")
+            filler = np.arange(size) >= real
             if "loss_mask" in batch:
                 batch["loss_mask"][filler] = 0
             else:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from lowrax.models.generate import generate_ids
 from lowrax.train.config import TrainConfig
-from lowrax.train.data import Batches, data_task, detect_format, encode_all, prompt_ids, seq2seq_fields
+from lowrax.train.data import Batches, data_task, detect_format, encode_all, padded_width, prompt_ids, seq2seq_fields
 from lowrax.objectives.logps import classifier_logits
 from lowrax.train.default_task import exact_match
 
@@ -91,7 +91,7 @@ class TaskScorer:
                 real = len(chunk)
                 chunk = chunk + [chunk[-1]] * (GENERATION_BATCH - real)  # one batch shape; the filler is not counted
                 longest = 1 if images else len(enc.ids[chunk[-1]])  # sorted: the last row is the longest
-                width = min(self.cfg.data.seq_len, max(16, 1 << (longest - 1).bit_length()))
+                width = padded_width(longest, self.cfg.data.seq_len)
                 batches = by_width.setdefault(width, Batches(enc, width, GENERATION_BATCH, seed=0))
                 batch = batches.rows_batch([[i] for i in chunk])
                 predicted = np.asarray(self._predict(params, {k: jnp.asarray(v) for k, v in batch.items()}))
