@@ -8,8 +8,8 @@
     .venv-test/bin/python scripts/performance_tables.py                              # rewrite the tables
     .venv-test/bin/python scripts/performance_tables.py --check                      # exit 1 if a table differs
 
-Each table sits in docs/performance.md between `<!-- generated: NAME -->` and `<!-- end generated -->`
-and is rendered from docs/figures/NAME.json. `tests/test_performance_tables.py` runs the check.
+Each table sits in a page of PAGES (docs/performance.md, docs/preference-and-distillation.md) between
+`<!-- generated: NAME -->` and `<!-- end generated -->` and is rendered from docs/figures/NAME.json. `tests/test_performance_tables.py` runs the check.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PAGE = REPO / "docs" / "performance.md"
+# the pages with generated tables
+PAGES = (REPO / "docs" / "performance.md", REPO / "docs" / "preference-and-distillation.md")
 FIGURES = REPO / "docs" / "figures"
 TARGET_PEAK_RATIO = 0.8  # issue target: lowrax's peak at most 0.8x PEFT's
 
@@ -164,13 +165,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a table differs")
     args = parser.parse_args()
-    text = PAGE.read_text()
-    new = rendered_page(text)
-    if args.check:
-        if new != text:
-            sys.exit(f"{PAGE} differs from its figures: run scripts/performance_tables.py")
-        return
-    PAGE.write_text(new)
+    for page in PAGES:
+        text = page.read_text()
+        new = rendered_page(text)
+        if args.check and new != text:
+            sys.exit(f"{page} differs from its figures: run scripts/performance_tables.py")
+        if not args.check and new != text:
+            partial = page.with_name(page.name + ".partial")
+            partial.write_text(new)
+            partial.replace(page)
 
 
 if __name__ == "__main__":
