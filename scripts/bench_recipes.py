@@ -8,11 +8,15 @@ and the adapter's saving are all in it. The recipes:
 
   text        SmolLM2-135M-Instruct (the embedded GGUF, float32) on `embedded_text` (the Python
               documentation every CPython carries, as paragraphs), LoRA r 16 / alpha 32 on every linear
-              layer, batch 4 padded to 256 tokens, one epoch, AdamW 2e-4 with cosine decay and clipping
+              layer, batch 4 of up to 256 tokens, one epoch, AdamW 2e-4 with cosine decay and clipping
               at 1.0, then the held-out loss. PEFT trains the same records (in file order; lowrax shuffles them).
-  classifier  all-MiniLM-L6-v2 with a fresh 2-class head, LoRA r 8 on query and value, batch 16 padded to
+  classifier  all-MiniLM-L6-v2 with a fresh 2-class head, LoRA r 8 on query and value, batch 16 of up to
               128 tokens, 10 epochs of 140 rows (88 steps), AdamW 2e-3, then accuracy on 500 held-out rows:
               the sentiment recipe of scripts/compare_sentiment.py (its data come from PyPI).
+
+Neither side pads a batch further than it needs: PEFT to the batch's longest row (as transformers'
+`DataCollatorWithPadding` does), lowrax to a quarter, a half or all of the row length
+(`data.trim_padding`).
 
 The JSON holds, per recipe, every run's peak RSS (MiB), wall seconds,
 seconds from its start to the end of its first training step, and real (unpadded) tokens per second of
@@ -119,7 +123,7 @@ def peft_text_side(model_dir: str, train_file: str, held_out_file: str) -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
 
     def encoded(part):
-        enc = tokenizer([t + tokenizer.eos_token for t in part], padding="max_length", truncation=True,
+        enc = tokenizer([t + tokenizer.eos_token for t in part], padding="longest", truncation=True,
                         max_length=TEXT["seq_len"], return_tensors="pt")
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         return enc, labels

@@ -9,7 +9,8 @@ rating in [-4, 4], sentence). A sentence rated above 0 is positive (label 1), be
 the few rated exactly 0 are left out. One seeded split gives 140 training rows and 500 held-out rows.
 
 The recipe, the same on both sides: all-MiniLM-L6-v2 (BERT, 22M) with a fresh 2-class head trained in
-full, LoRA r 8, alpha 16 on the attention's query and value, batch 16 padded to 128 tokens, 10 epochs
+full, LoRA r 8, alpha 16 on the attention's query and value, batch 16 of up to 128 tokens (PEFT pads each
+batch to its longest row, lowrax to a quarter, a half or all of 128: `data.trim_padding`), 10 epochs
 (88 steps), AdamW at 2e-3 with cosine decay to 0, no weight decay, clipping at 1.0, and the model's own
 dropout (0.1) in training. Each seed sets the adapter's initialisation, the dropout masks and the data
 order of both sides. Prints each run's held-out accuracy and final training loss, and writes them to
@@ -118,7 +119,7 @@ def peft_run(model: Path, train: Path, held_out: Path, seed: int, started: float
     train_start, tokens, first_step = time.perf_counter(), 0, None
     for step in range(steps):
         part = [rows[i] for i in order[step * batch:(step + 1) * batch]]
-        enc = encode(part, "max_length")
+        enc = encode(part, "longest")
         loss = net(**enc, labels=torch.tensor([r["label"] for r in part])).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

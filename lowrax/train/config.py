@@ -150,6 +150,9 @@ class DataSection(Checked):
     seq_len: Annotated[int, Bound(low=2)] = 64  # tokens per row (longer examples are truncated); seq2seq: the encoder's input
     target_len: PositiveInt = 32  # seq2seq: decoder tokens per row (the target and its EOS; longer ones are truncated)
     packing: bool = False  # pack several examples per row (attention never crosses examples)
+    # Training batches whose rows all fit a half or a quarter of seq_len are cut to that width (the
+    # padding is never attended): less work on short examples, at most three compiled steps.
+    trim_padding: bool = True
     text_eos: bool = True  # text: end each record with the end-of-text token (false: records are fragments of one text)
     loss_positions: Count = 0  # compute logits only at this many loss positions per row (0: at every position)
     eval_fraction: Probability = 0.05  # share of the data held out for evaluation (when eval_source is not set)

@@ -249,6 +249,27 @@ def padded_width(longest: int, seq_len: int) -> int:
     return min(seq_len, max(16, 1 << (max(longest, 1) - 1).bit_length()))
 
 
+# The arrays of a batch with one entry per position of its rows [b, seq_len, ...]: the ones `trimmed` cuts.
+PER_POSITION = ("input_ids", "attention_mask", "loss_mask", "segment_ids", "token_type_ids")
+
+
+def trimmed(batches: list[dict]) -> list[dict]:
+    """Training micro-batches cut to the narrowest of seq_len, seq_len / 2 and seq_len / 4 (not below 16) that
+    holds every row's last attended token: the padding beyond it is never attended and carries no loss, so the
+    loss and gradients are those of the full width, and a step compiles for at most three widths."""
+    masks = [b["attention_mask"] for b in batches if b.get("attention_mask") is not None]
+    if not masks or any(m.ndim != 2 for m in masks):
+        return batches
+    seq_len = masks[0].shape[1]
+    attended = [np.nonzero(m.any(axis=0))[0] for m in masks]
+    longest = max(int(a[-1]) + 1 if a.size else 1 for a in attended)
+    width = next((w for w in (seq_len // 4, seq_len // 2) if w >= 16 and longest <= w), seq_len)
+    if width == seq_len:
+        return batches
+    return [{k: (v[:, :width] if k in PER_POSITION and v.shape[1] == seq_len else v) for k, v in b.items()}
+            for b in batches]
+
+
 class Batches:
     """Deterministic batches: `batch(k)` is the k-th batch of the seeded, per-epoch shuffled stream.
 

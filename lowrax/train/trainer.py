@@ -35,7 +35,7 @@ from lowrax.peft.format import save_peft
 from lowrax.train.build import build_model
 from lowrax.train.checkpoints import Checkpoints, directory_size
 from lowrax.train.config import TrainConfig, differences, with_steps
-from lowrax.train.data import data_task, load_records, with_num_labels
+from lowrax.train.data import data_task, load_records, trimmed, with_num_labels
 from lowrax.train.metrics_log import MetricsLog, plot_losses
 from lowrax.train.objective_runs import ObjectiveRun, RunContext, objective_records, objective_run, stacked
 from lowrax.train.host_memory import peak_host_memory_mb, release_freed_host_memory
@@ -220,6 +220,8 @@ class TrainingRun:
         accum = self.cfg.train.grad_accum_steps
         micro = [self.objective.batches.batch(step * accum + i) for i in range(accum)]
         micro, logged = self.objective.prepare(micro, self.state, self.frozen, step)
+        if self.cfg.data.trim_padding:
+            micro = trimmed(micro)
         batch = stacked(micro, accum)
         real = batch["attention_mask"].sum() if "attention_mask" in batch else batch["labels"].size  # images
         return global_batch(self.ctx.mesh, batch, accum > 1), int(real), logged
