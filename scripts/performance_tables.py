@@ -102,7 +102,7 @@ def phases_table(report: dict) -> str:
 def _settings(overrides: list[str]) -> str:
     """A method's overrides of configs/default.yaml, less the method's name, as the table shows them."""
     shown = [o for o in overrides if not o.startswith("method=")]
-    return " ".join(f"`{o}`" for o in shown) or "the defaults"
+    return " ".join(f"`{o}`" for o in shown) or "the preset's"
 
 
 def variants_table(figures: dict) -> str:
@@ -110,7 +110,7 @@ def variants_table(figures: dict) -> str:
     methods = figures["methods"]
     lora_step = methods["lora"]["median_step_s"] if "lora" in methods else None
     rows = [f"`{figures['command']}`", "",
-            "| method | settings | trainable params | adapter file | step time | vs LoRA (target <= 1.3x) "
+            "| method | settings | trainable params | adapter file | step time | vs LoRA "
             "| peak memory | eval loss | exact match before -> after |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, r in methods.items():
@@ -121,6 +121,10 @@ def variants_table(figures: dict) -> str:
                     f"| {r['metric_before']:.3f} -> {r['metric_after']:.3f} |")
     rows += ["", f"{figures['steps']} steps of 16 examples each; step time is the median after the first (compiling) "
                  f"step; peak memory is the whole process's. Measured {_machine(figures['machine'])}."]
+    again = figures.get("remeasured")
+    if again:
+        rows[-1] += (f" The rows of {', '.join(again['methods'])} come from `{again['command']}` right after, on "
+                     f"the same machine and commit: {again['why']}.")
     return "\n".join(rows)
 
 
