@@ -14,9 +14,11 @@ and the adapter's saving are all in it. The recipes:
               128 tokens, 10 epochs of 140 rows (88 steps), AdamW 2e-3, then accuracy on 500 held-out rows:
               the sentiment recipe of scripts/compare_sentiment.py (its data come from PyPI).
 
-Neither side pads a batch further than it needs: PEFT to the batch's longest row (as transformers'
-`DataCollatorWithPadding` does), lowrax to a quarter, a half or all of the row length
-(`data.trim_padding`).
+Padding, `--padding longest` (the default): neither side pads a training batch further than it needs,
+PEFT to the batch's longest row (as transformers' `DataCollatorWithPadding` does), lowrax to a quarter,
+a half or all of the row length (`data.trim_padding`). `--padding max`: both pad every training batch
+to the full row length (256 / 128 tokens), the same work on both sides; its results are keyed
+`text_padded` / `classifier_padded`.
 
 The JSON holds, per recipe, every run's peak RSS (MiB), wall seconds,
 seconds from its start to the end of its first training step, and real (unpadded) tokens per second of
@@ -104,7 +106,7 @@ def measured(command: list[str], summary: Path | None = None) -> dict:
     return {**result, **{k: reported.get(k) for k in TIMINGS}}
 
 
-def peft_text_side(model_dir: str, train_file: str, held_out_file: str) -> None:
+def peft_text_side(padding: str, model_dir: str, train_file: str, held_out_file: str) -> None:
     """The text recipe with PEFT + transformers (float32 on the CPU): only torch, transformers and peft
     are imported, as in a PEFT user's script."""
     import torch
@@ -123,7 +125,7 @@ def peft_text_side(model_dir: str, train_file: str, held_out_file: str) -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
 
     def encoded(part):
-        enc = tokenizer([t + tokenizer.eos_token for t in part], padding="longest", truncation=True,
+        enc = tokenizer([t + tokenizer.eos_token for t in part], padding=padding, truncation=True,
                         max_length=TEXT["seq_len"], return_tensors="pt")
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         return enc, labels
@@ -148,10 +150,10 @@ def peft_text_side(model_dir: str, train_file: str, held_out_file: str) -> None:
     print(json.dumps({"seconds_to_first_step": first_step, "real_tokens_per_s": tokens / train_seconds}))
 
 
-def peft_classifier_side(model_dir: str, train: str, held_out: str) -> None:
+def peft_classifier_side(padding: str, model_dir: str, train: str, held_out: str) -> None:
     from compare_sentiment import peft_run  # torch, transformers and peft only
 
-    print(json.dumps(peft_run(Path(model_dir), Path(train), Path(held_out), 0, started=STARTED)))
+    print(json.dumps(peft_run(Path(model_dir), Path(train), Path(held_out), 0, started=STARTED, padding=padding)))
 
 
 def main() -> None:
@@ -160,27 +162,31 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out")
     parser.add_argument("--sdist", help="a downloaded vaderSentiment-3.3.2.tar.gz (the classifier's data)")
+    parser.add_argument("--padding", choices=("longest", "max"), default="longest",
+                        help="training batches padded as each side needs (longest) or both to the full length (max)")
     parser.add_argument("--peft-side", nargs="+", help=argparse.SUPPRESS)  # a child process: one PEFT run
     args = parser.parse_args()
     if args.peft_side:
         side = peft_text_side if args.peft_side[0] == "text" else peft_classifier_side
         return side(*args.peft_side[1:])
+    peft_padding = "longest" if args.padding == "longest" else "max_length"
+    trim = [] if args.padding == "longest" else ["data.trim_padding=false"]
     scratch = Path(tempfile.mkdtemp(prefix="lowrax-recipes-"))
     results: dict = {}
     try:
         for recipe in args.only.split(","):
             if recipe == "text":
                 inputs = prepare_text(scratch)
-                lowrax_args = lambda out, inputs=inputs: text_overrides(out, inputs)  # noqa: E731
-                peft_args = ["text", *map(str, inputs)]
+                lowrax_args = lambda out, inputs=inputs: text_overrides(out, inputs) + trim  # noqa: E731
+                peft_args = ["text", peft_padding, *map(str, inputs)]
             else:
                 from compare_sentiment import rated_snippets, vader_sdist, write_split
 
                 data = write_split(rated_snippets(Path(args.sdist) if args.sdist else vader_sdist(scratch)), scratch)
-                lowrax_args = lambda out, data=data: classifier_overrides(out, data)  # noqa: E731
+                lowrax_args = lambda out, data=data: classifier_overrides(out, data) + trim  # noqa: E731
                 from lowrax.models.pretrained import embedded_minilm_path
 
-                peft_args = ["classifier", str(embedded_minilm_path()), str(data[0]), str(data[1])]
+                peft_args = ["classifier", peft_padding, str(embedded_minilm_path()), str(data[0]), str(data[1])]
             runs = {"lowrax": [], "peft": []}
             for i in range(args.repeats):
                 out = scratch / f"{recipe}-{i}"
@@ -190,7 +196,7 @@ def main() -> None:
                 runs["peft"].append(measured([sys.executable, __file__, "--peft-side", *peft_args]))
                 print(f"{recipe} run {i + 1}: lowrax {runs['lowrax'][-1]}, peft {runs['peft'][-1]}", flush=True)
             peaks = {side: [r["peak_rss_mb"] for r in rs] for side, rs in runs.items()}
-            results[recipe] = {"runs": runs,
+            results[recipe if args.padding == "longest" else f"{recipe}_padded"] = {"runs": runs,
                                "median_peak_ratio_lowrax_over_peft": statistics.median(peaks["lowrax"]) / statistics.median(peaks["peft"]),
                                "peak_spread": {side: max(p) / min(p) - 1 for side, p in peaks.items()},
                                "median_wall_ratio_lowrax_over_peft": statistics.median(r["wall_s"] for r in runs["lowrax"])

@@ -86,9 +86,11 @@ def lowrax_run(model: Path, train: Path, held_out: Path, seed: int, out: Path) -
     return {"accuracy": summary["metric_after"], "final_loss": summary["final_loss"]}
 
 
-def peft_run(model: Path, train: Path, held_out: Path, seed: int, started: float | None = None) -> dict:
+def peft_run(model: Path, train: Path, held_out: Path, seed: int, started: float | None = None,
+             padding: str = "longest") -> dict:
     """PEFT + transformers on the recipe: held-out accuracy, the last loss, and timings (`started`: the
-    process's start, `time.perf_counter()`, for `seconds_to_first_step`)."""
+    process's start, `time.perf_counter()`, for `seconds_to_first_step`). padding: the training batches'
+    ("longest": each batch's longest row; "max_length": the recipe's 128 tokens)."""
     started = time.perf_counter() if started is None else started
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
@@ -119,7 +121,7 @@ def peft_run(model: Path, train: Path, held_out: Path, seed: int, started: float
     train_start, tokens, first_step = time.perf_counter(), 0, None
     for step in range(steps):
         part = [rows[i] for i in order[step * batch:(step + 1) * batch]]
-        enc = encode(part, "longest")
+        enc = encode(part, padding)
         loss = net(**enc, labels=torch.tensor([r["label"] for r in part])).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

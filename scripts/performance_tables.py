@@ -28,8 +28,12 @@ FIGURES = REPO / "docs" / "figures"
 TARGET_PEAK_RATIO = 0.8  # issue target: lowrax's peak at most 0.8x PEFT's
 
 RECIPE_NAMES = {
-    "text": "text: SmolLM2-135M, LoRA r 16 on every linear layer, batch 4 x 256, one epoch (87 steps), held-out loss",
-    "classifier": "classifier: MiniLM-L6, LoRA r 8 on query and value + head, batch 16 x 128, 88 steps, accuracy on 500",
+    "text": "text: SmolLM2-135M, LoRA r 16 on every linear layer, batch 4 of up to 256 tokens, one epoch (87 steps), "
+            "held-out loss",
+    "text_padded": "text, every batch padded to 256 tokens on both sides",
+    "classifier": "classifier: MiniLM-L6, LoRA r 8 on query and value + head, batch 16 of up to 128 tokens, 88 steps, "
+                  "accuracy on 500",
+    "classifier_padded": "classifier, every batch padded to 128 tokens on both sides",
 }
 
 
