@@ -1,5 +1,5 @@
 """The logits are computed a block of positions at a time: by the fused cross-entropy
-(`objectives.fused_logps`) for token log-probs, by `objectives.fused_positions` for distillation
+(`objectives.fused_logps`) for token log-probs, by the same mechanism (`head_position_losses`) for distillation
 (student and teacher together). Losses and gradients equal the whole-logits computation, and the
 step's compiled temporaries shrink."""
 

@@ -7,7 +7,7 @@ vocabulary projection runs at those positions only, the largest matmul of a smal
 The logits are never materialised whole: `logps_at` is a fused cross-entropy
 (`objectives.fused_logps`) that keeps one block of positions' logits at a time. Distillation, which
 needs whole distributions, runs student and teacher over the same blocks of positions
-(`objectives.fused_positions`).
+(`objectives.fused_logps.head_position_losses`).
 """
 
 from __future__ import annotations

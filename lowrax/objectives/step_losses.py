@@ -22,7 +22,7 @@ from lowrax.core.node import resolve
 from lowrax.errors import LowraxError
 from lowrax.objectives.config import DistillSection, PreferenceSection
 from lowrax.objectives.distill import token_divergence
-from lowrax.objectives.fused_positions import head_position_losses
+from lowrax.objectives.fused_logps import head_position_losses
 from lowrax.objectives.logps import at_positions, classifier_logits, completion_logps, target_logps, whole_sequence_nll
 from lowrax.objectives.preference import dpo_per_pair, kto_per_example, orpo_per_pair, simpo_per_pair
 
