@@ -249,6 +249,23 @@ def padded_width(longest: int, seq_len: int) -> int:
     return min(seq_len, max(16, 1 << (max(longest, 1) - 1).bit_length()))
 
 
+def by_length(data: Encoded, batch_size: int, seq_len: int, pad_id: int = 0, target_len: int = 32):
+    """Yield (batch, real rows) over every example once, shortest first, each batch of `batch_size` rows
+    padded to `padded_width` of its longest (images: seq_len); a last short batch is filled with copies of
+    its last row, which the caller leaves out of its sums (`real` rows are the genuine ones)."""
+    images = data.task == "image_classification"
+    order = sorted(range(len(data.ids)), key=lambda i: 0 if images else len(data.ids[i]))
+    by_width: dict[int, Batches] = {}  # one batch builder per padded width
+    for start in range(0, len(order), batch_size):
+        chunk = order[start: start + batch_size]
+        real = len(chunk)
+        chunk = chunk + [chunk[-1]] * (batch_size - real)  # one batch shape
+        width = seq_len if images else padded_width(len(data.ids[chunk[-1]]), seq_len)
+        batches = by_width.setdefault(width, Batches(data, width, batch_size, seed=0, pad_id=pad_id,
+                                                     target_len=target_len))
+        yield batches.rows_batch([[i] for i in chunk], "held-out batch"), real
+
+
 # The arrays of a batch with one entry per position of its rows [b, seq_len, ...]: the ones `trimmed` cuts.
 PER_POSITION = ("input_ids", "attention_mask", "loss_mask", "segment_ids", "token_type_ids")
 

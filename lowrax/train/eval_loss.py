@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from lowrax.adapters.tree import combine
 from lowrax.dist.parallel import global_batch
 from lowrax.train.config import TrainConfig
-from lowrax.train.data import Batches, padded_width
+from lowrax.train.data import by_length
 from lowrax.train.step import task_loss
 
 
@@ -25,19 +25,9 @@ class EvalLoss:
     def __init__(self, model, data, cfg: TrainConfig, pad: int, mesh=None):
         loss_fn = task_loss(model)
         self._fn = jax.jit(lambda trainable, frozen, batch: loss_fn(model, combine(trainable, frozen), batch))
-        size, n = cfg.train.batch_size, len(data.ids)
-        images = data.task == "image_classification"
-        order = sorted(range(n), key=lambda i: 0 if images else len(data.ids[i]))
-        by_width: dict[int, Batches] = {}
+        size = cfg.train.batch_size
         self._batches = []
-        for start in range(0, n, size):
-            chunk = order[start: start + size]
-            real = len(chunk)
-            chunk = chunk + [chunk[-1]] * (size - real)  # one batch size; the filler rows weigh nothing
-            width = cfg.data.seq_len if images else padded_width(len(data.ids[chunk[-1]]), cfg.data.seq_len)
-            batches = by_width.setdefault(width, Batches(data, width, size, seed=0, packing=False, pad_id=pad,
-                                                         target_len=cfg.data.target_len))
-            batch = batches.rows_batch([[i] for i in chunk], "held-out batch")
+        for batch, real in by_length(data, size, cfg.data.seq_len, pad, cfg.data.target_len):
             filler = np.arange(size) >= real
             if "loss_mask" in batch:
                 batch["loss_mask"][filler] = 0

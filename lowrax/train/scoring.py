@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from lowrax.models.generate import generate_ids
 from lowrax.train.config import TrainConfig
-from lowrax.train.data import Batches, data_task, detect_format, encode_all, padded_width, prompt_ids, seq2seq_fields
+from lowrax.train.data import by_length, data_task, detect_format, encode_all, prompt_ids, seq2seq_fields
 from lowrax.objectives.logps import classifier_logits
 from lowrax.train.default_task import exact_match
 
@@ -80,24 +80,14 @@ class TaskScorer:
         if self._predict is None:
             model = self.model
             self._predict = jax.jit(lambda params, batch: jnp.argmax(classifier_logits(model, params, batch), -1))
-        images = enc.task == "image_classification"
-        order = sorted(range(len(enc.ids)), key=lambda i: 0 if images else len(enc.ids[i]))
-        by_width: dict[int, Batches] = {}  # one batch builder per padded width
         correct = 0
-        with tqdm(total=len(order), desc=f"scoring {when}".strip(), unit="example", disable=not self.progress,
+        with tqdm(total=len(enc.ids), desc=f"scoring {when}".strip(), unit="example", disable=not self.progress,
                   leave=False) as bar:
-            for start in range(0, len(order), GENERATION_BATCH):  # in chunks: images take memory
-                chunk = order[start: start + GENERATION_BATCH]
-                real = len(chunk)
-                chunk = chunk + [chunk[-1]] * (GENERATION_BATCH - real)  # one batch shape; the filler is not counted
-                longest = 1 if images else len(enc.ids[chunk[-1]])  # sorted: the last row is the longest
-                width = padded_width(longest, self.cfg.data.seq_len)
-                batches = by_width.setdefault(width, Batches(enc, width, GENERATION_BATCH, seed=0))
-                batch = batches.rows_batch([[i] for i in chunk])
+            for batch, real in by_length(enc, GENERATION_BATCH, self.cfg.data.seq_len):  # in chunks: images take memory
                 predicted = np.asarray(self._predict(params, {k: jnp.asarray(v) for k, v in batch.items()}))
                 correct += int(np.sum(predicted[:real] == batch["labels"][:real]))
                 bar.update(real)
-        return correct / max(len(order), 1)
+        return correct / max(len(enc.ids), 1)
 
 
 def score_run(scorer: TaskScorer, params, cfg: TrainConfig, log, when: str, primary: bool) -> dict:
