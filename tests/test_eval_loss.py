@@ -67,3 +67,36 @@ def test_held_out_loss_equals_every_example_at_full_width(family, tmp_path):
         s, n = loss_fn(model, params, jax.tree.map(np.asarray, batch))
         total, count = total + float(s), count + float(n)
     np.testing.assert_allclose(got, total / count, rtol=1e-5)
+
+
+def test_a_classifier_held_out_pass_also_measures_accuracy_over_the_same_examples(tmp_path):
+    """The final held-out loss of a classifier also counts its correct predictions, equal to the scorer's own
+    accuracy pass, which the run then skips."""
+    from lowrax.train.scoring import TaskScorer
+
+    model, params = random_model(tmp_path, BERT)
+    rng = np.random.default_rng(2)
+    lengths = [3, 40, 7, 18, 5, 33, 9, 12]
+    ids = [rng.integers(1, 64, n).tolist() for n in lengths]
+    labels = rng.integers(0, 3, len(ids)).tolist()
+    cfg = load_config(None, ["data.seq_len=48", "train.batch_size=3", "model.task=classification"])
+    trainable, frozen = lowrax.split(params)
+    eval_loss = EvalLoss(model, Encoded(ids, labels, "classification"), cfg, pad=0)
+    eval_loss(trainable, frozen)
+
+    predicted = [int(np.argmax(model.apply(params, np.asarray([row]), np.ones((1, len(row)), np.int32)).logits))
+                 for row in ids]
+    want = float(np.mean(np.asarray(predicted) == np.asarray(labels)))
+    assert 0 < want < 1  # a random head: some right, some wrong
+    assert eval_loss.accuracy == pytest.approx(want)
+
+    class Tokenizer:  # the scorer re-encodes the records: hand back the same ids
+        def __call__(self, text, **_):
+            return {"input_ids": ids[int(text)]}
+
+    records = [{"text": str(i), "label": label} for i, label in enumerate(labels)]
+    scorer = TaskScorer(model, Tokenizer(), records, cfg, progress=False)
+    assert scorer.kind == "accuracy" and scorer.score(params) == pytest.approx(want)  # its own pass
+    scorer.measured_accuracy = 0.25
+    assert scorer.score(params) == 0.25  # taken once, not recomputed
+    assert scorer.score(params) == pytest.approx(want)

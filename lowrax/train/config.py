@@ -150,8 +150,8 @@ class DataSection(Checked):
     seq_len: Annotated[int, Bound(low=2)] = 64  # tokens per row (longer examples are truncated); seq2seq: the encoder's input
     target_len: PositiveInt = 32  # seq2seq: decoder tokens per row (the target and its EOS; longer ones are truncated)
     packing: bool = False  # pack several examples per row (attention never crosses examples)
-    # Training batches whose rows all fit a half or a quarter of seq_len are cut to that width (the
-    # padding is never attended): less work on short examples, at most three compiled steps.
+    # A training batch is cut to the narrowest width that holds its rows (the padding is never attended): at
+    # most three widths of 16, 24, 32, 48, 64, ... (up to seq_len), planned from the run's batches.
     trim_padding: bool = True
     text_eos: bool = True  # text: end each record with the end-of-text token (false: records are fragments of one text)
     loss_positions: Count = 0  # compute logits only at this many loss positions per row (0: at every position)

@@ -16,6 +16,7 @@ exactly the batches an uninterrupted run would have.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +31,15 @@ _SUFFIXES = (".csv", ".json", ".jsonl", ".text", ".txt")  # read by lowrax.train
 
 
 def _load_dataset(source: str):
-    import datasets
-
     from lowrax.train.image_data import image_folder_splits, is_image_folder
-
-    datasets.disable_progress_bars()  # its "Loading dataset from disk" bars would interleave with lowrax's
 
     path = Path(source).expanduser()
     if is_image_folder(path):
         return image_folder_splits(path)
     if path.is_dir():
+        import datasets  # only here: it and pandas / pyarrow are about 100 MB of a small run's memory
+
+        datasets.disable_progress_bars()  # its "Loading dataset from disk" bars would interleave with lowrax's
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             return {name: list(split) for name, split in loaded.items()}
@@ -270,18 +270,57 @@ def by_length(data: Encoded, batch_size: int, seq_len: int, pad_id: int = 0, tar
 PER_POSITION = ("input_ids", "attention_mask", "loss_mask", "segment_ids", "token_type_ids")
 
 
-def trimmed(batches: list[dict]) -> list[dict]:
-    """Training micro-batches cut to the narrowest of seq_len, seq_len / 2 and seq_len / 4 (not below 16) that
-    holds every row's last attended token: the padding beyond it is never attended and carries no loss, so the
-    loss and gradients are those of the full width, and a step compiles for at most three widths."""
+MIN_TRIM_WIDTH = 16  # narrower programs save too little to be worth compiling
+# Each width is one more compiled training step, and XLA's CPU executable of a step stays resident
+# (about 70 MB for MiniLM's): a run picks at most this many, the ones that save the most padding.
+MOST_TRIM_WIDTHS = 3
+
+
+def trim_widths(seq_len: int) -> list[int]:
+    """The widths a training batch may be cut to: 16 x 2^k and 24 x 2^k below seq_len, then seq_len (each at
+    most 1.5x the one below)."""
+    widths, base = [], MIN_TRIM_WIDTH
+    while base < seq_len:
+        widths += [w for w in (base, base * 3 // 2) if w < seq_len]
+        base *= 2
+    return widths + [seq_len]
+
+
+def default_trim_widths(seq_len: int) -> list[int]:
+    """The widths when a run's batches are not known ahead: a quarter, a half and all of seq_len."""
+    return sorted({w for w in (seq_len // 4, seq_len // 2) if w >= MIN_TRIM_WIDTH} | {seq_len})
+
+
+def planned_trim_widths(longest_per_step: list[int], seq_len: int, most: int = MOST_TRIM_WIDTHS) -> list[int]:
+    """At most `most` widths of `trim_widths(seq_len)` that leave the least padding over the run, given
+    each step's longest row: the narrowest width that holds every step is always one of them."""
+    ladder = trim_widths(seq_len)
+    fits = np.asarray([next(w for w in ladder if n <= w) for n in longest_per_step] or [seq_len])
+    used, counts = np.unique(fits, return_counts=True)
+    top, below = int(used[-1]), [int(w) for w in used[:-1]]
+
+    def padded(chosen):  # every step at the narrowest chosen width that holds it
+        widths = sorted(chosen) + [top]
+        return sum(int(c) * next(w for w in widths if u <= w) for u, c in zip(used, counts))
+
+    best = ()
+    for size in range(1, min(most - 1, len(below)) + 1):
+        best = min([best, *itertools.combinations(below, size)], key=padded)
+    return sorted(best) + [top]
+
+
+def trimmed(batches: list[dict], widths: list[int] | None = None) -> list[dict]:
+    """Training micro-batches cut to the narrowest of `widths` (default: `default_trim_widths`) that holds
+    every row's last attended token, else left whole: the padding beyond it is never attended and carries
+    no loss, so the loss and gradients are those of the full width."""
     masks = [b["attention_mask"] for b in batches if b.get("attention_mask") is not None]
     if not masks or any(m.ndim != 2 for m in masks):
         return batches
     seq_len = masks[0].shape[1]
     attended = [np.nonzero(m.any(axis=0))[0] for m in masks]
     longest = max(int(a[-1]) + 1 if a.size else 1 for a in attended)
-    width = next((w for w in (seq_len // 4, seq_len // 2) if w >= 16 and longest <= w), seq_len)
-    if width == seq_len:
+    width = next((w for w in widths or default_trim_widths(seq_len) if longest <= w), seq_len)
+    if width >= seq_len:
         return batches
     return [{k: (v[:, :width] if k in PER_POSITION and v.shape[1] == seq_len else v) for k, v in b.items()}
             for b in batches]
@@ -338,6 +377,14 @@ class Batches:
                 return self._rows(epoch)[index]
             index -= length
             epoch += 1
+
+    def longest(self, k: int) -> int | None:
+        """The longest row of the k-th batch in tokens (None for images, which have no length), without
+        building it."""
+        if self.data.task == "image_classification":
+            return None
+        rows = [self.row_at(k * self.batch_size + row) for row in range(self.batch_size)]
+        return max(min(sum(len(self.data.ids[i]) for i in row), self.seq_len) for row in rows)
 
     def batch(self, k: int) -> dict:
         """The k-th batch as numpy arrays [batch_size, seq_len] (labels [batch_size] for classification)."""

@@ -129,6 +129,8 @@ def _task_metric_run(ctx: RunContext, batches, eval_data, scorer: TaskScorer, **
         if not eval_data.ids:
             return {}
         loss = eval_loss(trainable, frozen, progress=progress)
+        if eval_loss.accuracy is not None and len(scorer.records) == len(eval_data.ids):  # the same examples
+            scorer.measured_accuracy = eval_loss.accuracy
         perplexity = f" (perplexity {math.exp(min(loss, 700)):.2f})" if ctx.task in ("causal_lm", "seq2seq") else ""
         ctx.log(f"held-out loss {when} training: {loss:.4f}{perplexity} on {len(eval_data.ids)} examples")
         return {"eval_loss_before" if when == "before" else "eval_loss": loss}

@@ -36,6 +36,7 @@ class TaskScorer:
         d = cfg.data
         self.kind = None
         self._predict = None  # the compiled classifier, built at the first accuracy
+        self.measured_accuracy: float | None = None  # set by the held-out loss's pass over the same examples
         # (the record field generation starts from, the field holding the reference output)
         self.fields = (d.prompt_field, d.response_field)
         if self.records and cfg.model.task == "seq2seq":
@@ -69,7 +70,8 @@ class TaskScorer:
             predictions = self.generations(params, self.records, f"scoring {when}".strip())
             return exact_match(predictions, [r[self.fields[1]] for r in self.records])
         if self.kind == "accuracy":
-            return self.accuracy(params, when)
+            measured, self.measured_accuracy = self.measured_accuracy, None  # good for one score
+            return measured if measured is not None else self.accuracy(params, when)
         return None
 
     def accuracy(self, params, when: str = "") -> float:

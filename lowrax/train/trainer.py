@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
@@ -35,7 +36,7 @@ from lowrax.peft.format import save_peft
 from lowrax.train.build import build_model
 from lowrax.train.checkpoints import Checkpoints, directory_size
 from lowrax.train.config import TrainConfig, differences, with_steps
-from lowrax.train.data import data_task, load_records, trimmed, with_num_labels
+from lowrax.train.data import data_task, load_records, planned_trim_widths, trimmed, with_num_labels
 from lowrax.train.metrics_log import MetricsLog, plot_losses
 from lowrax.train.objective_runs import ObjectiveRun, RunContext, objective_records, objective_run, stacked
 from lowrax.train.host_memory import peak_host_memory_mb, release_freed_host_memory
@@ -192,6 +193,7 @@ class TrainingRun:
             "trainable_params": count_trained(trainable), "total_params": count_params(ctx.model.param_shapes()),
             "metric": objective.metric, "mesh": dict(ctx.mesh.shape), "processes": jax.process_count()}
         self.start_step, self.before, self.skipped_in_a_row = 0, {}, 0
+        self.trim_widths: list[int] | None = None  # planned when training starts
         self.so_far = {"train_seconds": 0.0, "real_tokens": 0, "loss": None}  # earlier sessions of the run
 
     def start(self) -> None:
@@ -215,13 +217,25 @@ class TrainingRun:
         self.objective.on_training_start()
         self.summary.update(self.before)
 
+    PLANNED_STEPS = 4096  # a longer run's widths are planned from this many steps spread over it
+
+    def planned_widths(self) -> list[int] | None:
+        """The widths training batches are cut to (`data.planned_trim_widths`) from the longest row of the
+        run's steps, or None (a quarter, a half and all of seq_len) when the batches cannot tell it ahead."""
+        batches, accum = self.objective.batches, self.cfg.train.grad_accum_steps
+        if not hasattr(batches, "longest") or self.start_step >= self.cfg.train.steps:
+            return None
+        steps = np.unique(np.linspace(self.start_step, self.cfg.train.steps - 1, self.PLANNED_STEPS).astype(int))
+        longest = [max(batches.longest(int(step) * accum + i) or 0 for i in range(accum)) for step in steps]
+        return None if not all(longest) else planned_trim_widths(longest, batches.seq_len)
+
     def batch_for(self, step: int) -> tuple[dict, int, dict]:
         """The step's batch on the mesh, its count of real (non-padding) tokens, and what to log of it."""
         accum = self.cfg.train.grad_accum_steps
         micro = [self.objective.batches.batch(step * accum + i) for i in range(accum)]
         micro, logged = self.objective.prepare(micro, self.state, self.frozen, step)
         if self.cfg.data.trim_padding:
-            micro = trimmed(micro)
+            micro = trimmed(micro, self.trim_widths)
         batch = stacked(micro, accum)
         real = batch["attention_mask"].sum() if "attention_mask" in batch else batch["labels"].size  # images
         return global_batch(self.ctx.mesh, batch, accum > 1), int(real), logged
@@ -234,11 +248,15 @@ class TrainingRun:
                    initial=self.start_step, total=cfg.train.steps)
         # Training time excludes checkpoint saves, so a checkpoint's record equals the final one.
         self.train_start, self.saving, self.tokens_seen, self.loss = time.perf_counter(), 0.0, 0, self.so_far["loss"]
+        self.trim_widths = self.planned_widths() if self.cfg.data.trim_padding else None
+        shapes_seen = set()  # each new batch shape (a trimmed width) compiles the step again
         for step in bar:
             batch, real_tokens, logged = self.batch_for(step)
             t0 = time.perf_counter()
             self.state, m = self.step_fn(self.state, self.frozen, batch)
-            if step == self.start_step:
+            shape = tuple(x.shape for x in jax.tree.leaves(batch))
+            if shape not in shapes_seen:
+                shapes_seen.add(shape)
                 release_freed_host_memory()  # the compiler's freed heap, before the step's temporaries grow beside it
             self.loss = float(m["loss"])  # waits for the step: the progress bar and metrics.jsonl show every loss
             if step == self.start_step and started is not None:  # load, score, compile: the wait before training moves
