@@ -73,7 +73,8 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "lowrax.merging.combine_adapters": ("combine_adapters",),
     "lowrax.merging.models": ("merge_models",),
     # objectives
-    "lowrax.objectives": ("dpo_loss", "orpo_loss", "simpo_loss", "kto_loss", "distill_loss"),
+    "lowrax.objectives": ("dpo_loss", "orpo_loss", "simpo_loss", "kto_loss", "distill_loss", "group_advantages",
+                          "grpo_loss"),
     # training
     "lowrax.train.optim": ("OptimizerConfig", "make_optimizer"),
     "lowrax.train.step": ("TrainState", "init_state", "make_train_step"),

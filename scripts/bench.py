@@ -17,7 +17,6 @@ Reports for the model (default: the embedded SmolLM2-135M-Instruct, float32):
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import time
 
@@ -28,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_common import base_parser, best_of, emit, load_torch_causal_lm  # noqa: E402
+from bench_common import base_parser, best_of, command_line, emit, load_torch_causal_lm, machine_facts  # noqa: E402
 
 import lowrax  # noqa: E402
 from lowrax.models.generate import SamplingConfig  # noqa: E402
@@ -116,9 +115,9 @@ def main() -> None:
     result = {
         "model": str(args.model or "embedded SmolLM2-135M-Instruct"),
         "dtype": "float32",
-        "batch": args.batch, "seq": args.seq, "new_tokens": args.new_tokens,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax_backend": jax.default_backend(),
-                    "jax": jax.__version__},
+        "batch": args.batch, "seq": args.seq, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "command": command_line("").replace("bench.py  ", "bench.py "),
+        "machine": {**machine_facts(("jax", "torch", "transformers")), "jax_backend": jax.default_backend()},
         "lowrax": bench_lowrax(model, params, ids, prompt, args.new_tokens, args.batch, args.repeats),
     }
     if not args.no_torch:

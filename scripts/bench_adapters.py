@@ -15,7 +15,6 @@ adapters of rank `rank` on every linear kernel:
 from __future__ import annotations
 
 import os
-import platform
 import sys
 
 import jax
@@ -24,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_common import base_parser, best_of, emit, timed  # noqa: E402
+from bench_common import base_parser, best_of, command_line, emit, machine_facts, timed  # noqa: E402
 
 import lowrax  # noqa: E402
 from lowrax.merging.combine_adapters import COMBINATION_TYPES  # noqa: E402
@@ -102,8 +101,7 @@ def main() -> None:
         "model": str(args.model or "embedded SmolLM2-135M-Instruct"), "dtype": "float32",
         "adapters": args.adapters_count, "rank": args.rank, "targets": "all-linear",
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax_backend": jax.default_backend(),
-                    "jax": jax.__version__},
+        "repeats": args.repeats, "command": command_line("--adapters"), "machine": machine_facts(("jax",)),
     }
     if not args.skip_generation:
         result["generation"] = generation(model, singles, named, prompts, args.new_tokens, args.repeats)

@@ -5,6 +5,7 @@
     python scripts/bench_lora.py --qlora                        (QLoRA next to LoRA with fp32 and bf16 bases)
     python scripts/bench_lora.py --method dora --mesh 1,1,1     (another variant; the mesh as data,fsdp,tensor)
     python scripts/bench_lora.py --remat --vs-peft              (both sides recompute each layer in the backward)
+    python scripts/bench.py --lora --table --out docs/figures/lora.json   (every setting of the docs' step table)
 
 On a uniform batch (every token trained), LoRA on all linear layers, float32,
 AdamW: tokens/s, compiled FLOPs per step, achieved FLOP/s as a share of a
@@ -29,8 +30,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_common import (RANDOM_LLAMA, base_parser, device_peak_flops, emit, load_torch_causal_lm,  # noqa: E402
-                          random_llama, timed)
+from bench_common import (RANDOM_LLAMA, base_parser, command_line, device_peak_flops, emit,  # noqa: E402
+                          load_torch_causal_lm, machine_facts, random_llama, timed)
 
 import lowrax  # noqa: E402
 from lowrax.train.optim import OptimizerConfig, make_optimizer  # noqa: E402
@@ -291,13 +292,52 @@ def main() -> None:
                     help="give the PEFT process lowrax's malloc settings too (lowrax.reuse_freed_host_memory)")
     ap.add_argument("--remat", action="store_true",
                     help="recompute each layer in the backward pass (PEFT side: gradient checkpointing)")
+    ap.add_argument("--table", action="store_true", help="every setting of the docs' step table, against PEFT")
     ap.add_argument("--random-llama", default=None, choices=sorted(RANDOM_LLAMA),
                     help="a random-weight Llama of this shape instead of --model (e.g. 1b for MFU on a GPU)")
     args = ap.parse_args()
     if args.vs_peft and args.method not in PEFT_METHODS:
         ap.error(f"--vs-peft compares {', '.join(PEFT_METHODS)}; PEFT has no {args.method!r} adapter to time")
     if args.qlora:
-        return emit(qlora_report(args), args.out)
+        return emit({**qlora_report(args), "command": command_line("--lora"), "machine": machine_facts()}, args.out)
+    if args.table:
+        return emit(step_table(args), args.out)
+    emit(step_report(args), args.out)
+
+
+# The docs' LoRA step table: (row name, what differs from the uniform 4 x 128 batch with each side's
+# default allocator). Each row is one lowrax and one PEFT process.
+TABLE_SETTINGS = (
+    ("uniform", {}),
+    ("uniform_both_reuse", {"reuse": True}),
+    ("uniform_remat", {"remat": True}),
+    ("default_task", {"default_task": True}),
+)
+
+
+def step_table(args) -> dict:
+    """Every row of TABLE_SETTINGS against PEFT, one after another on the same machine."""
+    import copy
+
+    rows = {}
+    for name, setting in TABLE_SETTINGS:
+        row_args = copy.copy(args)
+        row_args.vs_peft, row_args.remat = True, setting.get("remat", False)
+        row_args.default_task, row_args.peft_reuse_memory = setting.get("default_task", False), setting.get("reuse", False)
+        previous = os.environ.get("LOWRAX_REUSE_HOST_MEMORY")
+        os.environ["LOWRAX_REUSE_HOST_MEMORY"] = "1" if setting.get("reuse") else "0"  # the spawned lowrax side reads it
+        try:
+            rows[name] = step_report(row_args)
+        finally:
+            os.environ.pop("LOWRAX_REUSE_HOST_MEMORY") if previous is None else os.environ.update(
+                LOWRAX_REUSE_HOST_MEMORY=previous)
+        print(f"{name}: lowrax {rows[name]['lowrax']['tokens_per_s']:.0f} tok/s, "
+              f"PEFT {rows[name]['peft']['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
+    return {"command": command_line("--lora"), "machine": machine_facts(), "rank": args.rank, "steps": args.steps,
+            "rows": rows}
+
+
+def step_report(args) -> dict:
     model_name = f"random Llama ({args.random_llama})" if args.random_llama else str(args.model or "embedded SmolLM2-135M-Instruct")
     result = {"model": model_name, "method": args.method, "dtype": args.dtype, "rank": args.rank, "remat": args.remat,
               "batch": args.batch, "seq": args.seq, "backend": jax.default_backend(),
@@ -318,7 +358,7 @@ def main() -> None:
         result["peak_memory_ratio_lowrax_over_peft"] = result["lowrax"]["peak_rss_bytes"] / result["peft"]["peak_rss_bytes"]
         # How fast each framework's own matmul kernel is here: the ceiling each side works under.
         result["matmul_ceiling_ratio_xla_over_torch"] = result["matmul_ceiling_flops_per_s"] / result["peft"]["matmul_ceiling_flops_per_s"]
-    emit(result, args.out)
+    return result
 
 
 def qlora_report(args) -> dict:

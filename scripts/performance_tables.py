@@ -1,5 +1,10 @@
 """The docs' measured tables, generated from the benchmarks' JSON so that no table drifts from its command.
 
+    .venv-test/bin/python scripts/bench.py --out docs/figures/forward.json             # forward and generation
+    .venv-test/bin/python scripts/bench.py --lora --table --out docs/figures/lora.json  # the LoRA step vs PEFT
+    .venv-test/bin/python scripts/bench.py --lora --qlora --out docs/figures/qlora.json # QLoRA next to LoRA
+    .venv-test/bin/python scripts/bench.py --adapters --out docs/figures/adapters.json # many adapters on one base
+    .venv-test/bin/python scripts/bench.py --pruning --out docs/figures/pruning.json   # SparseGPT per layer
     .venv-test/bin/python scripts/bench.py --recipes --out docs/figures/recipes.json   # measure (about an hour)
     .venv-test/bin/python scripts/bench.py --variants --out docs/figures/variants.json  # the methods (about 40 min)
     .venv-test/bin/python scripts/bench.py --objectives --pairs 8 --seq 64 --out docs/figures/objectives.json
@@ -8,7 +13,7 @@
     .venv-test/bin/python scripts/performance_tables.py                              # rewrite the tables
     .venv-test/bin/python scripts/performance_tables.py --check                      # exit 1 if a table differs
 
-Each table sits in a page of PAGES (docs/performance.md, docs/preference-and-distillation.md) between
+Each table sits in a page of PAGES (docs/performance.md, docs/preference-and-distillation.md, docs/pruning.md) between
 `<!-- generated: NAME -->` and `<!-- end generated -->` and is rendered from docs/figures/NAME.json. `tests/test_performance_tables.py` runs the check.
 """
 
@@ -23,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # the pages with generated tables
-PAGES = (REPO / "docs" / "performance.md", REPO / "docs" / "preference-and-distillation.md")
+PAGES = (REPO / "docs" / "performance.md", REPO / "docs" / "preference-and-distillation.md", REPO / "docs" / "pruning.md")
 FIGURES = REPO / "docs" / "figures"
 TARGET_PEAK_RATIO = 0.8  # issue target: lowrax's peak at most 0.8x PEFT's
 
@@ -77,6 +82,14 @@ def _machine(m: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     commit = f", at commit {m['commit']}" if m.get("commit") else ""
     return f"{m['date']} on {m['platform']}, {m['cpus']} cores, Python {m['python']}, {versions}{commit}"
+
+
+def _table(figures: dict, header: str, body: list[str], footer: str) -> str:
+    """A generated table: its command, the header row ("| a | b |"), its alignment row (the first column
+    left, the rest right), the body, and a footer that ends with where and when it was measured."""
+    columns = header.count("|") - 1
+    return "\n".join([f"`{figures['command']}`", "", header, "| --- |" + " ---: |" * (columns - 1), *body,
+                      "", f"{footer} Measured {_machine(figures['machine'])}."])
 
 
 # memory_phases.py's labels, in the order a run passes through them
@@ -146,18 +159,127 @@ OBJECTIVE_NAMES = {
 
 def objectives_table(figures: dict) -> str:
     """scripts/bench_objectives.py's report: each objective's compiled step against SFT's on the same rows."""
-    rows = [f"`{figures['command']}`", "", "| step | memory (GB) | x SFT | time (s) | x SFT |",
-            "| --- | ---: | ---: | ---: | ---: |"]
-    for name, step in figures["steps"].items():
-        rows.append(f"| {OBJECTIVE_NAMES.get(name, name)} | {step['step_bytes'] / 1e9:.2f} "
-                    f"| {figures['memory_over_sft'][name]:.2f} | {step['step_s']:.2f} | {figures['time_over_sft'][name]:.2f} |")
-    rows += ["", f"{figures['rows']} rows of {figures['seq']} tokens, LoRA r {figures['rank']} on every linear layer; "
-                 "memory is the compiled step's arguments, outputs and temporaries (XLA's memory analysis), time the "
-                 f"best of the repeats. Measured {_machine(figures['machine'])}."]
+    body = [f"| {OBJECTIVE_NAMES.get(name, name)} | {step['step_bytes'] / 1e9:.2f} | {figures['memory_over_sft'][name]:.2f} "
+            f"| {step['step_s']:.2f} | {figures['time_over_sft'][name]:.2f} |" for name, step in figures["steps"].items()]
+    return _table(figures, "| step | memory (GB) | x SFT | time (s) | x SFT |", body,
+                  f"{figures['rows']} rows of {figures['seq']} tokens, LoRA r {figures['rank']} on every linear layer; "
+                  "memory is the compiled step's arguments, outputs and temporaries (XLA's memory analysis), time the "
+                  "best of the repeats.")
+
+
+FORWARD_MEASURES = (("forward_tokens_per_s", "forward, {batch} x {seq} tokens, tokens/s"),
+                    ("generate_b1_tokens_per_s", "greedy generation, batch 1, {new_tokens} new tokens, tokens/s"),
+                    ("generate_b{batch}_tokens_per_s", "greedy generation, batch {batch}, {new_tokens} new tokens, tokens/s"))
+
+
+def forward_table(figures: dict) -> str:
+    """scripts/bench.py's default report: forward and cached generation throughput next to transformers'."""
+    body = []
+    for key, label in FORWARD_MEASURES:
+        ours, theirs = figures["lowrax"][key.format(**figures)], figures["torch"][key.format(**figures)]
+        body.append(f"| {label.format(**figures)} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |")
+    return _table(figures, "| measure | lowrax | transformers (torch) | ratio |", body,
+                  f"{figures['model']}, {figures['dtype']}; the best of {figures.get('repeats', 3)} calls after a first "
+                  f"(compiling) one, which took {figures['lowrax']['forward_compile_s']:.1f} s for the forward; torch with "
+                  f"{figures['torch']['threads']} threads.")
+
+
+LORA_ROWS = {
+    "uniform": "uniform 4 x 128, each side's default allocator",
+    "uniform_both_reuse": "uniform 4 x 128, both reusing freed memory",
+    "uniform_remat": "uniform 4 x 128, both recomputing layers",
+    "default_task": "the embedded task, batch 16, each side's default allocator",
+}
+
+
+def lora_table(figures: dict) -> str:
+    """scripts/bench_lora.py --table: the LoRA step against PEFT's in each setting."""
+    body = []
+    for name, r in figures["rows"].items():
+        ours, theirs = r["lowrax"], r["peft"]
+        body.append(f"| {LORA_ROWS.get(name, name)} | {ours['tokens_per_s']:.0f} / {theirs['tokens_per_s']:.0f} "
+                    f"| {r['tokens_per_s_ratio_lowrax_over_peft']:.2f}x "
+                    f"| {ours['peak_rss_bytes'] / 1e9:.2f} / {theirs['peak_rss_bytes'] / 1e9:.2f} GB "
+                    f"| {r['peak_memory_ratio_lowrax_over_peft']:.2f}x | {ours['share_of_matmul_ceiling']:.0%} |")
+    return _table(figures, "| setting | tokens/s lowrax / PEFT | ratio | peak memory lowrax / PEFT | ratio "
+                  "| lowrax at XLA's matmul rate |", body,
+                  f"SmolLM2-135M, float32, LoRA r {figures['rank']} on every linear layer, AdamW with clipping; each side "
+                  "in its own process (its peak includes loading the model and one compilation); tokens/s over "
+                  f"{figures['steps']} timed steps (the task counts real tokens only). \"At XLA's matmul rate\": the step's "
+                  "compiled FLOPs per second over the same process's float32 2048 x 2048 matmul (best of 3, so it "
+                  "moves with the machine's noise too).")
+
+
+MIXED_TARGETS = {"single": 0.8, "looping": 4.0}  # the targets of mixed-adapter generation against each
+
+
+def adapters_table(figures: dict) -> str:
+    """scripts/bench_adapters.py's report: mixed-adapter generation, then combine_adapters' times."""
+    g = figures["generation"]
+    rows = [f"`{figures['command']}`", "", f"| generation, batch of {figures['adapters']} prompts | tokens/s "
+            "| mixed vs this | target |", "| --- | ---: | ---: | ---: |",
+            f"| every row its own adapter (`adapter_names=`, one program) | {g['mixed']['tokens_per_s']:.1f} | | |"]
+    labels = {"single": "every row the same adapter (an ordinary LoRA tree)",
+              "looping": "one batch-1 call per adapter (looping)"}
+    for name, label in labels.items():
+        ratio, target = g[f"mixed_over_{name}"], MIXED_TARGETS[name]
+        verdict = "" if ratio >= target else " (missed)"
+        rows.append(f"| {label} | {g[name]['tokens_per_s']:.1f} | {ratio:.2f}x | >= {target:g}x{verdict} |")
+    combos = list(figures["combine_two_adapters"].items())
+    half = -(-len(combos) // 2)
+    rows += ["", "| combination_type | seconds | | combination_type | seconds |", "| --- | ---: | --- | --- | ---: |"]
+    for left, right in zip(combos[:half], combos[half:] + [None] * (2 * half - len(combos))):
+        cell = f"`{right[0]}` | {right[1]['seconds']:.1f}" if right else " | "
+        rows.append(f"| `{left[0]}` | {left[1]['seconds']:.1f} | | {cell} |")
+    rows += ["", f"{figures['model']}, {figures['dtype']}, {figures['adapters']} random LoRA adapters of rank "
+                 f"{figures['rank']} on every linear kernel, prompts of {figures['prompt_tokens']} tokens, "
+                 f"{figures['new_tokens']} greedy new tokens each, best of {figures['repeats']} (compile time excluded); "
+                 "combining two of the adapters, best of the calls after a first. "
+                 f"Measured {_machine(figures['machine'])}."]
     return "\n".join(rows)
 
 
-TABLES = {"recipes": recipes_table, "phases": phases_table, "variants": variants_table, "objectives": objectives_table}
+def pruning_table(figures: dict) -> str:
+    """scripts/bench_pruning.py's report: SparseGPT's solve per kernel of one layer, for each pattern."""
+    patterns = figures["patterns"]
+    first = next(iter(patterns.values()))["kernels"]
+    heads = " | ".join(f"{p if ':' in p else p + ' ' + format(figures['sparsity'], '.0%')}: s" for p in patterns)
+    body = [f"| {name.split('.')[-1]} ({' x '.join(map(str, k['out_in']))}) | "
+            + " | ".join(f"{p['kernels'][name]['seconds']:.3f}" for p in patterns.values())
+            + f" | {k['program_mb']:.1f} |" for name, k in first.items()]
+    totals = " | ".join(f"{p['layer_seconds']:.2f}" for p in patterns.values())
+    peak = max(p["layer_peak_program_mb"] for p in patterns.values())
+    body.append(f"| one layer ({len(first)} kernels) | {totals} | {peak:.1f} (peak) |")
+    return _table(figures, f"| kernel (out x in) | {heads} | program MB |", body,
+                  f"{figures['model']}'s layer 0, a random full-rank Hessian of {figures['hessian_tokens']} tokens, best "
+                  f"of {figures['repeats']} solves after a first (compiling) one; program MB is the compiled solve's "
+                  "arguments, outputs and temporaries.")
+
+
+QLORA_ROWS = {"lora_fp32": "float32 (LoRA)", "lora_bf16": "bfloat16 (LoRA)",
+              "qlora_fp32_compute": "NF4 + double quantization, fp32 compute (QLoRA)",
+              "qlora_bf16_compute": "NF4 + double quantization, bf16 compute (QLoRA)"}
+
+
+def qlora_table(figures: dict) -> str:
+    """scripts/bench_lora.py --qlora: the LoRA step over float32, bfloat16 and NF4 bases."""
+    reference, body = figures["lora_fp32"]["step_s"], []
+    for side, label in QLORA_ROWS.items():
+        r = figures[side]
+        bits = f"{r['nf4_bits_per_weight']:.3f}" if "nf4_bits_per_weight" in r else ""
+        body.append(f"| {label} | {r['base_bytes'] / 1e6:.0f} MB | {bits} | {r['step_s']:.2f} s "
+                    f"| {r['step_s'] / reference:.2f}x | {r['step_program_bytes'] / 1e9:.2f} GB "
+                    f"| {r['peak_rss_bytes'] / 1e9:.2f} GB |")
+    return _table(figures, "| base weights | base bytes | bits per quantized weight | step time | vs LoRA fp32 "
+                  "| step program bytes | peak resident memory |", body,
+                  f"{figures['model']}, uniform {figures['batch']} x {figures['seq']} batch, LoRA r {figures['rank']} on "
+                  "every linear layer, float32 adapters and AdamW, each side in its own process; "
+                  f"{figures['note'].split('; ', 1)[-1]}.")
+
+
+TABLES = {"recipes": recipes_table, "phases": phases_table, "variants": variants_table, "objectives": objectives_table,
+          "forward": forward_table, "lora": lora_table, "qlora": qlora_table, "adapters": adapters_table,
+          "pruning": pruning_table}
 
 
 def rendered_page(text: str) -> str:
