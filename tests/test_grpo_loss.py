@@ -34,7 +34,7 @@ def tensors(seed: int = 0):
 
 
 def trl_loss(logps, old, ref, mask, advantages, *, loss_type, beta, epsilon, epsilon_high, level, delta,
-             num_items, max_completion_length=T, bias_correction=False):
+             num_items, max_completion_length=T, bias_correction=True):
     """(loss, d loss / d logps, metrics) from GRPOTrainer._compute_loss, on a stand-in for the trainer that holds
     only what the loss reads (one process, no accumulation, no entropy terms)."""
     logps_t = torch.tensor(logps, requires_grad=True)
@@ -96,19 +96,19 @@ def test_the_kl_bias_correction_with_the_two_sided_clip_equals_trl():
                                              epsilon=0.2, epsilon_high=0.2, level="token", delta=1.1,
                                              num_items=mask.sum(), bias_correction=True)
     fn = lambda lp: grpo_loss(lp, old, advantages, mask, ref_logps=ref, loss_type="grpo", beta=0.1,  # noqa: E731
-                              delta=1.1, kl_bias_correction=True)
+                              delta=1.1)
     (got, metrics), grad = jax.value_and_grad(fn, has_aux=True)(logps)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(metrics["kl"]), want_metrics["kl"], rtol=1e-5)
 
 
-def test_the_kl_bias_correction_and_the_same_policy_default_equal_trl():
+def test_the_kl_without_bias_correction_and_the_same_policy_default_equal_trl():
     logps, _, ref, mask, advantages = tensors(1)
     want, want_grad, _ = trl_loss(logps, logps, ref, mask, advantages, loss_type="bnpo", beta=0.1, epsilon=0.2,
-                                  epsilon_high=0.2, level="token", delta=None, num_items=mask.sum(), bias_correction=True)
+                                  epsilon_high=0.2, level="token", delta=None, num_items=mask.sum(), bias_correction=False)
     fn = lambda lp: grpo_loss(lp, None, advantages, mask, ref_logps=ref, loss_type="bnpo", beta=0.1,  # noqa: E731
-                              kl_bias_correction=True)[0]
+                              kl_bias_correction=False)[0]
     got, grad = jax.value_and_grad(fn)(logps)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-5, atol=1e-6)

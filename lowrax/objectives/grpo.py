@@ -80,14 +80,15 @@ def grpo_loss(logps, old_logps, advantages, completion_mask, *, ref_logps=None, 
               beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
               importance_sampling_level: str = "token", delta: float | None = None,
               max_completion_length: int | None = None, sapo_temperature_pos: float = 1.0,
-              sapo_temperature_neg: float = 1.05, num_items_in_batch=None, kl_bias_correction: bool = False):
+              sapo_temperature_neg: float = 1.05, num_items_in_batch=None, kl_bias_correction: bool = True):
     """(loss, metrics) of completions' per-token log-probs `logps` [B, T] under the policy being trained.
 
     old_logps [B, T]: under the policy that sampled them (None: the same policy, `stop_gradient(logps)`, as
     when each rollout is used for one update); advantages [B] (or [B, T]); completion_mask [B, T]: 1 on
     the completion's tokens. ref_logps [B, T]: under the reference, needed when beta != 0 (the k3 KL
-    estimate, weighted by beta, joins each token's loss; `kl_bias_correction` weights it by the importance
-    ratio, TRL's `use_bias_correction_kl`). epsilon / epsilon_high: the clip's lower and upper margins
+    estimate, weighted by beta, joins each token's loss; `kl_bias_correction`, on by default as TRL's
+    `use_bias_correction_kl`, weights it by the importance ratio, which changes its gradient even where the
+    ratio is 1). epsilon / epsilon_high: the clip's lower and upper margins
     (epsilon_high defaults to epsilon; cispo clips the ratio at epsilon_high itself). delta: the
     two-sided clip's upper bound on the unclipped ratio. max_completion_length: dr_grpo's normaliser
     (default: T). num_items_in_batch: dapo's and cispo's normaliser (default: the completion tokens

@@ -1,0 +1,131 @@
+"""One GRPO update equals TRL's: the same completions, advantages and LoRA adapter on a tiny Llama, the loss
+through TRL 1.16's own GRPOTrainer._compute_loss on the PEFT model (its reference: the adapter disabled) and
+one AdamW step with its gradient clipping, against lowrax's per-token log-probs, `grpo_loss` and the same
+optimizer; the updated adapters agree."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="GRPO parity needs torch (pip install -e .[test])")
+peft = pytest.importorskip("peft", reason="GRPO parity needs peft (pip install -e .[test])")
+trl = pytest.importorskip("trl", reason="GRPO parity needs trl (pip install -e .[test])")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+
+import lowrax  # noqa: E402
+from lowrax.objectives.logps import logps_at  # noqa: E402
+from tests.conftest import hf_model_dir  # noqa: E402
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+PROMPT, COMPLETION, ROWS, LR = 5, 6, 4, 1e-2
+# Adam's first step moves each weight by about lr x sign(gradient); a gradient that is 0 up to rounding could
+# go either way on either side, so a larger epsilon keeps the comparison continuous in the gradient.
+ADAM_EPS = 1e-3
+
+
+def completions(seed: int = 0):
+    """Prompts of one length (no left padding) and right-padded completions with their mask."""
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(3, 128, (ROWS, PROMPT))
+    completion = rng.integers(3, 128, (ROWS, COMPLETION))
+    mask = (np.arange(COMPLETION) < np.array([[6], [2], [4], [5]])).astype(np.int64)
+    advantages = np.asarray(lowrax.group_advantages([1.0, 0.0, 0.2, 0.9], num_generations=2))
+    return prompt, completion, mask, advantages
+
+
+def trl_update(path, adapter, tmp_path, loss_type, beta):
+    """The PEFT adapter's tensors after one TRL update (loss by GRPOTrainer._compute_loss)."""
+    from datasets import Dataset
+
+    prompt, completion, mask, advantages = completions()
+    policy = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                                            adapter, is_trainable=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(lowrax.embedded_minilm_path()))
+    args = trl.GRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=ROWS,
+                          num_generations=2, max_completion_length=COMPLETION, learning_rate=LR, beta=beta,
+                          loss_type=loss_type, weight_decay=0.0, max_grad_norm=1.0, adam_epsilon=ADAM_EPS,
+                          bf16=False)  # TRL defaults to bf16 autocast; the comparison is in float32
+    trainer = trl.GRPOTrainer(model=policy, reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
+                              args=args, train_dataset=Dataset.from_dict({"prompt": ["a b"] * ROWS}),
+                              processing_class=tokenizer)
+    model = trainer.model
+    if "ref" in model.peft_config:  # TRL copies an adapter it is given as the reference; ours is the base
+        model.delete_adapter("ref")
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    ids = torch.tensor(np.concatenate([prompt, completion], 1))
+    attention = torch.ones_like(ids)
+    attention[:, PROMPT:] = torch.tensor(mask)
+    inputs = {"prompt_ids": torch.tensor(prompt), "prompt_mask": torch.ones((ROWS, PROMPT), dtype=torch.long),
+              "completion_ids": torch.tensor(completion), "completion_mask": torch.tensor(mask),
+              "advantages": torch.tensor(advantages), "num_items_in_batch": torch.tensor(float(mask.sum()))}
+    if beta:
+        with torch.no_grad(), model.disable_adapter():
+            inputs["ref_per_token_logps"], _, _ = trainer._get_per_token_logps_and_entropies(
+                model, ids, attention, COMPLETION)
+    optimizer = trainer.create_optimizer()
+    loss = trainer._compute_loss(model, inputs)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+    optimizer.step()
+    model.save_pretrained(tmp_path / "after")
+    return float(loss.detach()), load_file(str(tmp_path / "after" / "adapter_model.safetensors"))
+
+
+def lowrax_update(path, adapter, tmp_path, loss_type, beta):
+    prompt, completion, mask, advantages = completions()
+    model, params = lowrax.load_pretrained(path, progress=False)
+    params = lowrax.load_peft(params, adapter, model)
+    trainable, frozen = lowrax.split(params)
+    ids = jnp.asarray(np.concatenate([prompt, completion], 1), jnp.int32)
+    attention = jnp.asarray(np.concatenate([np.ones_like(prompt), mask], 1), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(PROMPT - 1, PROMPT + COMPLETION - 1), (ROWS, COMPLETION))
+
+    def token_logps(tree):
+        return logps_at(model, tree, model.final_hidden(tree, ids, attention), positions, jnp.asarray(completion))
+
+    ref = token_logps(lowrax.adapters_off(params)) if beta else None
+
+    def loss_of(t):
+        return lowrax.grpo_loss(token_logps(lowrax.combine(t, frozen)), None, advantages, mask, ref_logps=ref,
+                                loss_type=loss_type, beta=beta, max_completion_length=COMPLETION,
+                                num_items_in_batch=mask.sum())[0]
+
+    loss, grads = jax.value_and_grad(loss_of)(trainable)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(LR, b1=0.9, b2=0.999, eps=ADAM_EPS,
+                                                                         weight_decay=0.0))
+    updates, _ = optimizer.update(grads, optimizer.init(trainable), trainable)
+    lowrax.save_peft(lowrax.combine(optax.apply_updates(trainable, updates), frozen), tmp_path / "ours", model)
+    return float(loss), load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path, _ = hf_model_dir(tmp_path_factory, "grpo-llama",
+                           lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)))
+    torch.manual_seed(2)
+    policy = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    adapter = tmp_path_factory.mktemp("grpo-adapter")
+    policy.save_pretrained(adapter)
+    return path, adapter
+
+
+@pytest.mark.parametrize("loss_type, beta", [("dapo", 0.0), ("grpo", 0.04), ("dr_grpo", 0.0)])
+def test_one_update_equals_trl(tiny, tmp_path, loss_type, beta):
+    path, adapter = tiny
+    want_loss, want = trl_update(path, adapter, tmp_path / "trl", loss_type, beta)
+    got_loss, got = lowrax_update(path, adapter, tmp_path / "lowrax", loss_type, beta)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-4, atol=1e-6)
+    assert set(got) == set(want)
+    before = load_file(str(adapter / "adapter_model.safetensors"))
+    for key in want:
+        assert not np.allclose(want[key], before[key])  # the step moved every tensor
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=key)
