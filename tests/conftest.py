@@ -22,6 +22,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+# A Llama small enough for the trainer-parity tests (TRL's preference and GRPO trainers around it)
+TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+
+
 def hf_model_dir(tmp_path_factory, name: str, build):
     """Save the torch model `build()` returns as an HF directory; returns (dir, torch model)."""
     torch = pytest.importorskip("torch", reason="parity tests need the torch reference (pip install -e .[test])")

@@ -8,22 +8,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="GRPO parity needs torch (pip install -e .[test])")
-peft = pytest.importorskip("peft", reason="GRPO parity needs peft (pip install -e .[test])")
-trl = pytest.importorskip("trl", reason="GRPO parity needs trl (pip install -e .[test])")
-transformers = pytest.importorskip("transformers")
+import jax
+import jax.numpy as jnp
+import optax
+from safetensors.numpy import load_file
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
+import lowrax
+from lowrax.objectives.logps import logps_at
+from tests.conftest import TINY_LLAMA, hf_model_dir
 
-import lowrax  # noqa: E402
-from lowrax.objectives.logps import logps_at  # noqa: E402
-from tests.conftest import hf_model_dir  # noqa: E402
+torch, peft, trl, transformers = (pytest.importorskip(name, reason=f"GRPO parity needs {name} (pip install -e .[test])")
+                                  for name in ("torch", "peft", "trl", "transformers"))
 
-SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)
 PROMPT, COMPLETION, ROWS, LR = 5, 6, 4, 1e-2
 # Adam's first step moves each weight by about lr x sign(gradient); a gradient that is 0 up to rounding could
 # go either way on either side, so a larger epsilon keeps the comparison continuous in the gradient.
@@ -109,7 +105,7 @@ def lowrax_update(path, adapter, tmp_path, loss_type, beta):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path, _ = hf_model_dir(tmp_path_factory, "grpo-llama",
-                           lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)))
+                           lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA)))
     torch.manual_seed(2)
     policy = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))

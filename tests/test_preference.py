@@ -22,10 +22,9 @@ from lowrax.errors import LowraxError  # noqa: E402
 from lowrax.objectives.config import PreferenceSection  # noqa: E402
 from lowrax.objectives.step_losses import preference_loss_fn, reference_logps  # noqa: E402
 from lowrax.train.preference_data import Example, PreferenceBatches  # noqa: E402
-from tests.conftest import hf_model_dir  # noqa: E402
+from tests.conftest import TINY_LLAMA, hf_model_dir  # noqa: E402
 
-SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)
+SMALL = TINY_LLAMA
 TOL = 1e-5
 
 
