@@ -1,0 +1,136 @@
+"""Reward functions for GRPO, with TRL's contract: `fn(prompts, completions, **columns) -> list[float | None]`.
+
+`prompts` and `completions` are lists of strings (or, for chat data, lists of messages); every other
+column of the prompt records arrives as a keyword argument holding one value per completion, so a
+reward can read the record's `answer`. None means "this function does not score this completion".
+
+Built-ins, named in a config as `exact_match`, `regex_match`, `format_match` and `length_penalty`;
+any other function is named `module:function` and imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+
+from lowrax.errors import LowraxError
+
+RewardFunction = Callable[..., list]
+
+
+def completion_text(completion) -> str:
+    """A completion as text: the string itself, or a chat completion's last message's content."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    raise LowraxError(f"a completion must be text or a list of chat messages; got {type(completion).__name__}")
+
+
+def exact_match(answer_field: str = "answer") -> RewardFunction:
+    """1.0 where the completion, stripped, equals the record's `answer_field` (stripped), else 0.0;
+    None where the record has no answer."""
+    def reward(prompts, completions, **columns):
+        answers = columns.get(answer_field)
+        if answers is None:
+            raise LowraxError(f"the exact_match reward reads the column {answer_field!r}, which the prompt records "
+                              f"lack (columns: {', '.join(sorted(columns)) or 'none'})")
+        return [None if answer is None else float(completion_text(c).strip() == str(answer).strip())
+                for c, answer in zip(completions, answers)]
+    reward.__name__ = "exact_match"
+    return reward
+
+
+def _pattern(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern, re.DOTALL)
+    except re.error as e:
+        raise LowraxError(f"reward pattern {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def regex_match(pattern: str) -> RewardFunction:
+    """1.0 where the pattern occurs anywhere in the completion (`.` matches newlines), else 0.0."""
+    compiled = _pattern(pattern)
+
+    def reward(prompts, completions, **columns):
+        return [float(compiled.search(completion_text(c)) is not None) for c in completions]
+    reward.__name__ = "regex_match"
+    return reward
+
+
+def format_match(pattern: str) -> RewardFunction:
+    """1.0 where the whole completion matches the pattern (`.` matches newlines), else 0.0: a format
+    reward such as `<think>.*?</think>\\s*<answer>.*?</answer>`."""
+    compiled = _pattern(pattern)
+
+    def reward(prompts, completions, **columns):
+        return [float(compiled.fullmatch(completion_text(c).strip()) is not None) for c in completions]
+    reward.__name__ = "format_match"
+    return reward
+
+
+def length_penalty(max_chars: int) -> RewardFunction:
+    """0.0 for a completion of at most `max_chars` characters, else -(length - max_chars) / max_chars."""
+    if max_chars < 1:
+        raise LowraxError(f"length_penalty needs max_chars >= 1, got {max_chars}")
+
+    def reward(prompts, completions, **columns):
+        return [-max(0, len(completion_text(c)) - max_chars) / max_chars for c in completions]
+    reward.__name__ = "length_penalty"
+    return reward
+
+
+BUILT_INS = {"exact_match": exact_match, "regex_match": regex_match, "format_match": format_match,
+             "length_penalty": length_penalty}
+
+
+def reward_function(name: str, **options) -> RewardFunction:
+    """A built-in by name (with its options), or `module:function` imported."""
+    if name in BUILT_INS:
+        try:
+            return BUILT_INS[name](**options)
+        except TypeError as e:
+            raise LowraxError(f"reward {name!r}: {e}") from None
+    if ":" not in name:
+        raise LowraxError(f"unknown reward {name!r}; expected one of {', '.join(BUILT_INS)} or module:function")
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise LowraxError(f"reward {name!r}: cannot import {module_name!r} ({e})") from None
+    fn = getattr(module, attribute, None)
+    if not callable(fn):
+        raise LowraxError(f"reward {name!r}: {module_name} has no function {attribute!r}")
+    if options:
+        raise LowraxError(f"reward {name!r} takes no options in the config; got {', '.join(sorted(options))}")
+    return fn
+
+
+def score(functions: Sequence[RewardFunction], weights: Sequence[float] | None, prompts: list, completions: list,
+          columns: dict[str, list]) -> tuple[np.ndarray, np.ndarray]:
+    """(rewards [N, F] with NaN where a function returned None, weighted sum [N]), the sum NaN where no
+    function scored the completion: what `group_advantages` takes, as TRL combines rewards. Each function
+    must return one float or None per completion."""
+    weights = [1.0] * len(functions) if weights is None else list(weights)
+    if len(weights) != len(functions):
+        raise LowraxError(f"{len(weights)} reward weights for {len(functions)} reward functions")
+    table = np.full((len(completions), len(functions)), np.nan, np.float32)
+    for j, fn in enumerate(functions):
+        values = fn(prompts=prompts, completions=completions, **columns)
+        name = getattr(fn, "__name__", repr(fn))
+        if not isinstance(values, (list, tuple, np.ndarray)) or len(values) != len(completions):
+            raise LowraxError(f"reward {name} must return a list of {len(completions)} values (float or None); "
+                              f"got {type(values).__name__}" + (f" of {len(values)}" if hasattr(values, "__len__") else ""))
+        for i, v in enumerate(values):
+            if v is None:
+                continue
+            if not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):  # bools count as 0 / 1
+                raise LowraxError(f"reward {name} returned {v!r} for completion {i}; expected a finite float or None")
+            table[i, j] = float(v)
+    combined = np.nansum(table * np.asarray(weights, np.float32), axis=1)
+    combined[np.isnan(table).all(axis=1)] = np.nan
+    return table, combined
