@@ -14,7 +14,7 @@ import optax
 from safetensors.numpy import load_file
 
 import lowrax
-from lowrax.objectives.logps import logps_at
+from lowrax.objectives.logps import completion_token_logps
 from tests.conftest import TINY_LLAMA, hf_model_dir
 
 torch, peft, trl, transformers = (pytest.importorskip(name, reason=f"GRPO parity needs {name} (pip install -e .[test])")
@@ -80,12 +80,9 @@ def lowrax_update(path, adapter, tmp_path, loss_type, beta):
     model, params = lowrax.load_pretrained(path, progress=False)
     params = lowrax.load_peft(params, adapter, model)
     trainable, frozen = lowrax.split(params)
-    ids = jnp.asarray(np.concatenate([prompt, completion], 1), jnp.int32)
-    attention = jnp.asarray(np.concatenate([np.ones_like(prompt), mask], 1), jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(PROMPT - 1, PROMPT + COMPLETION - 1), (ROWS, COMPLETION))
-
     def token_logps(tree):
-        return logps_at(model, tree, model.final_hidden(tree, ids, attention), positions, jnp.asarray(completion))
+        return completion_token_logps(model, tree, jnp.asarray(prompt), jnp.ones(prompt.shape, jnp.int32),
+                                      jnp.asarray(completion), jnp.asarray(mask))
 
     ref = token_logps(lowrax.adapters_off(params)) if beta else None
 
@@ -125,3 +122,27 @@ def test_one_update_equals_trl(tiny, tmp_path, loss_type, beta):
     for key in want:
         assert not np.allclose(want[key], before[key])  # the step moved every tensor
         np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_completion_log_probs_after_left_padded_prompts_equal_each_row_alone(tiny):
+    """Prompts of different lengths, left-padded, and right-padded completions: each completion token's
+    log-prob equals the one from the row run alone, unpadded, through the whole logits."""
+    path, adapter = tiny
+    model, params = lowrax.load_pretrained(path, progress=False)
+    params = lowrax.load_peft(params, adapter, model)
+    rng = np.random.default_rng(5)
+    prompt_lengths, completion_lengths = [5, 2, 4], [3, 6, 1]
+    prompt = np.zeros((3, 5), np.int32)
+    prompt_mask = np.zeros((3, 5), np.int32)
+    completion = rng.integers(3, 128, (3, 6)).astype(np.int32)
+    completion_mask = (np.arange(6) < np.array(completion_lengths)[:, None]).astype(np.int32)
+    for row, n in enumerate(prompt_lengths):
+        prompt[row, 5 - n:] = rng.integers(3, 128, n)
+        prompt_mask[row, 5 - n:] = 1
+    got = np.asarray(completion_token_logps(model, params, *map(jnp.asarray, (prompt, prompt_mask, completion,
+                                                                             completion_mask))))
+    for row, (n, m) in enumerate(zip(prompt_lengths, completion_lengths)):
+        alone = np.concatenate([prompt[row, 5 - n:], completion[row, :m]])[None]
+        logits = model.apply(params, jnp.asarray(alone))[0, n - 1: n + m - 1]
+        want = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1))[np.arange(m), completion[row, :m]]
+        np.testing.assert_allclose(got[row, :m], want, rtol=1e-5, atol=1e-5)

@@ -54,6 +54,18 @@ def completion_logps(model, params, batch: dict, prefix: str = ""):
     return jnp.sum(token * weights, axis=-1), jnp.sum(weights, axis=-1), hidden
 
 
+def completion_token_logps(model, params, prompt_ids, prompt_mask, completion_ids, completion_mask) -> jnp.ndarray:
+    """log p(token) [B, T] of each completion token given its prompt and the completion before it, as RL
+    (GRPO) needs them: prompts [B, P] left-padded, completions [B, T] right-padded, run as one row each.
+    The logits exist one block at a time (`logps_at`); a padding position's value is meaningless and
+    is to be masked by completion_mask."""
+    ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
+    mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
+    p, t = prompt_ids.shape[1], completion_ids.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(p - 1, p + t - 1), completion_ids.shape)  # each predicts the next token
+    return logps_at(model, params, model.final_hidden(params, ids, mask), positions, completion_ids)
+
+
 def whole_sequence_nll(model, params, hidden, input_ids, attention_mask) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(summed token NLL, token count) over every attended next token of the rows (prompt
     included), as TRL's ORPO computes its SFT term."""
