@@ -15,13 +15,17 @@ operation, so that a run here and a run there agree on the same tensors:
     luspo     each sequence's summed token loss, averaged over sequences
 
 `importance_sampling_level="sequence"` is GSPO: one ratio per sequence, the geometric mean of its
-tokens' ratios.
+tokens' ratios. `rollout` samples the completions with the compiled generator.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lowrax.errors import LowraxError
 
@@ -175,3 +179,47 @@ def _clip_metrics(loss_type, coef_1, advantages, mask, epsilon_low, epsilon_high
             "clip_ratio/region_mean": _masked_mean(jnp.maximum(low, high), mask),
             "clip_ratio/low_min": jnp.nanmin(_sequence_means(low, mask)),
             "clip_ratio/high_max": jnp.nanmax(_sequence_means(high, mask))}
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """`num_generations` sampled completions of each prompt, as GRPO's step takes them: row i is a
+    completion of prompt i // num_generations. prompt_ids / prompt_mask [N, P]: left-padded to a bucketed
+    width; completion_ids / completion_mask [N, T = max_completion_length]: right-padded, each completion
+    through its first EOS; truncated [N]: no EOS within T tokens."""
+
+    prompt_ids: np.ndarray
+    prompt_mask: np.ndarray
+    completion_ids: np.ndarray
+    completion_mask: np.ndarray
+    truncated: np.ndarray
+
+    def masked_truncated(self) -> "Rollout":
+        """The rollout with truncated completions' masks zeroed (TRL's `mask_truncated_completions`)."""
+        return replace(self, completion_mask=self.completion_mask * (~self.truncated)[:, None])
+
+
+def rollout(model, params, prompts: Sequence[Sequence[int]], num_generations: int, max_completion_length: int,
+            sampling, eos_token_ids: Sequence[int], pad_token_id: int = 0, seed: int = 0) -> Rollout:
+    """Sample `num_generations` completions of each token-id prompt with the compiled generator (one
+    prefill and one decode program per batch and bucketed length, reused by every later call of the same
+    shapes) and pad them for the policy loss."""
+    if num_generations < 1 or max_completion_length < 1:
+        raise LowraxError(f"num_generations and max_completion_length must be >= 1; got {num_generations} and "
+                          f"{max_completion_length}")
+    from lowrax.models.generate import PROMPT_BUCKET, generate_ids
+
+    repeated = [list(p) for p in prompts for _ in range(num_generations)]
+    outputs = generate_ids(model, params, repeated, max_completion_length, sampling, eos_token_ids, pad_token_id, seed)
+    width = -(-max(len(p) for p in repeated) // PROMPT_BUCKET) * PROMPT_BUCKET
+    n = len(repeated)
+    prompt_ids, prompt_mask = np.full((n, width), pad_token_id, np.int32), np.zeros((n, width), np.int32)
+    completion_ids = np.full((n, max_completion_length), pad_token_id, np.int32)
+    completion_mask = np.zeros((n, max_completion_length), np.int32)
+    stops = set(eos_token_ids)
+    truncated = np.zeros(n, bool)
+    for row, (prompt, out) in enumerate(zip(repeated, outputs)):
+        prompt_ids[row, width - len(prompt):], prompt_mask[row, width - len(prompt):] = prompt, 1
+        completion_ids[row, :len(out)], completion_mask[row, :len(out)] = out, 1
+        truncated[row] = not (out and out[-1] in stops)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated)
