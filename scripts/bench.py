@@ -116,7 +116,7 @@ def main() -> None:
         "model": str(args.model or "embedded SmolLM2-135M-Instruct"),
         "dtype": "float32",
         "batch": args.batch, "seq": args.seq, "new_tokens": args.new_tokens, "repeats": args.repeats,
-        "command": command_line("").replace("bench.py  ", "bench.py "),
+        "command": command_line(""),
         "machine": {**machine_facts(("jax", "torch", "transformers")), "jax_backend": jax.default_backend()},
         "lowrax": bench_lowrax(model, params, ids, prompt, args.new_tokens, args.batch, args.repeats),
     }

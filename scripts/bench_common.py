@@ -67,11 +67,12 @@ def emit(result: dict, out: str | None) -> None:
 
 def command_line(mode: str) -> str:
     """This benchmark's command as a reader reruns it from the repository root; `mode` is the flag that
-    `scripts/bench.py` dispatches on (it removes the flag before the benchmark parses its arguments)."""
+    `scripts/bench.py` dispatches on (it removes the flag before the benchmark parses its arguments; "" for
+    its own forward and generation benchmark)."""
     import sys
 
     script = Path(sys.argv[0]).name
-    head = ["scripts/bench.py", mode] if script == "bench.py" else [f"scripts/{script}"]
+    head = ["scripts/bench.py", *([mode] if mode else [])] if script == "bench.py" else [f"scripts/{script}"]
     return " ".join([".venv-test/bin/python", *head, *sys.argv[1:]])
 
 

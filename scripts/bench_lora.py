@@ -217,11 +217,14 @@ def torch_matmul_ceiling(device: str, n: int = 2048, repeats: int = 3) -> float:
 
 def run_side(side: str, args) -> dict:
     """One side's measurements, taken in this (fresh) process so its peak memory is its own."""
-    # As `lowrax train` does (glibc's defaults unless LOWRAX_REUSE_HOST_MEMORY=1); the PEFT side gets
-    # the same settings only on request.
+    # lowrax as `lowrax train` runs (glibc's defaults unless LOWRAX_REUSE_HOST_MEMORY=1); each side reuses
+    # freed memory on request (--peft-reuse-memory for PEFT, both in the table's "both reuse" row).
     from lowrax.train.host_memory import host_memory_policy
 
-    reused = host_memory_policy() if side != "peft" else (lowrax.reuse_freed_host_memory() if args.peft_reuse_memory else False)
+    if side == "peft":
+        reused = lowrax.reuse_freed_host_memory() if args.peft_reuse_memory else False
+    else:
+        reused = lowrax.reuse_freed_host_memory() if getattr(args, "lowrax_reuse_memory", False) else host_memory_policy()
     out = run_measurements(side, args)
     out["host_memory_reused"] = reused
     return out
@@ -323,14 +326,9 @@ def step_table(args) -> dict:
     for name, setting in TABLE_SETTINGS:
         row_args = copy.copy(args)
         row_args.vs_peft, row_args.remat = True, setting.get("remat", False)
-        row_args.default_task, row_args.peft_reuse_memory = setting.get("default_task", False), setting.get("reuse", False)
-        previous = os.environ.get("LOWRAX_REUSE_HOST_MEMORY")
-        os.environ["LOWRAX_REUSE_HOST_MEMORY"] = "1" if setting.get("reuse") else "0"  # the spawned lowrax side reads it
-        try:
-            rows[name] = step_report(row_args)
-        finally:
-            os.environ.pop("LOWRAX_REUSE_HOST_MEMORY") if previous is None else os.environ.update(
-                LOWRAX_REUSE_HOST_MEMORY=previous)
+        row_args.default_task = setting.get("default_task", False)
+        row_args.peft_reuse_memory = row_args.lowrax_reuse_memory = setting.get("reuse", False)
+        rows[name] = step_report(row_args)
         print(f"{name}: lowrax {rows[name]['lowrax']['tokens_per_s']:.0f} tok/s, "
               f"PEFT {rows[name]['peft']['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
     return {"command": command_line("--lora"), "machine": machine_facts(), "rank": args.rank, "steps": args.steps,

@@ -17,7 +17,9 @@ setting of the attention: `default` (scores by blocks of queries only when large
 on query and value, batch 16 x 128, the model's own dropout on; --batch/--seq change its shape).
 `--time N` runs the compiled step N times and prints the minimum and median seconds; `--profile` traces
 three steps with `jax.profiler` and prints the op time by kind (matmul fusions, copies, random bits, ...),
-summed over XLA's threads, so it can exceed the step's wall time. `--lora-forms` compiles the step twice,
+summed over XLA's threads, so it can exceed the step's wall time. `--resident` reports what a compiled step keeps resident after it has run: the process's anonymous
+memory (after `malloc_trim`) with the executable held and after it is dropped (each batch width a run
+trains at holds one; `data.planned_trim_widths` bounds their number). `--lora-forms` compiles the step twice,
 with LoRA layers as two matmuls and an add and as one concatenated matmul (`adapters.lora.fused`), and
 with `--time N` runs the two programs' steps alternately in one process, so machine noise hits both.
 """
@@ -119,6 +121,18 @@ def compare_lora_forms(model, trainable, frozen, batch, steps: int) -> None:
             print(f"  {form}: step seconds over {steps}: min {min(times):.3f}, median {float(np.median(times)):.3f}")
 
 
+def anonymous_mb() -> float:
+    """This process's anonymous resident memory (MB) once malloc has handed its free heap back."""
+    import gc
+
+    from lowrax.train.host_memory import release_freed_host_memory
+
+    gc.collect()
+    release_freed_host_memory()
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon")) / 1024
+
+
 def op_time_by_kind(compiled, state, frozen, batch, steps: int = 3) -> list[tuple[str, float, int]]:
     """(op kind, milliseconds per step, ops per step) from a jax.profiler trace, largest first."""
     trace_dir = tempfile.mkdtemp(prefix="lowrax-profile-")
@@ -146,6 +160,7 @@ if __name__ == "__main__":
     parser.add_argument("--classifier", action="store_true", help="the MiniLM sentiment recipe's step")
     parser.add_argument("--time", type=int, default=0, metavar="N", help="time N steps of the compiled program")
     parser.add_argument("--profile", action="store_true", help="op time by kind over three traced steps")
+    parser.add_argument("--resident", action="store_true", help="resident memory the compiled step keeps")
     parser.add_argument("--lora-forms", action="store_true", help="LoRA as two matmuls vs one, steps taken in turn")
     args = parser.parse_args()
     if args.classifier:
@@ -166,6 +181,15 @@ if __name__ == "__main__":
         m = compiled.memory_analysis()
         print(f"{label}, blocks {blocks}: compiled step temporaries {m.temp_size_in_bytes / 1e9:.2f} GB"
               f" + arguments {m.argument_size_in_bytes / 1e9:.2f} GB", flush=True)
+        if args.resident:  # after one step, with the executable held and dropped
+            state, _ = run_steps(compiled, init_state(jax.tree.map(jnp.copy, trainable), optimizer), frozen, batch, 1)
+            del state
+            held = anonymous_mb()
+            del compiled
+            dropped = anonymous_mb()
+            print(f"  resident: {held:.0f} MB with the step's executable, {dropped:.0f} MB without it "
+                  f"({held - dropped:.0f} MB held by the executable)", flush=True)
+            continue
         if not (args.time or args.profile):
             continue
         # the state copies the trainable arrays: the step donates its state, and the next setting needs them

@@ -50,6 +50,18 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_token_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) [batch, PROMPT_BUCKET-rounded longest prompt]: every prompt ends at the same slot, as the
+    generator runs them (and as GRPO's loss takes them back)."""
+    width = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
+    ids = np.full((len(prompts), width), pad_token_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = p
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
 def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
     limit = model.position_limit()
     if limit is not None and prompt_tokens + max_new_tokens > limit:
@@ -118,15 +130,11 @@ def generate_ids(
     if model.is_seq2seq:  # prompts are the encoder's inputs; the decoder starts from its start token
         return generate_seq2seq_ids(model, params, prompts, max_new_tokens, sampling, eos_token_ids, pad_token_id,
                                     seed, on_token, PROMPT_BUCKET, CACHE_BUCKET)
-    prompt_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
+    ids, mask = left_padded(prompts, pad_token_id)
+    prompt_len = ids.shape[1]
     virtual = model.virtual_token_count(params)  # slots before the prompt (prompt and prefix tuning)
     _check_length(model, virtual + max(len(p) for p in prompts), max_new_tokens)
     cache_len = _round_up(virtual + prompt_len + max_new_tokens, CACHE_BUCKET)
-    ids = np.full((batch, prompt_len), pad_token_id, np.int32)
-    mask = np.zeros((batch, prompt_len), np.int32)
-    for row, p in enumerate(prompts):  # left padding: every prompt ends at the same slot
-        ids[row, prompt_len - len(p):] = p
-        mask[row, prompt_len - len(p):] = 1
     # The activations' dtype: the first floating leaf (NF4 weights hold uint8 codes).
     dtype = model.activation_dtype(params)
     _check_cache_fits(model, batch, cache_len, dtype, max_new_tokens)

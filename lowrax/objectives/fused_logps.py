@@ -46,15 +46,18 @@ def _leaves_read(fn, leaves) -> list[int]:
     return [i for i, v in enumerate(invars) if id(v) in read]
 
 
+def target_logps(logits, targets) -> jnp.ndarray:
+    """log p(target) [...] from logits [..., V] and targets [...]: logit[target] - logsumexp(logits),
+    without materialising every log-probability."""
+    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+
+
 def head_target_logps(head, params, hidden, targets, block_bytes: int | None = None) -> jnp.ndarray:
     """log p(target) [n, K] from hidden states [n, K, H] and targets [n, K], where
     head(params, hidden [n, c, H]) -> float32 logits [n, c, V]; the logits exist `block_bytes` (default
     BLOCK_BYTES) at a time."""
-    def target_logp(logits, _, t):
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        return jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse, ()
-
-    return head_position_losses(head, params, hidden, target_logp, (targets,), block_bytes=block_bytes)[0]
+    return head_position_losses(head, params, hidden, lambda logits, _, t: (target_logps(logits, t), ()), (targets,),
+                                block_bytes=block_bytes)[0]
 
 
 def _head_over_read_leaves(head, params, probe):

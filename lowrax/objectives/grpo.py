@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrax.errors import LowraxError
+from lowrax.models.generate import generate_ids, left_padded
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -207,19 +208,14 @@ def rollout(model, params, prompts: Sequence[Sequence[int]], num_generations: in
     if num_generations < 1 or max_completion_length < 1:
         raise LowraxError(f"num_generations and max_completion_length must be >= 1; got {num_generations} and "
                           f"{max_completion_length}")
-    from lowrax.models.generate import PROMPT_BUCKET, generate_ids
-
     repeated = [list(p) for p in prompts for _ in range(num_generations)]
     outputs = generate_ids(model, params, repeated, max_completion_length, sampling, eos_token_ids, pad_token_id, seed)
-    width = -(-max(len(p) for p in repeated) // PROMPT_BUCKET) * PROMPT_BUCKET
-    n = len(repeated)
-    prompt_ids, prompt_mask = np.full((n, width), pad_token_id, np.int32), np.zeros((n, width), np.int32)
-    completion_ids = np.full((n, max_completion_length), pad_token_id, np.int32)
-    completion_mask = np.zeros((n, max_completion_length), np.int32)
-    stops = set(eos_token_ids)
-    truncated = np.zeros(n, bool)
-    for row, (prompt, out) in enumerate(zip(repeated, outputs)):
-        prompt_ids[row, width - len(prompt):], prompt_mask[row, width - len(prompt):] = prompt, 1
+    prompt_ids, prompt_mask = left_padded(repeated, pad_token_id)
+    completion_ids = np.full((len(repeated), max_completion_length), pad_token_id, np.int32)
+    completion_mask = np.zeros((len(repeated), max_completion_length), np.int32)
+    for row, out in enumerate(outputs):
         completion_ids[row, :len(out)], completion_mask[row, :len(out)] = out, 1
-        truncated[row] = not (out and out[-1] in stops)
+    # generate_ids cuts each completion after its first EOS: one that does not end in one ran out of tokens
+    stops = set(eos_token_ids)
+    truncated = np.asarray([not (out and out[-1] in stops) for out in outputs])
     return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated)

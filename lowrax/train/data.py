@@ -294,19 +294,17 @@ def default_trim_widths(seq_len: int) -> list[int]:
 def planned_trim_widths(longest_per_step: list[int], seq_len: int, most: int = MOST_TRIM_WIDTHS) -> list[int]:
     """At most `most` widths of `trim_widths(seq_len)` that leave the least padding over the run, given
     each step's longest row: the narrowest width that holds every step is always one of them."""
-    ladder = trim_widths(seq_len)
-    fits = np.asarray([next(w for w in ladder if n <= w) for n in longest_per_step] or [seq_len])
+    ladder = np.asarray(trim_widths(seq_len))
+    fits = ladder[np.searchsorted(ladder, np.minimum(longest_per_step or [seq_len], seq_len))]
     used, counts = np.unique(fits, return_counts=True)
-    top, below = int(used[-1]), [int(w) for w in used[:-1]]
 
     def padded(chosen):  # every step at the narrowest chosen width that holds it
-        widths = sorted(chosen) + [top]
-        return sum(int(c) * next(w for w in widths if u <= w) for u, c in zip(used, counts))
+        widths = np.asarray(sorted(chosen) + [used[-1]])
+        return int(np.sum(counts * widths[np.searchsorted(widths, used)]))
 
-    best = ()
-    for size in range(1, min(most - 1, len(below)) + 1):
-        best = min([best, *itertools.combinations(below, size)], key=padded)
-    return sorted(best) + [top]
+    best = min((c for size in range(min(most, len(used))) for c in itertools.combinations(used[:-1].tolist(), size)),
+               key=padded)
+    return sorted(best) + [int(used[-1])]
 
 
 def trimmed(batches: list[dict], widths: list[int] | None = None) -> list[dict]:

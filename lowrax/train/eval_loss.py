@@ -10,7 +10,7 @@ from lowrax.adapters.tree import combine
 from lowrax.dist.parallel import global_batch
 from lowrax.train.config import TrainConfig
 from lowrax.train.data import by_length
-from lowrax.train.step import classification_loss, task_loss
+from lowrax.train.step import task_loss
 
 
 class EvalLoss:
@@ -26,8 +26,6 @@ class EvalLoss:
 
     def __init__(self, model, data, cfg: TrainConfig, pad: int, mesh=None):
         loss_fn = task_loss(model)
-        if loss_fn is classification_loss:
-            loss_fn = lambda model, params, batch: classification_loss(model, params, batch, count_correct=True)  # noqa: E731
         self._fn = jax.jit(lambda trainable, frozen, batch: loss_fn(model, combine(trainable, frozen), batch))
         self.accuracy: float | None = None  # a classifier's, from the latest call
         size = cfg.train.batch_size
@@ -45,7 +43,7 @@ class EvalLoss:
         for batch in tqdm(self._batches, desc="eval loss", unit="batch", disable=not progress, leave=False):
             s, n, *sums = self._fn(trainable, frozen, batch)
             total, count = total + float(s), count + float(n)
-            if sums:
-                correct = (correct or 0.0) + float(sums[0]["correct"])
+            if sums:  # a classifier's count of correct predictions
+                correct = (correct or 0.0) + float(sums[0]["accuracy"])
         self.accuracy = None if correct is None else correct / max(count, 1.0)
         return total / max(count, 1.0)

@@ -61,8 +61,8 @@ def release_freed_host_memory() -> None:
 
     XLA's compiler and the loaders free gigabytes that glibc keeps for reuse: compiling the SmolLM2
     step left 1.1 GB of freed heap that the next step's temporaries were then allocated beside.
-    `lowrax train` calls this after loading, after scoring and after the first step's compilation,
-    where it costs milliseconds."""
+    `lowrax train` calls this after loading, after scoring and after each compilation of the step (its
+    first, and each new batch width's), where it costs milliseconds."""
     if not sys.platform.startswith("linux"):
         return
     try:

@@ -18,7 +18,8 @@ import optax
 from flax import struct
 
 from lowrax.core.dropout import with_model_dropout
-from lowrax.objectives.logps import classifier_logits, logps_at, target_logps
+from lowrax.objectives.fused_logps import target_logps
+from lowrax.objectives.logps import classifier_logits, logps_at
 from lowrax.adapters.tree import after_update, combine, penalty, precondition_grads, with_dropout_keys
 
 MODEL_DROPOUT_STREAM = 0x6D6F64  # folded into the step's key for the model's own dropout (adapters use 0, 1, ...)
@@ -65,18 +66,17 @@ def causal_lm_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
     return jnp.sum(token_loss * weights), jnp.sum(weights)
 
 
-def classification_loss(model, params, batch, count_correct: bool = False):
-    """(sum of example losses, number of examples), and with count_correct ({"correct": how many examples' highest
-    logit is their label}). batch: input_ids, attention_mask (pixel_values for an image model), labels [b],
-    optionally example_weights [b] (0 drops an example, e.g. filler rows of a last batch)."""
+def classification_loss(model, params, batch):
+    """(sum of example losses, number of examples, {"accuracy": how many examples' highest logit is their
+    label}); the step divides the count like the loss, so its metrics show the batch's accuracy. batch:
+    input_ids, attention_mask (pixel_values for an image model), labels [b], optionally example_weights [b]
+    (0 drops an example, e.g. filler rows of a last batch)."""
     logits = classifier_logits(model, params, batch)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     loss = -jnp.take_along_axis(log_probs, batch["labels"][:, None], axis=-1)[:, 0]
     weights = batch.get("example_weights", jnp.ones_like(loss)).astype(jnp.float32)
-    if not count_correct:
-        return jnp.sum(loss * weights), jnp.sum(weights)
     correct = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * weights)
-    return jnp.sum(loss * weights), jnp.sum(weights), {"correct": correct}
+    return jnp.sum(loss * weights), jnp.sum(weights), {"accuracy": correct}
 
 
 def seq2seq_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
