@@ -285,6 +285,42 @@ def test_distillation_teacher_split_over_the_data_axis(tiny_dir):
     assert q.spec[0] == ("data", "fsdp")  # the student's rules give "fsdp" alone
 
 
+def test_grpo_steps_with_the_adapters_off_reference_equal_single_device(tiny_dir):
+    """GRPO's step (the k3 KL against the base with adapters off, the sampling policy's log-probs stored)
+    on a data x fsdp mesh equals one device's."""
+    from lowrax.objectives.config import GRPOSection
+    from lowrax.objectives.step_losses import grpo_objective
+
+    rng = np.random.default_rng(0)
+    rollouts = []
+    for _ in range(2):
+        prompt_mask = (np.arange(8) >= rng.integers(0, 6, (8, 1))).astype(np.int32)  # left-padded
+        completion_mask = (np.arange(6) < rng.integers(1, 7, (8, 1))).astype(np.int32)
+        rollouts.append({"prompt_ids": rng.integers(0, 128, (8, 8)).astype(np.int32) * prompt_mask,
+                         "prompt_mask": prompt_mask, "completion_ids": rng.integers(0, 128, (8, 6)).astype(np.int32),
+                         "completion_mask": completion_mask, "advantages": rng.normal(size=8).astype(np.float32),
+                         "old_logps": rng.normal(-4.8, 0.05, (8, 6)).astype(np.float32)})
+
+    def go(mesh):
+        model, base = lowrax.load_pretrained(tiny_dir, mesh=mesh, progress=False)
+        wrapped = lowrax.wrap(base, lowrax.LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random"),
+                              jax.random.key(1))
+        trainable, frozen = lowrax.split(wrapped)
+        optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=10))
+        loss_fn = grpo_objective(GRPOSection(beta=0.1, loss_type="grpo", max_completion_length=6))
+        step, state, frozen = sharded_train_step(model, optimizer, mesh, init_state(trainable, optimizer), frozen,
+                                                 loss_fn=loss_fn)
+        out = []
+        for batch in rollouts:
+            state, metrics = step(state, frozen, global_batch(mesh, batch))
+            out.append([float(metrics[k]) for k in ("loss", "kl", "clip_ratio/region_mean")])
+        return out
+
+    reference = go(make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]))
+    np.testing.assert_allclose(go(make_mesh(MeshConfig(data=4, fsdp=2))), reference, atol=1e-5)
+    assert reference[1][1] > 0  # the reference term is live
+
+
 NEW_FAMILIES = {"phi3": dict(CONFIG, model_type="phi3", partial_rotary_factor=0.5, pad_token_id=0),
                 "gemma2": dict(CONFIG, model_type="gemma2", head_dim=16, sliding_window=4, query_pre_attn_scalar=16),
                 "t5": {"model_type": "t5", "vocab_size": 128, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2,

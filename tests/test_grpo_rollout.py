@@ -72,3 +72,15 @@ def test_bad_counts_are_named(tiny):
     model, params = tiny
     with pytest.raises(LowraxError, match="num_generations and max_completion_length must be >= 1"):
         rollout(model, params, prompts(0), 0, 8, SamplingConfig(), EOS)
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=1.0)])
+def test_one_prefill_per_prompt_samples_what_prefilling_every_copy_does(tiny, sampling):
+    """The rollout prefills each prompt once and copies its cache for its completions: the same rows, with the
+    same keys, as generating from every copy of the prompt."""
+    from lowrax.models.generate import generate_ids
+
+    model, params = tiny
+    shared = rollout(model, params, prompts(4), 3, 8, sampling, EOS, seed=2)
+    copies = generate_ids(model, params, [p for p in prompts(4) for _ in range(3)], 8, sampling, EOS, seed=2)
+    assert [row[: int(m.sum())].tolist() for row, m in zip(shared.completion_ids, shared.completion_mask)] == copies

@@ -24,7 +24,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("training library", ("lowrax.train", "lowrax.dist")),
     ("application", ("lowrax", "lowrax.cli", "lowrax.optim", "lowrax.train_step", "lowrax.sharding",
                      "lowrax.train.trainer", "lowrax.train.runs", "lowrax.train.build", "lowrax.train.scoring",
-                     "lowrax.train.preference_run", "lowrax.train.on_policy", "lowrax.train.teacher",
+                     "lowrax.train.preference_run", "lowrax.train.grpo_run", "lowrax.train.on_policy", "lowrax.train.teacher",
                      "lowrax.train.adapter_sets", "lowrax.train.objective_runs", "lowrax.train.metrics_log",
                      "lowrax.pruning.config", "lowrax.pruning.run",
                      "lowrax.merging.checkpoints")),

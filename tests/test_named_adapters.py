@@ -214,3 +214,13 @@ def test_mixed_batch_on_an_encoder_equals_peft(tmp_path_factory):
     assert np.abs(np.asarray(ours.logits) - theirs.logits.numpy()).max() <= 1e-4
     base = np.asarray(model.apply(lowrax.base_params(params), jnp.asarray(ids), jnp.asarray(mask)).last_hidden_state)
     assert np.abs(hidden[0] - base[0]).max() > 1e-2 and np.abs(hidden[2] - base[2]).max() < 1e-5
+
+
+def test_repeated_prompts_keep_their_adapter_in_every_copy(setup):
+    _, _, model, _ = setup
+    held = named(setup, ("a", "b"), capacity=4)
+    prompts, names = [[5, 6, 7], [8, 9]], ["a", "b"]
+    shared = lowrax.generate_ids(model, held, prompts, max_new_tokens=4, adapter_names=names, repeats=2)
+    each = lowrax.generate_ids(model, held, [p for p in prompts for _ in range(2)], max_new_tokens=4,
+                               adapter_names=[n for n in names for _ in range(2)])
+    assert shared == each

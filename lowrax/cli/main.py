@@ -28,7 +28,7 @@ MERGE_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp",
 # them against the registries).
 TRAIN_METHODS = ("adalora", "bottleneck", "ia3", "ln_tuning", "loha", "lokr", "lora", "oft", "p_tuning",
                  "prefix_tuning", "prompt_tuning")
-TRAIN_OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "distill")
+TRAIN_OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "distill", "grpo")
 TRAIN_TASKS = ("causal_lm", "classification", "seq2seq")
 TRAIN_EPILOG = f"""\
 methods (method=NAME, settings in the section NAME): {", ".join(TRAIN_METHODS)}
@@ -209,14 +209,15 @@ def cmd_train(args) -> int:
         before = summary.get("eval_loss_before")
         before = f"{before:.4f} before" if before is not None else "not measured before"
         print(f"held-out loss: {before} -> {summary['eval_loss']:.4f} after training")
-    elif summary.get("final_loss") is not None:
+    elif summary.get("final_loss") is not None and summary.get("objective") != "grpo":  # an RL loss says little
         print(f"training loss at the last step: {summary['final_loss']:.4f} (no held-out data to measure)")
     if summary.get("metric"):
         before = summary.get("metric_before")
         before = f"{before:.3f} before" if before is not None else "not scored before"
         teacher = summary.get("teacher_metric")
         teacher = f" (the teacher's: {teacher:.3f})" if teacher is not None else ""
-        print(f"{summary['metric']}: {before} -> {summary['metric_after']:.3f} after training{teacher}")
+        what = "held-out mean reward" if summary["metric"] == "reward" else summary["metric"]
+        print(f"{what}: {before} -> {summary['metric_after']:.3f} after training{teacher}")
     return 0
 
 

@@ -29,20 +29,27 @@ CACHE_BUCKET = 64
 _COMPILED: dict = {}
 
 
-def _compiled(model: CausalLM, sampling: SamplingConfig):
-    """(prefill, step) jitted for this model and sampling rule, built once and reused."""
-    key = (id(model), sampling)
+def _compiled(model: CausalLM, sampling: SamplingConfig, repeats: int = 1):
+    """(prefill, step) jitted for this model and sampling rule, built once and reused. With repeats > 1 the
+    prefill runs each prompt once and hands every later step `repeats` copies of its cache, one per
+    completion sampled from it."""
+    key = (id(model), sampling, repeats)
     if key not in _COMPILED:
 
         def prefill(params, input_ids, attention_mask, cache, rng):
             logits, cache, position, key_valid = model.prefill(params, input_ids, attention_mask, cache)
+            if repeats > 1:  # row i of the prompts becomes rows i * repeats ... (i + 1) * repeats - 1
+                logits, position, key_valid, cache = jax.tree.map(lambda x: jnp.repeat(x, repeats, axis=0),
+                                                                  (logits, position, key_valid, cache))
             return sample_next(logits, rng, sampling), cache, position, key_valid
 
         def step(params, token, position, key_valid, cache, cache_index, rng):
             logits, cache = model.decode_step(params, token, position, key_valid, cache, cache_index)
             return sample_next(logits, rng, sampling), cache
 
-        _COMPILED[key] = (model, jax.jit(prefill, donate_argnums=(3,)), jax.jit(step, donate_argnums=(4,)))
+        # the repeated prefill's cache outgrows the one it is given: nothing to donate
+        _COMPILED[key] = (model, jax.jit(prefill, donate_argnums=(3,) if repeats == 1 else ()),
+                          jax.jit(step, donate_argnums=(4,)))
     return _COMPILED[key][1:]
 
 
@@ -111,12 +118,15 @@ def generate_ids(
     seed: int = 0,
     on_token: Callable[[np.ndarray], None] | None = None,
     adapter_names: Sequence[str] | None = None,
+    repeats: int = 1,
 ) -> list[list[int]]:
     """Continue each token-id prompt; returns the new ids of each (stopping after an EOS id).
     For an encoder-decoder (T5) each prompt is the encoder's input and the ids are the decoder's.
 
-    on_token: called with each step's new ids (one per prompt) as soon as they exist, for streaming.
+    on_token: called with each step's new ids (one per row) as soon as they exist, for streaming.
     adapter_names: with named adapters, the adapter of each prompt ("__base__": none).
+    repeats: continue each prompt this many times (consecutive rows of the result), from one prefill of it
+    (RL's several completions per prompt; sample, or every copy is the same).
     """
     if not (model.is_causal_lm or model.is_seq2seq):
         raise LowraxError(f"generation needs a causal LM or an encoder-decoder; {model.model_type} is an encoder")
@@ -125,24 +135,35 @@ def generate_ids(
                           cli=f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise LowraxError("every prompt needs at least one token")
+    if repeats < 1:
+        raise LowraxError(f"repeats must be >= 1, got {repeats}")
     batch = len(prompts)
-    params = _per_row_adapters(params, adapter_names, batch)
     if model.is_seq2seq:  # prompts are the encoder's inputs; the decoder starts from its start token
+        if repeats > 1:
+            prompts = [p for p in prompts for _ in range(repeats)]
+            adapter_names = None if adapter_names is None else [a for a in adapter_names for _ in range(repeats)]
+        params = _per_row_adapters(params, adapter_names, len(prompts))
         return generate_seq2seq_ids(model, params, prompts, max_new_tokens, sampling, eos_token_ids, pad_token_id,
                                     seed, on_token, PROMPT_BUCKET, CACHE_BUCKET)
+    prompt_params = _per_row_adapters(params, adapter_names, batch)
     ids, mask = left_padded(prompts, pad_token_id)
     prompt_len = ids.shape[1]
-    virtual = model.virtual_token_count(params)  # slots before the prompt (prompt and prefix tuning)
+    virtual = model.virtual_token_count(prompt_params)  # slots before the prompt (prompt and prefix tuning)
     _check_length(model, virtual + max(len(p) for p in prompts), max_new_tokens)
     cache_len = _round_up(virtual + prompt_len + max_new_tokens, CACHE_BUCKET)
     # The activations' dtype: the first floating leaf (NF4 weights hold uint8 codes).
-    dtype = model.activation_dtype(params)
-    _check_cache_fits(model, batch, cache_len, dtype, max_new_tokens)
-    prefill, step = _compiled(model, sampling)
+    dtype = model.activation_dtype(prompt_params)
+    _check_cache_fits(model, batch * repeats, cache_len, dtype, max_new_tokens)
+    prefill, step = _compiled(model, sampling, repeats)
     rng = jax.random.key(seed)
     rng, sub = jax.random.split(rng)
     cache = model.init_cache(batch, cache_len, dtype)
-    token, cache, position, key_valid = prefill(params, jnp.asarray(ids), jnp.asarray(mask), cache, sub)
+    token, cache, position, key_valid = prefill(prompt_params, jnp.asarray(ids), jnp.asarray(mask), cache, sub)
+    if repeats == 1:
+        params = prompt_params
+    else:  # every copy of a prompt keeps its adapter
+        names = None if adapter_names is None else [a for a in adapter_names for _ in range(repeats)]
+        params = _per_row_adapters(params, names, batch * repeats)
 
     def next_token(token, i, key):
         nonlocal cache

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from lowrax.core.checked import Bound, Checked, NonNegativeFloat, OneOf, PositiveFloat, PositiveInt, Share
+from lowrax.core.checked import Bound, Checked, Count, NonNegativeFloat, OneOf, PositiveFloat, PositiveInt, Share
 from lowrax.errors import LowraxError
+from lowrax.objectives.grpo import LOSS_TYPES as GRPO_LOSS_TYPES, SCALE_REWARDS
 from lowrax.objectives.preference import DPO_LOSS_TYPES
 from lowrax.objectives.registry import Objective, register_objective
 
@@ -52,6 +53,53 @@ class DistillSection(Checked):
                               "distill.on_policy trains on new completions: use one or the other")
 
 
+@dataclass(frozen=True)
+class GRPOSection(Checked):
+    """GRPO's settings; names and defaults follow TRL's GRPOConfig except where a CPU run needs less
+    (num_generations, max_completion_length)."""
+
+    section_name = "grpo"
+
+    num_generations: Annotated[int, Bound(low=2)] = 4  # completions sampled per prompt (train.batch_size counts completions)
+    max_completion_length: PositiveInt = 32  # new tokens per completion at most (longer ones are cut: truncated)
+    temperature: PositiveFloat = 1.0  # sampling temperature; the policy's log-probs are taken at it too, as TRL's
+    top_p: Annotated[float, Bound(0, 1, low_open=True)] = 1.0  # nucleus sampling (1: off)
+    top_k: Count = 0  # top-k sampling (0: off)
+    rewards: tuple[str, ...] = ("final_number",)  # built-ins (NAME or NAME=OPTION) or module:function, summed
+    reward_weights: tuple[float, ...] | None = None  # one weight per reward (None: 1 each)
+    scale_rewards: Annotated[str, OneOf(SCALE_REWARDS)] = "group"  # advantages divided by the group's std, the batch's, or none
+    loss_type: Annotated[str, OneOf(GRPO_LOSS_TYPES)] = "dapo"  # how token losses are normalised (docs: reinforcement learning)
+    beta: NonNegativeFloat = 0.0  # weight of the k3 KL to the reference, the base with adapters off (0: no reference pass)
+    epsilon: PositiveFloat = 0.2  # the clip's lower margin
+    epsilon_high: PositiveFloat | None = None  # the clip's upper margin (None: epsilon; DAPO uses 0.28); cispo's ratio cap
+    importance_sampling_level: Annotated[str, OneOf(("token", "sequence"))] = "token"  # sequence: GSPO
+    delta: PositiveFloat | None = None  # two-sided clip: the unclipped ratio capped at delta (None: off)
+    sapo_temperature_pos: PositiveFloat = 1.0  # sapo: gate temperature for positive advantages
+    sapo_temperature_neg: PositiveFloat = 1.05  # sapo: gate temperature for negative advantages
+    kl_bias_correction: bool = True  # weight the KL term by the importance ratio (TRL's use_bias_correction_kl)
+    num_iterations: PositiveInt = 1  # updates per rollout (> 1: the old policy's log-probs are stored with it)
+    mask_truncated_completions: bool = False  # completions cut at max_completion_length carry no loss
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise LowraxError(f"grpo.reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} "
+                              f"rewards ({', '.join(self.rewards)}); give one per reward, or null for 1 each")
+        if not self.rewards:
+            raise LowraxError("grpo.rewards is empty; name at least one reward (e.g. [final_number])")
+
+
+def _check_grpo(cfg) -> None:
+    g, t = cfg.grpo, cfg.train
+    if t.batch_size % g.num_generations:
+        raise LowraxError(f"train.batch_size counts completions and must be a multiple of grpo.num_generations "
+                          f"({g.num_generations}); got {t.batch_size}")
+    if g.num_iterations > 1 and t.save_every % g.num_iterations:
+        raise LowraxError(f"with grpo.num_iterations={g.num_iterations}, train.save_every must be a multiple of it "
+                          f"(a checkpoint between the updates of one rollout could not be resumed exactly); "
+                          f"got {t.save_every}")
+
+
 def _check_distill(cfg) -> None:
     if cfg.distill.on_policy and cfg.model.task != "causal_lm":
         raise LowraxError("distill.on_policy has the student generate completions, which needs a causal LM; "
@@ -65,3 +113,5 @@ for _name in PREFERENCE:
                                  description="preference tuning on chosen/rejected completions"))
 register_objective(Objective("distill", ("causal_lm", "classification"), section="distill", check=_check_distill,
                              description="knowledge distillation from a teacher (seq2seq distillation is not implemented)"))
+register_objective(Objective("grpo", ("causal_lm",), section="grpo", check=_check_grpo,
+                             description="group-relative policy optimisation on sampled completions and rewards"))

@@ -204,12 +204,14 @@ def rollout(model, params, prompts: Sequence[Sequence[int]], num_generations: in
             sampling, eos_token_ids: Sequence[int], pad_token_id: int = 0, seed: int = 0) -> Rollout:
     """Sample `num_generations` completions of each token-id prompt with the compiled generator (one
     prefill and one decode program per batch and bucketed length, reused by every later call of the same
-    shapes) and pad them for the policy loss."""
+    shapes; each prompt is prefilled once and its cache copied for its completions) and pad them for the
+    policy loss."""
     if num_generations < 1 or max_completion_length < 1:
         raise LowraxError(f"num_generations and max_completion_length must be >= 1; got {num_generations} and "
                           f"{max_completion_length}")
     repeated = [list(p) for p in prompts for _ in range(num_generations)]
-    outputs = generate_ids(model, params, repeated, max_completion_length, sampling, eos_token_ids, pad_token_id, seed)
+    outputs = generate_ids(model, params, [list(p) for p in prompts], max_completion_length, sampling, eos_token_ids,
+                           pad_token_id, seed, repeats=num_generations)
     prompt_ids, prompt_mask = left_padded(repeated, pad_token_id)
     completion_ids = np.full((len(repeated), max_completion_length), pad_token_id, np.int32)
     completion_mask = np.zeros((len(repeated), max_completion_length), np.int32)

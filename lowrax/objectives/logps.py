@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrax.core.node import resolve
-from lowrax.objectives.fused_logps import head_target_logps
+from lowrax.objectives.fused_logps import head_position_losses, head_target_logps, target_logps
 
 
 def at_positions(hidden, positions) -> jnp.ndarray:
@@ -27,12 +27,6 @@ def at_positions(hidden, positions) -> jnp.ndarray:
 def logits_at(model, params, hidden, positions) -> jnp.ndarray:
     """float32 logits [n, K, V] from final hidden states [n, t, H] at positions [n, K]."""
     return model.logits_from_hidden(resolve(params), at_positions(hidden, positions)).astype(jnp.float32)
-
-
-def target_logps(logits, targets) -> jnp.ndarray:
-    """log p(target) [...] from logits [..., V] and targets [...]: logit[target] - logsumexp(logits),
-    without materialising every log-probability."""
-    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
 
 
 def logps_at(model, params, hidden, positions, targets) -> jnp.ndarray:
@@ -54,16 +48,29 @@ def completion_logps(model, params, batch: dict, prefix: str = ""):
     return jnp.sum(token * weights, axis=-1), jnp.sum(weights, axis=-1), hidden
 
 
-def completion_token_logps(model, params, prompt_ids, prompt_mask, completion_ids, completion_mask) -> jnp.ndarray:
+def completion_token_logps(model, params, prompt_ids, prompt_mask, completion_ids, completion_mask, *,
+                           temperature: float = 1.0, with_entropy: bool = False):
     """log p(token) [B, T] of each completion token given its prompt and the completion before it, as RL
     (GRPO) needs them: prompts [B, P] left-padded, completions [B, T] right-padded, run as one row each.
-    The logits exist one block at a time (`logps_at`); a padding position's value is meaningless and
-    is to be masked by completion_mask."""
+    The distribution is the softmax of logits / temperature (the sampling temperature, as TRL scores
+    completions). The logits exist one block at a time (`fused_logps`); a padding position's value is
+    meaningless and is to be masked by completion_mask. with_entropy: (log-probs, each position's entropy
+    [B, T], without gradient)."""
     ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
     p, t = prompt_ids.shape[1], completion_ids.shape[1]
     positions = jnp.broadcast_to(jnp.arange(p - 1, p + t - 1), completion_ids.shape)  # each predicts the next token
-    return logps_at(model, params, model.final_hidden(params, ids, mask), positions, completion_ids)
+    hidden = at_positions(model.final_hidden(params, ids, mask), positions)
+
+    def head(params, h):
+        return model.logits_from_hidden(resolve(params), h).astype(jnp.float32) / temperature
+
+    def loss_of_logits(logits, _, targets):
+        entropy = -jnp.sum(jax.nn.softmax(logits, -1) * jax.nn.log_softmax(logits, -1), -1) if with_entropy else ()
+        return target_logps(logits, targets), jax.lax.stop_gradient(entropy)
+
+    logps, entropy = head_position_losses(head, params, hidden, loss_of_logits, (completion_ids,))
+    return (logps, entropy) if with_entropy else logps
 
 
 def whole_sequence_nll(model, params, hidden, input_ids, attention_mask) -> tuple[jnp.ndarray, jnp.ndarray]:

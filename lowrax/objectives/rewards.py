@@ -4,8 +4,10 @@
 column of the prompt records arrives as a keyword argument holding one value per completion, so a
 reward can read the record's `answer`. None means "this function does not score this completion".
 
-Built-ins, named in a config as `exact_match`, `regex_match`, `format_match` and `length_penalty`;
-any other function is named `module:function` and imported.
+Built-ins, named in a config as `exact_match`, `final_number`, `regex_match`, `format_match` and
+`length_penalty`; any other function is named `module:function` and imported. In a config a built-in's
+option follows an `=` (`format_match=\\d+`, `length_penalty=200`, `exact_match=solution`):
+`reward_from_spec`.
 """
 
 from __future__ import annotations
@@ -31,17 +33,53 @@ def completion_text(completion) -> str:
     raise LowraxError(f"a completion must be text or a list of chat messages; got {type(completion).__name__}")
 
 
+def matches(prediction: str, reference: str) -> bool:
+    """Whether a prediction is its reference, surrounding whitespace ignored: what exact match counts (the
+    reward here and the task metric of `lowrax train`)."""
+    return prediction.strip() == reference.strip()
+
+
 def exact_match(answer_field: str = "answer") -> RewardFunction:
-    """1.0 where the completion, stripped, equals the record's `answer_field` (stripped), else 0.0;
-    None where the record has no answer."""
+    """1.0 where the completion is the record's `answer_field` (`matches`: whitespace around either ignored, as
+    the exact-match metric counts), else 0.0; None where the record has no answer."""
     def reward(prompts, completions, **columns):
         answers = columns.get(answer_field)
         if answers is None:
             raise LowraxError(f"the exact_match reward reads the column {answer_field!r}, which the prompt records "
                               f"lack (columns: {', '.join(sorted(columns)) or 'none'})")
-        return [None if answer is None else float(completion_text(c).strip() == str(answer).strip())
+        return [None if answer is None else float(matches(completion_text(c), str(answer)))
                 for c, answer in zip(completions, answers)]
     reward.__name__ = "exact_match"
+    return reward
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _number(text: str) -> float | None:
+    """The value of a number written with optional thousands commas and decimals, or None."""
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def final_number(answer_field: str = "answer") -> RewardFunction:
+    """1.0 where the last number in the completion equals the record's `answer_field` as a number (thousands
+    commas ignored: "1,024" is 1024), else 0.0; None where the record has no answer. The usual verifiable
+    reward of arithmetic and grade-school maths sets, where a completion may reason before its answer."""
+    def reward(prompts, completions, **columns):
+        answers = columns.get(answer_field)
+        if answers is None:
+            raise LowraxError(f"the final_number reward reads the column {answer_field!r}, which the prompt records "
+                              f"lack (columns: {', '.join(sorted(columns)) or 'none'})")
+        out = []
+        for c, answer in zip(completions, answers):
+            expected = None if answer is None else _number(str(answer).strip())
+            found = _NUMBER.findall(completion_text(c))
+            out.append(None if expected is None else float(bool(found) and _number(found[-1]) == expected))
+        return out
+    reward.__name__ = "final_number"
     return reward
 
 
@@ -84,8 +122,11 @@ def length_penalty(max_chars: int) -> RewardFunction:
     return reward
 
 
-BUILT_INS = {"exact_match": exact_match, "regex_match": regex_match, "format_match": format_match,
-             "length_penalty": length_penalty}
+BUILT_INS = {"exact_match": exact_match, "final_number": final_number, "regex_match": regex_match,
+             "format_match": format_match, "length_penalty": length_penalty}
+# The option a config gives a built-in after `=`, and how it is read.
+SPEC_OPTIONS = {"exact_match": ("answer_field", str), "final_number": ("answer_field", str),
+                "regex_match": ("pattern", str), "format_match": ("pattern", str), "length_penalty": ("max_chars", int)}
 
 
 def reward_function(name: str, **options) -> RewardFunction:
@@ -108,6 +149,32 @@ def reward_function(name: str, **options) -> RewardFunction:
     if options:
         raise LowraxError(f"reward {name!r} takes no options in the config; got {', '.join(sorted(options))}")
     return fn
+
+
+def reward_from_spec(spec: str) -> RewardFunction:
+    """A reward as a config names it: `NAME` or `NAME=OPTION` for a built-in (regex_match and format_match
+    need their pattern), or `module:function`."""
+    name, has_option, option = spec.partition("=")
+    name = name.strip()
+    if name not in BUILT_INS:
+        if has_option:
+            raise LowraxError(f"reward {spec!r}: only the built-ins ({', '.join(BUILT_INS)}) take an option after '='")
+        return reward_function(name)
+    key, kind = SPEC_OPTIONS[name]
+    if not has_option:
+        if name in ("regex_match", "format_match"):
+            raise LowraxError(f"reward {name!r} needs its pattern: write {name}=PATTERN, e.g. {name}=\\d+")
+        return reward_function(name)
+    try:
+        value = kind(option)
+    except ValueError:
+        raise LowraxError(f"reward {spec!r}: {name}'s option is {key}, an integer; got {option!r}") from None
+    return reward_function(name, **{key: value})
+
+
+def reward_name(fn: RewardFunction) -> str:
+    """What metrics call a reward function: its __name__ (TRL's `rewards/NAME/mean`)."""
+    return getattr(fn, "__name__", None) or type(fn).__name__
 
 
 def score(functions: Sequence[RewardFunction], weights: Sequence[float] | None, prompts: list, completions: list,

@@ -9,7 +9,9 @@ and their b rejected rows after (one forward for both, as TRL's concatenated for
 KTO takes b unpaired rows with `desirable` [b] and KTO's mismatched `kl_*` rows. The DPO
 and KTO reference is the same parameters with every adapter switched off, run in the
 same step without gradient, or `ref_logps` [rows] precomputed and stored in the batch.
-Distillation's loss function takes a fourth argument, the teacher's parameters.
+Distillation's loss function takes a fourth argument, the teacher's parameters. GRPO takes
+rollouts: left-padded prompts, right-padded completions, their advantages (and, when a rollout
+serves several updates, the sampling policy's log-probs).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import jax.numpy as jnp
 from lowrax.adapters.tree import adapters_off
 from lowrax.core.node import resolve
 from lowrax.errors import LowraxError
-from lowrax.objectives.config import DistillSection, PreferenceSection
+from lowrax.objectives.config import DistillSection, GRPOSection, PreferenceSection
 from lowrax.objectives.distill import token_divergence
-from lowrax.objectives.fused_logps import head_position_losses
-from lowrax.objectives.logps import at_positions, classifier_logits, completion_logps, target_logps, whole_sequence_nll
+from lowrax.objectives.fused_logps import head_position_losses, target_logps
+from lowrax.objectives.grpo import grpo_loss
+from lowrax.objectives.logps import (at_positions, classifier_logits, completion_logps, completion_token_logps,
+                                     whole_sequence_nll)
 from lowrax.objectives.preference import dpo_per_pair, kto_per_example, orpo_per_pair, simpo_per_pair
 
 
@@ -216,5 +220,37 @@ def classifier_distill_objective(cfg: DistillSection, teacher_model):
         labels = batch["labels"]
         weights = batch.get("example_weights", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
         return _distilled(cfg, student, teacher_logits, labels, weights)
+
+    return loss_fn
+
+
+TOKEN_NORMALISED = ("dapo", "cispo", "bnpo")  # GRPO losses over completion tokens; the others over sequences
+
+
+def grpo_objective(cfg: GRPOSection):
+    """GRPO's policy loss (`objectives.grpo.grpo_loss`) of a batch of rollouts: prompt_ids / prompt_mask
+    [B, P], completion_ids / completion_mask [B, T], advantages [B], optionally old_logps [B, T]. The
+    reference (beta > 0) is the base with every adapter off, run in the step without gradient. The loss
+    returns as (mean x count, count), count the completion tokens or the sequences as the loss type
+    normalises, so accumulated micro-batches give the loss of their union; metrics (TRL's names, and the
+    policy's mean token `entropy`) are the micro-batch's means, weighted the same way."""
+
+    def loss_fn(model, params, batch):
+        rows = (batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"])
+        logps, entropy = completion_token_logps(model, params, *rows, temperature=cfg.temperature, with_entropy=True)
+        ref = None
+        if cfg.beta:
+            ref = jax.lax.stop_gradient(completion_token_logps(model, adapters_off(params), *rows,
+                                                               temperature=cfg.temperature))
+        mask = batch["completion_mask"].astype(jnp.float32)
+        loss, metrics = grpo_loss(
+            logps, batch.get("old_logps"), batch["advantages"], mask, ref_logps=ref, loss_type=cfg.loss_type,
+            beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+            importance_sampling_level=cfg.importance_sampling_level, delta=cfg.delta,
+            max_completion_length=cfg.max_completion_length, sapo_temperature_pos=cfg.sapo_temperature_pos,
+            sapo_temperature_neg=cfg.sapo_temperature_neg, kl_bias_correction=cfg.kl_bias_correction)
+        metrics["entropy"] = jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        count = jnp.sum(mask) if cfg.loss_type in TOKEN_NORMALISED else jnp.float32(mask.shape[0])
+        return loss * count, count, {k: jax.lax.stop_gradient(v) * count for k, v in metrics.items()}
 
     return loss_fn

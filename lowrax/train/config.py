@@ -28,7 +28,7 @@ from lowrax.core.checked import (Bound, Checked, ConfigValueError, Count, OneOf,
 from lowrax.core.kernels import quant_methods
 from lowrax.quant import tree as _quant_tree  # noqa: F401  (registers the nf4 and int8 quantizers)
 from lowrax.errors import LowraxError
-from lowrax.objectives.config import DistillSection, PreferenceSection
+from lowrax.objectives.config import DistillSection, GRPOSection, PreferenceSection
 from lowrax.objectives.registry import check_objective
 from lowrax.train.tasks import task_named
 from lowrax.train.optim import OptimizerConfig
@@ -199,13 +199,14 @@ class TrainSection(Checked):
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     method: str = "lora"  # the adapter method (lowrax.method_names()); its settings are the section named after it
-    objective: str = "sft"  # a registered objective (lowrax.objectives.registry): sft | dpo | orpo | simpo | kto | distill
+    objective: str = "sft"  # a registered objective (lowrax.objectives.registry): sft | dpo | orpo | simpo | kto | distill | grpo
     adapter: Any = field(default_factory=LoraConfig)  # the method's config: LoraConfig, IA3Config, ...
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     preference: PreferenceSection = field(default_factory=PreferenceSection)  # dpo, orpo, simpo, kto
     distill: DistillSection = field(default_factory=DistillSection)  # objective: distill
+    grpo: GRPOSection = field(default_factory=GRPOSection)  # objective: grpo
     mesh: MeshConfig = field(default_factory=MeshConfig)  # device mesh: data x fsdp x tensor
     dist: DistConfig = field(default_factory=DistConfig)  # several processes (hosts): jax.distributed
 
@@ -238,7 +239,7 @@ class TrainConfig:
 
 _SECTION_CLASSES = {"model": ModelSection, "optim": OptimizerConfig, "data": DataSection,
                     "train": TrainSection, "preference": PreferenceSection, "distill": DistillSection,
-                    "mesh": MeshConfig, "dist": DistConfig}
+                    "grpo": GRPOSection, "mesh": MeshConfig, "dist": DistConfig}
 TOP_LEVEL = ("method", "objective")  # plain values beside the sections
 # Fields that may change when a run is resumed (they do not change what the steps compute).
 RESUMABLE = {"train.steps", "train.save_every", "train.max_checkpoints", "train.eval_every", "train.samples", "train.quick", "train.epochs",
@@ -371,7 +372,7 @@ def read_preset(path: str | Path | None) -> dict:
     values = read_yaml_file(p) or {}
     if not isinstance(values, dict):
         raise LowraxError(f"{p} must hold a mapping of sections (model, method, objective, lora, optim, data, train, "
-                          "preference, distill, mesh, dist)")
+                          "preference, distill, grpo, mesh, dist)")
     return values
 
 

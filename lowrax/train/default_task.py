@@ -8,11 +8,17 @@ convention the base model cannot know, so it scores 0% before training; it is
 a consistent rule (day without leading zero, English month abbreviation,
 year), so LoRA learns it within a few dozen steps. Scored by exact match on
 held-out dates that never appear in training.
+
+Reinforcement learning (GRPO) needs a task the base model sometimes gets right, so that sampled
+completions differ in reward: its embedded default is small additions asked in the chat format,
+scored by the last number of the completion (`make_arithmetic_splits`).
 """
 
 from __future__ import annotations
 
 import random
+
+from lowrax.objectives.rewards import matches
 
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 YEARS = (1950, 2049)
@@ -37,10 +43,10 @@ def make_splits(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], l
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Share of predictions equal to their reference, surrounding whitespace ignored."""
+    """Share of predictions equal to their reference (`matches`)."""
     if not references:
         return 0.0
-    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
+    return sum(matches(p, r) for p, r in zip(predictions, references)) / len(references)
 
 
 def _wrong(rng: random.Random, year: int, month: int, day: int) -> str:
@@ -76,3 +82,25 @@ def unpaired(pairs: list[dict]) -> list[dict]:
         out += [{"prompt": p["prompt"], "completion": p["chosen"], "label": True},
                 {"prompt": p["prompt"], "completion": p["rejected"], "label": False}]
     return out
+
+
+ARITHMETIC_RANGE = (2, 20)  # SmolLM2-135M-Instruct sums these right now and then, sampled: a signal to learn from
+
+
+def make_arithmetic_splits(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """The GRPO default: (train, eval) prompts `[{"role": "user", "content": "What is 14 + 15? Answer with the
+    number only."}]` (TRL's conversational form) with their `answer` ("29"); no held-out question is asked in training
+    (the 361 sums of 2..20 cycle to fill n_train)."""
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(ARITHMETIC_RANGE[0], ARITHMETIC_RANGE[1] + 1)
+             for b in range(ARITHMETIC_RANGE[0], ARITHMETIC_RANGE[1] + 1)]
+    rng.shuffle(pairs)
+    held_out = pairs[:n_eval]
+    rest = pairs[n_eval:] or pairs
+    train = [rest[i % len(rest)] for i in range(n_train)]
+
+    def record(a: int, b: int) -> dict:
+        question = f"What is {a} + {b}? Answer with the number only."
+        return {"prompt": [{"role": "user", "content": question}], "answer": str(a + b)}
+
+    return [record(*p) for p in train], [record(*p) for p in held_out]

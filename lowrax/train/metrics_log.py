@@ -27,21 +27,31 @@ class MetricsLog:
 
 
 def plot_losses(rows: list[dict], path: Path) -> None:
+    """The loss curve (log scale while every loss is positive), with the held-out loss and, for RL runs,
+    the rollouts' mean reward on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows if "loss" in r]
+    trained = [r for r in rows if r.get("loss") is not None]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [r["loss"] for r in rows if "loss" in r], label="train loss")
-    evals = [r for r in rows if "eval_loss" in r]
+    ax.plot([r["step"] for r in trained], [r["loss"] for r in trained], label="train loss")
+    evals = [r for r in rows if r.get("eval_loss") is not None]
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.legend()
+    if all(r["loss"] > 0 for r in trained) and all(r["eval_loss"] > 0 for r in evals):
+        ax.set_yscale("log")
+    ax.legend(loc="upper left")
+    rewarded = [r for r in rows if r.get("reward") is not None]
+    if rewarded:
+        twin = ax.twinx()
+        twin.plot([r["step"] for r in rewarded], [r["reward"] for r in rewarded], color="tab:green", alpha=0.7,
+                  label="reward (rollouts)")
+        twin.set_ylabel("reward")
+        twin.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -27,6 +27,7 @@ from lowrax.train.build import DTYPES
 from lowrax.train.config import TrainConfig
 from lowrax.train.data import Batches, encode_all, loss_width
 from lowrax.train.eval_loss import EvalLoss
+from lowrax.train.grpo_run import GRPORun, grpo_records
 from lowrax.train.on_policy import is_on_policy_step, with_student_completions
 from lowrax.train.preference_run import PreferenceRun, preference_records
 from lowrax.train.scoring import TaskScorer, covered, score_run
@@ -70,6 +71,7 @@ class ObjectiveRun:
         (on-policy distillation), and what to log of it.
     step_args: keyword arguments of `sharded_train_step` (a distillation teacher).
     metric: the name of the task metric, or None when there is none to score.
+    shown: entries of what `prepare` logs that the progress bar shows beside the loss (GRPO's reward).
     """
 
     batches: Any
@@ -82,6 +84,7 @@ class ObjectiveRun:
     prepare: Callable[[list, Any, Any, int], tuple[list, dict]] = lambda micro, state, frozen, step: (micro, {})
     step_args: dict = field(default_factory=dict)
     on_training_start: Callable[[], None] = lambda: None
+    shown: tuple[str, ...] = ()
 
 
 ObjectiveSetup = Callable[[RunContext], ObjectiveRun]
@@ -99,9 +102,11 @@ def objective_run(ctx: RunContext) -> ObjectiveRun:
 
 
 def objective_records(cfg: TrainConfig, train: list, held_out: list) -> tuple[list, list]:
-    """The records an objective trains on (the preference objectives' embedded default differs)."""
-    return preference_records(cfg, train, held_out) if objective_named(cfg.objective).section == "preference" \
-        else (train, held_out)
+    """The records an objective trains on (the preference objectives' and GRPO's embedded defaults differ)."""
+    section = objective_named(cfg.objective).section
+    if section == "preference":
+        return preference_records(cfg, train, held_out)
+    return grpo_records(cfg, train, held_out) if section == "grpo" else (train, held_out)
 
 
 # --- supervised fine-tuning (and the base of distillation) ---------------------------------------
@@ -191,6 +196,24 @@ def preference_score(run: PreferenceRun, trainable, frozen, log, when: str, prog
     return {**out, **{f"{k}_{when}": v for k, v in measured.items()}}
 
 
+# --- reinforcement learning (grpo) -------------------------------------------------------------------
+
+
+def grpo_run(ctx: RunContext) -> ObjectiveRun:
+    """Rollouts sampled before each step (`GRPORun.prepare`), the held-out mean reward before and after."""
+    run = GRPORun(ctx)
+
+    def held_out(when):
+        return lambda trainable, frozen, progress=ctx.progress: run.held_out(trainable, frozen, when, progress)
+
+    def evaluate(trainable, frozen, progress=False):
+        return {f"eval_{k}": v for k, v in run.evaluate(trainable, frozen, progress)[0].items()}
+
+    return ObjectiveRun(batches=run.batches, loss_fn=run.loss_fn, metric="reward" if run.eval_prompts else None,
+                        evaluate=evaluate, score_start=held_out("before"), final_metrics=held_out("after"),
+                        score_final=lambda final: {}, prepare=run.prepare, shown=("reward",))
+
+
 # --- distillation ----------------------------------------------------------------------------------
 
 
@@ -252,7 +275,7 @@ def distill_run(ctx: RunContext) -> ObjectiveRun:
 
 
 # Each objective's setup, by the section of settings it reads (lowrax.objectives.registry).
-SETUP_BY_SECTION = {None: sft_run, "preference": preference_run, "distill": distill_run}
+SETUP_BY_SECTION = {None: sft_run, "preference": preference_run, "distill": distill_run, "grpo": grpo_run}
 for _objective in objective_names():
     register_objective_run(_objective, SETUP_BY_SECTION[objective_named(_objective).section])
 

@@ -237,8 +237,7 @@ class TrainingRun:
         if self.cfg.data.trim_padding:
             micro = trimmed(micro, self.trim_widths)
         batch = stacked(micro, accum)
-        real = batch["attention_mask"].sum() if "attention_mask" in batch else batch["labels"].size  # images
-        return global_batch(self.ctx.mesh, batch, accum > 1), int(real), logged
+        return global_batch(self.ctx.mesh, batch, accum > 1), count_real_tokens(batch), logged
 
     def train(self, started: float | None = None) -> None:
         """Steps from where the run stands to train.steps; `started` (the command's start, perf_counter)
@@ -268,7 +267,8 @@ class TrainingRun:
             self.metrics.write({"step": step + 1, "loss": finite_or_none(self.loss), "grad_norm": finite_or_none(grad_norm),
                                 "tokens": real_tokens, "tokens_per_s": real_tokens / dt, **own, **logged})
             self.check_health(step + 1, grad_norm, own.get("skipped", 0.0))
-            bar.set_postfix(loss=f"{self.loss:.4f}", tok_s=f"{real_tokens / dt:.0f}")
+            shown = {k: f"{logged[k]:.3f}" for k in self.objective.shown if logged.get(k) is not None}
+            bar.set_postfix(loss=f"{self.loss:.4f}", **shown, tok_s=f"{real_tokens / dt:.0f}")
             done = step + 1
             if cfg.train.eval_every and done % cfg.train.eval_every == 0:
                 self.metrics.write({"step": done, **self.objective.evaluate(self.state.trainable, self.frozen)})
@@ -341,6 +341,16 @@ class TrainingRun:
                       else "no checkpoint (train.save_every=0)")
         ctx.log(f"wrote {self.out}: adapter {summary['adapter_bytes'] / 1e6:.1f} MB, {checkpoint}")
         return summary
+
+
+def count_real_tokens(batch: dict) -> int:
+    """The batch's tokens that are not padding: attended tokens, a rollout's prompt and completion tokens, or
+    an image batch's examples."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "completion_mask" in batch:
+        return int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
+    return int(batch["labels"].size)
 
 
 def adopt_run_adapter(adapter_dir: Path) -> None:
