@@ -7,6 +7,7 @@
     python scripts/bench.py --objectives [--pairs 8]              (DPO/ORPO/SimPO/KTO/distill steps vs SFT: scripts/bench_objectives.py)
     python scripts/bench.py --pruning [--pattern 2:4]             (SparseGPT time and memory per layer: scripts/bench_pruning.py)
     python scripts/bench.py --recipes [--only text,classifier]    (real recipes' peak memory vs PEFT: scripts/bench_recipes.py)
+    python scripts/bench.py --grpo [--prompts 4] [--generations 4] (a GRPO step, rollout and update, vs TRL: scripts/bench_grpo.py)
 
 Reports for the model (default: the embedded SmolLM2-135M-Instruct, float32):
   forward tokens/s (batch x seq, logits for every position), and
@@ -97,6 +98,11 @@ def main() -> None:
         import bench_recipes
 
         return bench_recipes.main()
+    if "--grpo" in sys.argv:
+        sys.argv.remove("--grpo")
+        import bench_grpo
+
+        return bench_grpo.main()
     if "--pruning" in sys.argv:
         sys.argv.remove("--pruning")
         import bench_pruning

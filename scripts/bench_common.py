@@ -139,3 +139,29 @@ def random_llama(preset: str, dtype, mesh):
         return treedef.unflatten([(0.02 * jax.random.normal(k, s.shape)).astype(dtype) for k, s in zip(keys, leaves)])
 
     return model, jax.jit(init, out_shardings=param_shardings(shapes, model, mesh))(jax.random.key(0))
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args) in a new (spawned) process, so that its peak memory is its own; fn must be a module-level
+    function (it is pickled by name) and its result picklable."""
+    import multiprocessing
+    from queue import Empty
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_call_into, args=(queue, fn, args))
+    proc.start()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not proc.is_alive():  # it raised (its traceback is above) or was killed
+                raise RuntimeError(f"{getattr(fn, '__name__', fn)} ended without a result "
+                                   f"(exit code {proc.exitcode})") from None
+    proc.join()
+    return result
+
+
+def _call_into(queue, fn, args):
+    queue.put(fn(*args))

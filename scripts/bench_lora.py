@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_common import (RANDOM_LLAMA, base_parser, command_line, device_peak_flops, emit,  # noqa: E402
-                          load_torch_causal_lm, machine_facts, random_llama, timed)
+                          in_fresh_process, load_torch_causal_lm, machine_facts, random_llama, timed)
 
 import lowrax  # noqa: E402
 from lowrax.train.optim import OptimizerConfig, make_optimizer  # noqa: E402
@@ -263,20 +263,8 @@ def run_measurements(side: str, args) -> dict:
     return out
 
 
-def _child(side, args, queue):
-    queue.put(run_side(side, args))
-
-
 def in_subprocess(side: str, args) -> dict:
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(side, args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return in_fresh_process(run_side, side, args)
 
 
 def main() -> None:

@@ -8,12 +8,14 @@
     .venv-test/bin/python scripts/bench.py --recipes --out docs/figures/recipes.json   # measure (about an hour)
     .venv-test/bin/python scripts/bench.py --variants --out docs/figures/variants.json  # the methods (about 40 min)
     .venv-test/bin/python scripts/bench.py --objectives --pairs 8 --seq 64 --out docs/figures/objectives.json
+    .venv-test/bin/python scripts/bench.py --grpo --out docs/figures/grpo.json         # a GRPO step vs TRL
     .venv-test/bin/python scripts/memory_phases.py --out docs/figures/phases.json train.steps=3 \
         train.output_dir=runs/phases                                                     # a run's phases
     .venv-test/bin/python scripts/performance_tables.py                              # rewrite the tables
     .venv-test/bin/python scripts/performance_tables.py --check                      # exit 1 if a table differs
 
-Each table sits in a page of PAGES (docs/performance.md, docs/preference-and-distillation.md, docs/pruning.md) between
+Each table sits in a page of PAGES (docs/performance.md, docs/preference-and-distillation.md, docs/pruning.md,
+docs/reinforcement-learning.md) between
 `<!-- generated: NAME -->` and `<!-- end generated -->` and is rendered from docs/figures/NAME.json. `tests/test_performance_tables.py` runs the check.
 """
 
@@ -28,7 +30,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # the pages with generated tables
-PAGES = (REPO / "docs" / "performance.md", REPO / "docs" / "preference-and-distillation.md", REPO / "docs" / "pruning.md")
+PAGES = tuple(REPO / "docs" / page for page in ("performance.md", "preference-and-distillation.md", "pruning.md",
+                                                 "reinforcement-learning.md"))
 FIGURES = REPO / "docs" / "figures"
 TARGET_PEAK_RATIO = 0.8  # issue target: lowrax's peak at most 0.8x PEFT's
 
@@ -277,9 +280,33 @@ def qlora_table(figures: dict) -> str:
                   f"{figures['note'].split('; ', 1)[-1]}.")
 
 
+GRPO_ROWS = (("rollout_s", "rollout (sampling and scoring), s", "{:.2f}", True),
+             ("update_s", "update (loss, gradient, AdamW), s", "{:.2f}", True),
+             ("step_s", "step, s", "{:.2f}", True),
+             ("rollout_tokens_per_s", "completion tokens sampled per second", "{:.0f}", False),
+             ("first_step_s", "first step (compilation, warm-up), s", "{:.1f}", True),
+             ("peak_rss_bytes", "peak RSS of the process, GB", "{:.2f}", True))
+
+
+def grpo_table(figures: dict) -> str:
+    """scripts/bench_grpo.py: one GRPO step split into rollout and update, next to TRL + PEFT's."""
+    body = []
+    for key, label, fmt, lower_is_better in GRPO_ROWS:
+        ours, theirs = figures["lowrax"][key], figures["trl"][key]
+        scale = 1e9 if key == "peak_rss_bytes" else 1
+        ratio = theirs / ours if lower_is_better and key != "peak_rss_bytes" else ours / theirs
+        what = "x TRL's memory" if key == "peak_rss_bytes" else "x TRL's speed"
+        body.append(f"| {label} | {fmt.format(ours / scale)} | {fmt.format(theirs / scale)} | {ratio:.2f}{what} |")
+    return _table(figures, "| measure | lowrax | TRL + PEFT | lowrax |", body,
+                  f"{figures['model']}, float32, LoRA r {figures['rank']} on every linear layer; {figures['prompts']} "
+                  f"prompts x {figures['generations']} completions of up to {figures['completion_tokens']} tokens per "
+                  f"step, dapo loss, medians of {figures['lowrax']['steps_timed']} steps after the first; TRL with "
+                  f"{figures['trl']['threads']} torch threads, each side in its own process.")
+
+
 TABLES = {"recipes": recipes_table, "phases": phases_table, "variants": variants_table, "objectives": objectives_table,
           "forward": forward_table, "lora": lora_table, "qlora": qlora_table, "adapters": adapters_table,
-          "pruning": pruning_table}
+          "pruning": pruning_table, "grpo": grpo_table}
 
 
 def rendered_page(text: str) -> str:

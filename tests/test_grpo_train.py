@@ -174,6 +174,24 @@ def test_other_methods_and_an_nf4_base_train_with_grpo(tiny_dir, prompts_file, u
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) or method == "prefix_tuning"  # prefix tuning starts adapted
 
 
+def test_a_pruned_base_keeps_its_zeros_through_grpo(tiny_dir, prompts_file, user_rewards, tmp_path):
+    import lowrax
+    from lowrax.train.runs import restore_run
+
+    model, params = lowrax.load_pretrained(tiny_dir, progress=False)
+    pruned, _ = lowrax.prune(params, model, np.random.default_rng(0).integers(3, 100, (2, 8)), method="magnitude",
+                             sparsity=0.5, progress=False)
+    pruned_dir = lowrax.save_pretrained(pruned, model, tmp_path / "pruned", tokenizer=lowrax.load_tokenizer(tiny_dir))
+    out = tmp_path / "run"
+    run_training(_config(pruned_dir, out, prompts_file, steps=2, **{"grpo.beta": 0.1, "train.save_every": 2}),
+                 progress=False, log=lambda *_: None)
+    assert all(np.isfinite(r["loss"]) for r in _rows(out))
+    bases = lowrax.sparse_modules(restore_run(out)[2])
+    assert bases
+    for name, base in bases.items():
+        assert not np.asarray(base.kernel)[~np.asarray(base.mask)].any(), name
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"train.batch_size": 3}, "must be a multiple of grpo.num_generations"),
     ({"grpo.reward_weights": "[1.0]"}, "1 weights for 2 rewards"),
@@ -194,3 +212,15 @@ def test_records_without_a_prompt_are_named(tiny_dir, user_rewards, tmp_path):
     source.write_text(json.dumps({"question": "hi", "answer": "1"}) + "\n")
     with pytest.raises(LowraxError, match="training record 0 needs the field 'prompt'"):
         run_training(_config(tiny_dir, tmp_path / "out", source), progress=False, log=lambda *_: None)
+
+
+def test_chat_prompts_make_lowrax_chat_use_the_template(tiny_dir, prompts_file, tmp_path):
+    """`lowrax chat` on a GRPO run wraps what it is sent as the run's prompts were: in the chat template for
+    conversational prompts and the embedded default, as text for text prompts."""
+    from lowrax.train.runs import uses_chat_template
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}], "answer": "1"}) + "\n")
+    assert uses_chat_template(_config(tiny_dir, tmp_path / "a", chats))
+    assert not uses_chat_template(_config(tiny_dir, tmp_path / "b", prompts_file))
+    assert uses_chat_template(load_config(None, ["objective=grpo"]))

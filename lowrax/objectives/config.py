@@ -66,14 +66,14 @@ class GRPOSection(Checked):
     top_p: Annotated[float, Bound(0, 1, low_open=True)] = 1.0  # nucleus sampling (1: off)
     top_k: Count = 0  # top-k sampling (0: off)
     rewards: tuple[str, ...] = ("final_number",)  # built-ins (NAME or NAME=OPTION) or module:function, summed
-    reward_weights: tuple[float, ...] | None = None  # one weight per reward (None: 1 each)
+    reward_weights: tuple[float, ...] | None = None  # one weight per reward (null: 1 each)
     scale_rewards: Annotated[str, OneOf(SCALE_REWARDS)] = "group"  # advantages divided by the group's std, the batch's, or none
     loss_type: Annotated[str, OneOf(GRPO_LOSS_TYPES)] = "dapo"  # how token losses are normalised (docs: reinforcement learning)
     beta: NonNegativeFloat = 0.0  # weight of the k3 KL to the reference, the base with adapters off (0: no reference pass)
     epsilon: PositiveFloat = 0.2  # the clip's lower margin
-    epsilon_high: PositiveFloat | None = None  # the clip's upper margin (None: epsilon; DAPO uses 0.28); cispo's ratio cap
+    epsilon_high: PositiveFloat | None = None  # the clip's upper margin (null: epsilon; DAPO uses 0.28); cispo's ratio cap
     importance_sampling_level: Annotated[str, OneOf(("token", "sequence"))] = "token"  # sequence: GSPO
-    delta: PositiveFloat | None = None  # two-sided clip: the unclipped ratio capped at delta (None: off)
+    delta: PositiveFloat | None = None  # two-sided clip: the unclipped ratio capped at delta (null: off)
     sapo_temperature_pos: PositiveFloat = 1.0  # sapo: gate temperature for positive advantages
     sapo_temperature_neg: PositiveFloat = 1.05  # sapo: gate temperature for negative advantages
     kl_bias_correction: bool = True  # weight the KL term by the importance ratio (TRL's use_bias_correction_kl)

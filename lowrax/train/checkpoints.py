@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import re
 import shutil
@@ -59,6 +60,18 @@ def _without_orbax_leftovers(hook):
     return filtered
 
 
+class _OrbaxWriteTasks(logging.Filter):
+    """Drops asyncio's 'Task exception was never retrieved' for orbax's abandoned write tasks: after a failed
+    save such a task may finish (and be collected, or reported at exit) after `save` has raised its one error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("Task exception was never retrieved" in message and "orbax" in message)
+
+
+_ORBAX_WRITE_TASKS = _OrbaxWriteTasks()
+
+
 def _write_failure(error: Exception) -> str:
     """The operating system's reason for a failed checkpoint write, else the error's first line."""
     if isinstance(error, OSError) and error.errno:
@@ -96,6 +109,7 @@ class Checkpoints:
                                                                  meta=ocp.args.JsonSave(meta)), force=True)
                 self._manager.wait_until_finished()
         except Exception as e:  # orbax and tensorstore report a failed write as OSError, ValueError, ...
+            logging.getLogger("asyncio").addFilter(_ORBAX_WRITE_TASKS)  # for as long as its tasks may live
             gc.collect()  # the abandoned write coroutines, while the filter above is in place
             for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
                 shutil.rmtree(partial, ignore_errors=True)

@@ -82,7 +82,10 @@ class Adapted:
 
 
 def uses_chat_template(cfg: TrainConfig) -> bool:
-    """Whether a run's prompts were wrapped in the chat template (messages data always are)."""
+    """Whether a run's prompts were wrapped in the chat template (messages data always are, and GRPO's
+    conversational prompts and its embedded default)."""
+    if cfg.objective == "grpo":
+        return cfg.data.chat_template or cfg.data.source == "default" or _grpo_prompts_are_chats(cfg)
     fmt = cfg.data.format
     if fmt == "auto" and cfg.data.source != "default":
         try:
@@ -91,6 +94,15 @@ def uses_chat_template(cfg: TrainConfig) -> bool:
         except (LowraxError, OSError):
             pass  # the data moved: fall back to the run's setting
     return fmt == "messages" or (fmt in ("auto", "prompt_response") and cfg.data.chat_template)
+
+
+def _grpo_prompts_are_chats(cfg: TrainConfig) -> bool:
+    try:
+        records, _ = load_records(cfg.data)
+    except (LowraxError, OSError):
+        return False  # the data moved: the run's setting decides
+    first = records[0] if records else {}
+    return isinstance(first.get(cfg.data.prompt_field), list) or cfg.data.messages_field in first
 
 
 def load_adapted(path: str | Path, model_path: str | None = None, dtype: str | None = None) -> Adapted:
