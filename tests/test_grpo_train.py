@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from lowrax.adapters.registry import method_names
 from lowrax.errors import LowraxError
 from lowrax.train import grpo_run
 from lowrax.train.config import load_config
@@ -157,13 +158,12 @@ def test_the_reference_term_runs_with_adapters_off(tiny_dir, prompts_file, user_
     assert rows[-1]["kl"] > 0
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("ia3", {}), ("loha", {"loha.r": 4}), ("prefix_tuning", {"prefix_tuning.num_virtual_tokens": 3}),
-    ("lora", {"model.quantize": "nf4", "model.quant_blocksize": 32}),
-])
-def test_other_methods_and_an_nf4_base_train_with_grpo(tiny_dir, prompts_file, user_rewards, tmp_path, method, extra):
-    """Rollouts from the adapted model (virtual tokens in the generator's cache for prefix tuning, 4-bit weights
-    for NF4), and the KL term against the same model with its adapters off."""
+@pytest.mark.parametrize("method, extra", [(name, {}) for name in method_names()] +
+                         [("lora", {"model.quantize": "nf4", "model.quant_blocksize": 32})])
+def test_every_method_and_an_nf4_base_train_with_grpo(tiny_dir, prompts_file, user_rewards, tmp_path, method, extra):
+    """Rollouts from the adapted model (virtual tokens in the generator's cache for prompt and prefix tuning,
+    4-bit weights for NF4), and the KL term against the same model with its adapters off (which reads the
+    base arrays beside the trained ones: LN tuning's trained copy must not share the step's donated buffer)."""
     config = _config(tiny_dir, tmp_path / method, prompts_file, steps=2,
                      **{"method": method, "grpo.beta": 0.1, "optim.learning_rate": 0.05, **extra},
                      **({} if method == "lora" else {"lora.r": None, "lora.target_modules": None}))
@@ -171,7 +171,8 @@ def test_other_methods_and_an_nf4_base_train_with_grpo(tiny_dir, prompts_file, u
     rows = _rows(tmp_path / method)
     assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows), rows
     assert all(r["kl"] >= 0 for r in rows)  # the tiny model's near-uniform outputs keep it at rounding level
-    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) or method == "prefix_tuning"  # prefix tuning starts adapted
+    starts_adapted = method in ("prefix_tuning", "p_tuning", "prompt_tuning", "bottleneck")
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) or starts_adapted
 
 
 def test_a_pruned_base_keeps_its_zeros_through_grpo(tiny_dir, prompts_file, user_rewards, tmp_path):

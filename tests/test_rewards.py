@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lowrax.errors import LowraxError
-from lowrax.objectives.rewards import completion_text, reward_function, score
+from lowrax.objectives.rewards import completion_text, reward_from_spec, reward_function, score
 
 
 def shouting(prompts, completions, **columns):
@@ -79,3 +79,37 @@ def test_a_bad_return_is_named(returned, message):
         score([bad], None, ["p"] * 3, ["a", "b", "c"], {})
     with pytest.raises(LowraxError, match="2 reward weights for 1 reward functions"):
         score([bad], [1.0, 2.0], ["p"] * 3, ["a", "b", "c"], {})
+
+
+def test_final_number_reads_the_last_number_against_the_answer():
+    reward = reward_function("final_number")
+    completions = ["14 + 15 = 29", "29", "It is 1,024.", "30, no: 29 is wrong, 31", "no number", "-3", "2.50"]
+    answers = ["29", "29", "1024", "29", "29", "-3", "2.5"]
+    assert reward(None, completions, answer=answers) == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    assert reward(None, ["29"], answer=[None]) == [None]  # no answer: not scored
+    assert reward_function("final_number", answer_field="solution")(None, ["7"], solution=["7"]) == [1.0]
+    with pytest.raises(LowraxError, match="reads the column 'answer'"):
+        reward(None, ["7"], solution=["7"])
+
+
+@pytest.mark.parametrize("spec, completions, expected", [
+    ("exact_match", [" 4 ", "5"], [1.0, 0.0]),
+    ("exact_match=solution", ["5", "4"], [1.0, 0.0]),
+    (r"format_match=\d+", ["4", "four 4"], [1.0, 0.0]),
+    (r"regex_match=\d", ["four 4", "four"], [1.0, 0.0]),
+    ("length_penalty=2", ["abcd", "ab"], [-1.0, 0.0]),
+])
+def test_a_config_names_a_built_in_and_its_option_after_an_equals_sign(spec, completions, expected):
+    reward = reward_from_spec(spec)
+    assert reward(None, completions, answer=["4", "4"], solution=["5", "5"]) == expected
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("regex_match", "needs its pattern"),
+    ("length_penalty=long", "an integer; got 'long'"),
+    ("json:loads=3", "only the built-ins"),
+    ("nothing_like_it", "unknown reward 'nothing_like_it'"),
+])
+def test_bad_reward_specs_are_named(spec, message):
+    with pytest.raises(LowraxError, match=message):
+        reward_from_spec(spec)

@@ -63,8 +63,10 @@ def build_nodes(bases: dict[str, dict], cfg: LNTuningConfig, key, adapter_dtype,
     for name, module in bases.items():
         if any(is_adapter(a) for a in module.values()):
             raise LowraxError(f"{name} is already adapted; merge it first")
-        # the trained copy is in the adapters' dtype (float32 over a bfloat16 base, as every method's arrays)
-        nodes[name] = {field: TunedNorm(base=array, value=array.astype(adapter_dtype)) for field, array in module.items()}
+        # The trained copy is in the adapters' dtype (float32 over a bfloat16 base, as every method's arrays) and
+        # its own buffer: the step donates the trained half, while a reference with adapters off reads `base`.
+        nodes[name] = {field: TunedNorm(base=array, value=jnp.array(array, dtype=adapter_dtype, copy=True))
+                       for field, array in module.items()}
     return nodes, {}
 
 
