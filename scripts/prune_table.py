@@ -1,7 +1,8 @@
-"""The README's pruning table: held-out perplexity of the embedded SmolLM2 pruned by each method,
-then after a short LoRA recovery run, printed as a Markdown table and kept as JSON.
+"""The pruning page's perplexity table: held-out perplexity of the embedded SmolLM2 pruned by each method,
+then after a short LoRA recovery run, kept as JSON (with its command and machine) that
+`scripts/performance_tables.py` renders into docs/pruning.md.
 
-    .venv-test/bin/python scripts/prune_table.py [--out prune_table.json] [--recover-steps 20]
+    .venv-test/bin/python scripts/prune_table.py [--out docs/figures/prune_quality.json] [--recover-steps 20]
 
 Calibration: 32 rows of 256 tokens of the embedded text set's calibration split; evaluation: 16
 rows of 256 tokens of its held-out split (`lowrax.pruning.text`). Each setting's results are
@@ -23,6 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_common import command_line, machine_facts  # noqa: E402
 
 import lowrax  # noqa: E402
 from lowrax.pruning.text import perplexity, read_texts, token_windows  # noqa: E402
@@ -54,24 +58,35 @@ def recover(model, pruned, tokenizer, heldout, steps: int, workdir: Path) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="prune_table.json")
+    ap.add_argument("--out", default="docs/figures/prune_quality.json")
     ap.add_argument("--recover-steps", type=int, default=20)
     args = ap.parse_args()
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {}
+    kept = json.loads(out.read_text()) if out.exists() else {}
+    if kept.get("recover_steps", args.recover_steps) != args.recover_steps:
+        sys.exit(f"{out} holds results of --recover-steps {kept['recover_steps']}: use another --out")
+    figures = {"command": command_line(""), "machine": kept.get("machine") or machine_facts(("jax",)),
+               "recover_steps": args.recover_steps, "results": kept.get("results", {})}
+    results = figures["results"]
+
+    def save():
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(json.dumps(figures, indent=2) + "\n")
+        partial.replace(out)
+
     model, params = lowrax.load_pretrained(None, progress=False)
     tokenizer = lowrax.load_tokenizer(None)
     calibration = token_windows(tokenizer, read_texts("embedded", "calibration"), 32, 256)
     heldout = token_windows(tokenizer, read_texts("embedded", "heldout"), 16, 256)
     if "dense" not in results:
         results["dense"] = {"perplexity": perplexity(model, params, heldout)}
-        out.write_text(json.dumps(results, indent=2))
+        save()
     if "recovered_adapter" not in results["dense"] and args.recover_steps:
         # the same LoRA run on the unpruned model: the recovery data is in-domain, so this, not the
         # dense perplexity, is what a recovered model can at best come back to
         with tempfile.TemporaryDirectory() as tmp:
             results["dense"].update(recover(model, params, tokenizer, heldout, args.recover_steps, Path(tmp)))
-        out.write_text(json.dumps(results, indent=2))
+        save()
     for method, sparsity, pattern in SETTINGS:
         key = f"{method}/{label(sparsity, pattern)}"
         if key in results:
@@ -84,21 +99,9 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 row.update(recover(model, pruned, tokenizer, heldout, args.recover_steps, Path(tmp)))
         results[key] = row
-        out.write_text(json.dumps(results, indent=2))
+        save()
         print(key, row, flush=True)
-    print("\n| method | 25% | 50% | 2:4 | 25% + LoRA | 50% + LoRA | 2:4 + LoRA |")
-    print("|---|---|---|---|---|---|---|")
-    d = results["dense"]
-    lora = f"{d['recovered_adapter']:.2f}" if "recovered_adapter" in d else ""
-    print(f"| dense | {d['perplexity']:.2f} | {d['perplexity']:.2f} | {d['perplexity']:.2f} | {lora} | {lora} | {lora} |")
-    for method in ("magnitude", "wanda", "sparsegpt"):
-        r = {k.split("/")[1]: v for k, v in results.items() if k.startswith(method + "/")}
-        cells = [f"{r[c]['perplexity']:.2f}" if c in r else "" for c in RECOVERED]
-        for c in RECOVERED:
-            x = r.get(c, {})
-            cells.append(f"{x['recovered_adapter']:.2f} / {x['recovered_merged_sparse']:.2f}"
-                         if "recovered_adapter" in x else "")
-        print(f"| {method} | " + " | ".join(cells) + " |")
+
 
 if __name__ == "__main__":
     main()
