@@ -225,3 +225,22 @@ def test_chat_prompts_make_lowrax_chat_use_the_template(tiny_dir, prompts_file, 
     assert uses_chat_template(_config(tiny_dir, tmp_path / "a", chats))
     assert not uses_chat_template(_config(tiny_dir, tmp_path / "b", prompts_file))
     assert uses_chat_template(load_config(None, ["objective=grpo"]))
+
+
+def test_reward_options_are_checked_with_the_config():
+    """A built-in's missing or malformed option fails when the config is read, before any model loads."""
+    with pytest.raises(LowraxError, match="needs its pattern"):
+        load_config(None, ["objective=grpo", "grpo.rewards=[regex_match]"])
+    with pytest.raises(LowraxError, match="unknown reward 'finalnumber'"):
+        load_config(None, ["objective=grpo", "grpo.rewards=[finalnumber]"])
+    load_config(None, ["objective=grpo", "grpo.rewards=[my_package.rewards:score]"])  # imported when the run starts
+
+
+def test_an_override_only_grpo_run_starts_from_the_grpo_preset(tmp_path, monkeypatch):
+    from lowrax.cli.main import train_config
+
+    monkeypatch.chdir(tmp_path)  # the source tree's configs/
+    cfg, source = train_config(["objective=grpo", f"train.output_dir={tmp_path / 'run'}"])
+    assert source.endswith("configs/grpo.yaml") and cfg.data.seq_len == 64
+    _, source = train_config([f"train.output_dir={tmp_path / 'sft'}"])
+    assert source.endswith("configs/default.yaml")

@@ -154,12 +154,14 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def _default_config() -> str | None:
-    """configs/default.yaml of the working directory, else of the source tree lowrax runs from (an
-    editable install), so `lowrax train` trains the same run from any directory."""
-    for candidate in (Path.cwd() / "configs" / "default.yaml", Path(__file__).resolve().parents[2] / "configs" / "default.yaml"):
-        if candidate.exists():
-            return str(candidate)
+def _default_config(objective: str = "sft") -> str | None:
+    """The embedded task's preset: configs/OBJECTIVE.yaml (dpo, distill, grpo) where there is one, else
+    configs/default.yaml; of the working directory, else of the source tree lowrax runs from (an editable
+    install), so `lowrax train` trains the same run from any directory."""
+    for name in (f"{objective}.yaml", "default.yaml"):
+        for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+            if (root / "configs" / name).exists():
+                return str(root / "configs" / name)
     return None
 
 
@@ -168,8 +170,8 @@ def train_config(items: list[str]):
 
     Without a preset, a `train.output_dir` that already holds a run continues that run:
     its own config.yaml is the preset, and the overrides apply on top (e.g. train.steps=60).
-    Otherwise the overrides apply to configs/default.yaml, the embedded task's preset, when the run
-    trains on that task, and to the built-in defaults when `data.source` names other data (the
+    Otherwise the overrides apply to the embedded task's preset (configs/OBJECTIVE.yaml, else
+    configs/default.yaml) when the run trains on that task, and to the built-in defaults when `data.source` names other data (the
     preset's short rows and scored positions fit only the embedded task).
     With a preset, the run's config must match it (the trainer checks).
     """
@@ -179,7 +181,8 @@ def train_config(items: list[str]):
     if items and "=" not in items[0]:
         path = items.pop(0)
         return load_config(path, items), path
-    own_data, preset = load_config(None, items), _default_config()
+    own_data = load_config(None, items)
+    preset = _default_config(own_data.objective)
     cfg, source = (own_data, "built-in defaults") if own_data.data.source != "default" or preset is None else \
         (load_config(preset, items), preset)
     out = Path(cfg.train.output_dir)

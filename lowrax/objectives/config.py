@@ -9,6 +9,7 @@ from lowrax.core.checked import Bound, Checked, Count, NonNegativeFloat, OneOf, 
 from lowrax.errors import LowraxError
 from lowrax.objectives.grpo import LOSS_TYPES as GRPO_LOSS_TYPES, SCALE_REWARDS
 from lowrax.objectives.preference import DPO_LOSS_TYPES
+from lowrax.objectives.rewards import BUILT_INS, reward_from_spec
 from lowrax.objectives.registry import Objective, register_objective
 
 PAIRED = ("dpo", "orpo", "simpo")  # objectives trained on (prompt, chosen, rejected) pairs
@@ -87,6 +88,9 @@ class GRPOSection(Checked):
                               f"rewards ({', '.join(self.rewards)}); give one per reward, or null for 1 each")
         if not self.rewards:
             raise LowraxError("grpo.rewards is empty; name at least one reward (e.g. [final_number])")
+        for spec in self.rewards:  # a built-in's option now; a module:function is imported when the run starts
+            if spec.partition("=")[0].strip() in BUILT_INS or ":" not in spec:
+                reward_from_spec(spec)
 
 
 def _check_grpo(cfg) -> None:
