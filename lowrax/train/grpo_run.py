@@ -129,6 +129,9 @@ class GRPORun:
         k = self.g.num_iterations
         if self._window is not None and self._window[0] == step - step % k:
             return self._window[1], {}
+        if step % k:  # a run resumed from its last checkpoint, which train.steps put inside a window
+            self.ctx.log(f"note: step {step + 1} is inside a rollout's grpo.num_iterations={k} updates (the run "
+                         "resumed from a checkpoint there): it samples a new rollout")
         started = time.perf_counter()
         policy = host_local(combine(state.trainable, frozen))
         out, tables, combined, lengths, truncated = [], [], [], [], []
