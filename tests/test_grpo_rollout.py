@@ -84,3 +84,26 @@ def test_one_prefill_per_prompt_samples_what_prefilling_every_copy_does(tiny, sa
     shared = rollout(model, params, prompts(4), 3, 8, sampling, EOS, seed=2)
     copies = generate_ids(model, params, [p for p in prompts(4) for _ in range(3)], 8, sampling, EOS, seed=2)
     assert [row[: int(m.sum())].tolist() for row, m in zip(shared.completion_ids, shared.completion_mask)] == copies
+
+
+def test_completion_log_probs_and_entropy_are_taken_at_the_sampling_temperature(tiny):
+    """As TRL scores completions: log_softmax(logits / temperature) at each completion token, and the entropy
+    of that distribution, equal to the plain computation from the model's whole logits."""
+    import jax
+    import jax.numpy as jnp
+
+    from lowrax.objectives.logps import completion_token_logps
+
+    model, params = tiny
+    out = rollout(model, params, prompts(5), 2, 6, SamplingConfig(temperature=1.0), EOS, seed=1)
+    arrays = [jnp.asarray(a) for a in (out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask)]
+    logps, entropy = completion_token_logps(model, params, *arrays, temperature=0.7, with_entropy=True)
+    ids, mask = jnp.concatenate(arrays[::2], 1), jnp.concatenate(arrays[1::2], 1)
+    p = out.prompt_ids.shape[1]
+    logits = model.apply(params, ids, mask)
+    logits = (logits if not hasattr(logits, "logits") else logits.logits)[:, p - 1:-1].astype(jnp.float32) / 0.7
+    expected = jnp.take_along_axis(jax.nn.log_softmax(logits), arrays[2][..., None], -1)[..., 0]
+    expected_entropy = -jnp.sum(jax.nn.softmax(logits) * jax.nn.log_softmax(logits), -1)
+    keep = np.asarray(out.completion_mask, bool)
+    np.testing.assert_allclose(np.asarray(logps)[keep], np.asarray(expected)[keep], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(entropy)[keep], np.asarray(expected_entropy)[keep], atol=1e-4)
