@@ -9,6 +9,7 @@
     .venv-test/bin/python scripts/bench.py --variants --out docs/figures/variants.json  # the methods (about 40 min)
     .venv-test/bin/python scripts/bench.py --objectives --pairs 8 --seq 64 --out docs/figures/objectives.json
     .venv-test/bin/python scripts/bench.py --grpo --out docs/figures/grpo.json         # a GRPO step vs TRL
+    .venv-test/bin/python scripts/prune_table.py                                       # perplexity (about 45 min)
     .venv-test/bin/python scripts/memory_phases.py --out docs/figures/phases.json train.steps=3 \
         train.output_dir=runs/phases                                                     # a run's phases
     .venv-test/bin/python scripts/performance_tables.py                              # rewrite the tables
@@ -304,9 +305,33 @@ def grpo_table(figures: dict) -> str:
                   f"{figures['trl']['threads']} torch threads, each side in its own process.")
 
 
+PRUNE_METHODS = (("magnitude", "magnitude"), ("wanda", "Wanda"), ("sparsegpt", "SparseGPT"))
+PRUNE_SETTINGS = ("unstructured-0.25", "unstructured-0.5", "2:4")
+
+
+def prune_quality_table(figures: dict) -> str:
+    """scripts/prune_table.py: held-out perplexity of the pruned embedded SmolLM2, then after LoRA recovery
+    (adapter on / merged keeping the sparsity)."""
+    results = figures["results"]
+    dense = results["dense"]
+    unpruned = f"{dense['perplexity']:.2f}"
+    recovered = f"{dense['recovered_adapter']:.2f}" if "recovered_adapter" in dense else "-"
+    body = [f"| dense (unpruned) | {' | '.join([unpruned] * 3 + [recovered] * 3)} |"]
+    for key, name in PRUNE_METHODS:
+        rows = [results.get(f"{key}/{setting}", {}) for setting in PRUNE_SETTINGS]
+        cells = [f"{r['perplexity']:.2f}" if r else "-" for r in rows]
+        cells += [f"{r['recovered_adapter']:.2f} / {r['recovered_merged_sparse']:.2f}" if "recovered_adapter" in r
+                  else "-" for r in rows]
+        body.append(f"| {name} | {' | '.join(cells)} |")
+    return _table(figures, "| method | 25% | 50% | 2:4 | 25% + LoRA | 50% + LoRA | 2:4 + LoRA |", body,
+                  f"Held-out perplexity on 16 x 256 tokens of the embedded text set; calibration 32 x 256 tokens; "
+                  f"each \"+ LoRA\" cell is the recovered model with its adapter on / merged with the sparsity kept, "
+                  f"after `configs/recover.yaml` for {figures['recover_steps']} steps.")
+
+
 TABLES = {"recipes": recipes_table, "phases": phases_table, "variants": variants_table, "objectives": objectives_table,
           "forward": forward_table, "lora": lora_table, "qlora": qlora_table, "adapters": adapters_table,
-          "pruning": pruning_table, "grpo": grpo_table}
+          "pruning": pruning_table, "grpo": grpo_table, "prune_quality": prune_quality_table}
 
 
 def rendered_page(text: str) -> str:
