@@ -50,7 +50,7 @@ def bench_lowrax(args) -> dict:
     from lowrax.objectives.grpo import group_advantages, rollout
     from lowrax.objectives.rewards import final_number, score
     from lowrax.objectives.step_losses import grpo_objective
-    from lowrax.train.data import chat_ids
+    from lowrax.train.data import chat_ids, trim_widths
     from lowrax.train.optim import OptimizerConfig, make_optimizer
     from lowrax.train.step import init_state, make_train_step
 
@@ -77,9 +77,8 @@ def bench_lowrax(args) -> dict:
                  for ids, m in zip(rolled.completion_ids, rolled.completion_mask)]
         answers = [r["answer"] for r in chunk for _ in range(args.generations)]
         _, total = score([reward], None, [None] * len(texts), texts, {"answer": answers})
-        batch = {"prompt_ids": rolled.prompt_ids, "prompt_mask": rolled.prompt_mask,
-                 "completion_ids": rolled.completion_ids, "completion_mask": rolled.completion_mask,
-                 "advantages": np.asarray(group_advantages(total, args.generations))}
+        width = next(w for w in trim_widths(64) if w >= rolled.longest_prompt)  # as `lowrax train` cuts the prompts
+        batch = rolled.batch(group_advantages(total, args.generations), width)
         sampled = time.perf_counter()
         state, metrics = step(state, frozen, batch)
         jax.block_until_ready(metrics)

@@ -107,3 +107,16 @@ def test_completion_log_probs_and_entropy_are_taken_at_the_sampling_temperature(
     keep = np.asarray(out.completion_mask, bool)
     np.testing.assert_allclose(np.asarray(logps)[keep], np.asarray(expected)[keep], atol=1e-5)
     np.testing.assert_allclose(np.asarray(entropy)[keep], np.asarray(expected_entropy)[keep], atol=1e-4)
+
+
+def test_the_step_batch_cuts_or_pads_the_prompts_on_the_left(tiny):
+    model, params = tiny
+    out = rollout(model, params, prompts(0), 2, 4, SamplingConfig(), EOS, pad_token_id=9)  # prompts of 3..7 tokens
+    for width in (7, 16, 48):
+        batch = out.batch(np.zeros(6), width)
+        assert batch["prompt_ids"].shape == batch["prompt_mask"].shape == (6, width)
+        np.testing.assert_array_equal(batch["prompt_mask"].sum(1), out.prompt_mask.sum(1))
+        np.testing.assert_array_equal(batch["prompt_ids"][:, -7:], out.prompt_ids[:, -7:])  # every prompt ends last
+        assert (batch["prompt_ids"][batch["prompt_mask"] == 0] == 9).all()
+    with pytest.raises(LowraxError, match="narrower than the longest prompt"):
+        out.batch(np.zeros(6), 6)

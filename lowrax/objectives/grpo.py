@@ -194,10 +194,32 @@ class Rollout:
     completion_ids: np.ndarray
     completion_mask: np.ndarray
     truncated: np.ndarray
+    pad_token_id: int = 0
 
     def masked_truncated(self) -> "Rollout":
         """The rollout with truncated completions' masks zeroed (TRL's `mask_truncated_completions`)."""
         return replace(self, completion_mask=self.completion_mask * (~self.truncated)[:, None])
+
+    @property
+    def longest_prompt(self) -> int:
+        return int(self.prompt_mask.sum(1).max())
+
+    def batch(self, advantages, prompt_width: int | None = None) -> dict:
+        """The batch GRPO's step takes (`objectives.step_losses.grpo_objective`): these rows and their
+        advantages [N], the left-padded prompts cut or padded to `prompt_width` columns (at least
+        `longest_prompt`; None: as sampled, at the generator's bucket)."""
+        ids, mask = self.prompt_ids, self.prompt_mask
+        if prompt_width is not None:
+            if prompt_width < self.longest_prompt:
+                raise LowraxError(f"prompt_width {prompt_width} is narrower than the longest prompt ({self.longest_prompt})")
+            extra = prompt_width - ids.shape[1]
+            if extra >= 0:
+                ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=self.pad_token_id)
+                mask = np.pad(mask, ((0, 0), (extra, 0)))
+            else:  # columns of padding only
+                ids, mask = ids[:, -prompt_width:], mask[:, -prompt_width:]
+        return {"prompt_ids": ids, "prompt_mask": mask, "completion_ids": self.completion_ids,
+                "completion_mask": self.completion_mask, "advantages": np.asarray(advantages, np.float32)}
 
 
 def rollout(model, params, prompts: Sequence[Sequence[int]], num_generations: int, max_completion_length: int,
@@ -209,15 +231,15 @@ def rollout(model, params, prompts: Sequence[Sequence[int]], num_generations: in
     if num_generations < 1 or max_completion_length < 1:
         raise LowraxError(f"num_generations and max_completion_length must be >= 1; got {num_generations} and "
                           f"{max_completion_length}")
-    repeated = [list(p) for p in prompts for _ in range(num_generations)]
-    outputs = generate_ids(model, params, [list(p) for p in prompts], max_completion_length, sampling, eos_token_ids,
-                           pad_token_id, seed, repeats=num_generations)
-    prompt_ids, prompt_mask = left_padded(repeated, pad_token_id)
-    completion_ids = np.full((len(repeated), max_completion_length), pad_token_id, np.int32)
-    completion_mask = np.zeros((len(repeated), max_completion_length), np.int32)
+    prompts = [list(p) for p in prompts]
+    outputs = generate_ids(model, params, prompts, max_completion_length, sampling, eos_token_ids, pad_token_id, seed,
+                           repeats=num_generations)
+    prompt_ids, prompt_mask = (np.repeat(a, num_generations, axis=0) for a in left_padded(prompts, pad_token_id))
+    completion_ids = np.full((len(outputs), max_completion_length), pad_token_id, np.int32)
+    completion_mask = np.zeros((len(outputs), max_completion_length), np.int32)
     for row, out in enumerate(outputs):
         completion_ids[row, :len(out)], completion_mask[row, :len(out)] = out, 1
     # generate_ids cuts each completion after its first EOS: one that does not end in one ran out of tokens
     stops = set(eos_token_ids)
     truncated = np.asarray([not (out and out[-1] in stops) for out in outputs])
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, pad_token_id)

@@ -66,8 +66,11 @@ def completion_token_logps(model, params, prompt_ids, prompt_mask, completion_id
         return model.logits_from_hidden(resolve(params), h).astype(jnp.float32) / temperature
 
     def loss_of_logits(logits, _, targets):
-        entropy = -jnp.sum(jax.nn.softmax(logits, -1) * jax.nn.log_softmax(logits, -1), -1) if with_entropy else ()
-        return target_logps(logits, targets), jax.lax.stop_gradient(entropy)
+        if not with_entropy:
+            return target_logps(logits, targets), ()
+        logp = jax.nn.log_softmax(logits, -1)  # one normalisation for both, one block of positions at a time
+        entropy = -jnp.sum(jnp.exp(logp) * logp, -1)
+        return jnp.take_along_axis(logp, targets[..., None], -1)[..., 0], jax.lax.stop_gradient(entropy)
 
     logps, entropy = head_position_losses(head, params, hidden, loss_of_logits, (completion_ids,))
     return (logps, entropy) if with_entropy else logps

@@ -13,6 +13,7 @@ option follows an `=` (`format_match=\\d+`, `length_penalty=200`, `exact_match=s
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import re
 from typing import Callable, Sequence
@@ -39,16 +40,21 @@ def matches(prediction: str, reference: str) -> bool:
     return prediction.strip() == reference.strip()
 
 
+def _answers(columns: dict, answer_field: str, reward: str) -> list:
+    """The answer column a reward compares with, or an error naming the columns there are."""
+    answers = columns.get(answer_field)
+    if answers is None:
+        raise LowraxError(f"the {reward} reward reads the column {answer_field!r}, which the prompt records lack "
+                          f"(columns: {', '.join(sorted(columns)) or 'none'})")
+    return answers
+
+
 def exact_match(answer_field: str = "answer") -> RewardFunction:
     """1.0 where the completion is the record's `answer_field` (`matches`: whitespace around either ignored, as
     the exact-match metric counts), else 0.0; None where the record has no answer."""
     def reward(prompts, completions, **columns):
-        answers = columns.get(answer_field)
-        if answers is None:
-            raise LowraxError(f"the exact_match reward reads the column {answer_field!r}, which the prompt records "
-                              f"lack (columns: {', '.join(sorted(columns)) or 'none'})")
         return [None if answer is None else float(matches(completion_text(c), str(answer)))
-                for c, answer in zip(completions, answers)]
+                for c, answer in zip(completions, _answers(columns, answer_field, "exact_match"))]
     reward.__name__ = "exact_match"
     return reward
 
@@ -69,12 +75,8 @@ def final_number(answer_field: str = "answer") -> RewardFunction:
     commas ignored: "1,024" is 1024), else 0.0; None where the record has no answer. The usual verifiable
     reward of arithmetic and grade-school maths sets, where a completion may reason before its answer."""
     def reward(prompts, completions, **columns):
-        answers = columns.get(answer_field)
-        if answers is None:
-            raise LowraxError(f"the final_number reward reads the column {answer_field!r}, which the prompt records "
-                              f"lack (columns: {', '.join(sorted(columns)) or 'none'})")
         out = []
-        for c, answer in zip(completions, answers):
+        for c, answer in zip(completions, _answers(columns, answer_field, "final_number")):
             expected = None if answer is None else _number(str(answer).strip())
             found = _NUMBER.findall(completion_text(c))
             out.append(None if expected is None else float(bool(found) and _number(found[-1]) == expected))
@@ -162,8 +164,8 @@ def reward_from_spec(spec: str) -> RewardFunction:
         return reward_function(name)
     key, kind = SPEC_OPTIONS[name]
     if not has_option:
-        if name in ("regex_match", "format_match"):
-            raise LowraxError(f"reward {name!r} needs its pattern: write {name}=PATTERN, e.g. {name}=\\d+")
+        if inspect.signature(BUILT_INS[name]).parameters[key].default is inspect.Parameter.empty:
+            raise LowraxError(f"reward {name!r} needs its {key}: write {name}={key.upper()} in the config")
         return reward_function(name)
     try:
         value = kind(option)
@@ -188,7 +190,7 @@ def score(functions: Sequence[RewardFunction], weights: Sequence[float] | None, 
     table = np.full((len(completions), len(functions)), np.nan, np.float32)
     for j, fn in enumerate(functions):
         values = fn(prompts=prompts, completions=completions, **columns)
-        name = getattr(fn, "__name__", repr(fn))
+        name = reward_name(fn)
         if not isinstance(values, (list, tuple, np.ndarray)) or len(values) != len(completions):
             raise LowraxError(f"reward {name} must return a list of {len(completions)} values (float or None); "
                               f"got {type(values).__name__}" + (f" of {len(values)}" if hasattr(values, "__len__") else ""))

@@ -28,9 +28,9 @@ from lowrax.models.generate import eos_ids
 from lowrax.models.sampling import SamplingConfig
 from lowrax.objectives.grpo import Rollout, group_advantages, rollout
 from lowrax.objectives.logps import completion_token_logps
-from lowrax.objectives.rewards import reward_from_spec, reward_name, score
+from lowrax.objectives.rewards import completion_text, reward_from_spec, reward_name, score
 from lowrax.objectives.step_losses import grpo_objective
-from lowrax.train.data import chat_ids, prompt_ids
+from lowrax.train.data import chat_ids, planned_trim_widths, prompt_ids
 from lowrax.train.scoring import covered
 
 EVAL_BATCH = 16  # held-out prompts generated at once
@@ -74,6 +74,7 @@ class GRPORun:
         self.eval_prompts = [self.encode(r, i, "held-out") for i, r in enumerate(self.eval_records)]
         self.batches = PromptBatches(len(self.train_prompts), cfg.train.batch_size // g.num_generations,
                                      cfg.data.shuffle_seed, g.num_generations)
+        self.prompt_widths = self.planned_prompt_widths()
         self.sampling = SamplingConfig(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
         self.eos = eos_ids(self.tokenizer, self.model)
         self.pad = self.tokenizer.pad_token_id or 0
@@ -82,6 +83,19 @@ class GRPORun:
         self._old_logps = jax.jit(lambda params, b: completion_token_logps(
             self.model, params, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"],
             temperature=g.temperature)) if g.num_iterations > 1 else None
+
+    PLANNED_STEPS = 4096  # a longer run's prompt widths are planned from this many steps spread over it
+
+    def planned_prompt_widths(self) -> list[int]:
+        """At most three prompt widths for the whole run (`data.planned_trim_widths`, as training batches are cut),
+        from the longest prompt of each step: each width is one more compiled step."""
+        accum, steps = self.cfg.train.grad_accum_steps, max(self.cfg.train.steps, 1)
+        planned = np.unique(np.linspace(0, steps - 1, min(steps, self.PLANNED_STEPS)).astype(int))
+        longest = [max(len(self.train_prompts[j]) for i in range(accum) for j in self.batches.batch(int(s) * accum + i))
+                   for s in planned]
+        widths = planned_trim_widths(longest, self.cfg.data.seq_len)
+        # and seq_len, for a step the sampled plan missed (compiled only if one needs it)
+        return widths if widths[-1] == self.cfg.data.seq_len else widths + [self.cfg.data.seq_len]
 
     # --- prompts and rewards -----------------------------------------------------------------
 
@@ -134,7 +148,7 @@ class GRPORun:
                          "resumed from a checkpoint there): it samples a new rollout")
         started = time.perf_counter()
         policy = host_local(combine(state.trainable, frozen))
-        out, tables, combined, lengths, truncated = [], [], [], [], []
+        sampled, tables, combined, lengths, truncated = [], [], [], [], []
         for i, indices in enumerate(micro):
             records = [self.ctx.train_records[j] for j in indices]
             rows = rollout(self.model, policy, [self.train_prompts[j] for j in indices], self.g.num_generations,
@@ -146,11 +160,11 @@ class GRPORun:
             lengths.append(rows.completion_mask.sum(1)), truncated.append(rows.truncated)
             if self.g.mask_truncated_completions:
                 rows = rows.masked_truncated()
-            out.append({"prompt_ids": rows.prompt_ids, "prompt_mask": rows.prompt_mask,
-                        "completion_ids": rows.completion_ids, "completion_mask": rows.completion_mask,
-                        "advantages": np.asarray(group_advantages(total, self.g.num_generations,
-                                                                  scale_rewards=self.g.scale_rewards))})
-        out = _same_prompt_width(out, self.pad)
+            sampled.append((rows, group_advantages(total, self.g.num_generations, scale_rewards=self.g.scale_rewards)))
+        # one prompt width for every micro-batch (accumulation stacks them): the narrowest planned one that holds
+        # them, so the step never computes the generator bucket's all-padding columns
+        width = next(w for w in self.prompt_widths if w >= max(rows.longest_prompt for rows, _ in sampled))
+        out = [rows.batch(advantages, width) for rows, advantages in sampled]
         if self._old_logps is not None:
             for batch in out:
                 batch["old_logps"] = np.asarray(self._old_logps(policy, batch))
@@ -190,7 +204,7 @@ class GRPORun:
                 prompts, completions, columns = self.completions_for_rewards(records, rows, 1)
                 table, total = score(self.rewards, self.g.reward_weights, prompts, completions, columns)
                 tables.append(np.concatenate([total[:, None], table], 1))
-                shown += [{"prompt": _shown(p), "completion": _shown(c), "reward": _finite(r)}
+                shown += [{"prompt": completion_text(p), "completion": completion_text(c), "reward": _finite(r)}
                           for p, c, r in zip(prompts, completions, total)][: max(samples - len(shown), 0)]
                 bar.update(len(records))
         table = np.concatenate(tables)
@@ -214,25 +228,6 @@ class GRPORun:
         return {**out, f"samples_{when}": shown} if shown else out
 
 
-PROMPT_WIDTH_MULTIPLE = 16  # the step's prompt width: the longest prompt rounded up to this
-
-
-def _same_prompt_width(batches: list[dict], pad: int) -> list[dict]:
-    """Micro-batches with their left-padded prompts at one width, the longest prompt of the step rounded up
-    to PROMPT_WIDTH_MULTIPLE: narrower than the generator's bucket (no step computes its all-padding
-    columns), and the same for every micro-batch (gradient accumulation stacks them)."""
-    longest = max(int(b["prompt_mask"].sum(1).max()) for b in batches)
-    width = -(-longest // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE
-    for b in batches:
-        extra = width - b["prompt_ids"].shape[1]
-        if extra > 0:
-            b["prompt_ids"] = np.pad(b["prompt_ids"], ((0, 0), (extra, 0)), constant_values=pad)
-            b["prompt_mask"] = np.pad(b["prompt_mask"], ((0, 0), (extra, 0)))
-        elif extra < 0:  # columns of padding only
-            b["prompt_ids"], b["prompt_mask"] = b["prompt_ids"][:, -width:], b["prompt_mask"][:, -width:]
-    return batches
-
-
 def _nanstd(x: np.ndarray) -> float:
     """Standard deviation with Bessel's correction over the non-NaN values, as TRL logs it."""
     x = x[~np.isnan(x)]
@@ -252,8 +247,3 @@ def _finite(x) -> float | None:
 
 def _shown_number(x: float | None) -> str:
     return "none scored" if x is None else f"{x:.3f}"
-
-
-def _shown(value) -> str:
-    """A prompt or completion as a log line shows it: text, or a chat's last message's content."""
-    return value if isinstance(value, str) else str(value[-1].get("content", ""))
