@@ -281,23 +281,23 @@ def qlora_table(figures: dict) -> str:
                   f"{figures['note'].split('; ', 1)[-1]}.")
 
 
-GRPO_ROWS = (("rollout_s", "rollout (sampling and scoring), s", "{:.2f}", True),
-             ("update_s", "update (loss, gradient, AdamW), s", "{:.2f}", True),
-             ("step_s", "step, s", "{:.2f}", True),
-             ("rollout_tokens_per_s", "completion tokens sampled per second", "{:.0f}", False),
-             ("first_step_s", "first step (compilation, warm-up), s", "{:.1f}", True),
-             ("peak_rss_bytes", "peak RSS of the process, GB", "{:.2f}", True))
+GRPO_ROWS = (("rollout_s", "rollout (sampling and scoring), s", "{:.2f}", "time"),
+             ("update_s", "update (loss, gradient, AdamW), s", "{:.2f}", "time"),
+             ("step_s", "step, s", "{:.2f}", "time"),
+             ("rollout_tokens_per_s", "completion tokens sampled per second", "{:.0f}", "rate"),
+             ("first_step_s", "first step (compilation, warm-up), s", "{:.1f}", "time"),
+             ("peak_rss_bytes", "peak RSS of the process, GB", "{:.2f}", "memory"))
 
 
 def grpo_table(figures: dict) -> str:
     """scripts/bench_grpo.py: one GRPO step split into rollout and update, next to TRL + PEFT's."""
     body = []
-    for key, label, fmt, lower_is_better in GRPO_ROWS:
+    for key, label, fmt, kind in GRPO_ROWS:
         ours, theirs = figures["lowrax"][key], figures["trl"][key]
-        scale = 1e9 if key == "peak_rss_bytes" else 1
-        ratio = theirs / ours if lower_is_better and key != "peak_rss_bytes" else ours / theirs
-        what = "x TRL's memory" if key == "peak_rss_bytes" else "x TRL's speed"
-        body.append(f"| {label} | {fmt.format(ours / scale)} | {fmt.format(theirs / scale)} | {ratio:.2f}{what} |")
+        scale = 1e9 if kind == "memory" else 1
+        ratio = f"{theirs / ours:.2f}x TRL's speed" if kind == "time" else \
+            f"{ours / theirs:.2f}x TRL's {'memory' if kind == 'memory' else 'speed'}"
+        body.append(f"| {label} | {fmt.format(ours / scale)} | {fmt.format(theirs / scale)} | {ratio} |")
     return _table(figures, "| measure | lowrax | TRL + PEFT | lowrax |", body,
                   f"{figures['model']}, float32, LoRA r {figures['rank']} on every linear layer; {figures['prompts']} "
                   f"prompts x {figures['generations']} completions of up to {figures['completion_tokens']} tokens per "
