@@ -60,16 +60,21 @@ def _without_orbax_leftovers(hook):
     return filtered
 
 
-class _OrbaxWriteTasks(logging.Filter):
-    """Drops asyncio's 'Task exception was never retrieved' for orbax's abandoned write tasks: after a failed
-    save such a task may finish (and be collected, or reported at exit) after `save` has raised its one error."""
+class _OrbaxWriteEchoes(logging.Filter):
+    """After a failed save, orbax's own reports of the same failure from the threads and tasks it abandoned,
+    which may come after `save` has raised its one error (and after `_orbax_quiet` has ended): absl's
+    `logging.exception` from orbax's writer threads, and asyncio's 'Task exception was never retrieved' for
+    its write tasks when they are collected or at exit."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" in record.pathname:
+            return False
         message = record.getMessage()
         return not ("Task exception was never retrieved" in message and "orbax" in message)
 
 
-_ORBAX_WRITE_TASKS = _OrbaxWriteTasks()
+_ORBAX_WRITE_ECHOES = _OrbaxWriteEchoes()
+_ECHO_LOGGERS = ("absl", "asyncio")  # the loggers those reports go through
 
 
 def _write_failure(error: Exception) -> str:
@@ -109,7 +114,8 @@ class Checkpoints:
                                                                  meta=ocp.args.JsonSave(meta)), force=True)
                 self._manager.wait_until_finished()
         except Exception as e:  # orbax and tensorstore report a failed write as OSError, ValueError, ...
-            logging.getLogger("asyncio").addFilter(_ORBAX_WRITE_TASKS)  # for as long as its tasks may live
+            for name in _ECHO_LOGGERS:  # for as long as its threads and tasks may live
+                logging.getLogger(name).addFilter(_ORBAX_WRITE_ECHOES)
             gc.collect()  # the abandoned write coroutines, while the filter above is in place
             for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
                 shutil.rmtree(partial, ignore_errors=True)
