@@ -3,8 +3,6 @@ PEFT refuses it, merge, init, labels, dropout semantics, NF4 bases and `lowrax t
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -22,7 +20,7 @@ from lowrax.errors import LowraxError  # noqa: E402
 from tests.conftest import hf_model_dir  # noqa: E402
 from tests.test_ia3 import batch_for, max_difference  # noqa: E402
 from tests.test_peft_exchange import SMALL, check_merge_round_trip, lowrax_outputs  # noqa: E402
-from tests.test_training_run import check_exports_and_merge, data_file, overrides, tiny_dir  # noqa: E402,F401
+from tests.test_training_run import check_method_run, data_file, tiny_dir  # noqa: E402,F401
 
 MODELS = {
     "llama": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL, num_key_value_heads=2)),
@@ -206,14 +204,4 @@ def test_config_errors_name_the_problem():
 
 @pytest.mark.parametrize("method,settings", [("loha", ["loha.r=2"]), ("lokr", ["lokr.r=2", "lokr.decompose_both=true"])])
 def test_lowrax_train_exports_imports_and_merges(tiny_dir, data_file, tmp_path, method, settings):
-    from lowrax.cli import main
-
-    run = tmp_path / "run"
-    items = [i for i in overrides(tiny_dir, data_file, run, 3) if not i.startswith("lora.")]
-    items += [f"method={method}", f"{method}.target_modules=[q_proj,v_proj,down_proj]", *settings]
-    assert main(["train", *items]) == 0
-    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == method.upper()
-    check_exports_and_merge(run, tiny_dir, tmp_path)
-    assert main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "imported"), "--model", str(tiny_dir)]) == 0
-    assert main(["export-peft", str(tmp_path / "imported"), str(tmp_path / "peft2")]) == 0
-    assert (tmp_path / "peft" / "adapter_model.safetensors").read_bytes() == (tmp_path / "peft2" / "adapter_model.safetensors").read_bytes()
+    check_method_run(tiny_dir, data_file, tmp_path, method, settings)

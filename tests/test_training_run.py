@@ -217,6 +217,23 @@ def check_exports_and_merge(run, tiny_dir, tmp_path, merges=True):
     assert np.abs(np.asarray(model.apply(from_peft, ids)) - adapted).max() <= 1e-5
 
 
+def check_method_run(tiny_dir, data_file, tmp_path, method: str, settings: list[str]):
+    """`lowrax train method=METHOD` on q/v/down_proj: it writes PEFT's type, exports and merges, and its
+    exported adapter imports and re-exports to the same bytes."""
+    from lowrax.cli import main
+
+    run = tmp_path / "run"
+    items = [i for i in overrides(tiny_dir, data_file, run, 3) if not i.startswith("lora.")]
+    items += [f"method={method}", f"{method}.target_modules=[q_proj,v_proj,down_proj]", *settings]
+    assert main(["train", *items]) == 0
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == method.upper()
+    check_exports_and_merge(run, tiny_dir, tmp_path)
+    assert main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "imported"), "--model", str(tiny_dir)]) == 0
+    assert main(["export-peft", str(tmp_path / "imported"), str(tmp_path / "peft2")]) == 0
+    assert ((tmp_path / "peft" / "adapter_model.safetensors").read_bytes()
+            == (tmp_path / "peft2" / "adapter_model.safetensors").read_bytes())
+
+
 def test_a_text_run_reports_held_out_loss_and_perplexity_before_and_after(tiny_dir, tmp_path):
     text = tmp_path / "news.txt"
     text.write_text("".join(f"The {w} market rose by {n} points on {d}.\n" for w, n, d in

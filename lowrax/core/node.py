@@ -39,7 +39,7 @@ class AdapterNode:
     Required of a subclass:
         field_labels()             {field name: optax label} of its trained fields (the rest are FROZEN)
         field_axes()               {field name: logical axes} of its array fields other than `base`, in
-                                   the adapted kernel's terms "in", "out" and "lora_rank" (for sharding)
+                                   the adapted kernel's terms "in", "out" and "lora_rank", or None (replicated)
         apply(x)                   x [n, in] -> [n, out]: the adapted `x @ kernel`, without the bias
         merge_into(w)              the merged float32 kernel, given the dense float32 base w
         unmerge_from(m, w)         the float32 base that merges to m (w: the node's own dense base)

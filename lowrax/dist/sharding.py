@@ -168,7 +168,7 @@ def param_shardings(params: Any, model, mesh: Mesh, rules: dict = RULES) -> Any:
             return jax.tree.map(lambda _: replicated(mesh), leaf)
         if is_adapter(leaf):
             in_ax, out_ax = _kernel_axes(model, keys, 2)
-            named = {"in": in_ax, "out": out_ax, "lora_rank": "lora_rank", "slot": None}
+            named = {"in": in_ax, "out": out_ax, "lora_rank": "lora_rank", "slot": None, None: None}  # None: replicated
             fields = {}
             for f in dataclasses.fields(leaf):
                 value = getattr(leaf, f.name)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 
-from lowrax.core.node import AdapterNode
+from lowrax.adapters.delta import DeltaKernel
 from lowrax.adapters.targets import TargetConfig, check_patterns, pattern_value
 from lowrax.core.checked import PositiveFloat, PositiveInt, Probability
 from lowrax.errors import LowraxError
@@ -42,7 +42,7 @@ class LycorisConfig(TargetConfig):
         check_patterns(self, "alpha_pattern", self.alpha_pattern, PositiveFloat)
 
 
-class LycorisKernel(AdapterNode):
+class LycorisKernel(DeltaKernel):
     """Base of the LyCORIS node types. Subclasses define `delta()` (float32 [in, out], scale
     included), may define `delta_output(x)` (x @ delta without forming it), and carry the static
     fields `rank`, `alpha`, `rank_dropout`, `module_dropout`, `rescale_rank_dropout` and a
@@ -51,12 +51,6 @@ class LycorisKernel(AdapterNode):
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
-
-    def delta(self) -> jnp.ndarray:
-        raise NotImplementedError
-
-    def delta_output(self, x: jnp.ndarray) -> jnp.ndarray:
-        return x @ self.delta().astype(x.dtype)
 
     @property
     def dropout(self) -> float:
@@ -80,12 +74,6 @@ class LycorisKernel(AdapterNode):
     def apply(self, x: jnp.ndarray) -> jnp.ndarray:
         y = matmul(x, self.base)
         return y + self._dropped(self.delta_output(x)).astype(y.dtype)
-
-    def merge_into(self, w: jnp.ndarray) -> jnp.ndarray:
-        return w + self.delta()
-
-    def unmerge_from(self, merged: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-        return merged - self.delta()
 
 
 def refuse_conv1d(model, method: str) -> None:

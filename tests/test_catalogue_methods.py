@@ -1,0 +1,143 @@
+"""PEFT's further per-layer methods (C3A, FourierFT, HiRA, SHiRA): each exchanged with PEFT both ways
+with equal logits (float32), its seeded positions equal to PEFT's, its config errors, and
+`lowrax train method=NAME` exporting, importing and merging. The conformance suite
+(tests/test_conformance.py) runs each on every family from the registry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="PEFT exchange tests need torch (pip install -e .[test])")
+peft = pytest.importorskip("peft", reason="PEFT exchange tests need peft (pip install -e .[test])")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+
+import lowrax  # noqa: E402
+from lowrax.errors import LowraxError  # noqa: E402
+from tests.conftest import random_batch  # noqa: E402
+from tests.test_peft_exchange import lowrax_outputs, randomize, torch_outputs  # noqa: E402
+from tests.test_variants_peft import MODELS, saved_models  # noqa: E402,F401  (the fixture)
+from tests.test_training_run import check_method_run, data_file, tiny_dir  # noqa: E402,F401
+
+# method: (lowrax config for targets, PEFT config class, PEFT kwargs giving a non-trivial adapter)
+METHODS = {
+    "c3a": (lambda t: lowrax.C3AConfig(block_size=16, target_modules=t), "C3AConfig",
+            dict(block_size=16, init_weights="xavier_uniform")),
+    "fourierft": (lambda t: lowrax.FourierFTConfig(n_frequency=40, scaling=10.0, random_loc_seed=11, target_modules=t),
+                  "FourierFTConfig", dict(n_frequency=40, scaling=10.0, init_weights=False, random_loc_seed=11)),
+    "hira": (lambda t: lowrax.HiraConfig(r=4, target_modules=t), "HiraConfig", dict(r=4, init_weights=False)),
+    "shira": (lambda t: lowrax.ShiraConfig(r=2, random_seed=5, target_modules=t), "ShiraConfig",
+              dict(r=2, init_weights=False, random_seed=5)),
+}
+GPT2_REFUSED = {"c3a", "shira"}  # PEFT implements them for nn.Linear only, not GPT-2's Conv1D
+CASES = [(family, method) for method in sorted(METHODS) for family in MODELS
+         if not (family == "gpt2" and method in GPT2_REFUSED)]
+
+
+def peft_kwargs(family: str, method: str) -> dict:
+    targets = list(MODELS[family][1])
+    return dict(METHODS[method][2], target_modules=targets, **({"fan_in_fan_out": True} if family == "gpt2" else {}))
+
+
+def fresh_torch_model(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def largest_difference(model, params, torch_model) -> float:
+    ids, mask = random_batch(128, [9, 6], pad_id=0, left=True, seed=3)
+    valid = mask.astype(bool)
+    ours = lowrax_outputs(model, params, ids, mask)[valid]
+    return float(np.abs(ours - torch_outputs(torch_model, ids, mask, True)[valid]).max())
+
+
+@pytest.mark.parametrize("family, method", CASES)
+def test_peft_adapter_loads_in_lowrax_with_equal_logits(saved_models, family, method, tmp_path):
+    path, model, params, _ = saved_models(family)
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(fresh_torch_model(path), getattr(peft, METHODS[method][1])(
+        **peft_kwargs(family, method))).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = lowrax.load_peft(params, tmp_path / "adapter", model)
+    assert largest_difference(model, loaded, peft_model) <= 1e-4
+    assert largest_difference(model, params, peft_model) > 1e-3  # the adapter acts: 10x the tolerance
+
+
+@pytest.mark.parametrize("family, method", CASES)
+def test_lowrax_adapter_loads_in_peft_with_equal_logits(saved_models, family, method, tmp_path):
+    path, model, params, targets = saved_models(family)
+    wrapped = lowrax.wrap(params, METHODS[method][0](tuple(targets)), jax.random.key(1), model=model)
+    trained = randomize(wrapped, jax.random.key(2))
+    lowrax.save_peft(trained, tmp_path / "adapter", model, initial=wrapped)
+    peft_model = peft.PeftModel.from_pretrained(fresh_torch_model(path), tmp_path / "adapter").eval()
+    assert largest_difference(model, trained, peft_model) <= 1e-4
+    assert largest_difference(model, params, peft_model) > 1e-3
+
+
+@pytest.mark.parametrize("method", sorted(GPT2_REFUSED))
+def test_on_gpt2_it_trains_and_merges_but_is_not_written_for_peft(saved_models, tmp_path, method):
+    _, model, params, targets = saved_models("gpt2")
+    wrapped = randomize(lowrax.wrap(params, METHODS[method][0](tuple(targets)), jax.random.key(1), model=model),
+                        jax.random.key(2))
+    ids, mask = random_batch(128, [7], pad_id=0, left=True, seed=1)
+    np.testing.assert_allclose(lowrax_outputs(model, lowrax.merge(wrapped), ids, mask),
+                               lowrax_outputs(model, wrapped, ids, mask), atol=1e-4)
+    with pytest.raises(LowraxError, match="GPT-2"):
+        lowrax.save_peft(wrapped, tmp_path / "adapter", model)
+
+
+def test_seeded_positions_equal_peft(saved_models):
+    """FourierFT's spectrum positions and SHiRA's mask come from torch.randperm with PEFT's seeds."""
+    path, model, params, targets = saved_models("llama")
+    torch.manual_seed(0)
+    for method, peft_name, field in (("fourierft", "FourierFTConfig", "indices"), ("shira", "ShiraConfig", "shira_indices")):
+        theirs = peft.get_peft_model(fresh_torch_model(path), getattr(peft, peft_name)(**peft_kwargs("llama", method)))
+        layer = theirs.base_model.model.model.layers[0].self_attn.q_proj
+        expected = getattr(layer, field)["default"].numpy()
+        ours = first_q_proj_node(lowrax.wrap(params, METHODS[method][0](tuple(targets)), jax.random.key(0), model=model))
+        if method == "fourierft":
+            from lowrax.adapters.fourierft import spectrum_positions
+
+            d_in, d_out = ours.base.shape
+            got = np.stack(spectrum_positions(d_out, d_in, ours.spectrum.shape[0], ours.seed))
+        else:
+            got = np.asarray(ours.indices)
+        np.testing.assert_array_equal(got, expected)
+
+
+def first_q_proj_node(params):
+    is_node = lambda x: isinstance(x, lowrax.AdapterNode)  # noqa: E731
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)[0]
+    return next(leaf for path, leaf in flat if is_node(leaf) and "q_proj" in jax.tree_util.keystr(path))
+
+
+def test_c3a_delta_matrix_equals_its_fft_forward():
+    """The merged block-circulant matrix and the FFT forward are the same linear map."""
+    kernel = jax.random.normal(jax.random.key(0), (3, 2, 4))
+    node = lowrax.C3AKernel(base=np.zeros((8, 12), np.float32), kernel=kernel)
+    x = jax.random.normal(jax.random.key(1), (5, 8))
+    np.testing.assert_allclose(np.asarray(node.delta_output(x)), np.asarray(x @ node.delta()), atol=1e-5)
+
+
+def test_config_errors_name_the_problem(saved_models):
+    _, model, params, _ = saved_models("llama")
+    with pytest.raises(LowraxError, match="C3AConfig.block_size must be an integer >= 1, got 0"):
+        lowrax.C3AConfig(block_size=0)
+    with pytest.raises(LowraxError, match="C3A block_size 48 must divide .* input width 64"):
+        lowrax.wrap(params, lowrax.C3AConfig(block_size=48, target_modules=("q_proj",)), jax.random.key(0), model=model)
+    with pytest.raises(LowraxError, match="FourierFT n_frequency 100000 exceeds"):
+        lowrax.wrap(params, lowrax.FourierFTConfig(n_frequency=100000, target_modules=("q_proj",)), jax.random.key(0),
+                    model=model)
+    with pytest.raises(LowraxError, match=r"HiraConfig.hira_dropout must be a number in \[0, 1\), got 1"):
+        lowrax.HiraConfig(hira_dropout=1.0)
+    with pytest.raises(LowraxError, match="SHiRA r=40 would train"):
+        lowrax.wrap(params, lowrax.ShiraConfig(r=40, target_modules=("q_proj",)), jax.random.key(0), model=model)
+    with pytest.raises(LowraxError, match="ShiraConfig.mask_type"):
+        lowrax.ShiraConfig(mask_type="structured")
+
+
+@pytest.mark.parametrize("method, settings", [("c3a", ["c3a.block_size=16"]), ("fourierft", ["fourierft.n_frequency=32"]),
+                                              ("hira", ["hira.r=2", "optim.learning_rate=0.2"]), ("shira", ["shira.r=1"])])
+def test_lowrax_train_exports_imports_and_merges(tiny_dir, data_file, tmp_path, method, settings):  # noqa: F811
+    check_method_run(tiny_dir, data_file, tmp_path, method, settings)
