@@ -64,6 +64,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "lowrax.adapters.fourierft": ("FourierFTConfig", "FourierFTKernel"),
     "lowrax.adapters.hira": ("HiraConfig", "HiraKernel"),
     "lowrax.adapters.shira": ("ShiraConfig", "ShiraKernel"),
+    "lowrax.adapters.delora": ("DeloraConfig", "DeloraKernel"),
     "lowrax.adapters.ln_tuning": ("LNTuningConfig", "TunedNorm"),
     "lowrax.adapters.prompt": ("PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PromptTable",
                                "PromptEncoder", "PrefixEncoder"),

@@ -1,4 +1,4 @@
-"""PEFT's further per-layer methods (C3A, FourierFT, HiRA, SHiRA): each exchanged with PEFT both ways
+"""PEFT's further per-layer methods (C3A, FourierFT, HiRA, SHiRA, DeLoRA): each exchanged with PEFT both ways
 with equal logits (float32), its seeded positions equal to PEFT's, its config errors, and
 `lowrax train method=NAME` exporting, importing and merging. The conformance suite
 (tests/test_conformance.py) runs each on every family from the registry."""
@@ -28,10 +28,12 @@ METHODS = {
     "fourierft": (lambda t: lowrax.FourierFTConfig(n_frequency=40, scaling=10.0, random_loc_seed=11, target_modules=t),
                   "FourierFTConfig", dict(n_frequency=40, scaling=10.0, init_weights=False, random_loc_seed=11)),
     "hira": (lambda t: lowrax.HiraConfig(r=4, target_modules=t), "HiraConfig", dict(r=4, init_weights=False)),
+    "delora": (lambda t: lowrax.DeloraConfig(r=4, delora_lambda=3.0, target_modules=t), "DeloraConfig",
+               dict(r=4, delora_lambda=3.0, init_weights=False)),
     "shira": (lambda t: lowrax.ShiraConfig(r=2, random_seed=5, target_modules=t), "ShiraConfig",
               dict(r=2, init_weights=False, random_seed=5)),
 }
-GPT2_REFUSED = {"c3a", "shira"}  # PEFT implements them for nn.Linear only, not GPT-2's Conv1D
+GPT2_REFUSED = {"c3a", "delora", "shira"}  # PEFT implements them for nn.Linear only, not GPT-2's Conv1D
 CASES = [(family, method) for method in sorted(METHODS) for family in MODELS
          if not (family == "gpt2" and method in GPT2_REFUSED)]
 
@@ -138,6 +140,7 @@ def test_config_errors_name_the_problem(saved_models):
 
 
 @pytest.mark.parametrize("method, settings", [("c3a", ["c3a.block_size=16"]), ("fourierft", ["fourierft.n_frequency=32"]),
-                                              ("hira", ["hira.r=2", "optim.learning_rate=0.2"]), ("shira", ["shira.r=1"])])
+                                              ("hira", ["hira.r=2", "optim.learning_rate=0.2"]),
+                                              ("delora", ["delora.r=2"]), ("shira", ["shira.r=1"])])
 def test_lowrax_train_exports_imports_and_merges(tiny_dir, data_file, tmp_path, method, settings):  # noqa: F811
     check_method_run(tiny_dir, data_file, tmp_path, method, settings)

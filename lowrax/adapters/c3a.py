@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lowrax.adapters.delta import DeltaKernel, module_names, tensor
+from lowrax.adapters.delta import DeltaKernel, module_names, tensor, value_and_pattern
 from lowrax.adapters.lycoris.common import refuse_conv1d
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, check_patterns, pattern_value, targeting_from_peft
@@ -128,9 +128,9 @@ def build_nodes(bases: dict[str, Any], cfg: C3AConfig, key, adapter_dtype, model
 def write(nodes: dict[str, C3AKernel], params: Any, *, model=None, **_unused) -> tuple[dict, dict]:
     refuse_conv1d(model, "C3A")
     sizes = {name: int(node.kernel.shape[2]) for name, node in nodes.items()}
-    common = max(sorted(set(sizes.values())), key=list(sizes.values()).count)
+    common, pattern = value_and_pattern(sizes)
     tensors = {f"{PREFIX}{name}{SUFFIX}": jax.device_get(node.kernel.astype(jnp.float32)) for name, node in nodes.items()}
-    return tensors, {"block_size": common, "block_size_pattern": {n: b for n, b in sizes.items() if b != common},
+    return tensors, {"block_size": common, "block_size_pattern": pattern,
                      "init_weights": "xavier_uniform", "bias": "none"}
 
 

@@ -12,6 +12,7 @@ import lowrax.adapters.c3a  # noqa: F401  C3A and PEFT's C3A format
 import lowrax.adapters.fourierft  # noqa: F401  FourierFT and PEFT's FOURIERFT format
 import lowrax.adapters.hira  # noqa: F401  HiRA and PEFT's HIRA format
 import lowrax.adapters.shira  # noqa: F401  SHiRA and PEFT's SHIRA format
+import lowrax.adapters.delora  # noqa: F401  DeLoRA and PEFT's DELORA format
 import lowrax.adapters.ln_tuning  # noqa: F401  LN tuning and PEFT's LN_TUNING format
 import lowrax.adapters.prompt.build  # noqa: F401  prompt tuning, P-tuning, prefix tuning
 import lowrax.adapters.prompt.peft  # noqa: F401  their PEFT formats

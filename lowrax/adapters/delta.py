@@ -59,3 +59,11 @@ def tensor(tensors: dict, name: str, field: str, expected: tuple[int, ...], meth
         raise CheckpointError(f"{method} adapter lacks {PREFIX}{key}")
     check_shape(name, field, tensors[key], expected)
     return np.asarray(tensors[key], np.float32)
+
+
+def value_and_pattern(values: dict[str, int]) -> tuple[int, dict[str, int]]:
+    """A per-module setting as PEFT's config holds it: the most common value (the smallest on a tie)
+    and a pattern of the module names that differ from it."""
+    counts = list(values.values())
+    common = max(sorted(set(counts)), key=counts.count)
+    return common, {name: v for name, v in values.items() if v != common}

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lowrax.adapters.delta import DeltaKernel, module_names, tensor
+from lowrax.adapters.delta import DeltaKernel, module_names, tensor, value_and_pattern
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, check_patterns, pattern_value, targeting_from_peft
 from lowrax.adapters.torch_random import torch_randperm_head
@@ -123,9 +123,9 @@ def _one(nodes: dict, attribute: str):
 
 def write(nodes: dict[str, FourierFTKernel], params: Any, *, model=None, **_unused) -> tuple[dict, dict]:
     counts = {name: int(node.spectrum.shape[0]) for name, node in nodes.items()}
-    common = max(sorted(set(counts.values())), key=list(counts.values()).count)
+    common, pattern = value_and_pattern(counts)
     tensors = {f"{PREFIX}{name}{SUFFIX}": np.asarray(node.spectrum, np.float32) for name, node in nodes.items()}
-    return tensors, {"n_frequency": common, "n_frequency_pattern": {n: c for n, c in counts.items() if c != common},
+    return tensors, {"n_frequency": common, "n_frequency_pattern": pattern,
                      "scaling": _one(nodes, "scaling"), "random_loc_seed": _one(nodes, "seed"),
                      "fan_in_fan_out": fan_in_fan_out(model), "init_weights": False, "bias": "none"}
 

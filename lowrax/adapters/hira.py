@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lowrax.adapters.delta import DeltaKernel, module_names, tensor
+from lowrax.adapters.delta import DeltaKernel, module_names, tensor, value_and_pattern
 from lowrax.adapters.init import kaiming_uniform
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, check_patterns, pattern_value, targeting_from_peft
@@ -114,12 +114,12 @@ def build_nodes(bases: dict[str, Any], cfg: HiraConfig, key, adapter_dtype, mode
 
 def write(nodes: dict[str, HiraKernel], params: Any, *, model=None, **_unused) -> tuple[dict, dict]:
     ranks = {name: int(node.a.shape[1]) for name, node in nodes.items()}
-    common = max(sorted(set(ranks.values())), key=list(ranks.values()).count)
+    common, pattern = value_and_pattern(ranks)
     tensors = {}
     for name, node in nodes.items():
         tensors[f"{PREFIX}{name}.hira_A"] = torch_layout(node.a)
         tensors[f"{PREFIX}{name}.hira_B"] = torch_layout(node.b)
-    return tensors, {"r": common, "rank_pattern": {n: r for n, r in ranks.items() if r != common},
+    return tensors, {"r": common, "rank_pattern": pattern,
                      "hira_dropout": max(node.dropout for node in nodes.values()),
                      "fan_in_fan_out": fan_in_fan_out(model), "init_weights": True}
 
