@@ -1,4 +1,4 @@
-"""PEFT's further per-layer methods (C3A, FourierFT, HiRA, SHiRA, DeLoRA): each exchanged with PEFT both ways
+"""PEFT's further per-layer methods (C3A, FourierFT, HiRA, SHiRA, DeLoRA, MiSS): each exchanged with PEFT both ways
 with equal logits (float32), its seeded positions equal to PEFT's, its config errors, and
 `lowrax train method=NAME` exporting, importing and merging. The conformance suite
 (tests/test_conformance.py) runs each on every family from the registry."""
@@ -30,10 +30,15 @@ METHODS = {
     "hira": (lambda t: lowrax.HiraConfig(r=4, target_modules=t), "HiraConfig", dict(r=4, init_weights=False)),
     "delora": (lambda t: lowrax.DeloraConfig(r=4, delora_lambda=3.0, target_modules=t), "DeloraConfig",
                dict(r=4, delora_lambda=3.0, init_weights=False)),
+    "miss": (lambda t: lowrax.MissConfig(r=4, target_modules=t), "MissConfig", dict(r=4, init_weights=False)),
+    "miss_bat": (lambda t: lowrax.MissConfig(r=4, init_weights="bat", target_modules=t), "MissConfig",
+                 dict(r=4, init_weights="bat")),
+    "miss_mini": (lambda t: lowrax.MissConfig(r=4, mini_r=8, init_weights="mini", target_modules=t), "MissConfig",
+                  dict(r=4, mini_r=8, init_weights="mini")),
     "shira": (lambda t: lowrax.ShiraConfig(r=2, random_seed=5, target_modules=t), "ShiraConfig",
               dict(r=2, init_weights=False, random_seed=5)),
 }
-GPT2_REFUSED = {"c3a", "delora", "shira"}  # PEFT implements them for nn.Linear only, not GPT-2's Conv1D
+GPT2_REFUSED = {"c3a", "delora", "miss", "miss_bat", "miss_mini", "shira"}  # PEFT implements them for nn.Linear only, not GPT-2's Conv1D
 CASES = [(family, method) for method in sorted(METHODS) for family in MODELS
          if not (family == "gpt2" and method in GPT2_REFUSED)]
 
@@ -60,6 +65,9 @@ def test_peft_adapter_loads_in_lowrax_with_equal_logits(saved_models, family, me
     torch.manual_seed(0)
     peft_model = peft.get_peft_model(fresh_torch_model(path), getattr(peft, METHODS[method][1])(
         **peft_kwargs(family, method))).eval()
+    with torch.no_grad():  # away from PEFT's init, which is zero for some forms (MiSS's bat / mini)
+        for parameter in (p for p in peft_model.parameters() if p.requires_grad):
+            parameter.add_(0.05 * torch.randn_like(parameter))
     peft_model.save_pretrained(tmp_path / "adapter")
     loaded = lowrax.load_peft(params, tmp_path / "adapter", model)
     assert largest_difference(model, loaded, peft_model) <= 1e-4
@@ -141,6 +149,7 @@ def test_config_errors_name_the_problem(saved_models):
 
 @pytest.mark.parametrize("method, settings", [("c3a", ["c3a.block_size=16"]), ("fourierft", ["fourierft.n_frequency=32"]),
                                               ("hira", ["hira.r=2", "optim.learning_rate=0.2"]),
-                                              ("delora", ["delora.r=2"]), ("shira", ["shira.r=1"])])
+                                              ("delora", ["delora.r=2"]), ("miss", ["miss.r=4", "miss.init_weights=bat"]),
+                                              ("shira", ["shira.r=1"])])
 def test_lowrax_train_exports_imports_and_merges(tiny_dir, data_file, tmp_path, method, settings):  # noqa: F811
     check_method_run(tiny_dir, data_file, tmp_path, method, settings)
