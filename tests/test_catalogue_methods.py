@@ -1,4 +1,4 @@
-"""PEFT's further per-layer methods (C3A, FourierFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA, HRA): each exchanged with PEFT both ways
+"""PEFT's further per-layer methods (C3A, FourierFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA, HRA, RoAd): each exchanged with PEFT both ways
 with equal logits (float32), its seeded positions equal to PEFT's, its config errors, and
 `lowrax train method=NAME` exporting, importing and merging. The conformance suite
 (tests/test_conformance.py) runs each on every family from the registry."""
@@ -42,10 +42,16 @@ METHODS = {
     "hra": (lambda t: lowrax.HRAConfig(r=4, target_modules=t), "HRAConfig", dict(r=4, init_weights=False)),
     "hra_gs": (lambda t: lowrax.HRAConfig(r=4, apply_GS=True, init_weights=False, target_modules=t), "HRAConfig",
                dict(r=4, apply_GS=True, init_weights=False)),
+    "road": (lambda t: lowrax.RoadConfig(group_size=8, init_weights=False, target_modules=t), "RoadConfig",
+             dict(group_size=8, init_weights=False)),
+    "road_2": (lambda t: lowrax.RoadConfig(variant="road_2", group_size=8, init_weights=False, target_modules=t),
+               "RoadConfig", dict(variant="road_2", group_size=8, init_weights=False)),
+    "road_4": (lambda t: lowrax.RoadConfig(variant="road_4", group_size=8, init_weights=False, target_modules=t),
+               "RoadConfig", dict(variant="road_4", group_size=8, init_weights=False)),
     "shira": (lambda t: lowrax.ShiraConfig(r=2, random_seed=5, target_modules=t), "ShiraConfig",
               dict(r=2, init_weights=False, random_seed=5)),
 }
-GPT2_REFUSED = {"c3a", "delora", "hra", "hra_gs", "miss", "miss_bat", "miss_mini", "shira"}  # PEFT implements them for nn.Linear only, not GPT-2's Conv1D
+GPT2_REFUSED = {"c3a", "delora", "hra", "hra_gs", "miss", "miss_bat", "miss_mini", "road", "road_2", "road_4", "shira"}  # PEFT implements them for nn.Linear only, not GPT-2's Conv1D
 CASES = [(family, method) for method in sorted(METHODS) for family in MODELS
          if not (family == "gpt2" and method in GPT2_REFUSED)]
 
@@ -159,6 +165,7 @@ def test_config_errors_name_the_problem(saved_models):
                                               ("delora", ["delora.r=2"]), ("miss", ["miss.r=4", "miss.init_weights=bat"]),
                                               ("gralora", ["gralora.r=4", "gralora.alpha=8", "gralora.hybrid_r=2"]),
                                               ("hra", ["hra.r=2", "hra.apply_GS=true", "hra.init_weights=false"]),
+                                              ("road", ["road.group_size=8", "road.variant=road_4"]),
                                               ("shira", ["shira.r=1"])])
 def test_lowrax_train_exports_imports_and_merges(tiny_dir, data_file, tmp_path, method, settings):  # noqa: F811
     check_method_run(tiny_dir, data_file, tmp_path, method, settings)
