@@ -68,6 +68,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "lowrax.adapters.miss": ("MissConfig", "MissKernel"),
     "lowrax.adapters.gralora": ("GraloraConfig", "GraloraKernel"),
     "lowrax.adapters.hra": ("HRAConfig", "HRAKernel"),
+    "lowrax.adapters.boft": ("BOFTConfig", "BOFTKernel"),
     "lowrax.adapters.road": ("RoadConfig", "RoadKernel"),
     "lowrax.adapters.ln_tuning": ("LNTuningConfig", "TunedNorm"),
     "lowrax.adapters.prompt": ("PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PromptTable",

@@ -1,4 +1,5 @@
-"""PEFT's further per-layer methods (C3A, FourierFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA, HRA, RoAd): each exchanged with PEFT both ways
+"""PEFT's further per-layer methods (BOFT, C3A, FourierFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA, HRA,
+RoAd): each exchanged with PEFT both ways
 with equal logits (float32), its seeded positions equal to PEFT's, its config errors, and
 `lowrax train method=NAME` exporting, importing and merging. The conformance suite
 (tests/test_conformance.py) runs each on every family from the registry."""
@@ -23,6 +24,8 @@ from tests.test_training_run import check_method_run, data_file, tiny_dir  # noq
 
 # method: (lowrax config for targets, PEFT config class, PEFT kwargs giving a non-trivial adapter)
 METHODS = {
+    "boft": (lambda t: lowrax.BOFTConfig(boft_block_size=8, init_weights=False, target_modules=t), "BOFTConfig",
+             dict(boft_block_size=8, init_weights=False)),
     "c3a": (lambda t: lowrax.C3AConfig(block_size=16, target_modules=t), "C3AConfig",
             dict(block_size=16, init_weights="xavier_uniform")),
     "fourierft": (lambda t: lowrax.FourierFTConfig(n_frequency=40, scaling=10.0, random_loc_seed=11, target_modules=t),
@@ -51,7 +54,7 @@ METHODS = {
     "shira": (lambda t: lowrax.ShiraConfig(r=2, random_seed=5, target_modules=t), "ShiraConfig",
               dict(r=2, init_weights=False, random_seed=5)),
 }
-GPT2_REFUSED = {"c3a", "delora", "hra", "hra_gs", "miss", "miss_bat", "miss_mini", "road", "road_2", "road_4", "shira"}  # PEFT implements them for nn.Linear only, not GPT-2's Conv1D
+GPT2_REFUSED = {"boft", "c3a", "delora", "hra", "hra_gs", "miss", "miss_bat", "miss_mini", "road", "road_2", "road_4", "shira"}  # PEFT implements them for nn.Linear only, not GPT-2's Conv1D
 CASES = [(family, method) for method in sorted(METHODS) for family in MODELS
          if not (family == "gpt2" and method in GPT2_REFUSED)]
 
@@ -135,6 +138,38 @@ def first_q_proj_node(params):
     return next(leaf for path, leaf in flat if is_node(leaf) and "q_proj" in jax.tree_util.keystr(path))
 
 
+@pytest.fixture
+def peft_butterflies(monkeypatch):
+    """PEFT's BOFT with its CUDA extension's code path on the CPU: without the extension PEFT silently
+    uses one butterfly factor whatever the config says; the extension only builds block-diagonal
+    matrices, which torch.block_diag does here."""
+    from peft.tuners.boft import layer as boft_layer
+
+    class BlockDiagonal:
+        @staticmethod
+        def apply(blocks):
+            return torch.stack([torch.block_diag(*factor) for factor in blocks])
+
+    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: True)
+    monkeypatch.setattr(boft_layer, "FastBlockDiag", BlockDiagonal)
+
+
+def test_boft_butterfly_factors_exchange_with_peft_both_ways(saved_models, peft_butterflies, tmp_path):
+    path, model, params, targets = saved_models("llama")
+    settings = dict(boft_block_size=4, boft_n_butterfly_factor=2, init_weights=False)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(fresh_torch_model(path), peft.BOFTConfig(target_modules=list(targets), **settings)).eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = lowrax.load_peft(params, tmp_path / "theirs", model)
+    assert largest_difference(model, loaded, theirs) <= 1e-4
+    ours = randomize(lowrax.wrap(params, lowrax.BOFTConfig(target_modules=tuple(targets), **settings), jax.random.key(1),
+                                 model=model), jax.random.key(2))
+    lowrax.save_peft(ours, tmp_path / "ours", model)
+    back = peft.PeftModel.from_pretrained(fresh_torch_model(path), tmp_path / "ours").eval()
+    assert largest_difference(model, ours, back) <= 1e-4
+    assert largest_difference(model, params, back) > 1e-3
+
+
 def test_c3a_delta_matrix_equals_its_fft_forward():
     """The merged block-circulant matrix and the FFT forward are the same linear map."""
     kernel = jax.random.normal(jax.random.key(0), (3, 2, 4))
@@ -166,6 +201,7 @@ def test_config_errors_name_the_problem(saved_models):
                                               ("gralora", ["gralora.r=4", "gralora.alpha=8", "gralora.hybrid_r=2"]),
                                               ("hra", ["hra.r=2", "hra.apply_GS=true", "hra.init_weights=false"]),
                                               ("road", ["road.group_size=8", "road.variant=road_4"]),
+                                              ("boft", ["boft.boft_block_size=4", "boft.boft_n_butterfly_factor=2"]),
                                               ("shira", ["shira.r=1"])])
 def test_lowrax_train_exports_imports_and_merges(tiny_dir, data_file, tmp_path, method, settings):  # noqa: F811
     check_method_run(tiny_dir, data_file, tmp_path, method, settings)

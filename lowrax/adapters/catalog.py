@@ -8,6 +8,7 @@ import lowrax.adapters.lora.peft_vera  # noqa: F401  PEFT's VERA format
 import lowrax.adapters.lycoris.loha  # noqa: F401  LoHa and PEFT's LOHA format
 import lowrax.adapters.lycoris.lokr  # noqa: F401  LoKr and PEFT's LOKR format
 import lowrax.adapters.oft  # noqa: F401  OFT and PEFT's OFT format
+import lowrax.adapters.boft  # noqa: F401  BOFT and PEFT's BOFT format
 import lowrax.adapters.c3a  # noqa: F401  C3A and PEFT's C3A format
 import lowrax.adapters.fourierft  # noqa: F401  FourierFT and PEFT's FOURIERFT format
 import lowrax.adapters.hira  # noqa: F401  HiRA and PEFT's HIRA format
