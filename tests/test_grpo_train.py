@@ -158,7 +158,23 @@ def test_the_reference_term_runs_with_adapters_off(tiny_dir, prompts_file, user_
     assert rows[-1]["kl"] > 0
 
 
-@pytest.mark.parametrize("method, extra", [(name, {}) for name in method_names()] +
+def example_settings(name: str) -> dict:
+    """The method's settings as overrides of its section, from its first registered example (small enough for
+    the tiny model, where PEFT's defaults, e.g. C3A's 256-wide blocks, are not)."""
+    import dataclasses
+
+    from lowrax.adapters.registry import method_named
+
+    examples = method_named(name).examples
+    if name == "lora" or not examples:
+        return {}
+    example = next(iter(examples.values()))()
+    default = type(example)()
+    return {f"{name}.{f.name}": json.dumps(list(v) if isinstance(v, tuple) else v)
+            for f in dataclasses.fields(example) if (v := getattr(example, f.name)) != getattr(default, f.name)}
+
+
+@pytest.mark.parametrize("method, extra", [(name, example_settings(name)) for name in method_names()] +
                          [("lora", {"model.quantize": "nf4", "model.quant_blocksize": 32})])
 def test_every_method_and_an_nf4_base_train_with_grpo(tiny_dir, prompts_file, user_rewards, tmp_path, method, extra):
     """Rollouts from the adapted model (virtual tokens in the generator's cache for prompt and prefix tuning,
