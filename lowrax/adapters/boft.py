@@ -221,6 +221,5 @@ def to_config(config: dict) -> tuple[str, BOFTConfig]:
 # --- registration ----------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="boft", config=BOFTConfig, build=build_nodes, default_roles=ATTENTION_QV,
-                              examples={"boft": lambda: BOFTConfig(boft_block_size=4),
-                                        "boft_butterfly": lambda: BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2)}))
+                              examples={"boft": lambda: BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2)}))
 register_peft_format(PeftFormat(peft_type="BOFT", write=write, read=read, to_config=to_config))

@@ -189,6 +189,5 @@ def to_config(config: dict) -> tuple[str, GraloraConfig]:
 # --- registration ----------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="gralora", config=GraloraConfig, build=build_nodes, default_roles=ATTENTION_QV,
-                              examples={"gralora": lambda: GraloraConfig(r=4, alpha=8.0),
-                                        "gralora_hybrid": lambda: GraloraConfig(r=4, alpha=8.0, hybrid_r=2)}))
+                              examples={"gralora": lambda: GraloraConfig(r=4, alpha=8.0, hybrid_r=2)}))
 register_peft_format(PeftFormat(peft_type="GRALORA", write=write, read=read, to_config=to_config))

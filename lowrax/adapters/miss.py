@@ -174,6 +174,5 @@ def to_config(config: dict) -> tuple[str, MissConfig]:
 # --- registration ----------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="miss", config=MissConfig, build=build_nodes, default_roles=ATTENTION_QV,
-                              examples={"miss": lambda: MissConfig(r=4), "miss_bat": lambda: MissConfig(r=4, init_weights="bat"),
-                                        "miss_mini": lambda: MissConfig(r=4, mini_r=2, init_weights="mini")}))
+                              examples={"miss": lambda: MissConfig(r=4), "miss_bat": lambda: MissConfig(r=4, init_weights="bat")}))
 register_peft_format(PeftFormat(peft_type="MISS", write=write, read=read, to_config=to_config))

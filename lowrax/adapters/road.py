@@ -185,6 +185,5 @@ def to_config(config: dict) -> tuple[str, RoadConfig]:
 # --- registration ----------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="road", config=RoadConfig, build=build_nodes, default_roles=ATTENTION_QV,
-                              examples={"road": lambda: RoadConfig(group_size=8),
-                                        "road_4": lambda: RoadConfig(variant="road_4", group_size=8)}))
+                              examples={"road": lambda: RoadConfig(variant="road_4", group_size=8)}))
 register_peft_format(PeftFormat(peft_type="ROAD", write=write, read=read, to_config=to_config))
