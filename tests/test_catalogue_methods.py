@@ -182,7 +182,7 @@ def test_config_errors_name_the_problem(saved_models):
     _, model, params, _ = saved_models("llama")
     with pytest.raises(LowraxError, match="C3AConfig.block_size must be an integer >= 1, got 0"):
         lowrax.C3AConfig(block_size=0)
-    with pytest.raises(LowraxError, match="C3A block_size 48 must divide .* input width 64"):
+    with pytest.raises(LowraxError, match="C3A block_size 48 must divide .* input width 64.*choose a divisor of 64"):
         lowrax.wrap(params, lowrax.C3AConfig(block_size=48, target_modules=("q_proj",)), jax.random.key(0), model=model)
     with pytest.raises(LowraxError, match="FourierFT n_frequency 100000 exceeds"):
         lowrax.wrap(params, lowrax.FourierFTConfig(n_frequency=100000, target_modules=("q_proj",)), jax.random.key(0),

@@ -135,17 +135,16 @@ class BOFTKernel(AdapterNode):
         return jnp.where(mask[:, :, None, None], jnp.eye(b, dtype=q.dtype), q)
 
     def butterfly(self) -> jnp.ndarray:
-        """B [in, in], float32: x B is the input rotation."""
+        """B [in, in], float32: x B is the input rotation. Each factor P diag(Q) P^T is the block-diagonal
+        matrix with its rows and columns permuted: entry (i, j) is diag(Q)[perm[i], perm[j]]."""
         q = self.blocks()
         m, d, b, _ = q.shape
         n = d * b
         total = jnp.eye(n, dtype=jnp.float32)
         for i in range(m):
-            diag = jax.scipy.linalg.block_diag(*q[i])
+            diag = jnp.einsum("de,dij->diej", jnp.eye(d, dtype=q.dtype), q[i]).reshape(n, n)
             perm = np.asarray(butterfly_permutation(n, d // 2**i, b // 2, m - 1))
-            p = np.zeros((n, n), np.float32)
-            p[np.arange(n), perm] = 1.0
-            total = (p @ diag @ p.T) @ total
+            total = diag[perm][:, perm] @ total
         return total
 
     def apply(self, x: jnp.ndarray) -> jnp.ndarray:

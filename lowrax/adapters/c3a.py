@@ -87,12 +87,14 @@ class C3AKernel(DeltaKernel):
 
 # --- build ----------------------------------------------------------------------------------------
 
-def block_size_for(name: str, base, cfg_block: int, patterns: dict | None) -> int:
+def block_size_for(name: str, base, cfg_block: int, patterns: dict | None, widths_gcd: int) -> int:
+    """The layer's block size; an error names the layer and a size that fits every targeted layer."""
     b = int(pattern_value(name, patterns, cfg_block))
     d_in, d_out = base.shape
     if d_in % b or d_out % b:
         raise LowraxError(f"C3A block_size {b} must divide {name}'s input width {d_in} and output width {d_out}; "
-                          f"choose a common divisor (e.g. {math.gcd(d_in, d_out)}) or set block_size_pattern for it")
+                          f"choose a divisor of {widths_gcd} (the greatest common divisor of the targeted layers' "
+                          "widths) or set block_size_pattern for this layer")
     return b
 
 
@@ -113,9 +115,9 @@ def initial_kernel(key, shape: tuple[int, int, int], d_in: int, d_out: int, init
 
 
 def build_nodes(bases: dict[str, Any], cfg: C3AConfig, key, adapter_dtype, model_type=None) -> tuple[dict, dict]:
-    nodes = {}
+    nodes, widths_gcd = {}, math.gcd(*(d for base in bases.values() for d in base.shape))
     for i, (name, base) in enumerate(bases.items()):
-        b = block_size_for(name, base, cfg.block_size, cfg.block_size_pattern)
+        b = block_size_for(name, base, cfg.block_size, cfg.block_size_pattern, widths_gcd)
         d_in, d_out = base.shape
         kernel = initial_kernel(jax.random.fold_in(key, i), (d_out // b, d_in // b, b), d_in, d_out,
                                 cfg.init_weights, adapter_dtype)
