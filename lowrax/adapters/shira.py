@@ -19,6 +19,7 @@ refused.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,8 +51,10 @@ class ShiraConfig(TargetConfig):
     init_weights: bool = True  # True: values zero (the base model); False: standard normal
 
 
+@functools.lru_cache(maxsize=64)
 def mask_positions(d_out: int, d_in: int, r: int, seed: int | None) -> np.ndarray:
-    """(2, k) int32: the rows (out) and columns (in) of PEFT's random mask, row-major sorted."""
+    """(2, k) int32: the rows (out) and columns (in) of PEFT's random mask, row-major sorted (every layer of
+    a shape gets the same mask from the same seed, as in PEFT: computed once per shape)."""
     k = r * (d_in + d_out)
     flat = np.sort(torch_randperm_head(d_out * d_in, k, TORCH_DEFAULT_SEED if seed is None else int(seed)))
     return np.stack([flat // d_in, flat % d_in]).astype(np.int32)
