@@ -192,6 +192,12 @@ def test_config_errors_name_the_problem(saved_models):
         lowrax.wrap(params, lowrax.ShiraConfig(r=40, target_modules=("q_proj",)), jax.random.key(0), model=model)
     with pytest.raises(LowraxError, match="ShiraConfig.mask_type"):
         lowrax.ShiraConfig(mask_type="structured")
+    with pytest.raises(LowraxError, match="BOFTConfig.boft_block_num must be 0 when boft_block_size is set"):
+        lowrax.BOFTConfig(boft_block_size=4, boft_block_num=2)
+    with pytest.raises(LowraxError, match=r"GraloraConfig.r must be a multiple of gralora_k \(3\), got 8"):
+        lowrax.GraloraConfig(r=8, gralora_k=3)
+    with pytest.raises(LowraxError, match="RoadConfig.group_size must be an even number"):
+        lowrax.RoadConfig(group_size=7)
 
 
 @pytest.mark.parametrize("method, settings", [("c3a", ["c3a.block_size=16"]), ("fourierft", ["fourierft.n_frequency=32"]),

@@ -33,7 +33,7 @@ from lowrax.adapters.delta import module_names, tensor
 from lowrax.adapters.lycoris.common import refuse_conv1d
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
-from lowrax.core.checked import Count, PositiveInt, Probability
+from lowrax.core.checked import ConfigValueError, Count, PositiveInt, Probability, owner_name
 from lowrax.core.linear import matmul
 from lowrax.core.node import ROTATION, VECTOR, AdapterNode
 from lowrax.errors import CheckpointError, LowraxError
@@ -55,12 +55,16 @@ class BOFTConfig(TargetConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if (self.boft_block_size == 0) == (self.boft_block_num == 0):
-            raise LowraxError("BOFTConfig needs exactly one of boft_block_size and boft_block_num set (the other 0), "
-                              f"got boft_block_size={self.boft_block_size}, boft_block_num={self.boft_block_num}")
+        if self.boft_block_size == 0 and self.boft_block_num == 0:
+            raise ConfigValueError(owner_name(self), "boft_block_size", 0,
+                                   "a block width when boft_block_num is 0 (set exactly one of the two)")
+        if self.boft_block_size and self.boft_block_num:
+            raise ConfigValueError(owner_name(self), "boft_block_num", self.boft_block_num,
+                                   f"0 when boft_block_size is set ({self.boft_block_size}): set exactly one of the two")
 
 
-def layer_blocks(name: str, d_in: int, block_size: int, block_num: int, factors: int, error=LowraxError) -> tuple[int, int]:
+def layer_blocks(name: str, d_in: int, block_size: int, block_num: int, factors: int,
+                 error=LowraxError) -> tuple[int, int]:
     """(blocks per factor, block width) for a layer of input width d_in, with PEFT's checks."""
     extra = factors - 1  # PEFT's internal count of butterfly factors beyond the first
     if block_size == 0:

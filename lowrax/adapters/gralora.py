@@ -29,7 +29,7 @@ from lowrax.adapters.delta import DeltaKernel, module_names, tensor
 from lowrax.adapters.init import kaiming_uniform
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
-from lowrax.core.checked import Count, PositiveFloat, PositiveInt, Probability
+from lowrax.core.checked import ConfigValueError, Count, PositiveFloat, PositiveInt, Probability, owner_name
 from lowrax.core.node import FACTOR, dropped
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.peft.common import PREFIX, fan_in_fan_out, torch_layout
@@ -51,7 +51,7 @@ class GraloraConfig(TargetConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.r % self.gralora_k:
-            raise LowraxError(f"GraloraConfig.r ({self.r}) must be a multiple of gralora_k ({self.gralora_k})")
+            raise ConfigValueError(owner_name(self), "r", self.r, f"a multiple of gralora_k ({self.gralora_k})")
 
 
 # --- node -----------------------------------------------------------------------------------------

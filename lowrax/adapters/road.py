@@ -31,7 +31,7 @@ from lowrax.adapters.delta import module_names, tensor
 from lowrax.adapters.lycoris.common import refuse_conv1d
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
-from lowrax.core.checked import PositiveInt
+from lowrax.core.checked import ConfigValueError, PositiveInt, owner_name
 from lowrax.core.linear import matmul
 from lowrax.core.node import VECTOR, AdapterNode
 from lowrax.errors import CheckpointError, LowraxError
@@ -53,7 +53,8 @@ class RoadConfig(TargetConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.group_size % 2:
-            raise LowraxError(f"RoadConfig.group_size must be even (a group pairs its two halves), got {self.group_size}")
+            raise ConfigValueError(owner_name(self), "group_size", self.group_size,
+                                   "an even number (a group pairs its two halves)")
 
 
 # --- node -----------------------------------------------------------------------------------------
