@@ -53,7 +53,9 @@ METHODS = {
     "shira": (lambda t: lowrax.ShiraConfig(r=2, random_seed=5, target_modules=t), "ShiraConfig",
               dict(r=2, init_weights=False, random_seed=5)),
 }
-GPT2_REFUSED = {"boft", "c3a", "delora", "hra", "hra_gs", "miss", "miss_bat", "miss_mini", "road", "road_2", "road_4", "shira"}  # PEFT implements them for nn.Linear only, not GPT-2's Conv1D
+# PEFT implements these for nn.Linear only, not GPT-2's Conv1D
+GPT2_REFUSED = {"boft", "c3a", "delora", "hra", "hra_gs", "miss", "miss_bat", "miss_mini", "road", "road_2", "road_4",
+                "shira"}
 CASES = [(family, method) for method in sorted(METHODS) for family in MODELS
          if not (family == "gpt2" and method in GPT2_REFUSED)]
 
