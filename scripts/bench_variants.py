@@ -1,4 +1,5 @@
-"""The adapter methods (the LoRA family, IA3, LoHa, LoKr, OFT, LN tuning, prompt learning) side by side on the embedded default task, printed as JSON and a Markdown table.
+"""The adapter methods (the LoRA family, IA3, LoHa, LoKr, OFT and PEFT's further per-layer methods, LN tuning,
+prompt learning) side by side on the embedded default task, printed as JSON and a Markdown table.
 
     python scripts/bench.py --variants [--steps 30] [--only lora,dora] [--out variants.json]
 
@@ -60,6 +61,18 @@ METHODS = {
     "prompt_tuning": ["method=prompt_tuning", "prompt_tuning.num_virtual_tokens=20", "prompt_tuning.prompt_tuning_init=TEXT",
                       "prompt_tuning.prompt_tuning_init_text=Write the date in the lowrax date format",
                       "optim.learning_rate=3.0e-2"],
+    # PEFT's further per-layer methods on every linear layer; where a size is free, near LoRA r=16's 4.9 M
+    # trained parameters (BOFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA); C3A, FourierFT, HRA and RoAd train fewer.
+    "boft": ["method=boft", "boft.target_modules=all-linear", "boft.boft_block_size=32"],
+    "hra": ["method=hra", "hra.target_modules=all-linear", "hra.r=8"],
+    "road": ["method=road", "road.target_modules=all-linear", "optim.learning_rate=1.0e-2"],
+    "c3a": ["method=c3a", "c3a.target_modules=all-linear", "c3a.block_size=64"],
+    "fourierft": ["method=fourierft", "fourierft.target_modules=all-linear", "fourierft.n_frequency=1000"],
+    "hira": ["method=hira", "hira.target_modules=all-linear", "hira.r=16"],
+    "shira": ["method=shira", "shira.target_modules=all-linear", "shira.r=16"],
+    "delora": ["method=delora", "delora.target_modules=all-linear", "delora.r=16"],
+    "miss": ["method=miss", "miss.target_modules=all-linear", "miss.r=32"],
+    "gralora": ["method=gralora", "gralora.target_modules=all-linear", "gralora.r=16", "gralora.alpha=32"],
     "p_tuning": ["method=p_tuning", "p_tuning.num_virtual_tokens=20", "optim.learning_rate=1.0e-2"],
     "prefix_tuning": ["method=prefix_tuning", "prefix_tuning.num_virtual_tokens=10", "optim.learning_rate=1.0e-2"],
 }
