@@ -212,3 +212,19 @@ def test_config_errors_name_the_problem(saved_models):
                                               ("shira", ["shira.r=1"])])
 def test_lowrax_train_then_export_and_import(tiny_dir, data_file, tmp_path, method, settings):  # noqa: F811
     check_method_run(tiny_dir, data_file, tmp_path, method, settings, full=False)
+
+
+def test_exact_cayley_without_lapack_equals_lapack_and_is_orthogonal():
+    """OFT's exact Cayley and BOFT's blocks solve (I + S) R = I - S without LAPACK (core/cayley.py)."""
+    import jax.numpy as jnp
+
+    from lowrax.core.cayley import cayley
+
+    r = jax.random.normal(jax.random.key(0), (6, 16, 16))
+    s = 0.5 * (r - jnp.swapaxes(r, -1, -2))
+    eye = jnp.eye(16)
+    lapack = jnp.linalg.solve(eye + s, eye - s)
+    ours = cayley(s)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(lapack), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours @ jnp.swapaxes(ours, -1, -2)), np.broadcast_to(np.eye(16), (6, 16, 16)),
+                               atol=1e-5)

@@ -33,6 +33,7 @@ from lowrax.adapters.delta import module_names, tensor
 from lowrax.adapters.lycoris.common import refuse_conv1d
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
+from lowrax.core.cayley import cayley as exact_cayley
 from lowrax.core.checked import ConfigValueError, Count, PositiveInt, Probability, owner_name
 from lowrax.core.linear import matmul
 from lowrax.core.node import ROTATION, VECTOR, AdapterNode
@@ -104,10 +105,7 @@ def butterfly_permutation(n: int, blocks: int, half_width: int, extra: int) -> t
 
 def cayley(r: jnp.ndarray) -> jnp.ndarray:
     """(I - S)(I + S)^-1 for S the skew part of each [b, b] block of r [..., b, b]."""
-    s = 0.5 * (r - jnp.swapaxes(r, -1, -2))
-    eye = jnp.eye(r.shape[-1], dtype=r.dtype)
-    # X (I + S) = I - S  <=>  (I + S)^T X^T = (I - S)^T
-    return jnp.swapaxes(jnp.linalg.solve(jnp.swapaxes(eye + s, -1, -2), jnp.swapaxes(eye - s, -1, -2)), -1, -2)
+    return exact_cayley(0.5 * (r - jnp.swapaxes(r, -1, -2)))
 
 
 @struct.dataclass

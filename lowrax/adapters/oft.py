@@ -35,6 +35,7 @@ import numpy as np
 from flax import struct
 
 from lowrax.adapters.lycoris.common import refuse_conv1d
+from lowrax.core.cayley import cayley as exact_cayley
 from lowrax.core.checked import Count, PositiveFloat, Probability
 from lowrax.core.node import ROTATION, AdapterNode
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
@@ -113,8 +114,7 @@ def cayley(q: jnp.ndarray, b: int, neumann: bool, terms: int) -> jnp.ndarray:
     s = skew(q, b)
     eye = jnp.broadcast_to(jnp.eye(b, dtype=q.dtype), s.shape)
     if not neumann:
-        # R = (I - S)(I + S)^-1, i.e. R (I + S) = I - S
-        return jnp.swapaxes(jnp.linalg.solve(jnp.swapaxes(eye + s, -1, -2), jnp.swapaxes(eye - s, -1, -2)), -1, -2)
+        return exact_cayley(s)  # R = (I - S)(I + S)^-1
     r = eye
     if terms > 1:
         r = r + 2.0 * s
