@@ -17,8 +17,10 @@ import jax  # noqa: E402
 import lowrax  # noqa: E402
 from lowrax.errors import LowraxError  # noqa: E402
 from tests.conftest import random_batch  # noqa: E402
-from tests.test_peft_exchange import lowrax_outputs, randomize, torch_outputs  # noqa: E402
+from tests.test_ia3 import max_difference  # noqa: E402
+from tests.test_peft_exchange import lowrax_outputs, randomize  # noqa: E402
 from tests.test_variants_peft import MODELS, saved_models  # noqa: E402,F401  (the fixture)
+from tests.test_variants_peft import fresh_torch_model as fresh_causal_lm  # noqa: E402
 from tests.test_training_run import check_method_run, data_file, tiny_dir  # noqa: E402,F401
 
 # method: (lowrax config for targets, PEFT config class, PEFT kwargs giving a non-trivial adapter)
@@ -66,14 +68,12 @@ def peft_kwargs(family: str, method: str) -> dict:
 
 
 def fresh_torch_model(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return fresh_causal_lm(path).eval()
 
 
 def largest_difference(model, params, torch_model) -> float:
-    ids, mask = random_batch(128, [9, 6], pad_id=0, left=True, seed=3)
-    valid = mask.astype(bool)
-    ours = lowrax_outputs(model, params, ids, mask)[valid]
-    return float(np.abs(ours - torch_outputs(torch_model, ids, mask, True)[valid]).max())
+    """Largest logit difference at the real positions of a left-padded batch (test_ia3's measure)."""
+    return max_difference(model, params, torch_model, *random_batch(128, [9, 6], pad_id=0, left=True, seed=3))
 
 
 @pytest.mark.parametrize("family, method", CASES)

@@ -29,8 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lowrax.adapters.delta import module_names, tensor
-from lowrax.adapters.lycoris.common import refuse_conv1d
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.core.cayley import cayley as exact_cayley
@@ -38,7 +36,7 @@ from lowrax.core.checked import ConfigValueError, Count, PositiveInt, Probabilit
 from lowrax.core.linear import matmul
 from lowrax.core.node import ROTATION, VECTOR, AdapterNode
 from lowrax.errors import CheckpointError, LowraxError
-from lowrax.peft.common import PREFIX
+from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, one_setting, refuse_conv1d
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -136,21 +134,25 @@ class BOFTKernel(AdapterNode):
         mask = (jnp.arange(m)[:, None] == jax.random.randint(k_factor, (), 0, m)) & replaced[None, :]
         return jnp.where(mask[:, :, None, None], jnp.eye(b, dtype=q.dtype), q)
 
-    def butterfly(self) -> jnp.ndarray:
-        """B [in, in], float32: x B is the input rotation. Each factor P diag(Q) P^T is the block-diagonal
-        matrix with its rows and columns permuted: entry (i, j) is diag(Q)[perm[i], perm[j]]."""
-        q = self.blocks()
+    def rotate(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x B for rows x [..., in], factor by factor and never forming B: with M = P diag(Q) P^T, entry (i, j)
+        of M is diag(Q)[perm[i], perm[j]], so x M is x reordered by perm's inverse, rotated block by block,
+        then reordered by perm (tokens x in x b multiply-adds per factor instead of tokens x in^2)."""
+        q = self.blocks().astype(x.dtype)
         m, d, b, _ = q.shape
         n = d * b
-        total = jnp.eye(n, dtype=jnp.float32)
-        for i in range(m):
-            diag = jnp.einsum("de,dij->diej", jnp.eye(d, dtype=q.dtype), q[i]).reshape(n, n)
+        for i in reversed(range(m)):  # B = M_{m-1} ... M_0, so x B meets M_{m-1} first
             perm = np.asarray(butterfly_permutation(n, d // 2**i, b // 2, m - 1))
-            total = diag[perm][:, perm] @ total
-        return total
+            blocks = x[..., np.argsort(perm)].reshape(*x.shape[:-1], d, b)
+            x = jnp.einsum("...di,dij->...dj", blocks, q[i]).reshape(*x.shape[:-1], n)[..., perm]
+        return x
+
+    def butterfly(self) -> jnp.ndarray:
+        """B [in, in], float32 (for merging)."""
+        return self.rotate(jnp.eye(self.rotations.shape[1] * self.rotations.shape[2], dtype=jnp.float32))
 
     def apply(self, x: jnp.ndarray) -> jnp.ndarray:
-        y = matmul(x @ self.butterfly().astype(x.dtype), self.base)
+        y = matmul(self.rotate(x), self.base)
         return y * self.scale.astype(y.dtype)
 
     def merge_into(self, w: jnp.ndarray) -> jnp.ndarray:
@@ -181,11 +183,8 @@ def build_nodes(bases: dict[str, Any], cfg: BOFTConfig, key, adapter_dtype, mode
 
 def write(nodes: dict[str, BOFTKernel], params: Any, *, model=None, **_unused) -> tuple[dict, dict]:
     refuse_conv1d(model, "BOFT")
-    settings = {(int(n.rotations.shape[0]), int(n.rotations.shape[2])) for n in nodes.values()}
-    if len(settings) != 1:
-        raise LowraxError(f"PEFT's BOFT format has one factor count and block width per adapter; these layers use "
-                          f"{sorted(settings)}")
-    m, b = settings.pop()
+    m, b = one_setting(((int(n.rotations.shape[0]), int(n.rotations.shape[2])) for n in nodes.values()), "BOFT",
+                       "factor count and block width")
     tensors = {}
     for name, node in nodes.items():
         tensors[f"{PREFIX}{name}.boft_R"] = np.asarray(node.rotations, np.float32)
@@ -201,11 +200,11 @@ def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict,
         raise CheckpointError(f"BOFT adapter_config.json must set exactly one of boft_block_size ({size}) and "
                               f"boft_block_num ({num})")
     nodes, used = {}, set()
-    for name in module_names(tensors, ".boft_R", bases, "BOFT"):
+    for name in adapted_modules(tensors, ".boft_R", bases, "BOFT"):
         d_in, d_out = bases[name].shape
         d, b = layer_blocks(name, d_in, size, num, m, error=CheckpointError)
-        rotations = tensor(tensors, name, "boft_R", (m, d, b, b), "BOFT")
-        scale = tensor(tensors, name, "boft_s", (d_out, 1), "BOFT")[:, 0]
+        rotations = adapter_tensor(tensors, name, "boft_R", (m, d, b, b), "BOFT")
+        scale = adapter_tensor(tensors, name, "boft_s", (d_out, 1), "BOFT")[:, 0]
         nodes[name] = BOFTKernel(base=bases[name], rotations=jnp.asarray(rotations, adapter_dtype),
                                  scale=jnp.asarray(scale, adapter_dtype), dropout=float(config.get("boft_dropout") or 0.0))
         used |= {f"{name}.boft_R", f"{name}.boft_s"}

@@ -28,14 +28,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lowrax.adapters.delta import DeltaKernel, module_names, tensor, value_and_pattern
-from lowrax.adapters.lycoris.common import refuse_conv1d
+from lowrax.adapters.delta import DeltaKernel
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, check_patterns, pattern_value, targeting_from_peft
 from lowrax.core.checked import PositiveInt
 from lowrax.core.node import FACTOR
 from lowrax.errors import CheckpointError, LowraxError
-from lowrax.peft.common import PREFIX
+from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, refuse_conv1d, value_and_pattern
 
 SUFFIX = ".c3a_kernel"
 
@@ -138,12 +137,12 @@ def write(nodes: dict[str, C3AKernel], params: Any, *, model=None, **_unused) ->
 
 def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict, dict, set]:
     nodes = {}
-    for name in module_names(tensors, SUFFIX, bases, "C3A"):
+    for name in adapted_modules(tensors, SUFFIX, bases, "C3A"):
         d_in, d_out = bases[name].shape
         b = int(pattern_value(name, config.get("block_size_pattern"), config.get("block_size", 256)))
         if d_in % b or d_out % b:
             raise CheckpointError(f"C3A block_size {b} does not divide {name}'s widths {d_in} x {d_out}")
-        kernel = tensor(tensors, name, SUFFIX[1:], (d_out // b, d_in // b, b), "C3A")
+        kernel = adapter_tensor(tensors, name, SUFFIX[1:], (d_out // b, d_in // b, b), "C3A")
         nodes[name] = C3AKernel(base=bases[name], kernel=jnp.asarray(kernel, adapter_dtype))
     return nodes, {}, {f"{n}{SUFFIX}" for n in nodes}
 

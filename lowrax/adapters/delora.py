@@ -27,15 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lowrax.adapters.delta import DeltaKernel, module_names, tensor, value_and_pattern
+from lowrax.adapters.delta import DeltaKernel
 from lowrax.adapters.init import kaiming_uniform
-from lowrax.adapters.lycoris.common import refuse_conv1d
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, check_patterns, pattern_value, targeting_from_peft
 from lowrax.core.checked import PositiveFloat, PositiveInt, Probability
 from lowrax.core.kernels import dense_kernel
 from lowrax.core.node import FACTOR, VECTOR, dropped
-from lowrax.peft.common import PREFIX, torch_layout
+from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, refuse_conv1d, torch_layout, value_and_pattern
 
 NORM_FLOOR = 1e-4  # PEFT clamps the factors' norms here
 
@@ -139,13 +138,13 @@ def write(nodes: dict[str, DeloraKernel], params: Any, *, model=None, **_unused)
 
 def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict, dict, set]:
     nodes, used = {}, set()
-    for name in module_names(tensors, ".delora_A", bases, "DeLoRA"):
+    for name in adapted_modules(tensors, ".delora_A", bases, "DeLoRA"):
         d_in, d_out = bases[name].shape
         r = int(pattern_value(name, config.get("rank_pattern"), config.get("r", 8)))
-        arrays = {"a": tensor(tensors, name, "delora_A", (r, d_in), "DeLoRA").T,
-                  "b": tensor(tensors, name, "delora_B", (d_out, r), "DeLoRA").T,
-                  "strength": tensor(tensors, name, "delora_lambda", (1,), "DeLoRA"),
-                  "w_norm": tensor(tensors, name, "delora_w_norm", (d_in,), "DeLoRA")}
+        arrays = {"a": adapter_tensor(tensors, name, "delora_A", (r, d_in), "DeLoRA").T,
+                  "b": adapter_tensor(tensors, name, "delora_B", (d_out, r), "DeLoRA").T,
+                  "strength": adapter_tensor(tensors, name, "delora_lambda", (1,), "DeLoRA"),
+                  "w_norm": adapter_tensor(tensors, name, "delora_w_norm", (d_in,), "DeLoRA")}
         nodes[name] = DeloraKernel(base=bases[name], dropout=float(config.get("module_dropout") or 0.0),
                                    **{k: jnp.asarray(v, adapter_dtype if k != "w_norm" else jnp.float32)
                                       for k, v in arrays.items()})

@@ -26,14 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lowrax.adapters.delta import DeltaKernel, module_names, tensor, value_and_pattern
+from lowrax.adapters.delta import DeltaKernel
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, check_patterns, pattern_value, targeting_from_peft
 from lowrax.adapters.torch_random import torch_randperm_head
 from lowrax.core.checked import Count, PositiveFloat, PositiveInt
 from lowrax.core.node import FACTOR
 from lowrax.errors import CheckpointError, LowraxError
-from lowrax.peft.common import PREFIX, fan_in_fan_out
+from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, fan_in_fan_out, one_setting, value_and_pattern
 
 SUFFIX = ".fourierft_spectrum"
 
@@ -80,6 +80,10 @@ class FourierFTKernel(DeltaKernel):
     def field_axes(self) -> dict:
         return {"spectrum": (None,)}
 
+    @property
+    def folds_into_base(self) -> bool:
+        return True
+
     def delta(self) -> jnp.ndarray:
         d_in, d_out = self.base.shape
         rows, cols = spectrum_positions(d_out, d_in, int(self.spectrum.shape[0]), self.seed)
@@ -114,19 +118,13 @@ def build_nodes(bases: dict[str, Any], cfg: FourierFTConfig, key, adapter_dtype,
 
 # --- PEFT format ----------------------------------------------------------------------------------
 
-def _one(nodes: dict, attribute: str):
-    values = {getattr(node, attribute) for node in nodes.values()}
-    if len(values) > 1:
-        raise LowraxError(f"PEFT's FourierFT format has one {attribute} per adapter; these layers use {sorted(values)}")
-    return values.pop()
-
-
 def write(nodes: dict[str, FourierFTKernel], params: Any, *, model=None, **_unused) -> tuple[dict, dict]:
     counts = {name: int(node.spectrum.shape[0]) for name, node in nodes.items()}
     common, pattern = value_and_pattern(counts)
     tensors = {f"{PREFIX}{name}{SUFFIX}": np.asarray(node.spectrum, np.float32) for name, node in nodes.items()}
     return tensors, {"n_frequency": common, "n_frequency_pattern": pattern,
-                     "scaling": _one(nodes, "scaling"), "random_loc_seed": _one(nodes, "seed"),
+                     "scaling": one_setting((n.scaling for n in nodes.values()), "FourierFT", "scaling"),
+                     "random_loc_seed": one_setting((n.seed for n in nodes.values()), "FourierFT", "random_loc_seed"),
                      "fan_in_fan_out": fan_in_fan_out(model), "init_weights": False, "bias": "none"}
 
 
@@ -136,9 +134,9 @@ def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict,
         raise CheckpointError("FourierFT adapter_config.json has random_loc_seed null: the spectrum's positions "
                               "cannot be recovered without it")
     nodes = {}
-    for name in module_names(tensors, SUFFIX, bases, "FourierFT"):
+    for name in adapted_modules(tensors, SUFFIX, bases, "FourierFT"):
         n = int(pattern_value(name, config.get("n_frequency_pattern"), config.get("n_frequency", 1000)))
-        spectrum = tensor(tensors, name, SUFFIX[1:], (n,), "FourierFT")
+        spectrum = adapter_tensor(tensors, name, SUFFIX[1:], (n,), "FourierFT")
         nodes[name] = node_for(bases[name], jnp.asarray(spectrum, adapter_dtype), seed, scaling)
     return nodes, {}, {f"{n}{SUFFIX}" for n in nodes}
 

@@ -25,14 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lowrax.adapters.delta import DeltaKernel, module_names, tensor
+from lowrax.adapters.delta import DeltaKernel
 from lowrax.adapters.init import kaiming_uniform
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.core.checked import ConfigValueError, Count, PositiveFloat, PositiveInt, Probability, owner_name
 from lowrax.core.node import FACTOR, dropped
 from lowrax.errors import CheckpointError, LowraxError
-from lowrax.peft.common import PREFIX, fan_in_fan_out, torch_layout
+from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, fan_in_fan_out, one_setting, torch_layout
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -139,12 +139,8 @@ def build_nodes(bases: dict[str, Any], cfg: GraloraConfig, key, adapter_dtype, m
 # --- PEFT format ----------------------------------------------------------------------------------
 
 def write(nodes: dict[str, GraloraKernel], params: Any, *, model=None, **_unused) -> tuple[dict, dict]:
-    settings = {(int(n.a.shape[0]), int(n.a.shape[2]), 0 if n.a_general is None else int(n.a_general.shape[1]), n.alpha)
-                for n in nodes.values()}
-    if len(settings) != 1:
-        raise LowraxError(f"PEFT's GraLoRA format has one gralora_k, r, hybrid_r and alpha per adapter; these layers use "
-                          f"{sorted(settings)}")
-    k, r, h, alpha = settings.pop()
+    k, r, h, alpha = one_setting(((int(n.a.shape[0]), int(n.a.shape[2]), 0 if n.a_general is None else int(n.a_general.shape[1]),
+                                   n.alpha) for n in nodes.values()), "GraLoRA", "gralora_k, r, hybrid_r and alpha")
     tensors = {}
     for name, node in nodes.items():
         tensors[f"{PREFIX}{name}.gralora_A"] = np.asarray(node.a, np.float32)
@@ -163,15 +159,15 @@ def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict,
         raise CheckpointError(f"GraLoRA adapter_config.json has r={r}, not a multiple of gralora_k={k}")
     nodes, used = {}, set()
     as_array = lambda v: jnp.asarray(v, adapter_dtype)  # noqa: E731
-    for name in module_names(tensors, ".gralora_A", bases, "GraLoRA"):
+    for name in adapted_modules(tensors, ".gralora_A", bases, "GraLoRA"):
         d_in, d_out = bases[name].shape
         check_widths(name, d_in, d_out, k, error=CheckpointError)
-        arrays = {"a": tensor(tensors, name, "gralora_A", (k, d_in // k, r), "GraLoRA"),
-                  "b": tensor(tensors, name, "gralora_B", (k, r, d_out // k), "GraLoRA")}
+        arrays = {"a": adapter_tensor(tensors, name, "gralora_A", (k, d_in // k, r), "GraLoRA"),
+                  "b": adapter_tensor(tensors, name, "gralora_B", (k, r, d_out // k), "GraLoRA")}
         used |= {f"{name}.gralora_A", f"{name}.gralora_B"}
         if h:
-            arrays["a_general"] = tensor(tensors, name, "gralora_A_general.weight", (h, d_in), "GraLoRA").T
-            arrays["b_general"] = tensor(tensors, name, "gralora_B_general.weight", (d_out, h), "GraLoRA").T
+            arrays["a_general"] = adapter_tensor(tensors, name, "gralora_A_general.weight", (h, d_in), "GraLoRA").T
+            arrays["b_general"] = adapter_tensor(tensors, name, "gralora_B_general.weight", (d_out, h), "GraLoRA").T
             used |= {f"{name}.gralora_A_general.weight", f"{name}.gralora_B_general.weight"}
         nodes[name] = GraloraKernel(base=bases[name], alpha=float(config.get("alpha", 64)),
                                     dropout=float(config.get("gralora_dropout") or 0.0),

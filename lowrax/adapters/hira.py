@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lowrax.adapters.delta import DeltaKernel, module_names, tensor, value_and_pattern
+from lowrax.adapters.delta import DeltaKernel
 from lowrax.adapters.init import kaiming_uniform
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, check_patterns, pattern_value, targeting_from_peft
@@ -30,7 +30,7 @@ from lowrax.core.checked import PositiveInt, Probability
 from lowrax.core.kernels import dense_kernel
 from lowrax.core.node import FACTOR, dropped
 from lowrax.errors import LowraxError
-from lowrax.peft.common import PREFIX, fan_in_fan_out, torch_layout
+from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, fan_in_fan_out, torch_layout, value_and_pattern
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -72,6 +72,10 @@ class HiraKernel(DeltaKernel):
 
     def product(self) -> jnp.ndarray:
         return self.a.astype(jnp.float32) @ self.b.astype(jnp.float32)
+
+    @property
+    def folds_into_base(self) -> bool:
+        return self.dropout == 0.0 or self.dropout_key is None
 
     def delta(self) -> jnp.ndarray:
         return dense_kernel(self.base).astype(jnp.float32) * self.product()
@@ -126,11 +130,11 @@ def write(nodes: dict[str, HiraKernel], params: Any, *, model=None, **_unused) -
 
 def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict, dict, set]:
     nodes, used = {}, set()
-    for name in module_names(tensors, ".hira_A", bases, "HiRA"):
+    for name in adapted_modules(tensors, ".hira_A", bases, "HiRA"):
         d_in, d_out = bases[name].shape
         r = int(pattern_value(name, config.get("rank_pattern"), config.get("r", 32)))
-        a = tensor(tensors, name, "hira_A", (r, d_in), "HiRA").T
-        b = tensor(tensors, name, "hira_B", (d_out, r), "HiRA").T
+        a = adapter_tensor(tensors, name, "hira_A", (r, d_in), "HiRA").T
+        b = adapter_tensor(tensors, name, "hira_B", (d_out, r), "HiRA").T
         nodes[name] = HiraKernel(base=bases[name], a=jnp.asarray(a, adapter_dtype), b=jnp.asarray(b, adapter_dtype),
                                  dropout=float(config.get("hira_dropout") or 0.0))
         used |= {f"{name}.hira_A", f"{name}.hira_B"}

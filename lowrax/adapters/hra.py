@@ -25,16 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lowrax.adapters.delta import module_names, tensor
 from lowrax.adapters.init import kaiming_uniform
-from lowrax.adapters.lycoris.common import refuse_conv1d
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.core.checked import PositiveInt
 from lowrax.core.linear import matmul
 from lowrax.core.node import ROTATION, AdapterNode
 from lowrax.errors import CheckpointError, LowraxError
-from lowrax.peft.common import PREFIX
+from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, one_setting, refuse_conv1d
 
 SUFFIX = ".hra_u"
 
@@ -132,21 +130,18 @@ def build_nodes(bases: dict[str, Any], cfg: HRAConfig, key, adapter_dtype, model
 
 def write(nodes: dict[str, HRAKernel], params: Any, *, model=None, **_unused) -> tuple[dict, dict]:
     refuse_conv1d(model, "HRA")
-    settings = {(int(n.u.shape[1]), n.apply_gs) for n in nodes.values()}
-    if len(settings) != 1:
-        raise LowraxError(f"PEFT's HRA format has one r and apply_GS per adapter; these layers use {sorted(settings)}")
-    r, apply_gs = settings.pop()
+    r, apply_gs = one_setting(((int(n.u.shape[1]), n.apply_gs) for n in nodes.values()), "HRA", "r and apply_GS")
     tensors = {f"{PREFIX}{name}{SUFFIX}": np.asarray(node.u, np.float32) for name, node in nodes.items()}
     return tensors, {"r": r, "apply_GS": apply_gs, "init_weights": True, "bias": "none"}
 
 
 def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict, dict, set]:
     r, nodes = int(config.get("r", 8)), {}
-    for name in module_names(tensors, SUFFIX, bases, "HRA"):
+    for name in adapted_modules(tensors, SUFFIX, bases, "HRA"):
         d_in = bases[name].shape[0]
         if r > d_in:
             raise CheckpointError(f"HRA adapter_config.json has r={r}, more than {name}'s input width {d_in}")
-        u = tensor(tensors, name, SUFFIX[1:], (d_in, r), "HRA")
+        u = adapter_tensor(tensors, name, SUFFIX[1:], (d_in, r), "HRA")
         nodes[name] = HRAKernel(base=bases[name], u=jnp.asarray(u, adapter_dtype), apply_gs=bool(config.get("apply_GS")))
     return nodes, {}, {f"{n}{SUFFIX}" for n in nodes}
 

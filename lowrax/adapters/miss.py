@@ -25,16 +25,15 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lowrax.adapters.delta import DeltaKernel, module_names, tensor
+from lowrax.adapters.delta import DeltaKernel
 from lowrax.adapters.init import kaiming_uniform
-from lowrax.adapters.lycoris.common import refuse_conv1d
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.core.checked import PositiveInt, Probability
 from lowrax.core.kernels import dense_kernel
 from lowrax.core.node import FACTOR, dropped
 from lowrax.errors import CheckpointError, LowraxError
-from lowrax.peft.common import PREFIX
+from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, one_setting, refuse_conv1d
 
 SUFFIX = ".miss_block"
 MODES = ("default", "bat", "mini")
@@ -95,6 +94,10 @@ class MissKernel(DeltaKernel):
         delta_t = jnp.einsum("apcs,asq->apcq", blocks, b) + b[:, :, None, :]
         return delta_t.reshape(d_out, d_in).T
 
+    @property
+    def folds_into_base(self) -> bool:
+        return self.mode == "bat"
+
     def delta(self) -> jnp.ndarray:
         return self.delta_for(dense_kernel(self.base).astype(jnp.float32))
 
@@ -144,10 +147,8 @@ def build_nodes(bases: dict[str, Any], cfg: MissConfig, key, adapter_dtype, mode
 
 def write(nodes: dict[str, MissKernel], params: Any, *, model=None, **_unused) -> tuple[dict, dict]:
     refuse_conv1d(model, "MiSS")
-    settings = {(n.mode, n.rank, int(n.block.shape[1]) if n.mode == "mini" else 1) for n in nodes.values()}
-    if len(settings) != 1:
-        raise LowraxError(f"PEFT's MiSS format has one mode, r and mini_r per adapter; these layers use {sorted(settings)}")
-    mode, r, mini_r = settings.pop()
+    mode, r, mini_r = one_setting(((n.mode, n.rank, int(n.block.shape[1]) if n.mode == "mini" else 1)
+                                   for n in nodes.values()), "MiSS", "mode, r and mini_r")
     tensors = {f"{PREFIX}{name}{SUFFIX}": jax.device_get(node.block.astype(jnp.float32)) for name, node in nodes.items()}
     return tensors, {"r": r, "mini_r": mini_r, "init_weights": True if mode == "default" else mode,
                      "miss_dropout": max(n.dropout for n in nodes.values()), "bias": "none"}
@@ -156,9 +157,9 @@ def write(nodes: dict[str, MissKernel], params: Any, *, model=None, **_unused) -
 def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict, dict, set]:
     mode, r, mini_r = mode_of(config.get("init_weights", True)), int(config.get("r", 64)), int(config.get("mini_r", 1))
     nodes = {}
-    for name in module_names(tensors, SUFFIX, bases, "MiSS"):
+    for name in adapted_modules(tensors, SUFFIX, bases, "MiSS"):
         shape = block_shape(name, *bases[name].shape, r, mode, mini_r, error=CheckpointError)
-        block = tensor(tensors, name, SUFFIX[1:], shape, "MiSS")
+        block = adapter_tensor(tensors, name, SUFFIX[1:], shape, "MiSS")
         nodes[name] = MissKernel(base=bases[name], block=jnp.asarray(block, adapter_dtype), mode=mode,
                                  dropout=float(config.get("miss_dropout") or 0.0))
     return nodes, {}, {f"{n}{SUFFIX}" for n in nodes}

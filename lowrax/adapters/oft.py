@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lowrax.adapters.lycoris.common import refuse_conv1d
 from lowrax.core.cayley import cayley as exact_cayley
 from lowrax.core.checked import Count, PositiveFloat, Probability
 from lowrax.core.node import ROTATION, AdapterNode
@@ -42,7 +41,7 @@ from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method,
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.core.linear import matmul
-from lowrax.peft.common import PREFIX, check_shape
+from lowrax.peft.common import PREFIX, check_shape, refuse_conv1d
 
 SUFFIX = ".oft_R.weight"
 NEUMANN_SINCE = "0.18.0"  # PEFT changed its Cayley-Neumann series in this release; lowrax computes the new one

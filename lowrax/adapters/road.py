@@ -27,15 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lowrax.adapters.delta import module_names, tensor
-from lowrax.adapters.lycoris.common import refuse_conv1d
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.core.checked import ConfigValueError, PositiveInt, owner_name
 from lowrax.core.linear import matmul
 from lowrax.core.node import VECTOR, AdapterNode
 from lowrax.errors import CheckpointError, LowraxError
-from lowrax.peft.common import PREFIX
+from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, one_setting, refuse_conv1d
 
 SIZES = {"road_1": 0.5, "road_2": 1, "road_4": 2}  # parameters per output, for theta and for alpha
 
@@ -153,10 +151,8 @@ def build_nodes(bases: dict[str, Any], cfg: RoadConfig, key, adapter_dtype, mode
 
 def write(nodes: dict[str, RoadKernel], params: Any, *, model=None, **_unused) -> tuple[dict, dict]:
     refuse_conv1d(model, "RoAd")
-    settings = {(n.variant, n.group_size) for n in nodes.values()}
-    if len(settings) != 1:
-        raise LowraxError(f"PEFT's RoAd format has one variant and group_size per adapter; these layers use {sorted(settings)}")
-    variant, group_size = settings.pop()
+    variant, group_size = one_setting(((n.variant, n.group_size) for n in nodes.values()), "RoAd",
+                                      "variant and group_size")
     tensors = {}
     for name, node in nodes.items():
         tensors[f"{PREFIX}{name}.road_theta"] = np.asarray(node.theta, np.float32)
@@ -169,9 +165,9 @@ def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict,
     if group_size < 2 or group_size % 2:
         raise CheckpointError(f"RoAd adapter_config.json has group_size {group_size}; expected an even number")
     nodes, used = {}, set()
-    for name in module_names(tensors, ".road_theta", bases, "RoAd"):
+    for name in adapted_modules(tensors, ".road_theta", bases, "RoAd"):
         size = parameter_count(name, bases[name].shape[1], variant, group_size, error=CheckpointError)
-        arrays = {part: jnp.asarray(tensor(tensors, name, f"road_{part}", (size,), "RoAd"), adapter_dtype)
+        arrays = {part: jnp.asarray(adapter_tensor(tensors, name, f"road_{part}", (size,), "RoAd"), adapter_dtype)
                   for part in ("theta", "alpha")}
         nodes[name] = RoadKernel(base=bases[name], variant=variant, group_size=group_size, **arrays)
         used |= {f"{name}.road_theta", f"{name}.road_alpha"}

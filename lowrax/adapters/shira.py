@@ -28,15 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lowrax.adapters.delta import DeltaKernel, module_names, tensor
-from lowrax.adapters.lycoris.common import refuse_conv1d
+from lowrax.adapters.delta import DeltaKernel
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.adapters.torch_random import TORCH_DEFAULT_SEED, torch_randperm_head
 from lowrax.core.checked import Count, PositiveInt
 from lowrax.core.node import FACTOR
 from lowrax.errors import CheckpointError, LowraxError
-from lowrax.peft.common import PREFIX, check_shape, fan_in_fan_out
+from lowrax.peft.common import (PREFIX, adapted_modules, adapter_tensor, check_shape, fan_in_fan_out, one_setting, refuse_conv1d)
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -77,6 +76,10 @@ class ShiraKernel(DeltaKernel):
     def field_axes(self) -> dict:
         return {"values": (None,), "indices": (None, None)}
 
+    @property
+    def folds_into_base(self) -> bool:
+        return True
+
     def delta(self) -> jnp.ndarray:
         d_in, d_out = self.base.shape
         rows, cols = self.indices[0], self.indices[1]
@@ -104,26 +107,22 @@ def build_nodes(bases: dict[str, Any], cfg: ShiraConfig, key, adapter_dtype, mod
 
 def write(nodes: dict[str, ShiraKernel], params: Any, *, model=None, **_unused) -> tuple[dict, dict]:
     refuse_conv1d(model, "SHiRA")
-    ranks = set()
+    r = one_setting((int(n.values.shape[0]) // sum(n.base.shape) for n in nodes.values()), "SHiRA", "r")
     tensors = {}
     for name, node in nodes.items():
-        d_in, d_out = node.base.shape
-        ranks.add(int(node.values.shape[0]) // (d_in + d_out))
         tensors[f"{PREFIX}{name}.shira_weight"] = np.asarray(node.values, np.float32)
         tensors[f"{PREFIX}{name}.shira_indices"] = np.asarray(node.indices, np.int32)
-    if len(ranks) != 1:
-        raise LowraxError(f"PEFT's SHiRA format has one r per adapter; these layers use {sorted(ranks)}")
-    return tensors, {"r": ranks.pop(), "mask_type": "random", "random_seed": None,
-                     "fan_in_fan_out": fan_in_fan_out(model), "init_weights": True}
+    return tensors, {"r": r, "mask_type": "random", "random_seed": None, "fan_in_fan_out": fan_in_fan_out(model),
+                     "init_weights": True}
 
 
 def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict, dict, set]:
     nodes, used = {}, set()
     r = int(config.get("r", 32))
-    for name in module_names(tensors, ".shira_weight", bases, "SHiRA"):
+    for name in adapted_modules(tensors, ".shira_weight", bases, "SHiRA"):
         d_in, d_out = bases[name].shape
         k = r * (d_in + d_out)
-        values = tensor(tensors, name, "shira_weight", (k,), "SHiRA")
+        values = adapter_tensor(tensors, name, "shira_weight", (k,), "SHiRA")
         key = f"{name}.shira_indices"
         if key not in tensors:
             raise CheckpointError(f"SHiRA adapter lacks {PREFIX}{key}")

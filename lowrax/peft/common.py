@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from lowrax.errors import CheckpointError
+from lowrax.errors import CheckpointError, LowraxError
 
 PREFIX = "base_model.model."
 OMIT = object()  # a format's config value meaning "leave this common field out" (PEFT rejects it there)
@@ -69,3 +69,50 @@ def task_type(model) -> str | None:
     if getattr(model, "is_seq2seq", False):
         return "SEQ_2_SEQ_LM"
     return "CAUSAL_LM" if getattr(model, "is_causal_lm", True) else "SEQ_CLS"
+
+
+def refuse_conv1d(model, method: str) -> None:
+    """A method PEFT implements for nn.Linear (and convolutions) only cannot be written for GPT-2, whose
+    layers are transformers' Conv1D."""
+    if getattr(model, "model_type", None) == "gpt2":
+        raise LowraxError(f"PEFT's {method} does not support GPT-2 (its Conv1D layers are neither nn.Linear nor a "
+                          f"convolution), so a {method} adapter on GPT-2 cannot be written in PEFT's format; "
+                          "it trains and merges in lowrax")
+
+
+def adapted_modules(tensors: dict, suffix: str, bases: dict, method: str) -> list[str]:
+    """The adapted modules of a PEFT file (keys without PEFT's prefix): those with a `suffix` tensor,
+    each a module of this model, or a CheckpointError that names the problem."""
+    names = sorted(k[: -len(suffix)] for k in tensors if k.endswith(suffix))
+    if not names:
+        raise CheckpointError(f"{method} adapter holds no {suffix} tensors")
+    for name in names:
+        if name not in bases:
+            raise CheckpointError(f"adapter tensor {PREFIX}{name}{suffix} targets {name!r}, which is not a linear "
+                                  "module of this model")
+    return names
+
+
+def adapter_tensor(tensors: dict, name: str, field: str, expected: tuple[int, ...], method: str) -> np.ndarray:
+    """One adapter tensor of a module as float32 numpy, present and of the expected (torch) shape."""
+    key = f"{name}.{field}"
+    if key not in tensors:
+        raise CheckpointError(f"{method} adapter lacks {PREFIX}{key}")
+    check_shape(name, field, tensors[key], expected)
+    return np.asarray(tensors[key], np.float32)
+
+
+def value_and_pattern(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A per-module setting as PEFT's config holds it: the most common value (the smallest on a tie)
+    and a pattern of the module names that differ from it."""
+    counts = list(values.values())
+    common = max(sorted(set(counts)), key=counts.count)
+    return common, {name: v for name, v in values.items() if v != common}
+
+
+def one_setting(values, method: str, what: str):
+    """The one value a setting PEFT keeps per adapter (not per layer) takes across the layers, or an error."""
+    values = set(values)
+    if len(values) != 1:
+        raise LowraxError(f"PEFT's {method} format has one {what} per adapter; these layers use {sorted(values)}")
+    return values.pop()

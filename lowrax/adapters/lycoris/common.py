@@ -23,7 +23,7 @@ from lowrax.adapters.targets import TargetConfig, check_patterns, pattern_value
 from lowrax.core.checked import PositiveFloat, PositiveInt, Probability
 from lowrax.errors import LowraxError
 from lowrax.core.linear import matmul
-from lowrax.peft.common import PREFIX, torch_layout
+from lowrax.peft.common import PREFIX, refuse_conv1d, torch_layout, value_and_pattern
 
 @dataclass(frozen=True)
 class LycorisConfig(TargetConfig):
@@ -76,14 +76,6 @@ class LycorisKernel(DeltaKernel):
         return y + self._dropped(self.delta_output(x)).astype(y.dtype)
 
 
-def refuse_conv1d(model, method: str) -> None:
-    """PEFT implements LoHa and LoKr for nn.Linear and convolutions, not GPT-2's Conv1D."""
-    if getattr(model, "model_type", None) == "gpt2":
-        raise LowraxError(f"PEFT's {method} does not support GPT-2 (its Conv1D layers are neither nn.Linear nor a "
-                          f"convolution), so a {method} adapter on GPT-2 cannot be written in PEFT's format; "
-                          "it trains and merges in lowrax")
-
-
 def peft_tensors(nodes: dict, fields: dict[str, str], method: str, model) -> dict:
     """The PEFT file's tensors: each node's factors (ours -> PEFT's name) in torch layout; a
     factor a node does not carry (None) is not written."""
@@ -94,15 +86,9 @@ def peft_tensors(nodes: dict, fields: dict[str, str], method: str, model) -> dic
 
 def rank_alpha_fields(nodes: dict) -> dict:
     """PEFT's r / alpha (the most common) and rank_pattern / alpha_pattern (the modules that differ)."""
-    def most_common(values):
-        values = list(values)
-        return max(sorted(set(values)), key=values.count)
-
-    r = most_common(n.rank for n in nodes.values())
-    alpha = most_common(n.alpha for n in nodes.values())
-    return {"r": r, "alpha": alpha,
-            "rank_pattern": {name: n.rank for name, n in nodes.items() if n.rank != r},
-            "alpha_pattern": {name: n.alpha for name, n in nodes.items() if n.alpha != alpha},
+    r, rank_pattern = value_and_pattern({name: n.rank for name, n in nodes.items()})
+    alpha, alpha_pattern = value_and_pattern({name: n.alpha for name, n in nodes.items()})
+    return {"r": r, "alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
             "rank_dropout": max(n.rank_dropout for n in nodes.values()),
             "module_dropout": max(n.module_dropout for n in nodes.values())}
 
