@@ -70,6 +70,8 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "lowrax.adapters.hra": ("HRAConfig", "HRAKernel"),
     "lowrax.adapters.boft": ("BOFTConfig", "BOFTKernel"),
     "lowrax.adapters.road": ("RoadConfig", "RoadKernel"),
+    "lowrax.adapters.beft": ("BeftConfig", "BeftKernel"),
+    "lowrax.adapters.peanut": ("PeanutConfig", "PeanutKernel"),
     "lowrax.adapters.ln_tuning": ("LNTuningConfig", "TunedNorm"),
     "lowrax.adapters.prompt": ("PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PromptTable",
                                "PromptEncoder", "PrefixEncoder"),

@@ -1,5 +1,5 @@
 """PEFT's further per-layer methods (BOFT, C3A, FourierFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA, HRA,
-RoAd): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
+RoAd, BEFT, PEANuT): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
 PEFT's, its config errors, and `lowrax train method=NAME` exporting and importing. The conformance suite
 (tests/test_conformance.py) runs each on every family from the registry, merging included."""
 
@@ -54,10 +54,17 @@ METHODS = {
                "RoadConfig", dict(variant="road_4", group_size=8, init_weights=False)),
     "shira": (lambda t: lowrax.ShiraConfig(r=2, random_seed=5, target_modules=t), "ShiraConfig",
               dict(r=2, init_weights=False, random_seed=5)),
+    "beft": (lambda t: lowrax.BeftConfig(init_weights=False, target_modules=t), "BeftConfig",
+             dict(init_weights=False)),
+    "peanut": (lambda t: lowrax.PeanutConfig(r=4, init_weights=False, target_modules=t), "PeanutConfig",
+               dict(r=4, init_weights=False)),
+    "peanut_deep": (lambda t: lowrax.PeanutConfig(r=4, depth=2, act_fn="gelu", scaling=0.5, init_weights=False,
+                                                  target_modules=t), "PeanutConfig",
+                    dict(r=4, depth=2, act_fn="gelu", scaling=0.5, init_weights=False)),
 }
 # PEFT implements these for nn.Linear only, not GPT-2's Conv1D
-GPT2_REFUSED = {"boft", "c3a", "delora", "hra", "hra_gs", "miss", "miss_bat", "miss_mini", "road", "road_2", "road_4",
-                "shira"}
+GPT2_REFUSED = {"beft", "boft", "c3a", "delora", "hra", "hra_gs", "miss", "miss_bat", "miss_mini", "peanut",
+                "peanut_deep", "road", "road_2", "road_4", "shira"}
 CASES = [(family, method) for method in sorted(METHODS) for family in MODELS
          if not (family == "gpt2" and method in GPT2_REFUSED)]
 
@@ -209,7 +216,8 @@ def test_config_errors_name_the_problem(saved_models):
                                               ("hra", ["hra.r=2", "hra.apply_GS=true", "hra.init_weights=false"]),
                                               ("road", ["road.group_size=8", "road.variant=road_4"]),
                                               ("boft", ["boft.boft_block_size=4", "boft.boft_n_butterfly_factor=2"]),
-                                              ("shira", ["shira.r=1"])])
+                                              ("shira", ["shira.r=1"]), ("beft", ["beft.target_modules=all-linear"]),
+                                              ("peanut", ["peanut.r=4", "peanut.depth=1"])])
 def test_lowrax_train_then_export_and_import(tiny_dir, data_file, tmp_path, method, settings):  # noqa: F811
     check_method_run(tiny_dir, data_file, tmp_path, method, settings, full=False)
 

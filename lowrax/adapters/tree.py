@@ -107,6 +107,17 @@ def _refuse_unmergeable(params: Any) -> None:
                               "is (lowrax generate --adapter)")
 
 
+def merged_bias(node: Any, layer: dict) -> dict:
+    """{"bias": what merging makes of the layer's bias}, or {} for a layer without one; refused where
+    the method's merge lives in the bias (BEFT) and the layer has none."""
+    if layer.get("bias") is None:
+        if node.merges_into_bias:
+            raise LowraxError(f"{node.peft_type} trains a bias for a layer of shape {tuple(node.shape)} that has "
+                              "no bias of its own to merge it into (PEFT refuses the same): use the adapter unmerged")
+        return {}
+    return {"bias": node.merge_bias(layer["bias"].astype(jnp.float32)).astype(layer["bias"].dtype)}
+
+
 def merge(params: Any, keep_sparsity: bool = True) -> Any:
     """Plain-array params: every adapter node becomes its merged kernel (in the base's dtype),
     and the layer's bias what the method makes of it (IA3 scales some).
@@ -127,10 +138,7 @@ def merge(params: Any, keep_sparsity: bool = True) -> Any:
         merged = node.merge_into(base.astype(jnp.float32))
         if keep_sparsity:
             merged = keep_merged(node.base, merged)
-        out = dict(layer, kernel=merged.astype(base.dtype))
-        if layer.get("bias") is not None:
-            out["bias"] = node.merge_bias(layer["bias"].astype(jnp.float32)).astype(layer["bias"].dtype)
-        return out
+        return dict(layer, kernel=merged.astype(base.dtype), **merged_bias(node, layer))
 
     return without_shared(jax.tree.map(merge_layer, resolve(params),
                                        is_leaf=lambda x: _is_adapted_layer(x) or is_kernel_type(x)))

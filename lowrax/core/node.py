@@ -48,6 +48,8 @@ class AdapterNode:
     Optional, with defaults here:
         project(x, bias)           the layer's output (methods that scale the bias too override it)
         merge_bias / unmerge_bias  what merging does to the layer's bias
+        merges_into_bias           True when merging needs the layer's own bias (BEFT's trained bias):
+                                   merging a layer without one is refused
         dropout, dropout_key       a node with `dropout > 0` is given a fresh key each training step
         precondition_grad(g)       rewrite the node's own gradient before the optimizer (LoRA-FA)
         after_update(step)         a rule applied after each optimizer step (Delta-LoRA)
@@ -74,6 +76,7 @@ class AdapterNode:
     stands_for_array: bool = False
     mergeable: bool = True  # False: the adapter is not in the weights (prompt learning); merge refuses
     base_moves: bool = False
+    merges_into_bias: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lowrax.adapters.tree import without_shared
+from lowrax.adapters.tree import merged_bias, without_shared
 from lowrax.core.kernels import dense_kernel, is_kernel_type, is_quantized, rebuilt
 from lowrax.core.node import is_adapter, is_node, resolve
 
@@ -35,10 +35,7 @@ def merge_requantized(params: Any) -> tuple[Any, dict]:
         name = ".".join(str(getattr(p, "key", "")) for p in path)
         report[name] = {"mean_abs": float(jnp.mean(jnp.abs(error))), "max_abs": float(jnp.max(jnp.abs(error))),
                         "relative": float(jnp.linalg.norm(error) / jnp.maximum(jnp.linalg.norm(exact), 1e-30))}
-        out = dict(layer, kernel=again)
-        if layer.get("bias") is not None:  # methods that scale the output scale the bias too (IA3)
-            out["bias"] = node.merge_bias(layer["bias"].astype(jnp.float32)).astype(layer["bias"].dtype)
-        return out
+        return dict(layer, kernel=again, **merged_bias(node, layer))  # IA3 scales the bias too
 
     merged = without_shared(jax.tree_util.tree_map_with_path(
         visit, resolve(params), is_leaf=lambda x: adapted_quantized(x) or is_node(x) or is_kernel_type(x)))
