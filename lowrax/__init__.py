@@ -72,6 +72,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "lowrax.adapters.road": ("RoadConfig", "RoadKernel"),
     "lowrax.adapters.beft": ("BeftConfig", "BeftKernel"),
     "lowrax.adapters.peanut": ("PeanutConfig", "PeanutKernel"),
+    "lowrax.adapters.supertuning": ("SupertuningConfig", "SupertuningKernel"),
     "lowrax.adapters.ln_tuning": ("LNTuningConfig", "TunedNorm"),
     "lowrax.adapters.prompt": ("PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PromptTable",
                                "PromptEncoder", "PrefixEncoder"),

@@ -62,7 +62,7 @@ METHODS = {
                       "prompt_tuning.prompt_tuning_init_text=Write the date in the lowrax date format",
                       "optim.learning_rate=3.0e-2"],
     # PEFT's further per-layer methods on every linear layer; where a size is free, near LoRA r=16's 4.9 M
-    # trained parameters (BOFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA); C3A, FourierFT, HRA, RoAd, BEFT and PEANuT
+    # trained parameters (BOFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA, Super-Tuning); C3A, FourierFT, HRA, RoAd, BEFT and PEANuT
     # train fewer.
     "boft": ["method=boft", "boft.target_modules=all-linear", "boft.boft_block_size=32"],
     "hra": ["method=hra", "hra.target_modules=all-linear", "hra.r=8"],
@@ -75,6 +75,7 @@ METHODS = {
     "miss": ["method=miss", "miss.target_modules=all-linear", "miss.r=32"],
     "gralora": ["method=gralora", "gralora.target_modules=all-linear", "gralora.r=16", "gralora.alpha=32"],
     "beft": ["method=beft", "beft.target_modules=all-linear", "optim.learning_rate=1.0e-2"],
+    "supertuning": ["method=supertuning", "supertuning.target_modules=all-linear", "supertuning.sparsity=0.955"],
     "peanut": ["method=peanut", "peanut.target_modules=all-linear", "peanut.r=16", "peanut.depth=1"],
     "p_tuning": ["method=p_tuning", "p_tuning.num_virtual_tokens=20", "optim.learning_rate=1.0e-2"],
     "prefix_tuning": ["method=prefix_tuning", "prefix_tuning.num_virtual_tokens=10", "optim.learning_rate=1.0e-2"],

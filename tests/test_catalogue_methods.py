@@ -1,5 +1,5 @@
 """PEFT's further per-layer methods (BOFT, C3A, FourierFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA, HRA,
-RoAd, BEFT, PEANuT): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
+RoAd, BEFT, PEANuT, Super-Tuning): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
 PEFT's, its config errors, and `lowrax train method=NAME` exporting and importing. The conformance suite
 (tests/test_conformance.py) runs each on every family from the registry, merging included."""
 
@@ -58,13 +58,21 @@ METHODS = {
              dict(init_weights=False)),
     "peanut": (lambda t: lowrax.PeanutConfig(r=4, init_weights=False, target_modules=t), "PeanutConfig",
                dict(r=4, init_weights=False)),
+    "supertuning": (lambda t: lowrax.SupertuningConfig(sparsity=0.9, init_weights=False, target_modules=t),
+                    "SupertuningConfig", dict(sparsity=0.9, init_weights=False)),
+    "supra": (lambda t: lowrax.SupertuningConfig(sparsity=0.95, r=2, lora_alpha=3.0, init_weights=False,
+                                                 target_modules=t), "SupertuningConfig",
+              dict(sparsity=0.95, r=2, lora_alpha=3.0, init_weights=False)),
+    "supertuning_bottom": (lambda t: lowrax.SupertuningConfig(sparsity=0.8, select_top=False, init_weights=False,
+                                                              target_modules=t), "SupertuningConfig",
+                           dict(sparsity=0.8, select_top=False, init_weights=False)),
     "peanut_deep": (lambda t: lowrax.PeanutConfig(r=4, depth=2, act_fn="gelu", scaling=0.5, init_weights=False,
                                                   target_modules=t), "PeanutConfig",
                     dict(r=4, depth=2, act_fn="gelu", scaling=0.5, init_weights=False)),
 }
 # PEFT implements these for nn.Linear only, not GPT-2's Conv1D
 GPT2_REFUSED = {"beft", "boft", "c3a", "delora", "hra", "hra_gs", "miss", "miss_bat", "miss_mini", "peanut",
-                "peanut_deep", "road", "road_2", "road_4", "shira"}
+                "peanut_deep", "road", "road_2", "road_4", "shira", "supertuning", "supra", "supertuning_bottom"}
 CASES = [(family, method) for method in sorted(METHODS) for family in MODELS
          if not (family == "gpt2" and method in GPT2_REFUSED)]
 
@@ -217,7 +225,8 @@ def test_config_errors_name_the_problem(saved_models):
                                               ("road", ["road.group_size=8", "road.variant=road_4"]),
                                               ("boft", ["boft.boft_block_size=4", "boft.boft_n_butterfly_factor=2"]),
                                               ("shira", ["shira.r=1"]), ("beft", ["beft.target_modules=all-linear"]),
-                                              ("peanut", ["peanut.r=4", "peanut.depth=1"])])
+                                              ("peanut", ["peanut.r=4", "peanut.depth=1"]),
+                                              ("supertuning", ["supertuning.sparsity=0.9", "supertuning.r=2"])])
 def test_lowrax_train_then_export_and_import(tiny_dir, data_file, tmp_path, method, settings):  # noqa: F811
     check_method_run(tiny_dir, data_file, tmp_path, method, settings, full=False)
 

@@ -66,8 +66,8 @@ class PeanutKernel(DeltaKernel):
 
     base: Any
     a: jnp.ndarray
-    encoders: jnp.ndarray
-    decoders: jnp.ndarray
+    encoders: jnp.ndarray | None  # None at depth 0 (no zero-size arrays: checkpoints cannot hold them)
+    decoders: jnp.ndarray | None
     b: jnp.ndarray
     act_fn: str = struct.field(pytree_node=False, default="relu")
     scaling: float = struct.field(pytree_node=False, default=1.0)
@@ -81,6 +81,10 @@ class PeanutKernel(DeltaKernel):
                 "b": ("lora_rank", "out")}
 
     @property
+    def depth(self) -> int:
+        return 0 if self.encoders is None else int(self.encoders.shape[0])
+
+    @property
     def folds_into_base(self) -> bool:
         return True  # the delta is formed from the whole weight anyway
 
@@ -89,11 +93,12 @@ class PeanutKernel(DeltaKernel):
         f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
         h = act(w @ f32(self.a))
         residuals = []
-        for encoder in f32(self.encoders):
-            residuals.append(h)
-            h = act(h @ encoder)
-        for decoder, residual in zip(f32(self.decoders), reversed(residuals)):
-            h = act(h @ decoder) + residual
+        if self.encoders is not None:
+            for encoder in f32(self.encoders):
+                residuals.append(h)
+                h = act(h @ encoder)
+            for decoder, residual in zip(f32(self.decoders), reversed(residuals)):
+                h = act(h @ decoder) + residual
         return self.scaling * (h @ f32(self.b))
 
     def delta(self) -> jnp.ndarray:
@@ -117,8 +122,9 @@ def build_nodes(bases: dict[str, Any], cfg: PeanutConfig, key, adapter_dtype, mo
         b = (jnp.zeros((r, d_out), adapter_dtype) if cfg.init_weights
              else kaiming_uniform(k_b, (r, d_out), r, adapter_dtype))
         nodes[name] = PeanutKernel(base=base, a=kaiming_uniform(k_a, (d_out, r), d_out, adapter_dtype),
-                                   encoders=kaiming_uniform(k_e, (depth, r, r), r, adapter_dtype),
-                                   decoders=kaiming_uniform(k_d, (depth, r, r), r, adapter_dtype), b=b,
+                                   encoders=kaiming_uniform(k_e, (depth, r, r), r, adapter_dtype) if depth else None,
+                                   decoders=kaiming_uniform(k_d, (depth, r, r), r, adapter_dtype) if depth else None,
+                                   b=b,
                                    act_fn=cfg.act_fn, scaling=cfg.scaling)
     return nodes, {}
 
@@ -128,7 +134,7 @@ def build_nodes(bases: dict[str, Any], cfg: PeanutConfig, key, adapter_dtype, mo
 def write(nodes: dict[str, PeanutKernel], params: Any, *, model=None, **_unused) -> tuple[dict, dict]:
     refuse_conv1d(model, "PEANuT")
     r, depth, act_fn, scaling = one_setting(
-        ((int(n.a.shape[1]), int(n.encoders.shape[0]), n.act_fn, n.scaling) for n in nodes.values()), "PEANuT",
+        ((int(n.a.shape[1]), n.depth, n.act_fn, n.scaling) for n in nodes.values()), "PEANuT",
         "r, depth, act_fn and scaling")
     tensors = {}
     for name, node in nodes.items():
@@ -152,8 +158,8 @@ def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict,
         fields |= {f"peanut_{side}.{i}.weight": (r, r) for side in ("encoders", "decoders") for i in range(depth)}
         arrays = {field: jnp.asarray(adapter_tensor(tensors, name, field, shape, "PEANuT").T, adapter_dtype)
                   for field, shape in fields.items()}
-        stacked = {side: (jnp.stack([arrays[f"peanut_{side}.{i}.weight"] for i in range(depth)]) if depth
-                          else jnp.zeros((0, r, r), adapter_dtype)) for side in ("encoders", "decoders")}
+        stacked = {side: (jnp.stack([arrays[f"peanut_{side}.{i}.weight"] for i in range(depth)]) if depth else None)
+                   for side in ("encoders", "decoders")}
         nodes[name] = PeanutKernel(base=bases[name], a=arrays["peanut_A.weight"], b=arrays["peanut_B.weight"],
                                    act_fn=act_fn, scaling=float(config.get("scaling", 1.0)), **stacked)
         used |= {f"{name}.{field}" for field in fields}
@@ -169,5 +175,6 @@ def to_config(config: dict) -> tuple[str, PeanutConfig]:
 # --- registration ----------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="peanut", config=PeanutConfig, build=build_nodes, default_roles=ATTENTION_QV,
-                              examples={"peanut": lambda: PeanutConfig(r=4, depth=1)}))
+                              examples={"peanut": lambda: PeanutConfig(r=4, depth=1),
+                                        "peanut_plain": lambda: PeanutConfig(r=4)}))
 register_peft_format(PeftFormat(peft_type="PEANUT", write=write, read=read, to_config=to_config))

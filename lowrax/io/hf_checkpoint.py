@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
-from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from lowrax.core import tables
@@ -25,7 +24,7 @@ from lowrax.core.kernels import (dense_kernel, hf_statistic_suffixes, is_kernel_
                                  native_hf_tensors, quantizer)
 from lowrax.dist.sharding import param_shardings
 from lowrax.errors import CheckpointError
-from lowrax.io.safetensors_dir import SafetensorsDir
+from lowrax.io.safetensors_dir import SafetensorsDir, write_tensor_file
 
 # `model` below is a lowrax.models.base.Model (its tensors() table, model_type, bare_prefix,
 # checkpoint_key, config.hf); io sits below the models and names no class of theirs.
@@ -245,7 +244,7 @@ def save_hf_directory(params: dict, model: Model, out_dir: str | Path, tokenizer
     records = kernel_records(params, record_extra) if records is None else records
 
     def fill(staging: Path) -> None:
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        write_tensor_file(tensors, staging / "model.safetensors")
         for name, record in records.items():
             (staging / name).write_text(json.dumps(record, indent=2) + "\n")
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from lowrax.errors import CheckpointError
 
@@ -126,3 +126,11 @@ def check_finite(tensor: np.ndarray, key: str, path) -> None:
             bad = int(finite.size - finite.sum())
             raise CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN or infinite value(s) of {finite.size}; "
                                   "the checkpoint is damaged")
+
+
+def write_tensor_file(tensors: dict[str, np.ndarray], path: Path) -> None:
+    """Write `tensors` as one safetensors file (PyTorch's metadata). Each array is made C-contiguous first:
+    safetensors' numpy writer copies an array's buffer as it lies in memory, so a transposed view would
+    be written with its elements in the wrong order, silently."""
+    save_file({key: np.ascontiguousarray(value) for key, value in tensors.items()}, str(path),
+              metadata={"format": "pt"})

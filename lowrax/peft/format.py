@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 
 from lowrax.core.node import FullyTrained, is_node
 from lowrax.adapters.registry import format_for_config, peft_format
@@ -24,7 +23,7 @@ from lowrax.adapters.targets import linear_modules
 from lowrax.adapters.wrap import adapter_nodes
 from lowrax.core.checked import ConfigValueError
 from lowrax.errors import CheckpointError, LowraxError
-from lowrax.io.safetensors_dir import read_json_file, read_tensor_file
+from lowrax.io.safetensors_dir import read_json_file, read_tensor_file, write_tensor_file
 from lowrax.core import tables
 from lowrax.core.atomic import write_directory
 from lowrax.peft.common import CONFIG, OMIT, PREFIX, WEIGHTS, common_config
@@ -77,7 +76,7 @@ def save_peft(params: Any, out_dir: str | Path, model=None, *, base_model: str |
     tensors = tensors | {fmt.modules_to_save_prefix + k: v for k, v in full.items()}
 
     def fill(staging: Path) -> None:
-        save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
+        write_tensor_file(tensors, staging / WEIGHTS)
         (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     return write_directory(out_dir, fill, overwrite)

@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from lowrax.adapters.bottleneck.config import BottleneckConfig
 from lowrax.adapters.bottleneck.build import bottleneck_size, sites, site_path, wiring_of
@@ -32,6 +32,7 @@ from lowrax.adapters.registry import PeftFormat, register_peft_format
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.core import tables
 from lowrax.core.atomic import write_directory
+from lowrax.io.safetensors_dir import write_tensor_file
 from lowrax.peft.format import put_fully_trained
 
 VERSION = "adapters.1.3.0"  # the release whose format this is
@@ -151,10 +152,10 @@ def save_directory(params, nodes, out_dir, model, *, overwrite: bool = False, ba
     head = fully_trained or {}
 
     def fill(staging: Path) -> None:
-        save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
+        write_tensor_file(tensors, staging / WEIGHTS)
         (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if head:
-            save_file(head, str(staging / HEAD_WEIGHTS), metadata={"format": "pt"})
+            write_tensor_file(head, staging / HEAD_WEIGHTS)
             labels = model.config.num_labels
             (staging / HEAD_CONFIG).write_text(json.dumps(
                 {"config": None, "hidden_size": model.config.hidden_size,
