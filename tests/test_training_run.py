@@ -217,18 +217,21 @@ def check_exports_and_merge(run, tiny_dir, tmp_path, merges=True):
     assert np.abs(np.asarray(model.apply(from_peft, ids)) - adapted).max() <= 1e-5
 
 
-def check_method_run(tiny_dir, data_file, tmp_path, method: str, settings: list[str], full: bool = True):
-    """`lowrax train method=METHOD` on q/v/down_proj writes PEFT's type, and its adapter imports and
-    re-exports to the same bytes. full: also every export and merge path (`check_exports_and_merge`);
-    without it the run is two steps with no checkpoint (the conformance suite covers merging and orbax)."""
+def check_method_run(tiny_dir, data_file, tmp_path, method: str, settings: list[str], full: bool = True,
+                     targets: str | None = "[q_proj,v_proj,down_proj]", peft_type: str | None = None):
+    """`lowrax train method=METHOD` on `targets` (None: the method's default) writes PEFT's type (default
+    METHOD in capitals), and its adapter imports and re-exports to the same bytes. full: also every export
+    and merge path (`check_exports_and_merge`); without it the run is two steps with no checkpoint (the
+    conformance suite covers merging and orbax)."""
     from lowrax.cli import main
 
     run = tmp_path / "run"
     items = [i for i in overrides(tiny_dir, data_file, run, 3 if full else 2,
                                   **({} if full else {"train.save_every": 0})) if not i.startswith("lora.")]
-    items += [f"method={method}", f"{method}.target_modules=[q_proj,v_proj,down_proj]", *settings]
+    items += [f"method={method}", *([f"{method}.target_modules={targets}"] if targets else []), *settings]
     assert main(["train", *items]) == 0
-    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == method.upper()
+    written = json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"]
+    assert written == (peft_type or method.upper())
     if full:
         check_exports_and_merge(run, tiny_dir, tmp_path)
     else:

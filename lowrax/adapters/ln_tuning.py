@@ -46,6 +46,9 @@ class TunedNorm(AdapterNode):
     peft_type = "LN_TUNING"
     stands_for_array = True
 
+    def with_value(self, array) -> "TunedNorm":
+        return self.replace(value=array)
+
     def field_labels(self) -> dict:
         return {"value": FULL}
 

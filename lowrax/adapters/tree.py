@@ -161,7 +161,7 @@ def unmerge(merged: Any, adapted: Any) -> Any:
         def restore(mm, kk):
             if isinstance(kk, FullyTrained):
                 return FullyTrained(mm)
-            return kk.replace(value=mm) if getattr(kk, "stands_for_array", False) else mm
+            return kk.with_value(mm) if getattr(kk, "stands_for_array", False) else mm
 
         return jax.tree.map(restore, m, kept, is_leaf=lambda v: isinstance(v, FullyTrained))
 

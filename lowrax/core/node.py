@@ -62,8 +62,9 @@ class AdapterNode:
         exports_from_initial       True when PEFT export needs the adapter as initialised (PiSSA)
         mergeable                  False for adapters that live in the input, not the weights
         stands_for_array           True for a node in place of a plain array other than a kernel
-                                   (LN tuning): model code reads its `value`, which is also what
-                                   merging leaves; `linear` never sees it
+                                   (LN tuning, trainable tokens): model code reads its `value`, which
+                                   is also what merging leaves; `linear` never sees it; such a node
+                                   has `with_value(array)`: itself trained to give that value (unmerge)
         switched_off()             what the tree holds in the node's place with the adapter off
                                    (a reference model: DPO): the frozen `base`, or None for an
                                    adapter that adds to the model rather than replacing a weight

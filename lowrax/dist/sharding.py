@@ -161,8 +161,10 @@ def param_shardings(params: Any, model, mesh: Mesh, rules: dict = RULES) -> Any:
             return FullyTrained(None if leaf.value is None else plain(keys, leaf.value))
         if is_kernel_type(leaf):
             return base(keys, leaf)
-        if is_adapter(leaf) and leaf.stands_for_array:  # every field has the array's shape (LN tuning)
-            return leaf.replace(**{f.name: plain(keys, getattr(leaf, f.name)) for f in dataclasses.fields(leaf)
+        if is_adapter(leaf) and leaf.stands_for_array:  # fields shaped like the array (LN tuning), or small
+            declared = leaf.field_axes()                # ones it declares, replicated (trainable tokens' rows)
+            return leaf.replace(**{f.name: plain(keys, getattr(leaf, f.name), () if f.name in declared else None)
+                                   for f in dataclasses.fields(leaf)
                                    if f.metadata.get("pytree_node", True) and getattr(leaf, f.name) is not None})
         if is_adapter(leaf) and keys[-1] != "kernel":  # not a module's adapter (prompt learning): small, replicated
             return jax.tree.map(lambda _: replicated(mesh), leaf)

@@ -139,7 +139,8 @@ class BertModel(Model):
                     "classifier/dense": ("embed", None), "classifier/out_proj": ("embed", "classes")}
     # "output.dense" also names the attention's output projection (PEFT's IA3 default adapts both)
     module_roles = {"q": ("query",), "k": ("key",), "v": ("value",), "o": ("attention.output.dense",),
-                    "mlp_in": ("intermediate.dense",), "mlp_out": ("output.dense",), "norms": ("LayerNorm",)}
+                    "mlp_in": ("intermediate.dense",), "mlp_out": ("output.dense",), "norms": ("LayerNorm",),
+                    "embedding": ("word_embeddings",)}
     peft_default_exceptions = {"roberta": {"adalora": ("query", "key", "value", "dense")}}
 
     @property

@@ -109,7 +109,8 @@ class GPT2Model(CausalLM):
     # PEFT adapts the MLP output, not c_attn, by default for these two
     peft_default_exceptions = {"gpt2": {"fourierft": ("mlp.c_proj",), "c3a": ("mlp.c_proj",)}}
     module_roles = {"q": ("c_attn",), "k": ("c_attn",), "v": ("c_attn",), "o": ("attn.c_proj",),
-                    "mlp_in": ("c_fc",), "mlp_out": ("mlp.c_proj",), "norms": ("ln_1", "ln_2", "ln_f")}
+                    "mlp_in": ("c_fc",), "mlp_out": ("mlp.c_proj",), "norms": ("ln_1", "ln_2", "ln_f"),
+                    "embedding": ("wte",)}
     bare_prefix = "transformer."
 
     def _attention(self, i, p, x, mask, kv_cache, cache_index, drop=None):

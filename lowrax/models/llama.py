@@ -140,7 +140,8 @@ class LlamaModel(CausalLM):
                     "up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed"), "lm_head": ("embed", "vocab")}
     module_roles = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj",),
                     "mlp_in": ("gate_proj", "up_proj"), "mlp_out": ("down_proj",),
-                    "norms": ("input_layernorm", "post_attention_layernorm", "norm")}
+                    "norms": ("input_layernorm", "post_attention_layernorm", "norm"),
+                    "embedding": ("embed_tokens",)}
     peft_default_exceptions = {"qwen2": {"ia3": ("q_proj", "v_proj", "down_proj"),
                                          "ln_tuning": ("post_attention_layernorm",)}}
     bare_prefix = None

@@ -51,7 +51,8 @@ class Phi3Model(LlamaModel):
                     "gate_up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed"), "lm_head": ("embed", "vocab")}
     module_roles = {"q": ("qkv_proj",), "k": ("qkv_proj",), "v": ("qkv_proj",), "o": ("o_proj",),
                     "mlp_in": ("gate_up_proj",), "mlp_out": ("down_proj",),
-                    "norms": ("input_layernorm", "post_attention_layernorm", "norm")}
+                    "norms": ("input_layernorm", "post_attention_layernorm", "norm"),
+                    "embedding": ("embed_tokens",)}
     peft_default_exceptions = {}
 
     def _attention(self, p, x, cos, sin, mask, kv_cache, cache_index):

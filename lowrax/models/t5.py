@@ -183,7 +183,8 @@ class T5Model(Model):
                     "wi_0": ("embed", "mlp"), "wi_1": ("embed", "mlp"), "wo": ("mlp", "embed"),
                     "relative_attention_bias": (None, "heads"), "lm_head": ("embed", "vocab")}
     module_roles = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",), "mlp_in": ("wi", "wi_0", "wi_1"),
-                    "mlp_out": ("wo",), "norms": ("layer_norm", "final_layer_norm")}
+                    "mlp_out": ("wo",), "norms": ("layer_norm", "final_layer_norm"),
+                    "embedding": ("shared",)}
     peft_default_exceptions = {"t5": {"adalora": ("q", "k", "v", "o", "wi", "wo")}}
 
     # --- pieces ------------------------------------------------------------------------

@@ -296,7 +296,11 @@ def from_dict(values: dict) -> TrainConfig:
             raise e.named(name) from None
         except TypeError as e:
             raise LowraxError(f"config section {name!r}: {e}") from e
-    sections.setdefault("adapter", method_named(method).config())
+    if "adapter" not in sections:  # the method's defaults (a method without them says which key to set)
+        try:
+            sections["adapter"] = method_named(method).config()
+        except ConfigValueError as e:
+            raise e.named(method) from None
     cfg = TrainConfig(method=method, objective=objective, **sections)
     if "total_steps" not in values.get("optim", {}):
         # The schedule spans the run unless set explicitly.

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from lowrax.adapters.targets import TargetConfig, check_patterns
+from lowrax.adapters.trainable_tokens import check_token_spec
 from lowrax.core.checked import Count, NonNegativeFloat, OneOf, PositiveFloat, PositiveInt, Probability
 from lowrax.errors import LowraxError
 
@@ -37,9 +38,13 @@ class LoraConfig(TargetConfig):
     delta_lambda: NonNegativeFloat | None = None  # delta_lora: the base moves by lambda * s * (A'B' - AB) (default 0.5)
     delta_start_step: Count | None = None  # delta_lora: optimizer steps before the base starts moving (default 0)
     fa_projected_grad: bool | None = None  # lora_fa: PEFT's LoRA-FA optimizer rule for B's gradient (default false)
+    # token ids whose word-embedding rows train beside the LoRA (adapters.trainable_tokens), or
+    # {embedding module name: token ids}
+    trainable_token_indices: tuple[Count, ...] | dict | None = None
 
     def __post_init__(self):
         super().__post_init__()
+        check_token_spec(self, "trainable_token_indices", self.trainable_token_indices)
         check_patterns(self, "rank_pattern", self.rank_pattern, PositiveInt)
         check_patterns(self, "alpha_pattern", self.alpha_pattern, PositiveFloat)
         for option, owner in VARIANT_OPTIONS.items():

@@ -123,7 +123,16 @@ def to_config(config: dict) -> tuple[str, LoraConfig]:
                               alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
                               use_rslora=config.get("use_rslora", False),
                               rank_pattern=config.get("rank_pattern") or {},
-                              alpha_pattern=config.get("alpha_pattern") or {}, **targeting_from_peft(config))
+                              alpha_pattern=config.get("alpha_pattern") or {},
+                              trainable_token_indices=token_spec(config.get("trainable_token_indices")),
+                              **targeting_from_peft(config))
+
+
+def token_spec(spec):
+    """PEFT's trainable_token_indices as LoraConfig holds it (lists as tuples)."""
+    if isinstance(spec, dict):
+        return {module: tuple(ids) for module, ids in spec.items()}
+    return None if spec is None else tuple(spec)
 
 
 register_peft_format(PeftFormat(peft_type="LORA", write=write, read=read, to_config=to_config))
