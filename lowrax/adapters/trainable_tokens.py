@@ -138,6 +138,18 @@ def token_nodes(bases: dict[str, dict], indices_for, init_weights: bool, key, ad
     return nodes
 
 
+def tables_named(spec: dict, tables, error) -> dict[str, tuple[int, ...]]:
+    """{table's module name: token ids} for {module name or suffix: token ids}; each must name one table."""
+    wanted = {}
+    for module, ids in spec.items():
+        matches = [n for n in tables if n == module or n.endswith("." + module)]
+        if len(matches) != 1:
+            raise error(f"trainable_token_indices names {module!r}, which matches {len(matches) or 'no'} "
+                        f"embedding tables of this model ({', '.join(sorted(tables))})")
+        wanted[matches[0]] = tuple(int(i) for i in ids)
+    return wanted
+
+
 def with_token_rows(tree: dict, spec, key, adapter_dtype, model_type: str | None) -> dict:
     """`tree` with the embedding rows of LoRA's `trainable_token_indices` trained (a fresh top-level copy)."""
     from lowrax.adapters.targets import default_targets
@@ -145,13 +157,7 @@ def with_token_rows(tree: dict, spec, key, adapter_dtype, model_type: str | None
 
     modules = embedding_modules(tree)
     if isinstance(spec, dict):
-        wanted = {}
-        for module, ids in spec.items():
-            matches = [n for n in modules if n == module or n.endswith("." + module)]
-            if len(matches) != 1:
-                raise LowraxError(f"trainable_token_indices names {module!r}, which matches "
-                                  f"{len(matches) or 'no'} embedding tables ({', '.join(sorted(modules))})")
-            wanted[matches[0]] = tuple(ids)
+        wanted = tables_named(spec, modules, LowraxError)
     else:
         suffixes = default_targets("trainable_tokens", (ROLE,), model_type) or ()
         matches = [n for n in modules if n.split(".")[-1] in suffixes]
@@ -255,14 +261,7 @@ def write_companion(nodes: dict[str, TrainableTokens], input_embedding: str | No
 def read_companion(tensors: dict, spec, bases: dict, input_embedding: str | None, adapter_dtype) -> tuple[dict, set]:
     """({module name: module dict with its TrainableTokens}, used keys) for LoRA's `trainable_token_indices`."""
     if isinstance(spec, dict):
-        wanted = {}
-        for module, ids in spec.items():
-            matches = [n for n in bases if n == module or n.endswith("." + module)]
-            if len(matches) != 1:
-                raise CheckpointError(f"trainable_token_indices names {module!r}, which matches "
-                                      f"{len(matches) or 'no'} embedding tables of this model "
-                                      f"({', '.join(sorted(bases))})")
-            wanted[matches[0]] = [int(i) for i in ids]
+        wanted = tables_named(spec, bases, CheckpointError)
     else:
         if input_embedding is None:
             raise CheckpointError("trainable_token_indices is a list, which PEFT applies to the input embedding; "
