@@ -1,5 +1,5 @@
 """PEFT's further per-layer methods (BOFT, C3A, FourierFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA, HRA,
-RoAd, BEFT, PEANuT, Super-Tuning): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
+RoAd, BEFT, PEANuT, Super-Tuning, DeFT): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
 PEFT's, its config errors, and `lowrax train method=NAME` exporting and importing. The conformance suite
 (tests/test_conformance.py) runs each on every family from the registry, merging included."""
 
@@ -66,6 +66,10 @@ METHODS = {
     "supertuning_bottom": (lambda t: lowrax.SupertuningConfig(sparsity=0.8, select_top=False, init_weights=False,
                                                               target_modules=t), "SupertuningConfig",
                            dict(sparsity=0.8, select_top=False, init_weights=False)),
+    "deft": (lambda t: lowrax.DeftConfig(r=4, target_modules=t), "DeftConfig", dict(r=4)),
+    "deft_qr": (lambda t: lowrax.DeftConfig(r=4, alpha=8, decomposition_method="qr", target_modules=t), "DeftConfig",
+                dict(r=4, alpha=8, decomposition_method="qr")),
+    "deft_para": (lambda t: lowrax.DeftConfig(r=4, para=True, target_modules=t), "DeftConfig", dict(r=4, para=True)),
     "peanut_deep": (lambda t: lowrax.PeanutConfig(r=4, depth=2, act_fn="gelu", scaling=0.5, init_weights=False,
                                                   target_modules=t), "PeanutConfig",
                     dict(r=4, depth=2, act_fn="gelu", scaling=0.5, init_weights=False)),
@@ -226,7 +230,8 @@ def test_config_errors_name_the_problem(saved_models):
                                               ("boft", ["boft.boft_block_size=4", "boft.boft_n_butterfly_factor=2"]),
                                               ("shira", ["shira.r=1"]), ("beft", ["beft.target_modules=all-linear"]),
                                               ("peanut", ["peanut.r=4", "peanut.depth=1"]),
-                                              ("supertuning", ["supertuning.sparsity=0.9", "supertuning.r=2"])])
+                                              ("supertuning", ["supertuning.sparsity=0.9", "supertuning.r=2"]),
+                                              ("deft", ["deft.r=2", "deft.decomposition_method=qr"])])
 def test_lowrax_train_then_export_and_import(tiny_dir, data_file, tmp_path, method, settings):  # noqa: F811
     check_method_run(tiny_dir, data_file, tmp_path, method, settings, full=False)
 

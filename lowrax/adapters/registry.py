@@ -47,6 +47,9 @@ class AdapterMethod:
     # conformance suite (tests/test_conformance.py) runs each on every model family
     examples: dict[str, Callable[[], Any]] = field(default_factory=dict)
     identity_at_init: bool = True  # wrapped with its default init, the model computes what the base did
+    # after `build`: (tree, cfg, key, adapter_dtype, model_type) -> tree, for what the method also adapts outside
+    # its own modules (LoRA's trainable token rows in the embedding); None: nothing
+    extend: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,10 @@ class PeftFormat:
         the keys left over are `modules_to_save` tensors.
     to_config(config) -> (method name, method config) that wraps the same modules the same
         way (`lowrax import-peft` turns an adapter into a run that trains on).
+    write_carried(nodes, params, model) -> (tensors, config fields): the nodes of another type riding
+        along in this format's file (`AdapterNode.rides_along`: LoRA's trainable token rows); None: refused.
+    read_carried(tensors, config, params, model, adapter_dtype) -> ({tree path: value to set}, used keys),
+        or ({}, set()) when the file carries none.
     """
 
     peft_type: str
@@ -69,6 +76,8 @@ class PeftFormat:
     read: Callable[..., tuple[dict, dict, set]]
     to_config: Callable[[dict], tuple[str, Any]]
     modules: Callable[[Any], dict] | None = None  # what `read`'s bases are; None: the linear kernels
+    write_carried: Callable[..., tuple[dict, dict]] | None = None
+    read_carried: Callable[..., tuple[dict, set]] | None = None
     # A format with its own directory layout (AdapterHub's) instead of PEFT's files:
     # save_directory(params, nodes, out_dir, model, overwrite, base_model, fully_trained: {HF key: torch-layout
     # array}) -> Path;

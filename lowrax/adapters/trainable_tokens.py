@@ -26,9 +26,10 @@ import numpy as np
 from flax import struct
 
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
-from lowrax.adapters.targets import TargetConfig, targeting_from_peft
+from lowrax.adapters.targets import TargetConfig, default_targets, targeting_from_peft
 from lowrax.core.checked import ConfigValueError, Count, conforms, owner_name
 from lowrax.core.node import FULL, AdapterNode, is_node
+from lowrax.core.tables import get_path, set_path
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.peft.common import PREFIX, check_shape, one_setting
 
@@ -89,6 +90,7 @@ class TrainableTokens(AdapterNode):
     indices: jnp.ndarray
     peft_type = "TRAINABLE_TOKENS"
     stands_for_array = True
+    rides_along = True  # beside LoRA, in its file (trainable_token_indices)
 
     @property
     def value(self) -> jnp.ndarray:
@@ -151,10 +153,7 @@ def tables_named(spec: dict, tables, error) -> dict[str, tuple[int, ...]]:
 
 
 def with_token_rows(tree: dict, spec, key, adapter_dtype, model_type: str | None) -> dict:
-    """`tree` with the embedding rows of LoRA's `trainable_token_indices` trained (a fresh top-level copy)."""
-    from lowrax.adapters.targets import default_targets
-    from lowrax.core.tables import get_path, set_path
-
+    """`tree` with the embedding rows of LoRA's `trainable_token_indices` trained (set in place)."""
     modules = embedding_modules(tree)
     if isinstance(spec, dict):
         wanted = tables_named(spec, modules, LowraxError)
@@ -248,8 +247,10 @@ def to_config(config: dict) -> tuple[str, TrainableTokensConfig]:
 
 # --- beside another method (LoRA's trainable_token_indices) ------------------------------------------
 
-def write_companion(nodes: dict[str, TrainableTokens], input_embedding: str | None) -> tuple[dict, dict]:
-    """(tensors, {"trainable_token_indices": ...}) of token nodes saved beside LoRA's own."""
+def write_carried(nodes: dict[str, TrainableTokens], params: Any, model) -> tuple[dict, dict]:
+    """(tensors, {"trainable_token_indices": ...}) of token nodes saved beside LoRA's own (its
+    `PeftFormat.write_carried`)."""
+    input_embedding = input_embedding_name(model, params)
     tensors = {f"{PREFIX}{module_of(n)}{COMPANION}{DELTA}": np.asarray(node.rows, np.float32)
                for n, node in nodes.items()}
     by_module = {module_of(n): [int(i) for i in np.asarray(node.indices)] for n, node in nodes.items()}
@@ -258,8 +259,15 @@ def write_companion(nodes: dict[str, TrainableTokens], input_embedding: str | No
     return tensors, {"trainable_token_indices": by_module}
 
 
-def read_companion(tensors: dict, spec, bases: dict, input_embedding: str | None, adapter_dtype) -> tuple[dict, set]:
-    """({module name: module dict with its TrainableTokens}, used keys) for LoRA's `trainable_token_indices`."""
+def read_carried(tensors: dict, config: dict, params: Any, model, adapter_dtype) -> tuple[dict, set]:
+    """({tree path: embedding module with its TrainableTokens}, used keys) for LoRA's `trainable_token_indices`
+    (its `PeftFormat.read_carried`)."""
+    spec = config.get("trainable_token_indices")
+    if spec is None:
+        return {}, set()
+    places = embedding_modules(params)
+    bases = {name: get_path(params, path) for name, path in places.items()}
+    input_embedding = input_embedding_name(model, params)
     if isinstance(spec, dict):
         wanted = tables_named(spec, bases, CheckpointError)
     else:
@@ -270,7 +278,8 @@ def read_companion(tensors: dict, spec, bases: dict, input_embedding: str | None
     nodes, used = {}, set()
     for name, ids in wanted.items():
         key = f"{name}{COMPANION}{DELTA}"
-        nodes[name] = place(bases, name, ids, read_rows(tensors, key, table_of(bases, name), len(ids)), adapter_dtype)
+        nodes[places[name]] = place(bases, name, ids, read_rows(tensors, key, table_of(bases, name), len(ids)),
+                                    adapter_dtype)
         used.add(key)
     return nodes, used
 

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from lowrax.core.node import VIRTUAL_TOKENS_KEY, FullyTrained, is_adapter, is_node
 from lowrax.adapters.registry import method_for_config
 from lowrax.adapters.targets import linear_modules, select_targets
-from lowrax.adapters.trainable_tokens import with_token_rows
 from lowrax.errors import LowraxError
 from lowrax.core.tables import get_path, set_path
 
@@ -51,9 +50,8 @@ def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp
     for name, node in nodes.items():
         set_path(out, modules[name], node)
     out.update(shared)
-    if getattr(cfg, "trainable_token_indices", None) is not None:  # LoRA's: embedding rows trained beside it
-        out = with_token_rows(out, cfg.trainable_token_indices, jax.random.fold_in(key, 1 << 20), adapter_dtype,
-                              model_type)
+    if method.extend is not None:  # what else it adapts (LoRA's trainable token rows)
+        out = method.extend(out, cfg, jax.random.fold_in(key, 1 << 20), adapter_dtype, model_type)
     return _with_modules_to_save(out, cfg)
 
 

@@ -50,6 +50,8 @@ class AdapterNode:
         merge_bias / unmerge_bias  what merging does to the layer's bias
         merges_into_bias           True when merging needs the layer's own bias (BEFT's trained bias):
                                    merging a layer without one is refused
+        rides_along                True for a node another method's PEFT file can carry (trainable
+                                   tokens beside LoRA: its format's `write_carried` / `read_carried`)
         dropout, dropout_key       a node with `dropout > 0` is given a fresh key each training step
         precondition_grad(g)       rewrite the node's own gradient before the optimizer (LoRA-FA)
         after_update(step)         a rule applied after each optimizer step (Delta-LoRA)
@@ -78,6 +80,7 @@ class AdapterNode:
     mergeable: bool = True  # False: the adapter is not in the weights (prompt learning); merge refuses
     base_moves: bool = False
     merges_into_bias: bool = False
+    rides_along: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

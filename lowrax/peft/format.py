@@ -20,8 +20,6 @@ import numpy as np
 from lowrax.core.node import FullyTrained, is_node
 from lowrax.adapters.registry import format_for_config, peft_format
 from lowrax.adapters.targets import linear_modules
-from lowrax.adapters.trainable_tokens import (TrainableTokens, embedding_modules, input_embedding_name, read_companion,
-                                              write_companion)
 from lowrax.adapters.wrap import adapter_nodes
 from lowrax.core.checked import ConfigValueError
 from lowrax.errors import CheckpointError, LowraxError
@@ -56,12 +54,12 @@ def save_peft(params: Any, out_dir: str | Path, model=None, *, base_model: str |
     nodes = adapter_nodes(params)
     if not nodes:
         raise LowraxError("params have no adapters to save; wrap them with lowrax.wrap first")
-    # embedding rows trained beside another method (LoRA's trainable_token_indices) ride in its file
-    tokens = {n: x for n, x in nodes.items() if isinstance(x, TrainableTokens)}
-    if tokens and len(tokens) < len(nodes):
-        nodes = {n: x for n, x in nodes.items() if n not in tokens}
+    # nodes that ride along in another method's file (LoRA's trainable token rows)
+    riders = {n: x for n, x in nodes.items() if x.rides_along}
+    if riders and len(riders) < len(nodes):
+        nodes = {n: x for n, x in nodes.items() if n not in riders}
     else:
-        tokens = {}
+        riders = {}
     peft_types = {n.peft_type for n in nodes.values()}
     if len(peft_types) > 1:
         kinds = sorted({type(n).__name__ for n in nodes.values()})
@@ -79,12 +77,13 @@ def save_peft(params: Any, out_dir: str | Path, model=None, *, base_model: str |
             "save_peft(params, out_dir, model, initial=params_right_after_wrap)")
     modules_to_save = sorted({k.split(".")[0] for k in full})
     tensors, fields = fmt.write(nodes, params, model=model, initial=initial, use_rslora=use_rslora)
-    if tokens:
-        if peft_type != "LORA":
-            raise LowraxError(f"PEFT keeps trainable token rows beside LoRA only (trainable_token_indices), not "
-                              f"beside {peft_type}: save the rows with their own TrainableTokensConfig adapter")
-        token_tensors, token_fields = write_companion(tokens, input_embedding_name(model, params))
-        tensors, fields = tensors | token_tensors, fields | token_fields
+    if riders:
+        kinds = sorted({type(x).__name__ for x in riders.values()})
+        if fmt.write_carried is None:
+            raise LowraxError(f"PEFT's {peft_type} format has no place for {', '.join(kinds)} beside it (PEFT keeps "
+                              "trainable token rows beside LoRA only): save them as an adapter of their own")
+        carried_tensors, carried_fields = fmt.write_carried(riders, params, model)
+        tensors, fields = tensors | carried_tensors, fields | carried_fields
     config = {k: v for k, v in (common_config(peft_type, nodes, model, modules_to_save, base_model) | fields).items()
               if v is not OMIT}
     tensors = tensors | {fmt.modules_to_save_prefix + k: v for k, v in full.items()}
@@ -145,14 +144,11 @@ def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jn
     bases = {name: tables.get_path(out, path) for name, path in modules.items()}
     try:
         nodes, shared, used = fmt.read(tensors, config, bases, adapter_dtype)
-        if config.get("trainable_token_indices") is not None and fmt.peft_type == "LORA":
-            places = embedding_modules(params)
-            embedding_tables = {name: tables.get_path(out, path) for name, path in places.items()}
-            token_nodes, token_keys = read_companion(tensors, config["trainable_token_indices"], embedding_tables,
-                                                     input_embedding_name(model, params), adapter_dtype)
-            used = used | token_keys
-            for name, module in token_nodes.items():
-                tables.set_path(out, places[name], module)
+        carried, carried_keys = ({}, set()) if fmt.read_carried is None else fmt.read_carried(
+            tensors, config, params, model, adapter_dtype)
+        used = used | carried_keys
+        for path, value in carried.items():
+            tables.set_path(out, path, value)
     except CheckpointError as e:
         raise CheckpointError(f"{adapter_dir}: {e}") from None
     for name, node in nodes.items():

@@ -259,9 +259,13 @@ def _valid_keys() -> list[str]:
 
 def unknown_key(key: str, valid_keys: list[str], sections: list[str], what: str = "config key") -> LowraxError:
     """The error for an unknown config key, naming the closest valid key (or the sections)."""
-    # The same key name in another section first (`steps` -> `train.steps`), then the closest spelling.
+    # A close spelling in the key's own section first (`lora.lora_alpha` -> `lora.alpha`), then the same key
+    # name in another section (`steps` -> `train.steps`), then the closest spelling anywhere.
+    section = key.rsplit(".", 1)[0] + "." if "." in key else None
+    own = [k for k in valid_keys if section and k.startswith(section)]
     same_name = [k for k in valid_keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1] and k != key]
-    close = same_name[:1] or difflib.get_close_matches(key, valid_keys + sections, n=1, cutoff=0.5)
+    close = (difflib.get_close_matches(key, own, n=1, cutoff=0.75) or same_name[:1]
+             or difflib.get_close_matches(key, valid_keys + sections, n=1, cutoff=0.5))
     hint = f"; did you mean {close[0]!r}?" if close else f"; sections: {', '.join(sections)}"
     return LowraxError(f"unknown {what} {key!r}{hint}")
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from lowrax.adapters.lora import delta_lora, dora, pissa, vera
 from lowrax.adapters.lora.config import LoraConfig
 from lowrax.adapters.lora.node import LoraKernel, lora_scale
+from lowrax.adapters import trainable_tokens
 from lowrax.adapters.registry import AdapterMethod, register_method
 from lowrax.adapters.targets import ATTENTION_QV, pattern_value
 from lowrax.core.kernels import dense_kernel, rebuilt, why_fixed
@@ -78,8 +79,15 @@ def _factored_node(name: str, base, cfg: LoraConfig, key, adapter_dtype):
                       rslora=cfg.use_rslora)
 
 
+def with_trainable_tokens(tree, cfg: LoraConfig, key, adapter_dtype, model_type):
+    """The embedding rows of `trainable_token_indices` trained beside the LoRA."""
+    if cfg.trainable_token_indices is None:
+        return tree
+    return trainable_tokens.with_token_rows(tree, cfg.trainable_token_indices, key, adapter_dtype, model_type)
+
+
 register_method(AdapterMethod(name="lora", config=LoraConfig, build=build_nodes, default_roles=ATTENTION_QV,
-                              shared_keys=(vera.SHARED,),
+                              shared_keys=(vera.SHARED,), extend=with_trainable_tokens,
                               examples={"lora": lambda: LoraConfig(r=2), "rslora": lambda: LoraConfig(r=2, use_rslora=True),
                                         "dora": lambda: LoraConfig(r=2, variant="dora"),
                                         "vera": lambda: LoraConfig(r=2, variant="vera"),

@@ -22,6 +22,7 @@ from lowrax.adapters.lora import delta_lora, pissa
 from lowrax.adapters.lora.config import LoraConfig
 from lowrax.adapters.lora.dora import DoraKernel
 from lowrax.adapters.lora.node import LoraKernel, lora_scale
+from lowrax.adapters import trainable_tokens
 from lowrax.adapters.registry import PeftFormat, register_peft_format
 from lowrax.adapters.targets import pattern_value, targeting_from_peft
 from lowrax.adapters.wrap import adapter_nodes
@@ -135,4 +136,7 @@ def token_spec(spec):
     return None if spec is None else tuple(spec)
 
 
-register_peft_format(PeftFormat(peft_type="LORA", write=write, read=read, to_config=to_config))
+# LoRA's file also carries trainable token rows (its trainable_token_indices)
+register_peft_format(PeftFormat(peft_type="LORA", write=write, read=read, to_config=to_config,
+                                write_carried=trainable_tokens.write_carried,
+                                read_carried=trainable_tokens.read_carried))
