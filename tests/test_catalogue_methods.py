@@ -5,6 +5,8 @@ PEFT's, its config errors, and `lowrax train method=NAME` exporting and importin
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -250,3 +252,17 @@ def test_exact_cayley_without_lapack_equals_lapack_and_is_orthogonal():
     np.testing.assert_allclose(np.asarray(ours), np.asarray(lapack), atol=1e-5)
     np.testing.assert_allclose(np.asarray(ours @ jnp.swapaxes(ours, -1, -2)), np.broadcast_to(np.eye(16), (6, 16, 16)),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("peft_type, reason", [("XLORA", "X-LoRA mixes several LoRA adapters"),
+                                               ("ADAPTION_PROMPT", "Llama-Adapter adds gated prompts"),
+                                               ("SOMETHING_NEW", "")])
+def test_peft_types_not_built_are_refused_by_name(saved_models, tmp_path, peft_type, reason):
+    from lowrax.io.safetensors_dir import write_tensor_file
+
+    _, model, params, _ = saved_models("llama")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type}))
+    write_tensor_file({"x": np.zeros(1, np.float32)}, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(LowraxError, match=f"adapter type '{peft_type}' is not supported.*{reason}.*supported peft_type "
+                                          "values: .*LORA"):
+        lowrax.load_peft(params, tmp_path, model)

@@ -12,8 +12,7 @@ In torch's (out, in) terms, with P [out, r] and R [r, in] trained:
 so with y = x @ base (lowrax's [in, out] kernel): out = y - (y @ right) @ Q^T + s (dropout(x) @ R^T) @ Q^T.
 PEFT's init (`init_weights=True`): P ~ N(0, 0.02) and R = right^T W / s, so the model starts as the base;
 False draws R ~ N(0, 0.02 init_scale). Merging adds (s R - right^T W)^T Q^T to the kernel; unmerging
-removes what the node's own base gives. The QR is Householder's as LAPACK computes it
-(`core.householder`), so its signs are torch's.
+removes what the node's own base gives. The QR is LAPACK's, as torch's is, so Q's column signs agree.
 
 PEFT format (`peft_type: DEFT`): `<module>.deft_P` (out, r) and `<module>.deft_R` (r, in) (absent with
 para), the same for Linear and GPT-2's Conv1D; `r` (capped at each layer's output width), `alpha`,
@@ -33,7 +32,6 @@ from flax import struct
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.core.checked import PositiveFloat, PositiveInt, Probability
-from lowrax.core.householder import reduced_q
 from lowrax.core.kernels import dense_kernel
 from lowrax.core.linear import matmul
 from lowrax.core.node import FACTOR, AdapterNode, dropped
@@ -90,7 +88,7 @@ class DeftKernel(AdapterNode):
         """(q, right), float32 [out, r]: the projector is q @ right^T."""
         p = self.p.astype(jnp.float32)
         if self.method == "qr":
-            q = reduced_q(p)
+            q, _ = jnp.linalg.qr(p)  # LAPACK's (torch's) signs; one call per layer compiles in a blink
             return q, q
         return p, jax.nn.relu(p)
 
