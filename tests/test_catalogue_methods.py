@@ -254,6 +254,18 @@ def test_exact_cayley_without_lapack_equals_lapack_and_is_orthogonal():
                                atol=1e-5)
 
 
+@pytest.mark.parametrize("settings", [dict(r=4), dict(r=4, alpha=8, decomposition_method="qr")])
+def test_deft_starts_as_the_base_model(saved_models, settings):
+    """DeFT's conformance examples start away from the base (see its registration), so its identity at
+    PEFT's init is checked here."""
+    _, model, params, targets = saved_models("llama")
+    wrapped = lowrax.wrap(params, lowrax.DeftConfig(target_modules=tuple(targets), **settings), jax.random.key(1),
+                          model=model)
+    ids, mask = random_batch(128, [7], pad_id=0, left=True, seed=1)
+    np.testing.assert_allclose(lowrax_outputs(model, wrapped, ids, mask), lowrax_outputs(model, params, ids, mask),
+                               atol=1e-5)
+
+
 @pytest.mark.parametrize("peft_type, reason", [("XLORA", "X-LoRA mixes several LoRA adapters"),
                                                ("ADAPTION_PROMPT", "Llama-Adapter adds gated prompts"),
                                                ("SOMETHING_NEW", "")])

@@ -183,7 +183,12 @@ def to_config(config: dict) -> tuple[str, DeftConfig]:
 
 # --- registration ----------------------------------------------------------------------------------
 
+# The examples start away from the base (init_weights=False): at PEFT's init the relu form's negative P
+# entries have a zero gradient, which Adam turns into rounding noise scaled to the learning rate, so a
+# sharded step could not equal one device's. tests/test_catalogue_methods.py checks the init is the base.
 register_method(AdapterMethod(name="deft", config=DeftConfig, build=build_nodes, default_roles=ATTENTION_QV,
-                              examples={"deft": lambda: DeftConfig(r=2),
-                                        "deft_qr": lambda: DeftConfig(r=2, alpha=4, decomposition_method="qr")}))
+                              identity_at_init=False,
+                              examples={"deft": lambda: DeftConfig(r=2, init_weights=False),
+                                        "deft_qr": lambda: DeftConfig(r=2, alpha=4, decomposition_method="qr",
+                                                                      init_weights=False)}))
 register_peft_format(PeftFormat(peft_type="DEFT", write=write, read=read, to_config=to_config))
