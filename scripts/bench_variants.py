@@ -67,7 +67,8 @@ METHODS = {
     "boft": ["method=boft", "boft.target_modules=all-linear", "boft.boft_block_size=32"],
     "hra": ["method=hra", "hra.target_modules=all-linear", "hra.r=8"],
     "road": ["method=road", "road.target_modules=all-linear", "optim.learning_rate=1.0e-2"],
-    "c3a": ["method=c3a", "c3a.target_modules=all-linear", "c3a.block_size=64"],
+    # C3A divides its output by the input width (as PEFT's): PEFT's MetaMathQA comparison trains it at 0.3
+    "c3a": ["method=c3a", "c3a.target_modules=all-linear", "c3a.block_size=64", "optim.learning_rate=3.0e-1"],
     "fourierft": ["method=fourierft", "fourierft.target_modules=all-linear", "fourierft.n_frequency=1000"],
     "hira": ["method=hira", "hira.target_modules=all-linear", "hira.r=16"],
     "shira": ["method=shira", "shira.target_modules=all-linear", "shira.r=16"],
