@@ -1,5 +1,5 @@
 """PEFT's further per-layer methods (BOFT, C3A, FourierFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA, HRA,
-RoAd, BEFT, PEANuT, Super-Tuning, DeFT): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
+RoAd, BEFT, PEANuT, Super-Tuning, DeFT, VB-LoRA): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
 PEFT's, its config errors, and `lowrax train method=NAME` exporting and importing. The conformance suite
 (tests/test_conformance.py) runs each on every family from the registry, merging included."""
 
@@ -69,6 +69,9 @@ METHODS = {
                                                               target_modules=t), "SupertuningConfig",
                            dict(sparsity=0.8, select_top=False, init_weights=False)),
     "deft": (lambda t: lowrax.DeftConfig(r=4, target_modules=t), "DeftConfig", dict(r=4)),
+    "vblora": (lambda t: lowrax.VBLoRAConfig(r=2, num_vectors=8, vector_length=8, init_vector_bank_bound=0.5,
+                                             target_modules=t), "VBLoRAConfig",
+               dict(r=2, num_vectors=8, vector_length=8, init_vector_bank_bound=0.5)),
     "deft_qr": (lambda t: lowrax.DeftConfig(r=4, alpha=8, decomposition_method="qr", target_modules=t), "DeftConfig",
                 dict(r=4, alpha=8, decomposition_method="qr")),
     "deft_para": (lambda t: lowrax.DeftConfig(r=4, para=True, target_modules=t), "DeftConfig", dict(r=4, para=True)),
@@ -233,7 +236,8 @@ def test_config_errors_name_the_problem(saved_models):
                                               ("shira", ["shira.r=1"]), ("beft", ["beft.target_modules=all-linear"]),
                                               ("peanut", ["peanut.r=4", "peanut.depth=1"]),
                                               ("supertuning", ["supertuning.sparsity=0.9", "supertuning.r=2"]),
-                                              ("deft", ["deft.r=2", "deft.decomposition_method=qr"])])
+                                              ("deft", ["deft.r=2", "deft.decomposition_method=qr"]),
+                                              ("vblora", ["vblora.r=2", "vblora.num_vectors=8", "vblora.vector_length=16"])])
 def test_lowrax_train_then_export_and_import(tiny_dir, data_file, tmp_path, method, settings):  # noqa: F811
     check_method_run(tiny_dir, data_file, tmp_path, method, settings, full=False)
 
@@ -278,3 +282,22 @@ def test_peft_types_not_built_are_refused_by_name(saved_models, tmp_path, peft_t
     with pytest.raises(LowraxError, match=f"adapter type '{peft_type}' is not supported.*{reason}.*supported peft_type "
                                           "values: .*LORA"):
         lowrax.load_peft(params, tmp_path, model)
+
+
+def test_vblora_saved_with_only_top_k_weights_loads_for_inference_not_training(saved_models, tmp_path):
+    """PEFT's save_only_topk_weights keeps each sub-vector's top-k indices and weights: lowrax restores the
+    logits as PEFT does (-inf elsewhere), equal logits, and import-peft refuses to continue training it."""
+    from lowrax.adapters.registry import format_for_config
+
+    path, model, params, targets = saved_models("llama")
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(fresh_torch_model(path), peft.VBLoRAConfig(
+        r=3, num_vectors=16, vector_length=16, topk=3, init_vector_bank_bound=0.5, save_only_topk_weights=True,
+        target_modules=list(targets))).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(fresh_torch_model(path), tmp_path / "adapter").eval()
+    loaded = lowrax.load_peft(params, tmp_path / "adapter", model)
+    assert largest_difference(model, loaded, reloaded) <= 1e-4
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    with pytest.raises(LowraxError, match="save_only_topk_weights.*cannot continue training"):
+        format_for_config(config).to_config(config)

@@ -21,6 +21,7 @@ import lowrax.adapters.road  # noqa: F401  RoAd (road_1 / road_2 / road_4) and P
 import lowrax.adapters.beft  # noqa: F401  BEFT (a trained bias) and PEFT's BEFT format
 import lowrax.adapters.peanut  # noqa: F401  PEANuT (a network over the weight) and PEFT's PEANUT format
 import lowrax.adapters.supertuning  # noqa: F401  Super-Tuning (largest weights, optional LoRA) and its PEFT format
+import lowrax.adapters.vblora  # noqa: F401  VB-LoRA (factors mixed from a shared vector bank) and its format
 import lowrax.adapters.deft  # noqa: F401  DeFT (a projected-out subspace, an injection in its place) and its format
 import lowrax.adapters.trainable_tokens  # noqa: F401  trainable tokens and PEFT's TRAINABLE_TOKENS format
 import lowrax.adapters.ln_tuning  # noqa: F401  LN tuning and PEFT's LN_TUNING format

@@ -90,7 +90,7 @@ def adapters_off(params: Any, *, allow_moving_base: bool = False) -> Any:
             return x.switched_off()
         return x
 
-    out = {k: v for k, v in params.items() if k != SLOTS_KEY} if isinstance(params, dict) else params
+    out = without_shared(params)  # switched off, no node reads the methods' shared arrays (VB-LoRA's trained bank)
     return jax.tree.map(off, out, is_leaf=is_node)
 
 

@@ -185,7 +185,8 @@ class T5Model(Model):
     module_roles = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",), "mlp_in": ("wi", "wi_0", "wi_1"),
                     "mlp_out": ("wo",), "norms": ("layer_norm", "final_layer_norm"),
                     "embedding": ("shared",)}
-    peft_default_exceptions = {"t5": {"adalora": ("q", "k", "v", "o", "wi", "wo")}}
+    peft_default_exceptions = {"t5": {"adalora": ("q", "k", "v", "o", "wi", "wo"),
+                                      "vblora": ("q", "k", "v", "o", "wi", "wo")}}
 
     # --- pieces ------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import numpy as np
 from lowrax.core.node import FullyTrained, is_node
 from lowrax.adapters.registry import format_for_config, peft_format
 from lowrax.adapters.targets import linear_modules
+from lowrax.adapters.tree import without_shared
 from lowrax.adapters.wrap import adapter_nodes
 from lowrax.core.checked import ConfigValueError
 from lowrax.errors import CheckpointError, LowraxError
@@ -33,7 +34,8 @@ def _fully_trained(params: Any, model) -> dict[str, np.ndarray]:
     """HF key -> torch-layout array for every `FullyTrained` leaf (needs the model's tensor table)."""
     out = {}
     specs = {t.path: t for t in model.tensors()} if model is not None else {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, FullyTrained))[0]:
+    own = without_shared(params)  # a method's shared arrays (VB-LoRA's trained bank) are its format's to write
+    for path, leaf in jax.tree_util.tree_flatten_with_path(own, is_leaf=lambda x: isinstance(x, FullyTrained))[0]:
         if isinstance(leaf, FullyTrained):
             keys = tuple(str(p.key) for p in path)
             if keys not in specs:
