@@ -19,6 +19,7 @@ for inference (the other logits are -inf, as PEFT restores them) and cannot cont
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,10 +123,12 @@ class VBLoRAKernel(AdapterNode):
 
 # --- build ----------------------------------------------------------------------------------------
 
-def check_widths(name: str, d_in: int, d_out: int, length: int, error=LowraxError) -> None:
+def check_widths(name: str, d_in: int, d_out: int, length: int, error=LowraxError, widths_gcd: int | None = None) -> None:
     for side, width in (("input", d_in), ("output", d_out)):
         if width % length:
-            raise error(f"VB-LoRA vector_length {length} must divide {name}'s {side} width {width}")
+            hint = (f"; choose a divisor of {widths_gcd} (the greatest common divisor of the targeted layers' "
+                    "widths)") if widths_gcd else ""
+            raise error(f"VB-LoRA vector_length {length} must divide {name}'s {side} width {width}{hint}")
 
 
 def build_nodes(bases: dict[str, Any], cfg: VBLoRAConfig, key, adapter_dtype, model_type=None) -> tuple[dict, dict]:
@@ -133,10 +136,10 @@ def build_nodes(bases: dict[str, Any], cfg: VBLoRAConfig, key, adapter_dtype, mo
     length, n = cfg.vector_length, cfg.num_vectors
     bound = cfg.init_vector_bank_bound
     bank = jax.random.uniform(jax.random.fold_in(key, 0), (n, length), jnp.float32, -bound, bound)
-    nodes = {}
+    nodes, widths_gcd = {}, math.gcd(*(d for base in bases.values() for d in base.shape))
     for i, (name, base) in enumerate(bases.items()):
         d_in, d_out = base.shape
-        check_widths(name, d_in, d_out, length)
+        check_widths(name, d_in, d_out, length, widths_gcd=widths_gcd)
         k_a, k_b = jax.random.split(jax.random.fold_in(key, i + 1))
         logits_a = cfg.init_logits_std * jax.random.normal(k_a, (cfg.r, d_in // length, n), jnp.float32)
         logits_b = cfg.init_logits_std * jax.random.normal(k_b, (d_out // length, cfg.r, n), jnp.float32)
