@@ -20,7 +20,7 @@ import lowrax  # noqa: E402
 from lowrax.errors import LowraxError  # noqa: E402
 from tests.conftest import random_batch  # noqa: E402
 from tests.test_ia3 import max_difference  # noqa: E402
-from tests.test_peft_exchange import lowrax_outputs, randomize  # noqa: E402
+from tests.test_peft_exchange import lowrax_outputs, perturb_peft, randomize  # noqa: E402
 from tests.test_variants_peft import MODELS, saved_models  # noqa: E402,F401  (the fixture)
 from tests.test_variants_peft import fresh_torch_model as fresh_causal_lm  # noqa: E402
 from tests.test_training_run import check_method_run, data_file, tiny_dir  # noqa: E402,F401
@@ -104,11 +104,8 @@ def largest_difference(model, params, torch_model) -> float:
 def test_peft_adapter_loads_in_lowrax_with_equal_logits(saved_models, family, method, tmp_path):
     path, model, params, _ = saved_models(family)
     torch.manual_seed(0)
-    peft_model = peft.get_peft_model(fresh_torch_model(path), getattr(peft, METHODS[method][1])(
-        **peft_kwargs(family, method))).eval()
-    with torch.no_grad():  # away from PEFT's init, which is zero for some forms (MiSS's bat / mini)
-        for parameter in (p for p in peft_model.parameters() if p.requires_grad):
-            parameter.add_(0.05 * torch.randn_like(parameter))
+    peft_model = perturb_peft(peft.get_peft_model(fresh_torch_model(path), getattr(peft, METHODS[method][1])(
+        **peft_kwargs(family, method))))
     peft_model.save_pretrained(tmp_path / "adapter")
     loaded = lowrax.load_peft(params, tmp_path / "adapter", model)
     assert largest_difference(model, loaded, peft_model) <= 1e-4

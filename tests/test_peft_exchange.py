@@ -84,6 +84,15 @@ def randomize(params, key):
     return lowrax.combine(jax.tree.unflatten(treedef, leaves), frozen)
 
 
+def perturb_peft(peft_model, scale: float = 0.05):
+    """The PEFT counterpart of `randomize`: noise on every trainable parameter, away from PEFT's init
+    (zero for some forms, a copy of the table for trainable tokens). Returns the model, in eval mode."""
+    with torch.no_grad():
+        for parameter in (p for p in peft_model.parameters() if p.requires_grad):
+            parameter.add_(scale * torch.randn_like(parameter))
+    return peft_model.eval()
+
+
 def test_lowrax_adapter_loads_in_peft(case, tmp_path):
     path, _, model, params, ours, _ = case
     wrapped = randomize(lowrax.lora.wrap(params, lowrax.LoraConfig(**ours), jax.random.key(1), model.model_type),

@@ -21,7 +21,7 @@ import lowrax  # noqa: E402
 from lowrax.errors import LowraxError  # noqa: E402
 from tests.conftest import hf_model_dir, random_batch  # noqa: E402
 from tests.test_ia3 import max_difference  # noqa: E402
-from tests.test_peft_exchange import randomize  # noqa: E402
+from tests.test_peft_exchange import lowrax_outputs, perturb_peft, randomize  # noqa: E402
 from tests.test_training_run import check_method_run, data_file, tiny_dir  # noqa: E402,F401
 
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -86,11 +86,7 @@ CASES = [(family, form) for family in FAMILIES for form in ("alone", "lora")]
 def test_peft_adapter_loads_in_lowrax_with_equal_logits(saved, family, form, tmp_path):
     path, model, params = saved(family)
     torch.manual_seed(0)
-    peft_model = peft.get_peft_model(fresh_torch_model(path, model), peft_config(family, form)).eval()
-    with torch.no_grad():  # rows away from the table's (the default init copies them)
-        for name, parameter in peft_model.named_parameters():
-            if "trainable_tokens_delta" in name:
-                parameter.add_(0.5 * torch.randn_like(parameter))
+    peft_model = perturb_peft(peft.get_peft_model(fresh_torch_model(path, model), peft_config(family, form)), 0.5)
     peft_model.save_pretrained(tmp_path / "adapter")
     loaded = lowrax.load_peft(params, tmp_path / "adapter", model)
     assert difference(model, loaded, peft_model) <= 1e-4
@@ -117,7 +113,6 @@ def test_the_tied_head_sees_the_trained_rows_and_merging_keeps_them(saved):
                                     model=model), jax.random.key(2))
     ids, mask = random_batch(96, [6], pad_id=0, left=True, seed=1)
     ids[:, :] = 3  # none of the trained tokens in the input: only the tied head can show the change
-    from tests.test_peft_exchange import lowrax_outputs
     before, after = lowrax_outputs(model, params, ids, mask), lowrax_outputs(model, trained, ids, mask)
     changed = np.abs(after - before).max(axis=(0, 1))
     assert changed[[5, 7]].min() > 1e-3 and np.delete(changed, [5, 7]).max() == 0.0

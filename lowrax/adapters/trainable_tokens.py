@@ -49,9 +49,10 @@ class TrainableTokensConfig(TargetConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.token_indices, int):
-            object.__setattr__(self, "token_indices", (self.token_indices,))
-        check_indices(self, "token_indices", self.token_indices)
+        if isinstance(self.token_indices, dict):
+            raise ConfigValueError(owner_name(self), "token_indices", self.token_indices,
+                                   "a list of token ids (target_modules chooses the table)")
+        check_token_spec(self, "token_indices", self.token_indices or ())
 
 
 def check_indices(config, key: str, indices) -> None:
@@ -66,8 +67,8 @@ def check_token_spec(config, key: str, spec) -> None:
     if spec is None:
         return
     if isinstance(spec, int):
-        object.__setattr__(config, key, (spec,))
-    elif isinstance(spec, dict):
+        spec = (spec,)
+    if isinstance(spec, dict):
         for module, ids in spec.items():
             if not isinstance(module, str) or not isinstance(ids, (list, tuple)) or not conforms(tuple[Count, ...],
                                                                                                  tuple(ids)):
@@ -77,6 +78,7 @@ def check_token_spec(config, key: str, spec) -> None:
         object.__setattr__(config, key, {module: tuple(ids) for module, ids in spec.items()})
     else:
         check_indices(config, key, tuple(spec))
+        object.__setattr__(config, key, tuple(spec))
 
 
 # --- node -----------------------------------------------------------------------------------------
@@ -121,23 +123,38 @@ def embedding_modules(params: Any) -> dict[str, tuple[str, ...]]:
 
 # --- build ----------------------------------------------------------------------------------------
 
+def with_rows(name: str, module: dict, indices, rows, adapter_dtype, error=LowraxError) -> dict:
+    """The embedding module dict with its table replaced by a TrainableTokens node of these rows (None:
+    the table's own); token ids outside the table are an `error` naming its size."""
+    table = module["embedding"]
+    if isinstance(table, AdapterNode):
+        raise error(f"{name} is already adapted ({type(table).__name__}); merge it first")
+    indices = np.asarray(indices, np.int64)
+    if indices.min() < 0 or indices.max() >= table.shape[0]:
+        raise error(f"trainable token ids must be below {name}'s vocabulary size {table.shape[0]}; "
+                    f"got {int(indices.max())}")
+    rows = jnp.take(table, jnp.asarray(indices), axis=0) if rows is None else rows
+    return dict(module, embedding=TrainableTokens(base=table, rows=jnp.array(rows, adapter_dtype, copy=True),
+                                                  indices=jnp.asarray(indices, jnp.int32)))
+
+
 def token_nodes(bases: dict[str, dict], indices_for, init_weights: bool, key, adapter_dtype) -> dict:
     """{module name: {"embedding": TrainableTokens}} for each embedding module dict in `bases`;
     `indices_for(name)` gives its token ids."""
     nodes = {}
     for i, (name, module) in enumerate(bases.items()):
-        table = module["embedding"]
-        if isinstance(table, AdapterNode):
-            raise LowraxError(f"{name} is already adapted ({type(table).__name__}); merge it first")
-        indices = np.asarray(indices_for(name), np.int64)
-        if indices.min() < 0 or indices.max() >= table.shape[0]:
-            raise LowraxError(f"trainable token ids must be below {name}'s vocabulary size {table.shape[0]}; "
-                              f"got {int(indices.max())}")
-        rows = (jnp.take(table, jnp.asarray(indices), axis=0).astype(adapter_dtype) if init_weights
-                else jax.random.normal(jax.random.fold_in(key, i), (len(indices), table.shape[1]), adapter_dtype))
-        nodes[name] = dict(module, embedding=TrainableTokens(base=table, rows=jnp.array(rows, copy=True),
-                                                             indices=jnp.asarray(indices, jnp.int32)))
+        indices = indices_for(name)
+        rows = None if init_weights else jax.random.normal(jax.random.fold_in(key, i),
+                                                           (len(indices), module["embedding"].shape[1]))
+        nodes[name] = with_rows(name, module, indices, rows, adapter_dtype)
     return nodes
+
+
+def input_embedding(tables, model_type: str | None) -> str | None:
+    """The name of the model's word-embedding table among `tables` (its family's "embedding" role), or None."""
+    suffixes = default_targets("trainable_tokens", (ROLE,), model_type) or ()
+    matches = [n for n in tables if n.split(".")[-1] in suffixes]
+    return matches[0] if len(matches) == 1 else None
 
 
 def tables_named(spec: dict, tables, error) -> dict[str, tuple[int, ...]]:
@@ -158,13 +175,12 @@ def with_token_rows(tree: dict, spec, key, adapter_dtype, model_type: str | None
     if isinstance(spec, dict):
         wanted = tables_named(spec, modules, LowraxError)
     else:
-        suffixes = default_targets("trainable_tokens", (ROLE,), model_type) or ()
-        matches = [n for n in modules if n.split(".")[-1] in suffixes]
-        if len(matches) != 1:
+        table = input_embedding(modules, model_type)
+        if table is None:
             raise LowraxError(f"trainable_token_indices as a list needs the model's word embedding, unknown for "
                               f"model_type {model_type!r}: give {{module name: token ids}} with one of "
                               f"{', '.join(sorted(modules))}")
-        wanted = {matches[0]: tuple(spec)}
+        wanted = {table: tuple(spec)}
     bases = {name: get_path(tree, modules[name]) for name in wanted}
     for name, module in token_nodes(bases, wanted.get, True, key, adapter_dtype).items():
         set_path(tree, modules[name], module)
@@ -212,13 +228,10 @@ def table_of(bases: dict, name: str):
     return bases[name]["embedding"]
 
 
-def place(bases: dict, name: str, indices, rows: np.ndarray, adapter_dtype) -> dict:
-    table = table_of(bases, name)
-    if max(indices) >= table.shape[0] or min(indices) < 0:
-        raise CheckpointError(f"trainable token ids {max(indices)} and above are outside {name}'s "
-                              f"{table.shape[0]}-token vocabulary")
-    return dict(bases[name], embedding=TrainableTokens(base=table, rows=jnp.asarray(rows, adapter_dtype),
-                                                       indices=jnp.asarray(indices, jnp.int32)))
+def place(bases: dict, name: str, indices, tensors: dict, key: str, adapter_dtype) -> dict:
+    """The module `name` of `bases` with the rows of the file's tensor `key` trained at `indices`."""
+    rows = read_rows(tensors, key, table_of(bases, name), len(indices))
+    return with_rows(name, bases[name], indices, rows, adapter_dtype, CheckpointError)
 
 
 def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict, dict, set]:
@@ -230,8 +243,7 @@ def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict,
     nodes, used = {}, set()
     for name in names:
         key = f"{name}.{DELTA}"
-        nodes[name] = place(bases, name, indices, read_rows(tensors, key, table_of(bases, name), len(indices)),
-                            adapter_dtype)
+        nodes[name] = place(bases, name, indices, tensors, key, adapter_dtype)
         used.add(key)
     if f"lm_head.{DELTA}" in tensors:  # the tied head's copy of the same rows
         used.add(f"lm_head.{DELTA}")
@@ -250,12 +262,12 @@ def to_config(config: dict) -> tuple[str, TrainableTokensConfig]:
 def write_carried(nodes: dict[str, TrainableTokens], params: Any, model) -> tuple[dict, dict]:
     """(tensors, {"trainable_token_indices": ...}) of token nodes saved beside LoRA's own (its
     `PeftFormat.write_carried`)."""
-    input_embedding = input_embedding_name(model, params)
+    word_table = input_embedding(embedding_modules(params), getattr(model, "model_type", None))
     tensors = {f"{PREFIX}{module_of(n)}{COMPANION}{DELTA}": np.asarray(node.rows, np.float32)
                for n, node in nodes.items()}
     by_module = {module_of(n): [int(i) for i in np.asarray(node.indices)] for n, node in nodes.items()}
-    if list(by_module) == [input_embedding]:
-        return tensors, {"trainable_token_indices": by_module[input_embedding]}
+    if list(by_module) == [word_table]:
+        return tensors, {"trainable_token_indices": by_module[word_table]}
     return tensors, {"trainable_token_indices": by_module}
 
 
@@ -267,35 +279,20 @@ def read_carried(tensors: dict, config: dict, params: Any, model, adapter_dtype)
         return {}, set()
     places = embedding_modules(params)
     bases = {name: get_path(params, path) for name, path in places.items()}
-    input_embedding = input_embedding_name(model, params)
     if isinstance(spec, dict):
         wanted = tables_named(spec, bases, CheckpointError)
     else:
-        if input_embedding is None:
+        word_table = input_embedding(bases, getattr(model, "model_type", None))
+        if word_table is None:
             raise CheckpointError("trainable_token_indices is a list, which PEFT applies to the input embedding; "
                                   "pass model= to load_peft so lowrax knows which table that is")
-        wanted = {input_embedding: [int(i) for i in spec]}
+        wanted = {word_table: [int(i) for i in spec]}
     nodes, used = {}, set()
     for name, ids in wanted.items():
         key = f"{name}{COMPANION}{DELTA}"
-        nodes[places[name]] = place(bases, name, ids, read_rows(tensors, key, table_of(bases, name), len(ids)),
-                                    adapter_dtype)
+        nodes[places[name]] = place(bases, name, ids, tensors, key, adapter_dtype)
         used.add(key)
     return nodes, used
-
-
-def input_embedding_name(model, params) -> str | None:
-    """The dotted module name of the model's word-embedding table, or None (no model, or none)."""
-    if model is None:
-        return None
-    table = model.word_embedding_table(params) if hasattr(model, "word_embedding_table") else None
-    for name, path in embedding_modules(params).items():
-        leaf = params
-        for k in path:
-            leaf = leaf[k]
-        if leaf.get("embedding") is table or getattr(leaf.get("embedding"), "base", None) is table:
-            return name
-    return None
 
 
 # --- registration ----------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ class VBLoRAKernel(AdapterNode):
         bank = params.get(SHARED)
         if bank is None:
             raise LowraxError(f"a VB-LoRA kernel needs the shared vector bank at params[{SHARED!r}], which is missing")
-        return self.replace(bank=bank.value if isinstance(bank, FullyTrained) else bank)
+        return self.replace(bank=bank)  # `resolve` has unwrapped its FullyTrained
 
     def field_labels(self) -> dict:
         return {"logits_a": FACTOR, "logits_b": FACTOR}

@@ -125,15 +125,8 @@ def to_config(config: dict) -> tuple[str, LoraConfig]:
                               use_rslora=config.get("use_rslora", False),
                               rank_pattern=config.get("rank_pattern") or {},
                               alpha_pattern=config.get("alpha_pattern") or {},
-                              trainable_token_indices=token_spec(config.get("trainable_token_indices")),
+                              trainable_token_indices=config.get("trainable_token_indices"),
                               **targeting_from_peft(config))
-
-
-def token_spec(spec):
-    """PEFT's trainable_token_indices as LoraConfig holds it (lists as tuples)."""
-    if isinstance(spec, dict):
-        return {module: tuple(ids) for module, ids in spec.items()}
-    return None if spec is None else tuple(spec)
 
 
 # LoRA's file also carries trainable token rows (its trainable_token_indices)
