@@ -177,7 +177,9 @@ def test_qlora_run_merges_with_requantization(tiny_dir, data_file, tmp_path):
 
 @pytest.mark.parametrize("variant", [{"lora.variant": "dora"}, {"lora.variant": "vera", "lora.r": 4, "optim.learning_rate": 0.1},
                                      {"lora.variant": "delta_lora", "lora.dropout": 0.0, "lora.delta_start_step": 1},
-                                     {"lora.init": "pissa", "optim.loraplus_lr_ratio": 4}])
+                                     {"lora.init": "pissa", "optim.loraplus_lr_ratio": 4},
+                                     {"lora.init": "corda", "lora.calibration_rows": 4},
+                                     {"lora.init": "lora_ga", "lora.calibration_rows": 4}])
 def test_variant_runs_export_and_merge(tiny_dir, data_file, tmp_path, variant):
     """`lowrax train lora.variant=...`: the run's PEFT adapter, its export and its merge all give the trained model."""
     from lowrax.cli import main
@@ -272,3 +274,33 @@ def test_epochs_set_the_steps_from_the_data(tiny_dir, data_file, tmp_path):
     assert summary["steps"] == 5 and len(losses(tmp_path / "run")) == 5
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert (saved.train.steps, saved.train.epochs, saved.optim.total_steps) == (5, 1, 5)
+
+
+def test_eva_and_loftq_runs(tiny_dir, data_file, tmp_path, capsys):
+    """`lowrax train lora.init=eva`: ranks redistributed over the layers (rank_pattern in the PEFT file), and a
+    resumed run starts from the stored factors; `lora.init=loftq`: an NF4 base under the adapters; either one
+    refused where it cannot work."""
+    from lowrax.cli import main
+    from lowrax.train.runs import restore_run
+
+    run = tmp_path / "eva"
+    assert main(["train", *overrides(tiny_dir, data_file, run, 2, **{"lora.init": "eva", "lora.calibration_rows": 8,
+                                                                      "lora.dropout": 0.0})]) == 0
+    from lowrax.adapters.lora.calibrated import load_initial_factors
+
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    ranks = {name: f["a"].shape[1] for name, f in load_initial_factors(run / "lora_init.safetensors").statistics.items()}
+    assert sum(ranks.values()) <= 2 * 14  # EVA's budget: r for each of the 14 targets, moved between them
+    assert adapter["rank_pattern"] == {name: r for name, r in ranks.items() if r != adapter["r"]}
+    assert main(["train", *overrides(tiny_dir, data_file, run, 4, **{"lora.init": "eva", "lora.calibration_rows": 8,
+                                                                      "lora.dropout": 0.0, "train.resume": True})]) == 0
+    run = tmp_path / "loftq"
+    assert main(["train", *overrides(tiny_dir, data_file, run, 2, **{"lora.init": "loftq", "lora.alpha": 2})]) == 0
+    _, _, params = restore_run(run)
+    node = params["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
+    assert type(node.base).__name__ == "NF4Tensor"
+    assert main(["train", *overrides(tiny_dir, data_file, tmp_path / "x", 2,
+                                     **{"lora.init": "loftq", "model.quantize": "nf4"})]) == 2
+    assert "lora.init=loftq quantizes the targeted weights itself" in capsys.readouterr().err
+    assert main(["train", *overrides(tiny_dir, data_file, tmp_path / "y", 2, **{"lora.init": "corda", "objective": "dpo"})]) == 2
+    assert "lora.init=corda calibrates on the run's training batches" in capsys.readouterr().err

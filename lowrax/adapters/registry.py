@@ -50,6 +50,7 @@ class AdapterMethod:
     # after `build`: (tree, cfg, key, adapter_dtype, model_type) -> tree, for what the method also adapts outside
     # its own modules (LoRA's trainable token rows in the embedding); None: nothing
     extend: Callable[..., Any] | None = None
+    calibrated: bool = False  # `build` takes `calibration=` (statistics of calibration data; LoRA's data-driven inits)
 
 
 @dataclass(frozen=True)

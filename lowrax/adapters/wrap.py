@@ -20,7 +20,8 @@ from lowrax.errors import LowraxError
 from lowrax.core.tables import get_path, set_path
 
 
-def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp.float32, *, model=None) -> Any:
+def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp.float32, *, model=None,
+         calibration=None) -> Any:
     """Replace the kernels `cfg` targets by the adapter nodes of its method.
 
     key: a `jax.random.key` for the adapter initialisation.
@@ -29,6 +30,8 @@ def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp
     over a bfloat16 base).
     model: the model (its model_type is then the default); prompt-learning methods need it
     for its dimensions.
+    calibration: what `lowrax.lora.calibrate` measured on calibration data, for LoRA's data-driven
+    inits (corda, eva, lora_ga).
     """
     method = method_for_config(cfg)
     if model is not None and model_type is None:
@@ -37,8 +40,7 @@ def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp
         return _with_virtual_tokens(params, cfg, key, adapter_dtype, model, method)
     if method.build_inserted is not None:
         return _with_inserted_nodes(params, cfg, key, adapter_dtype, model, method)
-    modules = (method.modules or linear_modules)(params)
-    targets = select_targets(params, cfg, model_type, method.default_roles, method.name, modules, method.module_kind)
+    modules, targets = targeted_modules(params, cfg, model_type)
     out = jax.tree.map(lambda x: x, params, is_leaf=is_node)  # a fresh copy of the dict structure
     bases = {}
     for name in targets:
@@ -46,13 +48,26 @@ def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp
         if is_adapter(base):
             raise LowraxError(f"{name} is already adapted ({type(base).__name__}); merge it first")
         bases[name] = base
-    nodes, shared = method.build(bases, cfg, key, adapter_dtype, model_type)
+    if calibration is None:
+        nodes, shared = method.build(bases, cfg, key, adapter_dtype, model_type)
+    elif method.calibrated:
+        nodes, shared = method.build(bases, cfg, key, adapter_dtype, model_type, calibration=calibration)
+    else:
+        raise LowraxError(f"{method.name} takes no calibration data (only LoRA's corda, eva and lora_ga inits do)")
     for name, node in nodes.items():
         set_path(out, modules[name], node)
     out.update(shared)
     if method.extend is not None:  # what else it adapts (LoRA's trainable token rows)
         out = method.extend(out, cfg, jax.random.fold_in(key, 1 << 20), adapter_dtype, model_type)
     return _with_modules_to_save(out, cfg)
+
+
+def targeted_modules(params: Any, cfg, model_type: str | None) -> tuple[dict[str, tuple], list[str]]:
+    """({module name: tree path} of the modules the method can adapt, the names `cfg` targets)."""
+    method = method_for_config(cfg)
+    modules = (method.modules or linear_modules)(params)
+    return modules, select_targets(params, cfg, model_type, method.default_roles, method.name, modules,
+                                   method.module_kind)
 
 
 def _with_virtual_tokens(params, cfg, key, adapter_dtype, model, method) -> Any:

@@ -33,7 +33,8 @@ TRAIN_OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "distill", "grpo")
 TRAIN_TASKS = ("causal_lm", "classification", "seq2seq")
 TRAIN_EPILOG = f"""\
 methods (method=NAME, settings in the section NAME): {", ".join(TRAIN_METHODS)}
-  LoRA variants: lora.variant=lora_fa|dora|vera|delta_lora, lora.init=pissa, lora.use_rslora=true
+  LoRA variants: lora.variant=lora_fa|dora|vera|delta_lora, lora.use_rslora=true
+  LoRA inits: lora.init=pissa|pissa_niter_K|olora|loftq|corda|eva|lora_ga|mica|orthogonal|gaussian
 objectives (objective=NAME): {", ".join(TRAIN_OBJECTIVES)}
 tasks (model.task=NAME): {", ".join(TRAIN_TASKS)}
 

@@ -128,9 +128,9 @@ def check_finite(tensor: np.ndarray, key: str, path) -> None:
                                   "the checkpoint is damaged")
 
 
-def write_tensor_file(tensors: dict[str, np.ndarray], path: Path) -> None:
-    """Write `tensors` as one safetensors file (PyTorch's metadata). Each array is made C-contiguous first:
-    safetensors' numpy writer copies an array's buffer as it lies in memory, so a transposed view would
-    be written with its elements in the wrong order, silently."""
+def write_tensor_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` as one safetensors file (PyTorch's metadata, and `metadata`'s strings). Each array is
+    made C-contiguous first: safetensors' numpy writer copies an array's buffer as it lies in memory, so a
+    transposed view would be written with its elements in the wrong order, silently."""
     save_file({key: np.ascontiguousarray(value) for key, value in tensors.items()}, str(path),
-              metadata={"format": "pt"})
+              metadata={"format": "pt", **(metadata or {})})

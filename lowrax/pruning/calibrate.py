@@ -18,7 +18,6 @@ report every method's reconstruction error) and the squared norms sum_t X_tj^2 /
 
 from __future__ import annotations
 
-import contextvars
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,29 +25,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from lowrax.core.probes import Probe, recording
 from lowrax.models.base import LAYER_HOOK
-from lowrax.core.kernels import register_linear
-from lowrax.core.linear import dense_matmul
-
-_RECORDED: contextvars.ContextVar = contextvars.ContextVar("lowrax_recorded_inputs", default=None)
-
-
-@struct.dataclass
-class _Probe:
-    """A kernel that notes its (flattened) input while the layer is traced, then multiplies."""
-
-    kernel: jnp.ndarray
-    name: str = struct.field(pytree_node=False, default="")
-
-
-@register_linear(_Probe)
-def _probe_matmul(x: jnp.ndarray, probe: _Probe) -> jnp.ndarray:
-    recorded = _RECORDED.get()
-    if recorded is not None:
-        recorded.append((probe.name, x))
-    return dense_matmul(x, probe.kernel.astype(x.dtype))
 
 
 class _Stop(Exception):
@@ -119,12 +98,8 @@ def _jitted(kind: str, layer_fn: Callable, make: Callable):
 
 def _statistics_program(layer_fn: Callable, want_hessian: bool):
     def statistics(probed_params, x, rest, token_weights, hessian_scale):
-        recorded: list = []
-        token = _RECORDED.set(recorded)
-        try:
+        with recording() as recorded:
             layer_fn(probed_params, x, *rest)
-        finally:
-            _RECORDED.reset(token)
         out = {}
         for name, inputs in recorded:
             if inputs.shape[0] != token_weights.shape[0]:
@@ -161,7 +136,7 @@ def run_layer(call: LayerCall, params: Any) -> Any:
 
 def with_probes(layer_params: Any, names: dict[int, str]) -> Any:
     """layer_params with each kernel whose id is in `names` replaced by a probe of that name."""
-    return jax.tree.map(lambda x: _Probe(x, names[id(x)]) if id(x) in names else x, layer_params)
+    return jax.tree.map(lambda x: Probe(x, names[id(x)]) if id(x) in names else x, layer_params)
 
 
 class RunningStatistics:

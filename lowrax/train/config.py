@@ -217,6 +217,17 @@ class TrainConfig:
         if type(self.adapter) is not expected:
             raise LowraxError(f"method {self.method!r} takes a {expected.__name__}, got {type(self.adapter).__name__} "
                               f"(a {method_for_config(self.adapter).name!r} config)")
+        self._check_lora_init()
+
+    def _check_lora_init(self) -> None:
+        init = getattr(self.adapter, "init", None)
+        if init in ("corda", "eva", "lora_ga") and self.objective != "sft":
+            raise LowraxError(f"lora.init={init} calibrates on the run's training batches, which objective "
+                              f"{self.objective!r} does not have in that form: use objective sft, or calibrate in "
+                              "Python (lowrax.lora.calibrate) and train from the wrapped params")
+        if init == "loftq" and self.model.quantize is not None:
+            raise LowraxError("lora.init=loftq quantizes the targeted weights itself (NF4 with lora.loftq_bits=4, "
+                              "int8 with 8): leave model.quantize unset")
 
     @property
     def lora(self) -> LoraConfig:

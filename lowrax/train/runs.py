@@ -31,7 +31,7 @@ from lowrax.train.config import TrainConfig, apply_overrides, from_dict, read_pr
 from lowrax.train.optim import make_optimizer
 from lowrax.train.step import init_state
 from lowrax.train.data import detect_format, load_records
-from lowrax.train.build import DTYPES, build_model
+from lowrax.train.build import DTYPES, INIT_FILE, build_model
 
 
 def read_run_config(run_dir: Path) -> TrainConfig:
@@ -51,7 +51,10 @@ def restore_run(run_dir: str | Path, step: int | None = None, with_initial: bool
     if model_path is not None or dtype is not None:
         model = dataclasses.replace(cfg.model, path=model_path or cfg.model.path, dtype=dtype or cfg.model.dtype)
         cfg = dataclasses.replace(cfg, model=model)
-    model, base, params = build_model(cfg)
+    model, base, params = build_model(cfg, run_dir=run_dir)
+    if params is None:
+        raise LowraxError(f"{run_dir} has no {INIT_FILE}: a run with lora.init={cfg.adapter.init} stores its calibrated "
+                          "starting factors there when training starts, and its checkpoints need them")
     trainable, frozen = split(params)
     ckpts = Checkpoints(run_dir / "checkpoints")
     newest = ckpts.latest_step()

@@ -33,7 +33,7 @@ from lowrax.dist.sharding import check_batch, make_mesh
 from lowrax.errors import LowraxError, NonFiniteError
 from lowrax.models.pretrained import base_model_name, load_preprocessor
 from lowrax.peft.format import save_peft
-from lowrax.train.build import build_model
+from lowrax.train.build import build_model, calibrated_params
 from lowrax.train.checkpoints import Checkpoints, directory_size
 from lowrax.train.config import TrainConfig, differences, with_steps
 from lowrax.train.data import data_task, load_records, planned_trim_widths, trimmed, with_num_labels
@@ -124,12 +124,15 @@ def _train_in(out: Path, cfg: TrainConfig, records: tuple, primary: bool, progre
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg.train.batch_size, mesh)
     train_records, eval_records = objective_records(cfg, train_records, eval_records)
-    model, _, params = build_model(cfg, mesh)
+    model, base, params = build_model(cfg, mesh, run_dir=out)
     tokenizer = load_preprocessor(cfg.model.path, model)  # or an image model's ImageProcessor
     release_freed_host_memory()  # the loaders' transient copies
     ctx = RunContext(cfg, model, params, tokenizer, data_task(model, cfg.model.task), train_records, eval_records,
                      mesh, primary, progress, log)
     objective = objective_run(ctx)
+    if params is None:  # a LoRA init that needs data: calibrated on the run's own first batches
+        ctx.params = calibrated_params(cfg, model, base, objective.batches, out, primary, progress, log)
+    del base
     if cfg.train.epochs is not None:
         ctx.cfg = with_epoch_steps(cfg, objective.batches.rows_per_epoch, log)
     if ctx.cfg.train.steps == 0:

@@ -59,11 +59,12 @@ class LoraKernel(LowRankFactors):
     """A LoRA-adapted kernel: `x @ base + scale * dropout(x) @ a @ b`.
 
     base [in, out] is frozen; a [in, r] and b [r, out] are trained (LoRA-FA:
-    `train_a=False` keeps a frozen at its random init). `dropout_key` is None
+    `train_a=False` keeps a frozen at its random init; MiCA: `train_b=False` keeps b
+    frozen at its singular vectors). `dropout_key` is None
     except inside a training step, which attaches a fresh key per step
     (`adapters.tree.with_dropout_keys`) so the forward stays a pure function.
-    `pissa_residual` marks a base that holds W minus its top-r singular part
-    (PiSSA init): such an adapter is exported converted to plain LoRA.
+    `residual_base` marks a base that holds W minus the adapter's start (the PiSSA,
+    OLoRA, CorDA and LoRA-GA inits): such an adapter is exported converted to plain LoRA.
     `rslora` records that `scale` is alpha / sqrt(r), for the PEFT config.
     """
 
@@ -74,21 +75,23 @@ class LoraKernel(LowRankFactors):
     scale: float = struct.field(pytree_node=False, default=1.0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
     train_a: bool = struct.field(pytree_node=False, default=True)
+    train_b: bool = struct.field(pytree_node=False, default=True)
     fa_projected_grad: bool = struct.field(pytree_node=False, default=False)
-    pissa_residual: bool = struct.field(pytree_node=False, default=False)
+    residual_base: bool = struct.field(pytree_node=False, default=False)
     rslora: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def exports_from_initial(self) -> bool:
-        return self.pissa_residual
+        return self.residual_base
 
     def field_labels(self) -> dict:
-        return {"a": LORA_A if self.train_a else FROZEN, "b": LORA_B}
+        return {"a": LORA_A if self.train_a else FROZEN, "b": LORA_B if self.train_b else FROZEN}
 
     def switched_off(self):
-        if self.pissa_residual:
-            raise LowraxError("a PiSSA adapter's base holds W minus its top singular part, so switching the adapter "
-                              "off does not give the pretrained model: convert it first (save_peft exports plain LoRA)")
+        if self.residual_base:
+            raise LowraxError("this adapter's base holds W minus the adapter's start (a PiSSA, OLoRA, CorDA or LoRA-GA "
+                              "init), so switching the adapter off does not give the pretrained model: convert it "
+                              "first (save_peft exports plain LoRA over the original weights)")
         return self.base
 
     def apply(self, x: jnp.ndarray) -> jnp.ndarray:

@@ -4,9 +4,11 @@
     base_model.model.<module>.lora_B.weight          (out, r)   lowrax's b [r, out], transposed
     base_model.model.<module>.lora_magnitude_vector  (out,)     DoRA only (`use_dora: true`)
 
-LoRA-FA and rsLoRA are plain LoRA (rsLoRA with `use_rslora`). PiSSA and
-Delta-LoRA adapters are written as the plain rank-2r LoRA over the original base
-that gives the same weights (PEFT's PiSSA conversion).
+LoRA-FA and rsLoRA are plain LoRA (rsLoRA with `use_rslora`). Adapters over a
+rewritten base (the PiSSA, OLoRA, CorDA and LoRA-GA inits) and Delta-LoRA are
+written as the plain rank-2r LoRA over the original base that gives the same
+weights (PEFT's conversion). A MiCA adapter keeps `init_lora_weights: mica`, so
+PEFT keeps its b frozen.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from lowrax.adapters.lora import delta_lora, pissa
+from lowrax.adapters.lora import delta_lora, residual
 from lowrax.adapters.lora.config import LoraConfig
 from lowrax.adapters.lora.dora import DoraKernel
 from lowrax.adapters.lora.node import LoraKernel, lora_scale
@@ -31,17 +33,19 @@ from lowrax.peft.common import PREFIX, fan_in_fan_out, torch_layout
 
 
 def _as_plain_lora(nodes: dict[str, Any], initial: Any) -> dict[str, Any]:
-    """The nodes in PEFT's LoRA terms: Delta-LoRA and PiSSA become equivalent plain LoRA."""
+    """The nodes in PEFT's LoRA terms: Delta-LoRA and adapters over a rewritten base become
+    equivalent plain LoRA."""
     out = {}
     initial_nodes = adapter_nodes(initial) if initial is not None else {}
     for name, node in nodes.items():
         if isinstance(node, delta_lora.DeltaLoraKernel):
             node = delta_lora.as_plain_lora(node)
-        elif isinstance(node, LoraKernel) and node.pissa_residual:
+        elif isinstance(node, LoraKernel) and node.residual_base:
             if name not in initial_nodes:
-                raise LowraxError(f"the PiSSA adapter at {name} has no counterpart in `initial`; pass the tree right "
-                                  "after wrap (save_peft(..., initial=params_right_after_wrap))")
-            node = pissa.to_plain_lora(node, initial_nodes[name], node.base)
+                raise LowraxError(f"the adapter at {name} (over a rewritten base: PiSSA, OLoRA, CorDA or LoRA-GA init) "
+                                  "has no counterpart in `initial`; pass the tree right after wrap "
+                                  "(save_peft(..., initial=params_right_after_wrap))")
+            node = residual.to_plain_lora(node, initial_nodes[name], node.base)
         out[name] = node
     return out
 
@@ -75,15 +79,19 @@ def write(nodes: dict[str, Any], params: Any, *, model=None, initial=None, use_r
         "use_rslora": bool(use_rslora),
         "fan_in_fan_out": fan_in_fan_out(model),
         "bias": "none",
-        "init_lora_weights": True,
+        # MiCA's b stays frozen in PEFT only when its config says mica (PEFT then redoes the SVD, and
+        # the file's factors replace it); every other start is plain LoRA over the weights PEFT loads
+        "init_lora_weights": "mica" if all(not getattr(n, "train_b", True) for n in nodes.values()) else True,
         "use_dora": kinds == {"DoraKernel"},
     }
 
 
 def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict, dict, set]:
-    if str(config.get("init_lora_weights")).startswith("pissa"):
-        raise LowraxError("a PiSSA adapter saved without conversion only fits PEFT's residual model; "
-                          "save it from PEFT with path_initial_model_for_weight_conversion to get plain LoRA")
+    init = str(config.get("init_lora_weights"))
+    if init.startswith(("pissa", "olora", "corda", "lora_ga")):
+        raise LowraxError(f"a {init} adapter saved without conversion only fits the base its init rewrote; save "
+                          "it from PEFT with path_initial_model_for_weight_conversion to get plain LoRA over the "
+                          "original weights")
     use_rslora = bool(config.get("use_rslora", False))
     nodes, used = {}, set()
     for name in sorted({k.rsplit(".lora_A.", 1)[0] for k in tensors if ".lora_A." in k}):
@@ -114,13 +122,15 @@ def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict,
             nodes[name] = DoraKernel(magnitude=jnp.asarray(tensors[m_key], adapter_dtype), **fields)
             used.add(m_key)
         else:
-            nodes[name] = LoraKernel(**fields)
+            nodes[name] = LoraKernel(**fields, train_b=init != "mica")
     return nodes, {}, used
 
 
 def to_config(config: dict) -> tuple[str, LoraConfig]:
     # Values pass as PEFT wrote them: LoraConfig checks their types (r: "abc" is an error, not int("abc")).
-    return "lora", LoraConfig(variant="dora" if config.get("use_dora") else "lora", r=config.get("r", 8),
+    # a mica adapter trains on with b frozen; other inits only decided the start, which the file replaces
+    init = "mica" if config.get("init_lora_weights") == "mica" else "kaiming"
+    return "lora", LoraConfig(variant="dora" if config.get("use_dora") else "lora", r=config.get("r", 8), init=init,
                               alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
                               use_rslora=config.get("use_rslora", False),
                               rank_pattern=config.get("rank_pattern") or {},

@@ -63,7 +63,7 @@ def _lora_nodes(tree: Any, what: str) -> dict[tuple, LoraKernel]:
         if isinstance(node, FullyTrained):
             raise LowraxError(f"{what} trains {'.'.join(path)} in full (modules_to_save); named adapters hold "
                               "LoRA factors only: load it without adapter_name")
-        if type(node) is not LoraKernel or node.pissa_residual:
+        if type(node) is not LoraKernel or node.residual_base:
             kind = "a PiSSA adapter before conversion" if isinstance(node, LoraKernel) else type(node).__name__
             raise LowraxError(f"{what} is {kind} at {'.'.join(path)}; named adapters (adapter_name=, mixed batches, "
                               "combine_adapters) hold plain LoRA adapters: load it without adapter_name")
