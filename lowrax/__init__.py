@@ -75,6 +75,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "lowrax.adapters.supertuning": ("SupertuningConfig", "SupertuningKernel"),
     "lowrax.adapters.deft": ("DeftConfig", "DeftKernel"),
     "lowrax.adapters.vblora": ("VBLoRAConfig", "VBLoRAKernel"),
+    "lowrax.adapters.pvera": ("PveraConfig", "PveraKernel"),
     "lowrax.adapters.ln_tuning": ("LNTuningConfig", "TunedNorm"),
     "lowrax.adapters.trainable_tokens": ("TrainableTokensConfig", "TrainableTokens"),
     "lowrax.adapters.prompt": ("PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PromptTable",

@@ -1,5 +1,5 @@
 """PEFT's further per-layer methods (BOFT, C3A, FourierFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA, HRA,
-RoAd, BEFT, PEANuT, Super-Tuning, DeFT, VB-LoRA): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
+RoAd, BEFT, PEANuT, Super-Tuning, DeFT, VB-LoRA, PVeRA): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
 PEFT's, its config errors, and `lowrax train method=NAME` exporting and importing. The conformance suite
 (tests/test_conformance.py) runs each on every family from the registry, merging included."""
 
@@ -72,6 +72,8 @@ METHODS = {
     "vblora": (lambda t: lowrax.VBLoRAConfig(r=2, num_vectors=8, vector_length=8, init_vector_bank_bound=0.5,
                                              target_modules=t), "VBLoRAConfig",
                dict(r=2, num_vectors=8, vector_length=8, init_vector_bank_bound=0.5)),
+    "pvera": (lambda t: lowrax.PveraConfig(r=4, init_weights=False, target_modules=t), "PveraConfig",
+              dict(r=4, init_weights=False)),
     "deft_qr": (lambda t: lowrax.DeftConfig(r=4, alpha=8, decomposition_method="qr", target_modules=t), "DeftConfig",
                 dict(r=4, alpha=8, decomposition_method="qr")),
     "deft_para": (lambda t: lowrax.DeftConfig(r=4, para=True, target_modules=t), "DeftConfig", dict(r=4, para=True)),
@@ -234,7 +236,8 @@ def test_config_errors_name_the_problem(saved_models):
                                               ("peanut", ["peanut.r=4", "peanut.depth=1"]),
                                               ("supertuning", ["supertuning.sparsity=0.9", "supertuning.r=2"]),
                                               ("deft", ["deft.r=2", "deft.decomposition_method=qr"]),
-                                              ("vblora", ["vblora.r=2", "vblora.num_vectors=8", "vblora.vector_length=16"])])
+                                              ("vblora", ["vblora.r=2", "vblora.num_vectors=8", "vblora.vector_length=16"]),
+                                              ("pvera", ["pvera.r=4"])])
 def test_lowrax_train_then_export_and_import(tiny_dir, data_file, tmp_path, method, settings):  # noqa: F811
     check_method_run(tiny_dir, data_file, tmp_path, method, settings, full=False)
 
@@ -298,3 +301,43 @@ def test_vblora_saved_with_only_top_k_weights_loads_for_inference_not_training(s
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     with pytest.raises(LowraxError, match="save_only_topk_weights.*cannot continue training"):
         format_for_config(config).to_config(config)
+
+
+def test_pvera_samples_while_training_and_uses_the_mean_otherwise(saved_models):
+    """PVeRA's training forward draws z = mu + eps * exp(logvar / 2) with the step's key (so the log-variance
+    half of lambda_d gets a gradient); without a key (evaluation, generation, PEFT's eval mode) z = mu."""
+    from lowrax.adapters.tree import with_dropout_keys
+    from lowrax.adapters.wrap import adapter_nodes
+
+    _, model, params, targets = saved_models("llama")
+    wrapped = randomize(lowrax.wrap(params, lowrax.PveraConfig(r=4, target_modules=tuple(targets)), jax.random.key(1),
+                                    model=model), jax.random.key(2))
+    keyed = with_dropout_keys(wrapped, jax.random.key(7))
+    assert all(n.dropout_key is not None for n in adapter_nodes(keyed).values())
+    ids, mask = random_batch(128, [7, 7], pad_id=0, left=False)
+    batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": mask}
+    assert np.abs(lowrax_outputs(model, keyed, ids, mask) - lowrax_outputs(model, wrapped, ids, mask)).max() > 1e-4
+
+    def loss(trainable, frozen, key):
+        tree = with_dropout_keys(lowrax.combine(trainable, frozen), key) if key is not None else lowrax.combine(trainable, frozen)
+        total, count = lowrax.train.step.causal_lm_loss(model, tree, batch)
+        return total / count
+
+    trainable, frozen = lowrax.split(wrapped)
+    sampled = jax.grad(loss)(trainable, frozen, jax.random.key(3))
+    mean_only = jax.grad(loss)(trainable, frozen, None)
+    node_sampled = next(iter(adapter_nodes(lowrax.combine(sampled, frozen)).values()))
+    node_mean = next(iter(adapter_nodes(lowrax.combine(mean_only, frozen)).values()))
+    assert np.abs(np.asarray(node_sampled.lambda_d[4:])).max() > 0  # the log-variance learns from the noise
+    assert np.abs(np.asarray(node_mean.lambda_d[4:])).max() == 0
+
+
+def test_pvera_refuses_what_it_cannot_reproduce(saved_models, tmp_path):
+    path, model, params, _ = saved_models("llama")
+    for option in ({"save_projection": False}, {"sample_at_inference": True}):
+        peft_model = peft.get_peft_model(fresh_torch_model(path), peft.PveraConfig(r=4, target_modules=["q_proj"],
+                                                                                   **option))
+        peft_model.save_pretrained(tmp_path / str(option))
+        match = "save_projection=false" if "save_projection" in option else "samples at inference"
+        with pytest.raises(lowrax.CheckpointError, match=match):
+            lowrax.load_peft(params, tmp_path / str(option), model)

@@ -174,11 +174,12 @@ def unmerge(merged: Any, adapted: Any) -> Any:
 
 
 def with_dropout_keys(params: Any, key) -> Any:
-    """Give every adapter node with dropout its own key for this step (a pure function of `key`)."""
+    """Give every adapter node with dropout (or that samples noise while training, as PVeRA) its own key
+    for this step (a pure function of `key`)."""
     counter = iter(range(1 << 30))
 
     def attach(x):
-        if is_adapter(x) and getattr(x, "dropout", 0.0) > 0.0:
+        if is_adapter(x) and (getattr(x, "dropout", 0.0) > 0.0 or getattr(x, "samples_in_training", False)):
             return x.replace(dropout_key=jax.random.fold_in(key, next(counter)))
         return x
 
