@@ -1,5 +1,5 @@
 """PEFT's further per-layer methods (BOFT, C3A, FourierFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA, HRA,
-RoAd, BEFT, PEANuT, Super-Tuning, DeFT, VB-LoRA, PVeRA): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
+RoAd, BEFT, PEANuT, Super-Tuning, DeFT, VB-LoRA, PVeRA, RandLoRA): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
 PEFT's, its config errors, and `lowrax train method=NAME` exporting and importing. The conformance suite
 (tests/test_conformance.py) runs each on every family from the registry, merging included."""
 
@@ -74,6 +74,10 @@ METHODS = {
                dict(r=2, num_vectors=8, vector_length=8, init_vector_bank_bound=0.5)),
     "pvera": (lambda t: lowrax.PveraConfig(r=4, init_weights=False, target_modules=t), "PveraConfig",
               dict(r=4, init_weights=False)),
+    "randlora": (lambda t: lowrax.RandLoraConfig(r=8, randlora_alpha=16.0, init_weights=False, target_modules=t),
+                 "RandLoraConfig", dict(r=8, randlora_alpha=16, init_weights=False)),
+    "randlora_sparse": (lambda t: lowrax.RandLoraConfig(r=8, sparse=True, init_weights=False, target_modules=t),
+                        "RandLoraConfig", dict(r=8, sparse=True, init_weights=False)),
     "deft_qr": (lambda t: lowrax.DeftConfig(r=4, alpha=8, decomposition_method="qr", target_modules=t), "DeftConfig",
                 dict(r=4, alpha=8, decomposition_method="qr")),
     "deft_para": (lambda t: lowrax.DeftConfig(r=4, para=True, target_modules=t), "DeftConfig", dict(r=4, para=True)),
@@ -237,7 +241,8 @@ def test_config_errors_name_the_problem(saved_models):
                                               ("supertuning", ["supertuning.sparsity=0.9", "supertuning.r=2"]),
                                               ("deft", ["deft.r=2", "deft.decomposition_method=qr"]),
                                               ("vblora", ["vblora.r=2", "vblora.num_vectors=8", "vblora.vector_length=16"]),
-                                              ("pvera", ["pvera.r=4"])])
+                                              ("pvera", ["pvera.r=4"]),
+                                              ("randlora", ["randlora.r=4", "randlora.randlora_alpha=8"])])
 def test_lowrax_train_then_export_and_import(tiny_dir, data_file, tmp_path, method, settings):  # noqa: F811
     check_method_run(tiny_dir, data_file, tmp_path, method, settings, full=False)
 
