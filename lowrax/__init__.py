@@ -77,6 +77,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "lowrax.adapters.vblora": ("VBLoRAConfig", "VBLoRAKernel"),
     "lowrax.adapters.pvera": ("PveraConfig", "PveraKernel"),
     "lowrax.adapters.randlora": ("RandLoraConfig", "RandLoraKernel"),
+    "lowrax.adapters.tinylora": ("TinyLoraConfig", "TinyLoraKernel"),
     "lowrax.adapters.ln_tuning": ("LNTuningConfig", "TunedNorm"),
     "lowrax.adapters.trainable_tokens": ("TrainableTokensConfig", "TrainableTokens"),
     "lowrax.adapters.prompt": ("PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PromptTable",

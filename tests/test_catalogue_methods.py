@@ -1,5 +1,5 @@
 """PEFT's further per-layer methods (BOFT, C3A, FourierFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA, HRA,
-RoAd, BEFT, PEANuT, Super-Tuning, DeFT, VB-LoRA, PVeRA, RandLoRA): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
+RoAd, BEFT, PEANuT, Super-Tuning, DeFT, VB-LoRA, PVeRA, RandLoRA, TinyLoRA): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
 PEFT's, its config errors, and `lowrax train method=NAME` exporting and importing. The conformance suite
 (tests/test_conformance.py) runs each on every family from the registry, merging included."""
 
@@ -78,6 +78,11 @@ METHODS = {
                  "RandLoraConfig", dict(r=8, randlora_alpha=16, init_weights=False)),
     "randlora_sparse": (lambda t: lowrax.RandLoraConfig(r=8, sparse=True, init_weights=False, target_modules=t),
                         "RandLoraConfig", dict(r=8, sparse=True, init_weights=False)),
+    "tinylora": (lambda t: lowrax.TinyLoraConfig(r=2, u=4, init_weights="uniform", init_v_bound=0.5, target_modules=t),
+                 "TinyLoraConfig", dict(r=2, u=4, init_weights="uniform", init_v_bound=0.5)),
+    "tinylora_tied": (lambda t: lowrax.TinyLoraConfig(r=3, u=3, weight_tying=0.5, init_weights="uniform",
+                                                      init_v_bound=0.5, target_modules=t), "TinyLoraConfig",
+                      dict(r=3, u=3, weight_tying=0.5, init_weights="uniform", init_v_bound=0.5)),
     "deft_qr": (lambda t: lowrax.DeftConfig(r=4, alpha=8, decomposition_method="qr", target_modules=t), "DeftConfig",
                 dict(r=4, alpha=8, decomposition_method="qr")),
     "deft_para": (lambda t: lowrax.DeftConfig(r=4, para=True, target_modules=t), "DeftConfig", dict(r=4, para=True)),
@@ -242,7 +247,8 @@ def test_config_errors_name_the_problem(saved_models):
                                               ("deft", ["deft.r=2", "deft.decomposition_method=qr"]),
                                               ("vblora", ["vblora.r=2", "vblora.num_vectors=8", "vblora.vector_length=16"]),
                                               ("pvera", ["pvera.r=4"]),
-                                              ("randlora", ["randlora.r=4", "randlora.randlora_alpha=8"])])
+                                              ("randlora", ["randlora.r=4", "randlora.randlora_alpha=8"]),
+                                              ("tinylora", ["tinylora.u=8", "tinylora.weight_tying=0.5"])])
 def test_lowrax_train_then_export_and_import(tiny_dir, data_file, tmp_path, method, settings):  # noqa: F811
     check_method_run(tiny_dir, data_file, tmp_path, method, settings, full=False)
 
@@ -346,3 +352,13 @@ def test_pvera_refuses_what_it_cannot_reproduce(saved_models, tmp_path):
         match = "save_projection=false" if "save_projection" in option else "samples at inference"
         with pytest.raises(lowrax.CheckpointError, match=match):
             lowrax.load_peft(params, tmp_path / str(option), model)
+
+
+def test_tinylora_needs_the_model_to_number_its_modules(saved_models, tmp_path):
+    _, model, params, targets = saved_models("llama")
+    with pytest.raises(LowraxError, match="numbers the adapted modules in the model's order: pass the model"):
+        lowrax.wrap(params, lowrax.TinyLoraConfig(target_modules=tuple(targets)), jax.random.key(0))
+    wrapped = lowrax.wrap(params, lowrax.TinyLoraConfig(u=4, target_modules=tuple(targets)), jax.random.key(0), model=model)
+    lowrax.save_peft(wrapped, tmp_path / "tiny", model)
+    with pytest.raises(LowraxError, match="numbers its modules in the model's order: pass the model"):
+        lowrax.load_peft(params, tmp_path / "tiny")

@@ -51,6 +51,8 @@ class AdapterMethod:
     # its own modules (LoRA's trainable token rows in the embedding); None: nothing
     extend: Callable[..., Any] | None = None
     calibrated: bool = False  # `build` takes `calibration=` (statistics of calibration data; LoRA's data-driven inits)
+    # `build` gets its bases in the order torch visits the modules (TinyLoRA numbers them): wrap needs the model
+    module_order: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class PeftFormat:
     save_directory: Callable[..., Any] | None = None
     load_directory: Callable[..., Any] | None = None
     recognises: Callable[[dict], bool] | None = None
+    module_order: bool = False  # `read` gets its bases in torch's module order: load_peft needs the model
 
 
 _METHODS: Registry[AdapterMethod] = Registry("adapter method", "unknown adapter method {name!r}; methods: {names}",

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from lowrax.core.node import VIRTUAL_TOKENS_KEY, FullyTrained, is_adapter, is_node
 from lowrax.adapters.registry import method_for_config
-from lowrax.adapters.targets import linear_modules, select_targets
+from lowrax.adapters.targets import linear_modules, select_targets, torch_module_order
 from lowrax.errors import LowraxError
 from lowrax.core.tables import get_path, set_path
 
@@ -41,6 +41,11 @@ def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp
     if method.build_inserted is not None:
         return _with_inserted_nodes(params, cfg, key, adapter_dtype, model, method)
     modules, targets = targeted_modules(params, cfg, model_type)
+    if method.module_order:
+        if model is None:
+            raise LowraxError(f"{method.name} numbers the adapted modules in the model's order: pass the model "
+                              "(wrap(params, cfg, key, model=model))")
+        targets = torch_module_order(model, targets)
     out = jax.tree.map(lambda x: x, params, is_leaf=is_node)  # a fresh copy of the dict structure
     bases = {}
     for name in targets:

@@ -19,7 +19,7 @@ import numpy as np
 
 from lowrax.core.node import FullyTrained, is_node
 from lowrax.adapters.registry import format_for_config, peft_format
-from lowrax.adapters.targets import linear_modules
+from lowrax.adapters.targets import linear_modules, torch_module_order
 from lowrax.adapters.tree import without_shared
 from lowrax.adapters.wrap import adapter_nodes
 from lowrax.core.checked import ConfigValueError
@@ -142,6 +142,11 @@ def load_peft(params: Any, adapter_dir: str | Path, model=None, adapter_dtype=jn
     if model is not None:  # an adapter saved against an older transformers' module names (ViT's)
         config, tensors = current_names(config, tensors, model)
     modules = (fmt.modules or linear_modules)(params)
+    if fmt.module_order:
+        if model is None:
+            raise LowraxError(f"a {config.get('peft_type')} adapter numbers its modules in the model's order: pass the "
+                              "model (load_peft(params, adapter_dir, model))")
+        modules = {name: modules[name] for name in torch_module_order(model, modules)}
     out = jax.tree.map(lambda x: x, params, is_leaf=is_node)
     bases = {name: tables.get_path(out, path) for name, path in modules.items()}
     try:
