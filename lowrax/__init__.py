@@ -78,6 +78,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "lowrax.adapters.pvera": ("PveraConfig", "PveraKernel"),
     "lowrax.adapters.randlora": ("RandLoraConfig", "RandLoraKernel"),
     "lowrax.adapters.tinylora": ("TinyLoraConfig", "TinyLoraKernel"),
+    "lowrax.adapters.unilora": ("UniLoraConfig", "UniLoraKernel"),
     "lowrax.adapters.ln_tuning": ("LNTuningConfig", "TunedNorm"),
     "lowrax.adapters.trainable_tokens": ("TrainableTokensConfig", "TrainableTokens"),
     "lowrax.adapters.prompt": ("PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PromptTable",

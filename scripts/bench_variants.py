@@ -81,6 +81,8 @@ METHODS = {
     "pvera": ["method=pvera", "pvera.target_modules=all-linear", "optim.learning_rate=1.0e-2"],
     "randlora": ["method=randlora", "randlora.target_modules=all-linear"],
     "tinylora": ["method=tinylora", "tinylora.target_modules=all-linear", "optim.learning_rate=1.0e-2"],
+    "unilora": ["method=unilora", "unilora.target_modules=all-linear", "unilora.theta_d_length=4096",
+                "optim.learning_rate=1.0e-2"],
     "deft": ["method=deft", "deft.target_modules=all-linear", "deft.r=16"],
     "peanut": ["method=peanut", "peanut.target_modules=all-linear", "peanut.r=16", "peanut.depth=1"],
     "p_tuning": ["method=p_tuning", "p_tuning.num_virtual_tokens=20", "optim.learning_rate=1.0e-2"],

@@ -1,5 +1,5 @@
 """PEFT's further per-layer methods (BOFT, C3A, FourierFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA, HRA,
-RoAd, BEFT, PEANuT, Super-Tuning, DeFT, VB-LoRA, PVeRA, RandLoRA, TinyLoRA): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
+RoAd, BEFT, PEANuT, Super-Tuning, DeFT, VB-LoRA, PVeRA, RandLoRA, TinyLoRA, UniLoRA): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
 PEFT's, its config errors, and `lowrax train method=NAME` exporting and importing. The conformance suite
 (tests/test_conformance.py) runs each on every family from the registry, merging included."""
 
@@ -83,6 +83,11 @@ METHODS = {
     "tinylora_tied": (lambda t: lowrax.TinyLoraConfig(r=3, u=3, weight_tying=0.5, init_weights="uniform",
                                                       init_v_bound=0.5, target_modules=t), "TinyLoraConfig",
                       dict(r=3, u=3, weight_tying=0.5, init_weights="uniform", init_v_bound=0.5)),
+    "unilora": (lambda t: lowrax.UniLoraConfig(r=2, theta_d_length=64, init_theta_d_bound=0.3, target_modules=t),
+                "UniLoraConfig", dict(r=2, theta_d_length=64, init_theta_d_bound=0.3)),
+    "unilora_saved_indices": (lambda t: lowrax.UniLoraConfig(r=2, theta_d_length=64, init_weights=False,
+                                                             target_modules=t), "UniLoraConfig",
+                              dict(r=2, theta_d_length=64, init_weights=False, save_indices=True)),
     "deft_qr": (lambda t: lowrax.DeftConfig(r=4, alpha=8, decomposition_method="qr", target_modules=t), "DeftConfig",
                 dict(r=4, alpha=8, decomposition_method="qr")),
     "deft_para": (lambda t: lowrax.DeftConfig(r=4, para=True, target_modules=t), "DeftConfig", dict(r=4, para=True)),
@@ -248,7 +253,8 @@ def test_config_errors_name_the_problem(saved_models):
                                               ("vblora", ["vblora.r=2", "vblora.num_vectors=8", "vblora.vector_length=16"]),
                                               ("pvera", ["pvera.r=4"]),
                                               ("randlora", ["randlora.r=4", "randlora.randlora_alpha=8"]),
-                                              ("tinylora", ["tinylora.u=8", "tinylora.weight_tying=0.5"])])
+                                              ("tinylora", ["tinylora.u=8", "tinylora.weight_tying=0.5"]),
+                                              ("unilora", ["unilora.r=2", "unilora.theta_d_length=64"])])
 def test_lowrax_train_then_export_and_import(tiny_dir, data_file, tmp_path, method, settings):  # noqa: F811
     check_method_run(tiny_dir, data_file, tmp_path, method, settings, full=False)
 
