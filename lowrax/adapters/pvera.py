@@ -31,7 +31,7 @@ from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_p
 from lowrax.core.checked import PositiveInt, Probability
 from lowrax.core.linear import matmul
 from lowrax.adapters.lora.vera import VeraKernel
-from lowrax.core.node import dropped
+from lowrax.core.node import dropped, shared_entry
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, fan_in_fan_out, one_setting, torch_layout
 
@@ -63,9 +63,7 @@ class PveraKernel(VeraKernel):
         return self.lambda_d.shape[0] // 2
 
     def bind_shared(self, params: dict) -> "PveraKernel":
-        shared = params.get(SHARED)
-        if shared is None:
-            raise LowraxError(f"a PVeRA kernel needs the shared projections at params[{SHARED!r}], which is missing")
+        shared = shared_entry(params, SHARED, "a PVeRA kernel needs the shared projections")
         d_in, d_out = self.shape
         return self.replace(a=shared["a"][:d_in, : 2 * self.rank], b=shared["b"][: self.rank, :d_out])
 

@@ -35,7 +35,7 @@ from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method,
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.core.checked import PositiveFloat, PositiveInt, Probability
 from lowrax.core.linear import matmul
-from lowrax.core.node import VECTOR, AdapterNode, dropped
+from lowrax.core.node import VECTOR, AdapterNode, dropped, shared_entry
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, fan_in_fan_out, one_setting
 
@@ -76,9 +76,7 @@ class RandLoraKernel(AdapterNode):
     peft_type = "RANDLORA"
 
     def bind_shared(self, params: dict) -> "RandLoraKernel":
-        shared = params.get(SHARED)
-        if shared is None:
-            raise LowraxError(f"a RandLoRA kernel needs the shared bases at params[{SHARED!r}], which is missing")
+        shared = shared_entry(params, SHARED, "a RandLoRA kernel needs the shared bases")
         n, m = self.gamma.shape
         return self.replace(a=shared["a"][:, :, :m], b=shared["b"][: max(self.shape), :n])
 

@@ -31,7 +31,7 @@ from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_p
 from lowrax.core.checked import PositiveFloat, PositiveInt, Probability, Share
 from lowrax.core.kernels import dense_kernel
 from lowrax.core.linear import matmul
-from lowrax.core.node import FROZEN, AdapterNode, FullyTrained, dropped
+from lowrax.core.node import FROZEN, AdapterNode, FullyTrained, dropped, shared_entry
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, fan_in_fan_out, one_setting, torch_layout
 
@@ -74,9 +74,7 @@ class TinyLoraKernel(AdapterNode):
     peft_type = "TINYLORA"
 
     def bind_shared(self, params: dict) -> "TinyLoraKernel":
-        vectors = params.get(SHARED)
-        if vectors is None:
-            raise LowraxError(f"a TinyLoRA kernel needs the trained vectors at params[{SHARED!r}], which are missing")
+        vectors = shared_entry(params, SHARED, "a TinyLoRA kernel needs the trained vectors")
         return self.replace(v=vectors[self.group])  # `resolve` has unwrapped its FullyTrained
 
     def field_labels(self) -> dict:

@@ -30,7 +30,7 @@ from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method,
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.core.checked import Count, PositiveFloat, PositiveInt, Probability
 from lowrax.core.linear import matmul
-from lowrax.core.node import FROZEN, AdapterNode, FullyTrained, dropped
+from lowrax.core.node import FROZEN, AdapterNode, FullyTrained, dropped, shared_entry
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.peft.common import PREFIX, fan_in_fan_out, one_setting
 
@@ -95,9 +95,7 @@ class UniLoraKernel(AdapterNode):
     peft_type = "UNILORA"
 
     def bind_shared(self, params: dict) -> "UniLoraKernel":
-        theta = params.get(SHARED)
-        if theta is None:
-            raise LowraxError(f"a UniLoRA kernel needs the trained vector at params[{SHARED!r}], which is missing")
+        theta = shared_entry(params, SHARED, "a UniLoRA kernel needs the trained vector")
         return self.replace(theta=theta)  # `resolve` has unwrapped its FullyTrained
 
     def field_labels(self) -> dict:

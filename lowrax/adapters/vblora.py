@@ -32,7 +32,7 @@ from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method,
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.core.checked import ConfigValueError, PositiveFloat, PositiveInt, Probability, owner_name
 from lowrax.core.linear import matmul
-from lowrax.core.node import FACTOR, AdapterNode, FullyTrained, dropped
+from lowrax.core.node import FACTOR, AdapterNode, FullyTrained, dropped, shared_entry
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, fan_in_fan_out, one_setting
 
@@ -85,9 +85,7 @@ class VBLoRAKernel(AdapterNode):
     peft_type = "VBLORA"
 
     def bind_shared(self, params: dict) -> "VBLoRAKernel":
-        bank = params.get(SHARED)
-        if bank is None:
-            raise LowraxError(f"a VB-LoRA kernel needs the shared vector bank at params[{SHARED!r}], which is missing")
+        bank = shared_entry(params, SHARED, "a VB-LoRA kernel needs the shared vector bank")
         return self.replace(bank=bank)  # `resolve` has unwrapped its FullyTrained
 
     def field_labels(self) -> dict:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from lowrax.core.dropout import inverted_dropout
+from lowrax.errors import LowraxError
 
 # Optax labels of array leaves (see `adapters.tree.labels`): the optimizer groups by them.
 FROZEN, LORA_A, LORA_B, VECTOR, FULL, ANCHOR = "frozen", "lora_a", "lora_b", "vector", "full", "anchor"
@@ -117,6 +118,15 @@ class AdapterNode:
 
     def unmerge_bias(self, merged_bias: jnp.ndarray) -> jnp.ndarray:
         return merged_bias
+
+
+def shared_entry(params: dict, key: str, what: str) -> Any:
+    """params[key], the arrays a method shares across layers (for a node's `bind_shared`), or an error
+    naming them: `what` they are, as in "a VeRA kernel needs the shared projections"."""
+    value = params.get(key)
+    if value is None:
+        raise LowraxError(f"{what} at params[{key!r}], which are missing")
+    return value
 
 
 # The top-level tree key of a prompt-learning adapter (PEFT's attribute name): a node with

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lowrax.core.node import VECTOR, AdapterNode, dropped
+from lowrax.core.node import VECTOR, AdapterNode, dropped, shared_entry
 from lowrax.errors import LowraxError
 from lowrax.core.linear import matmul
 
@@ -49,9 +49,7 @@ class VeraKernel(AdapterNode):
         return self.lambda_d.shape[0]
 
     def bind_shared(self, params: dict) -> "VeraKernel":
-        shared = params.get(SHARED)
-        if shared is None:
-            raise LowraxError(f"a VeRA kernel needs the shared projections at params[{SHARED!r}], which is missing")
+        shared = shared_entry(params, SHARED, "a VeRA kernel needs the shared projections")
         d_in, d_out = self.shape
         return self.replace(a=shared["a"][:d_in, : self.rank], b=shared["b"][: self.rank, :d_out])
 
