@@ -79,6 +79,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "lowrax.adapters.randlora": ("RandLoraConfig", "RandLoraKernel"),
     "lowrax.adapters.tinylora": ("TinyLoraConfig", "TinyLoraKernel"),
     "lowrax.adapters.unilora": ("UniLoraConfig", "UniLoraKernel"),
+    "lowrax.adapters.osf": ("OSFConfig", "OSFKernel"),
     "lowrax.adapters.ln_tuning": ("LNTuningConfig", "TunedNorm"),
     "lowrax.adapters.trainable_tokens": ("TrainableTokensConfig", "TrainableTokens"),
     "lowrax.adapters.prompt": ("PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PromptTable",

@@ -83,6 +83,7 @@ METHODS = {
     "tinylora": ["method=tinylora", "tinylora.target_modules=all-linear", "optim.learning_rate=1.0e-2"],
     "unilora": ["method=unilora", "unilora.target_modules=all-linear", "unilora.theta_d_length=4096",
                 "optim.learning_rate=1.0e-2"],
+    "osf": ["method=osf", "osf.target_modules=all-linear", "osf.effective_rank=0.9"],
     "deft": ["method=deft", "deft.target_modules=all-linear", "deft.r=16"],
     "peanut": ["method=peanut", "peanut.target_modules=all-linear", "peanut.r=16", "peanut.depth=1"],
     "p_tuning": ["method=p_tuning", "p_tuning.num_virtual_tokens=20", "optim.learning_rate=1.0e-2"],

@@ -1,5 +1,5 @@
 """PEFT's further per-layer methods (BOFT, C3A, FourierFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA, HRA,
-RoAd, BEFT, PEANuT, Super-Tuning, DeFT, VB-LoRA, PVeRA, RandLoRA, TinyLoRA, UniLoRA): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
+RoAd, BEFT, PEANuT, Super-Tuning, DeFT, VB-LoRA, PVeRA, RandLoRA, TinyLoRA, UniLoRA, OSF): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
 PEFT's, its config errors, and `lowrax train method=NAME` exporting and importing. The conformance suite
 (tests/test_conformance.py) runs each on every family from the registry, merging included."""
 
@@ -88,6 +88,9 @@ METHODS = {
     "unilora_saved_indices": (lambda t: lowrax.UniLoraConfig(r=2, theta_d_length=64, init_weights=False,
                                                              target_modules=t), "UniLoraConfig",
                               dict(r=2, theta_d_length=64, init_weights=False, save_indices=True)),
+    "osf": (lambda t: lowrax.OSFConfig(effective_rank=20, target_modules=t), "OSFConfig", dict(effective_rank=20)),
+    "osf_fraction": (lambda t: lowrax.OSFConfig(effective_rank=0.25, rank_pattern={"down_proj": 50}, target_modules=t),
+                     "OSFConfig", dict(effective_rank=0.25, rank_pattern={"down_proj": 50})),
     "deft_qr": (lambda t: lowrax.DeftConfig(r=4, alpha=8, decomposition_method="qr", target_modules=t), "DeftConfig",
                 dict(r=4, alpha=8, decomposition_method="qr")),
     "deft_para": (lambda t: lowrax.DeftConfig(r=4, para=True, target_modules=t), "DeftConfig", dict(r=4, para=True)),
@@ -97,7 +100,8 @@ METHODS = {
 }
 # PEFT implements these for nn.Linear only, not GPT-2's Conv1D
 GPT2_REFUSED = {"beft", "boft", "c3a", "delora", "hra", "hra_gs", "miss", "miss_bat", "miss_mini", "peanut",
-                "peanut_deep", "road", "road_2", "road_4", "shira", "supertuning", "supra", "supertuning_bottom"}
+                "peanut_deep", "road", "road_2", "road_4", "shira", "supertuning", "supra", "supertuning_bottom", "osf",
+                "osf_fraction"}
 CASES = [(family, method) for method in sorted(METHODS) for family in MODELS
          if not (family == "gpt2" and method in GPT2_REFUSED)]
 
@@ -254,7 +258,8 @@ def test_config_errors_name_the_problem(saved_models):
                                               ("pvera", ["pvera.r=4"]),
                                               ("randlora", ["randlora.r=4", "randlora.randlora_alpha=8"]),
                                               ("tinylora", ["tinylora.u=8", "tinylora.weight_tying=0.5"]),
-                                              ("unilora", ["unilora.r=2", "unilora.theta_d_length=64"])])
+                                              ("unilora", ["unilora.r=2", "unilora.theta_d_length=64"]),
+                                              ("osf", ["osf.effective_rank=0.75"])])
 def test_lowrax_train_then_export_and_import(tiny_dir, data_file, tmp_path, method, settings):  # noqa: F811
     check_method_run(tiny_dir, data_file, tmp_path, method, settings, full=False)
 
@@ -368,3 +373,38 @@ def test_tinylora_needs_the_model_to_number_its_modules(saved_models, tmp_path):
     lowrax.save_peft(wrapped, tmp_path / "tiny", model)
     with pytest.raises(LowraxError, match="numbers its modules in the model's order: pass the model"):
         lowrax.load_peft(params, tmp_path / "tiny")
+
+
+def test_osf_projects_gradients_as_peft_hooks_do(saved_models):
+    """OSF's gradients of U_low and V_low, after the projection that keeps them off the frozen top directions,
+    equal PEFT's (its tensor hooks) on square, wide and tall layers, each singular pair up to the sign
+    its LAPACK chose (which flips that column of U_low's gradient and row of V_low's)."""
+    from lowrax.adapters.tree import precondition_grads
+    from lowrax.adapters.wrap import adapter_nodes
+
+    path, model, params, _ = saved_models("llama")
+    targets = ["q_proj", "gate_proj", "down_proj"]  # 64 x 64, 64 -> 96, 96 -> 64
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(fresh_torch_model(path), peft.OSFConfig(effective_rank=20, target_modules=targets))
+    ids, mask = random_batch(128, [8, 8], pad_id=0, left=False)
+    peft_model(input_ids=torch.tensor(ids), labels=torch.tensor(ids)).loss.backward()
+    wrapped = lowrax.wrap(params, lowrax.OSFConfig(effective_rank=20, target_modules=tuple(targets)), jax.random.key(0),
+                          model=model)
+    trainable, frozen = lowrax.split(wrapped)
+    batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": mask}
+
+    def loss(t):
+        total, count = lowrax.train.step.causal_lm_loss(model, lowrax.combine(t, frozen), batch)
+        return total / count
+
+    grads = adapter_nodes(lowrax.combine(precondition_grads(jax.grad(loss)(trainable), wrapped), frozen))
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "osf_svd_params") and "default" in module.osf_svd_params:
+            key = name.removeprefix("base_model.model.")
+            ours = grads[key]
+            signs = np.sign(np.sum(np.asarray(adapter_nodes(wrapped)[key].u0) * module._osf_U_low_init["default"].numpy(), 0))
+            for part, field, aligned in (("U_low", "u_low", signs[None, :]), ("V_low", "v_low", signs[:, None]),
+                                         ("S_low", "s_low", 1.0)):
+                theirs = module.osf_svd_params["default"][part].grad.numpy()
+                np.testing.assert_allclose(np.asarray(getattr(ours, field)) * aligned, theirs, atol=1e-6,
+                                           err_msg=f"{name} {part}")

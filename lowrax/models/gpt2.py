@@ -107,7 +107,7 @@ class GPT2Model(CausalLM):
     logical_axes = {"wte": ("vocab", "embed"), "wpe": ("positions", "embed"), "c_attn": ("embed", "heads"),
                     "attn/c_proj": ("heads", "embed"), "c_fc": ("embed", "mlp"), "mlp/c_proj": ("mlp", "embed")}
     # PEFT adapts the MLP output, not c_attn, by default for these two
-    peft_default_exceptions = {"gpt2": {"fourierft": ("mlp.c_proj",), "c3a": ("mlp.c_proj",)}}
+    peft_default_exceptions = {"gpt2": {"fourierft": ("mlp.c_proj",), "c3a": ("mlp.c_proj",), "osf": ("c_attn", "c_proj")}}
     module_roles = {"q": ("c_attn",), "k": ("c_attn",), "v": ("c_attn",), "o": ("attn.c_proj",),
                     "mlp_in": ("c_fc",), "mlp_out": ("mlp.c_proj",), "norms": ("ln_1", "ln_2", "ln_f"),
                     "embedding": ("wte",)}
