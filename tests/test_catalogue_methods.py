@@ -294,6 +294,7 @@ def test_deft_starts_as_the_base_model(saved_models, settings):
 
 @pytest.mark.parametrize("peft_type, reason", [("XLORA", "X-LoRA mixes several LoRA adapters"),
                                                ("ADAPTION_PROMPT", "Llama-Adapter adds gated prompts"),
+                                               ("PSOFT", "PSOFT's file holds only the r x r rotation"),
                                                ("SOMETHING_NEW", "")])
 def test_peft_types_not_built_are_refused_by_name(saved_models, tmp_path, peft_type, reason):
     from lowrax.io.safetensors_dir import write_tensor_file
@@ -408,3 +409,21 @@ def test_osf_projects_gradients_as_peft_hooks_do(saved_models):
                 theirs = module.osf_svd_params["default"][part].grad.numpy()
                 np.testing.assert_allclose(np.asarray(getattr(ours, field)) * aligned, theirs, atol=1e-6,
                                            err_msg=f"{name} {part}")
+
+
+def test_psoft_adapters_mean_different_things_under_another_svd_sign(saved_models):
+    """Why PSOFT is refused: PEFT rebuilds A and B from an SVD of the base at load, and an equally valid SVD
+    with one singular pair negated (another LAPACK's choice) changes the adapted model's output."""
+    path, model, _, _ = saved_models("llama")
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(fresh_torch_model(path), peft.PsoftConfig(r=4, target_modules=["q_proj"],
+                                                                                init_weights=False)).eval()
+    ids = torch.tensor(random_batch(128, [7], pad_id=0, left=False)[0])
+    with torch.no_grad():
+        before = peft_model(input_ids=ids).logits
+        layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+        a, b = layer._get_psoft_ab_cache_buffers("default")
+        a[0].neg_()
+        b[:, 0].neg_()  # still an SVD of the same weight: B A is unchanged
+        after = peft_model(input_ids=ids).logits
+    assert (after - before).abs().max() > 1e-3

@@ -151,6 +151,9 @@ NOT_BUILT = {
     "CPT": "CPT trains the embeddings of in-context examples with its own loss weighting",
     "CARTRIDGE": "a cartridge is a trained KV-cache prefix initialised from the model's own cache",
     "ADAPTION_PROMPT": "Llama-Adapter adds gated prompts inside the top attention layers",
+    "PSOFT": ("PSOFT's file holds only the r x r rotation; PEFT recomputes the frozen factors around it from an SVD "
+              "of the base at load, and their signs (which change the adapter's meaning) depend on the LAPACK build, "
+              "so its adapters do not carry over exactly between SVD implementations"),
 }
 
 
