@@ -80,6 +80,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "lowrax.adapters.tinylora": ("TinyLoraConfig", "TinyLoraKernel"),
     "lowrax.adapters.unilora": ("UniLoraConfig", "UniLoraKernel"),
     "lowrax.adapters.osf": ("OSFConfig", "OSFKernel"),
+    "lowrax.adapters.lily": ("LilyConfig", "LilyKernel"),
     "lowrax.adapters.ln_tuning": ("LNTuningConfig", "TunedNorm"),
     "lowrax.adapters.trainable_tokens": ("TrainableTokensConfig", "TrainableTokens"),
     "lowrax.adapters.prompt": ("PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PromptTable",

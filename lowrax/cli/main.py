@@ -27,7 +27,7 @@ MERGE_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp",
 # What `lowrax train --help` lists, kept here for the same reason (tests/test_cli_basics.py checks
 # them against the registries).
 TRAIN_METHODS = ("adalora", "beft", "boft", "bottleneck", "c3a", "deft", "delora", "fourierft", "gralora", "hira", "hra",
-                 "ia3", "ln_tuning", "loha", "lokr", "lora", "miss", "oft", "osf", "p_tuning", "peanut", "prefix_tuning",
+                 "ia3", "lily", "ln_tuning", "loha", "lokr", "lora", "miss", "oft", "osf", "p_tuning", "peanut", "prefix_tuning",
                  "prompt_tuning", "pvera", "randlora", "road", "shira", "supertuning", "tinylora", "trainable_tokens", "unilora", "vblora")
 TRAIN_OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "distill", "grpo")
 TRAIN_TASKS = ("causal_lm", "classification", "seq2seq")
