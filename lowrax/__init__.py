@@ -81,6 +81,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "lowrax.adapters.unilora": ("UniLoraConfig", "UniLoraKernel"),
     "lowrax.adapters.osf": ("OSFConfig", "OSFKernel"),
     "lowrax.adapters.lily": ("LilyConfig", "LilyKernel"),
+    "lowrax.adapters.glora": ("GloraConfig", "GloraKernel"),
     "lowrax.adapters.ln_tuning": ("LNTuningConfig", "TunedNorm"),
     "lowrax.adapters.trainable_tokens": ("TrainableTokensConfig", "TrainableTokens"),
     "lowrax.adapters.prompt": ("PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PromptTable",

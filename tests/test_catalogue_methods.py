@@ -1,5 +1,5 @@
 """PEFT's further per-layer methods (BOFT, C3A, FourierFT, HiRA, SHiRA, DeLoRA, MiSS, GraLoRA, HRA,
-RoAd, BEFT, PEANuT, Super-Tuning, DeFT, VB-LoRA, PVeRA, RandLoRA, TinyLoRA, UniLoRA, OSF, Lily): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
+RoAd, BEFT, PEANuT, Super-Tuning, DeFT, VB-LoRA, PVeRA, RandLoRA, TinyLoRA, UniLoRA, OSF, Lily, GLoRA): each exchanged with PEFT both ways with equal logits (float32), its seeded positions equal to
 PEFT's, its config errors, and `lowrax train method=NAME` exporting and importing. The conformance suite
 (tests/test_conformance.py) runs each on every family from the registry, merging included."""
 
@@ -94,6 +94,11 @@ METHODS = {
                      "OSFConfig", dict(effective_rank=0.25, rank_pattern={"down_proj": 50})),
     "lily": (lambda t: lowrax.LilyConfig(r=4, stride_A=2, num_B=3, init_weights=False, target_modules=t), "LilyConfig",
              dict(r=4, stride_A=2, num_B=3, init_weights=False)),
+    "glora": (lambda t: lowrax.GloraConfig(r=4, init_weights=False, target_modules=t), "GloraConfig",
+              dict(r=4, init_weights=False)),
+    "glora_vectors": (lambda t: lowrax.GloraConfig(config_A_B="vector", config_C="vector", config_D_E="vector",
+                                                   init_weights=False, target_modules=t), "GloraConfig",
+                      dict(config_A_B="vector", config_C="vector", config_D_E="vector", init_weights=False)),
     "deft_qr": (lambda t: lowrax.DeftConfig(r=4, alpha=8, decomposition_method="qr", target_modules=t), "DeftConfig",
                 dict(r=4, alpha=8, decomposition_method="qr")),
     "deft_para": (lambda t: lowrax.DeftConfig(r=4, para=True, target_modules=t), "DeftConfig", dict(r=4, para=True)),
@@ -104,7 +109,7 @@ METHODS = {
 # PEFT implements these for nn.Linear only, not GPT-2's Conv1D
 GPT2_REFUSED = {"beft", "boft", "c3a", "delora", "hra", "hra_gs", "miss", "miss_bat", "miss_mini", "peanut",
                 "peanut_deep", "road", "road_2", "road_4", "shira", "supertuning", "supra", "supertuning_bottom", "osf",
-                "osf_fraction", "lily"}
+                "osf_fraction", "lily", "glora", "glora_vectors"}
 CASES = [(family, method) for method in sorted(METHODS) for family in MODELS
          if not (family == "gpt2" and method in GPT2_REFUSED)]
 
@@ -270,7 +275,8 @@ def test_config_errors_name_the_problem(saved_models):
                                               ("tinylora", ["tinylora.u=8", "tinylora.weight_tying=0.5"]),
                                               ("unilora", ["unilora.r=2", "unilora.theta_d_length=64"]),
                                               ("osf", ["osf.effective_rank=0.75"]),
-                                              ("lily", ["lily.r=4", "lily.stride_A=2"])])
+                                              ("lily", ["lily.r=4", "lily.stride_A=2"]),
+                                              ("glora", ["glora.r=2"])])
 def test_lowrax_train_then_export_and_import(tiny_dir, data_file, tmp_path, method, settings):  # noqa: F811
     check_method_run(tiny_dir, data_file, tmp_path, method, settings, full=False)
 
@@ -438,3 +444,30 @@ def test_psoft_adapters_mean_different_things_under_another_svd_sign(saved_model
         b[:, 0].neg_()  # still an SVD of the same weight: B A is unchanged
         after = peft_model(input_ids=ids).logits
     assert (after - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kinds", [dict(), dict(config_A_B="vector", config_C="vector", config_D_E="vector"),
+                                   dict(config_A_B="constant", config_C="none", config_D_E="constant")])
+def test_glora_on_layers_with_a_bias_equals_peft_both_ways(tmp_path_factory, tmp_path, kinds):
+    """BERT's layers have biases: GLoRA's bias terms (b D, E, W C) are exchanged too."""
+    from tests.conftest import hf_model_dir
+    from tests.test_peft_exchange import SMALL
+
+    path, _ = hf_model_dir(tmp_path_factory, "bert-glora", lambda: transformers.BertForSequenceClassification(
+        transformers.BertConfig(**SMALL, num_labels=3)))
+    model, params = lowrax.load_pretrained(path, progress=False)
+    ids, mask = random_batch(128, [9, 6], pad_id=0, left=False, seed=4)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    peft_model = perturb_peft(peft.get_peft_model(hf, peft.GloraConfig(r=4, target_modules=["query", "value"],
+                                                                        init_weights=False, **kinds))).eval()
+    peft_model.save_pretrained(tmp_path / "theirs")
+    loaded = lowrax.load_peft(params, tmp_path / "theirs", model)
+    assert max_difference(model, loaded, peft_model, ids, mask) <= 1e-4
+    assert max_difference(model, params, peft_model, ids, mask) > 2e-4  # the tiny classifier's logits move little
+    ours = randomize(lowrax.wrap(params, lowrax.GloraConfig(r=4, target_modules=("query", "value"),
+                                                            modules_to_save=("classifier",), **kinds),
+                                 jax.random.key(1), model=model), jax.random.key(2))  # a classifier's file carries its head
+    lowrax.save_peft(ours, tmp_path / "ours", model)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    assert max_difference(model, ours, peft.PeftModel.from_pretrained(hf, tmp_path / "ours").eval(), ids, mask) <= 1e-4

@@ -27,7 +27,7 @@ def methods_with_defaults() -> list[str]:
 def test_every_method_with_default_targets_is_compared():
     assert set(methods_with_defaults()) == {"lora", "loha", "lokr", "oft", "ia3", "adalora", "ln_tuning", "c3a", "fourierft",
                                             "hira", "shira", "delora", "miss", "gralora", "hra", "road", "boft",
-                                            "beft", "peanut", "supertuning", "deft", "vblora", "pvera", "randlora", "tinylora", "unilora", "osf", "lily"}
+                                            "beft", "peanut", "supertuning", "deft", "vblora", "pvera", "randlora", "tinylora", "unilora", "osf", "lily", "glora"}
 
 
 @pytest.mark.parametrize("method", methods_with_defaults())

@@ -53,6 +53,7 @@ class AdapterMethod:
     calibrated: bool = False  # `build` takes `calibration=` (statistics of calibration data; LoRA's data-driven inits)
     # `build` gets its bases in the order torch visits the modules (TinyLoRA numbers them): wrap needs the model
     module_order: bool = False
+    sees_biases: bool = False  # `build` takes `biases=` {module name: the layer's bias or None} (GLoRA)
 
 
 @dataclass(frozen=True)

@@ -53,18 +53,25 @@ def wrap(params: Any, cfg, key, model_type: str | None = None, adapter_dtype=jnp
         if is_adapter(base):
             raise LowraxError(f"{name} is already adapted ({type(base).__name__}); merge it first")
         bases[name] = base
-    if calibration is None:
-        nodes, shared = method.build(bases, cfg, key, adapter_dtype, model_type)
-    elif method.calibrated:
-        nodes, shared = method.build(bases, cfg, key, adapter_dtype, model_type, calibration=calibration)
-    else:
-        raise LowraxError(f"{method.name} takes no calibration data (only LoRA's corda, eva and lora_ga inits do)")
+    options = {}
+    if calibration is not None:
+        if not method.calibrated:
+            raise LowraxError(f"{method.name} takes no calibration data (only LoRA's corda, eva and lora_ga inits do)")
+        options["calibration"] = calibration
+    if method.sees_biases:  # {module name: its layer's bias, or None}
+        options["biases"] = {name: _layer_of(out, modules[name]).get("bias") for name in bases}
+    nodes, shared = method.build(bases, cfg, key, adapter_dtype, model_type, **options)
     for name, node in nodes.items():
         set_path(out, modules[name], node)
     out.update(shared)
     if method.extend is not None:  # what else it adapts (LoRA's trainable token rows)
         out = method.extend(out, cfg, jax.random.fold_in(key, 1 << 20), adapter_dtype, model_type)
     return _with_modules_to_save(out, cfg)
+
+
+def _layer_of(params: Any, kernel_path: tuple) -> dict:
+    layer = get_path(params, kernel_path[:-1])
+    return layer if isinstance(layer, dict) else {}
 
 
 def targeted_modules(params: Any, cfg, model_type: str | None) -> tuple[dict[str, tuple], list[str]]:

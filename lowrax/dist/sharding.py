@@ -179,6 +179,9 @@ def param_shardings(params: Any, model, mesh: Mesh, rules: dict = RULES) -> Any:
                 field_axes = leaf.field_axes()
                 if f.name not in field_axes:
                     raise LowraxError(f"{type(leaf).__name__}.{f.name} has no logical axes; declare them in its field_axes()")
+                if isinstance(value, dict):  # a field holding a small tree of arrays (GLoRA's support tensors): replicated
+                    fields[f.name] = jax.tree.map(lambda v, name=f.name: plain(keys + (name,), v, ()), value)
+                    continue
                 fields[f.name] = plain(keys + (f.name,), value, tuple(named[a] for a in field_axes[f.name]))
             return leaf.replace(base=base(keys, leaf.base), **fields)
         return plain(keys, leaf)
