@@ -82,6 +82,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "lowrax.adapters.osf": ("OSFConfig", "OSFKernel"),
     "lowrax.adapters.lily": ("LilyConfig", "LilyKernel"),
     "lowrax.adapters.glora": ("GloraConfig", "GloraKernel"),
+    "lowrax.adapters.frod": ("FrodConfig", "FrodKernel"),
     "lowrax.adapters.ln_tuning": ("LNTuningConfig", "TunedNorm"),
     "lowrax.adapters.trainable_tokens": ("TrainableTokensConfig", "TrainableTokens"),
     "lowrax.adapters.prompt": ("PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PromptTable",

@@ -86,6 +86,7 @@ METHODS = {
     "osf": ["method=osf", "osf.target_modules=all-linear", "osf.effective_rank=0.9"],
     "lily": ["method=lily", "lily.target_modules=all-linear", "lily.r=16", "lily.stride_A=2", "lily.num_B=4"],
     "glora": ["method=glora", "glora.target_modules=all-linear", "glora.r=8"],
+    "frod": ["method=frod", "frod.target_modules=all-linear", "optim.learning_rate=1.0e-2"],
     "deft": ["method=deft", "deft.target_modules=all-linear", "deft.r=16"],
     "peanut": ["method=peanut", "peanut.target_modules=all-linear", "peanut.r=16", "peanut.depth=1"],
     "p_tuning": ["method=p_tuning", "p_tuning.num_virtual_tokens=20", "optim.learning_rate=1.0e-2"],

@@ -103,6 +103,10 @@ def test_method_over_a_bfloat16_base(name, example, family):
     wrapped32, wrapped16 = case32[3], case16[3]
     trainable16 = lowrax.split(wrapped16)[0]
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainable16)), "adapter arrays are not float32"
+    if method_named(name).frozen_from_base:  # its frozen basis comes from the (rounded) base: compare at init
+        model = case16[0]
+        close(outputs(model, wrapped16, case16[2]), outputs(model, bf16, case16[2]), 0.05)
+        return
     trained32 = randomize(wrapped32, jax.random.key(2))
     moved = lowrax.split(trained32)[0]
     trained16 = lowrax.combine(moved, lowrax.split(wrapped16)[1])

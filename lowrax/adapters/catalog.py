@@ -30,6 +30,7 @@ import lowrax.adapters.unilora  # noqa: F401  UniLoRA (every factor entry drawn 
 import lowrax.adapters.osf  # noqa: F401  OSF (the bottom singular part trains, orthogonal to the top)
 import lowrax.adapters.lily  # noqa: F401  Lily (projections shared across layers, mixed by a router)
 import lowrax.adapters.glora  # noqa: F401  GLoRA (weight and bias re-parameterised by support tensors)
+import lowrax.adapters.frod  # noqa: F401  FRoD (a shared basis per kind of layer, a sparse trained rotation)
 import lowrax.adapters.trainable_tokens  # noqa: F401  trainable tokens and PEFT's TRAINABLE_TOKENS format
 import lowrax.adapters.ln_tuning  # noqa: F401  LN tuning and PEFT's LN_TUNING format
 import lowrax.adapters.prompt.build  # noqa: F401  prompt tuning, P-tuning, prefix tuning

@@ -40,6 +40,8 @@ from lowrax.peft.common import PREFIX, one_setting, refuse_conv1d
 PATHS = "ABCDE"
 
 
+# --- config ---------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class GloraConfig(TargetConfig):
     """GLoRA's hyper-parameters, with PEFT's names and defaults."""
@@ -81,6 +83,8 @@ def _value(kind: str, arrays: dict):
         return arrays["X"].astype(jnp.float32)[0]
     return 0.0
 
+
+# --- node -----------------------------------------------------------------------------------------
 
 @struct.dataclass
 class GloraKernel(AdapterNode):
@@ -140,6 +144,8 @@ class GloraKernel(AdapterNode):
         wc = (w @ c)[:, 0] if not isinstance(c, float) else 0.0
         return (merged_bias.astype(jnp.float32) - self._support("E") - wc) / (1.0 + self._support("D"))
 
+
+# --- build ----------------------------------------------------------------------------------------
 
 def _kaiming(key, shape) -> jnp.ndarray:
     fan_in = shape[1] if len(shape) > 1 else shape[0]  # torch's kaiming_uniform_(a=sqrt(5)) on this shape
@@ -233,6 +239,8 @@ def to_config(config: dict) -> tuple[str, GloraConfig]:
                                 config_C=config.get("config_C", "lora"), config_D_E=config.get("config_D_E", "constant"),
                                 **targeting_from_peft(config))
 
+
+# --- registration ---------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="glora", config=GloraConfig, build=build_nodes, default_roles=ATTENTION_QV,
                               sees_biases=True, examples={"glora": lambda: GloraConfig(r=2)}))

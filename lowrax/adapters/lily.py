@@ -41,6 +41,8 @@ from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, one_sett
 SHARED = "lily_shared"  # the tree's top-level key: {"A": {key: [in, r]}, "B": {key: [num_B, r, out]}}
 
 
+# --- config ---------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class LilyConfig(TargetConfig):
     """Lily's hyper-parameters, with PEFT's names and defaults."""
@@ -73,6 +75,8 @@ def group_keys(names: list[str], shapes: dict[str, tuple], target_modules, strid
             out[name] = (f"{b_key}|{(i // stride_A) * stride_A}", b_key)
     return out
 
+
+# --- node -----------------------------------------------------------------------------------------
 
 @struct.dataclass
 class LilyKernel(AdapterNode):
@@ -109,6 +113,8 @@ class LilyKernel(AdapterNode):
         mixed = jnp.einsum("e,eio->io", jnp.mean(weights, axis=0), self.b.astype(jnp.float32))
         return y + (self.scaling * jnp.matmul(hidden, mixed.astype(x.dtype))).astype(y.dtype)
 
+
+# --- build ----------------------------------------------------------------------------------------
 
 def _kaiming(key, shape, fan_in: int) -> jnp.ndarray:
     bound = 1.0 / math.sqrt(fan_in)  # torch's kaiming_uniform_(a=sqrt(5))
@@ -204,6 +210,8 @@ def to_config(config: dict) -> tuple[str, LilyConfig]:
     return "lily", LilyConfig(r=config.get("r", 32), stride_A=config.get("stride_A", 1), num_B=config.get("num_B", 2),
                               scaling=float(config.get("scaling", 1.0)), **targeting_from_peft(config))
 
+
+# --- registration ---------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="lily", config=LilyConfig, build=build_nodes, default_roles=ATTENTION_QV,
                               shared_keys=(SHARED,), module_order=True,

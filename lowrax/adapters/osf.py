@@ -38,6 +38,8 @@ from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, refuse_c
 ROLES = ("q", "k", "v", "o", "mlp_in", "mlp_out")  # PEFT's OSF defaults: every projection of the layer
 
 
+# --- config ---------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class OSFConfig(TargetConfig):
     """OSF's hyper-parameters, with PEFT's names and defaults."""
@@ -59,6 +61,8 @@ def frozen_rank(value, min_dim: int) -> int:
     rank = int(min_dim * value) if isinstance(value, float) and 0 < value <= 1 else int(value)
     return max(min(min_dim, rank), 0)
 
+
+# --- node -----------------------------------------------------------------------------------------
 
 @struct.dataclass
 class OSFKernel(AdapterNode):
@@ -129,6 +133,8 @@ class OSFKernel(AdapterNode):
                 out["v_low"] = (g @ v0.T) @ v0
         return grad.replace(**out)
 
+
+# --- build ----------------------------------------------------------------------------------------
 
 def decomposed(w: jnp.ndarray, k: int) -> dict:
     """PEFT's `decompose_weight_matrix` of the (out, in) weight w^T: the top-k and the rest, in w's dtype."""
@@ -204,6 +210,8 @@ def to_config(config: dict) -> tuple[str, OSFConfig]:
     return "osf", OSFConfig(effective_rank=config.get("effective_rank"), rank_pattern=pattern,
                             **targeting_from_peft(config))
 
+
+# --- registration ---------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="osf", config=OSFConfig, build=build_nodes, default_roles=ROLES,
                               # an eighth of each layer trains: OSF trains full-width factors, and among thousands of

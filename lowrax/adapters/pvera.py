@@ -39,6 +39,8 @@ SHARED = "pvera_shared"  # the tree's top-level key for the projections
 SHARED_A, SHARED_B = "base_model.pvera_A", "base_model.pvera_B"  # PEFT's
 
 
+# --- config ---------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class PveraConfig(TargetConfig):
     """PVeRA's hyper-parameters, with PEFT's names and defaults."""
@@ -48,6 +50,8 @@ class PveraConfig(TargetConfig):
     d_initial: float = 0.1  # lambda_d's start
     init_weights: bool = True  # False: lambda_b = 1, lambda_d ~ N(0, 1) (a non-zero adapter, for tests)
 
+
+# --- node -----------------------------------------------------------------------------------------
 
 @struct.dataclass
 class PveraKernel(VeraKernel):
@@ -88,6 +92,8 @@ class PveraKernel(VeraKernel):
         a = self.a[:, :r].astype(jnp.float32) * self.lambda_d[:r].astype(jnp.float32)[None, :]
         return a @ (self.b.astype(jnp.float32) * self.lambda_b.astype(jnp.float32)[None, :])
 
+
+# --- build ----------------------------------------------------------------------------------------
 
 def build_nodes(bases: dict[str, Any], cfg: PveraConfig, key, adapter_dtype, model_type=None) -> tuple[dict, dict]:
     """PEFT's draws (Kaiming-uniform projections on its (2r, max_in) and (max_out, r) layouts: bounds
@@ -159,6 +165,8 @@ def to_config(config: dict) -> tuple[str, PveraConfig]:
     return "pvera", PveraConfig(r=config.get("r", 256), pvera_dropout=float(config.get("pvera_dropout") or 0.0),
                                 d_initial=float(config.get("d_initial", 0.1)), **targeting_from_peft(config))
 
+
+# --- registration ---------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="pvera", config=PveraConfig, build=build_nodes, default_roles=ATTENTION_QV,
                               shared_keys=(SHARED,), examples={"pvera": lambda: PveraConfig(r=4)}))

@@ -43,6 +43,8 @@ SHARED = "randlora_shared"  # the tree's top-level key for the bases
 SHARED_A, SHARED_B = "base_model.randlora_A", "base_model.randlora_B"  # PEFT's
 
 
+# --- config ---------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class RandLoraConfig(TargetConfig):
     """RandLoRA's hyper-parameters, with PEFT's names and defaults."""
@@ -59,6 +61,8 @@ def bases_count(d_in: int, d_out: int, r: int) -> int:
     """n = ceil(min(in, out) / r): enough rank-r bases for a full-rank update."""
     return -(-min(d_in, d_out) // r)
 
+
+# --- node -----------------------------------------------------------------------------------------
 
 @struct.dataclass
 class RandLoraKernel(AdapterNode):
@@ -114,6 +118,8 @@ class RandLoraKernel(AdapterNode):
     def unmerge_from(self, merged: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
         return merged - self.delta()
 
+
+# --- build ----------------------------------------------------------------------------------------
 
 def shared_bases(key, r: int, m_max: int, big_max: int, n_max: int, sparsity: float | None) -> dict:
     """PEFT's distributions (not torch's numbers): Kaiming-uniform (bound 1 / sqrt(fan_in), as torch's
@@ -208,6 +214,8 @@ def to_config(config: dict) -> tuple[str, RandLoraConfig]:
                                       randlora_dropout=float(config.get("randlora_dropout") or 0.0),
                                       **targeting_from_peft(config))
 
+
+# --- registration ---------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="randlora", config=RandLoraConfig, build=build_nodes, default_roles=ATTENTION_QV,
                               shared_keys=(SHARED,), examples={"randlora": lambda: RandLoraConfig(r=4, randlora_alpha=8.0)}))

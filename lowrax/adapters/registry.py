@@ -54,6 +54,9 @@ class AdapterMethod:
     # `build` gets its bases in the order torch visits the modules (TinyLoRA numbers them): wrap needs the model
     module_order: bool = False
     sees_biases: bool = False  # `build` takes `biases=` {module name: the layer's bias or None} (GLoRA)
+    # its frozen arrays decompose the base (FRoD's eigenbasis): a base in another dtype gives other ones,
+    # so trained values carry across base dtypes only through the adapter as a whole, not array by array
+    frozen_from_base: bool = False
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ SHARED = "tinylora_v"  # the tree's top-level key for the trained vectors (PEFT'
 VECTOR_KEY = "base_model.tinylora_v."  # PEFT's key prefix, then the group number
 
 
+# --- config ---------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class TinyLoraConfig(TargetConfig):
     """TinyLoRA's hyper-parameters, with PEFT's names and defaults."""
@@ -57,6 +59,8 @@ def group_of(index: int, count: int, weight_tying: float) -> tuple[int, int]:
     size = max(1, count // groups)
     return min(index // size, groups - 1), groups
 
+
+# --- node -----------------------------------------------------------------------------------------
 
 @struct.dataclass
 class TinyLoraKernel(AdapterNode):
@@ -104,6 +108,8 @@ class TinyLoraKernel(AdapterNode):
     def unmerge_from(self, merged: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
         return merged - self.delta()
 
+
+# --- build ----------------------------------------------------------------------------------------
 
 def svd_factors(w: jnp.ndarray, r: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(a [in, r], b [r, out]) from the SVD of PEFT's (out, in) weight, in w's dtype."""
@@ -196,6 +202,8 @@ def to_config(config: dict) -> tuple[str, TinyLoraConfig]:
                                       tinylora_dropout=float(config.get("tinylora_dropout") or 0.0),
                                       **targeting_from_peft(config))
 
+
+# --- registration ---------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="tinylora", config=TinyLoraConfig, build=build_nodes, default_roles=ATTENTION_QV,
                               shared_keys=(SHARED,), module_order=True,

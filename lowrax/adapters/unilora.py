@@ -38,6 +38,8 @@ SHARED = "unilora_theta_d"  # the tree's top-level key for the trained vector (P
 THETA_KEY = "base_model.unilora_theta_d"  # PEFT's
 
 
+# --- config ---------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class UniLoraConfig(TargetConfig):
     """UniLoRA's hyper-parameters, with PEFT's names and defaults."""
@@ -78,6 +80,8 @@ def indices_and_scales(shapes: list[tuple[int, int]], r: int, length: int, seed:
         out.append({"index_a": index_a, "index_b": index_b, "scale_a": inverse[index_a], "scale_b": inverse[index_b]})
     return out
 
+
+# --- node -----------------------------------------------------------------------------------------
 
 @struct.dataclass
 class UniLoraKernel(AdapterNode):
@@ -127,6 +131,8 @@ class UniLoraKernel(AdapterNode):
     def unmerge_from(self, merged: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
         return merged - self.delta()
 
+
+# --- build ----------------------------------------------------------------------------------------
 
 def _node(base, assigned: dict, dropout: float) -> UniLoraKernel:
     dtype = base.dtype  # PEFT keeps the scales in the weight's dtype
@@ -220,6 +226,8 @@ def to_config(config: dict) -> tuple[str, UniLoraConfig]:
                                     unilora_dropout=float(config.get("unilora_dropout") or 0.0),
                                     **targeting_from_peft(config))
 
+
+# --- registration ---------------------------------------------------------------------------------
 
 register_method(AdapterMethod(name="unilora", config=UniLoraConfig, build=build_nodes, default_roles=ATTENTION_QV,
                               shared_keys=(SHARED,), module_order=True, identity_at_init=False,

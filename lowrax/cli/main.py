@@ -26,7 +26,7 @@ COMBINATION_TYPES = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties",
 MERGE_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "linear")
 # What `lowrax train --help` lists, kept here for the same reason (tests/test_cli_basics.py checks
 # them against the registries).
-TRAIN_METHODS = ("adalora", "beft", "boft", "bottleneck", "c3a", "deft", "delora", "fourierft", "glora", "gralora", "hira", "hra",
+TRAIN_METHODS = ("adalora", "beft", "boft", "bottleneck", "c3a", "deft", "delora", "fourierft", "frod", "glora", "gralora", "hira", "hra",
                  "ia3", "lily", "ln_tuning", "loha", "lokr", "lora", "miss", "oft", "osf", "p_tuning", "peanut", "prefix_tuning",
                  "prompt_tuning", "pvera", "randlora", "road", "shira", "supertuning", "tinylora", "trainable_tokens", "unilora", "vblora")
 TRAIN_OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "distill", "grpo")

@@ -53,7 +53,10 @@ def calibrated_params(cfg: TrainConfig, model, base, batches, run_dir: Path, pri
     rows = adapter_cfg.calibration_rows or DEFAULT_CALIBRATION_ROWS
     count = -(-rows // batches.batch_size)
     log(f"lora.init={adapter_cfg.init}: calibrating on the first {count * batches.batch_size} training rows")
-    calibration = calibrate(model, base, adapter_cfg, (batches.batch(k) for k in range(count)), progress=progress)
+    from lowrax.train.step import task_loss
+
+    calibration = calibrate(model, base, adapter_cfg, (batches.batch(k) for k in range(count)), progress=progress,
+                            loss_fn=task_loss(model))
     params = wrap(base, adapter_cfg, jax.random.fold_in(jax.random.key(cfg.train.seed), 2), model=model,
                   calibration=calibration)
     if primary:

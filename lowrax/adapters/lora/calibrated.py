@@ -23,8 +23,8 @@ and `starts` turns them into the adapters' starting factors:
 
 Inputs are the tokens the attention mask keeps (and for EVA, those the loss mask keeps,
 PEFT's `use_label_mask`). Batches are dicts of numpy arrays: input_ids [b, t], optionally
-attention_mask and loss_mask [b, t] (LoRA-GA's loss is the model's own: next-token,
-seq2seq or classification, which then needs `labels`).
+attention_mask and loss_mask [b, t] (LoRA-GA's loss: next-token for a causal LM, or the
+`loss_fn` given; `lowrax train` passes its task loss).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def calibrate(model, params, cfg, batches, *, loss_fn=None, progress: bool = Tru
 
     batches: an iterable of dicts {input_ids [b, t], attention_mask?, loss_mask?, labels?} of
     arrays, or one such dict. loss_fn(model, params, batch) -> (loss sum, count, ...): LoRA-GA's
-    loss (default: the model's task loss)."""
+    loss (default for a causal LM: the next-token loss over the loss mask)."""
     from lowrax.adapters.wrap import targeted_modules
 
     if cfg.init not in inits.CALIBRATED_INITS:
@@ -295,10 +295,21 @@ def _principal_components(total: dict, count: int, k: int) -> dict[str, np.ndarr
             "singular": np.sqrt(values * count)[:k]}
 
 
-def _gradients(model, params, paths, batches, loss_fn, bar) -> LoraCalibration:
-    from lowrax.train.step import task_loss
+def next_token_loss(model, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(sum of next-token losses over the loss mask, its count): LoRA-GA's default loss for a causal LM
+    (the trainer passes its own task loss)."""
+    logits = model.apply(params, batch["input_ids"], batch["attention_mask"]).astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    token_loss = -jnp.take_along_axis(log_probs, batch["input_ids"][:, 1:, None], axis=-1)[..., 0]
+    weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    return jnp.sum(token_loss * weights), jnp.sum(weights)
 
-    loss_of = loss_fn or task_loss(model)
+
+def _gradients(model, params, paths, batches, loss_fn, bar) -> LoraCalibration:
+    if loss_fn is None and not model.is_causal_lm:
+        raise LowraxError("lora_ga needs the loss whose gradient it follows: for a model that is not a causal LM "
+                          "pass calibrate(..., loss_fn=fn) with fn(model, params, batch) -> (loss sum, count)")
+    loss_of = loss_fn or next_token_loss
     kernels = {}
     for name, path in paths.items():
         kernel = get_path(params, path)
