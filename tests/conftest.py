@@ -127,6 +127,19 @@ def tiny_bert_dir(tmp_path_factory):
 _FORWARDS: dict[int, tuple] = {}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop the compiled programs each test file leaves behind. A worker runs dozens of files; kept, their
+    XLA:CPU executables grew one worker past 6 GB and towards the kernel's limit on memory mappings
+    (vm.max_map_count, 65530), and a compilation late in the suite died with a segmentation fault.
+    The disk cache serves any program a later file needs again."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    _FORWARDS.clear()
+
+
 def forward(model):
     """`model.apply` compiled once per model (and per input shape): op-by-op (eager) calls compile every
     primitive for every new shape, seconds per call on a CPU."""

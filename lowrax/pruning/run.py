@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from lowrax.core.atomic import check_output
 from lowrax.pruning.config import PruneConfig
