@@ -454,3 +454,11 @@ def test_unconverted_rewritten_base_adapters_are_refused(models, tmp_path):
     peft.get_peft_model(hf, cfg).save_pretrained(tmp_path / "olora")
     with pytest.raises(LowraxError, match="olora adapter saved without conversion only fits the base its init rewrote"):
         lowrax.load_peft(params, tmp_path / "olora", model)
+
+
+def test_a_damaged_init_file_is_named(tmp_path):
+    from lowrax.adapters.lora.calibrated import load_initial_factors
+
+    (tmp_path / "lora_init.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(LowraxError, match="is not a LoRA init file lowrax wrote"):
+        load_initial_factors(tmp_path / "lora_init.safetensors")

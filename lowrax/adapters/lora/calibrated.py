@@ -103,7 +103,7 @@ def save_initial_factors(calibration: LoraCalibration, path) -> None:
 def load_initial_factors(path) -> LoraCalibration:
     import json
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as f:
@@ -113,7 +113,7 @@ def load_initial_factors(path) -> LoraCalibration:
         factors = {name: {"a": tensors[f"{name}.a"], "b": tensors[f"{name}.b"], "alpha": alpha}
                    for name, alpha in alphas.items()}
         return LoraCalibration(meta["init"], factors, 0, 0, resolved=True)
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, SafetensorError) as e:
         raise LowraxError(f"{path} is not a LoRA init file lowrax wrote (its calibrated starting factors): {e}") from None
 
 
