@@ -35,6 +35,12 @@ METHODS = {
     "lora+": ["optim.loraplus_lr_ratio=4"],
     "dora": ["lora.variant=dora"],
     "pissa": ["lora.init=pissa"],
+    "olora": ["lora.init=olora"],
+    "corda": ["lora.init=corda"],
+    "eva": ["lora.init=eva"],
+    "lora_ga": ["lora.init=lora_ga"],
+    # LoftQ's factors are not divided by the LoRA scale (PEFT's): alpha = r keeps base + A B ~ W
+    "loftq": ["lora.init=loftq", "lora.alpha=16"],
     "delta_lora": ["lora.variant=delta_lora", "lora.delta_start_step=10"],
     # VeRA trains vectors only: the paper uses a large shared rank and a larger learning rate.
     "vera": ["lora.variant=vera", "lora.r=256", "optim.learning_rate=5.0e-2"],
@@ -87,6 +93,9 @@ METHODS = {
     "lily": ["method=lily", "lily.target_modules=all-linear", "lily.r=16", "lily.stride_A=2", "lily.num_B=4"],
     "glora": ["method=glora", "glora.target_modules=all-linear", "glora.r=8"],
     "frod": ["method=frod", "frod.target_modules=all-linear", "optim.learning_rate=1.0e-2"],
+    "trainable_tokens": ["method=trainable_tokens", "trainable_tokens.token_indices=[0,1,2]",
+                         "optim.learning_rate=1.0e-2"],
+    "bottleneck": ["method=bottleneck", "bottleneck.preset=houlsby"],
     "deft": ["method=deft", "deft.target_modules=all-linear", "deft.r=16"],
     "peanut": ["method=peanut", "peanut.target_modules=all-linear", "peanut.r=16", "peanut.depth=1"],
     "p_tuning": ["method=p_tuning", "p_tuning.num_virtual_tokens=20", "optim.learning_rate=1.0e-2"],

@@ -83,3 +83,22 @@ def test_every_method_has_the_same_parts(name):
         where = [text.find(section) for section in SECTIONS]
         assert -1 not in where and where == sorted(where), (
             f"{path.relative_to(ROOT.parent)} must have the sections {SECTIONS} in that order")
+
+
+def test_every_method_has_a_row_in_the_variants_benchmark():
+    """`scripts/bench.py --variants` measures every registered method (issue: one table of them all)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_variants.py"
+    spec = importlib.util.spec_from_file_location("bench_variants_rows", path)
+    module = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    missing = sorted(set(lowrax.method_names()) - set(module.METHODS))
+    assert not missing, f"no bench_variants row for {missing}"
