@@ -23,7 +23,7 @@ from lowrax.adapters.lora import inits  # noqa: E402
 from lowrax.adapters.wrap import adapter_nodes  # noqa: E402
 from lowrax.errors import LowraxError  # noqa: E402
 from tests.conftest import hf_model_dir, random_batch  # noqa: E402
-from tests.test_peft_exchange import SMALL, lowrax_outputs  # noqa: E402
+from tests.test_peft_exchange import SMALL, lowrax_outputs, randomize  # noqa: E402
 
 LLAMA_TARGETS = ("q_proj", "v_proj", "down_proj")
 GPT2_TARGETS = ("c_attn", "c_fc")
@@ -385,13 +385,8 @@ def test_loftq_refuses_a_quantized_base(models):
 # ---- exchange ----------------------------------------------------------------------------------
 
 
-def trained(wrapped, seed=2):
-    """Every trainable adapter array moved away from its start, as training would."""
-    trainable, frozen = lowrax.split(wrapped)
-    leaves, treedef = jax.tree.flatten(trainable)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    return lowrax.combine(jax.tree.unflatten(treedef, leaves), frozen)
+def trained(wrapped):
+    return randomize(wrapped, jax.random.key(2))  # every trainable array moved, as training would
 
 
 def peft_logits(base_dir, adapter_dir, ids, mask):

@@ -19,7 +19,6 @@ refuses it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from lowrax.adapters.init import kaiming_uniform
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.core.checked import PositiveInt
@@ -147,12 +147,6 @@ class GloraKernel(AdapterNode):
 
 # --- build ----------------------------------------------------------------------------------------
 
-def _kaiming(key, shape) -> jnp.ndarray:
-    fan_in = shape[1] if len(shape) > 1 else shape[0]  # torch's kaiming_uniform_(a=sqrt(5)) on this shape
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
 def build_nodes(bases: dict[str, Any], cfg: GloraConfig, key, adapter_dtype, model_type=None, *,
                 biases: dict) -> tuple[dict, dict]:
     nodes = {}
@@ -166,13 +160,13 @@ def build_nodes(bases: dict[str, Any], cfg: GloraConfig, key, adapter_dtype, mod
             for k, (field, shape) in enumerate(shapes_of(path, kinds[path], d_in, d_out, cfg.r).items()):
                 sub = jax.random.fold_in(jax.random.fold_in(key, i), 8 * j + k)
                 if field == "Xu":
-                    value = _kaiming(sub, shape)  # PEFT: Kaiming up-projections, zero down-projections
+                    value = kaiming_uniform(sub, shape, shape[1])  # PEFT: Kaiming up-projections, zero down-projections
                 elif cfg.init_weights:
                     value = jnp.zeros(shape)
                 elif shape == (1,):
                     value = 0.02 * jax.random.normal(sub, shape)
                 else:
-                    value = _kaiming(sub, shape if len(shape) == 2 else (1, shape[0])).reshape(shape)
+                    value = kaiming_uniform(sub, shape, shape[1] if len(shape) == 2 else shape[0])
                 arrays[field] = value.astype(adapter_dtype)
             if arrays:
                 support[path] = arrays

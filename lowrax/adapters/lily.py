@@ -21,7 +21,6 @@ full. PEFT format (`peft_type: LILY`): every module's `lily_A.weight` (r, in), `
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from lowrax.adapters.init import kaiming_uniform
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.core.checked import PositiveFloat, PositiveInt
 from lowrax.core.linear import matmul
-from lowrax.core.node import FACTOR, AdapterNode, FullyTrained, shared_entry
+from lowrax.core.node import FACTOR, AdapterNode, FullyTrained, shared_entry, unwrapped
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, one_setting, refuse_conv1d, target_spec
 
@@ -90,6 +90,7 @@ class LilyKernel(AdapterNode):
     a_key: str = struct.field(pytree_node=False, default="")
     b_key: str = struct.field(pytree_node=False, default="")
     scaling: float = struct.field(pytree_node=False, default=1.0)
+    stride: int = struct.field(pytree_node=False, default=1)  # the config's stride_A, for the PEFT file
     peft_type = "LILY"
     mergeable = False
     unmergeable_reason = "adapters route by the batch they run on (their mixing weights average over its rows)"
@@ -116,11 +117,6 @@ class LilyKernel(AdapterNode):
 
 # --- build ----------------------------------------------------------------------------------------
 
-def _kaiming(key, shape, fan_in: int) -> jnp.ndarray:
-    bound = 1.0 / math.sqrt(fan_in)  # torch's kaiming_uniform_(a=sqrt(5))
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
 def build_nodes(bases: dict[str, Any], cfg: LilyConfig, key, adapter_dtype, model_type=None) -> tuple[dict, dict]:
     """`bases` in torch's module order; groups by the suffixes lowrax will write as target_modules."""
     names = list(bases)
@@ -132,22 +128,18 @@ def build_nodes(bases: dict[str, Any], cfg: LilyConfig, key, adapter_dtype, mode
         a_key, b_key = keys[name]
         k_a, k_b, k_r = jax.random.split(jax.random.fold_in(key, i), 3)
         if a_key not in shared_a:
-            shared_a[a_key] = _kaiming(k_a, (d_in, cfg.r), d_in)
+            shared_a[a_key] = kaiming_uniform(k_a, (d_in, cfg.r), d_in)
         if b_key not in shared_b:
             shape = (cfg.num_B, cfg.r, d_out)
-            shared_b[b_key] = jnp.zeros(shape) if cfg.init_weights else _kaiming(k_b, shape, d_out)
-        nodes[name] = LilyKernel(base=bases[name], router=_kaiming(k_r, (cfg.r, cfg.num_B), cfg.r).astype(adapter_dtype),
-                                 a_key=a_key, b_key=b_key, scaling=cfg.scaling)
+            shared_b[b_key] = jnp.zeros(shape) if cfg.init_weights else kaiming_uniform(k_b, shape, d_out)
+        nodes[name] = LilyKernel(base=bases[name], router=kaiming_uniform(k_r, (cfg.r, cfg.num_B), cfg.r).astype(adapter_dtype),
+                                 a_key=a_key, b_key=b_key, scaling=cfg.scaling, stride=cfg.stride_A)
     shared = {"A": {k: FullyTrained(v.astype(adapter_dtype)) for k, v in shared_a.items()},
               "B": {k: FullyTrained(v.astype(adapter_dtype)) for k, v in shared_b.items()}}
     return nodes, {SHARED: shared}
 
 
 # --- PEFT format ----------------------------------------------------------------------------------
-
-def _value(x):
-    return np.asarray(x.value if isinstance(x, FullyTrained) else x, np.float32)
-
 
 def write(nodes: dict[str, LilyKernel], params: Any, *, model=None, **_unused) -> tuple[dict, dict]:
     refuse_conv1d(model, "Lily")
@@ -158,28 +150,15 @@ def write(nodes: dict[str, LilyKernel], params: Any, *, model=None, **_unused) -
     shared = params.get(SHARED)
     if shared is None:
         raise LowraxError(f"Lily params lack their shared projections at params[{SHARED!r}]")
-    r, num_b, scaling = one_setting(((int(n.router.shape[0]), int(n.router.shape[1]), n.scaling)
-                                     for n in nodes.values()), "Lily", "r, num_B and scaling")
+    r, num_b, scaling, stride = one_setting(((int(n.router.shape[0]), int(n.router.shape[1]), n.scaling, n.stride)
+                                             for n in nodes.values()), "Lily", "r, num_B, scaling and stride_A")
     tensors = {}
     for name, node in nodes.items():
-        tensors[f"{PREFIX}{name}.lily_A.weight"] = _value(shared["A"][node.a_key]).T
-        tensors[f"{PREFIX}{name}.lily_B.weight"] = _value(shared["B"][node.b_key]).reshape(num_b * r, -1)
+        a, b = (np.asarray(unwrapped(shared[part][key]), np.float32) for part, key in (("A", node.a_key), ("B", node.b_key)))
+        tensors[f"{PREFIX}{name}.lily_A.weight"] = a.T
+        tensors[f"{PREFIX}{name}.lily_B.weight"] = b.reshape(num_b * r, -1)
         tensors[f"{PREFIX}{name}.lily_router.weight"] = np.asarray(node.router, np.float32).T
-    return tensors, {"r": r, "num_B": num_b, "scaling": scaling, "stride_A": _stride_of(nodes), "init_weights": True}
-
-
-def _stride_of(nodes: dict[str, LilyKernel]) -> int:
-    """The stride_A that gives these nodes' A sharing (the block starts are multiples of it)."""
-    starts = {int(n.a_key.rsplit("|", 1)[1]) for n in nodes.values()}
-    positive = sorted(s for s in starts if s > 0)
-    return positive[0] if positive else max(1, max(_group_sizes(nodes).values()))
-
-
-def _group_sizes(nodes: dict[str, LilyKernel]) -> dict[str, int]:
-    sizes: dict[str, int] = {}
-    for node in nodes.values():
-        sizes[node.b_key] = sizes.get(node.b_key, 0) + 1
-    return sizes
+    return tensors, {"r": r, "num_B": num_b, "scaling": scaling, "stride_A": stride, "init_weights": True}
 
 
 def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict, dict, set]:
@@ -200,7 +179,7 @@ def read(tensors: dict, config: dict, bases: dict, adapter_dtype) -> tuple[dict,
         shared_a.setdefault(a_key, a)  # PEFT writes each sharer's copy; the group's first is its own
         shared_b.setdefault(b_key, b)
         nodes[name] = LilyKernel(base=bases[name], router=jnp.asarray(router, adapter_dtype), a_key=a_key, b_key=b_key,
-                                 scaling=float(config.get("scaling", 1.0)))
+                                 scaling=float(config.get("scaling", 1.0)), stride=int(config.get("stride_A", 1)))
     shared = {"A": {k: FullyTrained(jnp.asarray(v, adapter_dtype)) for k, v in shared_a.items()},
               "B": {k: FullyTrained(jnp.asarray(v, adapter_dtype)) for k, v in shared_b.items()}}
     return nodes, {SHARED: shared}, used

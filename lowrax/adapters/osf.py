@@ -87,22 +87,23 @@ class OSFKernel(AdapterNode):
         return {"u_low": ("out", None), "s_low": (None,), "v_low": (None, "in"), "u0": ("out", None),
                 "s0": (None,), "v0": (None, "in"), "high": (None, None)}
 
-    def _factors(self, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """(left [in, 2t], right [2t, out]) with delta = left @ right, as PEFT's concatenated product."""
-        f32 = jnp.float32
-        a = jnp.concatenate([self.u_low.astype(f32) * self.s_low.astype(f32)[None, :],
-                             -(self.u0.astype(f32) * self.s0.astype(f32)[None, :])], axis=1)  # [out, 2t]
-        b = jnp.concatenate([self.v_low.astype(f32), self.v0.astype(f32)], axis=0)  # [2t, in]
-        return b.T.astype(dtype), a.T.astype(dtype)
+    @staticmethod
+    def _through(x: jnp.ndarray, u, s, v) -> jnp.ndarray:
+        """x @ (u diag(s) v)^T, as two thin products (no [out, in] array)."""
+        return jnp.matmul(jnp.matmul(x, v.T.astype(x.dtype)) * s.astype(x.dtype), u.T.astype(x.dtype))
 
     def apply(self, x: jnp.ndarray) -> jnp.ndarray:
+        # the trained bottom part in place of the initial one (PEFT concatenates both into one product;
+        # two products give the same sum without copying the factors each step)
         y = matmul(x, self.base)
-        left, right = self._factors(x.dtype)
-        return y + jnp.matmul(jnp.matmul(x, left), right).astype(y.dtype)
+        moved = self._through(x, self.u_low, self.s_low, self.v_low) - self._through(x, self.u0, self.s0, self.v0)
+        return y + moved.astype(y.dtype)
 
     def delta(self) -> jnp.ndarray:
-        left, right = self._factors(jnp.float32)
-        return left @ right
+        f32 = jnp.float32
+        current = (self.u_low.astype(f32) * self.s_low.astype(f32)[None, :]) @ self.v_low.astype(f32)
+        initial = (self.u0.astype(f32) * self.s0.astype(f32)[None, :]) @ self.v0.astype(f32)
+        return (current - initial).T
 
     def merge_into(self, w: jnp.ndarray) -> jnp.ndarray:
         return w + self.delta()

@@ -17,7 +17,6 @@ Adapters saved without the projections (PEFT regenerates them from torch's gener
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from lowrax.adapters.init import kaiming_uniform
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.core.checked import PositiveInt, Probability
@@ -102,8 +102,7 @@ def build_nodes(bases: dict[str, Any], cfg: PveraConfig, key, adapter_dtype, mod
     max_out = max(w.shape[1] for w in bases.values())
     r = cfg.r
     ka, kb = jax.random.split(jax.random.fold_in(key, 0))
-    shared = {"a": jax.random.uniform(ka, (max_in, 2 * r), jnp.float32, -1 / math.sqrt(max_in), 1 / math.sqrt(max_in)),
-              "b": jax.random.uniform(kb, (r, max_out), jnp.float32, -1 / math.sqrt(r), 1 / math.sqrt(r))}
+    shared = {"a": kaiming_uniform(ka, (max_in, 2 * r), max_in), "b": kaiming_uniform(kb, (r, max_out), r)}
     nodes = {}
     for i, (name, w) in enumerate(bases.items()):
         if cfg.init_weights:

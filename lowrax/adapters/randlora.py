@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from lowrax.adapters.init import kaiming_uniform
 from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method, register_peft_format
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.core.checked import PositiveFloat, PositiveInt, Probability
@@ -126,8 +127,8 @@ def shared_bases(key, r: int, m_max: int, big_max: int, n_max: int, sparsity: fl
     kaiming_uniform_ with a = sqrt(5)), or ternary, each divided by its standard deviation."""
     ka, kb = jax.random.split(key)
     if sparsity is None:
-        a = jax.random.uniform(ka, (r, 1, m_max), jnp.float32, -1 / math.sqrt(m_max), 1 / math.sqrt(m_max))
-        b = jax.random.uniform(kb, (big_max, n_max, r), jnp.float32, -1 / math.sqrt(r), 1 / math.sqrt(r))
+        a = kaiming_uniform(ka, (r, 1, m_max), m_max)
+        b = kaiming_uniform(kb, (big_max, n_max, r), r)
     else:
         def ternary(k, shape):
             u = jax.random.uniform(k, shape, jnp.float32)

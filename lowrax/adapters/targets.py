@@ -205,25 +205,23 @@ def torch_module_order(model, names) -> list[str]:
     """`names` (dotted linear-module names) in the order torch's `named_modules` visits them: stack by
     stack, layer by layer, and within a layer in the order the layer defines its modules. PEFT numbers
     modules in that order where a method shares arrays between neighbours (TinyLoRA's weight tying)."""
-    import re
-
     template_rank: dict[str, int] = {}
     prefix_rank: dict[str, int] = {}
     for spec in model.tensors():
         module = spec.hf_key.rsplit(".", 1)[0]
-        prefix, _, _ = _split_at_index(module, re)
+        prefix, _, _ = _split_at_index(module)
         prefix_rank.setdefault(prefix, len(prefix_rank))
         template_rank.setdefault(re.sub(r"\.\d+\.", ".#.", module), len(template_rank))
 
     def key(name: str):
-        prefix, index, _ = _split_at_index(name, re)
+        prefix, index, _ = _split_at_index(name)
         template = re.sub(r"\.\d+\.", ".#.", name)
         return (prefix_rank.get(prefix, len(prefix_rank)), index, template_rank.get(template, len(template_rank)), name)
 
     return sorted(names, key=key)
 
 
-def _split_at_index(name: str, re) -> tuple[str, int, str]:
+def _split_at_index(name: str) -> tuple[str, int, str]:
     """(the part before the first numeric component, that number (-1 without one), the rest)."""
     match = re.search(r"\.(\d+)\.", name)
     if match is None:

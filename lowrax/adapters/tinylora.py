@@ -31,7 +31,7 @@ from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_p
 from lowrax.core.checked import PositiveFloat, PositiveInt, Probability, Share
 from lowrax.core.kernels import dense_kernel
 from lowrax.core.linear import matmul
-from lowrax.core.node import FROZEN, AdapterNode, FullyTrained, dropped, shared_entry
+from lowrax.core.node import FROZEN, AdapterNode, FullyTrained, dropped, shared_entry, unwrapped
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, fan_in_fan_out, one_setting, torch_layout
 
@@ -145,7 +145,7 @@ def write(nodes: dict[str, TinyLoraKernel], params: Any, *, model=None, **_unuse
     vectors = params.get(SHARED)
     if vectors is None:
         raise LowraxError(f"TinyLoRA params lack their trained vectors at params[{SHARED!r}]")
-    vectors = np.asarray(vectors.value if isinstance(vectors, FullyTrained) else vectors, np.float32)
+    vectors = np.asarray(unwrapped(vectors), np.float32)
     r, u, dropout = one_setting(((int(n.a.shape[1]), int(n.p.shape[0]), n.dropout) for n in nodes.values()),
                                 "TinyLoRA", "r, u and tinylora_dropout")
     tensors = {f"{VECTOR_KEY}{g}": vectors[g] for g in range(vectors.shape[0])}

@@ -30,7 +30,7 @@ from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method,
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.core.checked import Count, PositiveFloat, PositiveInt, Probability
 from lowrax.core.linear import matmul
-from lowrax.core.node import FROZEN, AdapterNode, FullyTrained, dropped, shared_entry
+from lowrax.core.node import FROZEN, AdapterNode, FullyTrained, dropped, shared_entry, unwrapped
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.peft.common import PREFIX, fan_in_fan_out, one_setting
 
@@ -160,7 +160,7 @@ def write(nodes: dict[str, UniLoraKernel], params: Any, *, model=None, **_unused
     theta = params.get(SHARED)
     if theta is None:
         raise LowraxError(f"UniLoRA params lack their trained vector at params[{SHARED!r}]")
-    theta = np.asarray(theta.value if isinstance(theta, FullyTrained) else theta, np.float32)
+    theta = np.asarray(unwrapped(theta), np.float32)
     r, dropout = one_setting(((int(n.index_a.shape[1]), n.dropout) for n in nodes.values()), "UniLoRA",
                              "r and unilora_dropout")
     tensors = {THETA_KEY: theta}

@@ -32,7 +32,7 @@ from lowrax.adapters.registry import AdapterMethod, PeftFormat, register_method,
 from lowrax.adapters.targets import ATTENTION_QV, TargetConfig, targeting_from_peft
 from lowrax.core.checked import ConfigValueError, PositiveFloat, PositiveInt, Probability, owner_name
 from lowrax.core.linear import matmul
-from lowrax.core.node import FACTOR, AdapterNode, FullyTrained, dropped, shared_entry
+from lowrax.core.node import FACTOR, AdapterNode, FullyTrained, dropped, shared_entry, unwrapped
 from lowrax.errors import CheckpointError, LowraxError
 from lowrax.peft.common import PREFIX, adapted_modules, adapter_tensor, fan_in_fan_out, one_setting
 
@@ -152,7 +152,7 @@ def write(nodes: dict[str, VBLoRAKernel], params: Any, *, model=None, **_unused)
     bank = params.get(SHARED)
     if bank is None:
         raise LowraxError(f"VB-LoRA params lack their vector bank at params[{SHARED!r}]")
-    bank = np.asarray(bank.value if isinstance(bank, FullyTrained) else bank, np.float32)
+    bank = np.asarray(unwrapped(bank), np.float32)
     r, topk, dropout = one_setting(((int(n.logits_a.shape[0]), n.topk, n.dropout) for n in nodes.values()),
                                    "VB-LoRA", "r, topk and vblora_dropout")
     tensors = {BANK_KEY: bank}

@@ -152,6 +152,11 @@ class FullyTrained:
     value: jnp.ndarray
 
 
+def unwrapped(x: Any) -> Any:
+    """The array of a leaf that may be wrapped as FullyTrained (a method's shared trained arrays)."""
+    return x.value if isinstance(x, FullyTrained) else x
+
+
 def is_node(x: Any) -> bool:
     """An adapter node or a fully-trained leaf: the units the tree functions treat whole."""
     return is_adapter(x) or isinstance(x, FullyTrained)

@@ -12,6 +12,7 @@ from lowrax.adapters.wrap import wrap
 from lowrax.errors import LowraxError
 from lowrax.models.pretrained import load_pretrained, resolve_model_path
 from lowrax.train.config import TrainConfig
+from lowrax.train.step import task_loss
 from lowrax.train.tasks import task_named
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -41,7 +42,7 @@ def build_model(cfg: TrainConfig, mesh=None, run_dir: Path | None = None):
         from lowrax.adapters.lora.calibrated import load_initial_factors
 
         calibration = load_initial_factors(path)
-    return model, base, wrap(base, adapter_cfg, jax.random.fold_in(key, 2), model=model, calibration=calibration)
+    return model, base, wrap(base, adapter_cfg, _adapter_key(cfg), model=model, calibration=calibration)
 
 
 def calibrated_params(cfg: TrainConfig, model, base, batches, run_dir: Path, primary: bool, progress: bool, log):
@@ -53,16 +54,18 @@ def calibrated_params(cfg: TrainConfig, model, base, batches, run_dir: Path, pri
     rows = adapter_cfg.calibration_rows or DEFAULT_CALIBRATION_ROWS
     count = -(-rows // batches.batch_size)
     log(f"lora.init={adapter_cfg.init}: calibrating on the first {count * batches.batch_size} training rows")
-    from lowrax.train.step import task_loss
-
     calibration = calibrate(model, base, adapter_cfg, (batches.batch(k) for k in range(count)), progress=progress,
                             loss_fn=task_loss(model))
-    params = wrap(base, adapter_cfg, jax.random.fold_in(jax.random.key(cfg.train.seed), 2), model=model,
-                  calibration=calibration)
+    params = wrap(base, adapter_cfg, _adapter_key(cfg), model=model, calibration=calibration)
     if primary:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         save_initial_factors(initial_factors(params, adapter_cfg.init), Path(run_dir) / INIT_FILE)
     return params
+
+
+def _adapter_key(cfg: TrainConfig):
+    """The adapter initialisation's key: a function of train.seed alone (a restored run rebuilds the same)."""
+    return jax.random.fold_in(jax.random.key(cfg.train.seed), 2)
 
 
 def _adapter_config(cfg: TrainConfig):

@@ -360,8 +360,11 @@ def starts(bases: dict, cfg, ranks: dict[str, int], alphas: dict[str, float], ca
     """{name: CalibratedStart or None (EVA: no rank)} for a calibrated init; None for the others."""
     if cfg.init not in inits.CALIBRATED_INITS:
         return None
-    if not isinstance(calibration, LoraCalibration):
+    if calibration is None:
         return None  # build's own error names the missing calibration
+    if not isinstance(calibration, LoraCalibration):
+        raise LowraxError(f"calibration must be what lowrax.lora.calibrate returns (a LoraCalibration), got "
+                          f"{type(calibration).__name__}")
     if calibration.init != cfg.init:
         raise LowraxError(f"this calibration was computed for init {calibration.init!r}, the config has {cfg.init!r}")
     missing = sorted(set(bases) - set(calibration.statistics))

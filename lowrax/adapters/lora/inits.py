@@ -24,7 +24,6 @@ at init: base + s a b = W (LoftQ: up to the quantization error it minimises).
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lowrax.adapters.init import kaiming_uniform
 from lowrax.core.checked import OneOf
 from lowrax.errors import LowraxError
 
@@ -84,9 +84,7 @@ def random_start(init: str, shape: tuple[int, int], r: int, key, adapter_dtype) 
     if init == "gaussian":
         a = jax.random.normal(ka, (d_in, r), jnp.float32) / r
     else:
-        # PEFT: kaiming_uniform_(a=sqrt(5)) on the torch (r, in) weight -> U(-1/sqrt(in), 1/sqrt(in)).
-        bound = 1.0 / math.sqrt(d_in)
-        a = jax.random.uniform(ka, (d_in, r), jnp.float32, -bound, bound)
+        a = kaiming_uniform(ka, (d_in, r), d_in)  # PEFT's, on the torch (r, in) weight
     if init == "random":
         b = jax.random.normal(kb, (r, d_out), jnp.float32) * 0.02
     else:
